@@ -1,0 +1,20 @@
+//! The ma2mba graph IR.
+//!
+//! A model is a [`Graph`] of primitive [`Op`]s over [`TensorType`]s with symbolic batch and
+//! sequence dimensions. Every node keeps the source [`Span`] it came from and, inside
+//! `repeat`, the layer it belongs to. The IR never does IO.
+//!
+//! - [`op`]: the closed set of primitive ops (the one place ops are declared)
+//! - [`types`]: dtypes, symbolic dims, tensor types
+//! - [`infer`]: shape and dtype inference
+//! - [`graph`]: the petgraph-backed graph with side tables
+
+pub mod graph;
+pub mod infer;
+pub mod op;
+pub mod types;
+
+pub use graph::{BuildError, Graph, NodeId, Operand, Span, Value};
+pub use infer::{TypeError, infer};
+pub use op::{BinaryOp, Init, InputKind, Op, ReduceOp, UnaryOp};
+pub use types::{DType, Dim, Shape, TensorType, shape_to_string};
