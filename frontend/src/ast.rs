@@ -142,6 +142,13 @@ pub enum Stmt {
     },
     /// `return a, b`.
     Return { values: Vec<Expr>, span: Span },
+    /// `require cond else "message"`: a config check, evaluated at elaboration; a false
+    /// condition is an invalid-config diagnostic with `message`.
+    Require {
+        cond: Expr,
+        message: String,
+        span: Span,
+    },
     /// What the parser skipped after a syntax error.
     Error { span: Span },
 }
@@ -157,6 +164,7 @@ impl Stmt {
             | Stmt::Repeat { span, .. }
             | Stmt::If { span, .. }
             | Stmt::Return { span, .. }
+            | Stmt::Require { span, .. }
             | Stmt::Error { span } => *span,
         }
     }
@@ -188,6 +196,8 @@ pub enum BinOp {
     Sub,
     Mul,
     Div,
+    /// Remainder (`%`), for divisibility checks in `require`.
+    Rem,
     Eq,
     Ne,
     Lt,
@@ -205,6 +215,7 @@ impl BinOp {
             BinOp::Sub => "-",
             BinOp::Mul => "*",
             BinOp::Div => "/",
+            BinOp::Rem => "%",
             BinOp::Eq => "==",
             BinOp::Ne => "!=",
             BinOp::Lt => "<",

@@ -193,7 +193,7 @@ struct Report<'a> {
     diag: &'a Diagnostic,
     source: NamedSource<String>,
     labels: Vec<LabeledSpan>,
-    notes: String,
+    notes: Vec<String>,
 }
 
 impl fmt::Debug for Report<'_> {
@@ -223,15 +223,10 @@ impl miette::Diagnostic for Report<'_> {
     }
 
     fn help<'b>(&'b self) -> Option<Box<dyn fmt::Display + 'b>> {
-        let mut text = self.notes.clone();
-        if let Some(h) = &self.diag.help {
-            if !text.is_empty() {
-                text.push('\n');
-            }
-            text.push_str("help: ");
-            text.push_str(h);
-        }
-        (!text.is_empty()).then(|| Box::new(text) as Box<dyn fmt::Display>)
+        self.diag
+            .help
+            .as_ref()
+            .map(|h| Box::new(h.as_str()) as Box<dyn fmt::Display>)
     }
 
     fn source_code(&self) -> Option<&dyn miette::SourceCode> {
@@ -286,10 +281,16 @@ pub fn render(diags: &[Diagnostic], sources: &Sources, color: bool) -> String {
             diag: d,
             source: NamedSource::new(sources.name(file), text),
             labels,
-            notes: notes.join("\n"),
+            notes,
         };
         if handler.render_report(&mut out, &report).is_err() {
             out.push_str(&format!("error[{}]: {}\n", d.code.as_str(), d.message));
+        }
+        // miette has no notes; they follow the report, indented like its help line.
+        for n in &report.notes {
+            out.push_str("  ");
+            out.push_str(n);
+            out.push('\n');
         }
     }
     out

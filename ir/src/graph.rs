@@ -101,6 +101,8 @@ pub enum BuildError {
     Type(#[from] TypeError),
     #[error("the graph is limited to {limit} nodes")]
     TooManyNodes { limit: usize },
+    #[error("a node takes at most {limit} operands, got {got}")]
+    TooManyOperands { limit: usize, got: usize },
 }
 
 /// A dataflow graph of primitive ops.
@@ -120,6 +122,9 @@ pub struct Graph {
 impl Graph {
     /// The most nodes one graph may hold; elaboration reports a limit error past it.
     pub const MAX_NODES: usize = 4_000_000;
+
+    /// The most operands one node may take: operand slots are `u16`.
+    pub const MAX_OPERANDS: usize = u16::MAX as usize + 1;
 
     pub fn new(name: impl Into<String>) -> Graph {
         Graph {
@@ -158,6 +163,12 @@ impl Graph {
                 limit: Self::MAX_NODES,
             });
         }
+        if operands.len() > Self::MAX_OPERANDS {
+            return Err(BuildError::TooManyOperands {
+                limit: Self::MAX_OPERANDS,
+                got: operands.len(),
+            });
+        }
         let mut tys = Vec::with_capacity(operands.len());
         for (slot, v) in operands.iter().enumerate() {
             match self.value_type(*v) {
@@ -189,7 +200,12 @@ impl Graph {
         let mut ops: Vec<(u16, Value)> = self
             .g
             .edges_directed(n.0, Direction::Incoming)
-            .map(|e| (e.weight().slot, Value::new(NodeId(e.source()), e.weight().result)))
+            .map(|e| {
+                (
+                    e.weight().slot,
+                    Value::new(NodeId(e.source()), e.weight().result),
+                )
+            })
             .collect();
         ops.sort_by_key(|(slot, _)| *slot);
         ops.into_iter().map(|(_, v)| v).collect()
@@ -260,7 +276,8 @@ impl Graph {
 
     /// Nodes whose op is a parameter, in creation order.
     pub fn params(&self) -> impl Iterator<Item = NodeId> + '_ {
-        self.nodes().filter(|&n| matches!(self.op(n), Op::Param { .. }))
+        self.nodes()
+            .filter(|&n| matches!(self.op(n), Op::Param { .. }))
     }
 
     /// Total number of parameter elements; `None` if a parameter shape is symbolic.
@@ -274,6 +291,47 @@ impl Graph {
 
     /// Highest layer index + 1 (0 without layers).
     pub fn num_layers(&self) -> u32 {
-        self.layers.iter().flatten().map(|l| l + 1).max().unwrap_or(0)
+        self.layers
+            .iter()
+            .flatten()
+            .map(|l| l + 1)
+            .max()
+            .unwrap_or(0)
+    }
+}
+
+/// Raw building for the verifier's tests: these bypass inference and every check, so they can
+/// produce graphs that break the invariants `verify` checks. Test builds only.
+#[cfg(test)]
+impl Graph {
+    /// Appends a node with the given result types and no operands, without inference.
+    pub(crate) fn add_unchecked(
+        &mut self,
+        op: Op,
+        types: Vec<TensorType>,
+        span: Span,
+        layer: Option<u32>,
+    ) -> NodeId {
+        let id = NodeId(self.g.add_node(op));
+        self.types.push(types);
+        self.spans.push(span);
+        self.layers.push(layer);
+        id
+    }
+
+    /// Adds an operand edge `from -> to` as is (any slot, any result, any direction).
+    pub(crate) fn add_edge_unchecked(&mut self, from: NodeId, to: NodeId, w: Operand) {
+        self.g.add_edge(from.0, to.0, w);
+    }
+
+    /// The side tables, for tampering: (types, spans, layers).
+    pub(crate) fn tables_mut(
+        &mut self,
+    ) -> (
+        &mut Vec<Vec<TensorType>>,
+        &mut Vec<Span>,
+        &mut Vec<Option<u32>>,
+    ) {
+        (&mut self.types, &mut self.spans, &mut self.layers)
     }
 }

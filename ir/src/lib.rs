@@ -6,15 +6,23 @@
 //!
 //! - [`op`]: the closed set of primitive ops (the one place ops are declared)
 //! - [`types`]: dtypes, symbolic dims, tensor types
-//! - [`infer`]: shape and dtype inference
+//! - [`infer`](mod@infer): shape and dtype inference
 //! - [`graph`]: the petgraph-backed graph with side tables
+//! - [`text`]: the exact, human-readable text form (print and parse)
+//! - [`dot`]: Graphviz output for looking at graphs
+//! - [`verify`](mod@verify): the structural and typing invariants of a graph
 
+pub mod dot;
 pub mod graph;
 pub mod infer;
 pub mod op;
+pub mod text;
 pub mod types;
+pub mod verify;
 
 pub use graph::{BuildError, Graph, NodeId, Operand, Span, Value};
 pub use infer::{TypeError, infer};
 pub use op::{BinaryOp, Init, InputKind, Op, ReduceOp, UnaryOp};
+pub use text::{ParseError, parse, print};
 pub use types::{DType, Dim, Shape, TensorType, shape_to_string};
+pub use verify::{VerifyError, verify};

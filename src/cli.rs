@@ -1,0 +1,317 @@
+//! The `ma2mba` command line: one subcommand per compiler stage a user can look at.
+//!
+//! [`run`] takes the arguments and returns the exit code with everything printed, so tests
+//! drive the CLI in-process; `main` only forwards to it.
+
+use clap::{Parser, Subcommand, ValueEnum};
+use frontend::{Compiled, ModelSpec, Sources};
+use ir::{DType, Graph, Op, shape_to_string, types::numel};
+use std::fmt::Write as _;
+use std::ops::Range;
+use std::path::Path;
+
+#[derive(Parser, Debug)]
+#[command(name = "ma2mba", version, about = "A compiler for Mamba-family state-space models")]
+pub struct Cli {
+    /// Colour diagnostics: auto (when stderr is a terminal), always, never.
+    #[arg(long, global = true, default_value = "auto")]
+    pub color: ColorChoice,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum ColorChoice {
+    Auto,
+    Always,
+    Never,
+}
+
+/// How a command names its model.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ModelArgs {
+    /// A preset (`mamba-130m`, `mamba2-2.7b`, `tiny-mamba2`, see `ma2mba models`), a model
+    /// definition (`mamba2_lm`), or a path to a `.m2` model file.
+    pub model: String,
+    /// A `config.json` (reference or Hugging Face naming) to instantiate the model from.
+    #[arg(long)]
+    pub config: Option<String>,
+    /// In a file with several presets or models: which one.
+    #[arg(long = "model")]
+    pub select: Option<String>,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+pub enum GraphFormat {
+    Text,
+    Dot,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Parse, elaborate and verify a model; print diagnostics or a one-line summary.
+    Check(ModelArgs),
+    /// Print the IR graph as text (it parses back) or as Graphviz DOT.
+    Graph {
+        #[command(flatten)]
+        model: ModelArgs,
+        #[arg(long, default_value = "text")]
+        format: GraphFormat,
+        /// Only these layers, `A..B` (half-open) or `A` (one layer).
+        #[arg(long)]
+        layers: Option<String>,
+    },
+    /// List every parameter with its checkpoint name, shape and dtype, and the total.
+    Params {
+        #[command(flatten)]
+        model: ModelArgs,
+    },
+    /// List the presets of the model library.
+    Models,
+}
+
+/// What a command produced: its exit code and output streams.
+#[derive(Debug, Default)]
+pub struct Outcome {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// Runs the CLI on `args` (including the program name).
+pub fn run<I, T>(args: I) -> Outcome
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
+    let cli = match Cli::try_parse_from(args) {
+        Ok(c) => c,
+        Err(e) => {
+            let code = if e.use_stderr() { 2 } else { 0 };
+            let text = e.render().to_string();
+            return if e.use_stderr() {
+                Outcome { code, stdout: String::new(), stderr: text }
+            } else {
+                Outcome { code, stdout: text, stderr: String::new() }
+            };
+        }
+    };
+    let color = match cli.color {
+        ColorChoice::Always => true,
+        ColorChoice::Never => false,
+        ColorChoice::Auto => std::io::IsTerminal::is_terminal(&std::io::stderr()),
+    };
+    let mut out = Outcome::default();
+    match &cli.command {
+        Command::Models => models(&mut out),
+        Command::Check(m) => {
+            if let Some(c) = compile(m, color, &mut out) {
+                out.stdout.push_str(&summary(&c.graph));
+            }
+        }
+        Command::Graph { model, format, layers } => {
+            let range = match layers.as_deref().map(parse_layers) {
+                None => None,
+                Some(Ok(r)) => Some(r),
+                Some(Err(msg)) => {
+                    out.stderr.push_str(&format!("error: --layers: {msg}\n"));
+                    out.code = 1;
+                    return out;
+                }
+            };
+            if let Some(c) = compile(model, color, &mut out) {
+                graph(&c.graph, *format, range, &mut out);
+            }
+        }
+        Command::Params { model } => {
+            if let Some(c) = compile(model, color, &mut out) {
+                params(&c.graph, &mut out);
+            }
+        }
+    }
+    out
+}
+
+/// Compiles the named model, printing diagnostics to `out.stderr`; `None` on errors (exit 1).
+fn compile(m: &ModelArgs, color: bool, out: &mut Outcome) -> Option<Compiled> {
+    let mut spec = ModelSpec {
+        model: m.model.clone(),
+        select: m.select.clone(),
+        ..ModelSpec::default()
+    };
+    let looks_like_path = m.model.ends_with(".m2") || m.model.contains('/') || m.model.contains('\\');
+    if looks_like_path || Path::new(&m.model).is_file() {
+        match std::fs::read(&m.model) {
+            Ok(bytes) => spec.file_text = Some(String::from_utf8_lossy(&bytes).into_owned()),
+            Err(e) => {
+                out.stderr.push_str(&format!("error[E0600]: cannot read {}: {e}\n", m.model));
+                out.code = 1;
+                return None;
+            }
+        }
+    }
+    if let Some(path) = &m.config {
+        match std::fs::read(path) {
+            Ok(bytes) => spec.config = Some((path.clone(), String::from_utf8_lossy(&bytes).into_owned())),
+            Err(e) => {
+                out.stderr.push_str(&format!("error[E0600]: cannot read {path}: {e}\n"));
+                out.code = 1;
+                return None;
+            }
+        }
+    }
+    let (sources, result) = frontend::compile(&spec);
+    match result {
+        Ok(c) => {
+            out.stderr.push_str(&frontend::render(&c.warnings, &sources, color));
+            Some(c)
+        }
+        Err(diags) => {
+            report(&diags, &sources, color, out);
+            None
+        }
+    }
+}
+
+fn report(diags: &[frontend::Diagnostic], sources: &Sources, color: bool, out: &mut Outcome) {
+    out.stderr.push_str(&frontend::render(diags, sources, color));
+    let errors = diags.iter().filter(|d| d.is_error()).count();
+    if errors > 0 {
+        out.stderr.push_str(&format!(
+            "error: {errors} error{} found\n",
+            if errors == 1 { "" } else { "s" }
+        ));
+        out.code = 1;
+    }
+}
+
+fn group_digits(n: u64) -> String {
+    let s = n.to_string();
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// `mamba-130m: ok, 24 layers, 129,135,360 parameters, ...`.
+pub fn summary(g: &Graph) -> String {
+    let params = g.param_count().map_or("?".to_string(), group_digits);
+    let inputs: Vec<String> = g
+        .nodes()
+        .filter_map(|n| match g.op(n) {
+            Op::Input { name, kind: ir::InputKind::Data, ty } => Some(format!("{name} {ty}")),
+            _ => None,
+        })
+        .collect();
+    let states = g
+        .nodes()
+        .filter(|&n| matches!(g.op(n), Op::Input { kind: ir::InputKind::State, .. }))
+        .count();
+    let main: Vec<String> = g
+        .outputs()
+        .iter()
+        .filter(|(name, _)| !g.nodes().any(|n| matches!(g.op(n), Op::Input { name: s, kind: ir::InputKind::State, .. } if s == name)))
+        .filter_map(|(name, v)| g.value_type(*v).map(|t| format!("{name} {t}")))
+        .collect();
+    format!(
+        "{}: ok, {} layers, {params} parameters, {} ops; inputs: {}; outputs: {}; {states} recurrent states\n",
+        g.name,
+        g.num_layers(),
+        g.len(),
+        inputs.join(", "),
+        main.join(", "),
+    )
+}
+
+fn parse_layers(s: &str) -> Result<Range<u32>, String> {
+    let parse = |t: &str| t.trim().parse::<u32>().map_err(|_| format!("`{t}` is not a layer index"));
+    match s.split_once("..") {
+        Some((a, b)) => {
+            let (a, b) = (parse(a)?, parse(b)?);
+            if a >= b {
+                return Err(format!("empty range {a}..{b}"));
+            }
+            Ok(a..b)
+        }
+        None => {
+            let a = parse(s)?;
+            Ok(a..a.saturating_add(1))
+        }
+    }
+}
+
+fn graph(g: &Graph, format: GraphFormat, layers: Option<Range<u32>>, out: &mut Outcome) {
+    if let Some(r) = &layers {
+        if r.start >= g.num_layers() {
+            out.stderr.push_str(&format!(
+                "error: --layers {}..{}: the model has {} layers\n",
+                r.start,
+                r.end,
+                g.num_layers()
+            ));
+            out.code = 1;
+            return;
+        }
+    }
+    match format {
+        GraphFormat::Dot => {
+            let opts = ir::dot::DotOptions { layers };
+            out.stdout.push_str(&ir::dot::to_dot(g, &opts));
+        }
+        GraphFormat::Text => match layers {
+            None => out.stdout.push_str(&ir::print(g)),
+            Some(r) => {
+                let keep = |n: ir::NodeId| g.layer(n).is_some_and(|l| r.contains(&l));
+                out.stdout.push_str(&ir::text::print_filtered(g, &keep));
+            }
+        },
+    }
+}
+
+fn params(g: &Graph, out: &mut Outcome) {
+    let rows: Vec<(String, String, DType, u64)> = g
+        .params()
+        .filter_map(|n| match g.op(n) {
+            Op::Param { name, ty, .. } => {
+                let count = numel(&ty.shape).and_then(|d| d.as_known()).unwrap_or(0);
+                Some((name.clone(), shape_to_string(&ty.shape), ty.dtype, count))
+            }
+            _ => None,
+        })
+        .collect();
+    let w_name = rows.iter().map(|r| r.0.len()).max().unwrap_or(4).max(4);
+    let w_shape = rows.iter().map(|r| r.1.len()).max().unwrap_or(5).max(5);
+    let _ = writeln!(out.stdout, "{:<w_name$}  {:<w_shape$}  dtype  {:>13}", "name", "shape", "count");
+    for (name, shape, dtype, count) in &rows {
+        let _ = writeln!(out.stdout, "{name:<w_name$}  {shape:<w_shape$}  {:<5}  {:>13}", dtype.name(), group_digits(*count));
+    }
+    let total: u64 = rows.iter().map(|r| r.3).sum();
+    let _ = writeln!(out.stdout, "total: {} parameters in {} tensors", group_digits(total), rows.len());
+}
+
+fn models(out: &mut Outcome) {
+    let prog = match frontend::Program::with_library() {
+        Ok(p) => p,
+        Err(d) => {
+            let mut s = Sources::new();
+            s.add(frontend::LIBRARY_NAME, frontend::LIBRARY);
+            report(&d, &s, false, out);
+            return;
+        }
+    };
+    let mut presets: Vec<&frontend::ast::Preset> = prog.presets().collect();
+    presets.sort_by_key(|p| p.span.start);
+    for p in presets {
+        let spec = ModelSpec { model: p.name.clone(), ..ModelSpec::default() };
+        let (_, r) = frontend::compile(&spec);
+        let count = match r {
+            Ok(c) => c.graph.param_count().map_or("?".into(), group_digits),
+            Err(_) => "error".into(),
+        };
+        let _ = writeln!(out.stdout, "{:<14} {:<10} {:>15} parameters", p.name, p.model.name, count);
+    }
+}

@@ -1,0 +1,12 @@
+//! ma2mba: a compiler for Mamba-family state-space models.
+//!
+//! This crate is the facade over the pipeline's crates and the home of the `ma2mba` command
+//! line ([`cli`]). See ARCHITECTURE.md for the map.
+
+pub mod cli;
+
+pub use codegen;
+pub use frontend;
+pub use ir;
+pub use passes;
+pub use runtime;
