@@ -118,8 +118,9 @@ fn dtype_mismatch() {
 
 #[test]
 fn invalid_config_value_from_a_preset() {
-    let src = format!("{BASE}\npreset \"broken\" = toy(d_model: 0)\n");
-    insta::assert_snapshot!("invalid_config_zero_dim", render(&src, &[Code::InvalidConfig]));
+    // A preset of the library model with an invalid value: the library's `require` reports it.
+    let src = "preset \"broken\" = mamba2_lm(d_model: 64, n_layer: 2, d_state: 0)\n";
+    insta::assert_snapshot!("invalid_config_zero_dim", render(src, &[Code::InvalidConfig]));
 }
 
 #[test]

@@ -389,6 +389,10 @@ pub fn from_json(text: &str, file: u16, file_name: &str) -> Result<Config, Vec<D
     } else {
         ("mamba_lm", MAMBA2_ONLY)
     };
+    // Hugging Face's Mamba2Config carries an unused time_step_rank.
+    if mamba2 {
+        r.args.retain(|a| a.name != "dt_rank");
+    }
     for a in &r.args {
         if foreign.contains(&a.name.as_str()) {
             let span = a.span.unwrap_or(Span::new(file, 0, 0));

@@ -157,6 +157,8 @@ pub(crate) struct Elab<'a> {
     statements: u64,
     /// Block instances already applied (by prefix).
     applied: HashSet<String>,
+    /// Parameters whose declaration failed: uses are quiet poison.
+    poisoned_params: HashSet<String>,
     /// Where config values came from, for invalid-config notes.
     config_origin: HashMap<String, String>,
 }
@@ -178,6 +180,7 @@ pub fn elaborate(
         depth: 0,
         statements: 0,
         applied: HashSet::new(),
+        poisoned_params: HashSet::new(),
         config_origin: HashMap::new(),
     };
     e.graph.sources = prog.sources.names();
@@ -416,6 +419,12 @@ impl<'a> Elab<'a> {
                     if let Stmt::Input { name, .. } | Stmt::State { name, .. } = stmt {
                         frame.vars.insert(name.name.clone(), Val::Poison);
                     }
+                    if let Stmt::Param { path, .. } = stmt {
+                        self.poisoned_params.insert(format!("{}{}", frame.prefix(), path.joined()));
+                    }
+                    if let Stmt::Return { values, .. } = stmt {
+                        frame.ret = Some(values.iter().map(|_| (Val::Poison, None)).collect());
+                    }
                 }
             }
         }
@@ -593,9 +602,15 @@ impl<'a> Elab<'a> {
                         Some(p) => format!("{}{}.{i}.", frame.prefix(), p.joined()),
                         None => frame.prefix().to_string(),
                     };
+                    // Names a copy introduces are its own; rebinding an outer name (the
+                    // residual stream) carries over to the next copy.
+                    let outer: HashSet<String> = frame.vars.keys().cloned().collect();
+                    let n_ints = frame.ints.len();
                     frame.prefixes.push(prefix);
                     let r = self.exec_body(frame, body);
                     frame.prefixes.pop();
+                    frame.vars.retain(|k, _| outer.contains(k));
+                    frame.ints.truncate(n_ints);
                     if let Err(s) = r {
                         self.layer = outer_layer;
                         return Err(s);
@@ -640,8 +655,10 @@ impl<'a> Elab<'a> {
                 match c {
                     Val::Bool(true) => Ok(()),
                     Val::Bool(false) => {
+                        // Everything after a failed config check would fail in its wake.
                         let d = self.invalid_config(frame, cond, message, *span);
-                        Err(self.error(d))
+                        self.error(d);
+                        Err(Stop { fatal: true })
                     }
                     Val::Poison => Err(Stop { fatal: false }),
                     other => {
@@ -680,8 +697,8 @@ impl<'a> Elab<'a> {
             }
         }
         let mut d = Diagnostic::error(Code::InvalidConfig, format!("invalid config: {message}"))
-            .label(cond.span, "this check fails")
-            .label(span, "");
+            .label(cond.span, "this check fails");
+        let _ = span;
         if !facts.is_empty() {
             d = d.note(format!("with {}", facts.join(", ")));
         }
@@ -745,15 +762,6 @@ impl<'a> Elab<'a> {
         for e in &ty.dims {
             let v = self.eval(frame, e, None)?;
             let d = self.as_dim(&v, e.span)?;
-            if d.as_known() == Some(0) {
-                let mut names = Vec::new();
-                collect_names(e, &mut names);
-                let d = Diagnostic::error(Code::InvalidConfig, "invalid config: a dimension is 0")
-                    .label(e.span, "this dimension is 0")
-                    .note(format!("it depends on {}", if names.is_empty() { "nothing".to_string() } else { names.join(", ") }))
-                    .help("every size must be at least 1");
-                return Err(self.error(d));
-            }
             shape.push(d);
         }
         if shape.len() > 8 {
@@ -876,8 +884,12 @@ impl<'a> Elab<'a> {
             }
         }
         for prefix in frame.prefixes.iter().rev() {
-            if let Some(t) = self.params.get(&format!("{prefix}{joined}")) {
+            let full = format!("{prefix}{joined}");
+            if let Some(t) = self.params.get(&full) {
                 return Ok(Val::Tensor(t.clone()));
+            }
+            if self.poisoned_params.contains(&full) {
+                return Ok(Val::Poison);
             }
         }
         // Not found: suggest a near name among locals, dims and visible parameters.
@@ -926,6 +938,14 @@ impl<'a> Elab<'a> {
                     return Err(self.error(d));
                 }
                 Ok(Int(x.rem_euclid(y)))
+            }
+            (BinOp::Rem, x @ (Int(_) | Float(_)), y @ (Int(_) | Float(_))) => {
+                let (x, y) = (num(&x), num(&y));
+                if y == 0.0 {
+                    let d = Diagnostic::error(Code::InvalidConfig, "remainder by zero").label(bspan, "this is 0");
+                    return Err(self.error(d));
+                }
+                Ok(Float(x.rem_euclid(y)))
             }
             (BinOp::Mul, Val::Dim(x), Val::Dim(y)) => self.dim_mul(&x, &y, span),
             (BinOp::Mul, Val::Dim(x), Int(n)) | (BinOp::Mul, Int(n), Val::Dim(x)) if n >= 0 => {

@@ -11,7 +11,7 @@
 //! INT     := [0-9]+                          (must fit in an i64)
 //! FLOAT   := [0-9]+ '.' [0-9]+ [EXP] | [0-9]+ EXP        EXP := [eE] [+-]? [0-9]+
 //! STRING  := '"' (<any char but '"', '\' or newline> | '\"' | '\\')* '"'
-//! PUNCT   := ( ) [ ] { } , : . = == != < <= > >= && || + - * / !
+//! PUNCT   := ( ) [ ] { } , : . = == != < <= > >= && || + - * / % !
 //! ```
 //!
 //! Right after a `.` a number is lexed as an INT only, so `layers.0.weight` and `x.1.2` are
@@ -30,6 +30,10 @@ use nom::{IResult, Parser};
 pub const MAX_FILE_BYTES: usize = 4 << 20;
 /// The most tokens one file may have.
 pub const MAX_TOKENS: usize = 1_000_000;
+
+/// The most diagnostics reported for one file; [`crate::parse_file`] replaces the rest with one
+/// [`Code::Limit`] diagnostic.
+pub const MAX_DIAGNOSTICS: usize = 200;
 
 /// The dtype names accepted after a tensor type.
 pub const DTYPES: [&str; 6] = ["f64", "f32", "f16", "bf16", "i32", "i64"];
@@ -51,6 +55,7 @@ pub enum Kind {
     Param,
     State,
     Repeat,
+    Require,
     As,
     If,
     Else,
@@ -80,6 +85,7 @@ pub enum Kind {
     Minus,
     Star,
     Slash,
+    Percent,
     Bang,
     /// Characters that start no token (already reported).
     Unknown,
@@ -99,6 +105,7 @@ impl Kind {
             "param" => Kind::Param,
             "state" => Kind::State,
             "repeat" => Kind::Repeat,
+            "require" => Kind::Require,
             "as" => Kind::As,
             "if" => Kind::If,
             "else" => Kind::Else,
@@ -121,6 +128,7 @@ impl Kind {
                 | Kind::Param
                 | Kind::State
                 | Kind::Repeat
+                | Kind::Require
                 | Kind::As
                 | Kind::If
                 | Kind::Else
@@ -145,6 +153,7 @@ impl Kind {
                 | Kind::Param
                 | Kind::State
                 | Kind::Repeat
+                | Kind::Require
                 | Kind::If
                 | Kind::Return
         )
@@ -162,6 +171,7 @@ impl Kind {
             Kind::Param => "param",
             Kind::State => "state",
             Kind::Repeat => "repeat",
+            Kind::Require => "require",
             Kind::As => "as",
             Kind::If => "if",
             Kind::Else => "else",
@@ -190,6 +200,7 @@ impl Kind {
             Kind::Minus => "-",
             Kind::Star => "*",
             Kind::Slash => "/",
+            Kind::Percent => "%",
             Kind::Bang => "!",
             Kind::Ident | Kind::Int | Kind::Float | Kind::Str | Kind::Unknown | Kind::Eof => {
                 return None;
@@ -264,6 +275,8 @@ enum Number {
 #[derive(Clone, Debug, PartialEq)]
 struct StrLit {
     value: String,
+    /// Written with single quotes (an error).
+    single: bool,
     terminated: bool,
     /// Byte offsets (relative to the opening quote) and text of unknown escapes.
     bad_escapes: Vec<(usize, String)>,
@@ -279,7 +292,7 @@ fn is_ident_continue(c: char) -> bool {
 
 /// Characters that can start a token or trivia; anything else is a stray character.
 fn starts_token(c: char) -> bool {
-    is_ident_continue(c) || c.is_ascii_whitespace() || "\"#()[]{},:.=!<>+-*/&|".contains(c)
+    is_ident_continue(c) || c.is_ascii_whitespace() || "\"'#()[]{},:.=!<>+-*/%&|".contains(c)
 }
 
 fn comment(i: &str) -> IResult<&str, &str> {
@@ -346,6 +359,7 @@ fn string(i: &str) -> IResult<&str, Raw> {
     let (mut rest, _) = char('"').parse(i)?;
     let mut lit = StrLit {
         value: String::new(),
+        single: false,
         terminated: false,
         bad_escapes: Vec::new(),
     };
@@ -361,15 +375,18 @@ fn string(i: &str) -> IResult<&str, Raw> {
             lit.terminated = true;
             return Ok((r, Raw::Str(lit)));
         }
-        if let Ok((r, esc)) =
-            recognize((char::<&str, nom::error::Error<&str>>('\\'), opt(satisfy(|c| c != '\n'))))
-                .parse(rest)
+        if let Ok((r, esc)) = recognize((
+            char::<&str, nom::error::Error<&str>>('\\'),
+            opt(satisfy(|c| c != '\n')),
+        ))
+        .parse(rest)
         {
             match esc {
                 "\\\"" => lit.value.push('"'),
                 "\\\\" => lit.value.push('\\'),
                 _ => {
-                    lit.bad_escapes.push((i.len() - rest.len(), esc.to_string()));
+                    lit.bad_escapes
+                        .push((i.len() - rest.len(), esc.to_string()));
                     lit.value.push_str(esc);
                 }
             }
@@ -379,6 +396,25 @@ fn string(i: &str) -> IResult<&str, Raw> {
         // A newline or the end of the text.
         return Ok((rest, Raw::Str(lit)));
     }
+}
+
+/// `'...'` on one line: a string in the wrong quotes (reported, then lexed as a string).
+fn single_quoted(i: &str) -> IResult<&str, Raw> {
+    let (rest, (_, body, _)) = (
+        char('\''),
+        take_till(|c| c == '\'' || c == '\n'),
+        char('\''),
+    )
+        .parse(i)?;
+    Ok((
+        rest,
+        Raw::Str(StrLit {
+            value: body.to_string(),
+            single: true,
+            terminated: true,
+            bad_escapes: Vec::new(),
+        }),
+    ))
 }
 
 fn punct(i: &str) -> IResult<&str, Raw> {
@@ -407,6 +443,7 @@ fn punct(i: &str) -> IResult<&str, Raw> {
         value(Kind::Minus, char('-')),
         value(Kind::Star, char('*')),
         value(Kind::Slash, char('/')),
+        value(Kind::Percent, char('%')),
         value(Kind::Bang, char('!')),
     ));
     alt((two, one)).map(Raw::Punct).parse(i)
@@ -459,7 +496,7 @@ impl Lexer<'_> {
                 return;
             }
             if self.tokens.len() >= MAX_TOKENS {
-                self.diags.push(
+                self.report(
                     Diagnostic::error(
                         Code::Limit,
                         format!("the file has more than {MAX_TOKENS} tokens"),
@@ -472,7 +509,7 @@ impl Lexer<'_> {
                 return;
             }
             let after_dot = self.tokens.last().is_some_and(|t| t.kind == Kind::Dot);
-            let parsed = alt((word, number(after_dot), string, punct)).parse(rest);
+            let parsed = alt((word, number(after_dot), string, single_quoted, punct)).parse(rest);
             let (after, raw) = match parsed {
                 Ok(ok) => ok,
                 Err(_) => match unknown(rest) {
@@ -490,7 +527,7 @@ impl Lexer<'_> {
             };
             rest = after;
             let end = text.len() - rest.len();
-            let src = &text[start..end];
+            let src = text.get(start..end).unwrap_or("");
             match raw {
                 Raw::Word => {
                     let kind = Kind::keyword(src).unwrap_or(Kind::Ident);
@@ -500,6 +537,13 @@ impl Lexer<'_> {
                 Raw::Number(n) => self.number(n, src, start, end, nl_before),
                 Raw::Str(s) => self.string(s, start, end, nl_before),
             }
+        }
+    }
+
+    /// Records a diagnostic; beyond one more than [`MAX_DIAGNOSTICS`] they are dropped.
+    fn report(&mut self, d: Diagnostic) {
+        if self.diags.len() <= MAX_DIAGNOSTICS {
+            self.diags.push(d);
         }
     }
 
@@ -529,13 +573,12 @@ impl Lexer<'_> {
             Some('\'') => d.help("strings are written with double quotes: \"...\""),
             Some('&') => d.help("logical and is written `&&`"),
             Some('|') => d.help("logical or is written `||`"),
-            Some('%') => d.help("there is no `%` operator"),
             Some('\u{2212}') => d.help("this is a unicode minus sign; use the ASCII `-`"),
             Some('\u{201c}' | '\u{201d}') => d.help("use plain double quotes: \"...\""),
             Some(c) if c.is_alphabetic() => d.help("names are ASCII letters, digits and `_`"),
             _ => d,
         };
-        self.diags.push(d);
+        self.report(d);
         self.push(Kind::Unknown, Lit::None, start, end, nl, true);
     }
 
@@ -545,7 +588,7 @@ impl Lexer<'_> {
             Number::Int => match src.parse::<i64>() {
                 Ok(v) => (Kind::Int, Lit::Int(v), false),
                 Err(_) => {
-                    self.diags.push(
+                    self.report(
                         Diagnostic::error(Code::Lexical, "integer literal is too large")
                             .label(span, "does not fit in a 64-bit signed integer")
                             .note(format!("the largest integer is {}", i64::MAX)),
@@ -556,7 +599,7 @@ impl Lexer<'_> {
             Number::Float => match src.parse::<f64>() {
                 Ok(v) if v.is_finite() => (Kind::Float, Lit::Float(v), false),
                 _ => {
-                    self.diags.push(
+                    self.report(
                         Diagnostic::error(Code::Lexical, "float literal is out of range")
                             .label(span, "larger than the largest 64-bit float")
                             .note(format!("the largest float is about {:e}", f64::MAX)),
@@ -566,7 +609,7 @@ impl Lexer<'_> {
             },
             Number::TrailingDot => {
                 let digits = src.trim_end_matches('.');
-                self.diags.push(
+                self.report(
                     Diagnostic::error(Code::Lexical, format!("invalid number `{}`", shown(src)))
                         .label(span, "expected digits after the `.`")
                         .help(format!("write `{digits}.0` or `{digits}`")),
@@ -574,8 +617,9 @@ impl Lexer<'_> {
                 (Kind::Float, Lit::None, true)
             }
             Number::Malformed { exponent } => {
-                let d = Diagnostic::error(Code::Lexical, format!("invalid number `{}`", shown(src)));
-                self.diags.push(if exponent {
+                let d =
+                    Diagnostic::error(Code::Lexical, format!("invalid number `{}`", shown(src)));
+                self.report(if exponent {
                     d.label(span, "the exponent has no digits")
                         .help("write the exponent with digits, like `1e-4`")
                 } else {
@@ -590,9 +634,17 @@ impl Lexer<'_> {
 
     fn string(&mut self, s: StrLit, start: usize, end: usize, nl: bool) {
         let mut bad = false;
+        if s.single {
+            self.report(
+                Diagnostic::error(Code::Lexical, "strings are written with double quotes")
+                    .label(self.span(start, end), "single quotes")
+                    .help(format!("write \"{}\"", shown(&s.value))),
+            );
+            bad = true;
+        }
         for (off, esc) in &s.bad_escapes {
             let at = start + off;
-            self.diags.push(
+            self.report(
                 Diagnostic::error(
                     Code::Lexical,
                     format!("unknown escape `{}` in a string", shown(esc)),
@@ -604,7 +656,7 @@ impl Lexer<'_> {
         }
         if !s.terminated {
             let at_end = end == self.text.len();
-            self.diags.push(
+            self.report(
                 Diagnostic::error(Code::Lexical, "unterminated string")
                     .label(self.span(start, start + 1), "this string is never closed")
                     .label(

@@ -14,6 +14,7 @@
 //!          | "state" IDENT ":" type
 //!          | "repeat" expr [ "as" path ] "{" { stmt } "}"
 //!          | if_stmt
+//!          | "require" expr "else" STRING
 //!          | "return" expr { "," expr } ;
 //! if_stmt  = "if" expr "{" { stmt } "}" [ "else" ( "{" { stmt } "}" | if_stmt ) ] ;
 //!                                          (* `else if` becomes an If in else_body *)
@@ -25,7 +26,7 @@
 //! and      = cmp { "&&" cmp } ;
 //! cmp      = add [ ( "==" | "!=" | "<" | "<=" | ">" | ">=" ) add ] ;   (* does not chain *)
 //! add      = mul { ( "+" | "-" ) mul } ;
-//! mul      = unary { ( "*" | "/" ) unary } ;
+//! mul      = unary { ( "*" | "/" | "%" ) unary } ;
 //! unary    = ( "-" | "!" ) unary | primary ;
 //! primary  = INT | FLOAT | "true" | "false" | STRING
 //!          | path [ "(" [ arg { "," arg } [ "," ] ] ")" ]
@@ -33,20 +34,29 @@
 //!          | "[" [ expr { "," expr } [ "," ] ] "]" ;
 //! ```
 //!
-//! Keywords: `block model preset let dim input param state repeat as if else return true
-//! false`. Statements start with a keyword, so no separators are needed; newlines are
+//! Keywords: `block model preset let dim input param state repeat require as if else return
+//! true false`. Statements start with a keyword, so no separators are needed; newlines are
 //! whitespace. Binary operators are left-associative; the levels above go from loosest to
 //! tightest.
 //!
 //! # Error recovery
 //!
-//! [`parse_file`] always returns a tree and every syntax error it found. A statement that
-//! cannot be parsed becomes [`Stmt::Error`] and the parser skips to the next statement keyword,
-//! the `}` closing the body, or the next item keyword; a missing expression becomes
-//! [`ExprKind::Error`]; inside brackets the parser resynchronises at `,` and the closing
-//! bracket. After an error further diagnostics are held back until the parser is back in sync
-//! (the next statement, `,` or closing bracket), so one mistake gives one diagnostic; tokens the
-//! lexer already reported (stray characters, bad literals) are not reported again.
+//! [`parse_file`] always returns a tree and every syntax error it found, rust-analyzer style:
+//!
+//! - A statement that cannot be parsed becomes [`Stmt::Error`]; the parser skips to the next
+//!   statement keyword, the `}` closing the body, or the next item. A missing expression
+//!   becomes [`ExprKind::Error`] and the statement around it is kept.
+//! - Inside brackets the parser skips junk to the next `,` or the closing bracket; a bracket
+//!   still open where an expression cannot go on (`{`, `}`, a keyword, the closer of an
+//!   enclosing bracket) is reported as unclosed. A missing `{` after a complete header is
+//!   recovered from by taking the statements that follow as the body; an `else` starting a
+//!   line ends an unclosed `if` body.
+//! - Statement and item keywords are trusted as resynchronisation points when they start a
+//!   line, and a `}` when it ends a line or precedes `}`, `else` or a keyword: a stray keyword
+//!   or brace in the middle of a line is skipped with the rest of a broken statement.
+//! - No cascades: after an error, further diagnostics are held back until the next statement,
+//!   item or closed body, so one mistake gives one diagnostic; tokens the lexer already
+//!   reported (stray characters, bad literals) are not reported again.
 //!
 //! # Limits
 //!
@@ -54,7 +64,9 @@
 //! if`) is capped at [`MAX_DEPTH`] levels: deeper regions are skipped without descending and
 //! reported once ([`Code::Limit`]), so any input parses on a small stack. Files larger than
 //! [`lexer::MAX_FILE_BYTES`] or with more than [`lexer::MAX_TOKENS`] tokens are refused
-//! (the latter parsed up to the cut).
+//! (the latter parsed up to the cut), and beyond [`lexer::MAX_DIAGNOSTICS`] diagnostics the
+//! rest are summarised in one. Recursion costs at most about 3 KiB of stack per level in debug
+//! builds, so [`MAX_DEPTH`] levels fit well within a 2 MiB stack.
 
 use crate::ast::{
     Arg, BinOp, ConfigParam, Def, DefKind, Expr, ExprKind, File, Ident, Item, Path, Preset, Span,
@@ -108,6 +120,23 @@ pub fn parse_file(text: &str, file: u16) -> (File, Vec<Diagnostic>) {
     let items = p.file();
     diags.append(&mut p.diags);
     diags.sort_by_key(|d| d.span().map_or(0, |s| s.start));
+    if diags.len() > lexer::MAX_DIAGNOSTICS {
+        let at = diags
+            .get(lexer::MAX_DIAGNOSTICS)
+            .and_then(Diagnostic::span)
+            .unwrap_or(Span::new(file, 0, 0));
+        diags.truncate(lexer::MAX_DIAGNOSTICS);
+        diags.push(
+            Diagnostic::error(
+                Code::Limit,
+                format!(
+                    "too many errors: only the first {} are shown",
+                    lexer::MAX_DIAGNOSTICS
+                ),
+            )
+            .label(at, "errors from here on are not shown"),
+        );
+    }
     (File { items }, diags)
 }
 
@@ -125,6 +154,7 @@ fn binop(k: Kind) -> Option<(BinOp, u8)> {
         Kind::Minus => (BinOp::Sub, 4),
         Kind::Star => (BinOp::Mul, 5),
         Kind::Slash => (BinOp::Div, 5),
+        Kind::Percent => (BinOp::Rem, 5),
         _ => return None,
     })
 }
@@ -214,7 +244,9 @@ impl Parser<'_> {
 
     fn text_of(&self, i: usize) -> &str {
         let t = self.tok(i);
-        self.text.get(t.start as usize..t.end as usize).unwrap_or("")
+        self.text
+            .get(t.start as usize..t.end as usize)
+            .unwrap_or("")
     }
 
     fn ident_of(&self, i: usize) -> Ident {
@@ -234,7 +266,7 @@ impl Parser<'_> {
             Kind::Ident | Kind::Int | Kind::Float | Kind::Unknown => {
                 let text = self.text_of(i);
                 match text.char_indices().nth(24) {
-                    Some((cut, _)) => format!("`{}…`", &text[..cut]),
+                    Some((cut, _)) => format!("`{}…`", text.get(..cut).unwrap_or(text)),
                     None => format!("`{text}`"),
                 }
             }
@@ -256,40 +288,79 @@ impl Parser<'_> {
     /// items are trusted as resynchronisation points only there: a stray keyword in the middle
     /// of a line is skipped with the rest of a broken statement.
     fn at_line_start(&self) -> bool {
-        self.pos == 0 || self.tok(self.pos).nl_before
+        self.starts_line(self.pos)
     }
 
-    /// At a token that ends an expression and any list inside it when recovering: `{`, `}`,
-    /// `as`, `else`, the end of the file, or a statement or item keyword starting a line.
+    fn starts_line(&self, i: usize) -> bool {
+        i == 0 || self.tok(i).nl_before
+    }
+
+    /// At `block`/`model` and a name, or `preset` and a string: the start of an item.
+    fn looks_like_item(&self) -> bool {
+        match self.kind() {
+            Kind::Block | Kind::Model => self.kind_at(1) == Kind::Ident,
+            Kind::Preset => self.kind_at(1) == Kind::Str,
+            _ => false,
+        }
+    }
+
+    /// A trusted statement or item keyword: one starting a line.
+    fn at_sync_keyword(&self) -> bool {
+        (self.kind().starts_stmt() || self.looks_like_item()) && self.at_line_start()
+    }
+
+    /// A `}` trusted to close a body: one that starts a line, or that what may follow a body
+    /// follows (the end of the line or file, `}`, `else`, a statement or item keyword). A `}`
+    /// in the middle of a line of other tokens is treated as junk.
+    fn at_closing_brace(&self) -> bool {
+        if !self.at(Kind::RBrace) {
+            return false;
+        }
+        let next = self.tok(self.pos + 1);
+        self.at_line_start()
+            || next.nl_before
+            || matches!(next.kind, Kind::RBrace | Kind::Else | Kind::Eof)
+            || next.kind.starts_stmt()
+            || next.kind.starts_item()
+    }
+
+    /// At a token that ends an expression and any list inside it when recovering: `{`, `as`,
+    /// `else`, the end of the file, a trusted `}` or statement or item keyword.
     fn at_expr_stop(&self) -> bool {
-        let k = self.kind();
         matches!(
-            k,
-            Kind::LBrace | Kind::RBrace | Kind::As | Kind::Else | Kind::Eof
-        ) || ((k.starts_stmt() || k.starts_item()) && self.at_line_start())
+            self.kind(),
+            Kind::LBrace | Kind::As | Kind::Else | Kind::Eof
+        ) || self.at_closing_brace()
+            || self.at_sync_keyword()
     }
 
-    /// Where the parser resynchronises after a bad statement: `}`, the end of the file, or a
-    /// statement or item keyword starting a line.
+    /// Where the parser resynchronises after a bad statement: the end of the file, a trusted
+    /// `}` or statement or item keyword.
     fn at_stmt_sync(&self) -> bool {
-        let k = self.kind();
-        matches!(k, Kind::RBrace | Kind::Eof)
-            || ((k.starts_stmt() || k.starts_item()) && self.at_line_start())
+        self.at(Kind::Eof) || self.at_closing_brace() || self.at_sync_keyword()
     }
 
     /// Where the parser resynchronises after a bad item: the end of the file or an item
     /// keyword starting a line.
     fn at_item_sync(&self) -> bool {
-        self.at(Kind::Eof) || (self.kind().starts_item() && self.at_line_start())
+        self.at(Kind::Eof) || (self.looks_like_item() && self.at_line_start())
     }
 
     // ---- diagnostics -----------------------------------------------------------------------
+
+    /// Keeps at most one more than [`lexer::MAX_DIAGNOSTICS`] (memory stays bounded whatever
+    /// the input); [`parse_file`] reports the excess.
+    fn push_diag(&mut self, d: Diagnostic) {
+        if self.diags.len() <= lexer::MAX_DIAGNOSTICS {
+            self.diags.push(d);
+        }
+    }
 
     /// Records `d` unless the parser is recovering from an earlier error or `at` is a token
     /// the lexer already reported; either way the parser is then out of sync.
     fn report(&mut self, at: usize, d: Diagnostic) {
         if !self.quiet && !self.tok(at).bad {
-            self.diags.push(d);
+            self.push_diag(d);
         }
         self.quiet = true;
     }
@@ -326,26 +397,40 @@ impl Parser<'_> {
     /// Goes one level deeper, or reports the depth limit (once per file) and returns false.
     fn enter(&mut self, at: usize) -> bool {
         if self.depth >= MAX_DEPTH {
-            if !self.limit_hit {
-                self.limit_hit = true;
-                self.diags.push(
-                    Diagnostic::error(
-                        Code::Limit,
-                        format!("nesting is deeper than {MAX_DEPTH} levels"),
-                    )
-                    .label(self.span(at), "the parser stops descending here")
-                    .note(
-                        "brackets, unary operators, each operator of a chain like `a + b + c` \
-                         and `{}` bodies each nest one level",
-                    )
-                    .help("split the expression with `let` bindings"),
-                );
-            }
+            self.too_deep(at);
             self.quiet = true;
             return false;
         }
         self.depth += 1;
         true
+    }
+
+    /// Reports the depth limit at token `at`, once per file.
+    fn too_deep(&mut self, at: usize) {
+        if self.limit_hit {
+            return;
+        }
+        self.limit_hit = true;
+        self.push_diag(
+            Diagnostic::error(
+                Code::Limit,
+                format!("nesting is deeper than {MAX_DEPTH} levels"),
+            )
+            .label(self.span(at), "the parser stops descending here")
+            .note(
+                "brackets, unary operators, each operator of a chain like `a + b + c` and `{}` \
+                 bodies each nest one level",
+            )
+            .help("split the expression with `let` bindings"),
+        );
+    }
+
+    /// While skipping junk with `open` brackets open: junk nested deeper than the limit is
+    /// reported like nesting the parser descends into.
+    fn skipped_opener(&mut self, open: u32) {
+        if self.depth + open > MAX_DEPTH {
+            self.too_deep(self.pos);
+        }
     }
 
     fn leave(&mut self) {
@@ -359,7 +444,10 @@ impl Parser<'_> {
     fn skip_balanced(&mut self, mut open: u32) {
         loop {
             match self.kind() {
-                Kind::LParen | Kind::LBracket => open += 1,
+                Kind::LParen | Kind::LBracket => {
+                    open += 1;
+                    self.skipped_opener(open);
+                }
                 Kind::RParen | Kind::RBracket => {
                     open = open.saturating_sub(1);
                     if open == 0 {
@@ -379,7 +467,10 @@ impl Parser<'_> {
     fn skip_braces(&mut self, mut open: u32) {
         loop {
             match self.kind() {
-                Kind::LBrace => open += 1,
+                Kind::LBrace => {
+                    open += 1;
+                    self.skipped_opener(open);
+                }
                 Kind::RBrace => {
                     open = open.saturating_sub(1);
                     if open == 0 {
@@ -423,7 +514,16 @@ impl Parser<'_> {
     }
 
     fn skip_to_item(&mut self) {
+        let mut open = 0;
         while !self.at_item_sync() {
+            match self.kind() {
+                Kind::LParen | Kind::LBracket | Kind::LBrace => {
+                    open += 1;
+                    self.skipped_opener(open);
+                }
+                Kind::RParen | Kind::RBracket | Kind::RBrace => open = u32::saturating_sub(open, 1),
+                _ => {}
+            }
             self.bump();
         }
     }
@@ -433,7 +533,7 @@ impl Parser<'_> {
         loop {
             match self.kind() {
                 Kind::LBrace => return true,
-                k if k.starts_stmt() || k == Kind::RBrace || self.at_item_sync() => return false,
+                _ if self.at_stmt_sync() => return false,
                 _ => {
                     self.bump();
                 }
@@ -472,7 +572,11 @@ impl Parser<'_> {
                         d.note("a model file holds `block`, `model` and `preset` definitions")
                     };
                     self.report(i, d);
-                    self.bump();
+                    if k == Kind::LBrace {
+                        self.skip_braces(0);
+                    } else {
+                        self.bump();
+                    }
                     self.skip_to_item();
                 }
             }
@@ -505,22 +609,24 @@ impl Parser<'_> {
             let help = self.at(Kind::LBrace).then(|| {
                 format!(
                     "write `{}()` if it has no parameters",
-                    if name.name.is_empty() { "name" } else { &name.name }
+                    if name.name.is_empty() {
+                        "name"
+                    } else {
+                        &name.name
+                    }
                 )
             });
             self.error_expected("`(`", help);
         }
+        let header_ok = self.starts_line(kw) && (!self.quiet || self.at_line_start());
         if !self.at(Kind::LBrace) {
             self.error_expected("`{`", None);
             // Skip junk up to the `{` (the header may be badly broken).
-            while !(self.at(Kind::LBrace)
-                || self.at_item_sync()
-                || (self.kind().starts_stmt() && self.at_line_start()))
-            {
+            while !(self.at(Kind::LBrace) || self.at_item_sync() || self.at_sync_keyword()) {
                 self.bump();
             }
         }
-        let body = self.block_body(false).unwrap_or_default();
+        let body = self.block_body(false, header_ok).unwrap_or_default();
         Def {
             kind,
             name,
@@ -606,12 +712,13 @@ impl Parser<'_> {
     /// The body of a definition, `repeat`, `if` or `else`, after its header. A missing `{`
     /// (reported by the caller) is recovered from: junk is skipped up to the `{`, and if a
     /// statement comes first the body is parsed as if the `{` were there. `then`: the body of
-    /// an `if`, which an `else` also ends (a forgotten `}`).
-    fn block_body(&mut self, then: bool) -> Option<Vec<Stmt>> {
+    /// an `if`, which an `else` starting a line also ends (a forgotten `}`). `header_ok`: no
+    /// error before the missing `{`; otherwise the body is only parsed from a `{`.
+    fn block_body(&mut self, then: bool, header_ok: bool) -> Option<Vec<Stmt>> {
         self.recover_to_body();
         let open = if self.at(Kind::LBrace) {
             Some(self.bump())
-        } else if self.kind().starts_stmt() {
+        } else if header_ok && self.kind().starts_stmt() && self.at_line_start() {
             None
         } else {
             return None;
@@ -632,12 +739,12 @@ impl Parser<'_> {
         }
         loop {
             let k = self.kind();
-            if k == Kind::RBrace {
+            if self.at_closing_brace() {
                 self.bump();
                 self.quiet = false;
                 break;
             }
-            if self.at_item_sync() || (then && k == Kind::Else) {
+            if self.at_item_sync() || (then && k == Kind::Else && self.at_line_start()) {
                 if let Some(open) = open {
                     self.unclosed(open, Kind::RBrace);
                 }
@@ -662,6 +769,7 @@ impl Parser<'_> {
             Kind::Input | Kind::State => self.input_or_state(),
             Kind::Param => self.param_stmt(),
             Kind::Repeat => self.repeat_stmt(),
+            Kind::Require => self.require_stmt(),
             Kind::If => self.if_stmt(),
             Kind::Return => self.return_stmt(),
             _ => None,
@@ -705,10 +813,14 @@ impl Parser<'_> {
                 d.help(format!("bindings start with `let`: `let {name} = ...`"))
             } else if k == Kind::Else {
                 d.help("`else` must follow the `}` of an `if` body")
+            } else if k == Kind::RBrace {
+                d.note(
+                    "a `}` closing a body ends its line or is followed by `}`, `else` or a keyword",
+                )
             } else {
                 d.note(
                     "statements start with `let`, `dim`, `input`, `param`, `state`, `repeat`, \
-                     `if` or `return`",
+                     `require`, `if` or `return`",
                 )
             }
         };
@@ -794,10 +906,11 @@ impl Parser<'_> {
             self.bump();
             scope = self.path_req("a scope like `backbone.layers`");
         }
+        let header_ok = self.starts_line(kw) && (!self.quiet || self.at_line_start());
         if !self.at(Kind::LBrace) {
             self.error_expected(if has_as { "`{`" } else { "`as` or `{`" }, None);
         }
-        let body = self.block_body(false)?;
+        let body = self.block_body(false, header_ok)?;
         Some(Stmt::Repeat {
             count,
             scope,
@@ -808,76 +921,98 @@ impl Parser<'_> {
 
     fn if_stmt(&mut self) -> Option<Stmt> {
         let kw = self.bump();
-        self.if_rest(kw)
+        self.if_rest(kw, self.starts_line(kw))
     }
 
-    /// An `if` after its keyword (token `kw`, the start of its span).
-    fn if_rest(&mut self, kw: usize) -> Option<Stmt> {
+    /// An `if` after its keyword (token `kw`, the start of its span). `own_line`: the `if`
+    /// starts a line (or follows `} else`), so a missing `{` may be recovered from by parsing
+    /// the statements that follow as its body.
+    fn if_rest(&mut self, kw: usize, own_line: bool) -> Option<Stmt> {
         let cond = self.expr();
+        let header_ok = own_line && (!self.quiet || self.at_line_start());
         if !self.at(Kind::LBrace) {
-            let help = self
-                .at(Kind::Assign)
-                .then(|| "use `==` to compare".to_string());
-            self.error_expected("`{`", help);
+            self.missing_if_brace();
         }
-        let then_body = self.block_body(true)?;
-        let mut else_body = Vec::new();
-        if self.at(Kind::Else) {
-            self.bump();
-            match self.kind() {
-                Kind::LBrace => else_body = self.block_body(false).unwrap_or_default(),
-                Kind::If => {
-                    let at = self.pos;
-                    if self.enter(at) {
-                        let s = match self.if_stmt() {
-                            Some(s) => s,
-                            None => {
-                                self.skip_stmt_junk();
-                                Stmt::Error {
-                                    span: self.span_from(at),
-                                }
-                            }
-                        };
-                        self.leave();
-                        else_body.push(s);
-                    } else {
-                        self.skip_else_chain();
-                    }
-                }
-                k => {
-                    let starts_expr = matches!(
-                        k,
-                        Kind::Ident
-                            | Kind::Int
-                            | Kind::Float
-                            | Kind::Str
-                            | Kind::True
-                            | Kind::False
-                            | Kind::LParen
-                            | Kind::LBracket
-                            | Kind::Minus
-                            | Kind::Bang
-                    );
-                    let help = starts_expr.then(|| "write `else if` to test a condition".into());
-                    self.error_expected("`{` or `if` after `else`", help);
-                    if starts_expr {
-                        // Parse it as the `else if` it probably is.
-                        let at = self.pos;
-                        if let Some(s) = self.if_rest(at) {
-                            else_body.push(s);
-                        }
-                    } else {
-                        else_body = self.block_body(false).unwrap_or_default();
-                    }
-                }
-            }
-        }
+        let then_body = self.block_body(true, header_ok)?;
+        let else_body = if self.at(Kind::Else) {
+            self.else_part()
+        } else {
+            Vec::new()
+        };
         Some(Stmt::If {
             cond,
             then_body,
             else_body,
             span: self.span_from(kw),
         })
+    }
+
+    #[inline(never)]
+    fn missing_if_brace(&mut self) {
+        let help = self
+            .at(Kind::Assign)
+            .then(|| "use `==` to compare".to_string());
+        self.error_expected("`{`", help);
+    }
+
+    /// `else { ... }` or `else if ...`, at the `else`.
+    fn else_part(&mut self) -> Vec<Stmt> {
+        self.bump();
+        match self.kind() {
+            Kind::LBrace => self.block_body(false, true).unwrap_or_default(),
+            Kind::If => {
+                let at = self.pos;
+                if !self.enter(at) {
+                    self.skip_else_chain();
+                    return Vec::new();
+                }
+                self.bump();
+                let s = match self.if_rest(at, true) {
+                    Some(s) => s,
+                    None => {
+                        self.skip_stmt_junk();
+                        Stmt::Error {
+                            span: self.span_from(at),
+                        }
+                    }
+                };
+                self.leave();
+                vec![s]
+            }
+            _ => self.bad_else(),
+        }
+    }
+
+    /// `else` followed by neither `{` nor `if`.
+    #[inline(never)]
+    fn bad_else(&mut self) -> Vec<Stmt> {
+        let starts_expr = matches!(
+            self.kind(),
+            Kind::Ident
+                | Kind::Int
+                | Kind::Float
+                | Kind::Str
+                | Kind::True
+                | Kind::False
+                | Kind::LParen
+                | Kind::LBracket
+                | Kind::Minus
+                | Kind::Bang
+        );
+        let help = starts_expr.then(|| "write `else if` to test a condition".into());
+        self.error_expected("`{` or `if` after `else`", help);
+        if !starts_expr {
+            return self.block_body(false, true).unwrap_or_default();
+        }
+        // Parse it as the `else if` it probably is.
+        let at = self.pos;
+        if !self.enter(at) {
+            self.skip_else_chain();
+            return Vec::new();
+        }
+        let s = self.if_rest(at, false);
+        self.leave();
+        s.into_iter().collect()
     }
 
     /// Skips `if ... { } else if ... { } else { }` without descending (at the depth limit).
@@ -898,6 +1033,31 @@ impl Parser<'_> {
                 _ => return,
             }
         }
+    }
+
+    fn require_stmt(&mut self) -> Option<Stmt> {
+        let kw = self.bump();
+        let cond = self.expr();
+        if !self.at(Kind::Else) {
+            let help = "a `require` says what is wrong: `require cond else \"message\"`";
+            self.error_expected("`else`", Some(help.to_string()));
+            return None;
+        }
+        self.bump();
+        if !self.at(Kind::Str) {
+            self.error_expected("a message in double quotes", None);
+            return None;
+        }
+        let s = self.bump();
+        let message = match &self.tok(s).lit {
+            Lit::Str(v) => v.clone(),
+            _ => String::new(),
+        };
+        Some(Stmt::Require {
+            cond,
+            message,
+            span: self.span_from(kw),
+        })
     }
 
     fn return_stmt(&mut self) -> Option<Stmt> {
@@ -921,7 +1081,8 @@ impl Parser<'_> {
             return Some(self.ident_of(i));
         }
         let k = self.kind();
-        let help = (k.is_keyword()).then(|| format!("`{}` is a keyword; pick another name", sym(k)));
+        let help =
+            (k.is_keyword()).then(|| format!("`{}` is a keyword; pick another name", sym(k)));
         self.error_expected(what, help);
         None
     }
@@ -977,7 +1138,8 @@ impl Parser<'_> {
             return Some(self.path());
         }
         let k = self.kind();
-        let help = (k.is_keyword()).then(|| format!("`{}` is a keyword; pick another name", sym(k)));
+        let help =
+            (k.is_keyword()).then(|| format!("`{}` is a keyword; pick another name", sym(k)));
         self.error_expected(what, help);
         None
     }
@@ -1008,32 +1170,38 @@ impl Parser<'_> {
 
     /// `[IDENT ":"] expr`.
     fn arg(&mut self) -> Option<Arg> {
-        let mut name = None;
-        if self.at(Kind::Ident) {
-            match self.kind_at(1) {
-                Kind::Colon => {
-                    let i = self.bump();
-                    self.bump();
-                    name = Some(self.ident_of(i));
-                }
-                Kind::Assign => {
-                    let i = self.bump();
-                    let n = self.ident_of(i);
-                    self.error_expected(
-                        "`:`",
-                        Some(format!(
-                            "named arguments are written `name: value`: `{}: ...`",
-                            n.name
-                        )),
-                    );
-                    self.bump();
-                    name = Some(n);
-                }
-                _ => {}
-            }
-        }
+        let name = self.arg_name();
         let value = self.expr();
         Some(Arg { name, value })
+    }
+
+    /// The `name:` of a named argument, if there is one; `name =` is reported and accepted.
+    #[inline(never)]
+    fn arg_name(&mut self) -> Option<Ident> {
+        if !self.at(Kind::Ident) {
+            return None;
+        }
+        match self.kind_at(1) {
+            Kind::Colon => {
+                let i = self.bump();
+                self.bump();
+                Some(self.ident_of(i))
+            }
+            Kind::Assign => {
+                let i = self.bump();
+                let n = self.ident_of(i);
+                self.error_expected(
+                    "`:`",
+                    Some(format!(
+                        "named arguments are written `name: value`: `{}: ...`",
+                        n.name
+                    )),
+                );
+                self.bump();
+                Some(n)
+            }
+            _ => None,
+        }
     }
 
     /// The elements of a bracketed list, its opener `open` consumed, up to and including the
@@ -1076,7 +1244,9 @@ impl Parser<'_> {
     fn at_list_end(&self, close: Kind) -> bool {
         let k = self.kind();
         self.at_expr_stop()
-            || (matches!(k, Kind::RParen | Kind::RBracket) && k != close && self.delims.contains(&k))
+            || (matches!(k, Kind::RParen | Kind::RBracket)
+                && k != close
+                && self.delims.contains(&k))
     }
 
     /// After an element: a `,` (if `commas`; returns true: another element may follow), the
@@ -1156,11 +1326,7 @@ impl Parser<'_> {
             let op_tok = self.bump();
             if prec == CMP_PREC {
                 if let Some(first) = prev_cmp {
-                    let d = Diagnostic::error(Code::Syntax, "comparisons cannot be chained")
-                        .label(self.span(op_tok), "second comparison")
-                        .label(self.span(first), "first comparison")
-                        .help("combine comparisons with `&&`: `a < b && b < c`");
-                    self.report(op_tok, d);
+                    self.chained_comparison(first, op_tok);
                 }
                 prev_cmp = Some(op_tok);
             } else {
@@ -1187,6 +1353,15 @@ impl Parser<'_> {
         lhs
     }
 
+    #[inline(never)]
+    fn chained_comparison(&mut self, first: usize, second: usize) {
+        let d = Diagnostic::error(Code::Syntax, "comparisons cannot be chained")
+            .label(self.span(second), "second comparison")
+            .label(self.span(first), "first comparison")
+            .help("combine comparisons with `&&`: `a < b && b < c`");
+        self.report(second, d);
+    }
+
     fn unary(&mut self) -> Expr {
         let op = match self.kind() {
             Kind::Minus => UnOp::Neg,
@@ -1209,7 +1384,20 @@ impl Parser<'_> {
         }
     }
 
+    /// Dispatches on the first token; the recursive cases get their own functions so that
+    /// this frame, which every nesting level goes through, stays small.
     fn primary(&mut self) -> Expr {
+        match self.kind() {
+            Kind::Ident => self.path_or_call(),
+            Kind::LParen => self.paren(),
+            Kind::LBracket => self.list(),
+            _ => self.atom(),
+        }
+    }
+
+    /// A literal, or an error where an expression is missing.
+    #[inline(never)]
+    fn atom(&mut self) -> Expr {
         let i = self.pos;
         let kind = match self.kind() {
             Kind::Int | Kind::Float | Kind::Str => {
@@ -1225,24 +1413,12 @@ impl Parser<'_> {
                 self.bump();
                 ExprKind::Bool(self.tok(i).kind == Kind::True)
             }
-            Kind::Ident => return self.path_or_call(),
-            Kind::LParen => return self.paren(),
-            Kind::LBracket => {
-                self.bump();
-                let items = self.delimited(i, Kind::RBracket, |p| Some(p.expr()));
-                return Expr {
-                    kind: ExprKind::List(items),
-                    span: self.span_from(i),
-                };
-            }
             k => {
                 let help = match k {
                     Kind::Dot if self.kind_at(1) == Kind::Int => {
                         Some(format!("write `0.{}`", self.text_of(i + 1)))
                     }
-                    k if k.is_keyword() => {
-                        Some(format!("`{}` is a keyword, not a value", sym(k)))
-                    }
+                    k if k.is_keyword() => Some(format!("`{}` is a keyword, not a value", sym(k))),
                     _ => None,
                 };
                 self.error_expected("an expression", help);
@@ -1253,6 +1429,16 @@ impl Parser<'_> {
         Expr {
             kind,
             span: self.span(i),
+        }
+    }
+
+    /// `[ a, b ]`.
+    fn list(&mut self) -> Expr {
+        let open = self.bump();
+        let items = self.delimited(open, Kind::RBracket, |p| Some(p.expr()));
+        Expr {
+            kind: ExprKind::List(items),
+            span: self.span_from(open),
         }
     }
 

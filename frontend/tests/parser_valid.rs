@@ -47,6 +47,8 @@ model mamba_lm(d_model, n_layer, vocab_size = 50280, pad_multiple = 8,
   param backbone.norm_f.weight: [d_model]
   if !tie_embeddings { param lm_head.weight: [V, d_model] = normal(0.02) }
   let name = "the \"quoted\" \\ name"
+  require V % pad_multiple == 0 && n_layer >= 1
+    else "the vocabulary is padded"
   return linear(rms_norm(h, backbone.norm_f.weight), lm_head.weight), [1, 2.5, [B,],]
 }
 
@@ -89,10 +91,7 @@ fn sample_parses_cleanly() {
     assert_eq!(ty.dtype.as_ref().map(|d| d.name.as_str()), Some("f32"));
     assert!(matches!(
         ty.dims[2].kind,
-        ExprKind::Binary {
-            op: BinOp::Sub,
-            ..
-        }
+        ExprKind::Binary { op: BinOp::Sub, .. }
     ));
     // `param in_proj.weight: [2 * E, d_model] = fan_in_uniform(1.0)`
     let Stmt::Param { path, init, .. } = &block.body[5] else {
@@ -116,10 +115,7 @@ fn sample_parses_cleanly() {
     assert_eq!(args[2].name.as_ref().map(|n| n.name.as_str()), Some("axis"));
     assert!(matches!(
         args[2].value.kind,
-        ExprKind::Unary {
-            op: UnOp::Neg,
-            ..
-        }
+        ExprKind::Unary { op: UnOp::Neg, .. }
     ));
     assert!(matches!(&args[1].value.kind, ExprKind::List(v) if v.len() == 2));
 
@@ -137,7 +133,10 @@ fn sample_parses_cleanly() {
     else {
         panic!("expected a repeat")
     };
-    assert_eq!(scope.as_ref().map(|s| s.joined()).as_deref(), Some("backbone.layers"));
+    assert_eq!(
+        scope.as_ref().map(|s| s.joined()).as_deref(),
+        Some("backbone.layers")
+    );
     assert!(matches!(&count.kind, ExprKind::Path(p) if p.joined() == "n_layer"));
     assert_eq!(body.len(), 2);
     let Stmt::If {
@@ -152,7 +151,12 @@ fn sample_parses_cleanly() {
     assert!(matches!(cond.kind, ExprKind::Binary { op: BinOp::And, .. }));
     assert_eq!(then_body.len(), 2);
     // `else if` nests an If in the else body.
-    let [Stmt::If { else_body: last, .. }] = else_body.as_slice() else {
+    let [
+        Stmt::If {
+            else_body: last, ..
+        },
+    ] = else_body.as_slice()
+    else {
         panic!("expected else if")
     };
     assert_eq!(last.len(), 1);
@@ -165,8 +169,30 @@ fn sample_parses_cleanly() {
     let Stmt::Let { value, .. } = &model.body[9] else {
         panic!("expected a let")
     };
-    assert_eq!(value.kind, ExprKind::Str(r#"the "quoted" \ name"#.to_string()));
-    let Stmt::Return { values, .. } = &model.body[10] else {
+    assert_eq!(
+        value.kind,
+        ExprKind::Str(r#"the "quoted" \ name"#.to_string())
+    );
+    let Stmt::Require { cond, message, .. } = &model.body[10] else {
+        panic!("expected a require")
+    };
+    assert_eq!(message, "the vocabulary is padded");
+    let ExprKind::Binary {
+        op: BinOp::And,
+        lhs,
+        ..
+    } = &cond.kind
+    else {
+        panic!("expected &&")
+    };
+    let ExprKind::Binary {
+        op: BinOp::Eq, lhs, ..
+    } = &lhs.kind
+    else {
+        panic!("expected ==")
+    };
+    assert!(matches!(lhs.kind, ExprKind::Binary { op: BinOp::Rem, .. }));
+    let Stmt::Return { values, .. } = &model.body[11] else {
         panic!("expected a return")
     };
     assert_eq!(values.len(), 2);
@@ -177,7 +203,10 @@ fn sample_parses_cleanly() {
     assert_eq!(p.name, "mamba-130m");
     assert_eq!(p.model.name, "mamba_lm");
     assert_eq!(p.args.len(), 2);
-    assert_eq!(&SAMPLE[p.name_span.start as usize..p.name_span.end as usize], "\"mamba-130m\"");
+    assert_eq!(
+        &SAMPLE[p.name_span.start as usize..p.name_span.end as usize],
+        "\"mamba-130m\""
+    );
     let Item::Preset(p) = &file.items[3] else {
         panic!("expected a preset")
     };
@@ -216,7 +245,10 @@ fn spans_cover_source_text() {
 
 #[test]
 fn precedence_and_associativity() {
-    let (file, diags) = parse_file("block b() { let x = 1 - 2 - 3 * 4 / -5 == 6 && !a || b }", 0);
+    let (file, diags) = parse_file(
+        "block b() { let x = 1 - 2 - 3 * 4 / -5 == 6 && !a || b }",
+        0,
+    );
     assert!(diags.is_empty(), "{diags:?}");
     let Item::Def(d) = &file.items[0] else {
         panic!()
@@ -246,6 +278,19 @@ fn precedence_and_associativity() {
 }
 
 #[test]
+fn shipped_library_parses_cleanly() {
+    let text = include_str!("../library/mamba.m2");
+    let (file, diags) = parse_file(text, 0);
+    assert!(diags.is_empty(), "{diags:#?}");
+    let presets = file
+        .items
+        .iter()
+        .filter(|i| matches!(i, Item::Preset(_)))
+        .count();
+    assert!(presets >= 2);
+}
+
+#[test]
 fn empty_and_comment_only_files() {
     for text in ["", "   \n\t", "# only a comment", "# a\n# b\n"] {
         let (file, diags) = parse_file(text, 0);
@@ -263,9 +308,40 @@ fn sample_tokens() -> Vec<(usize, usize)> {
 }
 
 const FRAGMENTS: &[&str] = &[
-    "(", ")", "[", "]", "{", "}", ",", ":", ".", "=", "==", "<", "-", "!", "*", "let", "if",
-    "else", "repeat", "as", "return", "param", "model", "preset", "x", "0", "1.5", "\"s\"",
-    "\"", "$", "#", "99999999999999999999", "1e", "\n",
+    "(",
+    ")",
+    "[",
+    "]",
+    "{",
+    "}",
+    ",",
+    ":",
+    ".",
+    "=",
+    "==",
+    "<",
+    "-",
+    "!",
+    "*",
+    "let",
+    "if",
+    "else",
+    "repeat",
+    "as",
+    "return",
+    "param",
+    "model",
+    "preset",
+    "x",
+    "0",
+    "1.5",
+    "\"s\"",
+    "\"",
+    "$",
+    "#",
+    "99999999999999999999",
+    "1e",
+    "\n",
 ];
 
 fn check(text: &str) {
@@ -273,7 +349,10 @@ fn check(text: &str) {
     for d in &diags {
         assert!(!d.labels.is_empty(), "{d:?}");
         for l in &d.labels {
-            assert!(l.span.start <= l.span.end && l.span.end as usize <= text.len(), "{d:?}");
+            assert!(
+                l.span.start <= l.span.end && l.span.end as usize <= text.len(),
+                "{d:?}"
+            );
         }
     }
 }
@@ -300,7 +379,7 @@ proptest! {
         let mut text = SAMPLE.to_string();
         // Apply edits from the back so earlier offsets stay valid.
         let mut chosen: Vec<_> = edits.iter().map(|(op, idx, f)| (idx.index(toks.len()), *op, *f)).collect();
-        chosen.sort_by(|a, b| b.0.cmp(&a.0));
+        chosen.sort_by_key(|c| std::cmp::Reverse(c.0));
         chosen.dedup_by_key(|c| c.0);
         for (i, op, f) in chosen {
             let (s, e) = toks[i];
@@ -330,4 +409,31 @@ fn single_token_deletions_give_few_diagnostics() {
             diags.len()
         );
     }
+}
+
+#[test]
+fn single_token_insertions_give_few_diagnostics() {
+    // Exhaustively for the commonest slips: a stray bracket, comma, `=` or character before any
+    // token gives at most a few diagnostics, and nearly always exactly one.
+    let toks = sample_tokens();
+    let mut single = 0;
+    let mut total = 0;
+    for frag in [")", "]", "}", "(", ",", "=", "$", "let"] {
+        for &(s, _) in &toks {
+            let mut text = SAMPLE.to_string();
+            text.insert_str(s, &format!(" {frag} "));
+            let (_, diags) = parse_file(&text, 0);
+            assert!(
+                diags.len() <= 3,
+                "inserting `{frag}` at {s}: {} diagnostics: {diags:#?}",
+                diags.len()
+            );
+            total += 1;
+            single += usize::from(diags.len() == 1);
+        }
+    }
+    assert!(
+        single * 100 >= total * 90,
+        "{single} of {total} give one diagnostic"
+    );
 }
