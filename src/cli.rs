@@ -11,7 +11,11 @@ use std::ops::Range;
 use std::path::Path;
 
 #[derive(Parser, Debug)]
-#[command(name = "ma2mba", version, about = "A compiler for Mamba-family state-space models")]
+#[command(
+    name = "ma2mba",
+    version,
+    about = "A compiler for Mamba-family state-space models"
+)]
 pub struct Cli {
     /// Colour diagnostics: auto (when stderr is a terminal), always, never.
     #[arg(long, global = true, default_value = "auto")]
@@ -90,9 +94,17 @@ where
             let code = if e.use_stderr() { 2 } else { 0 };
             let text = e.render().to_string();
             return if e.use_stderr() {
-                Outcome { code, stdout: String::new(), stderr: text }
+                Outcome {
+                    code,
+                    stdout: String::new(),
+                    stderr: text,
+                }
             } else {
-                Outcome { code, stdout: text, stderr: String::new() }
+                Outcome {
+                    code,
+                    stdout: text,
+                    stderr: String::new(),
+                }
             };
         }
     };
@@ -109,7 +121,11 @@ where
                 out.stdout.push_str(&summary(&c.graph));
             }
         }
-        Command::Graph { model, format, layers } => {
+        Command::Graph {
+            model,
+            format,
+            layers,
+        } => {
             let range = match layers.as_deref().map(parse_layers) {
                 None => None,
                 Some(Ok(r)) => Some(r),
@@ -139,12 +155,14 @@ fn compile(m: &ModelArgs, color: bool, out: &mut Outcome) -> Option<Compiled> {
         select: m.select.clone(),
         ..ModelSpec::default()
     };
-    let looks_like_path = m.model.ends_with(".m2") || m.model.contains('/') || m.model.contains('\\');
+    let looks_like_path =
+        m.model.ends_with(".m2") || m.model.contains('/') || m.model.contains('\\');
     if looks_like_path || Path::new(&m.model).is_file() {
         match std::fs::read(&m.model) {
             Ok(bytes) => spec.file_text = Some(String::from_utf8_lossy(&bytes).into_owned()),
             Err(e) => {
-                out.stderr.push_str(&format!("error[E0600]: cannot read {}: {e}\n", m.model));
+                out.stderr
+                    .push_str(&format!("error[E0600]: cannot read {}: {e}\n", m.model));
                 out.code = 1;
                 return None;
             }
@@ -152,9 +170,12 @@ fn compile(m: &ModelArgs, color: bool, out: &mut Outcome) -> Option<Compiled> {
     }
     if let Some(path) = &m.config {
         match std::fs::read(path) {
-            Ok(bytes) => spec.config = Some((path.clone(), String::from_utf8_lossy(&bytes).into_owned())),
+            Ok(bytes) => {
+                spec.config = Some((path.clone(), String::from_utf8_lossy(&bytes).into_owned()))
+            }
             Err(e) => {
-                out.stderr.push_str(&format!("error[E0600]: cannot read {path}: {e}\n"));
+                out.stderr
+                    .push_str(&format!("error[E0600]: cannot read {path}: {e}\n"));
                 out.code = 1;
                 return None;
             }
@@ -163,7 +184,8 @@ fn compile(m: &ModelArgs, color: bool, out: &mut Outcome) -> Option<Compiled> {
     let (sources, result) = frontend::compile(&spec);
     match result {
         Ok(c) => {
-            out.stderr.push_str(&frontend::render(&c.warnings, &sources, color));
+            out.stderr
+                .push_str(&frontend::render(&c.warnings, &sources, color));
             Some(c)
         }
         Err(diags) => {
@@ -174,7 +196,8 @@ fn compile(m: &ModelArgs, color: bool, out: &mut Outcome) -> Option<Compiled> {
 }
 
 fn report(diags: &[frontend::Diagnostic], sources: &Sources, color: bool, out: &mut Outcome) {
-    out.stderr.push_str(&frontend::render(diags, sources, color));
+    out.stderr
+        .push_str(&frontend::render(diags, sources, color));
     let errors = diags.iter().filter(|d| d.is_error()).count();
     if errors > 0 {
         out.stderr.push_str(&format!(
@@ -189,7 +212,7 @@ fn group_digits(n: u64) -> String {
     let s = n.to_string();
     let mut out = String::new();
     for (i, c) in s.chars().enumerate() {
-        if i > 0 && (s.len() - i) % 3 == 0 {
+        if i > 0 && (s.len() - i).is_multiple_of(3) {
             out.push(',');
         }
         out.push(c);
@@ -203,13 +226,25 @@ pub fn summary(g: &Graph) -> String {
     let inputs: Vec<String> = g
         .nodes()
         .filter_map(|n| match g.op(n) {
-            Op::Input { name, kind: ir::InputKind::Data, ty } => Some(format!("{name} {ty}")),
+            Op::Input {
+                name,
+                kind: ir::InputKind::Data,
+                ty,
+            } => Some(format!("{name} {ty}")),
             _ => None,
         })
         .collect();
     let states = g
         .nodes()
-        .filter(|&n| matches!(g.op(n), Op::Input { kind: ir::InputKind::State, .. }))
+        .filter(|&n| {
+            matches!(
+                g.op(n),
+                Op::Input {
+                    kind: ir::InputKind::State,
+                    ..
+                }
+            )
+        })
         .count();
     let main: Vec<String> = g
         .outputs()
@@ -228,7 +263,11 @@ pub fn summary(g: &Graph) -> String {
 }
 
 fn parse_layers(s: &str) -> Result<Range<u32>, String> {
-    let parse = |t: &str| t.trim().parse::<u32>().map_err(|_| format!("`{t}` is not a layer index"));
+    let parse = |t: &str| {
+        t.trim()
+            .parse::<u32>()
+            .map_err(|_| format!("`{t}` is not a layer index"))
+    };
     match s.split_once("..") {
         Some((a, b)) => {
             let (a, b) = (parse(a)?, parse(b)?);
@@ -245,17 +284,17 @@ fn parse_layers(s: &str) -> Result<Range<u32>, String> {
 }
 
 fn graph(g: &Graph, format: GraphFormat, layers: Option<Range<u32>>, out: &mut Outcome) {
-    if let Some(r) = &layers {
-        if r.start >= g.num_layers() {
-            out.stderr.push_str(&format!(
-                "error: --layers {}..{}: the model has {} layers\n",
-                r.start,
-                r.end,
-                g.num_layers()
-            ));
-            out.code = 1;
-            return;
-        }
+    if let Some(r) = &layers
+        && r.start >= g.num_layers()
+    {
+        out.stderr.push_str(&format!(
+            "error: --layers {}..{}: the model has {} layers\n",
+            r.start,
+            r.end,
+            g.num_layers()
+        ));
+        out.code = 1;
+        return;
     }
     match format {
         GraphFormat::Dot => {
@@ -285,12 +324,26 @@ fn params(g: &Graph, out: &mut Outcome) {
         .collect();
     let w_name = rows.iter().map(|r| r.0.len()).max().unwrap_or(4).max(4);
     let w_shape = rows.iter().map(|r| r.1.len()).max().unwrap_or(5).max(5);
-    let _ = writeln!(out.stdout, "{:<w_name$}  {:<w_shape$}  dtype  {:>13}", "name", "shape", "count");
+    let _ = writeln!(
+        out.stdout,
+        "{:<w_name$}  {:<w_shape$}  dtype  {:>13}",
+        "name", "shape", "count"
+    );
     for (name, shape, dtype, count) in &rows {
-        let _ = writeln!(out.stdout, "{name:<w_name$}  {shape:<w_shape$}  {:<5}  {:>13}", dtype.name(), group_digits(*count));
+        let _ = writeln!(
+            out.stdout,
+            "{name:<w_name$}  {shape:<w_shape$}  {:<5}  {:>13}",
+            dtype.name(),
+            group_digits(*count)
+        );
     }
     let total: u64 = rows.iter().map(|r| r.3).sum();
-    let _ = writeln!(out.stdout, "total: {} parameters in {} tensors", group_digits(total), rows.len());
+    let _ = writeln!(
+        out.stdout,
+        "total: {} parameters in {} tensors",
+        group_digits(total),
+        rows.len()
+    );
 }
 
 fn models(out: &mut Outcome) {
@@ -306,12 +359,19 @@ fn models(out: &mut Outcome) {
     let mut presets: Vec<&frontend::ast::Preset> = prog.presets().collect();
     presets.sort_by_key(|p| p.span.start);
     for p in presets {
-        let spec = ModelSpec { model: p.name.clone(), ..ModelSpec::default() };
+        let spec = ModelSpec {
+            model: p.name.clone(),
+            ..ModelSpec::default()
+        };
         let (_, r) = frontend::compile(&spec);
         let count = match r {
             Ok(c) => c.graph.param_count().map_or("?".into(), group_digits),
             Err(_) => "error".into(),
         };
-        let _ = writeln!(out.stdout, "{:<14} {:<10} {:>15} parameters", p.name, p.model.name, count);
+        let _ = writeln!(
+            out.stdout,
+            "{:<14} {:<10} {:>15} parameters",
+            p.name, p.model.name, count
+        );
     }
 }

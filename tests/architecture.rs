@@ -58,14 +58,21 @@ fn crate_dependencies_point_one_way() {
     let mut got = members.clone();
     expected.sort();
     got.sort();
-    assert_eq!(got, expected, "workspace members changed: add a dependency rule for each");
+    assert_eq!(
+        got, expected,
+        "workspace members changed: add a dependency rule for each"
+    );
 }
 
 #[test]
 fn ir_has_no_heavy_dependencies() {
     let text = std::fs::read_to_string(format!("{ROOT}/ir/Cargo.toml")).expect("ir/Cargo.toml");
     let doc: toml::Table = text.parse().expect("parses");
-    let deps: Vec<&String> = doc["dependencies"].as_table().expect("deps").keys().collect();
+    let deps: Vec<&String> = doc["dependencies"]
+        .as_table()
+        .expect("deps")
+        .keys()
+        .collect();
     for d in deps {
         assert!(
             ["petgraph", "thiserror"].contains(&d.as_str()),

@@ -5,11 +5,17 @@ use frontend::{Compiled, Diagnostic, ModelSpec, Sources};
 
 /// Compiles a library preset or model name.
 pub fn compile_name(name: &str) -> Compiled {
-    let spec = ModelSpec { model: name.into(), ..ModelSpec::default() };
+    let spec = ModelSpec {
+        model: name.into(),
+        ..ModelSpec::default()
+    };
     let (sources, r) = frontend::compile(&spec);
     match r {
         Ok(c) => c,
-        Err(d) => panic!("{name} does not compile:\n{}", frontend::render(&d, &sources, false)),
+        Err(d) => panic!(
+            "{name} does not compile:\n{}",
+            frontend::render(&d, &sources, false)
+        ),
     }
 }
 

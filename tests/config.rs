@@ -5,7 +5,13 @@ mod common;
 
 use frontend::{Code, ModelSpec};
 
-fn with_config(model: &str, json: &str) -> (frontend::Sources, Result<frontend::Compiled, Vec<frontend::Diagnostic>>) {
+fn with_config(
+    model: &str,
+    json: &str,
+) -> (
+    frontend::Sources,
+    Result<frontend::Compiled, Vec<frontend::Diagnostic>>,
+) {
     let spec = ModelSpec {
         model: model.into(),
         config: Some(("config.json".into(), json.into())),
@@ -17,7 +23,11 @@ fn with_config(model: &str, json: &str) -> (frontend::Sources, Result<frontend::
 fn params(model: &str, json: &str) -> u64 {
     let (sources, r) = with_config(model, json);
     let c = r.unwrap_or_else(|d| panic!("{}", frontend::render(&d, &sources, false)));
-    assert!(c.warnings.is_empty(), "{}", frontend::render(&c.warnings, &sources, false));
+    assert!(
+        c.warnings.is_empty(),
+        "{}",
+        frontend::render(&c.warnings, &sources, false)
+    );
     c.graph.param_count().expect("known")
 }
 
@@ -79,20 +89,53 @@ fn codes(json: &str) -> Vec<Code> {
 #[test]
 fn bad_configs_are_diagnostics() {
     let cases = [
-        (r#"{"d_model": "768", "n_layer": 2}"#, vec![Code::InvalidConfig]),
-        (r#"{"d_model": 64, "n_layer": 2, "ssm_cfg": {"d_state": 0}}"#, vec![Code::InvalidConfig]),
-        (r#"{"d_model": 64, "n_layer": -1}"#, vec![Code::InvalidConfig]),
-        (r#"{"d_model": 64, "n_layer": 2, "frobnicate": 1}"#, vec![Code::UnknownConfigKey]),
-        (r#"{"hidden_size": 64, "num_hidden_layers": 2, "intermediate_size": 100}"#, vec![Code::InvalidConfig]),
-        (r#"{"hidden_size": 64, "num_hidden_layers": 2, "num_heads": 3, "head_dim": 16}"#, vec![Code::InvalidConfig]),
-        (r#"{"d_model": 64, "n_layer": 2, "ssm_cfg": {"bias": true}}"#, vec![Code::InvalidConfig]),
-        (r#"{"d_model": 64, "n_layer": 2, "ssm_cfg": {"layer": "Mamba3"}}"#, vec![Code::InvalidConfig]),
+        (
+            r#"{"d_model": "768", "n_layer": 2}"#,
+            vec![Code::InvalidConfig],
+        ),
+        (
+            r#"{"d_model": 64, "n_layer": 2, "ssm_cfg": {"d_state": 0}}"#,
+            vec![Code::InvalidConfig],
+        ),
+        (
+            r#"{"d_model": 64, "n_layer": -1}"#,
+            vec![Code::InvalidConfig],
+        ),
+        (
+            r#"{"d_model": 64, "n_layer": 2, "frobnicate": 1}"#,
+            vec![Code::UnknownConfigKey],
+        ),
+        (
+            r#"{"hidden_size": 64, "num_hidden_layers": 2, "intermediate_size": 100}"#,
+            vec![Code::InvalidConfig],
+        ),
+        (
+            r#"{"hidden_size": 64, "num_hidden_layers": 2, "num_heads": 3, "head_dim": 16}"#,
+            vec![Code::InvalidConfig],
+        ),
+        (
+            r#"{"d_model": 64, "n_layer": 2, "ssm_cfg": {"bias": true}}"#,
+            vec![Code::InvalidConfig],
+        ),
+        (
+            r#"{"d_model": 64, "n_layer": 2, "ssm_cfg": {"layer": "Mamba3"}}"#,
+            vec![Code::InvalidConfig],
+        ),
         (r#"{"d_model": 64"#, vec![Code::InvalidConfig]),
         (r#"[1, 2]"#, vec![Code::InvalidConfig]),
         (r#"{"n_layer": 2}"#, vec![Code::InvalidConfig]),
-        (r#"{"d_model": 64, "n_layer": 2, "ssm_cfg": {"headdim": 16}}"#, vec![Code::InvalidConfig]),
-        (r#"{"d_model": 1e300, "n_layer": 2}"#, vec![Code::InvalidConfig]),
-        (r#"{"d_model": 64, "n_layer": 2, "time_step_limit": [0.001, 0.1]}"#, vec![Code::InvalidConfig]),
+        (
+            r#"{"d_model": 64, "n_layer": 2, "ssm_cfg": {"headdim": 16}}"#,
+            vec![Code::InvalidConfig],
+        ),
+        (
+            r#"{"d_model": 1e300, "n_layer": 2}"#,
+            vec![Code::InvalidConfig],
+        ),
+        (
+            r#"{"d_model": 64, "n_layer": 2, "time_step_limit": [0.001, 0.1]}"#,
+            vec![Code::InvalidConfig],
+        ),
     ];
     for (json, want) in cases {
         assert_eq!(codes(json), want, "{json}");
@@ -101,7 +144,10 @@ fn bad_configs_are_diagnostics() {
 
 #[test]
 fn unknown_key_warning_renders_with_its_location() {
-    let (sources, r) = with_config("mamba_lm", "{\"d_model\": 16, \"n_layer\": 1,\n  \"frobnicate\": 1}");
+    let (sources, r) = with_config(
+        "mamba_lm",
+        "{\"d_model\": 16, \"n_layer\": 1,\n  \"frobnicate\": 1}",
+    );
     let c = r.expect("a warning only");
     let text = frontend::render(&c.warnings, &sources, false);
     insta::assert_snapshot!("unknown_config_key", text);

@@ -56,10 +56,24 @@ fn base_model_compiles() {
 
 #[test]
 fn syntax_errors_are_all_reported() {
-    let src = edit("  let h = embedding(embedding.weight, ids)", "  let h = embedding(embedding.weight ids)")
-        .replacen("param up.weight: [2 * hidden, width]", "param up.weight [2 * hidden, width]", 1)
-        .replacen("  return linear(h, embedding.weight)", "  return linear(h, embedding.weight) +", 1);
-    insta::assert_snapshot!("syntax_errors", render(&src, &[Code::Syntax, Code::Syntax, Code::Syntax]));
+    let src = edit(
+        "  let h = embedding(embedding.weight, ids)",
+        "  let h = embedding(embedding.weight ids)",
+    )
+    .replacen(
+        "param up.weight: [2 * hidden, width]",
+        "param up.weight [2 * hidden, width]",
+        1,
+    )
+    .replacen(
+        "  return linear(h, embedding.weight)",
+        "  return linear(h, embedding.weight) +",
+        1,
+    );
+    insta::assert_snapshot!(
+        "syntax_errors",
+        render(&src, &[Code::Syntax, Code::Syntax, Code::Syntax])
+    );
 }
 
 #[test]
@@ -70,7 +84,10 @@ fn unclosed_bracket() {
 
 #[test]
 fn unknown_op_suggests_a_near_name() {
-    let src = edit("linear(a * silu(gate), down.weight)", "linear(a * sillu(gate), down.weight)");
+    let src = edit(
+        "linear(a * silu(gate), down.weight)",
+        "linear(a * sillu(gate), down.weight)",
+    );
     insta::assert_snapshot!("unknown_op", render(&src, &[Code::UnknownOp]));
 }
 
@@ -82,7 +99,10 @@ fn unknown_name_suggests_a_near_name() {
 
 #[test]
 fn wrong_arity() {
-    let src = edit("split(linear(x, up.weight), [hidden, hidden])", "split(linear(x, up.weight, up.weight, x), [hidden, hidden])");
+    let src = edit(
+        "split(linear(x, up.weight), [hidden, hidden])",
+        "split(linear(x, up.weight, up.weight, x), [hidden, hidden])",
+    );
     insta::assert_snapshot!("wrong_arity", render(&src, &[Code::Arity]));
 }
 
@@ -100,14 +120,23 @@ fn axis_out_of_range() {
 
 #[test]
 fn shape_mismatch_is_written_symbolically() {
-    let src = edit("return linear(a * silu(gate), down.weight)", "return linear(a * silu(gate), up.weight)");
+    let src = edit(
+        "return linear(a * silu(gate), down.weight)",
+        "return linear(a * silu(gate), up.weight)",
+    );
     insta::assert_snapshot!("shape_mismatch", render(&src, &[Code::ShapeMismatch]));
 }
 
 #[test]
 fn shape_mismatch_in_elementwise_op() {
-    let src = edit("let h = h + mlp(h)", "let h = h + linear(h, embedding.weight)");
-    insta::assert_snapshot!("shape_mismatch_elementwise", render(&src, &[Code::ShapeMismatch]));
+    let src = edit(
+        "let h = h + mlp(h)",
+        "let h = h + linear(h, embedding.weight)",
+    );
+    insta::assert_snapshot!(
+        "shape_mismatch_elementwise",
+        render(&src, &[Code::ShapeMismatch])
+    );
 }
 
 #[test]
@@ -120,7 +149,10 @@ fn dtype_mismatch() {
 fn invalid_config_value_from_a_preset() {
     // A preset of the library model with an invalid value: the library's `require` reports it.
     let src = "preset \"broken\" = mamba2_lm(d_model: 64, n_layer: 2, d_state: 0)\n";
-    insta::assert_snapshot!("invalid_config_zero_dim", render(src, &[Code::InvalidConfig]));
+    insta::assert_snapshot!(
+        "invalid_config_zero_dim",
+        render(src, &[Code::InvalidConfig])
+    );
 }
 
 #[test]
@@ -129,22 +161,36 @@ fn invalid_config_headdim_must_divide() {
         model: "mamba2_lm".into(),
         config: Some((
             "config.json".into(),
-            r#"{"d_model": 100, "n_layer": 2, "ssm_cfg": {"layer": "Mamba2", "headdim": 48}}"#.into(),
+            r#"{"d_model": 100, "n_layer": 2, "ssm_cfg": {"layer": "Mamba2", "headdim": 48}}"#
+                .into(),
         )),
         ..ModelSpec::default()
     };
     let (sources, r) = frontend::compile(&spec);
     let diags = r.expect_err("headdim 48 does not divide 200");
-    assert_eq!(diags.iter().map(|d| d.code).collect::<Vec<_>>(), [Code::InvalidConfig]);
-    insta::assert_snapshot!("invalid_config_headdim", frontend::render(&diags, &sources, false));
+    assert_eq!(
+        diags.iter().map(|d| d.code).collect::<Vec<_>>(),
+        [Code::InvalidConfig]
+    );
+    insta::assert_snapshot!(
+        "invalid_config_headdim",
+        frontend::render(&diags, &sources, false)
+    );
 }
 
 #[test]
 fn nesting_limit() {
-    let deep = format!("model m() {{\n  let x = {}1\n  return x\n}}\n", "(".repeat(100_000));
+    let deep = format!(
+        "model m() {{\n  let x = {}1\n  return x\n}}\n",
+        "(".repeat(100_000)
+    );
     let (sources, r) = common::compile_source(&deep);
     let diags = r.expect_err("too deep");
-    assert!(diags.iter().any(|d| d.code == Code::Limit), "{}", frontend::render(&diags, &sources, false));
+    assert!(
+        diags.iter().any(|d| d.code == Code::Limit),
+        "{}",
+        frontend::render(&diags, &sources, false)
+    );
 }
 
 #[test]
@@ -171,7 +217,11 @@ model m() {
 "#;
     let (sources, r) = common::compile_source(src);
     let diags = r.expect_err("recursion");
-    assert!(diags.iter().any(|d| d.code == Code::Limit), "{}", frontend::render(&diags, &sources, false));
+    assert!(
+        diags.iter().any(|d| d.code == Code::Limit),
+        "{}",
+        frontend::render(&diags, &sources, false)
+    );
 }
 
 #[test]
@@ -198,7 +248,12 @@ fn exit_code_is_1_on_user_errors_and_0_otherwise() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("E0200"));
     let out = run(&["check", "tiny-mamba2"]);
-    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let out = run(&["check", "no-such-model"]);
     assert_eq!(out.status.code(), Some(1));
     std::fs::remove_dir_all(&dir).ok();

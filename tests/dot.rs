@@ -6,7 +6,11 @@ mod common;
 fn mamba2_130m_dot_renders() {
     let out = common::cli(&["graph", "mamba2-130m", "--format", "dot"]);
     assert_eq!(out.code, 0, "{}", out.stderr);
-    assert!(out.stdout.starts_with("digraph"), "{}", &out.stdout[..200.min(out.stdout.len())]);
+    assert!(
+        out.stdout.starts_with("digraph"),
+        "{}",
+        &out.stdout[..200.min(out.stdout.len())]
+    );
     let opens = out.stdout.matches('{').count();
     assert_eq!(opens, out.stdout.matches('}').count());
     let Ok(mut child) = std::process::Command::new("dot")
@@ -20,9 +24,18 @@ fn mamba2_130m_dot_renders() {
         return;
     };
     use std::io::Write;
-    child.stdin.take().expect("stdin").write_all(out.stdout.as_bytes()).expect("write");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(out.stdout.as_bytes())
+        .expect("write");
     let res = child.wait_with_output().expect("dot runs");
-    assert!(res.status.success(), "dot rejected the graph: {}", String::from_utf8_lossy(&res.stderr));
+    assert!(
+        res.status.success(),
+        "dot rejected the graph: {}",
+        String::from_utf8_lossy(&res.stderr)
+    );
     assert!(String::from_utf8_lossy(&res.stdout).contains("<svg"));
 }
 

@@ -64,7 +64,11 @@ fn deep_nesting_is_a_limit_error_not_a_stack_overflow() {
     for text in cases {
         let (_, r) = common::compile_source(&text);
         let d = r.expect_err("deep input is an error");
-        assert!(d.iter().any(|d| d.code == frontend::Code::Limit), "{:?}", d.iter().map(|d| &d.message).collect::<Vec<_>>());
+        assert!(
+            d.iter().any(|d| d.code == frontend::Code::Limit),
+            "{:?}",
+            d.iter().map(|d| &d.message).collect::<Vec<_>>()
+        );
     }
 }
 

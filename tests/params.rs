@@ -44,14 +44,38 @@ fn params_lists_checkpoint_names_shapes_and_total() {
             .collect::<Vec<_>>()
             .join(" ")
     };
-    assert_eq!(row("backbone.embedding.weight"), "backbone.embedding.weight [50280, 768] f32 38,615,040");
-    assert_eq!(row("backbone.layers.0.mixer.in_proj.weight"), "backbone.layers.0.mixer.in_proj.weight [3072, 768] f32 2,359,296");
-    assert_eq!(row("backbone.layers.23.mixer.conv1d.weight"), "backbone.layers.23.mixer.conv1d.weight [1536, 1, 4] f32 6,144");
-    assert_eq!(row("backbone.layers.5.mixer.x_proj.weight"), "backbone.layers.5.mixer.x_proj.weight [80, 1536] f32 122,880");
-    assert_eq!(row("backbone.layers.5.mixer.A_log"), "backbone.layers.5.mixer.A_log [1536, 16] f32 24,576");
-    assert_eq!(row("backbone.layers.0.norm.weight"), "backbone.layers.0.norm.weight [768] f32 768");
-    assert_eq!(row("backbone.norm_f.weight"), "backbone.norm_f.weight [768] f32 768");
-    assert_eq!(lines.last().copied(), Some("total: 129,135,360 parameters in 242 tensors"));
+    assert_eq!(
+        row("backbone.embedding.weight"),
+        "backbone.embedding.weight [50280, 768] f32 38,615,040"
+    );
+    assert_eq!(
+        row("backbone.layers.0.mixer.in_proj.weight"),
+        "backbone.layers.0.mixer.in_proj.weight [3072, 768] f32 2,359,296"
+    );
+    assert_eq!(
+        row("backbone.layers.23.mixer.conv1d.weight"),
+        "backbone.layers.23.mixer.conv1d.weight [1536, 1, 4] f32 6,144"
+    );
+    assert_eq!(
+        row("backbone.layers.5.mixer.x_proj.weight"),
+        "backbone.layers.5.mixer.x_proj.weight [80, 1536] f32 122,880"
+    );
+    assert_eq!(
+        row("backbone.layers.5.mixer.A_log"),
+        "backbone.layers.5.mixer.A_log [1536, 16] f32 24,576"
+    );
+    assert_eq!(
+        row("backbone.layers.0.norm.weight"),
+        "backbone.layers.0.norm.weight [768] f32 768"
+    );
+    assert_eq!(
+        row("backbone.norm_f.weight"),
+        "backbone.norm_f.weight [768] f32 768"
+    );
+    assert_eq!(
+        lines.last().copied(),
+        Some("total: 129,135,360 parameters in 242 tensors")
+    );
 }
 
 #[test]
@@ -69,11 +93,24 @@ fn mamba2_mixer_tensors_match_the_reference_layout() {
         "backbone.layers.0.mixer.out_proj.weight [768, 1536]",
         "backbone.embedding.weight [50288, 768]",
     ];
-    let squashed: Vec<String> = out.stdout.lines().map(|l| l.split_whitespace().collect::<Vec<_>>().join(" ")).collect();
+    let squashed: Vec<String> = out
+        .stdout
+        .lines()
+        .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
+        .collect();
     for e in expect {
-        assert!(squashed.iter().any(|l| l.starts_with(e)), "missing `{e}` in\n{}", out.stdout);
+        assert!(
+            squashed.iter().any(|l| l.starts_with(e)),
+            "missing `{e}` in\n{}",
+            out.stdout
+        );
     }
-    assert!(out.stdout.ends_with("total: 128,989,632 parameters in 218 tensors\n"), "{}", out.stdout);
+    assert!(
+        out.stdout
+            .ends_with("total: 128,989,632 parameters in 218 tensors\n"),
+        "{}",
+        out.stdout
+    );
 }
 
 #[test]

@@ -38,7 +38,12 @@ fn one_layer_of_mamba2_130m() {
 }
 
 fn arg(name: &str, v: i64) -> ConfigArg {
-    ConfigArg { name: name.into(), value: ConfigValue::Int(v), span: None, origin: None }
+    ConfigArg {
+        name: name.into(),
+        value: ConfigValue::Int(v),
+        span: None,
+        origin: None,
+    }
 }
 
 proptest! {

@@ -65,7 +65,11 @@ fn bind<'a>(
                 if positional >= sig.len() {
                     let d = Diagnostic::error(
                         Code::Arity,
-                        format!("`{fname}` takes at most {} argument(s), got {}", sig.len(), args.len()),
+                        format!(
+                            "`{fname}` takes at most {} argument(s), got {}",
+                            sig.len(),
+                            args.len()
+                        ),
                     )
                     .label(a.value.span, "extra argument")
                     .note(format!("`{fname}({})`", signature(sig)));
@@ -91,8 +95,11 @@ fn bind<'a>(
             },
         };
         if slots[idx].is_some() {
-            let d = Diagnostic::error(Code::Duplicate, format!("argument `{}` is given twice", sig[idx].0))
-                .label(a.value.span, "given again");
+            let d = Diagnostic::error(
+                Code::Duplicate,
+                format!("argument `{}` is given twice", sig[idx].0),
+            )
+            .label(a.value.span, "given again");
             return Err(e.error(d));
         }
         let v = e.eval(frame, &a.value, None)?;
@@ -104,9 +111,12 @@ fn bind<'a>(
             (Some(v), _) => out.push(v),
             (None, Some(d)) => out.push((d.clone(), span)),
             (None, None) => {
-                let d = Diagnostic::error(Code::Arity, format!("`{fname}` needs the argument `{pname}`"))
-                    .label(span, format!("`{pname}` is missing"))
-                    .note(format!("`{fname}({})`", signature(sig)));
+                let d = Diagnostic::error(
+                    Code::Arity,
+                    format!("`{fname}` needs the argument `{pname}`"),
+                )
+                .label(span, format!("`{pname}` is missing"))
+                .note(format!("`{fname}({})`", signature(sig)));
                 return Err(e.error(d));
             }
         }
@@ -132,8 +142,11 @@ fn tensor<'a>(e: &mut Elab<'a>, (v, span): &(Val<'a>, Span), what: &str) -> R<T>
         Val::Tensor(t) => Ok(t.clone()),
         Val::Poison => Err(Stop { fatal: false }),
         other => {
-            let d = Diagnostic::error(Code::Type, format!("{what} must be a tensor, found {}", other.kind()))
-                .label(*span, "not a tensor");
+            let d = Diagnostic::error(
+                Code::Type,
+                format!("{what} must be a tensor, found {}", other.kind()),
+            )
+            .label(*span, "not a tensor");
             Err(e.error(d))
         }
     }
@@ -144,8 +157,14 @@ fn list<'a>(e: &mut Elab<'a>, (v, span): &(Val<'a>, Span), what: &str) -> R<Vec<
         Val::List(items) => Ok(items.clone()),
         Val::Poison => Err(Stop { fatal: false }),
         other => {
-            let d = Diagnostic::error(Code::Type, format!("{what} must be a list like `[a, b]`, found {}", other.kind()))
-                .label(*span, "not a list");
+            let d = Diagnostic::error(
+                Code::Type,
+                format!(
+                    "{what} must be a list like `[a, b]`, found {}",
+                    other.kind()
+                ),
+            )
+            .label(*span, "not a list");
             Err(e.error(d))
         }
     }
@@ -165,9 +184,12 @@ fn axis<'a>(e: &mut Elab<'a>, arg: &(Val<'a>, Span), rank: usize) -> R<usize> {
     let a = e.as_int(&arg.0, arg.1, "an axis")?;
     let r = rank as i64;
     if a < -r || a >= r {
-        let d = Diagnostic::error(Code::BadArgument, format!("axis {a} is out of range for rank {rank}"))
-            .label(arg.1, format!("this is {a}"))
-            .note(format!("valid axes are {} ..= {}", -r, r - 1));
+        let d = Diagnostic::error(
+            Code::BadArgument,
+            format!("axis {a} is out of range for rank {rank}"),
+        )
+        .label(arg.1, format!("this is {a}"))
+        .note(format!("valid axes are {} ..= {}", -r, r - 1));
         return Err(e.error(d));
     }
     Ok(if a < 0 { (a + r) as usize } else { a as usize })
@@ -215,8 +237,11 @@ pub(crate) fn call<'a>(
                     let x = e.as_f64(&a[0].0, a[0].1, "the argument")?;
                     let y = unary_number(name, x);
                     if !y.is_finite() {
-                        let d = Diagnostic::error(Code::InvalidConfig, format!("`{name}({x})` is not a finite number"))
-                            .label(span, format!("this is {y}"));
+                        let d = Diagnostic::error(
+                            Code::InvalidConfig,
+                            format!("`{name}({x})` is not a finite number"),
+                        )
+                        .label(span, format!("this is {y}"));
                         return Err(e.error(d));
                     }
                     Ok(Val::Float(y))
@@ -233,8 +258,11 @@ pub(crate) fn call<'a>(
             let x = e.as_f64(&a[0].0, a[0].1, "the argument")?;
             let y = if name == "ceil" { x.ceil() } else { x.floor() };
             if !y.is_finite() || y.abs() > 9.0e15 {
-                let d = Diagnostic::error(Code::InvalidConfig, format!("`{name}({x})` is not a valid integer"))
-                    .label(span, "");
+                let d = Diagnostic::error(
+                    Code::InvalidConfig,
+                    format!("`{name}({x})` is not a valid integer"),
+                )
+                .label(span, "");
                 return Err(e.error(d));
             }
             Ok(Val::Int(y as i64))
@@ -242,43 +270,89 @@ pub(crate) fn call<'a>(
         "min" | "max" => {
             let a = bind(e, frame, name, args, &[("a", None), ("b", None)], span)?;
             match (&a[0].0, &a[1].0) {
-                (Val::Int(x), Val::Int(y)) => Ok(Val::Int(if name == "min" { *x.min(y) } else { *x.max(y) })),
+                (Val::Int(x), Val::Int(y)) => {
+                    Ok(Val::Int(if name == "min" { *x.min(y) } else { *x.max(y) }))
+                }
                 (Val::Int(_) | Val::Float(_), Val::Int(_) | Val::Float(_)) => {
                     let x = e.as_f64(&a[0].0, a[0].1, "`a`")?;
                     let y = e.as_f64(&a[1].0, a[1].1, "`b`")?;
                     Ok(Val::Float(if name == "min" { x.min(y) } else { x.max(y) }))
                 }
                 _ => {
-                    let op = if name == "min" { BinaryOp::Min } else { BinaryOp::Max };
+                    let op = if name == "min" {
+                        BinaryOp::Min
+                    } else {
+                        BinaryOp::Max
+                    };
                     let (x, y) = (a[0].clone(), a[1].clone());
                     elementwise(e, frame, op, (&x.0, x.1), (&y.0, y.1), span).map(Val::Tensor)
                 }
             }
         }
         "linear" => {
-            let a = bind(e, frame, name, args, &[("x", None), ("weight", None), ("bias", Some(Val::Poison))], span)?;
+            let a = bind(
+                e,
+                frame,
+                name,
+                args,
+                &[("x", None), ("weight", None), ("bias", Some(Val::Poison))],
+                span,
+            )?;
             let x = tensor(e, &a[0], "`x`")?;
             let w = tensor(e, &a[1], "`weight`")?;
-            let y = e.add1(frame, Op::MatMul { rhs_t: true }, &[(&x, a[0].1), (&w, a[1].1)], span)?;
+            let y = e.add1(
+                frame,
+                Op::MatMul { rhs_t: true },
+                &[(&x, a[0].1), (&w, a[1].1)],
+                span,
+            )?;
             // The default (no bias) is poison; a real poisoned bias was already reported.
             if matches!(a[2].0, Val::Poison) {
                 return Ok(Val::Tensor(y));
             }
             let (b, bspan) = (a[2].0.clone(), a[2].1);
-            elementwise(e, frame, BinaryOp::Add, (&Val::Tensor(y), span), (&b, bspan), span).map(Val::Tensor)
+            elementwise(
+                e,
+                frame,
+                BinaryOp::Add,
+                (&Val::Tensor(y), span),
+                (&b, bspan),
+                span,
+            )
+            .map(Val::Tensor)
         }
         "matmul" => {
-            let a = bind(e, frame, name, args, &[("a", None), ("b", None), ("rhs_t", Some(Val::Bool(false)))], span)?;
+            let a = bind(
+                e,
+                frame,
+                name,
+                args,
+                &[("a", None), ("b", None), ("rhs_t", Some(Val::Bool(false)))],
+                span,
+            )?;
             let x = tensor(e, &a[0], "`a`")?;
             let w = tensor(e, &a[1], "`b`")?;
             let Val::Bool(rhs_t) = a[2].0 else {
-                let d = Diagnostic::error(Code::BadArgument, "`rhs_t` must be true or false").label(a[2].1, "");
+                let d = Diagnostic::error(Code::BadArgument, "`rhs_t` must be true or false")
+                    .label(a[2].1, "");
                 return Err(e.error(d));
             };
-            Ok(Val::Tensor(e.add1(frame, Op::MatMul { rhs_t }, &[(&x, a[0].1), (&w, a[1].1)], span)?))
+            Ok(Val::Tensor(e.add1(
+                frame,
+                Op::MatMul { rhs_t },
+                &[(&x, a[0].1), (&w, a[1].1)],
+                span,
+            )?))
         }
         "split" => {
-            let a = bind(e, frame, name, args, &[("x", None), ("sizes", None), ("axis", Some(Val::Int(-1)))], span)?;
+            let a = bind(
+                e,
+                frame,
+                name,
+                args,
+                &[("x", None), ("sizes", None), ("axis", Some(Val::Int(-1)))],
+                span,
+            )?;
             let x = tensor(e, &a[0], "`x`")?;
             let ax = axis(e, &a[2], x.ty.rank())?;
             let sizes = list(e, &a[1], "`sizes`")?;
@@ -286,8 +360,11 @@ pub(crate) fn call<'a>(
             for (v, s) in &sizes {
                 let n = e.as_int(v, *s, "a split size")?;
                 if n < 1 {
-                    let d = Diagnostic::error(Code::BadArgument, format!("split size {n} must be at least 1"))
-                        .label(*s, format!("this is {n}"));
+                    let d = Diagnostic::error(
+                        Code::BadArgument,
+                        format!("split size {n} must be at least 1"),
+                    )
+                    .label(*s, format!("this is {n}"));
                     return Err(e.error(d));
                 }
                 ns.push(n as u64);
@@ -298,9 +375,15 @@ pub(crate) fn call<'a>(
                 let namer = frame.namer();
                 let d = Diagnostic::error(
                     Code::ShapeMismatch,
-                    format!("split sizes add up to {total}, but axis {ax} has size {}", namer.dim(dim)),
+                    format!(
+                        "split sizes add up to {total}, but axis {ax} has size {}",
+                        namer.dim(dim)
+                    ),
                 )
-                .label(a[1].1, format!("these add up to {}", namer.dim(&Dim::known(total))))
+                .label(
+                    a[1].1,
+                    format!("these add up to {}", namer.dim(&Dim::known(total))),
+                )
                 .label(a[0].1, format!("this is {}", namer.shape(&x.ty.shape)));
                 let d = match namer.note(&[&x.ty.shape, &[Dim::known(total)]]) {
                     Some(n) => d.note(n),
@@ -311,7 +394,11 @@ pub(crate) fn call<'a>(
             let mut parts = Vec::new();
             let mut start = 0;
             for n in ns {
-                let op = Op::Slice { axis: ax, start, len: n };
+                let op = Op::Slice {
+                    axis: ax,
+                    start,
+                    len: n,
+                };
                 parts.push(Val::Tensor(e.add1(frame, op, &[(&x, a[0].1)], span)?));
                 start += n;
             }
@@ -321,7 +408,11 @@ pub(crate) fn call<'a>(
             let a = bind(e, frame, name, args, &[("x", None), ("shape", None)], span)?;
             let x = tensor(e, &a[0], "`x`")?;
             let shape = shape_arg(e, &a[1])?;
-            let op = if name == "reshape" { Op::Reshape { shape } } else { Op::Broadcast { shape } };
+            let op = if name == "reshape" {
+                Op::Reshape { shape }
+            } else {
+                Op::Broadcast { shape }
+            };
             Ok(Val::Tensor(e.add1(frame, op, &[(&x, a[0].1)], span)?))
         }
         "permute" => {
@@ -332,25 +423,50 @@ pub(crate) fn call<'a>(
             for it in &items {
                 perm.push(axis(e, it, x.ty.rank())?);
             }
-            Ok(Val::Tensor(e.add1(frame, Op::Permute { perm }, &[(&x, a[0].1)], span)?))
+            Ok(Val::Tensor(e.add1(
+                frame,
+                Op::Permute { perm },
+                &[(&x, a[0].1)],
+                span,
+            )?))
         }
         "concat" => {
-            let a = bind(e, frame, name, args, &[("xs", None), ("axis", Some(Val::Int(-1)))], span)?;
+            let a = bind(
+                e,
+                frame,
+                name,
+                args,
+                &[("xs", None), ("axis", Some(Val::Int(-1)))],
+                span,
+            )?;
             let items = list(e, &a[0], "`xs`")?;
             let mut ts = Vec::new();
             for it in &items {
                 ts.push((tensor(e, it, "each item")?, it.1));
             }
             let Some(first) = ts.first() else {
-                let d = Diagnostic::error(Code::Arity, "`concat` needs at least one tensor").label(a[0].1, "empty list");
+                let d = Diagnostic::error(Code::Arity, "`concat` needs at least one tensor")
+                    .label(a[0].1, "empty list");
                 return Err(e.error(d));
             };
             let ax = axis(e, &a[1], first.0.ty.rank())?;
             let operands: Vec<(&T, Span)> = ts.iter().map(|(t, s)| (t, *s)).collect();
-            Ok(Val::Tensor(e.add1(frame, Op::Concat { axis: ax }, &operands, span)?))
+            Ok(Val::Tensor(e.add1(
+                frame,
+                Op::Concat { axis: ax },
+                &operands,
+                span,
+            )?))
         }
         "sum" | "mean" | "amax" => {
-            let a = bind(e, frame, name, args, &[("x", None), ("axis", Some(Val::Int(-1)))], span)?;
+            let a = bind(
+                e,
+                frame,
+                name,
+                args,
+                &[("x", None), ("axis", Some(Val::Int(-1)))],
+                span,
+            )?;
             let x = tensor(e, &a[0], "`x`")?;
             let axes = match &a[1].0 {
                 Val::List(items) => {
@@ -367,7 +483,12 @@ pub(crate) fn call<'a>(
                 "mean" => ReduceOp::Mean,
                 _ => ReduceOp::Max,
             };
-            Ok(Val::Tensor(e.add1(frame, Op::Reduce { op, axes }, &[(&x, a[0].1)], span)?))
+            Ok(Val::Tensor(e.add1(
+                frame,
+                Op::Reduce { op, axes },
+                &[(&x, a[0].1)],
+                span,
+            )?))
         }
         "cast" => {
             let a = bind(e, frame, name, args, &[("x", None), ("dtype", None)], span)?;
@@ -378,23 +499,53 @@ pub(crate) fn call<'a>(
             };
             let Some(to) = to else {
                 let names: Vec<&str> = DType::ALL.iter().map(|d| d.name()).collect();
-                let d = Diagnostic::error(Code::BadArgument, "`dtype` must be a dtype name in quotes")
-                    .label(a[1].1, "not a dtype")
-                    .note(format!("dtypes: {}", names.join(", ")));
+                let d =
+                    Diagnostic::error(Code::BadArgument, "`dtype` must be a dtype name in quotes")
+                        .label(a[1].1, "not a dtype")
+                        .note(format!("dtypes: {}", names.join(", ")));
                 return Err(e.error(d));
             };
-            Ok(Val::Tensor(e.add1(frame, Op::Cast { to }, &[(&x, a[0].1)], span)?))
+            Ok(Val::Tensor(e.add1(
+                frame,
+                Op::Cast { to },
+                &[(&x, a[0].1)],
+                span,
+            )?))
         }
         "embedding" => {
-            let a = bind(e, frame, name, args, &[("table", None), ("ids", None)], span)?;
+            let a = bind(
+                e,
+                frame,
+                name,
+                args,
+                &[("table", None), ("ids", None)],
+                span,
+            )?;
             let table = tensor(e, &a[0], "`table`")?;
             let ids = tensor(e, &a[1], "`ids`")?;
-            Ok(Val::Tensor(e.add1(frame, Op::Gather, &[(&table, a[0].1), (&ids, a[1].1)], span)?))
+            Ok(Val::Tensor(e.add1(
+                frame,
+                Op::Gather,
+                &[(&table, a[0].1), (&ids, a[1].1)],
+                span,
+            )?))
         }
         "causal_conv1d" | "selective_scan" | "ssd_scan" => {
             let sig: Sig<'_> = match name {
-                "causal_conv1d" => &[("x", None), ("weight", None), ("bias", None), ("state", None)],
-                "selective_scan" => &[("x", None), ("dt", None), ("A", None), ("B", None), ("C", None), ("state", None)],
+                "causal_conv1d" => &[
+                    ("x", None),
+                    ("weight", None),
+                    ("bias", None),
+                    ("state", None),
+                ],
+                "selective_scan" => &[
+                    ("x", None),
+                    ("dt", None),
+                    ("A", None),
+                    ("B", None),
+                    ("C", None),
+                    ("state", None),
+                ],
                 _ => &[
                     ("x", None),
                     ("dt", None),
@@ -412,11 +563,16 @@ pub(crate) fn call<'a>(
                 _ => {
                     let chunk = e.as_int(&a[6].0, a[6].1, "`chunk`")?;
                     if chunk < 1 {
-                        let d = Diagnostic::error(Code::BadArgument, format!("`chunk` must be at least 1, found {chunk}"))
-                            .label(a[6].1, "");
+                        let d = Diagnostic::error(
+                            Code::BadArgument,
+                            format!("`chunk` must be at least 1, found {chunk}"),
+                        )
+                        .label(a[6].1, "");
                         return Err(e.error(d));
                     }
-                    Op::SsdScan { chunk: chunk as u64 }
+                    Op::SsdScan {
+                        chunk: chunk as u64,
+                    }
                 }
             };
             let n = op.arity().unwrap_or(0);
@@ -434,17 +590,32 @@ pub(crate) fn call<'a>(
                 frame,
                 name,
                 args,
-                &[("x", None), ("weight", None), ("eps", Some(Val::Float(1e-5))), ("groups", Some(Val::Int(1)))],
+                &[
+                    ("x", None),
+                    ("weight", None),
+                    ("eps", Some(Val::Float(1e-5))),
+                    ("groups", Some(Val::Int(1))),
+                ],
                 span,
             )?;
             let x = tensor(e, &a[0], "`x`")?;
             let w = tensor(e, &a[1], "`weight`")?;
             let groups = e.as_int(&a[3].0, a[3].1, "`groups`")?;
             let eps = e.as_f64(&a[2].0, a[2].1, "`eps`")?;
-            rmsnorm(e, frame, (&x, a[0].1), (&w, a[1].1), eps, (groups, a[3].1), span).map(Val::Tensor)
+            rmsnorm(
+                e,
+                frame,
+                (&x, a[0].1),
+                (&w, a[1].1),
+                eps,
+                (groups, a[3].1),
+                span,
+            )
+            .map(Val::Tensor)
         }
         other => {
-            let d = Diagnostic::error(Code::UnknownOp, format!("unknown builtin `{other}`")).label(span, "");
+            let d = Diagnostic::error(Code::UnknownOp, format!("unknown builtin `{other}`"))
+                .label(span, "");
             Err(e.error(d))
         }
     }
@@ -461,7 +632,11 @@ fn rmsnorm<'a>(
     span: Span,
 ) -> R<T> {
     let Some(last) = x.ty.shape.last().cloned() else {
-        let d = Diagnostic::error(Code::ShapeMismatch, "`rmsnorm` needs a tensor of rank at least 1").label(xspan, "a scalar");
+        let d = Diagnostic::error(
+            Code::ShapeMismatch,
+            "`rmsnorm` needs a tensor of rank at least 1",
+        )
+        .label(xspan, "a scalar");
         return Err(e.error(d));
     };
     let width = last.as_known().unwrap_or(0);
@@ -482,17 +657,51 @@ fn rmsnorm<'a>(
         shape.push(Dim::known(width / groups as u64));
         xs = e.add1(frame, Op::Reshape { shape }, &[(x, xspan)], span)?;
     }
-    let sq = e.add1(frame, Op::Binary(BinaryOp::Mul), &[(&xs, xspan), (&xs, xspan)], span)?;
+    let sq = e.add1(
+        frame,
+        Op::Binary(BinaryOp::Mul),
+        &[(&xs, xspan), (&xs, xspan)],
+        span,
+    )?;
     let last_axis = xs.ty.rank() - 1;
-    let ms = e.add1(frame, Op::Reduce { op: ReduceOp::Mean, axes: vec![last_axis] }, &[(&sq, xspan)], span)?;
-    let ms = elementwise(e, frame, BinaryOp::Add, (&Val::Tensor(ms), span), (&Val::Float(eps), span), span)?;
+    let ms = e.add1(
+        frame,
+        Op::Reduce {
+            op: ReduceOp::Mean,
+            axes: vec![last_axis],
+        },
+        &[(&sq, xspan)],
+        span,
+    )?;
+    let ms = elementwise(
+        e,
+        frame,
+        BinaryOp::Add,
+        (&Val::Tensor(ms), span),
+        (&Val::Float(eps), span),
+        span,
+    )?;
     let inv = e.add1(frame, Op::Unary(UnaryOp::Rsqrt), &[(&ms, span)], span)?;
-    let mut y = elementwise(e, frame, BinaryOp::Mul, (&Val::Tensor(xs), xspan), (&Val::Tensor(inv), span), span)?;
+    let mut y = elementwise(
+        e,
+        frame,
+        BinaryOp::Mul,
+        (&Val::Tensor(xs), xspan),
+        (&Val::Tensor(inv), span),
+        span,
+    )?;
     if grouped {
         let shape = x.ty.shape.clone();
         y = e.add1(frame, Op::Reshape { shape }, &[(&y, span)], span)?;
     }
-    elementwise(e, frame, BinaryOp::Mul, (&Val::Tensor(y), span), (&Val::Tensor(w.clone()), wspan), span)
+    elementwise(
+        e,
+        frame,
+        BinaryOp::Mul,
+        (&Val::Tensor(y), span),
+        (&Val::Tensor(w.clone()), wspan),
+        span,
+    )
 }
 
 /// A binary op on tensors and numbers with numpy broadcasting made explicit.
@@ -508,7 +717,12 @@ pub(crate) fn elementwise<'a>(
         (Val::Tensor(x), Val::Tensor(y)) if x.ty.dtype != y.ty.dtype => {
             let d = Diagnostic::error(
                 Code::DTypeMismatch,
-                format!("dtype mismatch in `{}`: {} vs {}", op.name(), x.ty.dtype, y.ty.dtype),
+                format!(
+                    "dtype mismatch in `{}`: {} vs {}",
+                    op.name(),
+                    x.ty.dtype,
+                    y.ty.dtype
+                ),
             )
             .label(aspan, format!("this is {}", x.ty.dtype))
             .label(bspan, format!("this is {}", y.ty.dtype))
@@ -527,8 +741,11 @@ pub(crate) fn elementwise<'a>(
             }
             Val::Poison => Err(Stop { fatal: false }),
             other => {
-                let d = Diagnostic::error(Code::Type, format!("cannot use {} in tensor arithmetic", other.kind()))
-                    .label(s, other.kind());
+                let d = Diagnostic::error(
+                    Code::Type,
+                    format!("cannot use {} in tensor arithmetic", other.kind()),
+                )
+                .label(s, other.kind());
                 Err(e.error(d))
             }
         }
@@ -538,10 +755,13 @@ pub(crate) fn elementwise<'a>(
     let Some(shape) = broadcast_shape(&x.ty.shape, &y.ty.shape) else {
         let namer = frame.namer();
         let (l, r) = (namer.shape(&x.ty.shape), namer.shape(&y.ty.shape));
-        let mut d = Diagnostic::error(Code::ShapeMismatch, format!("shape mismatch in `{}`: {l} vs {r}", op.name()))
-            .label(aspan, format!("this is {l}"))
-            .label(bspan, format!("this is {r}"))
-            .note("elementwise operands broadcast from the right: each dim must be equal or 1");
+        let mut d = Diagnostic::error(
+            Code::ShapeMismatch,
+            format!("shape mismatch in `{}`: {l} vs {r}", op.name()),
+        )
+        .label(aspan, format!("this is {l}"))
+        .label(bspan, format!("this is {r}"))
+        .note("elementwise operands broadcast from the right: each dim must be equal or 1");
         if let Some(n) = namer.note(&[&x.ty.shape, &y.ty.shape]) {
             d = d.note(n);
         }
@@ -551,7 +771,14 @@ pub(crate) fn elementwise<'a>(
         if t.ty.shape == shape {
             return Ok(t);
         }
-        e.add1(frame, Op::Broadcast { shape: shape.clone() }, &[(&t, s)], span)
+        e.add1(
+            frame,
+            Op::Broadcast {
+                shape: shape.clone(),
+            },
+            &[(&t, s)],
+            span,
+        )
     };
     let x = widen(e, x, aspan)?;
     let y = widen(e, y, bspan)?;

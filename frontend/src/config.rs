@@ -53,7 +53,10 @@ enum Fixed {
 
 const COMMON: &[(&str, Key)] = &[
     ("vocab_size", Key::Int("vocab_size")),
-    ("pad_vocab_size_multiple", Key::Int("pad_vocab_size_multiple")),
+    (
+        "pad_vocab_size_multiple",
+        Key::Int("pad_vocab_size_multiple"),
+    ),
     // reference naming
     ("d_model", Key::Int("d_model")),
     ("n_layer", Key::Int("n_layer")),
@@ -155,7 +158,11 @@ impl Reader<'_> {
             .unwrap_or(0);
         let quoted = format!("\"{key}\"");
         match self.text[start..].find(&quoted) {
-            Some(i) => Span::new(self.file, (start + i) as u32, (start + i + quoted.len()) as u32),
+            Some(i) => Span::new(
+                self.file,
+                (start + i) as u32,
+                (start + i + quoted.len()) as u32,
+            ),
             None => Span::new(self.file, 0, 0),
         }
     }
@@ -163,8 +170,11 @@ impl Reader<'_> {
     fn bad(&mut self, key: &str, after: Option<&str>, v: &Value, expected: &str) {
         let span = self.key_span(key, after);
         self.errors.push(
-            Diagnostic::error(Code::InvalidConfig, format!("invalid config value for `{key}`: {v}"))
-                .label(span, format!("expected {expected}")),
+            Diagnostic::error(
+                Code::InvalidConfig,
+                format!("invalid config value for `{key}`: {v}"),
+            )
+            .label(span, format!("expected {expected}")),
         );
     }
 
@@ -178,7 +188,10 @@ impl Reader<'_> {
                         format!("config gives `{name}` twice with different values"),
                     )
                     .label(span, format!("{key} = {}", show(&value)))
-                    .label(prev.span.unwrap_or(span), format!("first given as {}", show(&prev.value))),
+                    .label(
+                        prev.span.unwrap_or(span),
+                        format!("first given as {}", show(&prev.value)),
+                    ),
                 );
             }
             return;
@@ -196,8 +209,11 @@ impl Reader<'_> {
             let Some((_, kind)) = table.iter().find(|(k, _)| k == key) else {
                 let span = self.key_span(key, after);
                 self.warnings.push(
-                    Diagnostic::warning(Code::UnknownConfigKey, format!("unknown config key `{key}` is ignored"))
-                        .label(span, "not a key ma2mba knows"),
+                    Diagnostic::warning(
+                        Code::UnknownConfigKey,
+                        format!("unknown config key `{key}` is ignored"),
+                    )
+                    .label(span, "not a key ma2mba knows"),
                 );
                 continue;
             };
@@ -224,9 +240,12 @@ impl Reader<'_> {
                     if !ok {
                         let span = self.key_span(key, after);
                         self.errors.push(
-                            Diagnostic::error(Code::InvalidConfig, format!("unsupported config value `{key}`: {v}"))
-                                .label(span, format!("ma2mba supports only {want}"))
-                                .note("the shipped Mamba models do not have this variant"),
+                            Diagnostic::error(
+                                Code::InvalidConfig,
+                                format!("unsupported config value `{key}`: {v}"),
+                            )
+                            .label(span, format!("ma2mba supports only {want}"))
+                            .note("the shipped Mamba models do not have this variant"),
                         );
                     }
                 }
@@ -236,10 +255,13 @@ impl Reader<'_> {
     }
 
     fn get_int(&self, name: &str) -> Option<i64> {
-        self.args.iter().find(|a| a.name == name).and_then(|a| match a.value {
-            ConfigValue::Int(n) => Some(n),
-            _ => None,
-        })
+        self.args
+            .iter()
+            .find(|a| a.name == name)
+            .and_then(|a| match a.value {
+                ConfigValue::Int(n) => Some(n),
+                _ => None,
+            })
     }
 }
 
@@ -276,8 +298,14 @@ fn fixed(f: Fixed, v: &Value) -> (bool, &'static str) {
         Fixed::True => (v.as_bool() == Some(true), "true"),
         Fixed::False => (v.as_bool() == Some(false) || v.is_null(), "false"),
         Fixed::Zero => (int(v) == Some(0) || v.is_null(), "0"),
-        Fixed::EmptyList => (v.as_array().is_some_and(|a| a.is_empty()) || v.is_null(), "[]"),
-        Fixed::EmptyObject => (v.as_object().is_some_and(|o| o.is_empty()) || v.is_null(), "{}"),
+        Fixed::EmptyList => (
+            v.as_array().is_some_and(|a| a.is_empty()) || v.is_null(),
+            "[]",
+        ),
+        Fixed::EmptyObject => (
+            v.as_object().is_some_and(|o| o.is_empty()) || v.is_null(),
+            "{}",
+        ),
         Fixed::Silu => (
             matches!(v.as_str(), Some("silu" | "swish")) || v.is_null(),
             "\"silu\"",
@@ -314,8 +342,10 @@ pub fn from_json(text: &str, file: u16, file_name: &str) -> Result<Config, Vec<D
     };
     let Some(obj) = root.as_object() else {
         return Err(vec![
-            Diagnostic::error(Code::InvalidConfig, "config file must hold a JSON object")
-                .label(Span::new(file, 0, text.len().min(1) as u32), "not an object"),
+            Diagnostic::error(Code::InvalidConfig, "config file must hold a JSON object").label(
+                Span::new(file, 0, text.len().min(1) as u32),
+                "not an object",
+            ),
         ]);
     };
     let mut r = Reader {
@@ -363,24 +393,35 @@ pub fn from_json(text: &str, file: u16, file_name: &str) -> Result<Config, Vec<D
     // Values that other values determine must agree.
     let expand = r.get_int("expand").unwrap_or(2);
     let d_model = r.get_int("d_model");
-    if let (Some(inter), Some(d)) = (obj.get("intermediate_size").and_then(int), d_model) {
-        if Some(inter) != expand.checked_mul(d) {
-            let span = r.key_span("intermediate_size", None);
-            r.errors.push(
-                Diagnostic::error(Code::InvalidConfig, "inconsistent config: intermediate_size != expand * hidden_size")
-                    .label(span, format!("intermediate_size = {inter}"))
-                    .note(format!("expand = {expand}, hidden_size = {d}, so the inner width is {}", expand * d)),
-            );
-        }
+    if let (Some(inter), Some(d)) = (obj.get("intermediate_size").and_then(int), d_model)
+        && Some(inter) != expand.checked_mul(d)
+    {
+        let span = r.key_span("intermediate_size", None);
+        r.errors.push(
+            Diagnostic::error(
+                Code::InvalidConfig,
+                "inconsistent config: intermediate_size != expand * hidden_size",
+            )
+            .label(span, format!("intermediate_size = {inter}"))
+            .note(format!(
+                "expand = {expand}, hidden_size = {d}, so the inner width is {}",
+                expand * d
+            )),
+        );
     }
     if let (Some(heads), Some(d)) = (obj.get("num_heads").and_then(int), d_model) {
         let headdim = r.get_int("headdim").unwrap_or(64);
         if heads.checked_mul(headdim) != expand.checked_mul(d) {
             let span = r.key_span("num_heads", None);
             r.errors.push(
-                Diagnostic::error(Code::InvalidConfig, "inconsistent config: num_heads * head_dim != expand * hidden_size")
-                    .label(span, format!("num_heads = {heads}"))
-                    .note(format!("head_dim = {headdim}, expand = {expand}, hidden_size = {d}")),
+                Diagnostic::error(
+                    Code::InvalidConfig,
+                    "inconsistent config: num_heads * head_dim != expand * hidden_size",
+                )
+                .label(span, format!("num_heads = {heads}"))
+                .note(format!(
+                    "head_dim = {headdim}, expand = {expand}, hidden_size = {d}"
+                )),
             );
         }
     }
@@ -399,7 +440,11 @@ pub fn from_json(text: &str, file: u16, file_name: &str) -> Result<Config, Vec<D
             r.errors.push(
                 Diagnostic::error(
                     Code::InvalidConfig,
-                    format!("`{}` does not apply to a {} model", a.name, if mamba2 { "Mamba-2" } else { "Mamba-1" }),
+                    format!(
+                        "`{}` does not apply to a {} model",
+                        a.name,
+                        if mamba2 { "Mamba-2" } else { "Mamba-1" }
+                    ),
                 )
                 .label(span, "this key")
                 .help(if mamba2 {
@@ -413,12 +458,15 @@ pub fn from_json(text: &str, file: u16, file_name: &str) -> Result<Config, Vec<D
     for required in ["d_model", "n_layer"] {
         if r.get_int(required).is_none() && r.errors.is_empty() {
             r.errors.push(
-                Diagnostic::error(Code::InvalidConfig, format!("config does not give `{required}`"))
-                    .help(if required == "d_model" {
-                        "set \"d_model\" (or \"hidden_size\")"
-                    } else {
-                        "set \"n_layer\" (or \"num_hidden_layers\")"
-                    }),
+                Diagnostic::error(
+                    Code::InvalidConfig,
+                    format!("config does not give `{required}`"),
+                )
+                .help(if required == "d_model" {
+                    "set \"d_model\" (or \"hidden_size\")"
+                } else {
+                    "set \"n_layer\" (or \"num_hidden_layers\")"
+                }),
             );
         }
     }

@@ -8,10 +8,10 @@
 //! Errors do not cascade: a statement that fails binds its names to a poison value, and
 //! anything computed from poison is poison without a second diagnostic.
 
+use crate::Program;
 use crate::ast::{self, BinOp, Def, DefKind, Expr, ExprKind, Item, Stmt, UnOp};
 use crate::diag::{Code, Diagnostic, near_name};
 use crate::names::DimNamer;
-use crate::Program;
 use ir::{DType, Dim, Graph, Init, InputKind, Op, Span, TensorType, TypeError, Value};
 use std::collections::{HashMap, HashSet};
 use std::rc::Rc;
@@ -189,9 +189,17 @@ pub fn elaborate(
         return Err(e.diags);
     }
     if let Err(errs) = ir::verify(&e.graph) {
-        let d = Diagnostic::error(Code::Limit, "internal compiler error: the elaborated graph is invalid")
-            .note(errs.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("\n"))
-            .help("this is a bug in ma2mba; please report it with the model file");
+        let d = Diagnostic::error(
+            Code::Limit,
+            "internal compiler error: the elaborated graph is invalid",
+        )
+        .note(
+            errs.iter()
+                .map(|e| e.to_string())
+                .collect::<Vec<_>>()
+                .join("\n"),
+        )
+        .help("this is a bug in ma2mba; please report it with the model file");
         e.diags.push(d);
         return Err(e.diags);
     }
@@ -237,9 +245,12 @@ impl<'a> Elab<'a> {
             return Err(self.error(d));
         };
         if def.kind != DefKind::Model {
-            let d = Diagnostic::error(Code::BadArgument, format!("`{model}` is a block, not a model"))
-                .label(def.name.span, "defined here as a block")
-                .help("elaborate a `model` definition; blocks are instantiated inside models");
+            let d = Diagnostic::error(
+                Code::BadArgument,
+                format!("`{model}` is a block, not a model"),
+            )
+            .label(def.name.span, "defined here as a block")
+            .help("elaborate a `model` definition; blocks are instantiated inside models");
             return Err(self.error(d));
         }
         let mut given = Vec::new();
@@ -321,7 +332,10 @@ impl<'a> Elab<'a> {
                             format!("`{}` has no config parameter `{n}`", def.name.name),
                         )
                         .label(nspan, "unknown parameter")
-                        .label(def.name.span, format!("`{}` is defined here", def.name.name));
+                        .label(
+                            def.name.span,
+                            format!("`{}` is defined here", def.name.name),
+                        );
                         if let Some(near) = near_name(&n, names) {
                             d = d.help(format!("did you mean `{near}`?"));
                         }
@@ -349,8 +363,11 @@ impl<'a> Elab<'a> {
                 }
             };
             if by_name.insert(key.clone(), (v, span)).is_some() {
-                let d = Diagnostic::error(Code::Duplicate, format!("config parameter `{key}` is given twice"))
-                    .label(span, "given again here");
+                let d = Diagnostic::error(
+                    Code::Duplicate,
+                    format!("config parameter `{key}` is given twice"),
+                )
+                .label(span, "given again here");
                 self.error(d);
                 failed = true;
             }
@@ -420,7 +437,8 @@ impl<'a> Elab<'a> {
                         frame.vars.insert(name.name.clone(), Val::Poison);
                     }
                     if let Stmt::Param { path, .. } = stmt {
-                        self.poisoned_params.insert(format!("{}{}", frame.prefix(), path.joined()));
+                        self.poisoned_params
+                            .insert(format!("{}{}", frame.prefix(), path.joined()));
                     }
                     if let Stmt::Return { values, .. } = stmt {
                         frame.ret = Some(values.iter().map(|_| (Val::Poison, None)).collect());
@@ -460,7 +478,10 @@ impl<'a> Elab<'a> {
                         format!("expected {} values, found {}", names.len(), parts.len()),
                     )
                     .label(value.span, format!("this gives {} values", parts.len()))
-                    .label(names[0].span.to(names[names.len() - 1].span), format!("{} names", names.len()));
+                    .label(
+                        names[0].span.to(names[names.len() - 1].span),
+                        format!("{} names", names.len()),
+                    );
                     return Err(self.error(d));
                 }
                 for (n, v) in names.iter().zip(parts) {
@@ -487,8 +508,11 @@ impl<'a> Elab<'a> {
                     return Ok(());
                 }
                 let Some((arg, arg_span)) = frame.args.pop_front() else {
-                    let d = Diagnostic::error(Code::Arity, format!("no argument for input `{}`", name.name))
-                        .label(*span, "this input is not given by the call");
+                    let d = Diagnostic::error(
+                        Code::Arity,
+                        format!("no argument for input `{}`", name.name),
+                    )
+                    .label(*span, "this input is not given by the call");
                     return Err(self.error(d));
                 };
                 let t = match arg {
@@ -497,7 +521,11 @@ impl<'a> Elab<'a> {
                     other => {
                         let d = Diagnostic::error(
                             Code::Type,
-                            format!("input `{}` must be a tensor, found {}", name.name, other.kind()),
+                            format!(
+                                "input `{}` must be a tensor, found {}",
+                                name.name,
+                                other.kind()
+                            ),
                         )
                         .label(arg_span, "not a tensor")
                         .label(*span, "input declared here");
@@ -507,7 +535,10 @@ impl<'a> Elab<'a> {
                 if t.ty.dtype != ty.dtype {
                     let d = Diagnostic::error(
                         Code::DTypeMismatch,
-                        format!("input `{}` expects {}, found {}", name.name, ty.dtype, t.ty.dtype),
+                        format!(
+                            "input `{}` expects {}, found {}",
+                            name.name, ty.dtype, t.ty.dtype
+                        ),
                     )
                     .label(arg_span, format!("this is {}", t.ty.dtype))
                     .label(*span, format!("declared {}", ty.dtype))
@@ -536,17 +567,32 @@ impl<'a> Elab<'a> {
                 frame.bind(&name.name, Val::Tensor(t));
                 Ok(())
             }
-            Stmt::Param { path, ty, init, span } => {
+            Stmt::Param {
+                path,
+                ty,
+                init,
+                span,
+            } => {
                 let ty = self.eval_type(frame, ty)?;
                 if !ty.dtype.is_float() {
-                    let d = Diagnostic::error(Code::DTypeMismatch, format!("parameter `{}` must be float, found {}", path.joined(), ty.dtype))
-                        .label(*span, "");
+                    let d = Diagnostic::error(
+                        Code::DTypeMismatch,
+                        format!(
+                            "parameter `{}` must be float, found {}",
+                            path.joined(),
+                            ty.dtype
+                        ),
+                    )
+                    .label(*span, "");
                     return Err(self.error(d));
                 }
                 if let Some(d) = ty.shape.iter().find(|d| d.as_known().is_none()) {
                     let d = Diagnostic::error(
                         Code::ShapeMismatch,
-                        format!("parameter `{}` has the symbolic dimension `{d}`", path.joined()),
+                        format!(
+                            "parameter `{}` has the symbolic dimension `{d}`",
+                            path.joined()
+                        ),
                     )
                     .label(*span, "")
                     .note("parameters have fixed sizes; batch and sequence dims belong to inputs");
@@ -558,8 +604,11 @@ impl<'a> Elab<'a> {
                 };
                 let full = format!("{}{}", frame.prefix(), path.joined());
                 if self.params.contains_key(&full) {
-                    let d = Diagnostic::error(Code::Duplicate, format!("parameter `{full}` is declared twice"))
-                        .label(path.span, "declared again here");
+                    let d = Diagnostic::error(
+                        Code::Duplicate,
+                        format!("parameter `{full}` is declared twice"),
+                    )
+                    .label(path.span, "declared again here");
                     return Err(self.error(d));
                 }
                 let op = Op::Param {
@@ -584,13 +633,25 @@ impl<'a> Elab<'a> {
                 frame.states.push((name.name.clone(), full));
                 Ok(())
             }
-            Stmt::Repeat { count, scope, body, span } => {
+            Stmt::Repeat {
+                count,
+                scope,
+                body,
+                span,
+            } => {
                 let n = self.eval(frame, count, None)?;
                 let n = self.as_int(&n, count.span, "a repeat count")?;
                 if !(0..=MAX_REPEAT).contains(&n) {
-                    let code = if n < 0 { Code::InvalidConfig } else { Code::Limit };
-                    let d = Diagnostic::error(code, format!("repeat count {n} is outside 0..={MAX_REPEAT}"))
-                        .label(count.span, format!("this is {n}"));
+                    let code = if n < 0 {
+                        Code::InvalidConfig
+                    } else {
+                        Code::Limit
+                    };
+                    let d = Diagnostic::error(
+                        code,
+                        format!("repeat count {n} is outside 0..={MAX_REPEAT}"),
+                    )
+                    .label(count.span, format!("this is {n}"));
                     return Err(self.error(d));
                 }
                 let outer_layer = self.layer;
@@ -624,14 +685,22 @@ impl<'a> Elab<'a> {
                 let _ = span;
                 Ok(())
             }
-            Stmt::If { cond, then_body, else_body, .. } => {
+            Stmt::If {
+                cond,
+                then_body,
+                else_body,
+                ..
+            } => {
                 let c = self.eval(frame, cond, None)?;
                 let c = match c {
                     Val::Bool(b) => b,
                     Val::Poison => return Err(Stop { fatal: false }),
                     other => {
-                        let d = Diagnostic::error(Code::Type, format!("`if` needs a boolean, found {}", other.kind()))
-                            .label(cond.span, "not a boolean");
+                        let d = Diagnostic::error(
+                            Code::Type,
+                            format!("`if` needs a boolean, found {}", other.kind()),
+                        )
+                        .label(cond.span, "not a boolean");
                         return Err(self.error(d));
                     }
                 };
@@ -650,7 +719,11 @@ impl<'a> Elab<'a> {
                 frame.ret = Some(rets);
                 Ok(())
             }
-            Stmt::Require { cond, message, span } => {
+            Stmt::Require {
+                cond,
+                message,
+                span,
+            } => {
                 let c = self.eval(frame, cond, None)?;
                 match c {
                     Val::Bool(true) => Ok(()),
@@ -662,8 +735,11 @@ impl<'a> Elab<'a> {
                     }
                     Val::Poison => Err(Stop { fatal: false }),
                     other => {
-                        let d = Diagnostic::error(Code::Type, format!("`require` needs a boolean, found {}", other.kind()))
-                            .label(cond.span, "not a boolean");
+                        let d = Diagnostic::error(
+                            Code::Type,
+                            format!("`require` needs a boolean, found {}", other.kind()),
+                        )
+                        .label(cond.span, "not a boolean");
                         Err(self.error(d))
                     }
                 }
@@ -674,7 +750,13 @@ impl<'a> Elab<'a> {
 
     /// The diagnostic of a failed `require`: the message, the values of the names in the
     /// condition and where config values came from.
-    fn invalid_config(&self, frame: &Frame<'a>, cond: &Expr, message: &str, span: Span) -> Diagnostic {
+    fn invalid_config(
+        &self,
+        frame: &Frame<'a>,
+        cond: &Expr,
+        message: &str,
+        span: Span,
+    ) -> Diagnostic {
         let mut names = Vec::new();
         collect_names(cond, &mut names);
         let mut facts = Vec::new();
@@ -713,15 +795,21 @@ impl<'a> Elab<'a> {
             Val::Int(n) => Ok(*n),
             Val::Float(x) if x.fract() == 0.0 && x.abs() < 9.0e15 => Ok(*x as i64),
             Val::Float(x) => {
-                let d = Diagnostic::error(Code::InvalidConfig, format!("{what} must be a whole number, found {x}"))
-                    .label(span, format!("this is {x}"))
-                    .help("use ceil(...) or floor(...), or choose config values that divide evenly");
+                let d = Diagnostic::error(
+                    Code::InvalidConfig,
+                    format!("{what} must be a whole number, found {x}"),
+                )
+                .label(span, format!("this is {x}"))
+                .help("use ceil(...) or floor(...), or choose config values that divide evenly");
                 Err(self.error(d))
             }
             Val::Poison => Err(Stop { fatal: false }),
             other => {
-                let d = Diagnostic::error(Code::Type, format!("{what} must be an integer, found {}", other.kind()))
-                    .label(span, "not an integer");
+                let d = Diagnostic::error(
+                    Code::Type,
+                    format!("{what} must be an integer, found {}", other.kind()),
+                )
+                .label(span, "not an integer");
                 Err(self.error(d))
             }
         }
@@ -733,8 +821,11 @@ impl<'a> Elab<'a> {
             Val::Float(x) => Ok(*x),
             Val::Poison => Err(Stop { fatal: false }),
             other => {
-                let d = Diagnostic::error(Code::Type, format!("{what} must be a number, found {}", other.kind()))
-                    .label(span, "not a number");
+                let d = Diagnostic::error(
+                    Code::Type,
+                    format!("{what} must be a number, found {}", other.kind()),
+                )
+                .label(span, "not a number");
                 Err(self.error(d))
             }
         }
@@ -748,8 +839,11 @@ impl<'a> Elab<'a> {
             _ => {
                 let n = self.as_int(v, span, "a dimension")?;
                 if n < 0 {
-                    let d = Diagnostic::error(Code::InvalidConfig, format!("dimension {n} is negative"))
-                        .label(span, format!("this is {n}"));
+                    let d = Diagnostic::error(
+                        Code::InvalidConfig,
+                        format!("dimension {n} is negative"),
+                    )
+                    .label(span, format!("this is {n}"));
                     return Err(self.error(d));
                 }
                 Ok(Dim::known(n as u64))
@@ -775,9 +869,12 @@ impl<'a> Elab<'a> {
                 Some(d) => d,
                 None => {
                     let names: Vec<&str> = DType::ALL.iter().map(|d| d.name()).collect();
-                    let mut d = Diagnostic::error(Code::UnknownName, format!("unknown dtype `{}`", id.name))
-                        .label(id.span, "not a dtype")
-                        .note(format!("dtypes: {}", names.join(", ")));
+                    let mut d = Diagnostic::error(
+                        Code::UnknownName,
+                        format!("unknown dtype `{}`", id.name),
+                    )
+                    .label(id.span, "not a dtype")
+                    .note(format!("dtypes: {}", names.join(", ")));
                     if let Some(n) = near_name(&id.name, names.iter().copied()) {
                         d = d.help(format!("did you mean `{n}`?"));
                     }
@@ -790,9 +887,12 @@ impl<'a> Elab<'a> {
 
     fn eval_init(&mut self, frame: &mut Frame<'a>, e: &'a Expr) -> R<Init> {
         let ExprKind::Call { callee, args } = &e.kind else {
-            let d = Diagnostic::error(Code::Type, "a parameter initializer must be a call like `normal(0.02)`")
-                .label(e.span, "not an initializer call")
-                .note(format!("initializers: {}", Init::NAMES.join(", ")));
+            let d = Diagnostic::error(
+                Code::Type,
+                "a parameter initializer must be a call like `normal(0.02)`",
+            )
+            .label(e.span, "not an initializer call")
+            .note(format!("initializers: {}", Init::NAMES.join(", ")));
             return Err(self.error(d));
         };
         let name = callee.joined();
@@ -816,15 +916,21 @@ impl<'a> Elab<'a> {
         let mut nums = Vec::new();
         for a in args {
             if let Some(n) = &a.name {
-                let d = Diagnostic::error(Code::UnknownAttribute, format!("`{name}` takes no named arguments"))
-                    .label(n.span, "named argument");
+                let d = Diagnostic::error(
+                    Code::UnknownAttribute,
+                    format!("`{name}` takes no named arguments"),
+                )
+                .label(n.span, "named argument");
                 return Err(self.error(d));
             }
             let v = self.eval(frame, &a.value, None)?;
             nums.push(self.as_f64(&v, a.value.span, "an initializer argument")?);
         }
         Init::from_parts(&name, &nums).ok_or_else(|| {
-            self.error(Diagnostic::error(Code::BadArgument, format!("bad arguments for `{name}`")).label(e.span, ""))
+            self.error(
+                Diagnostic::error(Code::BadArgument, format!("bad arguments for `{name}`"))
+                    .label(e.span, ""),
+            )
         })
     }
 
@@ -853,13 +959,21 @@ impl<'a> Elab<'a> {
                     (UnOp::Neg, Val::Float(x)) => Ok(Val::Float(-x)),
                     (UnOp::Neg, Val::Tensor(t)) => {
                         let op = Op::Unary(ir::UnaryOp::Neg);
-                        Ok(Val::Tensor(self.add1(frame, op, &[(&t, expr.span)], e.span)?))
+                        Ok(Val::Tensor(self.add1(
+                            frame,
+                            op,
+                            &[(&t, expr.span)],
+                            e.span,
+                        )?))
                     }
                     (UnOp::Not, Val::Bool(b)) => Ok(Val::Bool(!b)),
                     (op, other) => {
                         let sym = if *op == UnOp::Neg { "-" } else { "!" };
-                        let d = Diagnostic::error(Code::Type, format!("cannot apply `{sym}` to {}", other.kind()))
-                            .label(expr.span, other.kind());
+                        let d = Diagnostic::error(
+                            Code::Type,
+                            format!("cannot apply `{sym}` to {}", other.kind()),
+                        )
+                        .label(expr.span, other.kind());
                         Err(self.error(d))
                     }
                 }
@@ -922,15 +1036,24 @@ impl<'a> Elab<'a> {
     ) -> R<Val<'a>> {
         use Val::{Bool, Float, Int};
         let overflow = |this: &mut Self| {
-            let d = Diagnostic::error(Code::InvalidConfig, "integer overflow in a config expression")
-                .label(span, "overflows i64");
+            let d = Diagnostic::error(
+                Code::InvalidConfig,
+                "integer overflow in a config expression",
+            )
+            .label(span, "overflows i64");
             Err(this.error(d))
         };
         match (op, a, b) {
             (_, Val::Poison, _) | (_, _, Val::Poison) => Ok(Val::Poison),
-            (BinOp::Add, Int(x), Int(y)) => x.checked_add(y).map(Int).map_or_else(|| overflow(self), Ok),
-            (BinOp::Sub, Int(x), Int(y)) => x.checked_sub(y).map(Int).map_or_else(|| overflow(self), Ok),
-            (BinOp::Mul, Int(x), Int(y)) => x.checked_mul(y).map(Int).map_or_else(|| overflow(self), Ok),
+            (BinOp::Add, Int(x), Int(y)) => {
+                x.checked_add(y).map(Int).map_or_else(|| overflow(self), Ok)
+            }
+            (BinOp::Sub, Int(x), Int(y)) => {
+                x.checked_sub(y).map(Int).map_or_else(|| overflow(self), Ok)
+            }
+            (BinOp::Mul, Int(x), Int(y)) => {
+                x.checked_mul(y).map(Int).map_or_else(|| overflow(self), Ok)
+            }
             (BinOp::Rem, Int(x), Int(y)) => {
                 if y == 0 {
                     let d = Diagnostic::error(Code::InvalidConfig, "remainder by zero")
@@ -942,7 +1065,8 @@ impl<'a> Elab<'a> {
             (BinOp::Rem, x @ (Int(_) | Float(_)), y @ (Int(_) | Float(_))) => {
                 let (x, y) = (num(&x), num(&y));
                 if y == 0.0 {
-                    let d = Diagnostic::error(Code::InvalidConfig, "remainder by zero").label(bspan, "this is 0");
+                    let d = Diagnostic::error(Code::InvalidConfig, "remainder by zero")
+                        .label(bspan, "this is 0");
                     return Err(self.error(d));
                 }
                 Ok(Float(x.rem_euclid(y)))
@@ -951,7 +1075,11 @@ impl<'a> Elab<'a> {
             (BinOp::Mul, Val::Dim(x), Int(n)) | (BinOp::Mul, Int(n), Val::Dim(x)) if n >= 0 => {
                 self.dim_mul(&x, &Dim::known(n as u64), span)
             }
-            (op @ (BinOp::Add | BinOp::Sub | BinOp::Mul | BinOp::Div), x @ (Int(_) | Float(_)), y @ (Int(_) | Float(_))) => {
+            (
+                op @ (BinOp::Add | BinOp::Sub | BinOp::Mul | BinOp::Div),
+                x @ (Int(_) | Float(_)),
+                y @ (Int(_) | Float(_)),
+            ) => {
                 let (x, y) = (num(&x), num(&y));
                 Ok(Float(match op {
                     BinOp::Add => x + y,
@@ -960,7 +1088,11 @@ impl<'a> Elab<'a> {
                     _ => x / y,
                 }))
             }
-            (op @ (BinOp::Eq | BinOp::Ne | BinOp::Lt | BinOp::Le | BinOp::Gt | BinOp::Ge), x @ (Int(_) | Float(_)), y @ (Int(_) | Float(_))) => {
+            (
+                op @ (BinOp::Eq | BinOp::Ne | BinOp::Lt | BinOp::Le | BinOp::Gt | BinOp::Ge),
+                x @ (Int(_) | Float(_)),
+                y @ (Int(_) | Float(_)),
+            ) => {
                 let (x, y) = (num(&x), num(&y));
                 Ok(Bool(match op {
                     BinOp::Eq => x == y,
@@ -992,7 +1124,12 @@ impl<'a> Elab<'a> {
             (op, x, y) => {
                 let d = Diagnostic::error(
                     Code::Type,
-                    format!("cannot apply `{}` to {} and {}", op.symbol(), x.kind(), y.kind()),
+                    format!(
+                        "cannot apply `{}` to {} and {}",
+                        op.symbol(),
+                        x.kind(),
+                        y.kind()
+                    ),
                 )
                 .label(aspan, x.kind())
                 .label(bspan, y.kind());
@@ -1005,7 +1142,8 @@ impl<'a> Elab<'a> {
         match x.mul(y) {
             Some(d) => Ok(Val::Dim(d)),
             None => {
-                let d = Diagnostic::error(Code::InvalidConfig, "dimension overflow").label(span, "");
+                let d =
+                    Diagnostic::error(Code::InvalidConfig, "dimension overflow").label(span, "");
                 Err(self.error(d))
             }
         }
@@ -1029,8 +1167,11 @@ impl<'a> Elab<'a> {
                 }
                 Some(Val::Poison) => return Ok(Val::Poison),
                 Some(other) => {
-                    let d = Diagnostic::error(Code::Type, format!("`{name}` is {}, not something to call", other.kind()))
-                        .label(callee.span, "not callable");
+                    let d = Diagnostic::error(
+                        Code::Type,
+                        format!("`{name}` is {}, not something to call", other.kind()),
+                    )
+                    .label(callee.span, "not callable");
                     return Err(self.error(d));
                 }
                 None => {}
@@ -1041,24 +1182,41 @@ impl<'a> Elab<'a> {
         }
         if let Some(def) = self.find_def(&name) {
             if def.kind == DefKind::Model {
-                let d = Diagnostic::error(Code::BadArgument, format!("`{name}` is a model; only blocks can be used inside definitions"))
-                    .label(callee.span, "a model");
+                let d = Diagnostic::error(
+                    Code::BadArgument,
+                    format!("`{name}` is a model; only blocks can be used inside definitions"),
+                )
+                .label(callee.span, "a model");
                 return Err(self.error(d));
             }
             let Some(inst_name) = hint else {
-                let d = Diagnostic::error(Code::BadArgument, format!("bind the `{name}` instance to a name"))
-                    .label(span, "unnamed block instance")
-                    .help(format!("write `let mixer = {name}(...)`; the name is the prefix of its parameters"));
+                let d = Diagnostic::error(
+                    Code::BadArgument,
+                    format!("bind the `{name}` instance to a name"),
+                )
+                .label(span, "unnamed block instance")
+                .help(format!(
+                    "write `let mixer = {name}(...)`; the name is the prefix of its parameters"
+                ));
                 return Err(self.error(d));
             };
             let mut given = Vec::new();
             for a in args {
                 let v = self.eval(frame, &a.value, None)?;
-                given.push((a.name.as_ref().map(|n| (n.name.clone(), n.span)), v, a.value.span));
+                given.push((
+                    a.name.as_ref().map(|n| (n.name.clone(), n.span)),
+                    v,
+                    a.value.span,
+                ));
             }
             let (vars, ints) = self.bind_config(def, given, span)?;
             let prefix = format!("{}{inst_name}.", frame.prefix());
-            return Ok(Val::Instance(Rc::new(Instance { def, vars, ints, prefix })));
+            return Ok(Val::Instance(Rc::new(Instance {
+                def,
+                vars,
+                ints,
+                prefix,
+            })));
         }
         let mut candidates: Vec<&str> = crate::builtins::NAMES.to_vec();
         candidates.extend(self.def_names());
@@ -1080,16 +1238,22 @@ impl<'a> Elab<'a> {
         if !self.applied.insert(inst.prefix.clone()) {
             let d = Diagnostic::error(
                 Code::BadArgument,
-                format!("block instance `{}` is applied twice", inst.prefix.trim_end_matches('.')),
+                format!(
+                    "block instance `{}` is applied twice",
+                    inst.prefix.trim_end_matches('.')
+                ),
             )
             .label(span, "second application")
             .help("each instance owns its parameters and states; make another instance with `let`");
             return Err(self.error(d));
         }
         if self.depth >= MAX_BLOCK_DEPTH {
-            let d = Diagnostic::error(Code::Limit, format!("blocks nest deeper than {MAX_BLOCK_DEPTH} levels"))
-                .label(span, "here")
-                .help("does a block instantiate itself?");
+            let d = Diagnostic::error(
+                Code::Limit,
+                format!("blocks nest deeper than {MAX_BLOCK_DEPTH} levels"),
+            )
+            .label(span, "here")
+            .help("does a block instantiate itself?");
             return Err(self.error(d));
         }
         let mut inner = Frame::new(inst.prefix.clone(), false);
@@ -1127,8 +1291,11 @@ impl<'a> Elab<'a> {
             Some(mut rets) if rets.len() == 1 => Ok(rets.remove(0).0),
             Some(rets) => Ok(Val::Tuple(rets.into_iter().map(|(v, _)| v).collect())),
             None => {
-                let d = Diagnostic::error(Code::Syntax, format!("block `{}` returns nothing", inst.def.name.name))
-                    .label(inst.def.name.span, "no `return` in this block");
+                let d = Diagnostic::error(
+                    Code::Syntax,
+                    format!("block `{}` returns nothing", inst.def.name.name),
+                )
+                .label(inst.def.name.span, "no `return` in this block");
                 Err(self.error(d))
             }
         }
@@ -1141,7 +1308,13 @@ impl<'a> Elab<'a> {
         Ok(r.remove(0))
     }
 
-    pub fn add(&mut self, frame: &Frame<'a>, op: Op, operands: &[(&T, Span)], span: Span) -> R<Vec<T>> {
+    pub fn add(
+        &mut self,
+        frame: &Frame<'a>,
+        op: Op,
+        operands: &[(&T, Span)],
+        span: Span,
+    ) -> R<Vec<T>> {
         let vals: Vec<Value> = operands.iter().map(|(t, _)| t.v).collect();
         let name = op.name();
         match self.graph.add(op, &vals, span, self.layer) {
@@ -1156,12 +1329,14 @@ impl<'a> Elab<'a> {
                 })
                 .collect()),
             Err(ir::BuildError::TooManyOperands { .. }) => {
-                let d = Diagnostic::error(Code::Limit, "too many operands for one op").label(span, "");
+                let d =
+                    Diagnostic::error(Code::Limit, "too many operands for one op").label(span, "");
                 Err(self.error(d))
             }
             Err(ir::BuildError::TooManyNodes { limit }) => {
-                let d = Diagnostic::error(Code::Limit, format!("the model has more than {limit} ops"))
-                    .label(span, "limit reached here");
+                let d =
+                    Diagnostic::error(Code::Limit, format!("the model has more than {limit} ops"))
+                        .label(span, "limit reached here");
                 Err(self.error(d))
             }
             Err(ir::BuildError::DanglingOperand { .. }) => {
@@ -1200,50 +1375,92 @@ fn collect_names(e: &Expr, out: &mut Vec<String>) {
         }
         ExprKind::Call { args, .. } => args.iter().for_each(|a| collect_names(&a.value, out)),
         ExprKind::List(items) => items.iter().for_each(|i| collect_names(i, out)),
-        ExprKind::Int(_) | ExprKind::Float(_) | ExprKind::Bool(_) | ExprKind::Str(_) | ExprKind::Error => {}
+        ExprKind::Int(_)
+        | ExprKind::Float(_)
+        | ExprKind::Bool(_)
+        | ExprKind::Str(_)
+        | ExprKind::Error => {}
     }
 }
 
 /// Turns an IR type error into a diagnostic pointing at the offending arguments.
-fn type_error(namer: &DimNamer<'_>, op: &str, te: &TypeError, operands: &[(&T, Span)], span: Span) -> Diagnostic {
+fn type_error(
+    namer: &DimNamer<'_>,
+    op: &str,
+    te: &TypeError,
+    operands: &[(&T, Span)],
+    span: Span,
+) -> Diagnostic {
     let at = |i: usize| operands.get(i).map_or(span, |o| o.1);
     match te {
-        TypeError::ShapeMismatch { lhs_operand, lhs, rhs_operand, rhs, detail, .. } => {
+        TypeError::ShapeMismatch {
+            lhs_operand,
+            lhs,
+            rhs_operand,
+            rhs,
+            detail,
+            ..
+        } => {
             let (l, r) = (namer.shape(lhs), namer.shape(rhs));
-            let mut d = Diagnostic::error(Code::ShapeMismatch, format!("shape mismatch in `{op}`: {l} vs {r}"))
-                .label(at(*lhs_operand), format!("this is {l}"))
-                .label(at(*rhs_operand), format!("this is {r}"))
-                .note(detail.clone());
+            let mut d = Diagnostic::error(
+                Code::ShapeMismatch,
+                format!("shape mismatch in `{op}`: {l} vs {r}"),
+            )
+            .label(at(*lhs_operand), format!("this is {l}"))
+            .label(at(*rhs_operand), format!("this is {r}"))
+            .note(detail.clone());
             if let Some(n) = namer.note(&[lhs, rhs]) {
                 d = d.note(n);
             }
             d
         }
-        TypeError::DTypeMismatch { lhs_operand, lhs, rhs_operand, rhs, .. } => {
-            Diagnostic::error(Code::DTypeMismatch, format!("dtype mismatch in `{op}`: {lhs} vs {rhs}"))
-                .label(at(*lhs_operand), format!("this is {lhs}"))
-                .label(at(*rhs_operand), format!("this is {rhs}"))
-                .help(format!("cast one side, e.g. `cast(x, \"{lhs}\")`"))
-        }
-        TypeError::WrongDType { operand, name, expected, found, .. } => {
-            Diagnostic::error(Code::DTypeMismatch, format!("`{op}`: `{name}` must be {expected}, found {found}"))
-                .label(at(*operand), format!("this is {found}"))
-                .help("cast it with `cast(x, \"f32\")`")
-        }
-        TypeError::Rank { operand, name, expected, found, shape, .. } => {
-            Diagnostic::error(
-                Code::ShapeMismatch,
-                format!("`{op}`: `{name}` must have rank {expected}, found rank {found}"),
-            )
-            .label(at(*operand), format!("this is {}", namer.shape(shape)))
-        }
-        TypeError::Arity { expected, got, .. } => {
-            Diagnostic::error(Code::Arity, format!("`{op}` takes {expected} operand(s), got {got}")).label(span, "")
-        }
-        TypeError::Axis { axis, rank, .. } => {
-            Diagnostic::error(Code::BadArgument, format!("`{op}`: axis {axis} is out of range for rank {rank}"))
-                .label(span, "")
-        }
+        TypeError::DTypeMismatch {
+            lhs_operand,
+            lhs,
+            rhs_operand,
+            rhs,
+            ..
+        } => Diagnostic::error(
+            Code::DTypeMismatch,
+            format!("dtype mismatch in `{op}`: {lhs} vs {rhs}"),
+        )
+        .label(at(*lhs_operand), format!("this is {lhs}"))
+        .label(at(*rhs_operand), format!("this is {rhs}"))
+        .help(format!("cast one side, e.g. `cast(x, \"{lhs}\")`")),
+        TypeError::WrongDType {
+            operand,
+            name,
+            expected,
+            found,
+            ..
+        } => Diagnostic::error(
+            Code::DTypeMismatch,
+            format!("`{op}`: `{name}` must be {expected}, found {found}"),
+        )
+        .label(at(*operand), format!("this is {found}"))
+        .help("cast it with `cast(x, \"f32\")`"),
+        TypeError::Rank {
+            operand,
+            name,
+            expected,
+            found,
+            shape,
+            ..
+        } => Diagnostic::error(
+            Code::ShapeMismatch,
+            format!("`{op}`: `{name}` must have rank {expected}, found rank {found}"),
+        )
+        .label(at(*operand), format!("this is {}", namer.shape(shape))),
+        TypeError::Arity { expected, got, .. } => Diagnostic::error(
+            Code::Arity,
+            format!("`{op}` takes {expected} operand(s), got {got}"),
+        )
+        .label(span, ""),
+        TypeError::Axis { axis, rank, .. } => Diagnostic::error(
+            Code::BadArgument,
+            format!("`{op}`: axis {axis} is out of range for rank {rank}"),
+        )
+        .label(span, ""),
         TypeError::Attribute { message, .. } => {
             Diagnostic::error(Code::BadArgument, format!("`{op}`: {}", message)).label(span, "")
         }

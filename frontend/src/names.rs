@@ -20,19 +20,28 @@ impl<'a> DimNamer<'a> {
         if n < 3 {
             return None;
         }
-        let exact = self.ints.iter().rev().find(|(_, v)| *v as u64 == n && *v > 0);
+        let exact = self
+            .ints
+            .iter()
+            .rev()
+            .find(|(_, v)| *v as u64 == n && *v > 0);
         if let Some((name, _)) = exact {
             return Some(name.clone());
         }
         for k in 2..=8u64 {
-            if n % k != 0 {
+            if !n.is_multiple_of(k) {
                 continue;
             }
             let base = n / k;
             if base < 3 {
                 break;
             }
-            if let Some((name, _)) = self.ints.iter().rev().find(|(_, v)| *v > 0 && *v as u64 == base) {
+            if let Some((name, _)) = self
+                .ints
+                .iter()
+                .rev()
+                .find(|(_, v)| *v > 0 && *v as u64 == base)
+            {
                 return Some(format!("{k}*{name}"));
             }
         }

@@ -75,9 +75,9 @@ impl Program {
 
     fn has_model(&self, name: &str) -> bool {
         self.files.iter().any(|f| {
-            f.items
-                .iter()
-                .any(|i| matches!(i, Item::Def(d) if d.kind == DefKind::Model && d.name.name == name))
+            f.items.iter().any(
+                |i| matches!(i, Item::Def(d) if d.kind == DefKind::Model && d.name.name == name),
+            )
         })
     }
 
@@ -122,7 +122,10 @@ fn literal(e: &ast::Expr) -> Option<ConfigValue> {
         ExprKind::Float(x) => ConfigValue::Float(*x),
         ExprKind::Bool(b) => ConfigValue::Bool(*b),
         ExprKind::Str(s) => ConfigValue::Str(s.clone()),
-        ExprKind::Unary { op: UnOp::Neg, expr } => match literal(expr)? {
+        ExprKind::Unary {
+            op: UnOp::Neg,
+            expr,
+        } => match literal(expr)? {
             ConfigValue::Int(n) => ConfigValue::Int(n.checked_neg()?),
             ConfigValue::Float(x) => ConfigValue::Float(-x),
             ConfigValue::Bool(_) | ConfigValue::Str(_) => return None,
@@ -193,15 +196,21 @@ fn compile_in(prog: &mut Program, spec: &ModelSpec) -> Result<Compiled, Vec<Diag
         let cfg = config::from_json(text, file, name)?;
         warnings.extend(cfg.warnings);
         if spec.file_text.is_none() {
-            if !graph_name.is_empty() && prog.preset(&spec.model).is_some() && def_name != cfg.model {
-                return Err(vec![Diagnostic::error(
-                    Code::InvalidConfig,
-                    format!(
-                        "{name} describes a `{}` model, but `{}` is a `{def_name}`",
+            if !graph_name.is_empty() && prog.preset(&spec.model).is_some() && def_name != cfg.model
+            {
+                return Err(vec![
+                    Diagnostic::error(
+                        Code::InvalidConfig,
+                        format!(
+                            "{name} describes a `{}` model, but `{}` is a `{def_name}`",
+                            cfg.model, spec.model
+                        ),
+                    )
+                    .help(format!(
+                        "run with `{}` instead of `{}`",
                         cfg.model, spec.model
-                    ),
-                )
-                .help(format!("run with `{}` instead of `{}`", cfg.model, spec.model))]);
+                    )),
+                ]);
             }
             def_name = cfg.model.clone();
         }
@@ -235,25 +244,35 @@ fn pick_in_file(
         if prog.has_model(sel) {
             return Ok((sel.clone(), sel.clone(), Vec::new()));
         }
-        return Err(vec![Diagnostic::error(Code::UnknownName, format!("no preset or model named `{sel}`"))]);
+        return Err(vec![Diagnostic::error(
+            Code::UnknownName,
+            format!("no preset or model named `{sel}`"),
+        )]);
     }
     if let Some(p) = presets.first() {
         return Ok((p.model.name.clone(), p.name.clone(), prog.preset_args(p)?));
     }
     match models.as_slice() {
         [m] => Ok((m.name.name.clone(), m.name.name.clone(), Vec::new())),
-        [] => Err(vec![Diagnostic::error(
-            Code::UnknownName,
-            format!("{} defines no model and no preset", spec.model),
-        )
-        .help("add `model name(...) { ... }` or a `preset`")]),
+        [] => Err(vec![
+            Diagnostic::error(
+                Code::UnknownName,
+                format!("{} defines no model and no preset", spec.model),
+            )
+            .help("add `model name(...) { ... }` or a `preset`"),
+        ]),
         _ => {
             let names: Vec<&str> = models.iter().map(|m| m.name.name.as_str()).collect();
-            Err(vec![Diagnostic::error(
-                Code::UnknownName,
-                format!("{} defines several models; choose one with --model", spec.model),
-            )
-            .note(format!("models: {}", names.join(", ")))])
+            Err(vec![
+                Diagnostic::error(
+                    Code::UnknownName,
+                    format!(
+                        "{} defines several models; choose one with --model",
+                        spec.model
+                    ),
+                )
+                .note(format!("models: {}", names.join(", "))),
+            ])
         }
     }
 }

@@ -69,12 +69,7 @@ fn arity_error(op: &Op, expected: String, got: usize) -> TypeError {
     }
 }
 
-fn rank(
-    op: &Op,
-    ts: &[&TensorType],
-    i: usize,
-    expected: usize,
-) -> Result<(), TypeError> {
+fn rank(op: &Op, ts: &[&TensorType], i: usize, expected: usize) -> Result<(), TypeError> {
     if ts[i].rank() == expected {
         return Ok(());
     }
@@ -173,7 +168,10 @@ pub fn infer(op: &Op, ts: &[&TensorType]) -> Result<Vec<TensorType>, TypeError> 
         Op::Input { ty, .. } => one(ty.clone()),
         Op::Param { ty, .. } => {
             if !ty.dtype.is_float() {
-                return Err(attr(op, format!("parameters must be float, found {}", ty.dtype)));
+                return Err(attr(
+                    op,
+                    format!("parameters must be float, found {}", ty.dtype),
+                ));
             }
             one(ty.clone())
         }
@@ -243,7 +241,11 @@ pub fn infer(op: &Op, ts: &[&TensorType]) -> Result<Vec<TensorType>, TypeError> 
                 });
             }
             let rr = r.rank();
-            let (k_axis, n_axis) = if *rhs_t { (rr - 1, rr - 2) } else { (rr - 2, rr - 1) };
+            let (k_axis, n_axis) = if *rhs_t {
+                (rr - 1, rr - 2)
+            } else {
+                (rr - 2, rr - 1)
+            };
             same_dim(op, ts, (0, l.rank() - 1), (1, k_axis))?;
             if rr == l.rank() {
                 for ax in 0..rr - 2 {
@@ -275,7 +277,10 @@ pub fn infer(op: &Op, ts: &[&TensorType]) -> Result<Vec<TensorType>, TypeError> 
             for &p in perm {
                 check_axis(op, p, r)?;
                 if std::mem::replace(&mut seen[p], true) {
-                    return Err(attr(op, format!("axis {p} appears twice in the permutation")));
+                    return Err(attr(
+                        op,
+                        format!("axis {p} appears twice in the permutation"),
+                    ));
                 }
             }
             if perm.len() != r {
@@ -319,14 +324,20 @@ pub fn infer(op: &Op, ts: &[&TensorType]) -> Result<Vec<TensorType>, TypeError> 
             check_axis(op, *axis, ts[0].rank())?;
             let dim = &ts[0].shape[*axis];
             let Some(size) = dim.as_known() else {
-                return Err(attr(op, format!("cannot slice the symbolic axis {axis} ({dim})")));
+                return Err(attr(
+                    op,
+                    format!("cannot slice the symbolic axis {axis} ({dim})"),
+                ));
             };
             match start.checked_add(*len) {
                 Some(end) if end <= size && *len > 0 => {}
                 _ => {
                     return Err(attr(
                         op,
-                        format!("range {start}..{} is outside axis {axis} of size {size}", start.saturating_add(*len)),
+                        format!(
+                            "range {start}..{} is outside axis {axis} of size {size}",
+                            start.saturating_add(*len)
+                        ),
                     ));
                 }
             }
@@ -348,7 +359,10 @@ pub fn infer(op: &Op, ts: &[&TensorType]) -> Result<Vec<TensorType>, TypeError> 
                     }
                 }
                 let Some(n) = ts[i].shape[*axis].as_known() else {
-                    return Err(attr(op, format!("cannot concatenate along the symbolic axis {axis}")));
+                    return Err(attr(
+                        op,
+                        format!("cannot concatenate along the symbolic axis {axis}"),
+                    ));
                 };
                 total = total
                     .checked_add(n)
@@ -386,7 +400,13 @@ pub fn infer(op: &Op, ts: &[&TensorType]) -> Result<Vec<TensorType>, TypeError> 
             same_dim(op, ts, (0, 0), (3, 0))?;
             same_dim(op, ts, (0, 2), (3, 1))?;
             let Some(k) = ts[1].shape[1].as_known().filter(|&k| k >= 1) else {
-                return Err(attr(op, format!("kernel width must be a number >= 1, found {}", ts[1].shape[1])));
+                return Err(attr(
+                    op,
+                    format!(
+                        "kernel width must be a number >= 1, found {}",
+                        ts[1].shape[1]
+                    ),
+                ));
             };
             if ts[3].shape[2] != Dim::known(k - 1) {
                 return Err(TypeError::ShapeMismatch {

@@ -120,14 +120,26 @@ pub enum Init {
     Zeros,
     Ones,
     /// Normal with mean 0.
-    Normal { std: f64 },
-    Uniform { lo: f64, hi: f64 },
+    Normal {
+        std: f64,
+    },
+    Uniform {
+        lo: f64,
+        hi: f64,
+    },
     /// `log(1..=N)` along the last axis, the same for every row (Mamba-1 `A_log`).
     ALogArange,
     /// `log(u)`, `u ~ U(lo, hi)` (Mamba-2 `A_log`, `A_init_range`).
-    ALogUniform { lo: f64, hi: f64 },
+    ALogUniform {
+        lo: f64,
+        hi: f64,
+    },
     /// `softplus^-1(dt)`, `dt` log-uniform in `[min, max]`, floored at `floor` (dt bias).
-    DtBias { min: f64, max: f64, floor: f64 },
+    DtBias {
+        min: f64,
+        max: f64,
+        floor: f64,
+    },
 }
 
 impl Init {
@@ -218,29 +230,53 @@ pub enum Op {
         init: Init,
     },
     /// A scalar constant (rank 0).
-    Const { value: f64, dtype: DType },
+    Const {
+        value: f64,
+        dtype: DType,
+    },
     Unary(UnaryOp),
     Binary(BinaryOp),
-    Cast { to: DType },
-    Reduce { op: ReduceOp, axes: Vec<usize> },
+    Cast {
+        to: DType,
+    },
+    Reduce {
+        op: ReduceOp,
+        axes: Vec<usize>,
+    },
     /// Batched `lhs [..., M, K] @ rhs`, rhs `[K, N]` (or `[N, K]` when `rhs_t`), either 2-D and
     /// shared over the batch axes or with the same batch axes as `lhs`.
-    MatMul { rhs_t: bool },
+    MatMul {
+        rhs_t: bool,
+    },
     /// Same elements, new shape (equal element counts).
-    Reshape { shape: Shape },
+    Reshape {
+        shape: Shape,
+    },
     /// Axes reordered: result axis `i` is operand axis `perm[i]`.
-    Permute { perm: Vec<usize> },
+    Permute {
+        perm: Vec<usize>,
+    },
     /// Right-aligned broadcast to `shape` (operand dims equal or 1).
-    Broadcast { shape: Shape },
+    Broadcast {
+        shape: Shape,
+    },
     /// `len` elements from `start` along `axis`.
-    Slice { axis: usize, start: u64, len: u64 },
+    Slice {
+        axis: usize,
+        start: u64,
+        len: u64,
+    },
     /// Operands joined along `axis` (variadic).
-    Concat { axis: usize },
+    Concat {
+        axis: usize,
+    },
     /// Rows of `table [V, D]` picked by integer `ids [...]`: `[..., D]` (embeddings).
     Gather,
     CausalConv1d,
     SelectiveScan,
-    SsdScan { chunk: u64 },
+    SsdScan {
+        chunk: u64,
+    },
 }
 
 impl Op {

@@ -197,8 +197,14 @@ mod tests {
         let bl = Dim::sym("L").mul(&Dim::sym("B")).unwrap();
         assert_eq!(bl, Dim::sym("B").mul(&Dim::sym("L")).unwrap());
         assert_eq!(bl.to_string(), "B*L");
-        assert_eq!(Dim::known(2).mul(&Dim::sym("L")).unwrap().to_string(), "2*L");
+        assert_eq!(
+            Dim::known(2).mul(&Dim::sym("L")).unwrap().to_string(),
+            "2*L"
+        );
         assert_eq!(Dim::known(768).to_string(), "768");
-        assert_eq!(bl.eval(&|s| if s == "B" { Some(2) } else { Some(5) }), Some(10));
+        assert_eq!(
+            bl.eval(&|s| if s == "B" { Some(2) } else { Some(5) }),
+            Some(10)
+        );
     }
 }
