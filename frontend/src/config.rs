@@ -101,6 +101,7 @@ const COMMON: &[(&str, Key)] = &[
     ("dtype", Key::Ignored),
     ("transformers_version", Key::Ignored),
     ("use_mambapy", Key::Ignored),
+    ("use_associative_scan", Key::Ignored),
     ("time_step_min", Key::Ignored),
     ("time_step_max", Key::Ignored),
     ("time_step_floor", Key::Ignored),
