@@ -8,7 +8,7 @@ use frontend::{Compiled, ModelSpec, Sources};
 use ir::{DType, Graph, Op, shape_to_string, types::numel};
 use std::fmt::Write as _;
 use std::ops::Range;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -72,6 +72,44 @@ pub enum Command {
     },
     /// List the presets of the model library.
     Models,
+    /// Run the forward pass and print the most likely next tokens (or write the logits).
+    Run(RunArgs),
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+pub enum BackendArg {
+    Cranelift,
+    Interp,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct RunArgs {
+    /// A preset (random weights), a directory with config.json + safetensors, a
+    /// `.safetensors` file (with --config), or a Hugging Face repo id.
+    pub model: String,
+    /// Token ids, space-separated: one sequence.
+    #[arg(long, conflicts_with = "tokens_file")]
+    pub tokens: Option<String>,
+    /// A file of token ids: one sequence per line (a batch; equal lengths).
+    #[arg(long)]
+    pub tokens_file: Option<String>,
+    /// `config.json` for a bare safetensors file.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Write the logits `[batch, seq, vocab]` (f32) to this safetensors file.
+    #[arg(long)]
+    pub dump_logits: Option<PathBuf>,
+    #[arg(long, default_value = "cranelift")]
+    pub backend: BackendArg,
+    /// Worker threads for the kernels (default: all cores; GEMM threads: MATMUL_NUM_THREADS).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// How many top tokens to print per position.
+    #[arg(long, default_value_t = 5)]
+    pub top: usize,
+    /// Seed of the random weights of a preset.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
 }
 
 /// What a command produced: its exit code and output streams.
@@ -139,6 +177,7 @@ where
                 graph(&c.graph, *format, range, &mut out);
             }
         }
+        Command::Run(r) => run_model(r, &mut out),
         Command::Params { model } => {
             if let Some(c) = compile(model, color, &mut out) {
                 params(&c.graph, &mut out);
@@ -374,4 +413,130 @@ fn models(out: &mut Outcome) {
             p.name, p.model.name, count
         );
     }
+}
+
+fn parse_ids(text: &str, what: &str) -> Result<Vec<Vec<u32>>, String> {
+    let mut seqs = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let ids: Result<Vec<u32>, String> = line
+            .split(|c: char| c.is_whitespace() || c == ',')
+            .filter(|t| !t.is_empty())
+            .map(|t| {
+                t.parse::<u32>()
+                    .map_err(|_| format!("{what} line {}: `{t}` is not a token id", i + 1))
+            })
+            .collect();
+        seqs.push(ids?);
+    }
+    if seqs.is_empty() {
+        return Err(format!("{what} holds no token ids"));
+    }
+    Ok(seqs)
+}
+
+fn run_model(r: &RunArgs, out: &mut Outcome) {
+    let fail = |out: &mut Outcome, msg: String| {
+        out.stderr.push_str(&msg);
+        if !msg.ends_with('\n') {
+            out.stderr.push('\n');
+        }
+        out.code = 1;
+    };
+    let tokens = match (&r.tokens, &r.tokens_file) {
+        (Some(t), _) => parse_ids(t, "--tokens"),
+        (None, Some(f)) => std::fs::read_to_string(f)
+            .map_err(|e| format!("cannot read {f}: {e}"))
+            .and_then(|t| parse_ids(&t, f)),
+        (None, None) => Err("give the input with --tokens \"1 2 3\" or --tokens-file F".into()),
+    };
+    let tokens = match tokens {
+        Ok(t) => t,
+        Err(e) => return fail(out, format!("error: {e}")),
+    };
+    if let Some(n) = r.threads {
+        // The CPU kernels and GEMMs use rayon's global pool and matrixmultiply's threads.
+        // Kernels run on rayon's global pool (GEMMs use matrixmultiply's own threads,
+        // set with MATMUL_NUM_THREADS).
+        let _ = rayon::ThreadPoolBuilder::new()
+            .num_threads(n.max(1))
+            .build_global();
+    }
+    let opts = crate::model::LoadOptions {
+        config: r.config.clone(),
+        seed: r.seed,
+        backend: match r.backend {
+            BackendArg::Cranelift => crate::model::Backend::Cranelift,
+            BackendArg::Interp => crate::model::Backend::Interp,
+        },
+    };
+    let started = std::time::Instant::now();
+    let mut model = match crate::model::Model::load(&r.model, &opts) {
+        Ok(m) => m,
+        Err(e) => return fail(out, format!("{e}")),
+    };
+    let loaded = started.elapsed();
+    let t0 = std::time::Instant::now();
+    let logits = match model.forward(&tokens) {
+        Ok(l) => l,
+        Err(e) => return fail(out, format!("error: {e}")),
+    };
+    let ran = t0.elapsed();
+    if let Some(path) = &r.dump_logits {
+        let t = vec![(
+            "logits".to_string(),
+            vec![logits.batch, logits.seq, logits.vocab],
+            logits.data.clone(),
+        )];
+        if let Err(e) = runtime::weights::save_f32(path, &t) {
+            return fail(out, format!("error: {e}"));
+        }
+        let _ = writeln!(
+            out.stdout,
+            "wrote logits [{}, {}, {}] to {}",
+            logits.batch,
+            logits.seq,
+            logits.vocab,
+            path.display()
+        );
+    } else {
+        for b in 0..logits.batch {
+            if logits.batch > 1 {
+                let _ = writeln!(out.stdout, "sequence {b}:");
+            }
+            for t in 0..logits.seq {
+                let row = logits.at(b, t);
+                let _ = writeln!(
+                    out.stdout,
+                    "  {t:>4} {:>6} -> {}",
+                    tokens[b][t],
+                    top_k(row, r.top)
+                );
+            }
+        }
+    }
+    let n = logits.batch * logits.seq;
+    let _ = writeln!(
+        out.stderr,
+        "{}: loaded in {:.2?}; forward of {n} tokens in {:.2?} ({:.1} tokens/s)",
+        model.graph.name,
+        loaded,
+        ran,
+        n as f64 / ran.as_secs_f64().max(1e-9)
+    );
+}
+
+/// `id (p)` for the `k` most likely tokens of one logits row.
+fn top_k(row: &[f32], k: usize) -> String {
+    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let z: f64 = row.iter().map(|&x| ((x - max) as f64).exp()).sum();
+    let mut idx: Vec<usize> = (0..row.len()).collect();
+    idx.sort_by(|&a, &b| row[b].total_cmp(&row[a]));
+    idx.iter()
+        .take(k)
+        .map(|&i| format!("{i} ({:.3})", ((row[i] - max) as f64).exp() / z))
+        .collect::<Vec<_>>()
+        .join("  ")
 }

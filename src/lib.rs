@@ -4,6 +4,8 @@
 //! line ([`cli`]). See ARCHITECTURE.md for the map.
 
 pub mod cli;
+mod cpu;
+pub mod model;
 
 pub use codegen;
 pub use frontend;

@@ -156,8 +156,12 @@ fn unknown_key_warning_renders_with_its_location() {
 #[test]
 fn fixture_configs_written_by_transformers_5_read_cleanly() {
     let root = env!("CARGO_MANIFEST_DIR");
-    for (dir, model, total) in [("tiny-mamba", "mamba_lm", 5_488u64), ("tiny-mamba2", "mamba2_lm", 16_664)] {
-        let json = std::fs::read_to_string(format!("{root}/tests/fixtures/{dir}/config.json")).expect("fixture");
+    for (dir, model, total) in [
+        ("tiny-mamba", "mamba_lm", 5_488u64),
+        ("tiny-mamba2", "mamba2_lm", 16_664),
+    ] {
+        let json = std::fs::read_to_string(format!("{root}/tests/fixtures/{dir}/config.json"))
+            .expect("fixture");
         assert_eq!(params(model, &json), total, "{dir}");
     }
 }

@@ -10,12 +10,16 @@
 //! - [`graph`]: the petgraph-backed graph with side tables
 //! - [`text`]: the exact, human-readable text form (print and parse)
 //! - [`dot`]: Graphviz output for looking at graphs
+//! - [`kernel`]: the loop-level kernel IR both backends lower from, and its evaluator
+//! - [`schedule`]: kernels + matrix products in launch order, buffers, the memory plan
 //! - [`verify`](mod@verify): the structural and typing invariants of a graph
 
 pub mod dot;
 pub mod graph;
 pub mod infer;
+pub mod kernel;
 pub mod op;
+pub mod schedule;
 pub mod text;
 pub mod types;
 pub mod verify;

@@ -1,1 +1,10 @@
-//! placeholder
+//! Passes over the graph IR.
+//!
+//! - [`lower`]: fusion by inlining, kernels in the kernel IR, matrix products, the schedule
+//! - [`memory`]: the static memory plan (arena offsets from lifetimes) and its checker
+
+pub mod lower;
+pub mod memory;
+
+pub use lower::{BufId, BufInfo, BufKind, LowerError, LowerOptions, Lowered, Step, lower};
+pub use memory::{MemoryPlan, check as check_memory, plan as plan_memory};

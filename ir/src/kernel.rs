@@ -1,0 +1,688 @@
+//! The kernel IR: loop-level code for one fused kernel, described once and lowered by every
+//! backend (Cranelift for the CPU, LLVM NVPTX for the GPU).
+//!
+//! A kernel runs its `body` once for every point of its parallel `grid` (a GPU thread, or a
+//! rayon task over a chunk of points on the CPU). Inside, scalar code computes in f32: loads
+//! from buffers (converting from the buffer's storage dtype), arithmetic, sequential `For`
+//! loops (reductions, time recurrences), mutable scalars and small fixed-size local arrays
+//! (the `[N]` state of a scan lives in registers), and stores (converting to the storage
+//! dtype). Index arithmetic is i64 over grid coordinates, loop counters and the kernel's
+//! runtime `sizes` (batch, sequence length, ...), so one compiled kernel serves every shape.
+//!
+//! Invariants ([`Kernel::check`]): every buffer, size, variable, loop counter and local array
+//! a statement uses is declared (buffers and sizes in the kernel header, the rest earlier in
+//! an enclosing block); stores only go to buffers marked writable; local arrays have a
+//! compile-time length.
+
+use crate::op::{BinaryOp, UnaryOp};
+use crate::types::DType;
+use std::fmt;
+
+/// A buffer argument of a kernel: flat, row-major, indexed in elements.
+#[derive(Clone, Debug, PartialEq)]
+pub struct KBuf {
+    pub name: String,
+    pub dtype: DType,
+    pub writable: bool,
+}
+
+/// An i64 index expression.
+#[derive(Clone, Debug, PartialEq)]
+pub enum IExpr {
+    Const(i64),
+    /// The kernel's runtime size number `i` (`Kernel::sizes[i]`).
+    Size(usize),
+    /// Coordinate `i` of the grid point this body instance runs for.
+    Grid(usize),
+    /// The counter of an enclosing `For`.
+    Loop(LoopId),
+    Add(Box<IExpr>, Box<IExpr>),
+    Sub(Box<IExpr>, Box<IExpr>),
+    Mul(Box<IExpr>, Box<IExpr>),
+    /// Floor division by a positive divisor.
+    Div(Box<IExpr>, Box<IExpr>),
+    /// Remainder by a positive divisor (non-negative for non-negative operands).
+    Rem(Box<IExpr>, Box<IExpr>),
+    /// Element `index` of an integer buffer (token ids), as i64.
+    LoadIndex {
+        buf: usize,
+        index: Box<IExpr>,
+    },
+}
+
+impl IExpr {
+    pub fn c(n: i64) -> IExpr {
+        IExpr::Const(n)
+    }
+    pub fn add(self, o: IExpr) -> IExpr {
+        match (&self, &o) {
+            (IExpr::Const(0), _) => o,
+            (_, IExpr::Const(0)) => self,
+            (IExpr::Const(a), IExpr::Const(b)) => IExpr::Const(a + b),
+            _ => IExpr::Add(Box::new(self), Box::new(o)),
+        }
+    }
+    pub fn sub(self, o: IExpr) -> IExpr {
+        match (&self, &o) {
+            (_, IExpr::Const(0)) => self,
+            (IExpr::Const(a), IExpr::Const(b)) => IExpr::Const(a - b),
+            _ => IExpr::Sub(Box::new(self), Box::new(o)),
+        }
+    }
+    pub fn mul(self, o: IExpr) -> IExpr {
+        match (&self, &o) {
+            (IExpr::Const(0), _) | (_, IExpr::Const(0)) => IExpr::Const(0),
+            (IExpr::Const(1), _) => o,
+            (_, IExpr::Const(1)) => self,
+            (IExpr::Const(a), IExpr::Const(b)) => IExpr::Const(a * b),
+            _ => IExpr::Mul(Box::new(self), Box::new(o)),
+        }
+    }
+    pub fn div(self, o: IExpr) -> IExpr {
+        match (&self, &o) {
+            (_, IExpr::Const(1)) => self,
+            (IExpr::Const(a), IExpr::Const(b)) if *b > 0 => IExpr::Const(a.div_euclid(*b)),
+            _ => IExpr::Div(Box::new(self), Box::new(o)),
+        }
+    }
+    pub fn rem(self, o: IExpr) -> IExpr {
+        match (&self, &o) {
+            (_, IExpr::Const(1)) => IExpr::Const(0),
+            (IExpr::Const(a), IExpr::Const(b)) if *b > 0 => IExpr::Const(a.rem_euclid(*b)),
+            _ => IExpr::Rem(Box::new(self), Box::new(o)),
+        }
+    }
+}
+
+/// A mutable f32 scalar of the kernel body.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct VarId(pub u32);
+
+/// A sequential loop's counter.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct LoopId(pub u32);
+
+/// A fixed-size f32 local array (registers on the GPU, the stack on the CPU).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ArrId(pub u32);
+
+/// An f32 value expression.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Expr {
+    Const(f64),
+    Var(VarId),
+    /// Element `index` of buffer `buf`, converted to f32.
+    Load {
+        buf: usize,
+        index: IExpr,
+    },
+    /// Element `index` of a local array.
+    ArrLoad {
+        arr: ArrId,
+        index: IExpr,
+    },
+    Unary(UnaryOp, Box<Expr>),
+    Binary(BinaryOp, Box<Expr>, Box<Expr>),
+    /// An index value converted to f32 (counts for means, positions).
+    FromIndex(IExpr),
+}
+
+impl Expr {
+    pub fn un(op: UnaryOp, a: Expr) -> Expr {
+        Expr::Unary(op, Box::new(a))
+    }
+    pub fn bin(op: BinaryOp, a: Expr, b: Expr) -> Expr {
+        Expr::Binary(op, Box::new(a), Box::new(b))
+    }
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum Stmt {
+    /// Declares a mutable scalar with an initial value.
+    Var { var: VarId, init: Expr },
+    /// Assigns a declared scalar.
+    Set { var: VarId, value: Expr },
+    /// Declares a local array of `len` elements, all `init`.
+    Array { arr: ArrId, len: usize, init: f64 },
+    ArrSet {
+        arr: ArrId,
+        index: IExpr,
+        value: Expr,
+    },
+    /// `for counter in 0..extent { body }`, sequentially.
+    For {
+        counter: LoopId,
+        extent: IExpr,
+        body: Vec<Stmt>,
+    },
+    /// Converts `value` to the buffer's dtype and writes it at `index`.
+    Store {
+        buf: usize,
+        index: IExpr,
+        value: Expr,
+    },
+}
+
+/// One kernel.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Kernel {
+    pub name: String,
+    pub bufs: Vec<KBuf>,
+    /// Names of the runtime sizes (`B`, `L`, or derived extents), bound at launch.
+    pub sizes: Vec<String>,
+    /// Parallel extents; the body runs once per point of `grid[0] x grid[1] x ...`.
+    pub grid: Vec<IExpr>,
+    pub body: Vec<Stmt>,
+}
+
+/// A kernel that breaks an invariant of [`Kernel::check`].
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+#[error("kernel `{kernel}`: {message}")]
+pub struct KernelError {
+    pub kernel: String,
+    pub message: String,
+}
+
+#[derive(Default, Clone)]
+struct Scope {
+    vars: Vec<VarId>,
+    loops: Vec<LoopId>,
+    arrs: Vec<(ArrId, usize)>,
+}
+
+impl Kernel {
+    /// Checks the invariants listed in the module doc.
+    pub fn check(&self) -> Result<(), KernelError> {
+        let err = |m: String| KernelError {
+            kernel: self.name.clone(),
+            message: m,
+        };
+        for g in &self.grid {
+            self.check_iexpr(g, &Scope::default(), true).map_err(err)?;
+        }
+        self.check_block(&self.body, &mut Scope::default())
+            .map_err(err)
+    }
+
+    fn check_block(&self, body: &[Stmt], scope: &mut Scope) -> Result<(), String> {
+        let mark = (scope.vars.len(), scope.loops.len(), scope.arrs.len());
+        for s in body {
+            match s {
+                Stmt::Var { var, init } => {
+                    self.check_expr(init, scope)?;
+                    scope.vars.push(*var);
+                }
+                Stmt::Set { var, value } => {
+                    if !scope.vars.contains(var) {
+                        return Err(format!("assignment to undeclared v{}", var.0));
+                    }
+                    self.check_expr(value, scope)?;
+                }
+                Stmt::Array { arr, len, .. } => {
+                    if *len == 0 {
+                        return Err(format!("local array a{} has length 0", arr.0));
+                    }
+                    scope.arrs.push((*arr, *len));
+                }
+                Stmt::ArrSet { arr, index, value } => {
+                    if !scope.arrs.iter().any(|(a, _)| a == arr) {
+                        return Err(format!("store to undeclared local array a{}", arr.0));
+                    }
+                    self.check_iexpr(index, scope, false)?;
+                    self.check_expr(value, scope)?;
+                }
+                Stmt::For {
+                    counter,
+                    extent,
+                    body,
+                } => {
+                    self.check_iexpr(extent, scope, false)?;
+                    scope.loops.push(*counter);
+                    self.check_block(body, scope)?;
+                    scope.loops.pop();
+                }
+                Stmt::Store { buf, index, value } => {
+                    match self.bufs.get(*buf) {
+                        Some(b) if b.writable => {}
+                        Some(b) => return Err(format!("store to read-only buffer `{}`", b.name)),
+                        None => return Err(format!("store to unknown buffer {buf}")),
+                    }
+                    self.check_iexpr(index, scope, false)?;
+                    self.check_expr(value, scope)?;
+                }
+            }
+        }
+        scope.vars.truncate(mark.0);
+        scope.loops.truncate(mark.1);
+        scope.arrs.truncate(mark.2);
+        Ok(())
+    }
+
+    fn check_expr(&self, e: &Expr, scope: &Scope) -> Result<(), String> {
+        match e {
+            Expr::Const(_) => Ok(()),
+            Expr::Var(v) => {
+                if scope.vars.contains(v) {
+                    Ok(())
+                } else {
+                    Err(format!("use of undeclared v{}", v.0))
+                }
+            }
+            Expr::Load { buf, index } => {
+                if *buf >= self.bufs.len() {
+                    return Err(format!("load from unknown buffer {buf}"));
+                }
+                self.check_iexpr(index, scope, false)
+            }
+            Expr::ArrLoad { arr, index } => {
+                if !scope.arrs.iter().any(|(a, _)| a == arr) {
+                    return Err(format!("load from undeclared local array a{}", arr.0));
+                }
+                self.check_iexpr(index, scope, false)
+            }
+            Expr::Unary(_, a) => self.check_expr(a, scope),
+            Expr::Binary(_, a, b) => {
+                self.check_expr(a, scope)?;
+                self.check_expr(b, scope)
+            }
+            Expr::FromIndex(i) => self.check_iexpr(i, scope, false),
+        }
+    }
+
+    fn check_iexpr(&self, e: &IExpr, scope: &Scope, in_grid: bool) -> Result<(), String> {
+        match e {
+            IExpr::Const(_) => Ok(()),
+            IExpr::Size(i) => {
+                if *i < self.sizes.len() {
+                    Ok(())
+                } else {
+                    Err(format!("unknown size {i}"))
+                }
+            }
+            IExpr::Grid(i) => {
+                if in_grid {
+                    Err("a grid extent uses a grid coordinate".into())
+                } else if *i < self.grid.len() {
+                    Ok(())
+                } else {
+                    Err(format!(
+                        "grid coordinate {i} of a {}-d grid",
+                        self.grid.len()
+                    ))
+                }
+            }
+            IExpr::Loop(l) => {
+                if scope.loops.contains(l) {
+                    Ok(())
+                } else {
+                    Err(format!("use of loop counter i{} outside its loop", l.0))
+                }
+            }
+            IExpr::Add(a, b)
+            | IExpr::Sub(a, b)
+            | IExpr::Mul(a, b)
+            | IExpr::Div(a, b)
+            | IExpr::Rem(a, b) => {
+                self.check_iexpr(a, scope, in_grid)?;
+                self.check_iexpr(b, scope, in_grid)
+            }
+            IExpr::LoadIndex { buf, index } => {
+                match self.bufs.get(*buf) {
+                    Some(b) if !b.dtype.is_float() => {}
+                    Some(b) => {
+                        return Err(format!("index load from the float buffer `{}`", b.name));
+                    }
+                    None => return Err(format!("index load from unknown buffer {buf}")),
+                }
+                self.check_iexpr(index, scope, in_grid)
+            }
+        }
+    }
+}
+
+impl fmt::Display for IExpr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            IExpr::Const(n) => write!(f, "{n}"),
+            IExpr::Size(i) => write!(f, "s{i}"),
+            IExpr::Grid(i) => write!(f, "g{i}"),
+            IExpr::Loop(l) => write!(f, "i{}", l.0),
+            IExpr::Add(a, b) => write!(f, "({a} + {b})"),
+            IExpr::Sub(a, b) => write!(f, "({a} - {b})"),
+            IExpr::Mul(a, b) => write!(f, "{a}*{b}"),
+            IExpr::Div(a, b) => write!(f, "({a} / {b})"),
+            IExpr::Rem(a, b) => write!(f, "({a} % {b})"),
+            IExpr::LoadIndex { buf, index } => write!(f, "b{buf}[{index}]"),
+        }
+    }
+}
+
+impl fmt::Display for Expr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Expr::Const(x) => write!(f, "{x:?}"),
+            Expr::Var(v) => write!(f, "v{}", v.0),
+            Expr::Load { buf, index } => write!(f, "b{buf}[{index}]"),
+            Expr::ArrLoad { arr, index } => write!(f, "a{}[{index}]", arr.0),
+            Expr::Unary(op, a) => write!(f, "{}({a})", op.name()),
+            Expr::Binary(op, a, b) => write!(f, "{}({a}, {b})", op.name()),
+            Expr::FromIndex(i) => write!(f, "f32({i})"),
+        }
+    }
+}
+
+fn write_block(f: &mut fmt::Formatter<'_>, body: &[Stmt], depth: usize) -> fmt::Result {
+    let pad = "  ".repeat(depth);
+    for s in body {
+        match s {
+            Stmt::Var { var, init } => writeln!(f, "{pad}var v{} = {init}", var.0)?,
+            Stmt::Set { var, value } => writeln!(f, "{pad}v{} = {value}", var.0)?,
+            Stmt::Array { arr, len, init } => {
+                writeln!(f, "{pad}array a{}[{len}] = {init:?}", arr.0)?
+            }
+            Stmt::ArrSet { arr, index, value } => {
+                writeln!(f, "{pad}a{}[{index}] = {value}", arr.0)?
+            }
+            Stmt::For {
+                counter,
+                extent,
+                body,
+            } => {
+                writeln!(f, "{pad}for i{} in 0..{extent} {{", counter.0)?;
+                write_block(f, body, depth + 1)?;
+                writeln!(f, "{pad}}}")?;
+            }
+            Stmt::Store { buf, index, value } => writeln!(f, "{pad}b{buf}[{index}] = {value}")?,
+        }
+    }
+    Ok(())
+}
+
+impl fmt::Display for Kernel {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "kernel {}(", self.name)?;
+        for (i, b) in self.bufs.iter().enumerate() {
+            let rw = if b.writable { "mut " } else { "" };
+            write!(
+                f,
+                "{}b{i}: {rw}{} {}",
+                if i > 0 { ", " } else { "" },
+                b.dtype,
+                b.name
+            )?;
+        }
+        write!(f, ") sizes [{}] grid [", self.sizes.join(", "))?;
+        for (i, g) in self.grid.iter().enumerate() {
+            write!(f, "{}{g}", if i > 0 { ", " } else { "" })?;
+        }
+        writeln!(f, "] {{")?;
+        write_block(f, &self.body, 1)?;
+        writeln!(f, "}}")
+    }
+}
+
+/// A reference evaluator of the kernel IR, in f64 or rounding every value to f32 as the
+/// compiled backends do: the oracle for backend tests. `bufs` are the kernel's buffers as f64
+/// values (stores round to the buffer's dtype).
+pub mod eval {
+    use super::*;
+    use std::collections::HashMap;
+
+    /// Why evaluation failed (an out-of-bounds index, a division by zero).
+    #[derive(Clone, Debug, PartialEq, thiserror::Error)]
+    #[error("kernel `{kernel}`: {message}")]
+    pub struct EvalError {
+        pub kernel: String,
+        pub message: String,
+    }
+
+    struct Frame {
+        grid: Vec<i64>,
+        vars: HashMap<VarId, f64>,
+        loops: HashMap<LoopId, i64>,
+        arrs: HashMap<ArrId, Vec<f64>>,
+    }
+
+    /// Runs `k` over its whole grid. `f32` rounds every intermediate to f32.
+    pub fn run(
+        k: &Kernel,
+        sizes: &[i64],
+        bufs: &mut [Vec<f64>],
+        f32: bool,
+    ) -> Result<(), EvalError> {
+        let err = |m: String| EvalError {
+            kernel: k.name.clone(),
+            message: m,
+        };
+        if sizes.len() != k.sizes.len() || bufs.len() != k.bufs.len() {
+            return Err(err("wrong number of sizes or buffers".into()));
+        }
+        let empty = Frame {
+            grid: vec![],
+            vars: HashMap::new(),
+            loops: HashMap::new(),
+            arrs: HashMap::new(),
+        };
+        let ev = Ev { k, sizes, f32 };
+        let extents: Vec<i64> = k
+            .grid
+            .iter()
+            .map(|g| ev.index(g, &empty, bufs))
+            .collect::<Result<_, _>>()
+            .map_err(err)?;
+        let total: i64 = extents.iter().product();
+        for flat in 0..total.max(0) {
+            let mut grid = vec![0; extents.len()];
+            let mut rest = flat;
+            for (i, e) in extents.iter().enumerate().rev() {
+                grid[i] = rest % e;
+                rest /= e;
+            }
+            let mut frame = Frame {
+                grid,
+                vars: HashMap::new(),
+                loops: HashMap::new(),
+                arrs: HashMap::new(),
+            };
+            ev.block(&k.body, &mut frame, bufs).map_err(err)?;
+        }
+        Ok(())
+    }
+
+    struct Ev<'a> {
+        k: &'a Kernel,
+        sizes: &'a [i64],
+        f32: bool,
+    }
+
+    impl Ev<'_> {
+        fn round(&self, x: f64) -> f64 {
+            if self.f32 { x as f32 as f64 } else { x }
+        }
+
+        fn index(&self, e: &IExpr, fr: &Frame, bufs: &[Vec<f64>]) -> Result<i64, String> {
+            Ok(match e {
+                IExpr::Const(n) => *n,
+                IExpr::Size(i) => *self.sizes.get(*i).ok_or("unknown size")?,
+                IExpr::Grid(i) => *fr.grid.get(*i).ok_or("unknown grid coordinate")?,
+                IExpr::Loop(l) => *fr.loops.get(l).ok_or("unknown loop")?,
+                IExpr::Add(a, b) => self
+                    .index(a, fr, bufs)?
+                    .wrapping_add(self.index(b, fr, bufs)?),
+                IExpr::Sub(a, b) => self
+                    .index(a, fr, bufs)?
+                    .wrapping_sub(self.index(b, fr, bufs)?),
+                IExpr::Mul(a, b) => self
+                    .index(a, fr, bufs)?
+                    .wrapping_mul(self.index(b, fr, bufs)?),
+                IExpr::Div(a, b) => {
+                    let d = self.index(b, fr, bufs)?;
+                    if d <= 0 {
+                        return Err(format!("division by {d}"));
+                    }
+                    self.index(a, fr, bufs)?.div_euclid(d)
+                }
+                IExpr::Rem(a, b) => {
+                    let d = self.index(b, fr, bufs)?;
+                    if d <= 0 {
+                        return Err(format!("remainder by {d}"));
+                    }
+                    self.index(a, fr, bufs)?.rem_euclid(d)
+                }
+                IExpr::LoadIndex { buf, index } => {
+                    let i = self.index(index, fr, bufs)?;
+                    let b = bufs.get(*buf).ok_or("unknown buffer")?;
+                    let x = *usize::try_from(i)
+                        .ok()
+                        .and_then(|i| b.get(i))
+                        .ok_or_else(|| format!("index load b{buf}[{i}] out of bounds"))?;
+                    x as i64
+                }
+            })
+        }
+
+        fn expr(&self, e: &Expr, fr: &Frame, bufs: &[Vec<f64>]) -> Result<f64, String> {
+            Ok(match e {
+                Expr::Const(x) => self.round(*x),
+                Expr::Var(v) => *fr.vars.get(v).ok_or("unknown variable")?,
+                Expr::Load { buf, index } => {
+                    let i = self.index(index, fr, bufs)?;
+                    let b = bufs.get(*buf).ok_or("unknown buffer")?;
+                    let x = *usize::try_from(i)
+                        .ok()
+                        .and_then(|i| b.get(i))
+                        .ok_or_else(|| {
+                            format!("load b{buf}[{i}] out of bounds (len {})", b.len())
+                        })?;
+                    self.round(x)
+                }
+                Expr::ArrLoad { arr, index } => {
+                    let i = self.index(index, fr, bufs)?;
+                    let a = fr.arrs.get(arr).ok_or("unknown local array")?;
+                    *usize::try_from(i)
+                        .ok()
+                        .and_then(|i| a.get(i))
+                        .ok_or_else(|| format!("local a{}[{i}] out of bounds", arr.0))?
+                }
+                Expr::Unary(op, a) => {
+                    let x = self.expr(a, fr, bufs)?;
+                    self.round(unary(*op, x))
+                }
+                Expr::Binary(op, a, b) => {
+                    let (x, y) = (self.expr(a, fr, bufs)?, self.expr(b, fr, bufs)?);
+                    self.round(binary(*op, x, y))
+                }
+                Expr::FromIndex(i) => self.round(self.index(i, fr, bufs)? as f64),
+            })
+        }
+
+        fn block(
+            &self,
+            body: &[Stmt],
+            fr: &mut Frame,
+            bufs: &mut [Vec<f64>],
+        ) -> Result<(), String> {
+            for s in body {
+                match s {
+                    Stmt::Var { var, init } | Stmt::Set { var, value: init } => {
+                        let x = self.expr(init, fr, bufs)?;
+                        fr.vars.insert(*var, x);
+                    }
+                    Stmt::Array { arr, len, init } => {
+                        fr.arrs.insert(*arr, vec![self.round(*init); *len]);
+                    }
+                    Stmt::ArrSet { arr, index, value } => {
+                        let i = self.index(index, fr, bufs)?;
+                        let x = self.expr(value, fr, bufs)?;
+                        let a = fr.arrs.get_mut(arr).ok_or("unknown local array")?;
+                        let slot = usize::try_from(i)
+                            .ok()
+                            .and_then(|i| a.get_mut(i))
+                            .ok_or_else(|| format!("local a{}[{i}] out of bounds", arr.0))?;
+                        *slot = x;
+                    }
+                    Stmt::For {
+                        counter,
+                        extent,
+                        body,
+                    } => {
+                        let n = self.index(extent, fr, bufs)?;
+                        for i in 0..n.max(0) {
+                            fr.loops.insert(*counter, i);
+                            self.block(body, fr, bufs)?;
+                        }
+                        fr.loops.remove(counter);
+                    }
+                    Stmt::Store { buf, index, value } => {
+                        let i = self.index(index, fr, bufs)?;
+                        let x = self.expr(value, fr, bufs)?;
+                        let dtype = self.k.bufs.get(*buf).ok_or("unknown buffer")?.dtype;
+                        let b = bufs.get_mut(*buf).ok_or("unknown buffer")?;
+                        let len = b.len();
+                        let slot = usize::try_from(i)
+                            .ok()
+                            .and_then(|i| b.get_mut(i))
+                            .ok_or_else(|| {
+                                format!("store b{buf}[{i}] out of bounds (len {len})")
+                            })?;
+                        *slot = round_store(dtype, x);
+                    }
+                }
+            }
+            Ok(())
+        }
+    }
+
+    fn round_store(dtype: DType, x: f64) -> f64 {
+        match dtype {
+            DType::F64 => x,
+            DType::F32 | DType::F16 | DType::BF16 | DType::I32 | DType::I64 => {
+                // f16/bf16 rounding lives in the runtime (it has `half`); the evaluator models
+                // f32 storage, which is what the CPU backend uses.
+                x as f32 as f64
+            }
+        }
+    }
+
+    /// The f64 value of a unary op; the one definition the interpreter and evaluators share.
+    pub fn unary(op: UnaryOp, x: f64) -> f64 {
+        match op {
+            UnaryOp::Neg => -x,
+            UnaryOp::Exp => x.exp(),
+            UnaryOp::Log => x.ln(),
+            UnaryOp::Sqrt => x.sqrt(),
+            UnaryOp::Rsqrt => 1.0 / x.sqrt(),
+            UnaryOp::Recip => 1.0 / x,
+            UnaryOp::Softplus => {
+                if x > 20.0 {
+                    x
+                } else {
+                    x.exp().ln_1p()
+                }
+            }
+            UnaryOp::Silu => x * sigmoid(x),
+            UnaryOp::Sigmoid => sigmoid(x),
+        }
+    }
+
+    fn sigmoid(x: f64) -> f64 {
+        if x >= 0.0 {
+            1.0 / (1.0 + (-x).exp())
+        } else {
+            let e = x.exp();
+            e / (1.0 + e)
+        }
+    }
+
+    /// The f64 value of a binary op.
+    pub fn binary(op: BinaryOp, x: f64, y: f64) -> f64 {
+        match op {
+            BinaryOp::Add => x + y,
+            BinaryOp::Sub => x - y,
+            BinaryOp::Mul => x * y,
+            BinaryOp::Div => x / y,
+            BinaryOp::Max => x.max(y),
+            BinaryOp::Min => x.min(y),
+        }
+    }
+}

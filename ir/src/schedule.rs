@@ -1,0 +1,104 @@
+//! The executable form of a graph: kernels, matrix products and buffers in launch order,
+//! and the memory plan that places intermediates in one arena. `passes` produces them; the
+//! runtimes execute them; an artifact stores them.
+
+use crate::graph::{NodeId, Value};
+use crate::kernel::Kernel;
+use crate::types::{DType, Dim, Shape};
+
+/// Index of a buffer in [`Lowered::buffers`].
+pub type BufId = usize;
+
+/// Where a buffer's memory comes from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum BufKind {
+    /// A data input (token ids), by graph input name.
+    Input(String),
+    /// An initial state, by graph input name (zeros unless the caller carries one in).
+    State(String),
+    /// A parameter, by checkpoint name.
+    Param(String),
+    /// An intermediate value: lives in the arena, placed by the memory planner.
+    Temp,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct BufInfo {
+    pub kind: BufKind,
+    pub dtype: DType,
+    pub shape: Shape,
+    /// The node result that produced it (for errors and profiles).
+    pub value: Value,
+}
+
+/// One step of the schedule.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Step {
+    /// Launch `kernels[kernel]` with these buffers (in the kernel's order) and the graph's
+    /// symbol values as its sizes.
+    Kernel {
+        kernel: usize,
+        bufs: Vec<BufId>,
+        node: NodeId,
+    },
+    /// `out[b] = lhs[b] @ rhs(^T)` for `batch` row-major matrices: lhs `[M, K]`, rhs `[K, N]`
+    /// (or `[N, K]` when `rhs_t`), shared by every batch unless `rhs_batched`.
+    MatMul {
+        lhs: BufId,
+        rhs: BufId,
+        out: BufId,
+        batch: Dim,
+        m: Dim,
+        k: Dim,
+        n: Dim,
+        rhs_t: bool,
+        rhs_batched: bool,
+        node: NodeId,
+    },
+}
+
+impl Step {
+    /// Buffers read and written by the step.
+    pub fn buffers(&self, kernels: &[Kernel]) -> (Vec<BufId>, Vec<BufId>) {
+        match self {
+            Step::Kernel { kernel, bufs, .. } => {
+                let mut r = Vec::new();
+                let mut w = Vec::new();
+                for (i, b) in bufs.iter().enumerate() {
+                    if kernels[*kernel].bufs[i].writable {
+                        w.push(*b);
+                    } else {
+                        r.push(*b);
+                    }
+                }
+                (r, w)
+            }
+            Step::MatMul { lhs, rhs, out, .. } => (vec![*lhs, *rhs], vec![*out]),
+        }
+    }
+}
+
+/// A graph lowered to kernels and a schedule (steps in a topological order).
+#[derive(Clone, Debug)]
+pub struct Lowered {
+    pub kernels: Vec<Kernel>,
+    pub steps: Vec<Step>,
+    pub buffers: Vec<BufInfo>,
+    /// Symbol names; kernels take their values as sizes in this order.
+    pub syms: Vec<String>,
+    /// Graph outputs: name and buffer.
+    pub outputs: Vec<(String, BufId)>,
+}
+
+/// Where every intermediate buffer lives in the arena, for one binding of the symbols.
+#[derive(Clone, Debug, PartialEq)]
+pub struct MemoryPlan {
+    /// Arena offset of each buffer; `None` for inputs, states and parameters.
+    pub offsets: Vec<Option<u64>>,
+    /// Bytes of each buffer at the planned sizes.
+    pub bytes: Vec<u64>,
+    /// Step interval during which each buffer is alive (`None` if unused).
+    pub lifetimes: Vec<Option<(usize, usize)>>,
+    /// Arena size: the peak of simultaneously live intermediates.
+    pub peak: u64,
+}

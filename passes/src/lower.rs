@@ -1,0 +1,932 @@
+//! Lowering: a graph becomes kernels, matrix products and a launch schedule.
+//!
+//! Fusion is by inlining. A value is *materialized* (given a buffer) when it must be: graph
+//! inputs, parameters and outputs, results of the ops that need loops of their own (reduce,
+//! gather, concat, conv, scans), operands of matrix products (a GEMM library reads
+//! buffers), and values used more than once unless they are cheap to recompute (constants,
+//! views of buffers). Everything else — elementwise math, casts, broadcasts, slices,
+//! reshapes, permutes — is inlined as an expression at every place that reads it, with the
+//! index arithmetic of the views composed. So an elementwise chain becomes one kernel, and
+//! each reduction, conv and scan kernel computes its own prologue (`softplus(dt + bias)` is
+//! evaluated inside the scan; the discretized `[B, L, E, N]` tensors never exist).
+//!
+//! A reshape of a materialized buffer is an alias of it, not a copy.
+//!
+//! The result is executable by any backend that runs [`ir::kernel::Kernel`]s and row-major
+//! f32 matrix products: steps in graph order, which is a topological order.
+
+use ir::kernel::{ArrId, Expr, IExpr, KBuf, Kernel, LoopId, Stmt, VarId};
+pub use ir::schedule::{BufId, BufInfo, BufKind, Lowered, Step};
+use ir::{BinaryOp, DType, Dim, Graph, InputKind, NodeId, Op, ReduceOp, Shape, UnaryOp, Value};
+use std::collections::HashMap;
+
+/// Why a graph cannot be lowered.
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+pub enum LowerError {
+    #[error("{node} (`{op}`): {message}")]
+    Unsupported {
+        node: NodeId,
+        op: &'static str,
+        message: String,
+    },
+}
+
+/// Options of the lowering.
+#[derive(Clone, Debug, Default)]
+pub struct LowerOptions {
+    /// Materialize every value (no fusion): the differential baseline for fusion.
+    pub no_fusion: bool,
+}
+
+/// Lowers `g` for f32 compute (parameters and activations stored as f32).
+pub fn lower(g: &Graph, opts: &LowerOptions) -> Result<Lowered, LowerError> {
+    let mut syms: Vec<String> = Vec::new();
+    for n in g.nodes() {
+        for t in g.types(n) {
+            for d in &t.shape {
+                for s in d.syms() {
+                    if !syms.contains(s) {
+                        syms.push(s.clone());
+                    }
+                }
+            }
+        }
+    }
+    let mut l = Lowering {
+        g,
+        syms,
+        buf_of: HashMap::new(),
+        out: Lowered {
+            kernels: Vec::new(),
+            steps: Vec::new(),
+            buffers: Vec::new(),
+            syms: Vec::new(),
+            outputs: Vec::new(),
+        },
+        materialize: vec![false; g.len()],
+    };
+    l.decide(opts);
+    for n in g.nodes() {
+        l.node(n)?;
+    }
+    for (name, v) in g.outputs() {
+        let b = l.buffer_of(*v)?;
+        l.out.outputs.push((name.clone(), b));
+    }
+    l.out.syms = l.syms.clone();
+    Ok(l.out)
+}
+
+struct Lowering<'g> {
+    g: &'g Graph,
+    syms: Vec<String>,
+    buf_of: HashMap<Value, BufId>,
+    out: Lowered,
+    /// Per node: its results get buffers.
+    materialize: Vec<bool>,
+}
+
+/// Ops that need a kernel shape of their own (loops, or several results).
+fn needs_own_kernel(op: &Op) -> bool {
+    match op {
+        Op::Reduce { .. }
+        | Op::Gather
+        | Op::Concat { .. }
+        | Op::CausalConv1d
+        | Op::SelectiveScan
+        | Op::SsdScan { .. }
+        | Op::MatMul { .. }
+        | Op::Input { .. }
+        | Op::Param { .. } => true,
+        Op::Const { .. }
+        | Op::Unary(_)
+        | Op::Binary(_)
+        | Op::Cast { .. }
+        | Op::Reshape { .. }
+        | Op::Permute { .. }
+        | Op::Broadcast { .. }
+        | Op::Slice { .. } => false,
+    }
+}
+
+fn is_view(op: &Op) -> bool {
+    matches!(
+        op,
+        Op::Reshape { .. } | Op::Permute { .. } | Op::Broadcast { .. } | Op::Slice { .. }
+    )
+}
+
+impl<'g> Lowering<'g> {
+    /// Which nodes get buffers (see the module doc).
+    fn decide(&mut self, opts: &LowerOptions) {
+        let g = self.g;
+        let mut uses = vec![0usize; g.len()];
+        let mut gemm_operand = vec![false; g.len()];
+        for n in g.nodes() {
+            let operands = g.operands(n);
+            for v in &operands {
+                uses[v.node.index()] += 1;
+            }
+            if matches!(g.op(n), Op::MatMul { .. } | Op::Gather) {
+                for v in &operands {
+                    gemm_operand[v.node.index()] = true;
+                }
+            }
+        }
+        for (_, v) in g.outputs() {
+            uses[v.node.index()] += 1;
+            gemm_operand[v.node.index()] = true;
+        }
+        for n in g.nodes() {
+            let op = g.op(n);
+            let i = n.index();
+            let cheap = match op {
+                Op::Const { .. } => true,
+                o if is_view(o) => g
+                    .operands(n)
+                    .iter()
+                    .all(|v| self.materialize[v.node.index()]),
+                _ => false,
+            };
+            self.materialize[i] = needs_own_kernel(op)
+                || gemm_operand[i]
+                || (uses[i] > 1 && !cheap)
+                || (opts.no_fusion && !matches!(op, Op::Const { .. }));
+        }
+    }
+
+    fn buffer_of(&self, v: Value) -> Result<BufId, LowerError> {
+        self.buf_of
+            .get(&v)
+            .copied()
+            .ok_or_else(|| LowerError::Unsupported {
+                node: v.node,
+                op: self.g.op(v.node).name(),
+                message: "value has no buffer (internal error)".into(),
+            })
+    }
+
+    fn new_buf(&mut self, v: Value, kind: BufKind) -> BufId {
+        let ty = self
+            .g
+            .value_type(v)
+            .cloned()
+            .unwrap_or_else(|| ir::TensorType::new(DType::F32, vec![]));
+        // Compute is f32: float values are stored as f32 here.
+        let dtype = if ty.dtype.is_float() {
+            DType::F32
+        } else {
+            ty.dtype
+        };
+        self.out.buffers.push(BufInfo {
+            kind,
+            dtype,
+            shape: ty.shape,
+            value: v,
+        });
+        let id = self.out.buffers.len() - 1;
+        self.buf_of.insert(v, id);
+        id
+    }
+
+    fn dim(&self, d: &Dim) -> IExpr {
+        let mut e = IExpr::c(d.coeff() as i64);
+        for s in d.syms() {
+            let i = self.syms.iter().position(|x| x == s).unwrap_or(0);
+            e = e.mul(IExpr::Size(i));
+        }
+        e
+    }
+
+    fn numel(&self, shape: &[Dim]) -> IExpr {
+        shape
+            .iter()
+            .fold(IExpr::c(1), |acc, d| acc.mul(self.dim(d)))
+    }
+
+    /// Row-major linear index of `idx` in `shape`.
+    fn linear(&self, idx: &[IExpr], shape: &[Dim]) -> IExpr {
+        let mut e = IExpr::c(0);
+        for (i, d) in idx.iter().zip(shape) {
+            e = e.mul(self.dim(d)).add(i.clone());
+        }
+        e
+    }
+
+    /// Multi-index of the linear index `flat` in `shape`.
+    fn delinear(&self, flat: IExpr, shape: &[Dim]) -> Vec<IExpr> {
+        let mut idx = vec![IExpr::c(0); shape.len()];
+        let mut rest = flat;
+        for (i, d) in shape.iter().enumerate().rev() {
+            let de = self.dim(d);
+            if i == 0 {
+                idx[i] = rest.clone();
+            } else {
+                idx[i] = rest.clone().rem(de.clone());
+                rest = rest.div(de);
+            }
+        }
+        idx
+    }
+
+    fn shape(&self, v: Value) -> Shape {
+        self.g
+            .value_type(v)
+            .map(|t| t.shape.clone())
+            .unwrap_or_default()
+    }
+
+    fn node(&mut self, n: NodeId) -> Result<(), LowerError> {
+        let g = self.g;
+        let op = g.op(n);
+        let unsupported = |m: &str| LowerError::Unsupported {
+            node: n,
+            op: op.name(),
+            message: m.into(),
+        };
+        if !self.materialize[n.index()] {
+            return Ok(());
+        }
+        let v0 = Value::new(n, 0);
+        match op {
+            Op::Input { name, kind, .. } => {
+                let kind = match kind {
+                    InputKind::Data => BufKind::Input(name.clone()),
+                    InputKind::State => BufKind::State(name.clone()),
+                };
+                self.new_buf(v0, kind);
+            }
+            Op::Param { name, .. } => {
+                self.new_buf(v0, BufKind::Param(name.clone()));
+            }
+            Op::Reshape { .. } if self.buf_of.contains_key(&g.operands(n)[0]) => {
+                // Same elements in the same order: an alias.
+                let b = self.buffer_of(g.operands(n)[0])?;
+                self.buf_of.insert(v0, b);
+            }
+            Op::MatMul { rhs_t } => {
+                let ops = g.operands(n);
+                let (lhs, rhs) = (self.buffer_of(ops[0])?, self.buffer_of(ops[1])?);
+                let (ls, rs) = (self.shape(ops[0]), self.shape(ops[1]));
+                let out = self.new_buf(v0, BufKind::Temp);
+                let rl = ls.len();
+                let batch =
+                    ir::types::numel(&ls[..rl - 2]).ok_or_else(|| unsupported("batch overflow"))?;
+                let m = ls[rl - 2].clone();
+                let k = ls[rl - 1].clone();
+                let rr = rs.len();
+                let nn = if *rhs_t {
+                    rs[rr - 2].clone()
+                } else {
+                    rs[rr - 1].clone()
+                };
+                let rhs_batched = rr > 2;
+                // A 2-D weight shared by all batches: one GEMM over all rows.
+                let (batch, m) = if rhs_batched {
+                    (batch, m)
+                } else {
+                    (
+                        Dim::known(1),
+                        batch.mul(&m).ok_or_else(|| unsupported("size overflow"))?,
+                    )
+                };
+                self.out.steps.push(Step::MatMul {
+                    lhs,
+                    rhs,
+                    out,
+                    batch,
+                    m,
+                    k,
+                    n: nn,
+                    rhs_t: *rhs_t,
+                    rhs_batched,
+                    node: n,
+                });
+            }
+            Op::Concat { axis } => {
+                let out = self.new_buf(v0, BufKind::Temp);
+                let out_shape = self.shape(v0);
+                let mut offset = 0u64;
+                for v in g.operands(n) {
+                    let s = self.shape(v);
+                    let mut kb = KB::new(self, &format!("concat_{}", n.index()));
+                    let ob = kb.buf(out, true);
+                    let flat = IExpr::Grid(0);
+                    let idx = kb.l.delinear(flat, &s);
+                    let val = kb.value(v, &idx)?;
+                    let mut oidx = idx.clone();
+                    oidx[*axis] = oidx[*axis].clone().add(IExpr::c(offset as i64));
+                    let store = Stmt::Store {
+                        buf: ob,
+                        index: kb.l.linear(&oidx, &out_shape),
+                        value: val,
+                    };
+                    kb.body.push(store);
+                    let grid = vec![kb.l.numel(&s)];
+                    kb.finish(grid, n);
+                    offset += s[*axis].as_known().unwrap_or(0);
+                }
+            }
+            Op::Reduce { op: rop, axes } => {
+                let out = self.new_buf(v0, BufKind::Temp);
+                let x = g.operands(n)[0];
+                let xs = self.shape(x);
+                let os = self.shape(v0);
+                let mut kb = KB::new(self, &format!("{}_{}", op.name(), n.index()));
+                let ob = kb.buf(out, true);
+                let idx = kb.l.delinear(IExpr::Grid(0), &os);
+                let red: Vec<Dim> = axes.iter().map(|&a| xs[a].clone()).collect();
+                let count = kb.l.numel(&red);
+                let acc = kb.var();
+                let init = match rop {
+                    ReduceOp::Sum | ReduceOp::Mean => 0.0,
+                    ReduceOp::Max => f64::NEG_INFINITY,
+                };
+                kb.body.push(Stmt::Var {
+                    var: acc,
+                    init: Expr::Const(init),
+                });
+                let r = kb.counter();
+                let ridx = kb.l.delinear(IExpr::Loop(r), &red);
+                let mut xidx = idx.clone();
+                for (j, &a) in axes.iter().enumerate() {
+                    xidx[a] = ridx[j].clone();
+                }
+                let xv = kb.value(x, &xidx)?;
+                let combine = match rop {
+                    ReduceOp::Sum | ReduceOp::Mean => BinaryOp::Add,
+                    ReduceOp::Max => BinaryOp::Max,
+                };
+                let body = vec![Stmt::Set {
+                    var: acc,
+                    value: Expr::bin(combine, Expr::Var(acc), xv),
+                }];
+                kb.body.push(Stmt::For {
+                    counter: r,
+                    extent: count.clone(),
+                    body,
+                });
+                let result = match rop {
+                    ReduceOp::Mean => {
+                        Expr::bin(BinaryOp::Div, Expr::Var(acc), Expr::FromIndex(count))
+                    }
+                    ReduceOp::Sum | ReduceOp::Max => Expr::Var(acc),
+                };
+                kb.body.push(Stmt::Store {
+                    buf: ob,
+                    index: IExpr::Grid(0),
+                    value: result,
+                });
+                let grid = vec![kb.l.numel(&os)];
+                kb.finish(grid, n);
+            }
+            Op::Gather => {
+                let out = self.new_buf(v0, BufKind::Temp);
+                let ops = g.operands(n);
+                let (table, ids) = (self.buffer_of(ops[0])?, self.buffer_of(ops[1])?);
+                let ids_shape = self.shape(ops[1]);
+                let os = self.shape(v0);
+                let d = self.dim(&os[os.len() - 1]);
+                let mut kb = KB::new(self, &format!("gather_{}", n.index()));
+                let ob = kb.buf(out, true);
+                let tb = kb.buf(table, false);
+                let ib = kb.buf(ids, false);
+                let idx = kb.l.delinear(IExpr::Grid(0), &os);
+                let row = IExpr::LoadIndex {
+                    buf: ib,
+                    index: Box::new(kb.l.linear(&idx[..idx.len() - 1], &ids_shape)),
+                };
+                let col = idx[idx.len() - 1].clone();
+                let val = Expr::Load {
+                    buf: tb,
+                    index: row.mul(d).add(col),
+                };
+                kb.body.push(Stmt::Store {
+                    buf: ob,
+                    index: IExpr::Grid(0),
+                    value: val,
+                });
+                let grid = vec![kb.l.numel(&os)];
+                kb.finish(grid, n);
+            }
+            Op::CausalConv1d => self.conv(n)?,
+            Op::SelectiveScan => self.selective_scan(n)?,
+            Op::SsdScan { .. } => self.ssd_scan(n)?,
+            Op::Const { .. }
+            | Op::Unary(_)
+            | Op::Binary(_)
+            | Op::Cast { .. }
+            | Op::Reshape { .. }
+            | Op::Permute { .. }
+            | Op::Broadcast { .. }
+            | Op::Slice { .. } => {
+                // A materialized elementwise or view value: one kernel over its elements.
+                let out = self.new_buf(v0, BufKind::Temp);
+                let os = self.shape(v0);
+                let mut kb = KB::new(self, &format!("{}_{}", op.name(), n.index()));
+                let ob = kb.buf(out, true);
+                let idx = kb.l.delinear(IExpr::Grid(0), &os);
+                let val = kb.compute(n, &idx)?;
+                kb.body.push(Stmt::Store {
+                    buf: ob,
+                    index: IExpr::Grid(0),
+                    value: val,
+                });
+                let grid = vec![kb.l.numel(&os)];
+                kb.finish(grid, n);
+            }
+        }
+        Ok(())
+    }
+
+    fn known(&self, n: NodeId, d: &Dim, what: &str) -> Result<usize, LowerError> {
+        d.as_known()
+            .map(|k| k as usize)
+            .ok_or_else(|| LowerError::Unsupported {
+                node: n,
+                op: self.g.op(n).name(),
+                message: format!("{what} must be a number, found {d}"),
+            })
+    }
+
+    /// `y[b,t,c] = bias[c] + sum_k w[c,k] * window`, the window starting as the state.
+    fn conv(&mut self, n: NodeId) -> Result<(), LowerError> {
+        let g = self.g;
+        let ops = g.operands(n);
+        let (x, w, bias, s0) = (ops[0], ops[1], ops[2], ops[3]);
+        let xs = self.shape(x);
+        let k = self.known(n, &self.shape(w)[1], "the kernel width")?;
+        let y = self.new_buf(Value::new(n, 0), BufKind::Temp);
+        let s1 = self.new_buf(Value::new(n, 1), BufKind::Temp);
+        let mut kb = KB::new(self, &format!("causal_conv1d_{}", n.index()));
+        let yb = kb.buf(y, true);
+        let sb = kb.buf(s1, true);
+        let (b, c) = (IExpr::Grid(0), IExpr::Grid(1));
+        let win = kb.arr();
+        let hist = k.saturating_sub(1);
+        if hist > 0 {
+            kb.body.push(Stmt::Array {
+                arr: win,
+                len: hist,
+                init: 0.0,
+            });
+            let j = kb.counter();
+            let sv = kb.value(s0, &[b.clone(), c.clone(), IExpr::Loop(j)])?;
+            kb.body.push(Stmt::For {
+                counter: j,
+                extent: IExpr::c(hist as i64),
+                body: vec![Stmt::ArrSet {
+                    arr: win,
+                    index: IExpr::Loop(j),
+                    value: sv,
+                }],
+            });
+        }
+        let t = kb.counter();
+        let xt = kb.var();
+        let acc = kb.var();
+        let mut body = vec![Stmt::Var {
+            var: xt,
+            init: kb.value(x, &[b.clone(), IExpr::Loop(t), c.clone()])?,
+        }];
+        body.push(Stmt::Var {
+            var: acc,
+            init: kb.value(bias, &[c.clone()])?,
+        });
+        for kk in 0..k {
+            let wv = kb.value(w, &[c.clone(), IExpr::c(kk as i64)])?;
+            let input = if kk < hist {
+                Expr::ArrLoad {
+                    arr: win,
+                    index: IExpr::c(kk as i64),
+                }
+            } else {
+                Expr::Var(xt)
+            };
+            body.push(Stmt::Set {
+                var: acc,
+                value: Expr::bin(
+                    BinaryOp::Add,
+                    Expr::Var(acc),
+                    Expr::bin(BinaryOp::Mul, wv, input),
+                ),
+            });
+        }
+        let yi = kb.l.linear(&[b.clone(), IExpr::Loop(t), c.clone()], &xs);
+        body.push(Stmt::Store {
+            buf: yb,
+            index: yi,
+            value: Expr::Var(acc),
+        });
+        for kk in 0..hist {
+            let next = if kk + 1 < hist {
+                Expr::ArrLoad {
+                    arr: win,
+                    index: IExpr::c(kk as i64 + 1),
+                }
+            } else {
+                Expr::Var(xt)
+            };
+            body.push(Stmt::ArrSet {
+                arr: win,
+                index: IExpr::c(kk as i64),
+                value: next,
+            });
+        }
+        let l = kb.l.dim(&xs[1]);
+        kb.body.push(Stmt::For {
+            counter: t,
+            extent: l,
+            body,
+        });
+        let ss = kb.l.shape(Value::new(n, 1));
+        for kk in 0..hist {
+            let si =
+                kb.l.linear(&[b.clone(), c.clone(), IExpr::c(kk as i64)], &ss);
+            kb.body.push(Stmt::Store {
+                buf: sb,
+                index: si,
+                value: Expr::ArrLoad {
+                    arr: win,
+                    index: IExpr::c(kk as i64),
+                },
+            });
+        }
+        let grid = vec![kb.l.dim(&xs[0]), kb.l.dim(&xs[2])];
+        kb.finish(grid, n);
+        Ok(())
+    }
+
+    /// Mamba-1: one (batch, channel) per grid point, the `[N]` state in a local array.
+    fn selective_scan(&mut self, n: NodeId) -> Result<(), LowerError> {
+        let g = self.g;
+        let ops = g.operands(n);
+        let (x, dt, a, bm, cm, h0) = (ops[0], ops[1], ops[2], ops[3], ops[4], ops[5]);
+        let xs = self.shape(x);
+        let nst = self.known(n, &self.shape(a)[1], "d_state")?;
+        let y = self.new_buf(Value::new(n, 0), BufKind::Temp);
+        let h1 = self.new_buf(Value::new(n, 1), BufKind::Temp);
+        let hs = self.shape(Value::new(n, 1));
+        let mut kb = KB::new(self, &format!("selective_scan_{}", n.index()));
+        let yb = kb.buf(y, true);
+        let hb = kb.buf(h1, true);
+        let (b, e) = (IExpr::Grid(0), IExpr::Grid(1));
+        let h = kb.arr();
+        kb.body.push(Stmt::Array {
+            arr: h,
+            len: nst,
+            init: 0.0,
+        });
+        let j = kb.counter();
+        let hv = kb.value(h0, &[b.clone(), e.clone(), IExpr::Loop(j)])?;
+        kb.body.push(Stmt::For {
+            counter: j,
+            extent: IExpr::c(nst as i64),
+            body: vec![Stmt::ArrSet {
+                arr: h,
+                index: IExpr::Loop(j),
+                value: hv,
+            }],
+        });
+        let t = kb.counter();
+        let nn = kb.counter();
+        let (dtv, xv, yv) = (kb.var(), kb.var(), kb.var());
+        let bt = [b.clone(), IExpr::Loop(t), e.clone()];
+        let mut body = vec![
+            Stmt::Var {
+                var: dtv,
+                init: kb.value(dt, &bt)?,
+            },
+            Stmt::Var {
+                var: xv,
+                init: kb.value(x, &bt)?,
+            },
+            Stmt::Var {
+                var: yv,
+                init: Expr::Const(0.0),
+            },
+        ];
+        let av = kb.value(a, &[e.clone(), IExpr::Loop(nn)])?;
+        let bv = kb.value(bm, &[b.clone(), IExpr::Loop(t), IExpr::Loop(nn)])?;
+        let cv = kb.value(cm, &[b.clone(), IExpr::Loop(t), IExpr::Loop(nn)])?;
+        body.push(scan_update(h, nn, dtv, xv, yv, av, bv, cv, nst));
+        body.push(Stmt::Store {
+            buf: yb,
+            index: kb.l.linear(&bt, &xs),
+            value: Expr::Var(yv),
+        });
+        let l = kb.l.dim(&xs[1]);
+        kb.body.push(Stmt::For {
+            counter: t,
+            extent: l,
+            body,
+        });
+        let j2 = kb.counter();
+        let hi = kb.l.linear(&[b.clone(), e.clone(), IExpr::Loop(j2)], &hs);
+        kb.body.push(Stmt::For {
+            counter: j2,
+            extent: IExpr::c(nst as i64),
+            body: vec![Stmt::Store {
+                buf: hb,
+                index: hi,
+                value: Expr::ArrLoad {
+                    arr: h,
+                    index: IExpr::Loop(j2),
+                },
+            }],
+        });
+        let grid = vec![kb.l.dim(&xs[0]), kb.l.dim(&xs[2])];
+        kb.finish(grid, n);
+        Ok(())
+    }
+
+    /// Mamba-2, sequentially: one (batch, head, p) per grid point, the `[N]` state row local.
+    fn ssd_scan(&mut self, n: NodeId) -> Result<(), LowerError> {
+        let g = self.g;
+        let ops = g.operands(n);
+        let (x, dt, a, bm, cm, s0) = (ops[0], ops[1], ops[2], ops[3], ops[4], ops[5]);
+        let xs = self.shape(x);
+        let bs = self.shape(bm);
+        let nst = self.known(n, &bs[3], "d_state")?;
+        let heads = self.known(n, &xs[2], "the head count")?;
+        let groups = self.known(n, &bs[2], "the group count")?.max(1);
+        let y = self.new_buf(Value::new(n, 0), BufKind::Temp);
+        let s1 = self.new_buf(Value::new(n, 1), BufKind::Temp);
+        let ss = self.shape(Value::new(n, 1));
+        let mut kb = KB::new(self, &format!("ssd_scan_{}", n.index()));
+        let yb = kb.buf(y, true);
+        let sb = kb.buf(s1, true);
+        let (b, hh, p) = (IExpr::Grid(0), IExpr::Grid(1), IExpr::Grid(2));
+        let grp = hh.clone().div(IExpr::c((heads / groups).max(1) as i64));
+        let s = kb.arr();
+        kb.body.push(Stmt::Array {
+            arr: s,
+            len: nst,
+            init: 0.0,
+        });
+        let j = kb.counter();
+        let sv = kb.value(s0, &[b.clone(), hh.clone(), p.clone(), IExpr::Loop(j)])?;
+        kb.body.push(Stmt::For {
+            counter: j,
+            extent: IExpr::c(nst as i64),
+            body: vec![Stmt::ArrSet {
+                arr: s,
+                index: IExpr::Loop(j),
+                value: sv,
+            }],
+        });
+        let t = kb.counter();
+        let nn = kb.counter();
+        let (dtv, xv, yv) = (kb.var(), kb.var(), kb.var());
+        let xi = [b.clone(), IExpr::Loop(t), hh.clone(), p.clone()];
+        let mut body = vec![
+            Stmt::Var {
+                var: dtv,
+                init: kb.value(dt, &[b.clone(), IExpr::Loop(t), hh.clone()])?,
+            },
+            Stmt::Var {
+                var: xv,
+                init: kb.value(x, &xi)?,
+            },
+            Stmt::Var {
+                var: yv,
+                init: Expr::Const(0.0),
+            },
+        ];
+        let av = kb.value(a, &[hh.clone()])?;
+        let bi = [b.clone(), IExpr::Loop(t), grp.clone(), IExpr::Loop(nn)];
+        let bv = kb.value(bm, &bi)?;
+        let cv = kb.value(cm, &bi)?;
+        body.push(scan_update(s, nn, dtv, xv, yv, av, bv, cv, nst));
+        body.push(Stmt::Store {
+            buf: yb,
+            index: kb.l.linear(&xi, &xs),
+            value: Expr::Var(yv),
+        });
+        let l = kb.l.dim(&xs[1]);
+        kb.body.push(Stmt::For {
+            counter: t,
+            extent: l,
+            body,
+        });
+        let j2 = kb.counter();
+        let si =
+            kb.l.linear(&[b.clone(), hh.clone(), p.clone(), IExpr::Loop(j2)], &ss);
+        kb.body.push(Stmt::For {
+            counter: j2,
+            extent: IExpr::c(nst as i64),
+            body: vec![Stmt::Store {
+                buf: sb,
+                index: si,
+                value: Expr::ArrLoad {
+                    arr: s,
+                    index: IExpr::Loop(j2),
+                },
+            }],
+        });
+        let grid = vec![kb.l.dim(&xs[0]), kb.l.dim(&xs[2]), kb.l.dim(&xs[3])];
+        kb.finish(grid, n);
+        Ok(())
+    }
+}
+
+/// `for n: h[n] = exp(dt*A) h[n] + dt*x*B; y += h[n]*C`.
+#[allow(clippy::too_many_arguments)]
+fn scan_update(
+    h: ArrId,
+    nn: LoopId,
+    dt: VarId,
+    x: VarId,
+    y: VarId,
+    a: Expr,
+    b: Expr,
+    c: Expr,
+    n: usize,
+) -> Stmt {
+    use BinaryOp::{Add, Mul};
+    let hn = Expr::ArrLoad {
+        arr: h,
+        index: IExpr::Loop(nn),
+    };
+    let decay = Expr::un(UnaryOp::Exp, Expr::bin(Mul, Expr::Var(dt), a));
+    let input = Expr::bin(Mul, Expr::bin(Mul, Expr::Var(dt), Expr::Var(x)), b);
+    let new_h = Expr::bin(Add, Expr::bin(Mul, decay, hn), input);
+    Stmt::For {
+        counter: nn,
+        extent: IExpr::c(n as i64),
+        body: vec![
+            Stmt::ArrSet {
+                arr: h,
+                index: IExpr::Loop(nn),
+                value: new_h,
+            },
+            Stmt::Set {
+                var: y,
+                value: Expr::bin(
+                    Add,
+                    Expr::Var(y),
+                    Expr::bin(
+                        Mul,
+                        Expr::ArrLoad {
+                            arr: h,
+                            index: IExpr::Loop(nn),
+                        },
+                        c,
+                    ),
+                ),
+            },
+        ],
+    }
+}
+
+/// Builds one kernel: its buffer list, fresh ids, and body.
+struct KB<'a, 'g> {
+    l: &'a mut Lowering<'g>,
+    name: String,
+    bufs: Vec<(BufId, bool)>,
+    body: Vec<Stmt>,
+    next: u32,
+}
+
+impl<'a, 'g> KB<'a, 'g> {
+    fn new(l: &'a mut Lowering<'g>, name: &str) -> KB<'a, 'g> {
+        KB {
+            l,
+            name: name.to_string(),
+            bufs: Vec::new(),
+            body: Vec::new(),
+            next: 0,
+        }
+    }
+
+    fn fresh(&mut self) -> u32 {
+        self.next += 1;
+        self.next - 1
+    }
+    fn var(&mut self) -> VarId {
+        VarId(self.fresh())
+    }
+    fn counter(&mut self) -> LoopId {
+        LoopId(self.fresh())
+    }
+    fn arr(&mut self) -> ArrId {
+        ArrId(self.fresh())
+    }
+
+    /// The kernel's slot for buffer `b`.
+    fn buf(&mut self, b: BufId, writable: bool) -> usize {
+        if let Some(i) = self
+            .bufs
+            .iter()
+            .position(|(x, w)| *x == b && *w == writable)
+        {
+            return i;
+        }
+        self.bufs.push((b, writable));
+        self.bufs.len() - 1
+    }
+
+    /// The value of `v` at multi-index `idx`: a load when `v` has a buffer, else its
+    /// expression inlined.
+    fn value(&mut self, v: Value, idx: &[IExpr]) -> Result<Expr, LowerError> {
+        if let Some(&b) = self.l.buf_of.get(&v) {
+            let shape = self.l.shape(v);
+            let slot = self.buf(b, false);
+            let index = self.l.linear(idx, &shape);
+            return Ok(Expr::Load { buf: slot, index });
+        }
+        self.compute(v.node, idx)
+    }
+
+    /// The expression computing node `n`'s (single) result at `idx` from its operands.
+    fn compute(&mut self, n: NodeId, idx: &[IExpr]) -> Result<Expr, LowerError> {
+        let g = self.l.g;
+        let ops = g.operands(n);
+        let op = g.op(n);
+        let err = |m: &str| LowerError::Unsupported {
+            node: n,
+            op: op.name(),
+            message: m.into(),
+        };
+        Ok(match op {
+            Op::Const { value, .. } => Expr::Const(*value),
+            Op::Unary(u) => Expr::un(*u, self.value(ops[0], idx)?),
+            Op::Binary(b) => Expr::bin(*b, self.value(ops[0], idx)?, self.value(ops[1], idx)?),
+            // Compute is f32; a cast between float types changes nothing here.
+            Op::Cast { .. } => self.value(ops[0], idx)?,
+            Op::Broadcast { shape } => {
+                let src = self.l.shape(ops[0]);
+                let off = shape.len() - src.len();
+                let sidx: Vec<IExpr> = src
+                    .iter()
+                    .enumerate()
+                    .map(|(i, d)| {
+                        if d.is_one() {
+                            IExpr::c(0)
+                        } else {
+                            idx[off + i].clone()
+                        }
+                    })
+                    .collect();
+                self.value(ops[0], &sidx)?
+            }
+            Op::Slice { axis, start, .. } => {
+                let mut sidx = idx.to_vec();
+                sidx[*axis] = sidx[*axis].clone().add(IExpr::c(*start as i64));
+                self.value(ops[0], &sidx)?
+            }
+            Op::Reshape { shape } => {
+                let flat = self.l.linear(idx, shape);
+                let src = self.l.shape(ops[0]);
+                let sidx = self.l.delinear(flat, &src);
+                self.value(ops[0], &sidx)?
+            }
+            Op::Permute { perm } => {
+                let mut sidx = vec![IExpr::c(0); perm.len()];
+                for (i, &p) in perm.iter().enumerate() {
+                    sidx[p] = idx[i].clone();
+                }
+                self.value(ops[0], &sidx)?
+            }
+            Op::Input { .. }
+            | Op::Param { .. }
+            | Op::Reduce { .. }
+            | Op::MatMul { .. }
+            | Op::Concat { .. }
+            | Op::Gather
+            | Op::CausalConv1d
+            | Op::SelectiveScan
+            | Op::SsdScan { .. } => return Err(err("this op has a buffer; it is never inlined")),
+        })
+    }
+
+    fn finish(self, grid: Vec<IExpr>, node: NodeId) {
+        let bufs: Vec<KBuf> = self
+            .bufs
+            .iter()
+            .map(|(b, w)| {
+                let info = &self.l.out.buffers[*b];
+                KBuf {
+                    name: format!("buf{b}"),
+                    dtype: info.dtype,
+                    writable: *w,
+                }
+            })
+            .collect();
+        let kernel = Kernel {
+            name: self.name,
+            bufs,
+            sizes: self.l.syms.clone(),
+            grid,
+            body: self.body,
+        };
+        self.l.out.kernels.push(kernel);
+        let k = self.l.out.kernels.len() - 1;
+        let ids = self.bufs.iter().map(|(b, _)| *b).collect();
+        self.l.out.steps.push(Step::Kernel {
+            kernel: k,
+            bufs: ids,
+            node,
+        });
+    }
+}

@@ -1,0 +1,313 @@
+//! The Rust API: load a model and run it.
+//!
+//! ```no_run
+//! use ma2mba::model::{LoadOptions, Model};
+//! let mut m = Model::load("tiny-mamba2", &LoadOptions::default())?;   // random weights
+//! let logits = m.forward(&[vec![1, 2, 3]])?;
+//! println!("{:?}", logits.at(0, 2).len());
+//! # Ok::<(), ma2mba::model::Error>(())
+//! ```
+//!
+//! A model is named by a preset of the library (random weights from the initializers, seeded),
+//! a directory with `config.json` and safetensors weights, a `.safetensors` file with
+//! `--config`, or a Hugging Face repo id (resolved through the local cache or downloaded).
+
+use frontend::{Diagnostic, ModelSpec, Sources};
+use ir::Graph;
+use passes::{LowerOptions, Lowered};
+use runtime::array::Array;
+use runtime::cpu::{HostData, Inputs, Launcher};
+use runtime::weights::{Checkpoint, WeightsError};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+/// Which executor runs the forward pass.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Backend {
+    /// The f64 reference interpreter: slow, the oracle.
+    Interp,
+    /// Fused kernels compiled with Cranelift, GEMMs on the CPU, f32.
+    #[default]
+    Cranelift,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct LoadOptions {
+    /// A `config.json` for a bare `.safetensors` file (or to override a directory's).
+    pub config: Option<PathBuf>,
+    /// Seed of random weights for presets.
+    pub seed: u64,
+    pub backend: Backend,
+}
+
+/// Everything that can go wrong loading or running a model.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{}", frontend::render(.0, .1, false).trim_end())]
+    Model(Vec<Diagnostic>, Sources),
+    #[error("{}", weights_report(.0))]
+    Weights(Vec<WeightsError>),
+    #[error("{0}")]
+    Interp(#[from] runtime::interp::InterpError),
+    #[error("{0}")]
+    Lower(#[from] passes::LowerError),
+    #[error("{0}")]
+    Exec(#[from] runtime::cpu::ExecError),
+    #[error("{0}")]
+    Codegen(String),
+    #[error("{0}")]
+    Input(String),
+}
+
+fn weights_report(errs: &[WeightsError]) -> String {
+    let mut s = String::new();
+    for (i, e) in errs.iter().enumerate() {
+        if i > 0 {
+            s.push('\n');
+        }
+        s.push_str(&format!("error: {e}"));
+        if let Some(h) = e.help() {
+            s.push_str(&format!("\n  help: {h}"));
+        }
+    }
+    s
+}
+
+/// Logits of a forward pass: `[batch, seq, vocab]` row-major (vocab is the padded size).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Logits {
+    pub batch: usize,
+    pub seq: usize,
+    pub vocab: usize,
+    pub data: Vec<f32>,
+}
+
+impl Logits {
+    /// The logits of sequence `b` at position `t`.
+    pub fn at(&self, b: usize, t: usize) -> &[f32] {
+        let start = (b * self.seq + t) * self.vocab;
+        &self.data[start..start + self.vocab]
+    }
+}
+
+/// A loaded model with its weights, ready to run.
+pub struct Model {
+    pub graph: Graph,
+    params: HashMap<String, Vec<f32>>,
+    backend: Backend,
+    compiled: Option<Compiled>,
+}
+
+struct Compiled {
+    lowered: Lowered,
+    launcher: crate::cpu::CraneliftLauncher,
+}
+
+impl Model {
+    /// Loads `spec`: a preset or model name, a directory, a `.safetensors` file or a repo id.
+    pub fn load(spec: &str, opts: &LoadOptions) -> Result<Model, Error> {
+        let as_path = Path::new(spec);
+        let is_name = !as_path.exists() && !spec.contains('/') && !spec.ends_with(".safetensors");
+        let (graph, params) = if is_name {
+            let graph = compile(&ModelSpec {
+                model: spec.into(),
+                ..ModelSpec::default()
+            })?;
+            let params = runtime::init::init_params(&graph, opts.seed)
+                .into_iter()
+                .map(|(k, v)| (k, v.data.iter().map(|&x| x as f32).collect()))
+                .collect();
+            (graph, params)
+        } else {
+            let path = runtime::weights::resolve(spec).map_err(|e| Error::Weights(vec![e]))?;
+            let config = match &opts.config {
+                Some(c) => c.clone(),
+                None if path.is_dir() => path.join("config.json"),
+                None => path.with_file_name("config.json"),
+            };
+            let text = std::fs::read_to_string(&config)
+                .map_err(|e| Error::Input(format!("cannot read {}: {e}", config.display())))?;
+            let graph = compile(&ModelSpec {
+                model: "mamba_lm".into(),
+                config: Some((config.display().to_string(), text)),
+                ..ModelSpec::default()
+            })?;
+            let ckpt = Checkpoint::open(&path).map_err(|e| Error::Weights(vec![e]))?;
+            ckpt.check(&graph).map_err(Error::Weights)?;
+            let mut params = HashMap::new();
+            for n in graph.params() {
+                if let ir::Op::Param { name, .. } = graph.op(n) {
+                    let v = ckpt.to_f32(name).map_err(|e| Error::Weights(vec![e]))?;
+                    params.insert(name.clone(), v);
+                }
+            }
+            (graph, params)
+        };
+        let mut m = Model {
+            graph,
+            params,
+            backend: opts.backend,
+            compiled: None,
+        };
+        if m.backend == Backend::Cranelift {
+            let lowered = passes::lower(&m.graph, &LowerOptions::default())?;
+            let launcher =
+                crate::cpu::CraneliftLauncher::compile(&lowered).map_err(Error::Codegen)?;
+            m.compiled = Some(Compiled { lowered, launcher });
+        }
+        Ok(m)
+    }
+
+    /// Builds a model from a graph and f32 parameters (for tests and embedding).
+    pub fn from_parts(
+        graph: Graph,
+        params: HashMap<String, Vec<f32>>,
+        backend: Backend,
+    ) -> Result<Model, Error> {
+        let mut m = Model {
+            graph,
+            params,
+            backend,
+            compiled: None,
+        };
+        if backend == Backend::Cranelift {
+            let lowered = passes::lower(&m.graph, &LowerOptions::default())?;
+            let launcher =
+                crate::cpu::CraneliftLauncher::compile(&lowered).map_err(Error::Codegen)?;
+            m.compiled = Some(Compiled { lowered, launcher });
+        }
+        Ok(m)
+    }
+
+    /// The name of the model's main output (the logits): the first output that is not a
+    /// final state.
+    fn main_output(&self) -> String {
+        let states: Vec<&str> = self
+            .graph
+            .nodes()
+            .filter_map(|n| match self.graph.op(n) {
+                ir::Op::Input {
+                    name,
+                    kind: ir::InputKind::State,
+                    ..
+                } => Some(name.as_str()),
+                _ => None,
+            })
+            .collect();
+        self.graph
+            .outputs()
+            .iter()
+            .find(|(n, _)| !states.contains(&n.as_str()))
+            .map(|(n, _)| n.clone())
+            .unwrap_or_default()
+    }
+
+    /// Padded vocabulary size (the last axis of the logits).
+    pub fn vocab(&self) -> usize {
+        let main = self.main_output();
+        self.graph
+            .outputs()
+            .iter()
+            .find(|(n, _)| *n == main)
+            .and_then(|(_, v)| self.graph.value_type(*v))
+            .and_then(|t| t.shape.last()?.as_known())
+            .unwrap_or(0) as usize
+    }
+
+    /// Runs the forward pass over a batch of equally long token sequences.
+    pub fn forward(&mut self, tokens: &[Vec<u32>]) -> Result<Logits, Error> {
+        let b = tokens.len();
+        let l = tokens.first().map_or(0, Vec::len);
+        if b == 0 || l == 0 {
+            return Err(Error::Input("no tokens to run".into()));
+        }
+        if let Some((i, s)) = tokens.iter().enumerate().find(|(_, s)| s.len() != l) {
+            return Err(Error::Input(format!(
+                "sequence {i} has {} tokens, sequence 0 has {l}: a batch needs equal lengths",
+                s.len()
+            )));
+        }
+        let vocab = self.vocab();
+        if let Some(&bad) = tokens.iter().flatten().find(|&&t| t as usize >= vocab) {
+            return Err(Error::Input(format!(
+                "token id {bad} is outside the vocabulary of {vocab}"
+            )));
+        }
+        let ids: Vec<i32> = tokens.iter().flatten().map(|&t| t as i32).collect();
+        let data = match (self.backend, &self.compiled) {
+            (Backend::Cranelift, Some(c)) => {
+                let sizes: Vec<i64> = c
+                    .lowered
+                    .syms
+                    .iter()
+                    .map(|s| if s == "B" { b as i64 } else { l as i64 })
+                    .collect();
+                let bind = |s: &str| {
+                    c.lowered
+                        .syms
+                        .iter()
+                        .position(|x| x == s)
+                        .map(|i| sizes[i] as u64)
+                };
+                let plan = passes::plan_memory(&c.lowered, &bind)
+                    .map_err(|e| Error::Input(e.to_string()))?;
+                let mut inputs = HashMap::new();
+                inputs.insert("input_ids".to_string(), HostData::I32(ids));
+                let states = HashMap::new();
+                let inp = Inputs {
+                    sizes: &sizes,
+                    data: &inputs,
+                    params: &self.params,
+                    states: &states,
+                };
+                let launcher: &dyn Launcher = &c.launcher;
+                let outs = runtime::cpu::execute(&c.lowered, &plan, launcher, &inp)?;
+                let main = self.main_output();
+                outs.into_iter()
+                    .find(|(n, _)| *n == main)
+                    .map(|(_, v)| v)
+                    .unwrap_or_default()
+            }
+            _ => {
+                let mut bind = runtime::interp::Bindings::default();
+                bind.inputs.insert(
+                    "input_ids".into(),
+                    Array::new(vec![b, l], ids.iter().map(|&x| x as f64).collect()),
+                );
+                for n in self.graph.params() {
+                    if let ir::Op::Param { name, ty, .. } = self.graph.op(n) {
+                        let shape = ty
+                            .shape
+                            .iter()
+                            .map(|d| d.as_known().unwrap_or(0) as usize)
+                            .collect();
+                        let v = self
+                            .params
+                            .get(name)
+                            .ok_or_else(|| Error::Input(format!("missing parameter {name}")))?;
+                        bind.params.insert(
+                            name.clone(),
+                            Array::new(shape, v.iter().map(|&x| x as f64).collect()),
+                        );
+                    }
+                }
+                let outs = runtime::interp::run(&self.graph, &bind)?;
+                let main = self.main_output();
+                outs.get(&main)
+                    .map(|a| a.data.iter().map(|&x| x as f32).collect())
+                    .unwrap_or_default()
+            }
+        };
+        Ok(Logits {
+            batch: b,
+            seq: l,
+            vocab,
+            data,
+        })
+    }
+}
+
+fn compile(spec: &ModelSpec) -> Result<Graph, Error> {
+    let (sources, r) = frontend::compile(spec);
+    r.map(|c| c.graph).map_err(|d| Error::Model(d, sources))
+}
