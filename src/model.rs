@@ -215,7 +215,36 @@ impl Model {
     }
 
     /// Runs the forward pass over a batch of equally long token sequences.
-    pub fn forward(&mut self, tokens: &[Vec<u32>]) -> Result<Logits, Error> {
+    /// The logits computed by the f64 reference interpreter, whatever the backend.
+    pub fn forward_reference(&self, tokens: &[Vec<u32>]) -> Result<Vec<f64>, Error> {
+        let (b, l) = self.check_tokens(tokens)?;
+        let ids: Vec<i32> = tokens.iter().flatten().map(|&t| t as i32).collect();
+        self.reference(&ids, b, l)
+    }
+
+    fn reference(&self, ids: &[i32], b: usize, l: usize) -> Result<Vec<f64>, Error> {
+        let mut bind = runtime::interp::Bindings::default();
+        bind.inputs.insert(
+            "input_ids".into(),
+            Array::new(vec![b, l], ids.iter().map(|&x| x as f64).collect()),
+        );
+        for n in self.graph.params() {
+            if let ir::Op::Param { name, ty, .. } = self.graph.op(n) {
+                let shape = ty.shape.iter().map(|d| d.as_known().unwrap_or(0) as usize).collect();
+                let v = self
+                    .params
+                    .get(name)
+                    .ok_or_else(|| Error::Input(format!("missing parameter {name}")))?;
+                bind.params.insert(name.clone(), Array::new(shape, v.iter().map(|&x| x as f64).collect()));
+            }
+        }
+        let outs = runtime::interp::run(&self.graph, &bind)?;
+        let main = self.main_output();
+        Ok(outs.get(&main).map(|a| a.data.clone()).unwrap_or_default())
+    }
+
+    /// Batch size and sequence length of a token batch, after checking it.
+    fn check_tokens(&self, tokens: &[Vec<u32>]) -> Result<(usize, usize), Error> {
         let b = tokens.len();
         let l = tokens.first().map_or(0, Vec::len);
         if b == 0 || l == 0 {
@@ -229,10 +258,15 @@ impl Model {
         }
         let vocab = self.vocab();
         if let Some(&bad) = tokens.iter().flatten().find(|&&t| t as usize >= vocab) {
-            return Err(Error::Input(format!(
-                "token id {bad} is outside the vocabulary of {vocab}"
-            )));
+            return Err(Error::Input(format!("token id {bad} is outside the vocabulary of {vocab}")));
         }
+        Ok((b, l))
+    }
+
+    /// Runs the forward pass over a batch of equally long token sequences.
+    pub fn forward(&mut self, tokens: &[Vec<u32>]) -> Result<Logits, Error> {
+        let (b, l) = self.check_tokens(tokens)?;
+        let vocab = self.vocab();
         let ids: Vec<i32> = tokens.iter().flatten().map(|&t| t as i32).collect();
         let data = match (self.backend, &self.compiled) {
             (Backend::Cranelift, Some(c)) => {
@@ -268,42 +302,9 @@ impl Model {
                     .map(|(_, v)| v)
                     .unwrap_or_default()
             }
-            _ => {
-                let mut bind = runtime::interp::Bindings::default();
-                bind.inputs.insert(
-                    "input_ids".into(),
-                    Array::new(vec![b, l], ids.iter().map(|&x| x as f64).collect()),
-                );
-                for n in self.graph.params() {
-                    if let ir::Op::Param { name, ty, .. } = self.graph.op(n) {
-                        let shape = ty
-                            .shape
-                            .iter()
-                            .map(|d| d.as_known().unwrap_or(0) as usize)
-                            .collect();
-                        let v = self
-                            .params
-                            .get(name)
-                            .ok_or_else(|| Error::Input(format!("missing parameter {name}")))?;
-                        bind.params.insert(
-                            name.clone(),
-                            Array::new(shape, v.iter().map(|&x| x as f64).collect()),
-                        );
-                    }
-                }
-                let outs = runtime::interp::run(&self.graph, &bind)?;
-                let main = self.main_output();
-                outs.get(&main)
-                    .map(|a| a.data.iter().map(|&x| x as f32).collect())
-                    .unwrap_or_default()
-            }
+            _ => self.reference(&ids, b, l)?.iter().map(|&x| x as f32).collect(),
         };
-        Ok(Logits {
-            batch: b,
-            seq: l,
-            vocab,
-            data,
-        })
+        Ok(Logits { batch: b, seq: l, vocab, data })
     }
 }
 
