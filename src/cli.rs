@@ -110,6 +110,9 @@ pub struct RunArgs {
     /// Seed of the random weights of a preset.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Print where the time went, per kernel kind.
+    #[arg(long)]
+    pub profile: bool,
 }
 
 /// What a command produced: its exit code and output streams.
@@ -514,6 +517,14 @@ fn run_model(r: &RunArgs, out: &mut Outcome) {
                     tokens[b][t],
                     top_k(row, r.top)
                 );
+            }
+        }
+    }
+    if r.profile {
+        if let Some(p) = model.last_profile() {
+            let _ = writeln!(out.stderr, "arena: {} bytes", p.arena_bytes);
+            for (kind, d, count) in p.by_kind() {
+                let _ = writeln!(out.stderr, "  {kind:<20} {count:>5} launches {d:>12.2?}");
             }
         }
     }

@@ -96,6 +96,7 @@ pub struct Model {
     params: HashMap<String, Vec<f32>>,
     backend: Backend,
     compiled: Option<Compiled>,
+    last_profile: Option<runtime::cpu::Profile>,
 }
 
 struct Compiled {
@@ -148,6 +149,7 @@ impl Model {
             params,
             backend: opts.backend,
             compiled: None,
+            last_profile: None,
         };
         if m.backend == Backend::Cranelift {
             let lowered = passes::lower(&m.graph, &LowerOptions::default())?;
@@ -169,6 +171,7 @@ impl Model {
             params,
             backend,
             compiled: None,
+            last_profile: None,
         };
         if backend == Backend::Cranelift {
             let lowered = passes::lower(&m.graph, &LowerOptions::default())?;
@@ -202,6 +205,11 @@ impl Model {
             .unwrap_or_default()
     }
 
+    /// Step timings of the last compiled forward pass (Cranelift backend).
+    pub fn last_profile(&self) -> Option<&runtime::cpu::Profile> {
+        self.last_profile.as_ref()
+    }
+
     /// Padded vocabulary size (the last axis of the logits).
     pub fn vocab(&self) -> usize {
         let main = self.main_output();
@@ -230,12 +238,19 @@ impl Model {
         );
         for n in self.graph.params() {
             if let ir::Op::Param { name, ty, .. } = self.graph.op(n) {
-                let shape = ty.shape.iter().map(|d| d.as_known().unwrap_or(0) as usize).collect();
+                let shape = ty
+                    .shape
+                    .iter()
+                    .map(|d| d.as_known().unwrap_or(0) as usize)
+                    .collect();
                 let v = self
                     .params
                     .get(name)
                     .ok_or_else(|| Error::Input(format!("missing parameter {name}")))?;
-                bind.params.insert(name.clone(), Array::new(shape, v.iter().map(|&x| x as f64).collect()));
+                bind.params.insert(
+                    name.clone(),
+                    Array::new(shape, v.iter().map(|&x| x as f64).collect()),
+                );
             }
         }
         let outs = runtime::interp::run(&self.graph, &bind)?;
@@ -258,7 +273,9 @@ impl Model {
         }
         let vocab = self.vocab();
         if let Some(&bad) = tokens.iter().flatten().find(|&&t| t as usize >= vocab) {
-            return Err(Error::Input(format!("token id {bad} is outside the vocabulary of {vocab}")));
+            return Err(Error::Input(format!(
+                "token id {bad} is outside the vocabulary of {vocab}"
+            )));
         }
         Ok((b, l))
     }
@@ -295,16 +312,26 @@ impl Model {
                     states: &states,
                 };
                 let launcher: &dyn Launcher = &c.launcher;
-                let outs = runtime::cpu::execute(&c.lowered, &plan, launcher, &inp)?;
+                let (outs, profile) = runtime::cpu::execute(&c.lowered, &plan, launcher, &inp)?;
+                self.last_profile = Some(profile);
                 let main = self.main_output();
                 outs.into_iter()
                     .find(|(n, _)| *n == main)
                     .map(|(_, v)| v)
                     .unwrap_or_default()
             }
-            _ => self.reference(&ids, b, l)?.iter().map(|&x| x as f32).collect(),
+            _ => self
+                .reference(&ids, b, l)?
+                .iter()
+                .map(|&x| x as f32)
+                .collect(),
         };
-        Ok(Logits { batch: b, seq: l, vocab, data })
+        Ok(Logits {
+            batch: b,
+            seq: l,
+            vocab,
+            data,
+        })
     }
 }
 

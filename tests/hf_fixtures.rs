@@ -10,8 +10,12 @@ const ROOT: &str = env!("CARGO_MANIFEST_DIR");
 fn fixture(name: &str) -> (String, Vec<Vec<u32>>, Vec<f64>) {
     let dir = format!("{ROOT}/tests/fixtures/{name}");
     let tokens: Vec<Vec<u32>> =
-        serde_json::from_str(&std::fs::read_to_string(format!("{dir}/tokens.json")).unwrap()).unwrap();
-    let ck = runtime::weights::Checkpoint::open(std::path::Path::new(&format!("{dir}/logits.safetensors"))).unwrap();
+        serde_json::from_str(&std::fs::read_to_string(format!("{dir}/tokens.json")).unwrap())
+            .unwrap();
+    let ck = runtime::weights::Checkpoint::open(std::path::Path::new(&format!(
+        "{dir}/logits.safetensors"
+    )))
+    .unwrap();
     let logits = ck.get("logits").expect("logits tensor").to_f64().unwrap();
     (dir, tokens, logits)
 }
@@ -33,13 +37,22 @@ fn rel_err(got: &[f32], want: &[f64]) -> (f64, f64) {
 
 fn check(name: &str, backend: Backend, max_rel: f64) {
     let (dir, tokens, want) = fixture(name);
-    let opts = LoadOptions { backend, ..LoadOptions::default() };
+    let opts = LoadOptions {
+        backend,
+        ..LoadOptions::default()
+    };
     let mut m = Model::load(&dir, &opts).unwrap_or_else(|e| panic!("{name}: {e}"));
     let got = m.forward(&tokens).unwrap_or_else(|e| panic!("{name}: {e}"));
-    assert_eq!((got.batch, got.seq, got.vocab), (tokens.len(), tokens[0].len(), 64));
+    assert_eq!(
+        (got.batch, got.seq, got.vocab),
+        (tokens.len(), tokens[0].len(), 64)
+    );
     let (rel, worst) = rel_err(&got.data, &want);
     println!("{name} {backend:?}: relative error {rel:.3e}, max |diff| {worst:.3e}");
-    assert!(rel <= max_rel, "{name} {backend:?}: relative error {rel:.3e} > {max_rel:.0e} (max |diff| {worst:.3e})");
+    assert!(
+        rel <= max_rel,
+        "{name} {backend:?}: relative error {rel:.3e} > {max_rel:.0e} (max |diff| {worst:.3e})"
+    );
 }
 
 #[test]
@@ -49,9 +62,17 @@ fn interpreter_matches_transformers() {
     // rounding: the comparison is normwise at the f32 level, for both backends.
     for name in ["tiny-mamba", "tiny-mamba2"] {
         let (dir, tokens, want) = fixture(name);
-        let opts = LoadOptions { backend: Backend::Interp, ..LoadOptions::default() };
+        let opts = LoadOptions {
+            backend: Backend::Interp,
+            ..LoadOptions::default()
+        };
         let m = Model::load(&dir, &opts).unwrap_or_else(|e| panic!("{name}: {e}"));
-        let got: Vec<f32> = m.forward_reference(&tokens).unwrap().iter().map(|&x| x as f32).collect();
+        let got: Vec<f32> = m
+            .forward_reference(&tokens)
+            .unwrap()
+            .iter()
+            .map(|&x| x as f32)
+            .collect();
         let (rel, worst) = rel_err(&got, &want);
         println!("{name} interpreter (f64): relative error {rel:.3e}, max |diff| {worst:.3e}");
         assert!(rel <= 1e-6, "{name}: relative error {rel:.3e}");

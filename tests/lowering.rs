@@ -85,7 +85,10 @@ fn lowered_run(c: &Case, opts: &LowerOptions) -> Vec<(String, Vec<f32>)> {
         params: &params,
         states: &states,
     };
-    execute(&l, &plan, &launcher, &inp).expect("executes")
+    let (outs, profile) = execute(&l, &plan, &launcher, &inp).expect("executes");
+    // The executor allocated exactly the planned arena.
+    assert_eq!(profile.arena_bytes, plan.peak);
+    outs
 }
 
 fn assert_close(name: &str, got: &[f32], want: &Array, atol: f64, rtol: f64) {

@@ -148,13 +148,49 @@ fn values(seed: u64, n: usize, lo: f64, hi: f64) -> Vec<f64> {
         .collect()
 }
 
-fn compile(k: &Kernel, checked: bool) -> CpuKernel {
-    let mut m = CpuModule::with_options(CpuOptions {
-        bounds_checks: checked,
-    })
-    .expect("module");
+fn compile_with(k: &Kernel, opts: CpuOptions) -> CpuKernel {
+    let mut m = CpuModule::with_options(opts).expect("module");
     m.compile(k).unwrap_or_else(|e| panic!("{e}\n{k}"))
 }
+
+fn compile(k: &Kernel, checked: bool) -> CpuKernel {
+    compile_with(
+        k,
+        CpuOptions {
+            bounds_checks: checked,
+            ..CpuOptions::default()
+        },
+    )
+}
+
+/// The option sets every hand-written kernel is checked in, with the tolerance each gets:
+/// with `exact_math` the backend must reproduce the evaluator's f32 mode bit for bit.
+const MODES: [(CpuOptions, f64, f64); 3] = [
+    (
+        CpuOptions {
+            bounds_checks: false,
+            exact_math: false,
+        },
+        1e-6,
+        1e-6,
+    ),
+    (
+        CpuOptions {
+            bounds_checks: true,
+            exact_math: false,
+        },
+        1e-6,
+        1e-6,
+    ),
+    (
+        CpuOptions {
+            bounds_checks: false,
+            exact_math: true,
+        },
+        0.0,
+        0.0,
+    ),
+];
 
 /// Runs `k` through the JIT (given chunking) and returns the decoded buffers.
 fn run_jit(
@@ -225,12 +261,12 @@ fn assert_bufs(k: &Kernel, got: &[Vec<f64>], want: &[Vec<f64>], atol: f64, rtol:
 /// every buffer with the evaluator.
 fn check(k: &Kernel, sizes: &[i64], inputs: &[Vec<f64>]) -> Vec<Vec<f64>> {
     let want = run_eval(k, sizes, inputs);
-    for checked in [false, true] {
-        let ck = compile(k, checked);
+    for (opts, atol, rtol) in MODES {
+        let ck = compile_with(k, opts);
         for chunk in [None, Some(1), Some(7)] {
             let got = run_jit(&ck, sizes, inputs, chunk);
-            let what = format!("checked={checked} chunk={chunk:?}");
-            assert_bufs(k, &got, &want, 1e-30, 1e-6, &what);
+            let what = format!("{opts:?} chunk={chunk:?}");
+            assert_bufs(k, &got, &want, atol, rtol, &what);
         }
     }
     want
@@ -729,6 +765,84 @@ fn floor_div_rem() {
     assert_eq!((want[0][0], want[0][n as usize]), (-4.0, 2.0));
 }
 
+/// Runs `op` over `xs` with the default (inline) math.
+fn jit_unary(op: UnaryOp, xs: &[f32]) -> Vec<f32> {
+    let k = kernel(
+        "unary",
+        vec![kb("x", DType::F32, false), kb("y", DType::F32, true)],
+        &["N"],
+        vec![sz(0)],
+        vec![store(1, g(0), un(op, ld(0, g(0))))],
+    );
+    let ck = compile(&k, false);
+    let mut ys = vec![0.0f32; xs.len()];
+    let mut args = [KArg::In(bytes_of(xs)), KArg::Out(bytes_of_mut(&mut ys))];
+    ck.run_args(&mut args, &[xs.len() as i64]).expect("run");
+    ys
+}
+
+/// Distance in units in the last place between two finite f32 of the same sign.
+fn ulps(a: f32, b: f32) -> u32 {
+    (a.to_bits() as i64 - b.to_bits() as i64).unsigned_abs() as u32
+}
+
+/// The inline `exp` is within 2 ulp of the correctly rounded result over its whole range,
+/// rounds subnormal results once, and gets overflow, underflow and specials right; `sigmoid`
+/// and `silu` built on it stay within a few ulp.
+#[test]
+fn inline_exp_accuracy() {
+    let n = 400_000;
+    let xs: Vec<f32> = (0..=n)
+        .map(|i| -104.0 + 193.0 * i as f32 / n as f32)
+        .chain([
+            0.0, -0.0, 1.0, -1.0, 1e-8, -1e-8, 88.72283, 88.72284, 88.7229, 89.0, 100.0,
+        ])
+        .chain([-87.33, -87.34, -103.28, -103.29, -103.98, -104.5, -200.0])
+        .chain([
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            f32::NAN,
+            f32::MAX,
+            f32::MIN,
+        ])
+        .collect();
+    let reference = |op: UnaryOp, x: f32| eval::unary(op, x as f64) as f32;
+    for (op, max_ulps) in [(UnaryOp::Exp, 2), (UnaryOp::Sigmoid, 3), (UnaryOp::Silu, 4)] {
+        let ys = jit_unary(op, &xs);
+        let mut worst = (0, 0.0f32);
+        for (&x, &y) in xs.iter().zip(&ys) {
+            let e = reference(op, x);
+            if e.is_nan() {
+                assert!(y.is_nan(), "{op:?}({x:e}) = {y:e}, want NaN");
+                continue;
+            }
+            if e.is_infinite() || e == 0.0 {
+                assert_eq!(y, e, "{op:?}({x:e})");
+                continue;
+            }
+            if e.abs() < f32::MIN_POSITIVE {
+                // Subnormal results: one rounding, so within one subnormal step.
+                assert!(ulps(y, e) <= 1, "{op:?}({x:e}) = {y:e}, want {e:e}");
+                continue;
+            }
+            let u = ulps(y, e);
+            if u > worst.0 {
+                worst = (u, x);
+            }
+        }
+        assert!(
+            worst.0 <= max_ulps,
+            "{op:?}: {} ulp at {:e}",
+            worst.0,
+            worst.1
+        );
+    }
+    assert_eq!(
+        jit_unary(UnaryOp::Exp, &[0.0, 1.0]),
+        [1.0, std::f32::consts::E]
+    );
+}
+
 // ---------- bounds checks and errors ----------
 
 fn expect_oob(r: Result<(), CodegenError>, index: i64) -> String {
@@ -746,6 +860,7 @@ fn bounds_checked_violations() {
     let m = || {
         CpuModule::with_options(CpuOptions {
             bounds_checks: true,
+            ..CpuOptions::default()
         })
         .expect("module")
     };
@@ -899,6 +1014,10 @@ fn launch_and_compile_errors() {
         .expect("run");
     assert_eq!(y, [3.0, 4.0]);
     assert!(m.clif(&k).expect("clif").contains("function"));
+    assert!(m.disasm(&k).expect("disasm").contains("ret"));
+    if std::env::var_os("MA2MBA_DISASM").is_some() {
+        println!("{}", m.disasm(&big_elementwise()).expect("disasm"));
+    }
 }
 
 /// Kernels keep their code alive after the module is dropped, and can be shared across
@@ -995,7 +1114,7 @@ fn parallel_run_equals_serial_range() {
     ];
     let want = run_eval(&k, &[n as i64], &inputs);
     let got: Vec<f64> = serial.iter().map(|&v| v as f64).collect();
-    assert_bufs(&k, &[got], &want[3..], 1e-30, 1e-6, "serial");
+    assert_bufs(&k, &[got], &want[3..], 1e-6, 1e-6, "serial");
 }
 
 /// Prints how long a 1M-element elementwise kernel takes (run with `--nocapture`).
@@ -1021,12 +1140,17 @@ fn elementwise_1m_timing() {
             add(mul(ld(0, g(0)), ld(1, g(0))), ld(2, g(0))),
         )],
     );
-    for (k, checked) in [
-        (arith.clone(), false),
-        (big_elementwise(), false),
-        (arith, true),
+    let opts = |bounds_checks, exact_math| CpuOptions {
+        bounds_checks,
+        exact_math,
+    };
+    for (k, o) in [
+        (arith.clone(), opts(false, false)),
+        (arith, opts(true, false)),
+        (big_elementwise(), opts(false, false)),
+        (big_elementwise(), opts(false, true)),
     ] {
-        let ck = compile(&k, checked);
+        let ck = compile_with(&k, o);
         let mut out = vec![0.0f32; n];
         let mut best_par = f64::MAX;
         let mut best_ser = f64::MAX;
@@ -1046,7 +1170,7 @@ fn elementwise_1m_timing() {
             best_ser = best_ser.min(t.elapsed().as_secs_f64());
         }
         println!(
-            "{} (bounds checks: {checked}) over {n} f32: {:.2} ms serial, {:.2} ms parallel on {} threads",
+            "{} ({o:?}) over {n} f32: {:.2} ms serial, {:.2} ms parallel on {} threads",
             k.name,
             best_ser * 1e3,
             best_par * 1e3,
@@ -1142,10 +1266,15 @@ proptest! {
         let want = run_eval(&k, &[rows, cols], &inputs);
         // Trees that produce NaN somewhere are out of scope (no NaN-ordering contract).
         prop_assume!(want[3].iter().all(|x| !x.is_nan()));
-        let ck = compile(&k, false);
-        let got = run_jit(&ck, &[rows, cols], &inputs, None);
-        for (j, (a, e)) in got[3].iter().zip(&want[3]).enumerate() {
-            prop_assert!(close(*a, *e, 1e-5, 1e-5), "out[{j}]: jit {a:e} vs evaluator {e:e}\n{k}");
+        for (opts, atol, rtol) in [(MODES[0].0, 1e-5, 1e-5), (MODES[2].0, 0.0, 0.0)] {
+            let ck = compile_with(&k, opts);
+            let got = run_jit(&ck, &[rows, cols], &inputs, None);
+            for (j, (a, e)) in got[3].iter().zip(&want[3]).enumerate() {
+                prop_assert!(
+                    close(*a, *e, atol, rtol),
+                    "{opts:?} out[{j}]: jit {a:e} vs evaluator {e:e}\n{k}"
+                );
+            }
         }
     }
 }

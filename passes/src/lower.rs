@@ -607,9 +607,10 @@ impl<'g> Lowering<'g> {
             },
         ];
         let av = kb.value(a, &[e.clone(), IExpr::Loop(nn)])?;
+        let decay = Expr::un(UnaryOp::Exp, Expr::bin(BinaryOp::Mul, Expr::Var(dtv), av));
         let bv = kb.value(bm, &[b.clone(), IExpr::Loop(t), IExpr::Loop(nn)])?;
         let cv = kb.value(cm, &[b.clone(), IExpr::Loop(t), IExpr::Loop(nn)])?;
-        body.push(scan_update(h, nn, dtv, xv, yv, av, bv, cv, nst));
+        body.push(scan_update(h, nn, dtv, xv, yv, decay, bv, cv, nst));
         body.push(Stmt::Store {
             buf: yb,
             index: kb.l.linear(&bt, &xs),
@@ -693,11 +694,27 @@ impl<'g> Lowering<'g> {
                 init: Expr::Const(0.0),
             },
         ];
+        // One decay per head and step: computed once, outside the state loop.
         let av = kb.value(a, &[hh.clone()])?;
+        let decay = kb.var();
+        body.push(Stmt::Var {
+            var: decay,
+            init: Expr::un(UnaryOp::Exp, Expr::bin(BinaryOp::Mul, Expr::Var(dtv), av)),
+        });
         let bi = [b.clone(), IExpr::Loop(t), grp.clone(), IExpr::Loop(nn)];
         let bv = kb.value(bm, &bi)?;
         let cv = kb.value(cm, &bi)?;
-        body.push(scan_update(s, nn, dtv, xv, yv, av, bv, cv, nst));
+        body.push(scan_update(
+            s,
+            nn,
+            dtv,
+            xv,
+            yv,
+            Expr::Var(decay),
+            bv,
+            cv,
+            nst,
+        ));
         body.push(Stmt::Store {
             buf: yb,
             index: kb.l.linear(&xi, &xs),
@@ -730,7 +747,7 @@ impl<'g> Lowering<'g> {
     }
 }
 
-/// `for n: h[n] = exp(dt*A) h[n] + dt*x*B; y += h[n]*C`.
+/// `for n: h[n] = decay h[n] + dt*x*B; y += h[n]*C`, with `decay = exp(dt*A)`.
 #[allow(clippy::too_many_arguments)]
 fn scan_update(
     h: ArrId,
@@ -738,7 +755,7 @@ fn scan_update(
     dt: VarId,
     x: VarId,
     y: VarId,
-    a: Expr,
+    decay: Expr,
     b: Expr,
     c: Expr,
     n: usize,
@@ -748,7 +765,6 @@ fn scan_update(
         arr: h,
         index: IExpr::Loop(nn),
     };
-    let decay = Expr::un(UnaryOp::Exp, Expr::bin(Mul, Expr::Var(dt), a));
     let input = Expr::bin(Mul, Expr::bin(Mul, Expr::Var(dt), Expr::Var(x)), b);
     let new_h = Expr::bin(Add, Expr::bin(Mul, decay, hn), input);
     Stmt::For {

@@ -61,13 +61,43 @@ pub struct Inputs<'a> {
     pub states: &'a HashMap<String, Vec<f32>>,
 }
 
+/// Wall time of every step of one execution, in schedule order, and the arena size.
+#[derive(Clone, Debug, Default)]
+pub struct Profile {
+    pub steps: Vec<(String, std::time::Duration)>,
+    pub arena_bytes: u64,
+}
+
+impl Profile {
+    /// Total time per step name with the node number dropped (`ssd_scan_42` -> `ssd_scan`),
+    /// largest first.
+    pub fn by_kind(&self) -> Vec<(String, std::time::Duration, usize)> {
+        let mut m: HashMap<String, (std::time::Duration, usize)> = HashMap::new();
+        for (name, d) in &self.steps {
+            let kind = name
+                .trim_end_matches(|c: char| c.is_ascii_digit())
+                .trim_end_matches('_');
+            let e = m.entry(kind.to_string()).or_default();
+            e.0 += *d;
+            e.1 += 1;
+        }
+        let mut v: Vec<_> = m.into_iter().map(|(k, (d, n))| (k, d, n)).collect();
+        v.sort_by(|a, b| b.1.cmp(&a.1));
+        v
+    }
+}
+
 /// Runs the schedule; returns every graph output (f32) by name, in output order.
 pub fn execute(
     l: &Lowered,
     plan: &MemoryPlan,
     launcher: &dyn Launcher,
     inp: &Inputs<'_>,
-) -> Result<Vec<(String, Vec<f32>)>, ExecError> {
+) -> Result<(Vec<(String, Vec<f32>)>, Profile), ExecError> {
+    let mut profile = Profile {
+        steps: Vec::with_capacity(l.steps.len()),
+        arena_bytes: plan.peak,
+    };
     if plan.offsets.len() != l.buffers.len() {
         return Err(ExecError::Plan(format!(
             "{} offsets for {} buffers",
@@ -128,6 +158,11 @@ pub fn execute(
         };
     }
     for step in &l.steps {
+        let started = std::time::Instant::now();
+        let name = match step {
+            Step::Kernel { kernel, .. } => l.kernels[*kernel].name.clone(),
+            Step::MatMul { node, .. } => format!("matmul_{}", node.index()),
+        };
         match step {
             Step::Kernel { kernel, bufs, node } => {
                 let args: Vec<(*mut u8, usize)> = bufs
@@ -200,6 +235,7 @@ pub fn execute(
                 }
             }
         }
+        profile.steps.push((name, started.elapsed()));
     }
     let mut outs = Vec::new();
     for (name, b) in &l.outputs {
@@ -215,7 +251,7 @@ pub fn execute(
     }
     drop(zeros);
     drop(owned_ids);
-    Ok(outs)
+    Ok((outs, profile))
 }
 
 fn check_len(name: &str, got: usize, want: usize) -> Result<(), ExecError> {
