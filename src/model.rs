@@ -95,13 +95,45 @@ pub struct Model {
     pub graph: Graph,
     params: HashMap<String, Vec<f32>>,
     backend: Backend,
-    compiled: Option<Compiled>,
+    compiled: Option<CpuGraph>,
     last_profile: Option<runtime::cpu::Profile>,
 }
 
-struct Compiled {
-    lowered: Lowered,
+/// A graph compiled for the CPU: lowered once, its kernels JIT-compiled once; the memory
+/// plan is made per call for the symbol values given.
+pub struct CpuGraph {
+    pub lowered: Lowered,
     launcher: crate::cpu::CraneliftLauncher,
+}
+
+impl CpuGraph {
+    pub fn compile(graph: &Graph, opts: &LowerOptions) -> Result<CpuGraph, Error> {
+        let lowered = passes::lower(graph, opts)?;
+        let launcher = crate::cpu::CraneliftLauncher::compile(&lowered).map_err(Error::Codegen)?;
+        Ok(CpuGraph { lowered, launcher })
+    }
+
+    /// Runs with symbol values `syms` (`("B", 2)`); returns every graph output and the profile.
+    pub fn run(
+        &self,
+        syms: &[(&str, i64)],
+        data: &HashMap<String, HostData>,
+        params: &HashMap<String, Vec<f32>>,
+        states: &HashMap<String, Vec<f32>>,
+    ) -> Result<(Vec<(String, Vec<f32>)>, runtime::cpu::Profile), Error> {
+        let mut sizes = Vec::with_capacity(self.lowered.syms.len());
+        for s in &self.lowered.syms {
+            match syms.iter().find(|(n, _)| n == s) {
+                Some((_, v)) if *v >= 0 => sizes.push(*v),
+                _ => return Err(Error::Input(format!("no value for the symbol `{s}`"))),
+            }
+        }
+        let bind = |s: &str| self.lowered.syms.iter().position(|x| x == s).map(|i| sizes[i] as u64);
+        let plan = passes::plan_memory(&self.lowered, &bind).map_err(|e| Error::Input(e.to_string()))?;
+        let inp = Inputs { sizes: &sizes, data, params, states };
+        let launcher: &dyn Launcher = &self.launcher;
+        Ok(runtime::cpu::execute(&self.lowered, &plan, launcher, &inp)?)
+    }
 }
 
 impl Model {
@@ -144,20 +176,7 @@ impl Model {
             }
             (graph, params)
         };
-        let mut m = Model {
-            graph,
-            params,
-            backend: opts.backend,
-            compiled: None,
-            last_profile: None,
-        };
-        if m.backend == Backend::Cranelift {
-            let lowered = passes::lower(&m.graph, &LowerOptions::default())?;
-            let launcher =
-                crate::cpu::CraneliftLauncher::compile(&lowered).map_err(Error::Codegen)?;
-            m.compiled = Some(Compiled { lowered, launcher });
-        }
-        Ok(m)
+        Model::from_parts(graph, params, opts.backend)
     }
 
     /// Builds a model from a graph and f32 parameters (for tests and embedding).
@@ -174,10 +193,7 @@ impl Model {
             last_profile: None,
         };
         if backend == Backend::Cranelift {
-            let lowered = passes::lower(&m.graph, &LowerOptions::default())?;
-            let launcher =
-                crate::cpu::CraneliftLauncher::compile(&lowered).map_err(Error::Codegen)?;
-            m.compiled = Some(Compiled { lowered, launcher });
+            m.compiled = Some(CpuGraph::compile(&m.graph, &LowerOptions::default())?);
         }
         Ok(m)
     }
@@ -287,32 +303,10 @@ impl Model {
         let ids: Vec<i32> = tokens.iter().flatten().map(|&t| t as i32).collect();
         let data = match (self.backend, &self.compiled) {
             (Backend::Cranelift, Some(c)) => {
-                let sizes: Vec<i64> = c
-                    .lowered
-                    .syms
-                    .iter()
-                    .map(|s| if s == "B" { b as i64 } else { l as i64 })
-                    .collect();
-                let bind = |s: &str| {
-                    c.lowered
-                        .syms
-                        .iter()
-                        .position(|x| x == s)
-                        .map(|i| sizes[i] as u64)
-                };
-                let plan = passes::plan_memory(&c.lowered, &bind)
-                    .map_err(|e| Error::Input(e.to_string()))?;
+                let syms = [("B", b as i64), ("L", l as i64)];
                 let mut inputs = HashMap::new();
                 inputs.insert("input_ids".to_string(), HostData::I32(ids));
-                let states = HashMap::new();
-                let inp = Inputs {
-                    sizes: &sizes,
-                    data: &inputs,
-                    params: &self.params,
-                    states: &states,
-                };
-                let launcher: &dyn Launcher = &c.launcher;
-                let (outs, profile) = runtime::cpu::execute(&c.lowered, &plan, launcher, &inp)?;
+                let (outs, profile) = c.run(&syms, &inputs, &self.params, &HashMap::new())?;
                 self.last_profile = Some(profile);
                 let main = self.main_output();
                 outs.into_iter()

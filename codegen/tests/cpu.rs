@@ -816,13 +816,19 @@ fn inline_exp_accuracy() {
                 assert!(y.is_nan(), "{op:?}({x:e}) = {y:e}, want NaN");
                 continue;
             }
-            if e.is_infinite() || e == 0.0 {
+            if e.is_infinite() {
                 assert_eq!(y, e, "{op:?}({x:e})");
                 continue;
             }
-            if e.abs() < f32::MIN_POSITIVE {
-                // Subnormal results: one rounding, so within one subnormal step.
-                assert!(ulps(y, e) <= 1, "{op:?}({x:e}) = {y:e}, want {e:e}");
+            if e.abs() < f32::MIN_POSITIVE || (op != UnaryOp::Exp && x < -87.0) {
+                if op == UnaryOp::Exp {
+                    // Subnormal results: one rounding, so within one subnormal step.
+                    assert!(ulps(y, e) <= 1, "{op:?}({x:e}) = {y:e}, want {e:e}");
+                } else {
+                    // exp(x) is subnormal there: the evaluator keeps its tail in f64, f32
+                    // code cannot (an absolute error below the smallest normal f32).
+                    assert!((y - e).abs() < 1e-37, "{op:?}({x:e}) = {y:e}");
+                }
                 continue;
             }
             let u = ulps(y, e);
@@ -830,6 +836,7 @@ fn inline_exp_accuracy() {
                 worst = (u, x);
             }
         }
+        println!("inline {op:?}: worst {} ulp at {:e}", worst.0, worst.1);
         assert!(
             worst.0 <= max_ulps,
             "{op:?}: {} ulp at {:e}",

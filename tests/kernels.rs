@@ -1,0 +1,295 @@
+//! Every kernel kind, compiled by Cranelift, against the f64 reference interpreter on random
+//! shapes (1, primes, odd sizes, longer sequences), with the f32 tolerances of RELIABILITY.md.
+
+use ir::{BinaryOp, DType, Dim, Graph, InputKind, Init, Op, ReduceOp, Span, TensorType, UnaryOp, Value};
+use ma2mba::model::CpuGraph;
+use passes::LowerOptions;
+use proptest::prelude::*;
+use runtime::array::Array;
+use runtime::cpu::HostData;
+use runtime::init::Rng;
+use runtime::interp::{self, Bindings};
+use std::collections::HashMap;
+
+/// Elementwise ops: |a - e| <= 1.3e-6 + 1e-5 |e| per op; a chain of a few ops gets a few.
+const ELEMENTWISE: (f64, f64) = (1e-5, 5e-5);
+/// Reductions, matmul, scans.
+const REDUCTION: (f64, f64) = (6e-4, 2e-3);
+
+fn t(shape: &[Dim]) -> TensorType {
+    TensorType::new(DType::F32, shape.to_vec())
+}
+
+fn k(n: usize) -> Dim {
+    Dim::known(n as u64)
+}
+
+struct G {
+    g: Graph,
+}
+
+impl G {
+    fn new() -> G {
+        G { g: Graph::new("case") }
+    }
+    fn add(&mut self, op: Op, xs: &[Value]) -> Value {
+        let n = self.g.add(op, xs, Span::default(), None).expect("well-typed case");
+        Value::from(n)
+    }
+    fn input(&mut self, name: &str, shape: &[Dim]) -> Value {
+        self.add(Op::Input { name: name.into(), kind: InputKind::Data, ty: t(shape) }, &[])
+    }
+    fn state(&mut self, name: &str, shape: &[Dim]) -> Value {
+        self.add(Op::Input { name: name.into(), kind: InputKind::State, ty: t(shape) }, &[])
+    }
+    fn param(&mut self, name: &str, shape: &[Dim]) -> Value {
+        self.add(Op::Param { name: name.into(), ty: t(shape), init: Init::Zeros }, &[])
+    }
+    fn un(&mut self, op: UnaryOp, x: Value) -> Value {
+        self.add(Op::Unary(op), &[x])
+    }
+    fn bin(&mut self, op: BinaryOp, a: Value, b: Value) -> Value {
+        self.add(Op::Binary(op), &[a, b])
+    }
+}
+
+/// Random data for every input, state and parameter; runs both executors; compares outputs.
+fn compare(g: &Graph, syms: &[(&str, i64)], seed: u64, tol: (f64, f64), positive: &[&str]) {
+    let mut rng = Rng::new(seed);
+    let bind = |s: &str| syms.iter().find(|(n, _)| *n == s).map(|(_, v)| *v as u64);
+    let mut b = Bindings::default();
+    let mut data = HashMap::new();
+    let mut params = HashMap::new();
+    let mut states = HashMap::new();
+    for n in g.nodes() {
+        let (name, ty, kind) = match g.op(n) {
+            Op::Input { name, ty, kind } => (name.clone(), ty.clone(), Some(*kind)),
+            Op::Param { name, ty, .. } => (name.clone(), ty.clone(), None),
+            _ => continue,
+        };
+        let shape: Vec<usize> = ty.shape.iter().map(|d| d.eval(&bind).expect("bound") as usize).collect();
+        let count: usize = shape.iter().product();
+        let vals: Vec<f32> = (0..count)
+            .map(|_| {
+                let x = (rng.normal() * 0.8) as f32;
+                if positive.contains(&name.as_str()) { x.abs() + 0.05 } else { x }
+            })
+            .collect();
+        let arr = Array::new(shape, vals.iter().map(|&x| x as f64).collect());
+        match kind {
+            Some(InputKind::Data) => {
+                data.insert(name.clone(), HostData::F32(vals));
+                b.inputs.insert(name, arr);
+            }
+            Some(InputKind::State) => {
+                states.insert(name.clone(), vals);
+                b.states.insert(name, arr);
+            }
+            None => {
+                params.insert(name.clone(), vals);
+                b.params.insert(name, arr);
+            }
+        }
+    }
+    let want = interp::run(g, &b).expect("interpreter");
+    let cpu = CpuGraph::compile(g, &LowerOptions::default()).expect("compiles");
+    let (got, _) = cpu.run(syms, &data, &params, &states).expect("runs");
+    assert_eq!(got.len(), want.values.len());
+    assert!(!got.is_empty());
+    for ((gn, gv), (wn, wv)) in got.iter().zip(&want.values) {
+        assert_eq!(gn, wn);
+        assert_eq!(gv.len(), wv.data.len(), "{gn}");
+        let mut worst = (0usize, f64::NEG_INFINITY);
+        for (i, (&x, &e)) in gv.iter().zip(&wv.data).enumerate() {
+            assert!(!x.is_nan() || e.is_nan(), "{gn}[{i}] is NaN, expected {e}");
+            let excess = (x as f64 - e).abs() - (tol.0 + tol.1 * e.abs());
+            if excess > worst.1 {
+                worst = (i, excess);
+            }
+        }
+        assert!(
+            worst.1 <= 0.0,
+            "{gn}: index {} got {} want {} (syms {syms:?})",
+            worst.0,
+            gv[worst.0],
+            wv.data[worst.0]
+        );
+    }
+}
+
+fn sizes() -> impl Strategy<Value = usize> {
+    prop::sample::select(vec![1usize, 2, 3, 5, 7, 13, 31])
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(12))]
+
+    #[test]
+    fn elementwise_chains_with_broadcasts(b in 1usize..4, l in sizes(), c in sizes(), seed in any::<u64>()) {
+        let mut g = G::new();
+        let (bd, ld) = (Dim::sym("B"), Dim::sym("L"));
+        let x = g.input("x", &[bd.clone(), ld.clone(), k(c)]);
+        let w = g.param("w", &[k(c)]);
+        let wb = g.add(Op::Broadcast { shape: vec![bd.clone(), ld.clone(), k(c)] }, &[w]);
+        let mut acc = g.bin(BinaryOp::Mul, x, wb);
+        for op in [UnaryOp::Silu, UnaryOp::Sigmoid, UnaryOp::Softplus, UnaryOp::Neg] {
+            let y = g.un(op, x);
+            acc = g.bin(BinaryOp::Add, acc, y);
+        }
+        let e = g.un(UnaryOp::Exp, x);
+        let s = g.un(UnaryOp::Sqrt, e);
+        let r = g.un(UnaryOp::Rsqrt, e);
+        let lg = g.un(UnaryOp::Log, s);
+        let q = g.bin(BinaryOp::Div, lg, e);
+        let rc = g.un(UnaryOp::Recip, e);
+        let m = g.bin(BinaryOp::Max, q, r);
+        let n = g.bin(BinaryOp::Min, m, rc);
+        let d = g.bin(BinaryOp::Sub, acc, n);
+        g.g.add_output("y", d);
+        compare(&g.g, &[("B", b as i64), ("L", l as i64)], seed, ELEMENTWISE, &[]);
+    }
+
+    #[test]
+    fn views_slice_permute_reshape_concat(b in 1usize..3, l in sizes(), c in 2usize..9, seed in any::<u64>()) {
+        let mut g = G::new();
+        let (bd, ld) = (Dim::sym("B"), Dim::sym("L"));
+        let x = g.input("x", &[bd.clone(), ld.clone(), k(2 * c)]);
+        let lo = g.add(Op::Slice { axis: 2, start: 0, len: c as u64 }, &[x]);
+        let hi = g.add(Op::Slice { axis: 2, start: c as u64, len: c as u64 }, &[x]);
+        let p = g.add(Op::Permute { perm: vec![2, 0, 1] }, &[hi]);
+        let p2 = g.add(Op::Permute { perm: vec![1, 2, 0] }, &[p]);
+        let sum = g.bin(BinaryOp::Add, lo, p2);
+        let flat = g.add(Op::Reshape { shape: vec![bd.mul(&ld).unwrap(), k(c)] }, &[sum]);
+        let back = g.add(Op::Reshape { shape: vec![bd.clone(), ld.clone(), k(c)] }, &[flat]);
+        let cat = g.add(Op::Concat { axis: 2 }, &[back, x, lo]);
+        g.g.add_output("cat", cat);
+        compare(&g.g, &[("B", b as i64), ("L", l as i64)], seed, ELEMENTWISE, &[]);
+    }
+
+    #[test]
+    fn reductions(b in 1usize..3, l in sizes(), c in sizes(), which in 0usize..3, seed in any::<u64>()) {
+        let mut g = G::new();
+        let x = g.input("x", &[Dim::sym("B"), Dim::sym("L"), k(c)]);
+        let op = [ReduceOp::Sum, ReduceOp::Mean, ReduceOp::Max][which];
+        let sq = g.bin(BinaryOp::Mul, x, x);
+        let r1 = g.add(Op::Reduce { op, axes: vec![2] }, &[sq]);
+        let r2 = g.add(Op::Reduce { op, axes: vec![0, 1] }, &[x]);
+        g.g.add_output("last", r1);
+        g.g.add_output("outer", r2);
+        compare(&g.g, &[("B", b as i64), ("L", l as i64)], seed, REDUCTION, &[]);
+    }
+
+    #[test]
+    fn matmuls(b in 1usize..3, l in sizes(), kk in sizes(), n in sizes(), rhs_t in any::<bool>(), seed in any::<u64>()) {
+        let mut g = G::new();
+        let (bd, ld) = (Dim::sym("B"), Dim::sym("L"));
+        let x = g.input("x", &[bd.clone(), ld.clone(), k(kk)]);
+        let w = g.param("w", &if rhs_t { [k(n), k(kk)] } else { [k(kk), k(n)] });
+        let y = g.add(Op::MatMul { rhs_t }, &[x, w]);
+        // Batched rhs: x @ x^T per batch.
+        let xx = g.add(Op::MatMul { rhs_t: true }, &[x, x]);
+        g.g.add_output("y", y);
+        g.g.add_output("xx", xx);
+        compare(&g.g, &[("B", b as i64), ("L", l as i64)], seed, REDUCTION, &[]);
+    }
+
+    #[test]
+    fn gather(b in 1usize..3, l in sizes(), v in 1usize..40, d in sizes(), seed in any::<u64>()) {
+        let mut g = G::new();
+        let ids_ty = TensorType::new(DType::I32, vec![Dim::sym("B"), Dim::sym("L")]);
+        let ids = g.add(Op::Input { name: "ids".into(), kind: InputKind::Data, ty: ids_ty }, &[]);
+        let table = g.param("table", &[k(v), k(d)]);
+        let y = g.add(Op::Gather, &[table, ids]);
+        g.g.add_output("y", y);
+        // Integer ids: built here, not by `compare`'s random floats.
+        let mut rng = Rng::new(seed);
+        let idv: Vec<i32> = (0..b * l).map(|_| (rng.next_u64() % v as u64) as i32).collect();
+        let tab: Vec<f32> = (0..v * d).map(|_| rng.normal() as f32).collect();
+        let mut bind = Bindings::default();
+        bind.inputs.insert("ids".into(), Array::new(vec![b, l], idv.iter().map(|&x| x as f64).collect()));
+        bind.params.insert("table".into(), Array::new(vec![v, d], tab.iter().map(|&x| x as f64).collect()));
+        let want = interp::run(&g.g, &bind).unwrap();
+        let cpu = CpuGraph::compile(&g.g, &LowerOptions::default()).unwrap();
+        let data = HashMap::from([("ids".to_string(), HostData::I32(idv))]);
+        let params = HashMap::from([("table".to_string(), tab)]);
+        let (got, _) = cpu.run(&[("B", b as i64), ("L", l as i64)], &data, &params, &HashMap::new()).unwrap();
+        let exact: Vec<f32> = want.values[0].1.data.iter().map(|&x| x as f32).collect();
+        prop_assert_eq!(&got[0].1, &exact);
+    }
+
+    #[test]
+    fn causal_conv_with_state(b in 1usize..3, l in sizes(), c in sizes(), kw in 1usize..6, seed in any::<u64>()) {
+        let mut g = G::new();
+        let (bd, ld) = (Dim::sym("B"), Dim::sym("L"));
+        let x = g.input("x", &[bd.clone(), ld.clone(), k(c)]);
+        let w = g.param("w", &[k(c), k(kw)]);
+        let bias = g.param("bias", &[k(c)]);
+        let s0 = g.state("s0", &[bd.clone(), k(c), k(kw - 1)]);
+        let conv = g.g.add(Op::CausalConv1d, &[x, w, bias, s0], Span::default(), None).unwrap();
+        let y = g.un(UnaryOp::Silu, Value::new(conv, 0));
+        g.g.add_output("y", y);
+        g.g.add_output("s1", Value::new(conv, 1));
+        compare(&g.g, &[("B", b as i64), ("L", l as i64)], seed, REDUCTION, &[]);
+    }
+
+    #[test]
+    fn selective_scan_with_prologue(b in 1usize..3, l in sizes(), e in sizes(), n in prop::sample::select(vec![1usize, 4, 16]), seed in any::<u64>()) {
+        let mut g = G::new();
+        let (bd, ld) = (Dim::sym("B"), Dim::sym("L"));
+        let x = g.input("x", &[bd.clone(), ld.clone(), k(e)]);
+        let dt_raw = g.input("dt", &[bd.clone(), ld.clone(), k(e)]);
+        let dt_bias = g.param("dt_bias", &[k(e)]);
+        let db = g.add(Op::Broadcast { shape: vec![bd.clone(), ld.clone(), k(e)] }, &[dt_bias]);
+        let dsum = g.bin(BinaryOp::Add, dt_raw, db);
+        let dt = g.un(UnaryOp::Softplus, dsum);
+        let a_log = g.param("A_log", &[k(e), k(n)]);
+        let ea = g.un(UnaryOp::Exp, a_log);
+        let a = g.un(UnaryOp::Neg, ea);
+        let bm = g.input("Bm", &[bd.clone(), ld.clone(), k(n)]);
+        let cm = g.input("Cm", &[bd.clone(), ld.clone(), k(n)]);
+        let h0 = g.state("h0", &[bd.clone(), k(e), k(n)]);
+        let s = g.g.add(Op::SelectiveScan, &[x, dt, a, bm, cm, h0], Span::default(), None).unwrap();
+        g.g.add_output("y", Value::new(s, 0));
+        g.g.add_output("h1", Value::new(s, 1));
+        compare(&g.g, &[("B", b as i64), ("L", l as i64)], seed, REDUCTION, &[]);
+    }
+
+    #[test]
+    fn ssd_scan_grouped(b in 1usize..3, l in sizes(), heads_per_group in 1usize..3, groups in 1usize..3,
+                        p in prop::sample::select(vec![1usize, 3, 8]), n in prop::sample::select(vec![1usize, 5, 16]), seed in any::<u64>()) {
+        let h = heads_per_group * groups;
+        let mut g = G::new();
+        let (bd, ld) = (Dim::sym("B"), Dim::sym("L"));
+        let x = g.input("x", &[bd.clone(), ld.clone(), k(h), k(p)]);
+        let dt_raw = g.input("dt", &[bd.clone(), ld.clone(), k(h)]);
+        let dt = g.un(UnaryOp::Softplus, dt_raw);
+        let a_log = g.param("A_log", &[k(h)]);
+        let ea = g.un(UnaryOp::Exp, a_log);
+        let a = g.un(UnaryOp::Neg, ea);
+        let bm = g.input("Bm", &[bd.clone(), ld.clone(), k(groups), k(n)]);
+        let cm = g.input("Cm", &[bd.clone(), ld.clone(), k(groups), k(n)]);
+        let s0 = g.state("s0", &[bd.clone(), k(h), k(p), k(n)]);
+        let s = g.g.add(Op::SsdScan { chunk: 4 }, &[x, dt, a, bm, cm, s0], Span::default(), None).unwrap();
+        g.g.add_output("y", Value::new(s, 0));
+        g.g.add_output("s1", Value::new(s, 1));
+        compare(&g.g, &[("B", b as i64), ("L", l as i64)], seed, REDUCTION, &[]);
+    }
+}
+
+#[test]
+fn long_sequence_scan() {
+    // A long sequence: errors of the recurrence must not grow with length.
+    let mut g = G::new();
+    let (bd, ld) = (Dim::sym("B"), Dim::sym("L"));
+    let x = g.input("x", &[bd.clone(), ld.clone(), k(2), k(4)]);
+    let dt_raw = g.input("dt", &[bd.clone(), ld.clone(), k(2)]);
+    let dt = g.un(UnaryOp::Softplus, dt_raw);
+    let a = g.param("A", &[k(2)]);
+    let na = g.un(UnaryOp::Neg, a);
+    let bm = g.input("Bm", &[bd.clone(), ld.clone(), k(1), k(8)]);
+    let cm = g.input("Cm", &[bd.clone(), ld.clone(), k(1), k(8)]);
+    let s0 = g.state("s0", &[bd.clone(), k(2), k(4), k(8)]);
+    let s = g.g.add(Op::SsdScan { chunk: 64 }, &[x, dt, na, bm, cm, s0], Span::default(), None).unwrap();
+    g.g.add_output("y", Value::new(s, 0));
+    compare(&g.g, &[("B", 1), ("L", 4099)], 3, REDUCTION, &["A"]);
+}
