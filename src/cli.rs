@@ -74,6 +74,28 @@ pub enum Command {
     Models,
     /// Run the forward pass and print the most likely next tokens (or write the logits).
     Run(RunArgs),
+    /// Forward-pass throughput on the CPU, Cranelift backend and reference interpreter.
+    Bench(BenchArgs),
+}
+
+#[derive(clap::Args, Debug)]
+pub struct BenchArgs {
+    /// Presets to measure (random weights).
+    #[arg(long, value_delimiter = ',', default_value = "mamba-130m,mamba2-130m")]
+    pub models: Vec<String>,
+    /// Batch sizes.
+    #[arg(long, value_delimiter = ',', default_value = "1,8")]
+    pub batch: Vec<usize>,
+    /// Sequence length for the Cranelift backend.
+    #[arg(long, default_value_t = 512)]
+    pub seq: usize,
+    /// Sequence length (batch 1) at which both backends run, for their ratio; 0 skips the
+    /// interpreter.
+    #[arg(long, default_value_t = 32)]
+    pub interp_seq: usize,
+    /// Timed repetitions (the median is reported) after one warm-up.
+    #[arg(long, default_value_t = 3)]
+    pub repeat: usize,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
@@ -181,6 +203,7 @@ where
             }
         }
         Command::Run(r) => run_model(r, &mut out),
+        Command::Bench(b) => bench(b, &mut out),
         Command::Params { model } => {
             if let Some(c) = compile(model, color, &mut out) {
                 params(&c.graph, &mut out);
@@ -505,27 +528,22 @@ fn run_model(r: &RunArgs, out: &mut Outcome) {
             path.display()
         );
     } else {
-        for b in 0..logits.batch {
+        for (b, seq) in tokens.iter().enumerate() {
             if logits.batch > 1 {
                 let _ = writeln!(out.stdout, "sequence {b}:");
             }
-            for t in 0..logits.seq {
+            for (t, id) in seq.iter().enumerate() {
                 let row = logits.at(b, t);
-                let _ = writeln!(
-                    out.stdout,
-                    "  {t:>4} {:>6} -> {}",
-                    tokens[b][t],
-                    top_k(row, r.top)
-                );
+                let _ = writeln!(out.stdout, "  {t:>4} {id:>6} -> {}", top_k(row, r.top));
             }
         }
     }
-    if r.profile {
-        if let Some(p) = model.last_profile() {
-            let _ = writeln!(out.stderr, "arena: {} bytes", p.arena_bytes);
-            for (kind, d, count) in p.by_kind() {
-                let _ = writeln!(out.stderr, "  {kind:<20} {count:>5} launches {d:>12.2?}");
-            }
+    if r.profile
+        && let Some(p) = model.last_profile()
+    {
+        let _ = writeln!(out.stderr, "arena: {} bytes", p.arena_bytes);
+        for (kind, d, count) in p.by_kind() {
+            let _ = writeln!(out.stderr, "  {kind:<20} {count:>5} launches {d:>12.2?}");
         }
     }
     let n = logits.batch * logits.seq;
@@ -550,4 +568,141 @@ fn top_k(row: &[f32], k: usize) -> String {
         .map(|&i| format!("{i} ({:.3})", ((row[i] - max) as f64).exp() / z))
         .collect::<Vec<_>>()
         .join("  ")
+}
+
+fn median(mut xs: Vec<f64>) -> f64 {
+    xs.sort_by(f64::total_cmp);
+    xs.get(xs.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
+/// Tokens per second of `runs` timed forward passes after a warm-up.
+fn time_forward(
+    m: &mut crate::model::Model,
+    tokens: &[Vec<u32>],
+    runs: usize,
+) -> Result<f64, String> {
+    m.forward(tokens).map_err(|e| e.to_string())?;
+    let n = (tokens.len() * tokens[0].len()) as f64;
+    let mut rates = Vec::new();
+    for _ in 0..runs.max(1) {
+        let t = std::time::Instant::now();
+        m.forward(tokens).map_err(|e| e.to_string())?;
+        rates.push(n / t.elapsed().as_secs_f64());
+    }
+    Ok(median(rates))
+}
+
+fn bench(b: &BenchArgs, out: &mut Outcome) {
+    use crate::model::{Backend, LoadOptions, Model};
+    let threads = rayon::current_num_threads();
+    let _ = writeln!(
+        out.stdout,
+        "CPU forward, random weights, f32, {threads} threads; median of {} runs",
+        b.repeat
+    );
+    let _ = writeln!(
+        out.stdout,
+        "| model | batch | seq | backend | tokens/s | GEMM GFLOP/s | GEMM share |"
+    );
+    let _ = writeln!(out.stdout, "|---|---|---|---|---|---|---|");
+    for name in &b.models {
+        let opts = LoadOptions {
+            backend: Backend::Cranelift,
+            ..LoadOptions::default()
+        };
+        let mut m = match Model::load(name, &opts) {
+            Ok(m) => m,
+            Err(e) => {
+                let _ = writeln!(out.stderr, "error: {name}: {e}");
+                out.code = 1;
+                return;
+            }
+        };
+        let vocab = m.vocab().max(1) as u64;
+        let mut rng = runtime::init::Rng::new(7);
+        let mut toks = |bs: usize, l: usize| -> Vec<Vec<u32>> {
+            (0..bs)
+                .map(|_| (0..l).map(|_| (rng.next_u64() % vocab) as u32).collect())
+                .collect()
+        };
+        for &bs in &b.batch {
+            let t = toks(bs, b.seq);
+            match time_forward(&mut m, &t, b.repeat) {
+                Ok(rate) => {
+                    let (gflops, share) = gemm_stats(&m, bs, b.seq);
+                    let _ = writeln!(
+                        out.stdout,
+                        "| {name} | {bs} | {} | cranelift | {rate:.1} | {gflops} | {share} |",
+                        b.seq
+                    );
+                }
+                Err(e) => {
+                    let _ = writeln!(out.stderr, "error: {name}: {e}");
+                    out.code = 1;
+                }
+            }
+        }
+        if b.interp_seq > 0 {
+            let t = toks(1, b.interp_seq);
+            let fast = time_forward(&mut m, &t, b.repeat);
+            let mut slow_model = match Model::load(
+                name,
+                &LoadOptions {
+                    backend: Backend::Interp,
+                    ..LoadOptions::default()
+                },
+            ) {
+                Ok(m) => m,
+                Err(e) => {
+                    let _ = writeln!(out.stderr, "error: {name}: {e}");
+                    out.code = 1;
+                    return;
+                }
+            };
+            let slow = time_forward(&mut slow_model, &t, 1);
+            if let (Ok(f), Ok(s)) = (fast, slow) {
+                let _ = writeln!(
+                    out.stdout,
+                    "| {name} | 1 | {} | cranelift | {f:.1} | | |",
+                    b.interp_seq
+                );
+                let _ = writeln!(
+                    out.stdout,
+                    "| {name} | 1 | {} | interpreter (f64) | {s:.2} | | |",
+                    b.interp_seq
+                );
+                let _ = writeln!(
+                    out.stdout,
+                    "| {name} | | | ratio cranelift / interpreter | {:.0}x | | |",
+                    f / s
+                );
+            }
+        }
+    }
+}
+
+/// Achieved GEMM rate and the GEMMs' share of the last forward pass's time.
+fn gemm_stats(m: &crate::model::Model, batch: usize, seq: usize) -> (String, String) {
+    let (Some(p), Some(l)) = (m.last_profile(), m.lowered()) else {
+        return (String::new(), String::new());
+    };
+    let bind = |s: &str| Some(if s == "B" { batch as u64 } else { seq as u64 });
+    let mut flops = 0f64;
+    for step in &l.steps {
+        if let ir::schedule::Step::MatMul { batch, m, k, n, .. } = step {
+            let ev = |d: &ir::Dim| d.eval(&bind).unwrap_or(0) as f64;
+            flops += 2.0 * ev(batch) * ev(m) * ev(k) * ev(n);
+        }
+    }
+    let gemm: f64 = p
+        .steps
+        .iter()
+        .filter(|(n, _)| n.starts_with("matmul"))
+        .map(|(_, d)| d.as_secs_f64())
+        .sum();
+    let total: f64 = p.steps.iter().map(|(_, d)| d.as_secs_f64()).sum();
+    (
+        format!("{:.1}", flops / gemm.max(1e-12) / 1e9),
+        format!("{:.0}%", 100.0 * gemm / total.max(1e-12)),
+    )
 }

@@ -1,7 +1,7 @@
 //! Ties the Cranelift-compiled kernels (`codegen`) to the CPU executor (`runtime`): the two
 //! crates do not know each other, by design.
 
-use codegen::cpu::{CpuKernel, CpuModule, KArg};
+use codegen::cpu::{CpuKernel, CpuModule};
 use ir::schedule::Lowered;
 use runtime::cpu::Launcher;
 
@@ -31,21 +31,8 @@ impl Launcher for CraneliftLauncher {
         sizes: &[i64],
     ) -> Result<(), String> {
         let k = self.kernels.get(kernel).ok_or("no such kernel")?;
-        let mut args: Vec<KArg<'_>> = bufs
-            .iter()
-            .zip(&k.kernel().bufs)
-            .map(|(&(p, n), kb)| {
-                // SAFETY: the trait's contract: `p` holds `n` bytes, and writable buffers are
-                // not aliased while the kernel runs.
-                unsafe {
-                    if kb.writable {
-                        KArg::Out(std::slice::from_raw_parts_mut(p, n))
-                    } else {
-                        KArg::In(std::slice::from_raw_parts(p, n))
-                    }
-                }
-            })
-            .collect();
-        k.run_args(&mut args, sizes).map_err(|e| e.to_string())
+        // SAFETY: the trait's contract (live buffers of the given byte lengths, writable ones
+        // not aliased during the launch) is what `run_raw` requires.
+        unsafe { k.run_raw(bufs, sizes, None) }.map_err(|e| e.to_string())
     }
 }

@@ -128,9 +128,21 @@ impl CpuGraph {
                 _ => return Err(Error::Input(format!("no value for the symbol `{s}`"))),
             }
         }
-        let bind = |s: &str| self.lowered.syms.iter().position(|x| x == s).map(|i| sizes[i] as u64);
-        let plan = passes::plan_memory(&self.lowered, &bind).map_err(|e| Error::Input(e.to_string()))?;
-        let inp = Inputs { sizes: &sizes, data, params, states };
+        let bind = |s: &str| {
+            self.lowered
+                .syms
+                .iter()
+                .position(|x| x == s)
+                .map(|i| sizes[i] as u64)
+        };
+        let plan =
+            passes::plan_memory(&self.lowered, &bind).map_err(|e| Error::Input(e.to_string()))?;
+        let inp = Inputs {
+            sizes: &sizes,
+            data,
+            params,
+            states,
+        };
         let launcher: &dyn Launcher = &self.launcher;
         Ok(runtime::cpu::execute(&self.lowered, &plan, launcher, &inp)?)
     }
@@ -219,6 +231,11 @@ impl Model {
             .find(|(n, _)| !states.contains(&n.as_str()))
             .map(|(n, _)| n.clone())
             .unwrap_or_default()
+    }
+
+    /// The lowered schedule (Cranelift backend).
+    pub fn lowered(&self) -> Option<&Lowered> {
+        self.compiled.as_ref().map(|c| &c.lowered)
     }
 
     /// Step timings of the last compiled forward pass (Cranelift backend).

@@ -1,7 +1,9 @@
 //! Every kernel kind, compiled by Cranelift, against the f64 reference interpreter on random
 //! shapes (1, primes, odd sizes, longer sequences), with the f32 tolerances of RELIABILITY.md.
 
-use ir::{BinaryOp, DType, Dim, Graph, InputKind, Init, Op, ReduceOp, Span, TensorType, UnaryOp, Value};
+use ir::{
+    BinaryOp, DType, Dim, Graph, Init, InputKind, Op, ReduceOp, Span, TensorType, UnaryOp, Value,
+};
 use ma2mba::model::CpuGraph;
 use passes::LowerOptions;
 use proptest::prelude::*;
@@ -30,20 +32,46 @@ struct G {
 
 impl G {
     fn new() -> G {
-        G { g: Graph::new("case") }
+        G {
+            g: Graph::new("case"),
+        }
     }
     fn add(&mut self, op: Op, xs: &[Value]) -> Value {
-        let n = self.g.add(op, xs, Span::default(), None).expect("well-typed case");
+        let n = self
+            .g
+            .add(op, xs, Span::default(), None)
+            .expect("well-typed case");
         Value::from(n)
     }
     fn input(&mut self, name: &str, shape: &[Dim]) -> Value {
-        self.add(Op::Input { name: name.into(), kind: InputKind::Data, ty: t(shape) }, &[])
+        self.add(
+            Op::Input {
+                name: name.into(),
+                kind: InputKind::Data,
+                ty: t(shape),
+            },
+            &[],
+        )
     }
     fn state(&mut self, name: &str, shape: &[Dim]) -> Value {
-        self.add(Op::Input { name: name.into(), kind: InputKind::State, ty: t(shape) }, &[])
+        self.add(
+            Op::Input {
+                name: name.into(),
+                kind: InputKind::State,
+                ty: t(shape),
+            },
+            &[],
+        )
     }
     fn param(&mut self, name: &str, shape: &[Dim]) -> Value {
-        self.add(Op::Param { name: name.into(), ty: t(shape), init: Init::Zeros }, &[])
+        self.add(
+            Op::Param {
+                name: name.into(),
+                ty: t(shape),
+                init: Init::Zeros,
+            },
+            &[],
+        )
     }
     fn un(&mut self, op: UnaryOp, x: Value) -> Value {
         self.add(Op::Unary(op), &[x])
@@ -67,12 +95,20 @@ fn compare(g: &Graph, syms: &[(&str, i64)], seed: u64, tol: (f64, f64), positive
             Op::Param { name, ty, .. } => (name.clone(), ty.clone(), None),
             _ => continue,
         };
-        let shape: Vec<usize> = ty.shape.iter().map(|d| d.eval(&bind).expect("bound") as usize).collect();
+        let shape: Vec<usize> = ty
+            .shape
+            .iter()
+            .map(|d| d.eval(&bind).expect("bound") as usize)
+            .collect();
         let count: usize = shape.iter().product();
         let vals: Vec<f32> = (0..count)
             .map(|_| {
                 let x = (rng.normal() * 0.8) as f32;
-                if positive.contains(&name.as_str()) { x.abs() + 0.05 } else { x }
+                if positive.contains(&name.as_str()) {
+                    x.abs() + 0.05
+                } else {
+                    x
+                }
             })
             .collect();
         let arr = Array::new(shape, vals.iter().map(|&x| x as f64).collect());
@@ -289,7 +325,14 @@ fn long_sequence_scan() {
     let bm = g.input("Bm", &[bd.clone(), ld.clone(), k(1), k(8)]);
     let cm = g.input("Cm", &[bd.clone(), ld.clone(), k(1), k(8)]);
     let s0 = g.state("s0", &[bd.clone(), k(2), k(4), k(8)]);
-    let s = g.g.add(Op::SsdScan { chunk: 64 }, &[x, dt, na, bm, cm, s0], Span::default(), None).unwrap();
+    let s =
+        g.g.add(
+            Op::SsdScan { chunk: 64 },
+            &[x, dt, na, bm, cm, s0],
+            Span::default(),
+            None,
+        )
+        .unwrap();
     g.g.add_output("y", Value::new(s, 0));
     compare(&g.g, &[("B", 1), ("L", 4099)], 3, REDUCTION, &["A"]);
 }

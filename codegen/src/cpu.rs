@@ -1345,6 +1345,59 @@ impl CpuKernel {
         chunk: Option<i64>,
     ) -> Result<(), CodegenError> {
         let k = &*self.kernel;
+        if bufs.len() != k.bufs.len() {
+            return Err(self.launch_err(format!(
+                "{} buffers given, {} expected",
+                bufs.len(),
+                k.bufs.len()
+            )));
+        }
+        for (i, (arg, kb)) in bufs.iter().zip(&k.bufs).enumerate() {
+            if kb.writable && matches!(arg, KArg::In(_)) {
+                return Err(self.launch_err(format!(
+                    "buffer b{i} `{}` is written but passed read-only",
+                    kb.name
+                )));
+            }
+        }
+        let raw: Vec<(*mut u8, usize)> = bufs
+            .iter_mut()
+            .map(|a| (a.ptr(), a.bytes().len()))
+            .collect();
+        // SAFETY: every pointer comes with its slice's length and the slices are borrowed
+        // (writable ones exclusively, as `Out`) for the whole call.
+        unsafe { self.launch(&raw, sizes, chunk) }
+    }
+
+    /// As [`CpuKernel::run_args`] for buffers given as (address, length in bytes): for
+    /// callers that hold raw buffers, and for kernels whose buffers alias (one buffer read
+    /// and written in place), which slices cannot express.
+    ///
+    /// # Safety
+    /// Each address must be valid for reads of its length, and for writes where the kernel
+    /// writes the buffer; nothing else may access written buffers during the call. Indices
+    /// are the caller's contract as in [`CpuKernel::run_args`].
+    pub unsafe fn run_raw(
+        &self,
+        bufs: &[(*mut u8, usize)],
+        sizes: &[i64],
+        chunk: Option<i64>,
+    ) -> Result<(), CodegenError> {
+        // SAFETY: the caller's contract.
+        unsafe { self.launch(bufs, sizes, chunk) }
+    }
+
+    /// Checks the launch, computes the grid and runs it in chunks.
+    ///
+    /// # Safety
+    /// As [`CpuKernel::run_raw`].
+    unsafe fn launch(
+        &self,
+        bufs: &[(*mut u8, usize)],
+        sizes: &[i64],
+        chunk: Option<i64>,
+    ) -> Result<(), CodegenError> {
+        let k = &*self.kernel;
         if bufs.len() != k.bufs.len() || sizes.len() != k.sizes.len() {
             return Err(self.launch_err(format!(
                 "{} buffers and {} sizes given, {} and {} expected",
@@ -1355,8 +1408,7 @@ impl CpuKernel {
             )));
         }
         let mut lens = Vec::with_capacity(bufs.len());
-        for (i, (arg, kb)) in bufs.iter().zip(&k.bufs).enumerate() {
-            let n = arg.bytes().len();
+        for (i, (&(_, n), kb)) in bufs.iter().zip(&k.bufs).enumerate() {
             let eb = elem_bytes(kb.dtype);
             if n % eb != 0 {
                 return Err(self.launch_err(format!(
@@ -1364,19 +1416,10 @@ impl CpuKernel {
                     kb.name, kb.dtype
                 )));
             }
-            if kb.writable && matches!(arg, KArg::In(_)) {
-                return Err(self.launch_err(format!(
-                    "buffer b{i} `{}` is written but passed read-only",
-                    kb.name
-                )));
-            }
             lens.push(i64::try_from(n / eb).unwrap_or(i64::MAX));
         }
-        let ev = StaticEval {
-            k,
-            sizes,
-            bufs: &*bufs,
-        };
+        // The buffers are readable for their lengths: this function's contract.
+        let ev = StaticEval { k, sizes, bufs };
         let mut total: i64 = 1;
         for (d, g) in k.grid.iter().enumerate() {
             let e = ev
@@ -1408,14 +1451,14 @@ impl CpuKernel {
         }
         let l = Launch {
             f: self.f,
-            bufs: bufs.iter_mut().map(KArg::ptr).collect(),
+            bufs: bufs.iter().map(|&(p, _)| p).collect(),
             sizes: all_sizes,
             checked: self.checked,
         };
         let n_chunks = ceil_div(total, chunk);
         let res = if n_chunks == 1 {
-            // SAFETY: counts and dtypes checked above; indices are the kernel's contract (or
-            // checked); the buffers are borrowed for the whole call.
+            // SAFETY: counts and element sizes checked above; the buffers are the caller's
+            // contract; indices are the kernel's contract (or checked).
             unsafe { l.range(0, total) }
         } else {
             (0..n_chunks)
@@ -1438,13 +1481,15 @@ impl CpuKernel {
 
 /// Index expressions without grid coordinates or loop counters, evaluated in Rust (grid
 /// extents, loop extents for the work estimate).
-struct StaticEval<'a, 'b> {
+struct StaticEval<'a> {
     k: &'a Kernel,
     sizes: &'a [i64],
-    bufs: &'a [KArg<'b>],
+    /// (address, length in bytes). Invariant: each is readable for its length while this
+    /// value lives (it is built only in `CpuKernel::launch`, whose contract says so).
+    bufs: &'a [(*mut u8, usize)],
 }
 
-impl StaticEval<'_, '_> {
+impl StaticEval<'_> {
     fn iexpr(&self, e: &IExpr) -> Result<i64, String> {
         Ok(match e {
             IExpr::Const(n) => *n,
@@ -1469,21 +1514,22 @@ impl StaticEval<'_, '_> {
             IExpr::LoadIndex { buf, index } => {
                 let i = self.iexpr(index)?;
                 let kb = self.k.bufs.get(*buf).ok_or("unknown buffer")?;
-                let bytes = self.bufs.get(*buf).ok_or("unknown buffer")?.bytes();
+                let &(p, len) = self.bufs.get(*buf).ok_or("unknown buffer")?;
                 let eb = elem_bytes(kb.dtype);
-                let at = usize::try_from(i)
+                let off = usize::try_from(i)
                     .ok()
                     .and_then(|i| i.checked_mul(eb))
-                    .and_then(|o| bytes.get(o..o + eb))
+                    .filter(|o| o.checked_add(eb).is_some_and(|e| e <= len))
                     .ok_or_else(|| format!("index load b{buf}[{i}] out of bounds"))?;
-                match kb.dtype {
-                    DType::I32 => i64::from(i32::from_ne_bytes(
-                        at.try_into().map_err(|_| "bad element".to_string())?,
-                    )),
-                    DType::I64 => {
-                        i64::from_ne_bytes(at.try_into().map_err(|_| "bad element".to_string())?)
+                // SAFETY: `off + eb <= len` and the buffer is readable for `len` bytes (the
+                // struct's invariant); unaligned reads are allowed.
+                unsafe {
+                    let at = p.add(off);
+                    match kb.dtype {
+                        DType::I32 => i64::from(at.cast::<i32>().read_unaligned()),
+                        DType::I64 => at.cast::<i64>().read_unaligned(),
+                        other => return Err(format!("index load from an {other} buffer")),
                     }
-                    other => return Err(format!("index load from an {other} buffer")),
                 }
             }
         })

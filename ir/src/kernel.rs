@@ -11,8 +11,10 @@
 //!
 //! Invariants ([`Kernel::check`]): every buffer, size, variable, loop counter and local array
 //! a statement uses is declared (buffers and sizes in the kernel header, the rest earlier in
-//! an enclosing block); stores only go to buffers marked writable; local arrays have a
-//! compile-time length.
+//! an enclosing block) and no id is declared twice; stores only go to writable float buffers;
+//! local arrays have a compile-time length. Not checkable here, and the producer's duty:
+//! distinct grid points never write the same element (backends run them in parallel), and
+//! grid extents are not negative.
 
 use crate::op::{BinaryOp, UnaryOp};
 use crate::types::DType;
@@ -50,6 +52,8 @@ pub enum IExpr {
     },
 }
 
+// Builders that fold constants; not the std operator traits, which would hide the folding.
+#[allow(clippy::should_implement_trait)]
 impl IExpr {
     pub fn c(n: i64) -> IExpr {
         IExpr::Const(n)
@@ -183,6 +187,14 @@ pub struct KernelError {
     pub message: String,
 }
 
+/// Every id declared so far in the kernel: ids are never reused.
+#[derive(Default)]
+struct Seen {
+    vars: std::collections::HashSet<VarId>,
+    loops: std::collections::HashSet<LoopId>,
+    arrs: std::collections::HashSet<ArrId>,
+}
+
 #[derive(Default, Clone)]
 struct Scope {
     vars: Vec<VarId>,
@@ -200,16 +212,19 @@ impl Kernel {
         for g in &self.grid {
             self.check_iexpr(g, &Scope::default(), true).map_err(err)?;
         }
-        self.check_block(&self.body, &mut Scope::default())
+        self.check_block(&self.body, &mut Scope::default(), &mut Seen::default())
             .map_err(err)
     }
 
-    fn check_block(&self, body: &[Stmt], scope: &mut Scope) -> Result<(), String> {
+    fn check_block(&self, body: &[Stmt], scope: &mut Scope, seen: &mut Seen) -> Result<(), String> {
         let mark = (scope.vars.len(), scope.loops.len(), scope.arrs.len());
         for s in body {
             match s {
                 Stmt::Var { var, init } => {
                     self.check_expr(init, scope)?;
+                    if !seen.vars.insert(*var) {
+                        return Err(format!("v{} is declared twice", var.0));
+                    }
                     scope.vars.push(*var);
                 }
                 Stmt::Set { var, value } => {
@@ -219,6 +234,9 @@ impl Kernel {
                     self.check_expr(value, scope)?;
                 }
                 Stmt::Array { arr, len, .. } => {
+                    if !seen.arrs.insert(*arr) {
+                        return Err(format!("a{} is declared twice", arr.0));
+                    }
                     if *len == 0 {
                         return Err(format!("local array a{} has length 0", arr.0));
                     }
@@ -237,13 +255,19 @@ impl Kernel {
                     body,
                 } => {
                     self.check_iexpr(extent, scope, false)?;
+                    if !seen.loops.insert(*counter) {
+                        return Err(format!("loop counter i{} is declared twice", counter.0));
+                    }
                     scope.loops.push(*counter);
-                    self.check_block(body, scope)?;
+                    self.check_block(body, scope, seen)?;
                     scope.loops.pop();
                 }
                 Stmt::Store { buf, index, value } => {
                     match self.bufs.get(*buf) {
-                        Some(b) if b.writable => {}
+                        Some(b) if b.writable && b.dtype.is_float() => {}
+                        Some(b) if b.writable => {
+                            return Err(format!("store to the integer buffer `{}`", b.name));
+                        }
                         Some(b) => return Err(format!("store to read-only buffer `{}`", b.name)),
                         None => return Err(format!("store to unknown buffer {buf}")),
                     }

@@ -491,7 +491,7 @@ impl<'g> Lowering<'g> {
         }];
         body.push(Stmt::Var {
             var: acc,
-            init: kb.value(bias, &[c.clone()])?,
+            init: kb.value(bias, std::slice::from_ref(&c))?,
         });
         for kk in 0..k {
             let wv = kb.value(w, &[c.clone(), IExpr::c(kk as i64)])?;
@@ -695,7 +695,7 @@ impl<'g> Lowering<'g> {
             },
         ];
         // One decay per head and step: computed once, outside the state loop.
-        let av = kb.value(a, &[hh.clone()])?;
+        let av = kb.value(a, std::slice::from_ref(&hh))?;
         let decay = kb.var();
         body.push(Stmt::Var {
             var: decay,

@@ -82,18 +82,21 @@ impl Profile {
             e.1 += 1;
         }
         let mut v: Vec<_> = m.into_iter().map(|(k, (d, n))| (k, d, n)).collect();
-        v.sort_by(|a, b| b.1.cmp(&a.1));
+        v.sort_by_key(|x| std::cmp::Reverse(x.1));
         v
     }
 }
 
-/// Runs the schedule; returns every graph output (f32) by name, in output order.
+/// Every graph output (f32) by name, in output order.
+pub type Outputs = Vec<(String, Vec<f32>)>;
+
+/// Runs the schedule; returns every graph output and the step profile.
 pub fn execute(
     l: &Lowered,
     plan: &MemoryPlan,
     launcher: &dyn Launcher,
     inp: &Inputs<'_>,
-) -> Result<(Vec<(String, Vec<f32>)>, Profile), ExecError> {
+) -> Result<(Outputs, Profile), ExecError> {
     let mut profile = Profile {
         steps: Vec::with_capacity(l.steps.len()),
         arena_bytes: plan.peak,
