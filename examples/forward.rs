@@ -18,7 +18,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .map(str::parse)
         .collect::<Result<_, _>>()?;
     let mut model = Model::load(spec, &LoadOptions::default())?;
-    let logits = model.forward(&[tokens.clone()])?;
+    let logits = model.forward(std::slice::from_ref(&tokens))?;
     for (t, id) in tokens.iter().enumerate() {
         let row = logits.at(0, t);
         let best = (0..row.len())

@@ -120,7 +120,7 @@ impl CpuGraph {
         data: &HashMap<String, HostData>,
         params: &HashMap<String, Vec<f32>>,
         states: &HashMap<String, Vec<f32>>,
-    ) -> Result<(Vec<(String, Vec<f32>)>, runtime::cpu::Profile), Error> {
+    ) -> Result<(runtime::cpu::Outputs, runtime::cpu::Profile), Error> {
         let mut sizes = Vec::with_capacity(self.lowered.syms.len());
         for s in &self.lowered.syms {
             match syms.iter().find(|(n, _)| n == s) {
