@@ -312,6 +312,45 @@ proptest! {
     }
 }
 
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(12))]
+
+    /// The residual add + RMSNorm row fusion and the conv -> silu epilogue, on random shapes.
+    #[test]
+    fn fused_norm_and_conv_epilogue(b in 1usize..3, l in sizes(), c in sizes(), kw in 1usize..5, seed in any::<u64>()) {
+        let mut g = G::new();
+        let (bd, ld) = (Dim::sym("B"), Dim::sym("L"));
+        let full = [bd.clone(), ld.clone(), k(c)];
+        let x = g.input("x", &full);
+        let y = g.input("y", &full);
+        let h = g.bin(BinaryOp::Add, x, y);
+        let sq = g.bin(BinaryOp::Mul, h, h);
+        let ms = g.add(Op::Reduce { op: ReduceOp::Mean, axes: vec![2] }, &[sq]);
+        let eps = g.add(Op::Const { value: 1e-5, dtype: DType::F32 }, &[]);
+        let epsb = g.add(Op::Broadcast { shape: vec![bd.clone(), ld.clone(), k(1)] }, &[eps]);
+        let ms2 = g.bin(BinaryOp::Add, ms, epsb);
+        let inv = g.un(UnaryOp::Rsqrt, ms2);
+        let invb = g.add(Op::Broadcast { shape: full.to_vec() }, &[inv]);
+        let w = g.param("w", &[k(c)]);
+        let wb = g.add(Op::Broadcast { shape: full.to_vec() }, &[w]);
+        let hn = g.bin(BinaryOp::Mul, h, invb);
+        let normed = g.bin(BinaryOp::Mul, hn, wb);
+        // The normalized value feeds a conv whose output goes through silu.
+        let cw = g.param("cw", &[k(c), k(kw)]);
+        let cb = g.param("cb", &[k(c)]);
+        let s0 = g.state("s0", &[bd.clone(), k(c), k(kw - 1)]);
+        let conv = g.g.add(Op::CausalConv1d, &[normed, cw, cb, s0], Span::default(), None).unwrap();
+        let act = g.un(UnaryOp::Silu, Value::new(conv, 0));
+        let act2 = g.bin(BinaryOp::Mul, act, act);
+        let later = g.bin(BinaryOp::Add, h, act2);
+        g.g.add_output("normed", normed);
+        g.g.add_output("later", later);
+        g.g.add_output("act", act);
+        g.g.add_output("s1", Value::new(conv, 1));
+        compare(&g.g, &[("B", b as i64), ("L", l as i64)], seed, REDUCTION, &[]);
+    }
+}
+
 #[test]
 fn long_sequence_scan() {
     // A long sequence: errors of the recurrence must not grow with length.

@@ -64,8 +64,16 @@ pub fn lower(g: &Graph, opts: &LowerOptions) -> Result<Lowered, LowerError> {
             outputs: Vec::new(),
         },
         materialize: vec![false; g.len()],
+        epilogues: HashMap::new(),
+        fused: Default::default(),
+        unstored: Default::default(),
+        row_prologues: HashMap::new(),
     };
     l.decide(opts);
+    if !opts.no_fusion {
+        l.find_epilogues();
+        l.find_row_fusions();
+    }
     for n in g.nodes() {
         l.node(n)?;
     }
@@ -84,6 +92,16 @@ struct Lowering<'g> {
     out: Lowered,
     /// Per node: its results get buffers.
     materialize: Vec<bool>,
+    /// Epilogues: materialized elementwise nodes computed inside the conv/scan kernel that
+    /// produces the one kernel result they depend on, keyed by that producer.
+    epilogues: HashMap<NodeId, Vec<NodeId>>,
+    /// Nodes emitted as an epilogue (they get no kernel of their own).
+    fused: std::collections::HashSet<NodeId>,
+    /// Kernel results read only through epilogues: never stored.
+    unstored: std::collections::HashSet<Value>,
+    /// Row prologues: elementwise values computed (and stored) inside the row reduction
+    /// that reads them, keyed by the reduction.
+    row_prologues: HashMap<NodeId, Vec<NodeId>>,
 }
 
 /// Ops that need a kernel shape of their own (loops, or several results).
@@ -137,6 +155,9 @@ impl<'g> Lowering<'g> {
             uses[v.node.index()] += 1;
             gemm_operand[v.node.index()] = true;
         }
+        // Cheap to recompute at every use: constants, and chains of views ending in buffers
+        // (only index arithmetic and a load).
+        let mut cheap_view = vec![false; g.len()];
         for n in g.nodes() {
             let op = g.op(n);
             let i = n.index();
@@ -145,14 +166,249 @@ impl<'g> Lowering<'g> {
                 o if is_view(o) => g
                     .operands(n)
                     .iter()
-                    .all(|v| self.materialize[v.node.index()]),
+                    .all(|v| self.materialize[v.node.index()] || cheap_view[v.node.index()]),
                 _ => false,
             };
+            cheap_view[i] = cheap && is_view(op);
             self.materialize[i] = needs_own_kernel(op)
                 || gemm_operand[i]
                 || (uses[i] > 1 && !cheap)
                 || (opts.no_fusion && !matches!(op, Op::Const { .. }));
         }
+    }
+
+    /// Finds epilogues (module doc): a materialized elementwise node `E` whose inlined
+    /// expression reads exactly one conv/scan output `r`, only through elementwise ops and
+    /// reshapes (which keep the element order), with as many elements as `r`, and whose other
+    /// inputs exist before `r`'s kernel runs. `E` is then computed and stored by that kernel,
+    /// element by element, from the value in registers.
+    fn find_epilogues(&mut self) {
+        let g = self.g;
+        for e in g.nodes() {
+            let op = g.op(e);
+            if !self.materialize[e.index()]
+                || needs_own_kernel(op)
+                || matches!(op, Op::Const { .. })
+            {
+                continue;
+            }
+            if matches!(op, Op::Reshape { .. })
+                && g.operands(e)
+                    .iter()
+                    .all(|v| self.materialize[v.node.index()])
+            {
+                continue; // an alias, not a kernel
+            }
+            let mut leaves = Vec::new();
+            self.leaves(Value::new(e, 0), true, true, &mut leaves);
+            let producers: Vec<&(Value, bool)> = leaves
+                .iter()
+                .filter(|(v, _)| {
+                    matches!(
+                        g.op(v.node),
+                        Op::CausalConv1d | Op::SelectiveScan | Op::SsdScan { .. }
+                    ) && v.result == 0
+                })
+                .collect();
+            let Some(&&(r, _)) = producers.first() else {
+                continue;
+            };
+            if producers.iter().any(|(v, ok)| *v != r || !ok) {
+                continue;
+            }
+            let numel = |v: Value| g.value_type(v).and_then(|t| ir::types::numel(&t.shape));
+            if numel(r) != numel(Value::new(e, 0)) {
+                continue;
+            }
+            let ready = leaves.iter().all(|(v, _)| {
+                *v == r
+                    || v.node < r.node
+                    || matches!(g.op(v.node), Op::Param { .. } | Op::Input { .. })
+            });
+            if ready {
+                self.epilogues.entry(r.node).or_default().push(e);
+                self.fused.insert(e);
+            }
+        }
+        // A producer result read only through its epilogues need not be stored.
+        for (&h, es) in &self.epilogues {
+            let r = Value::new(h, 0);
+            let is_output = g.outputs().iter().any(|(_, v)| *v == r);
+            if !is_output && self.only_feeds(r, es) {
+                self.unstored.insert(r);
+            }
+        }
+    }
+
+    /// RMSNorm-style row fusion around a reduction `R` over trailing axes:
+    /// - a row epilogue `E` (a materialized elementwise node shaped like `R`'s input) whose
+    ///   expression reads `R` only through elementwise ops and broadcasts along the reduced
+    ///   axes is computed in a second pass over the row, from `R` in registers;
+    /// - a row prologue `A` (a materialized elementwise node shaped like `R`'s input, read by
+    ///   `R` through elementwise ops only, used by nothing before `R`) is computed and stored
+    ///   in the reduction's own pass.
+    fn find_row_fusions(&mut self) {
+        let g = self.g;
+        for r in g.nodes() {
+            let Op::Reduce { axes, .. } = g.op(r) else {
+                continue;
+            };
+            let x = g.operands(r)[0];
+            let xs = self.shape(x);
+            let rank = xs.len();
+            let trailing = axes.iter().all(|&a| a >= rank - axes.len());
+            if !trailing || self.fused.contains(&r) {
+                continue;
+            }
+            let rv = Value::new(r, 0);
+            let rshape = self.shape(rv);
+            // Epilogues.
+            let mut eps = Vec::new();
+            for e in g.nodes().skip(r.index() + 1) {
+                let op = g.op(e);
+                if !self.materialize[e.index()]
+                    || needs_own_kernel(op)
+                    || matches!(op, Op::Const { .. })
+                    || self.fused.contains(&e)
+                    || self.shape(Value::new(e, 0)) != xs
+                {
+                    continue;
+                }
+                let mut leaves = Vec::new();
+                self.row_leaves(Value::new(e, 0), true, &xs, &rshape, true, &mut leaves);
+                let reads_r = leaves.iter().any(|(v, _)| *v == rv);
+                let clean = leaves.iter().all(|(v, ok)| *v != rv || *ok);
+                let ready = leaves.iter().all(|(v, _)| {
+                    *v == rv
+                        || v.node < r
+                        || matches!(g.op(v.node), Op::Param { .. } | Op::Input { .. })
+                });
+                if reads_r && clean && ready {
+                    eps.push(e);
+                }
+            }
+            if !eps.is_empty() {
+                for &e in &eps {
+                    self.fused.insert(e);
+                }
+                if !g.outputs().iter().any(|(_, v)| *v == rv) && self.only_feeds(rv, &eps) {
+                    self.unstored.insert(rv);
+                }
+                self.epilogues.entry(r).or_default().extend(eps);
+            }
+            // Prologues: materialized elementwise leaves of R's operand reached in order.
+            let mut leaves = Vec::new();
+            self.leaves(x, !self.materialize[x.node.index()], true, &mut leaves);
+            let mut pros = Vec::new();
+            for (a, ordered) in leaves {
+                let op = g.op(a.node);
+                let elementwise = matches!(op, Op::Unary(_) | Op::Binary(_) | Op::Cast { .. });
+                if !ordered
+                    || !elementwise
+                    || self.fused.contains(&a.node)
+                    || self.shape(a) != xs
+                    || pros.contains(&a.node)
+                {
+                    continue;
+                }
+                let mut inner = Vec::new();
+                self.leaves(a, true, true, &mut inner);
+                let ready = inner.iter().all(|(v, _)| v.node < a.node);
+                let later_users = g
+                    .users(a.node)
+                    .iter()
+                    .all(|&u| u > r || self.inlined_into(u, r));
+                if ready && later_users {
+                    pros.push(a.node);
+                }
+            }
+            for &a in &pros {
+                self.fused.insert(a);
+            }
+            if !pros.is_empty() {
+                self.row_prologues.insert(r, pros);
+            }
+        }
+    }
+
+    /// Whether `n` is inlined (not materialized) and every use of it ends in `target`.
+    fn inlined_into(&self, n: NodeId, target: NodeId) -> bool {
+        !self.materialize[n.index()]
+            && self
+                .g
+                .users(n)
+                .iter()
+                .all(|&u| u == target || self.inlined_into(u, target))
+    }
+
+    /// As [`Self::leaves`], marking whether each path keeps the row structure: elementwise ops
+    /// on values shaped like the row (`full`) or like the reduction (`reduced`), and
+    /// broadcasts from the reduced shape to the full one.
+    fn row_leaves(
+        &self,
+        v: Value,
+        top: bool,
+        full: &[Dim],
+        reduced: &[Dim],
+        ok: bool,
+        out: &mut Vec<(Value, bool)>,
+    ) {
+        let g = self.g;
+        if !top && self.materialize[v.node.index()] {
+            out.push((v, ok));
+            return;
+        }
+        let shape = self.shape(v);
+        let op = g.op(v.node);
+        let keeps = match op {
+            Op::Unary(_) | Op::Binary(_) | Op::Cast { .. } => {
+                ok && (shape == full || shape == reduced)
+            }
+            Op::Broadcast { .. } => {
+                ok && shape == full && g.operands(v.node).iter().all(|o| self.shape(*o) == reduced)
+            }
+            Op::Const { .. } => return,
+            _ => false,
+        };
+        for o in g.operands(v.node) {
+            self.row_leaves(o, false, full, reduced, keeps, out);
+        }
+    }
+
+    /// The materialized values `v`'s inlined expression reads, each with whether the path to
+    /// it keeps the element order (elementwise ops and reshapes only).
+    fn leaves(&self, v: Value, top: bool, ordered: bool, out: &mut Vec<(Value, bool)>) {
+        let g = self.g;
+        if !top && self.materialize[v.node.index()] {
+            out.push((v, ordered));
+            return;
+        }
+        let op = g.op(v.node);
+        let keeps_order = match op {
+            Op::Unary(_) | Op::Binary(_) | Op::Cast { .. } | Op::Reshape { .. } => ordered,
+            Op::Const { .. } => return,
+            _ => false,
+        };
+        for o in g.operands(v.node) {
+            self.leaves(o, false, keeps_order, out);
+        }
+    }
+
+    /// Whether every use of `v` is inside the inlined expression of one of `ends`.
+    fn only_feeds(&self, v: Value, ends: &[NodeId]) -> bool {
+        let g = self.g;
+        for u in g.users(v.node) {
+            if !g.operands(u).contains(&v) {
+                continue;
+            }
+            if ends.contains(&u) {
+                continue;
+            }
+            if self.materialize[u.index()] || !self.only_feeds(Value::new(u, 0), ends) {
+                return false;
+            }
+        }
+        true
     }
 
     fn buffer_of(&self, v: Value) -> Result<BufId, LowerError> {
@@ -244,7 +500,7 @@ impl<'g> Lowering<'g> {
             op: op.name(),
             message: m.into(),
         };
-        if !self.materialize[n.index()] {
+        if !self.materialize[n.index()] || self.fused.contains(&n) {
             return Ok(());
         }
         let v0 = Value::new(n, 0);
@@ -332,8 +588,8 @@ impl<'g> Lowering<'g> {
                 let x = g.operands(n)[0];
                 let xs = self.shape(x);
                 let os = self.shape(v0);
+                let prologues = self.row_prologues.get(&n).cloned().unwrap_or_default();
                 let mut kb = KB::new(self, &format!("{}_{}", op.name(), n.index()));
-                let ob = kb.buf(out, true);
                 let idx = kb.l.delinear(IExpr::Grid(0), &os);
                 let red: Vec<Dim> = axes.iter().map(|&a| xs[a].clone()).collect();
                 let count = kb.l.numel(&red);
@@ -352,31 +608,94 @@ impl<'g> Lowering<'g> {
                 for (j, &a) in axes.iter().enumerate() {
                     xidx[a] = ridx[j].clone();
                 }
+                // Row prologues (the residual add before a norm): computed, stored, and used
+                // from registers by the reduction.
+                let mut body = Vec::new();
+                let mut held = Vec::new();
+                for a in prologues {
+                    let av = Value::new(a, 0);
+                    let buf = kb.l.new_buf(av, BufKind::Temp);
+                    let slot = kb.buf(buf, true);
+                    let var = kb.var();
+                    body.push(Stmt::Var {
+                        var,
+                        init: kb.compute(a, &xidx)?,
+                    });
+                    body.push(Stmt::Store {
+                        buf: slot,
+                        index: kb.l.linear(&xidx, &xs),
+                        value: Expr::Var(var),
+                    });
+                    kb.overrides.insert(av, Expr::Var(var));
+                    held.push(av);
+                }
                 let xv = kb.value(x, &xidx)?;
+                for av in held {
+                    kb.overrides.remove(&av);
+                }
                 let combine = match rop {
                     ReduceOp::Sum | ReduceOp::Mean => BinaryOp::Add,
                     ReduceOp::Max => BinaryOp::Max,
                 };
-                let body = vec![Stmt::Set {
+                body.push(Stmt::Set {
                     var: acc,
                     value: Expr::bin(combine, Expr::Var(acc), xv),
-                }];
+                });
                 kb.body.push(Stmt::For {
                     counter: r,
                     extent: count.clone(),
                     body,
                 });
                 let result = match rop {
-                    ReduceOp::Mean => {
-                        Expr::bin(BinaryOp::Div, Expr::Var(acc), Expr::FromIndex(count))
-                    }
+                    ReduceOp::Mean => Expr::bin(
+                        BinaryOp::Div,
+                        Expr::Var(acc),
+                        Expr::FromIndex(count.clone()),
+                    ),
                     ReduceOp::Sum | ReduceOp::Max => Expr::Var(acc),
                 };
-                kb.body.push(Stmt::Store {
-                    buf: ob,
-                    index: IExpr::Grid(0),
-                    value: result,
+                let res = kb.var();
+                kb.body.push(Stmt::Var {
+                    var: res,
+                    init: result,
                 });
+                if !kb.l.unstored.contains(&v0) {
+                    let ob = kb.buf(out, true);
+                    kb.body.push(Stmt::Store {
+                        buf: ob,
+                        index: IExpr::Grid(0),
+                        value: Expr::Var(res),
+                    });
+                }
+                // Row epilogues (the normalization): a second pass over the row.
+                let eps = kb.l.epilogues.get(&n).cloned().unwrap_or_default();
+                if !eps.is_empty() {
+                    let k2 = kb.counter();
+                    let ridx2 = kb.l.delinear(IExpr::Loop(k2), &red);
+                    let mut eidx = idx.clone();
+                    for (j, &a) in axes.iter().enumerate() {
+                        eidx[a] = ridx2[j].clone();
+                    }
+                    let mut body2 = Vec::new();
+                    kb.overrides.insert(v0, Expr::Var(res));
+                    for e in eps {
+                        let ev = Value::new(e, 0);
+                        let buf = kb.l.new_buf(ev, BufKind::Temp);
+                        let slot = kb.buf(buf, true);
+                        let value = kb.compute(e, &eidx)?;
+                        body2.push(Stmt::Store {
+                            buf: slot,
+                            index: kb.l.linear(&eidx, &xs),
+                            value,
+                        });
+                    }
+                    kb.overrides.remove(&v0);
+                    kb.body.push(Stmt::For {
+                        counter: k2,
+                        extent: count,
+                        body: body2,
+                    });
+                }
                 let grid = vec![kb.l.numel(&os)];
                 kb.finish(grid, n);
             }
@@ -459,7 +778,6 @@ impl<'g> Lowering<'g> {
         let y = self.new_buf(Value::new(n, 0), BufKind::Temp);
         let s1 = self.new_buf(Value::new(n, 1), BufKind::Temp);
         let mut kb = KB::new(self, &format!("causal_conv1d_{}", n.index()));
-        let yb = kb.buf(y, true);
         let sb = kb.buf(s1, true);
         let (b, c) = (IExpr::Grid(0), IExpr::Grid(1));
         let win = kb.arr();
@@ -513,11 +831,7 @@ impl<'g> Lowering<'g> {
             });
         }
         let yi = kb.l.linear(&[b.clone(), IExpr::Loop(t), c.clone()], &xs);
-        body.push(Stmt::Store {
-            buf: yb,
-            index: yi,
-            value: Expr::Var(acc),
-        });
+        body.extend(kb.store_with_epilogues(Value::new(n, 0), y, yi, acc)?);
         for kk in 0..hist {
             let next = if kk + 1 < hist {
                 Expr::ArrLoad {
@@ -568,7 +882,6 @@ impl<'g> Lowering<'g> {
         let h1 = self.new_buf(Value::new(n, 1), BufKind::Temp);
         let hs = self.shape(Value::new(n, 1));
         let mut kb = KB::new(self, &format!("selective_scan_{}", n.index()));
-        let yb = kb.buf(y, true);
         let hb = kb.buf(h1, true);
         let (b, e) = (IExpr::Grid(0), IExpr::Grid(1));
         let h = kb.arr();
@@ -611,11 +924,8 @@ impl<'g> Lowering<'g> {
         let bv = kb.value(bm, &[b.clone(), IExpr::Loop(t), IExpr::Loop(nn)])?;
         let cv = kb.value(cm, &[b.clone(), IExpr::Loop(t), IExpr::Loop(nn)])?;
         body.push(scan_update(h, nn, dtv, xv, yv, decay, bv, cv, nst));
-        body.push(Stmt::Store {
-            buf: yb,
-            index: kb.l.linear(&bt, &xs),
-            value: Expr::Var(yv),
-        });
+        let yi = kb.l.linear(&bt, &xs);
+        body.extend(kb.store_with_epilogues(Value::new(n, 0), y, yi, yv)?);
         let l = kb.l.dim(&xs[1]);
         kb.body.push(Stmt::For {
             counter: t,
@@ -655,7 +965,6 @@ impl<'g> Lowering<'g> {
         let s1 = self.new_buf(Value::new(n, 1), BufKind::Temp);
         let ss = self.shape(Value::new(n, 1));
         let mut kb = KB::new(self, &format!("ssd_scan_{}", n.index()));
-        let yb = kb.buf(y, true);
         let sb = kb.buf(s1, true);
         let (b, hh, p) = (IExpr::Grid(0), IExpr::Grid(1), IExpr::Grid(2));
         let grp = hh.clone().div(IExpr::c((heads / groups).max(1) as i64));
@@ -715,11 +1024,8 @@ impl<'g> Lowering<'g> {
             cv,
             nst,
         ));
-        body.push(Stmt::Store {
-            buf: yb,
-            index: kb.l.linear(&xi, &xs),
-            value: Expr::Var(yv),
-        });
+        let yi = kb.l.linear(&xi, &xs);
+        body.extend(kb.store_with_epilogues(Value::new(n, 0), y, yi, yv)?);
         let l = kb.l.dim(&xs[1]);
         kb.body.push(Stmt::For {
             counter: t,
@@ -802,6 +1108,9 @@ struct KB<'a, 'g> {
     bufs: Vec<(BufId, bool)>,
     body: Vec<Stmt>,
     next: u32,
+    /// Values taken from registers instead of memory (an epilogue reads its producer's
+    /// result at the element being stored).
+    overrides: HashMap<Value, Expr>,
 }
 
 impl<'a, 'g> KB<'a, 'g> {
@@ -812,6 +1121,7 @@ impl<'a, 'g> KB<'a, 'g> {
             bufs: Vec::new(),
             body: Vec::new(),
             next: 0,
+            overrides: HashMap::new(),
         }
     }
 
@@ -829,13 +1139,11 @@ impl<'a, 'g> KB<'a, 'g> {
         ArrId(self.fresh())
     }
 
-    /// The kernel's slot for buffer `b`.
+    /// One slot per buffer: a buffer a kernel both writes and reads (a row prologue's
+    /// value, re-read in the row's second pass by the same grid point) is one writable slot.
     fn buf(&mut self, b: BufId, writable: bool) -> usize {
-        if let Some(i) = self
-            .bufs
-            .iter()
-            .position(|(x, w)| *x == b && *w == writable)
-        {
+        if let Some(i) = self.bufs.iter().position(|(x, _)| *x == b) {
+            self.bufs[i].1 |= writable;
             return i;
         }
         self.bufs.push((b, writable));
@@ -845,6 +1153,9 @@ impl<'a, 'g> KB<'a, 'g> {
     /// The value of `v` at multi-index `idx`: a load when `v` has a buffer, else its
     /// expression inlined.
     fn value(&mut self, v: Value, idx: &[IExpr]) -> Result<Expr, LowerError> {
+        if let Some(e) = self.overrides.get(&v) {
+            return Ok(e.clone());
+        }
         if let Some(&b) = self.l.buf_of.get(&v) {
             let shape = self.l.shape(v);
             let slot = self.buf(b, false);
@@ -914,6 +1225,46 @@ impl<'a, 'g> KB<'a, 'g> {
             | Op::SelectiveScan
             | Op::SsdScan { .. } => return Err(err("this op has a buffer; it is never inlined")),
         })
+    }
+
+    /// Stores for the producer result `r` (held in `var`) at linear index `at`: `r` itself
+    /// unless only epilogues read it, and every epilogue of `r`'s node at the same index.
+    fn store_with_epilogues(
+        &mut self,
+        r: Value,
+        buf: BufId,
+        at: IExpr,
+        var: VarId,
+    ) -> Result<Vec<Stmt>, LowerError> {
+        let mut stmts = Vec::new();
+        if !self.l.unstored.contains(&r) {
+            let slot = self.buf(buf, true);
+            stmts.push(Stmt::Store {
+                buf: slot,
+                index: at.clone(),
+                value: Expr::Var(var),
+            });
+        }
+        let eps = self.l.epilogues.get(&r.node).cloned().unwrap_or_default();
+        for e in eps {
+            let ev = Value::new(e, 0);
+            let buf = match self.l.buf_of.get(&ev) {
+                Some(&b) => b,
+                None => self.l.new_buf(ev, BufKind::Temp),
+            };
+            let eslot = self.buf(buf, true);
+            let eshape = self.l.shape(ev);
+            let idx = self.l.delinear(at.clone(), &eshape);
+            self.overrides.insert(r, Expr::Var(var));
+            let value = self.compute(e, &idx);
+            self.overrides.remove(&r);
+            stmts.push(Stmt::Store {
+                buf: eslot,
+                index: at.clone(),
+                value: value?,
+            });
+        }
+        Ok(stmts)
     }
 
     fn finish(self, grid: Vec<IExpr>, node: NodeId) {
