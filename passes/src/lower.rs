@@ -74,8 +74,16 @@ pub fn lower(g: &Graph, opts: &LowerOptions) -> Result<Lowered, LowerError> {
         l.find_epilogues();
         l.find_row_fusions();
     }
+    // Inputs and parameters first: an epilogue may read one declared after its producer.
     for n in g.nodes() {
-        l.node(n)?;
+        if matches!(g.op(n), Op::Input { .. } | Op::Param { .. }) {
+            l.node(n)?;
+        }
+    }
+    for n in g.nodes() {
+        if !matches!(g.op(n), Op::Input { .. } | Op::Param { .. }) {
+            l.node(n)?;
+        }
     }
     for (name, v) in g.outputs() {
         let b = l.buffer_of(*v)?;
