@@ -113,7 +113,7 @@ pub struct RunArgs {
     #[arg(long, conflicts_with = "tokens_file")]
     pub tokens: Option<String>,
     /// A file of token ids: one sequence per line (a batch; equal lengths).
-    #[arg(long)]
+    #[arg(long, visible_alias = "batch-file")]
     pub tokens_file: Option<String>,
     /// `config.json` for a bare safetensors file.
     #[arg(long)]
