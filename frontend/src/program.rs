@@ -165,7 +165,7 @@ pub fn compile(spec: &ModelSpec) -> (Sources, Result<Compiled, Vec<Diagnostic>>)
 fn compile_in(prog: &mut Program, spec: &ModelSpec) -> Result<Compiled, Vec<Diagnostic>> {
     let mut warnings = Vec::new();
     // 1. Which model definition, with which preset values.
-    let (def_name, graph_name, mut args) = if let Some(text) = &spec.file_text {
+    let (def_name, mut graph_name, mut args) = if let Some(text) = &spec.file_text {
         let diags = prog.add_file(&spec.model, text);
         if !diags.is_empty() {
             return Err(diags);
@@ -213,6 +213,9 @@ fn compile_in(prog: &mut Program, spec: &ModelSpec) -> Result<Compiled, Vec<Diag
                 ]);
             }
             def_name = cfg.model.clone();
+            if prog.preset(&spec.model).is_none() {
+                graph_name = def_name.clone();
+            }
         }
         args = cfg.args;
     }
