@@ -637,7 +637,7 @@ impl<'a> Elab<'a> {
                 count,
                 scope,
                 body,
-                span,
+                span: _,
             } => {
                 let n = self.eval(frame, count, None)?;
                 let n = self.as_int(&n, count.span, "a repeat count")?;
@@ -682,7 +682,6 @@ impl<'a> Elab<'a> {
                     }
                 }
                 self.layer = outer_layer;
-                let _ = span;
                 Ok(())
             }
             Stmt::If {
@@ -722,14 +721,14 @@ impl<'a> Elab<'a> {
             Stmt::Require {
                 cond,
                 message,
-                span,
+                span: _,
             } => {
                 let c = self.eval(frame, cond, None)?;
                 match c {
                     Val::Bool(true) => Ok(()),
                     Val::Bool(false) => {
                         // Everything after a failed config check would fail in its wake.
-                        let d = self.invalid_config(frame, cond, message, *span);
+                        let d = self.invalid_config(frame, cond, message);
                         self.error(d);
                         Err(Stop { fatal: true })
                     }
@@ -755,7 +754,6 @@ impl<'a> Elab<'a> {
         frame: &Frame<'a>,
         cond: &Expr,
         message: &str,
-        span: Span,
     ) -> Diagnostic {
         let mut names = Vec::new();
         collect_names(cond, &mut names);
@@ -780,7 +778,6 @@ impl<'a> Elab<'a> {
         }
         let mut d = Diagnostic::error(Code::InvalidConfig, format!("invalid config: {message}"))
             .label(cond.span, "this check fails");
-        let _ = span;
         if !facts.is_empty() {
             d = d.note(format!("with {}", facts.join(", ")));
         }
