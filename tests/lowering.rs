@@ -177,3 +177,41 @@ fn memory_plans_of_published_models_are_sound() {
         }
     }
 }
+
+#[test]
+fn backward_and_loss_ops_are_not_lowered_yet() {
+    use ir::{DType, Dim, Graph, InputKind, Op, Span, TensorType, Value};
+    let mut g = Graph::new("loss");
+    let input = |g: &mut Graph, name: &str, dtype: DType, shape: Vec<Dim>| {
+        let op = Op::Input {
+            name: name.into(),
+            kind: InputKind::Data,
+            ty: TensorType::new(dtype, shape),
+        };
+        Value::from(g.add(op, &[], Span::default(), None).unwrap())
+    };
+    let (b, l) = (Dim::sym("B"), Dim::sym("L"));
+    let logits = input(
+        &mut g,
+        "logits",
+        DType::F32,
+        vec![b.clone(), l.clone(), Dim::known(7)],
+    );
+    let ids = input(&mut g, "targets", DType::I32, vec![b, l]);
+    let ce = g
+        .add(
+            Op::CrossEntropy { ignore_index: -100 },
+            &[logits, ids],
+            Span::default(),
+            None,
+        )
+        .unwrap();
+    g.add_output("loss", ce.into());
+    match lower(&g, &LowerOptions::default()) {
+        Err(passes::LowerError::Unsupported { node, op, message }) => {
+            assert_eq!((node, op), (ce, "cross_entropy"));
+            assert!(message.contains("reference interpreter only"), "{message}");
+        }
+        Ok(_) => panic!("cross_entropy was lowered"),
+    }
+}

@@ -749,12 +749,7 @@ impl<'a> Elab<'a> {
 
     /// The diagnostic of a failed `require`: the message, the values of the names in the
     /// condition and where config values came from.
-    fn invalid_config(
-        &self,
-        frame: &Frame<'a>,
-        cond: &Expr,
-        message: &str,
-    ) -> Diagnostic {
+    fn invalid_config(&self, frame: &Frame<'a>, cond: &Expr, message: &str) -> Diagnostic {
         let mut names = Vec::new();
         collect_names(cond, &mut names);
         let mut facts = Vec::new();

@@ -388,99 +388,203 @@ pub fn infer(op: &Op, ts: &[&TensorType]) -> Result<Vec<TensorType>, TypeError> 
             shape.push(ts[0].shape[1].clone());
             one(TensorType::new(ts[0].dtype, shape))
         }
-        Op::CausalConv1d => {
-            // x [B,L,C], w [C,K], b [C], s [B,C,K-1]
-            for (i, r) in [(0, 3), (1, 2), (2, 1), (3, 3)] {
-                rank(op, ts, i, r)?;
-                float(op, ts, i)?;
-                same_dtype(op, ts, 0, i)?;
-            }
-            same_dim(op, ts, (0, 2), (1, 0))?;
-            same_dim(op, ts, (0, 2), (2, 0))?;
-            same_dim(op, ts, (0, 0), (3, 0))?;
-            same_dim(op, ts, (0, 2), (3, 1))?;
-            let Some(k) = ts[1].shape[1].as_known().filter(|&k| k >= 1) else {
-                return Err(attr(
-                    op,
-                    format!(
-                        "kernel width must be a number >= 1, found {}",
-                        ts[1].shape[1]
-                    ),
-                ));
-            };
-            if ts[3].shape[2] != Dim::known(k - 1) {
-                return Err(TypeError::ShapeMismatch {
-                    op: op.name(),
-                    lhs_operand: 3,
-                    lhs: ts[3].shape.clone(),
-                    rhs_operand: 1,
-                    rhs: ts[1].shape.clone(),
-                    detail: format!("the state keeps the last K-1 = {} inputs", k - 1),
-                });
-            }
-            Ok(vec![ts[0].clone(), ts[3].clone()])
+        Op::CausalConv1d => conv_types(op, ts),
+        Op::SelectiveScan => selective_scan_types(op, ts),
+        Op::SsdScan { chunk } => ssd_scan_types(op, *chunk, ts),
+        Op::CausalConv1dGrad => {
+            let fwd = conv_types(op, &ts[..4])?;
+            cotangents(op, ts, 4, &fwd, &[("y", 0, 0), ("s1", 3, 3)])?;
+            Ok(ts[..4].iter().map(|&t| t.clone()).collect())
         }
-        Op::SelectiveScan => {
-            // x [B,L,E], dt [B,L,E], A [E,N], Bm [B,L,N], Cm [B,L,N], h [B,E,N]
-            for (i, r) in [(0, 3), (1, 3), (2, 2), (3, 3), (4, 3), (5, 3)] {
-                rank(op, ts, i, r)?;
-                float(op, ts, i)?;
-                same_dtype(op, ts, 0, i)?;
-            }
-            for ax in 0..3 {
-                same_dim(op, ts, (0, ax), (1, ax))?;
-            }
-            same_dim(op, ts, (0, 2), (2, 0))?;
-            for i in [3, 4] {
-                same_dim(op, ts, (0, 0), (i, 0))?;
-                same_dim(op, ts, (0, 1), (i, 1))?;
-                same_dim(op, ts, (2, 1), (i, 2))?;
-            }
-            same_dim(op, ts, (0, 0), (5, 0))?;
-            same_dim(op, ts, (0, 2), (5, 1))?;
-            same_dim(op, ts, (2, 1), (5, 2))?;
-            Ok(vec![ts[0].clone(), ts[5].clone()])
+        Op::SelectiveScanGrad => {
+            let fwd = selective_scan_types(op, &ts[..6])?;
+            cotangents(op, ts, 6, &fwd, &[("y", 0, 0), ("h1", 5, 5)])?;
+            Ok(ts[..6].iter().map(|&t| t.clone()).collect())
         }
-        Op::SsdScan { chunk } => {
-            // x [B,L,H,P], dt [B,L,H], A [H], Bm [B,L,G,N], Cm [B,L,G,N], s [B,H,P,N]
-            if *chunk == 0 {
-                return Err(attr(op, "chunk size must be at least 1".into()));
-            }
-            for (i, r) in [(0, 4), (1, 3), (2, 1), (3, 4), (4, 4), (5, 4)] {
-                rank(op, ts, i, r)?;
-                float(op, ts, i)?;
-                same_dtype(op, ts, 0, i)?;
-            }
-            for ax in 0..3 {
-                same_dim(op, ts, (0, ax), (1, ax))?;
-            }
-            same_dim(op, ts, (0, 2), (2, 0))?;
-            for i in [3, 4] {
-                same_dim(op, ts, (0, 0), (i, 0))?;
-                same_dim(op, ts, (0, 1), (i, 1))?;
-            }
-            same_dim(op, ts, (3, 2), (4, 2))?;
-            same_dim(op, ts, (3, 3), (4, 3))?;
-            let (h, g) = (ts[0].shape[2].as_known(), ts[3].shape[2].as_known());
-            match (h, g) {
-                (Some(h), Some(g)) if g > 0 && h % g == 0 => {}
-                _ => {
-                    return Err(attr(
-                        op,
-                        format!(
-                            "heads ({}) must be a multiple of groups ({})",
-                            ts[0].shape[2], ts[3].shape[2]
-                        ),
-                    ));
-                }
-            }
-            same_dim(op, ts, (0, 0), (5, 0))?;
-            same_dim(op, ts, (0, 2), (5, 1))?;
-            same_dim(op, ts, (0, 3), (5, 2))?;
-            same_dim(op, ts, (3, 3), (5, 3))?;
-            Ok(vec![ts[0].clone(), ts[5].clone()])
+        Op::SsdScanGrad { chunk } => {
+            let fwd = ssd_scan_types(op, *chunk, &ts[..6])?;
+            cotangents(op, ts, 6, &fwd, &[("y", 0, 0), ("s1", 5, 5)])?;
+            Ok(ts[..6].iter().map(|&t| t.clone()).collect())
+        }
+        Op::CrossEntropy { .. } => {
+            let loss = cross_entropy_types(op, ts)?;
+            Ok(vec![loss.clone(), loss])
+        }
+        Op::CrossEntropyGrad { .. } => {
+            let loss = cross_entropy_types(op, &ts[..2])?;
+            cotangents(op, ts, 2, &[loss], &[("loss", 1, 0)])?;
+            one(ts[0].clone())
         }
     }
+}
+
+/// `causal_conv1d`'s rule on `ts[..4]`; `op` names the operands in errors.
+fn conv_types(op: &Op, ts: &[&TensorType]) -> Result<Vec<TensorType>, TypeError> {
+    // x [B,L,C], w [C,K], b [C], s [B,C,K-1]
+    for (i, r) in [(0, 3), (1, 2), (2, 1), (3, 3)] {
+        rank(op, ts, i, r)?;
+        float(op, ts, i)?;
+        same_dtype(op, ts, 0, i)?;
+    }
+    same_dim(op, ts, (0, 2), (1, 0))?;
+    same_dim(op, ts, (0, 2), (2, 0))?;
+    same_dim(op, ts, (0, 0), (3, 0))?;
+    same_dim(op, ts, (0, 2), (3, 1))?;
+    let Some(k) = ts[1].shape[1].as_known().filter(|&k| k >= 1) else {
+        return Err(attr(
+            op,
+            format!(
+                "kernel width must be a number >= 1, found {}",
+                ts[1].shape[1]
+            ),
+        ));
+    };
+    if ts[3].shape[2] != Dim::known(k - 1) {
+        return Err(TypeError::ShapeMismatch {
+            op: op.name(),
+            lhs_operand: 3,
+            lhs: ts[3].shape.clone(),
+            rhs_operand: 1,
+            rhs: ts[1].shape.clone(),
+            detail: format!("the state keeps the last K-1 = {} inputs", k - 1),
+        });
+    }
+    Ok(vec![ts[0].clone(), ts[3].clone()])
+}
+
+/// `selective_scan`'s rule on `ts[..6]`.
+fn selective_scan_types(op: &Op, ts: &[&TensorType]) -> Result<Vec<TensorType>, TypeError> {
+    // x [B,L,E], dt [B,L,E], A [E,N], Bm [B,L,N], Cm [B,L,N], h [B,E,N]
+    for (i, r) in [(0, 3), (1, 3), (2, 2), (3, 3), (4, 3), (5, 3)] {
+        rank(op, ts, i, r)?;
+        float(op, ts, i)?;
+        same_dtype(op, ts, 0, i)?;
+    }
+    for ax in 0..3 {
+        same_dim(op, ts, (0, ax), (1, ax))?;
+    }
+    same_dim(op, ts, (0, 2), (2, 0))?;
+    for i in [3, 4] {
+        same_dim(op, ts, (0, 0), (i, 0))?;
+        same_dim(op, ts, (0, 1), (i, 1))?;
+        same_dim(op, ts, (2, 1), (i, 2))?;
+    }
+    same_dim(op, ts, (0, 0), (5, 0))?;
+    same_dim(op, ts, (0, 2), (5, 1))?;
+    same_dim(op, ts, (2, 1), (5, 2))?;
+    Ok(vec![ts[0].clone(), ts[5].clone()])
+}
+
+/// `ssd_scan`'s rule on `ts[..6]`.
+fn ssd_scan_types(op: &Op, chunk: u64, ts: &[&TensorType]) -> Result<Vec<TensorType>, TypeError> {
+    // x [B,L,H,P], dt [B,L,H], A [H], Bm [B,L,G,N], Cm [B,L,G,N], s [B,H,P,N]
+    if chunk == 0 {
+        return Err(attr(op, "chunk size must be at least 1".into()));
+    }
+    for (i, r) in [(0, 4), (1, 3), (2, 1), (3, 4), (4, 4), (5, 4)] {
+        rank(op, ts, i, r)?;
+        float(op, ts, i)?;
+        same_dtype(op, ts, 0, i)?;
+    }
+    for ax in 0..3 {
+        same_dim(op, ts, (0, ax), (1, ax))?;
+    }
+    same_dim(op, ts, (0, 2), (2, 0))?;
+    for i in [3, 4] {
+        same_dim(op, ts, (0, 0), (i, 0))?;
+        same_dim(op, ts, (0, 1), (i, 1))?;
+    }
+    same_dim(op, ts, (3, 2), (4, 2))?;
+    same_dim(op, ts, (3, 3), (4, 3))?;
+    let (h, g) = (ts[0].shape[2].as_known(), ts[3].shape[2].as_known());
+    match (h, g) {
+        (Some(h), Some(g)) if g > 0 && h % g == 0 => {}
+        _ => {
+            return Err(attr(
+                op,
+                format!(
+                    "heads ({}) must be a multiple of groups ({})",
+                    ts[0].shape[2], ts[3].shape[2]
+                ),
+            ));
+        }
+    }
+    same_dim(op, ts, (0, 0), (5, 0))?;
+    same_dim(op, ts, (0, 2), (5, 1))?;
+    same_dim(op, ts, (0, 3), (5, 2))?;
+    same_dim(op, ts, (3, 3), (5, 3))?;
+    Ok(vec![ts[0].clone(), ts[5].clone()])
+}
+
+/// The cotangents `ts[first..]` must have the types of the forward results `fwd`, in order.
+/// `results` gives each forward result's name and the forward operands whose shape and
+/// dtype it has, so an error can point at both sides.
+fn cotangents(
+    op: &Op,
+    ts: &[&TensorType],
+    first: usize,
+    fwd: &[TensorType],
+    results: &[(&str, usize, usize)],
+) -> Result<(), TypeError> {
+    let names = op.operand_names();
+    for (r, (want, &(result, shape_like, dtype_like))) in fwd.iter().zip(results).enumerate() {
+        let i = first + r;
+        let got = ts[i];
+        let name = names.get(i).copied().unwrap_or("x");
+        if got.dtype != want.dtype {
+            return Err(TypeError::DTypeMismatch {
+                op: op.name(),
+                lhs_operand: i,
+                lhs: got.dtype,
+                rhs_operand: dtype_like,
+                rhs: want.dtype,
+            });
+        }
+        if got.shape != want.shape {
+            return Err(TypeError::ShapeMismatch {
+                op: op.name(),
+                lhs_operand: i,
+                lhs: got.shape.clone(),
+                rhs_operand: shape_like,
+                rhs: want.shape.clone(),
+                detail: format!(
+                    "the cotangent `{name}` must have the shape of the forward result `{result}`"
+                ),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// The type of `cross_entropy`'s loss (and of `valid`) from `logits` and `targets` (`ts[..2]`).
+fn cross_entropy_types(op: &Op, ts: &[&TensorType]) -> Result<TensorType, TypeError> {
+    let (logits, targets) = (ts[0], ts[1]);
+    if logits.rank() == 0 {
+        return Err(TypeError::Rank {
+            op: op.name(),
+            operand: 0,
+            name: "logits",
+            expected: "at least 1".into(),
+            found: 0,
+            shape: logits.shape.clone(),
+        });
+    }
+    float(op, ts, 0)?;
+    if targets.dtype.is_float() {
+        return Err(TypeError::WrongDType {
+            op: op.name(),
+            operand: 1,
+            name: "targets",
+            expected: "an integer type",
+            found: targets.dtype,
+        });
+    }
+    let r = logits.rank() - 1;
+    rank(op, ts, 1, r)?;
+    for ax in 0..r {
+        same_dim(op, ts, (0, ax), (1, ax))?;
+    }
+    Ok(TensorType::new(logits.dtype, targets.shape.clone()))
 }
 
 #[cfg(test)]
@@ -500,6 +604,75 @@ mod tests {
         let r = infer(&Op::MatMul { rhs_t: true }, &[&x, &w]).unwrap();
         assert_eq!(r[0], t(&[b, l, Dim::known(16)]));
         assert!(infer(&Op::MatMul { rhs_t: false }, &[&x, &w]).is_err());
+    }
+
+    #[test]
+    fn backward_ops_type_like_their_forward_operands() {
+        let (b, l) = (Dim::sym("B"), Dim::sym("L"));
+        let x = t(&[b.clone(), l.clone(), Dim::known(6)]);
+        let w = t(&[Dim::known(6), Dim::known(4)]);
+        let bias = t(&[Dim::known(6)]);
+        let s0 = t(&[b.clone(), Dim::known(6), Dim::known(3)]);
+        let r = infer(&Op::CausalConv1dGrad, &[&x, &w, &bias, &s0, &x, &s0]).unwrap();
+        assert_eq!(r, vec![x.clone(), w.clone(), bias.clone(), s0.clone()]);
+        // A cotangent with the wrong shape names the cotangent and the forward result.
+        let err = infer(&Op::CausalConv1dGrad, &[&x, &w, &bias, &s0, &x, &x]).unwrap_err();
+        assert!(
+            matches!(
+                &err,
+                TypeError::ShapeMismatch {
+                    lhs_operand: 5,
+                    rhs_operand: 3,
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        assert!(err.to_string().contains("causal_conv1d_grad"), "{err}");
+        let x64 = TensorType::new(DType::F64, x.shape.clone());
+        assert!(matches!(
+            infer(&Op::CausalConv1dGrad, &[&x, &w, &bias, &s0, &x64, &s0]),
+            Err(TypeError::DTypeMismatch { lhs_operand: 4, .. })
+        ));
+        // The forward rule applies to the forward operands.
+        assert!(matches!(
+            infer(&Op::CausalConv1dGrad, &[&x, &w, &bias, &x, &x, &s0]),
+            Err(TypeError::Rank { .. } | TypeError::ShapeMismatch { .. })
+        ));
+    }
+
+    #[test]
+    fn cross_entropy_types() {
+        let (b, l) = (Dim::sym("B"), Dim::sym("L"));
+        let logits = t(&[b.clone(), l.clone(), Dim::known(7)]);
+        let ids = TensorType::new(DType::I64, vec![b.clone(), l.clone()]);
+        let loss = t(&[b.clone(), l.clone()]);
+        let op = Op::CrossEntropy { ignore_index: -100 };
+        assert_eq!(infer(&op, &[&logits, &ids]).unwrap(), vec![loss.clone(); 2]);
+        let grad = Op::CrossEntropyGrad { ignore_index: -100 };
+        assert_eq!(
+            infer(&grad, &[&logits, &ids, &loss]).unwrap(),
+            vec![logits.clone()]
+        );
+        // Float targets, targets of the wrong shape, a dloss of the wrong shape.
+        assert!(matches!(
+            infer(&op, &[&logits, &loss]),
+            Err(TypeError::WrongDType { operand: 1, .. })
+        ));
+        let short = TensorType::new(DType::I64, vec![b.clone(), Dim::known(3)]);
+        assert!(matches!(
+            infer(&op, &[&logits, &short]),
+            Err(TypeError::ShapeMismatch { .. })
+        ));
+        assert!(matches!(
+            infer(&grad, &[&logits, &ids, &logits]),
+            Err(TypeError::ShapeMismatch { lhs_operand: 2, .. })
+        ));
+        let scalar = t(&[]);
+        assert!(matches!(
+            infer(&op, &[&scalar, &ids]),
+            Err(TypeError::Rank { operand: 0, .. })
+        ));
     }
 
     #[test]

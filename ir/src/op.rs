@@ -14,6 +14,21 @@
 //!
 //! The stateful ops take their initial state as an operand and return the final state, so
 //! any stack of layers can run over a time segment with carried states.
+//!
+//! The backward ops (for training) are vector-Jacobian products of a forward op: their
+//! operands are the forward operands followed by the cotangents of the forward results, and
+//! their results are the cotangents of the forward operands, in operand order:
+//! - `CausalConv1dGrad(x, w, b, s0, dy, ds1) -> (dx, dw, db, ds0)`
+//! - `SelectiveScanGrad(x, dt, A, Bm, Cm, h0, dy, dh1) -> (dx, ddt, dA, dBm, dCm, dh0)`
+//! - `SsdScanGrad(x, dt, A, Bm, Cm, s0, dy, ds1) -> (dx, ddt, dA, dBm, dCm, ds0)`
+//!
+//! The loss:
+//! - `CrossEntropy(logits [..., V], targets [...] int) -> (loss [...], valid [...])`: per
+//!   position `logsumexp(logits) - logits[target]`, and `valid = 1`; both 0 where
+//!   `target == ignore_index`. Results have the dtype of `logits`.
+//! - `CrossEntropyGrad(logits [..., V], targets [...], dloss [...]) -> dlogits [..., V]`:
+//!   `(softmax(logits) - onehot(target)) * dloss`, rows of 0 where ignored (`valid` has no
+//!   gradient).
 
 use crate::types::{DType, Shape, TensorType};
 
@@ -277,6 +292,22 @@ pub enum Op {
     SsdScan {
         chunk: u64,
     },
+    /// The VJP of [`Op::CausalConv1d`] w.r.t. all four operands (module doc).
+    CausalConv1dGrad,
+    /// The VJP of [`Op::SelectiveScan`] w.r.t. all six operands (module doc).
+    SelectiveScanGrad,
+    /// The VJP of [`Op::SsdScan`] w.r.t. all six operands; `chunk` as in the forward op.
+    SsdScanGrad {
+        chunk: u64,
+    },
+    /// Per-position softmax cross-entropy over the last axis, and the valid-position mask.
+    CrossEntropy {
+        ignore_index: i64,
+    },
+    /// The VJP of [`Op::CrossEntropy`]'s loss w.r.t. the logits.
+    CrossEntropyGrad {
+        ignore_index: i64,
+    },
 }
 
 impl Op {
@@ -311,6 +342,11 @@ impl Op {
             Op::CausalConv1d => "causal_conv1d",
             Op::SelectiveScan => "selective_scan",
             Op::SsdScan { .. } => "ssd_scan",
+            Op::CausalConv1dGrad => "causal_conv1d_grad",
+            Op::SelectiveScanGrad => "selective_scan_grad",
+            Op::SsdScanGrad { .. } => "ssd_scan_grad",
+            Op::CrossEntropy { .. } => "cross_entropy",
+            Op::CrossEntropyGrad { .. } => "cross_entropy_grad",
         }
     }
 
@@ -325,17 +361,24 @@ impl Op {
             | Op::Permute { .. }
             | Op::Broadcast { .. }
             | Op::Slice { .. } => 1,
-            Op::Binary(_) | Op::MatMul { .. } | Op::Gather => 2,
+            Op::Binary(_) | Op::MatMul { .. } | Op::Gather | Op::CrossEntropy { .. } => 2,
+            Op::CrossEntropyGrad { .. } => 3,
             Op::Concat { .. } => return None,
             Op::CausalConv1d => 4,
-            Op::SelectiveScan | Op::SsdScan { .. } => 6,
+            Op::SelectiveScan | Op::SsdScan { .. } | Op::CausalConv1dGrad => 6,
+            Op::SelectiveScanGrad | Op::SsdScanGrad { .. } => 8,
         })
     }
 
-    /// Number of results: 2 for the stateful ops (output, final state), else 1.
+    /// Number of results: 2 for the stateful ops (output, final state) and the loss (loss,
+    /// valid), one per forward operand for the backward ops, else 1.
     pub fn num_results(&self) -> usize {
         match self {
-            Op::CausalConv1d | Op::SelectiveScan | Op::SsdScan { .. } => 2,
+            Op::CausalConv1d | Op::SelectiveScan | Op::SsdScan { .. } | Op::CrossEntropy { .. } => {
+                2
+            }
+            Op::CausalConv1dGrad => 4,
+            Op::SelectiveScanGrad | Op::SsdScanGrad { .. } => 6,
             Op::Input { .. }
             | Op::Param { .. }
             | Op::Const { .. }
@@ -349,7 +392,8 @@ impl Op {
             | Op::Broadcast { .. }
             | Op::Slice { .. }
             | Op::Concat { .. }
-            | Op::Gather => 1,
+            | Op::Gather
+            | Op::CrossEntropyGrad { .. } => 1,
         }
     }
 
@@ -369,11 +413,39 @@ impl Op {
             Op::Gather => &["table", "ids"],
             Op::CausalConv1d => &["x", "weight", "bias", "state"],
             Op::SelectiveScan | Op::SsdScan { .. } => &["x", "dt", "A", "B", "C", "state"],
+            Op::CausalConv1dGrad => &["x", "weight", "bias", "state", "dy", "dstate"],
+            Op::SelectiveScanGrad | Op::SsdScanGrad { .. } => {
+                &["x", "dt", "A", "B", "C", "state", "dy", "dstate"]
+            }
+            Op::CrossEntropy { .. } => &["logits", "targets"],
+            Op::CrossEntropyGrad { .. } => &["logits", "targets", "dloss"],
         }
     }
 
-    /// True for the ops that carry a recurrent state through time.
+    /// True for the forward ops that carry a recurrent state through time (their backward
+    /// ops take and return state cotangents but carry nothing forward).
     pub fn is_stateful(&self) -> bool {
-        self.num_results() == 2
+        match self {
+            Op::CausalConv1d | Op::SelectiveScan | Op::SsdScan { .. } => true,
+            Op::Input { .. }
+            | Op::Param { .. }
+            | Op::Const { .. }
+            | Op::Unary(_)
+            | Op::Binary(_)
+            | Op::Cast { .. }
+            | Op::Reduce { .. }
+            | Op::MatMul { .. }
+            | Op::Reshape { .. }
+            | Op::Permute { .. }
+            | Op::Broadcast { .. }
+            | Op::Slice { .. }
+            | Op::Concat { .. }
+            | Op::Gather
+            | Op::CausalConv1dGrad
+            | Op::SelectiveScanGrad
+            | Op::SsdScanGrad { .. }
+            | Op::CrossEntropy { .. }
+            | Op::CrossEntropyGrad { .. } => false,
+        }
     }
 }

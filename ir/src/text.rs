@@ -42,7 +42,10 @@
 //!               cast{DTYPE}   reduce_sum{axes=[0, 2]}   matmul{} matmul{rhs_t}
 //!               reshape{shape}   broadcast{shape}   permute{[0, 2, 1]}
 //!               slice{axis=2, start=0, len=1536}   concat{axis=1}   ssd_scan{chunk=256}
-//!             the other ops (unary, binary, gather, causal_conv1d, selective_scan) take none
+//!               ssd_scan_grad{chunk=256}   cross_entropy{ignore_index=-100}
+//!               cross_entropy_grad{ignore_index=-100}   (ignore_index: a signed i64)
+//!             the other ops (unary, binary, gather, causal_conv1d, selective_scan,
+//!             causal_conv1d_grad, selective_scan_grad) take none
 //! types    := type | "(" (type ("," type)*)? ")"       (one type, or the list of results)
 //! type     := shape DTYPE
 //! shape    := "[" (dim ("," dim)*)? "]"
@@ -197,7 +200,13 @@ fn write_head(f: &mut dyn Write, op: &Op) -> fmt::Result {
             write_f64(f, *value)?;
             write!(f, " {dtype}")
         }
-        Op::Unary(_) | Op::Binary(_) | Op::Gather | Op::CausalConv1d | Op::SelectiveScan => Ok(()),
+        Op::Unary(_)
+        | Op::Binary(_)
+        | Op::Gather
+        | Op::CausalConv1d
+        | Op::SelectiveScan
+        | Op::CausalConv1dGrad
+        | Op::SelectiveScanGrad => Ok(()),
         Op::Cast { to } => write!(f, "{{{to}}}"),
         Op::Reduce { axes, .. } => {
             f.write_str("{axes=")?;
@@ -217,7 +226,10 @@ fn write_head(f: &mut dyn Write, op: &Op) -> fmt::Result {
         }
         Op::Slice { axis, start, len } => write!(f, "{{axis={axis}, start={start}, len={len}}}"),
         Op::Concat { axis } => write!(f, "{{axis={axis}}}"),
-        Op::SsdScan { chunk } => write!(f, "{{chunk={chunk}}}"),
+        Op::SsdScan { chunk } | Op::SsdScanGrad { chunk } => write!(f, "{{chunk={chunk}}}"),
+        Op::CrossEntropy { ignore_index } | Op::CrossEntropyGrad { ignore_index } => {
+            write!(f, "{{ignore_index={ignore_index}}}")
+        }
     }
 }
 
@@ -548,6 +560,25 @@ impl<'a> Parser<'a> {
         rest.get(..end)
             .and_then(|s| s.parse::<u64>().ok())
             .and_then(|v| T::try_from(v).ok())
+            .ok_or_else(|| self.error_at(start, format!("{what} is out of range")))
+    }
+
+    /// A decimal `i64` with an optional `-` (no `+`, no space after the sign).
+    fn int(&mut self, what: &str) -> PResult<i64> {
+        let start = self.pos;
+        let neg = usize::from(self.rest().starts_with('-'));
+        let digits = self.rest().get(neg..).unwrap_or("");
+        let end = digits
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(digits.len());
+        if end == 0 {
+            self.pos += neg;
+            return Err(self.expected(what));
+        }
+        self.pos += neg + end;
+        self.src
+            .get(start..self.pos)
+            .and_then(|s| s.parse::<i64>().ok())
             .ok_or_else(|| self.error_at(start, format!("{what} is out of range")))
     }
 
@@ -975,17 +1006,35 @@ impl<'a> Parser<'a> {
                 self.expect('}')?;
                 Op::Concat { axis }
             }
-            "ssd_scan" => {
+            "ssd_scan" | "ssd_scan_grad" => {
                 self.expect('{')?;
                 self.attr_key("chunk")?;
                 let chunk = self.uint::<u64>("a chunk size")?;
                 self.ws();
                 self.expect('}')?;
-                Op::SsdScan { chunk }
+                if name == "ssd_scan" {
+                    Op::SsdScan { chunk }
+                } else {
+                    Op::SsdScanGrad { chunk }
+                }
+            }
+            "cross_entropy" | "cross_entropy_grad" => {
+                self.expect('{')?;
+                self.attr_key("ignore_index")?;
+                let ignore_index = self.int("an ignore index")?;
+                self.ws();
+                self.expect('}')?;
+                if name == "cross_entropy" {
+                    Op::CrossEntropy { ignore_index }
+                } else {
+                    Op::CrossEntropyGrad { ignore_index }
+                }
             }
             "gather" => Op::Gather,
             "causal_conv1d" => Op::CausalConv1d,
             "selective_scan" => Op::SelectiveScan,
+            "causal_conv1d_grad" => Op::CausalConv1dGrad,
+            "selective_scan_grad" => Op::SelectiveScanGrad,
             _ => {
                 if let Some(u) = UnaryOp::ALL.into_iter().find(|u| u.name() == name) {
                     Op::Unary(u)
@@ -1140,6 +1189,33 @@ mod tests {
             let y = Parser { src: s, pos: 0 }.float().unwrap();
             assert!(x.to_bits() == y.to_bits() || (x.is_nan() && y.is_nan()));
             assert_eq!(x.is_sign_negative(), y.is_sign_negative());
+        }
+    }
+
+    #[test]
+    fn signed_ints() {
+        for (text, v) in [
+            ("-100", -100i64),
+            ("0", 0),
+            ("-0", 0),
+            ("7", 7),
+            ("-9223372036854775808", i64::MIN),
+            ("9223372036854775807", i64::MAX),
+        ] {
+            let mut p = Parser { src: text, pos: 0 };
+            assert_eq!(p.int("n").unwrap(), v, "{text}");
+            assert_eq!(p.pos, text.len());
+        }
+        for bad in [
+            "-",
+            "+1",
+            "- 1",
+            "x",
+            "",
+            "9223372036854775808",
+            "-9223372036854775809",
+        ] {
+            assert!(Parser { src: bad, pos: 0 }.int("n").is_err(), "{bad}");
         }
     }
 

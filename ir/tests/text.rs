@@ -59,6 +59,13 @@ fn every_op_round_trips() {
         "concat{axis=1}(",
         "ssd_scan{chunk=256}(",
         "selective_scan(",
+        "= causal_conv1d_grad(%2, %4, %5, %3, %",
+        ": ([B, L, 8] f32, [8, 4] f32, [8] f32, [B, 8, 3] f32) @0:190..197 layer 0\n",
+        "= selective_scan_grad(",
+        "= ssd_scan_grad{chunk=64}(",
+        "= cross_entropy{ignore_index=-100}(",
+        ": ([B, L] f32, [B, L] f32) @1:350..357\n",
+        "= cross_entropy_grad{ignore_index=-100}(",
         ": [\"T x\", 3*\"0\", \"\"] f64",
         "input \"weird \\\\ \\\"name\\\"\\n\\t\\u{1}é\"",
         "output \"backbone.layers.0.mixer.conv_state\" = %6.1\n",
@@ -142,6 +149,49 @@ output "dangling" = %99.1
     round_trip(&g);
     // The dangling output is kept by the text form and reported by the verifier.
     assert!(verify(&g).is_err());
+}
+
+#[test]
+fn ignore_index_round_trips_and_rejects_bad_numbers() {
+    let head = "graph \"g\"\n\
+                %0 = input \"logits\" : [B, 7] f32 @0:0..0\n\
+                %1 = input \"t\" : [B] i64 @0:0..0\n";
+    for ix in [i64::MIN, -100, -1, 0, 3, i64::MAX] {
+        let text = format!(
+            "{head}%2 = cross_entropy{{ignore_index={ix}}}(%0, %1) : ([B] f32, [B] f32) @0:0..0\n\
+             %3 = cross_entropy_grad{{ignore_index={ix}}}(%0, %1, %2) : [B, 7] f32 @0:0..0\n"
+        );
+        let g = parse(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));
+        assert_eq!(
+            g.op(ir::NodeId::from_index(2)),
+            &Op::CrossEntropy { ignore_index: ix }
+        );
+        assert_eq!(print(&g), text);
+        round_trip(&g);
+    }
+    for (bad, msg) in [
+        ("-", "expected an ignore index"),
+        ("+3", "expected an ignore index"),
+        ("- 3", "expected an ignore index"),
+        ("9223372036854775808", "out of range"),
+        ("-9223372036854775809", "out of range"),
+    ] {
+        let text = format!(
+            "{head}%2 = cross_entropy{{ignore_index={bad}}}(%0, %1) : ([B] f32, [B] f32) @0:0..0\n"
+        );
+        let (l, _, m) = err(&text);
+        assert_eq!(l, 4, "{m}");
+        assert!(m.contains(msg), "{bad}: {m}");
+    }
+    // Attributes are required where the op has them, and refused where it has none.
+    let (_, _, m) = err(&format!(
+        "{head}%2 = cross_entropy(%0, %1) : [B] f32 @0:0..0\n"
+    ));
+    assert!(m.contains("expected `{`"), "{m}");
+    let (_, _, m) = err(&format!(
+        "{head}%2 = selective_scan_grad{{}}(%0) : [B] f32 @0:0..0\n"
+    ));
+    assert!(m.contains("takes no attributes"), "{m}");
 }
 
 fn err(text: &str) -> (usize, usize, String) {
@@ -322,6 +372,7 @@ enum Step {
     Slice(usize, u8, u64, u64),
     Concat(usize, u8, u8),
     Conv(usize, u8),
+    CrossEntropy(usize, i64, bool),
     Output(String, usize, u16),
 }
 
@@ -382,6 +433,7 @@ fn step() -> impl Strategy<Value = Step> {
         2 => (ix, any::<u8>(), any::<u64>(), any::<u64>()).prop_map(|(i, a, st, l)| Step::Slice(i, a, st, l)),
         2 => (ix, any::<u8>(), 1u8..4).prop_map(|(i, a, k)| Step::Concat(i, a, k)),
         1 => (ix, 1u8..5).prop_map(|(i, k)| Step::Conv(i, k)),
+        1 => (ix, any::<i64>(), any::<bool>()).prop_map(|(i, ig, gr)| Step::CrossEntropy(i, ig, gr)),
         2 => (name(), ix, 0u16..3).prop_map(|(n, i, r)| Step::Output(n, i, r)),
     ]
 }
@@ -611,6 +663,47 @@ fn build(
                         }
                         _ => None,
                     }
+                }
+            }
+            Step::CrossEntropy(i, ignore_index, grad) => {
+                let logits = pick(&vals, i);
+                let t = ty(&g, logits);
+                match t.shape.split_last() {
+                    Some((_, outer)) if t.dtype.is_float() => {
+                        let base = g.len();
+                        let targets = g
+                            .add(
+                                Op::Input {
+                                    name: format!("targets{base}"),
+                                    kind: InputKind::Data,
+                                    ty: TensorType::new(DType::I64, outer.to_vec()),
+                                },
+                                &[],
+                                span,
+                                layer,
+                            )
+                            .ok()
+                            .map(Value::from);
+                        match targets {
+                            Some(tg) if grad => {
+                                let dloss = g
+                                    .add(
+                                        Op::CrossEntropy { ignore_index },
+                                        &[logits, tg],
+                                        span,
+                                        layer,
+                                    )
+                                    .ok()
+                                    .map(Value::from);
+                                dloss.map(|dl| {
+                                    (Op::CrossEntropyGrad { ignore_index }, vec![logits, tg, dl])
+                                })
+                            }
+                            Some(tg) => Some((Op::CrossEntropy { ignore_index }, vec![logits, tg])),
+                            None => None,
+                        }
+                    }
+                    _ => None,
                 }
             }
             Step::Output(n, i, r) => {

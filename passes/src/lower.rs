@@ -121,6 +121,11 @@ fn needs_own_kernel(op: &Op) -> bool {
         | Op::CausalConv1d
         | Op::SelectiveScan
         | Op::SsdScan { .. }
+        | Op::CausalConv1dGrad
+        | Op::SelectiveScanGrad
+        | Op::SsdScanGrad { .. }
+        | Op::CrossEntropy { .. }
+        | Op::CrossEntropyGrad { .. }
         | Op::MatMul { .. }
         | Op::Input { .. }
         | Op::Param { .. } => true,
@@ -739,6 +744,16 @@ impl<'g> Lowering<'g> {
             Op::CausalConv1d => self.conv(n)?,
             Op::SelectiveScan => self.selective_scan(n)?,
             Op::SsdScan { .. } => self.ssd_scan(n)?,
+            Op::CausalConv1dGrad
+            | Op::SelectiveScanGrad
+            | Op::SsdScanGrad { .. }
+            | Op::CrossEntropy { .. }
+            | Op::CrossEntropyGrad { .. } => {
+                return Err(unsupported(
+                    "backward and loss ops run in the reference interpreter only until the \
+                     training issue lowers them",
+                ));
+            }
             Op::Const { .. }
             | Op::Unary(_)
             | Op::Binary(_)
@@ -1231,7 +1246,14 @@ impl<'a, 'g> KB<'a, 'g> {
             | Op::Gather
             | Op::CausalConv1d
             | Op::SelectiveScan
-            | Op::SsdScan { .. } => return Err(err("this op has a buffer; it is never inlined")),
+            | Op::SsdScan { .. }
+            | Op::CausalConv1dGrad
+            | Op::SelectiveScanGrad
+            | Op::SsdScanGrad { .. }
+            | Op::CrossEntropy { .. }
+            | Op::CrossEntropyGrad { .. } => {
+                return Err(err("this op has a buffer; it is never inlined"));
+            }
         })
     }
 

@@ -57,11 +57,30 @@
 //! - `ssd_scan{chunk}(x [B,L,H,P], dt [B,L,H], A [H], Bm [B,L,G,N], Cm, s0 [B,H,P,N])`: the
 //!   same recurrence per head with the scalar `A[h]`, head `h` reading group `h / (H/G)`,
 //!   computed sequentially (`chunk` picks an algorithm elsewhere; it does not change the math).
+//! - `causal_conv1d_grad(x, w, b, s0, dy, ds1) -> (dx, dw, db, ds0)`: the exact VJP of
+//!   `causal_conv1d`'s `(y, s1)`: `dxx` (the cotangent of `[s0 ; x]`) gets `w[c,k] * dy[t]` at
+//!   `t+k` and `ds1` at its last `K-1` steps, then splits into `ds0` and `dx`;
+//!   `dw[c,k] = sum_{b,t} dy * xx[t+k]`, `db[c] = sum_{b,t} dy`.
+//! - `selective_scan_grad(x, dt, A, Bm, Cm, h0, dy, dh1)` and
+//!   `ssd_scan_grad{chunk}(x, dt, A, Bm, Cm, s0, dy, ds1)`: the forward recurrence is rerun
+//!   keeping every state `h_t` (`h_{-1} = h0`), then one reverse pass in time carries the state
+//!   cotangent `g`: `g += Cm_t dy_t` (with `g = dh1` before the last step), then with
+//!   `a = exp(dt_t A)`: `dCm_t += h_t dy_t`, `dBm_t += dt_t x_t g`,
+//!   `dx_t = dt_t (g . Bm_t)`, `ddt_t = x_t (g . Bm_t) + sum g a A h_{t-1}`,
+//!   `dA += g a dt_t h_{t-1}`, and `g = a g` is the cotangent of `h_{t-1}`; the final `g` is
+//!   the initial state's cotangent. `dBm`/`dCm` sum over channels (over a group's heads and
+//!   `P` for SSD), `dA` over batch and time (and `N`, `P` for SSD's scalar `A`).
+//! - `cross_entropy{ignore_index}(logits [..., V], targets [...])`: per position
+//!   `loss = logsumexp(logits) - logits[target]` (max-shifted) and `valid = 1`, both 0 where
+//!   `target == ignore_index`; any other target must be an integer in `[0, V)`.
+//! - `cross_entropy_grad{ignore_index}(logits, targets, dloss)`:
+//!   `(softmax(logits) - onehot(target)) * dloss` per row, rows of 0 where ignored.
 //!
 //! # Errors
 //!
 //! [`InterpError`]: missing or unknown bindings, shape mismatches (with the symbol values
-//! bound so far), malformed arrays, out-of-range gather ids (position and value), and, for
+//! bound so far), malformed arrays, out-of-range gather ids and cross-entropy targets
+//! (position and value), and, for
 //! graphs that break the IR's invariants, the node `%n`, its op and the problem.
 
 use crate::array::{Array, round_to, strides};
@@ -397,7 +416,12 @@ fn check_bindings(graph: &Graph, b: &Bindings) -> Result<(), InterpError> {
             | Op::Gather
             | Op::CausalConv1d
             | Op::SelectiveScan
-            | Op::SsdScan { .. } => {}
+            | Op::SsdScan { .. }
+            | Op::CausalConv1dGrad
+            | Op::SelectiveScanGrad
+            | Op::SsdScanGrad { .. }
+            | Op::CrossEntropy { .. }
+            | Op::CrossEntropyGrad { .. } => {}
         }
     }
     for (kind, map) in [
@@ -699,6 +723,16 @@ fn eval_node<'a>(
             .map(|(y, s)| vec![Cow::Owned(y), Cow::Owned(s)]),
         Op::SsdScan { .. } => ssd_scan(args[0], args[1], args[2], args[3], args[4], args[5])
             .map(|(y, s)| vec![Cow::Owned(y), Cow::Owned(s)]),
+        Op::CausalConv1dGrad => {
+            causal_conv1d_grad(args[0], args[1], args[2], args[3], args[4], args[5]).map(owned_all)
+        }
+        Op::SelectiveScanGrad => selective_scan_grad(args).map(owned_all),
+        Op::SsdScanGrad { .. } => ssd_scan_grad(args).map(owned_all),
+        Op::CrossEntropy { ignore_index } => cross_entropy(args[0], args[1], *ignore_index)
+            .map(|(loss, valid)| vec![Cow::Owned(loss), Cow::Owned(valid)]),
+        Op::CrossEntropyGrad { ignore_index } => {
+            owned(cross_entropy_grad(args[0], args[1], args[2], *ignore_index))
+        }
     };
     res.map_err(|f| match f {
         Fail::Problem(problem) => InterpError::Op {
@@ -786,6 +820,10 @@ fn strided(src: &[f64], offset: usize, shape: &[usize], strides: &[usize]) -> Ve
         }
     }
     out
+}
+
+fn owned_all<'a>(xs: Vec<Array>) -> Vec<Cow<'a, Array>> {
+    xs.into_iter().map(Cow::Owned).collect()
 }
 
 fn map(a: &Array, f: impl Fn(f64) -> f64) -> Array {
@@ -1232,6 +1270,300 @@ fn ssd_scan(
         Array::new(vec![bn, l, hn, p], y),
         Array::new(vec![bn, hn, p, n], s1),
     ))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backward ops (vector-Jacobian products of the stateful ops)
+
+fn causal_conv1d_grad(
+    x: &Array,
+    w: &Array,
+    bias: &Array,
+    s0: &Array,
+    dy: &Array,
+    ds1: &Array,
+) -> OpResult<Vec<Array>> {
+    let [bn, l, c] = dims::<3>("x", x)?;
+    let [_, k] = dims::<2>("weight", w)?;
+    if k == 0 {
+        return fail("kernel width must be at least 1".into());
+    }
+    let km1 = k - 1;
+    expect_shape("weight", w, &[c, k])?;
+    expect_shape("bias", bias, &[c])?;
+    expect_shape("state", s0, &[bn, c, km1])?;
+    expect_shape("dy", dy, &[bn, l, c])?;
+    expect_shape("dstate", ds1, &[bn, c, km1])?;
+    let xx = |b: usize, tau: usize, ch: usize| {
+        if tau < km1 {
+            s0.data[(b * c + ch) * km1 + tau]
+        } else {
+            x.data[(b * l + tau - km1) * c + ch]
+        }
+    };
+    let mut dx = vec![0.0; bn * l * c];
+    let mut dw = vec![0.0; c * k];
+    let mut db = vec![0.0; c];
+    let mut ds0 = vec![0.0; bn * c * km1];
+    // `dxx[tau]`: the cotangent of `[s0 ; x]` at time `tau` for one (batch, channel).
+    let mut dxx = vec![0.0; km1 + l];
+    for b in 0..bn {
+        for ch in 0..c {
+            dxx.iter_mut().for_each(|v| *v = 0.0);
+            for j in 0..km1 {
+                dxx[l + j] += ds1.data[(b * c + ch) * km1 + j];
+            }
+            for t in 0..l {
+                let g = dy.data[(b * l + t) * c + ch];
+                db[ch] += g;
+                for j in 0..k {
+                    dw[ch * k + j] += g * xx(b, t + j, ch);
+                    dxx[t + j] += w.data[ch * k + j] * g;
+                }
+            }
+            for (tau, &v) in dxx.iter().enumerate() {
+                if tau < km1 {
+                    ds0[(b * c + ch) * km1 + tau] = v;
+                } else {
+                    dx[(b * l + tau - km1) * c + ch] = v;
+                }
+            }
+        }
+    }
+    Ok(vec![
+        Array::new(vec![bn, l, c], dx),
+        Array::new(vec![c, k], dw),
+        Array::new(vec![c], db),
+        Array::new(vec![bn, c, km1], ds0),
+    ])
+}
+
+/// `args`: `x [B,L,E], dt [B,L,E], A [E,N], Bm [B,L,N], Cm [B,L,N], h0 [B,E,N], dy, dh1`.
+fn selective_scan_grad(args: &[&Array]) -> OpResult<Vec<Array>> {
+    let &[x, dt, a, bm, cm, h0, dy, dh1] = args else {
+        return fail(format!("{} operands, expected 8", args.len()));
+    };
+    let [bn, l, e] = dims::<3>("x", x)?;
+    let [_, n] = dims::<2>("A", a)?;
+    expect_shape("dt", dt, &[bn, l, e])?;
+    expect_shape("A", a, &[e, n])?;
+    expect_shape("B", bm, &[bn, l, n])?;
+    expect_shape("C", cm, &[bn, l, n])?;
+    expect_shape("state", h0, &[bn, e, n])?;
+    expect_shape("dy", dy, &[bn, l, e])?;
+    expect_shape("dstate", dh1, &[bn, e, n])?;
+    let mut dx = vec![0.0; bn * l * e];
+    let mut ddt = vec![0.0; bn * l * e];
+    let mut da = vec![0.0; e * n];
+    let mut dbm = vec![0.0; bn * l * n];
+    let mut dcm = vec![0.0; bn * l * n];
+    let mut dh0 = vec![0.0; bn * e * n];
+    // `hs[(t+1)*n + j]` is `h_t[j]`; `hs[j]` is `h0`.
+    let mut hs = vec![0.0; (l + 1) * n];
+    for b in 0..bn {
+        for ei in 0..e {
+            let arow = &a.data[ei * n..][..n];
+            let row = (b * e + ei) * n;
+            hs[..n].copy_from_slice(&h0.data[row..][..n]);
+            for t in 0..l {
+                let bt = (b * l + t) * n;
+                let at = (b * l + t) * e + ei;
+                let (d, u) = (dt.data[at], dt.data[at] * x.data[at]);
+                for j in 0..n {
+                    hs[(t + 1) * n + j] = (d * arow[j]).exp() * hs[t * n + j] + u * bm.data[bt + j];
+                }
+            }
+            let mut g = dh1.data[row..][..n].to_vec();
+            for t in (0..l).rev() {
+                let bt = (b * l + t) * n;
+                let at = (b * l + t) * e + ei;
+                let (d, xv, gy) = (dt.data[at], x.data[at], dy.data[at]);
+                let (h, hprev) = (&hs[(t + 1) * n..][..n], &hs[t * n..][..n]);
+                let mut du = 0.0;
+                let mut ddt_decay = 0.0;
+                for j in 0..n {
+                    g[j] += cm.data[bt + j] * gy;
+                    dcm[bt + j] += h[j] * gy;
+                    dbm[bt + j] += d * xv * g[j];
+                    du += g[j] * bm.data[bt + j];
+                    let decay = (d * arow[j]).exp();
+                    ddt_decay += g[j] * decay * arow[j] * hprev[j];
+                    da[ei * n + j] += g[j] * decay * d * hprev[j];
+                    g[j] *= decay;
+                }
+                dx[at] = d * du;
+                ddt[at] = xv * du + ddt_decay;
+            }
+            dh0[row..][..n].copy_from_slice(&g);
+        }
+    }
+    Ok(vec![
+        Array::new(vec![bn, l, e], dx),
+        Array::new(vec![bn, l, e], ddt),
+        Array::new(vec![e, n], da),
+        Array::new(vec![bn, l, n], dbm),
+        Array::new(vec![bn, l, n], dcm),
+        Array::new(vec![bn, e, n], dh0),
+    ])
+}
+
+/// `args`: `x [B,L,H,P], dt [B,L,H], A [H], Bm [B,L,G,N], Cm [B,L,G,N], s0 [B,H,P,N], dy,
+/// ds1`.
+fn ssd_scan_grad(args: &[&Array]) -> OpResult<Vec<Array>> {
+    let &[x, dt, a, bm, cm, s0, dy, ds1] = args else {
+        return fail(format!("{} operands, expected 8", args.len()));
+    };
+    let [bn, l, hn, p] = dims::<4>("x", x)?;
+    let [_, _, g, n] = dims::<4>("B", bm)?;
+    expect_shape("dt", dt, &[bn, l, hn])?;
+    expect_shape("A", a, &[hn])?;
+    expect_shape("B", bm, &[bn, l, g, n])?;
+    expect_shape("C", cm, &[bn, l, g, n])?;
+    expect_shape("state", s0, &[bn, hn, p, n])?;
+    expect_shape("dy", dy, &[bn, l, hn, p])?;
+    expect_shape("dstate", ds1, &[bn, hn, p, n])?;
+    if g == 0 || hn % g != 0 {
+        return fail(format!("heads ({hn}) must be a multiple of groups ({g})"));
+    }
+    let heads_per_group = hn / g;
+    let mut dx = vec![0.0; bn * l * hn * p];
+    let mut ddt = vec![0.0; bn * l * hn];
+    let mut da = vec![0.0; hn];
+    let mut dbm = vec![0.0; bn * l * g * n];
+    let mut dcm = vec![0.0; bn * l * g * n];
+    let mut ds0 = vec![0.0; bn * hn * p * n];
+    // One state row (fixed b, h, p) through time: `hs[(t+1)*n + j]`, `hs[j]` from `s0`.
+    let mut hs = vec![0.0; (l + 1) * n];
+    for b in 0..bn {
+        for (h, da_h) in da.iter_mut().enumerate() {
+            let gi = h / heads_per_group;
+            let ah = a.data[h];
+            for pi in 0..p {
+                let row = ((b * hn + h) * p + pi) * n;
+                hs[..n].copy_from_slice(&s0.data[row..][..n]);
+                for t in 0..l {
+                    let d = dt.data[(b * l + t) * hn + h];
+                    let decay = (d * ah).exp();
+                    let bt = ((b * l + t) * g + gi) * n;
+                    let u = d * x.data[((b * l + t) * hn + h) * p + pi];
+                    for j in 0..n {
+                        hs[(t + 1) * n + j] = decay * hs[t * n + j] + u * bm.data[bt + j];
+                    }
+                }
+                let mut gs = ds1.data[row..][..n].to_vec();
+                for t in (0..l).rev() {
+                    let ht = (b * l + t) * hn + h;
+                    let xi = ht * p + pi;
+                    let d = dt.data[ht];
+                    let decay = (d * ah).exp();
+                    let bt = ((b * l + t) * g + gi) * n;
+                    let (xv, gy) = (x.data[xi], dy.data[xi]);
+                    let (st, sprev) = (&hs[(t + 1) * n..][..n], &hs[t * n..][..n]);
+                    let mut du = 0.0;
+                    let mut gs_sprev = 0.0;
+                    for j in 0..n {
+                        gs[j] += cm.data[bt + j] * gy;
+                        dcm[bt + j] += st[j] * gy;
+                        dbm[bt + j] += d * xv * gs[j];
+                        du += gs[j] * bm.data[bt + j];
+                        gs_sprev += gs[j] * sprev[j];
+                        gs[j] *= decay;
+                    }
+                    dx[xi] = d * du;
+                    ddt[ht] += xv * du + decay * ah * gs_sprev;
+                    *da_h += decay * d * gs_sprev;
+                }
+                ds0[row..][..n].copy_from_slice(&gs);
+            }
+        }
+    }
+    Ok(vec![
+        Array::new(vec![bn, l, hn, p], dx),
+        Array::new(vec![bn, l, hn], ddt),
+        Array::new(vec![hn], da),
+        Array::new(vec![bn, l, g, n], dbm),
+        Array::new(vec![bn, l, g, n], dcm),
+        Array::new(vec![bn, hn, p, n], ds0),
+    ])
+}
+
+// ---------------------------------------------------------------------------------------------
+// The loss
+
+/// Checks `logits [..., V]` against `targets [...]`; returns `(positions, V)`.
+fn loss_dims(logits: &Array, targets: &Array) -> OpResult<(usize, usize)> {
+    let Some((&v, outer)) = logits.shape.split_last() else {
+        return fail("operand `logits` must have rank at least 1, found []".into());
+    };
+    expect_shape("targets", targets, outer)?;
+    Ok((targets.data.len(), v))
+}
+
+/// The class of position `i`, `None` where it is ignored.
+fn target(targets: &Array, i: usize, v: usize, ignore_index: i64) -> OpResult<Option<usize>> {
+    let id = targets.data[i];
+    if id == ignore_index as f64 {
+        return Ok(None);
+    }
+    if !(id >= 0.0 && id < v as f64 && id.fract() == 0.0) {
+        return Err(Fail::Id {
+            position: unravel(i, &targets.shape),
+            value: id,
+            vocab: v,
+        });
+    }
+    Ok(Some(id as usize))
+}
+
+/// `max(row)` and `log(sum(exp(row - max)))`, so that `logsumexp = max + lse`.
+fn log_sum_exp(row: &[f64]) -> (f64, f64) {
+    let m = row.iter().fold(f64::NEG_INFINITY, |m, &z| m.max(z));
+    let m = if m.is_finite() { m } else { 0.0 };
+    let s: f64 = row.iter().map(|&z| (z - m).exp()).sum();
+    (m, s.ln())
+}
+
+fn cross_entropy(logits: &Array, targets: &Array, ignore_index: i64) -> OpResult<(Array, Array)> {
+    let (rows, v) = loss_dims(logits, targets)?;
+    let mut loss = vec![0.0; rows];
+    let mut valid = vec![0.0; rows];
+    for i in 0..rows {
+        let Some(t) = target(targets, i, v, ignore_index)? else {
+            continue;
+        };
+        let row = &logits.data[i * v..][..v];
+        let (m, lse) = log_sum_exp(row);
+        loss[i] = (m - row[t]) + lse;
+        valid[i] = 1.0;
+    }
+    Ok((
+        Array::new(targets.shape.clone(), loss),
+        Array::new(targets.shape.clone(), valid),
+    ))
+}
+
+fn cross_entropy_grad(
+    logits: &Array,
+    targets: &Array,
+    dloss: &Array,
+    ignore_index: i64,
+) -> OpResult<Array> {
+    let (rows, v) = loss_dims(logits, targets)?;
+    expect_shape("dloss", dloss, &targets.shape)?;
+    let mut out = vec![0.0; logits.data.len()];
+    for i in 0..rows {
+        let Some(t) = target(targets, i, v, ignore_index)? else {
+            continue;
+        };
+        let row = &logits.data[i * v..][..v];
+        let (m, lse) = log_sum_exp(row);
+        let g = dloss.data[i];
+        for (j, o) in out[i * v..][..v].iter_mut().enumerate() {
+            let p = (row[j] - m - lse).exp();
+            *o = (p - if j == t { 1.0 } else { 0.0 }) * g;
+        }
+    }
+    Ok(Array::new(logits.shape.clone(), out))
 }
 
 #[cfg(test)]

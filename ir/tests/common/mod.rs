@@ -210,7 +210,16 @@ pub fn every_op_graph() -> Graph {
         l0,
     ));
 
-    // Layer 1: selective scan, ssd scan, shapes.
+    // The conv's backward op, with a cotangent for each result.
+    let conv_grad = add(
+        &mut g,
+        Op::CausalConv1dGrad,
+        &[v(x), v(cw), v(cb), v(conv_state), h, Value::new(conv, 1)],
+        sp(0, 190),
+        l0,
+    );
+
+    // Layer 1: selective scan, ssd scan, their backward ops, shapes.
     let l1 = Some(1);
     let param = |g: &mut Graph, name: &str, shape: &[Dim], init: Init| {
         g.add(
@@ -339,6 +348,38 @@ pub fn every_op_graph() -> Graph {
         sp(0, 290),
         l1,
     );
+    let scan_grad = add(
+        &mut g,
+        Op::SelectiveScanGrad,
+        &[
+            h,
+            h,
+            v(a_log),
+            v(bm),
+            v(bm),
+            v(h0),
+            v(scan),
+            Value::new(scan, 1),
+        ],
+        sp(0, 292),
+        l1,
+    );
+    let ssd_grad = add(
+        &mut g,
+        Op::SsdScanGrad { chunk: 64 },
+        &[
+            v(xh),
+            v(dt),
+            v(a),
+            v(bg),
+            v(bg),
+            v(s0),
+            v(ssd),
+            Value::new(ssd, 1),
+        ],
+        sp(0, 294),
+        l1,
+    );
     let y = add(
         &mut g,
         Op::Reshape {
@@ -394,6 +435,21 @@ pub fn every_op_graph() -> Graph {
         sp(1, 340),
         None,
     );
+    // The loss and its backward op; a negative ignore index.
+    let ce = add(
+        &mut g,
+        Op::CrossEntropy { ignore_index: -100 },
+        &[v(logits), v(ids)],
+        sp(1, 350),
+        None,
+    );
+    let ce_grad = add(
+        &mut g,
+        Op::CrossEntropyGrad { ignore_index: -100 },
+        &[v(logits), v(ids), v(ce)],
+        sp(1, 360),
+        None,
+    );
     // A symbol that is not an identifier must still round-trip.
     add(
         &mut g,
@@ -419,5 +475,11 @@ pub fn every_op_graph() -> Graph {
     g.add_output("backbone.layers.1.mixer.ssd_state", Value::new(ssd, 1));
     g.add_output("cat", v(cat));
     g.add_output("one", v(one));
+    g.add_output("conv_grad.ds0", Value::new(conv_grad, 3));
+    g.add_output("scan_grad.dA", Value::new(scan_grad, 2));
+    g.add_output("ssd_grad.dh0", Value::new(ssd_grad, 5));
+    g.add_output("loss", v(ce));
+    g.add_output("valid", Value::new(ce, 1));
+    g.add_output("dlogits", v(ce_grad));
     g
 }
