@@ -7,6 +7,9 @@ Builds tiny Mamba-1 and Mamba-2 language models with random weights shaped like 
   tokens.json            input ids, [batch][seq]
   logits.safetensors     logits of the forward pass in float64 ("logits", [B, L, V])
   generate.json          greedy continuation of each prompt (float64, no sampling)
+  grads.safetensors      float64 gradient of every parameter of the mean next-token
+                         cross-entropy (labels = input ids, shifted inside the model)
+  loss.json              that loss
 Run on the GPU machine (torch + transformers 5.x are there): python3 scripts/make_fixtures.py OUT
 The computation runs on the CPU in float64 with the transformers reference (slow) path.
 """
@@ -64,6 +67,13 @@ def dump(name, model, config, tokens):
             for b in range(ids.shape[0])
         ]
     save_file({"logits": logits.contiguous()}, os.path.join(d, "logits.safetensors"))
+    model64.zero_grad()
+    out = model64(input_ids=ids, labels=ids, use_cache=False)
+    out.loss.backward()
+    grads = {k: p.grad.detach().contiguous() for k, p in model64.named_parameters() if p.grad is not None}
+    save_file(grads, os.path.join(d, "grads.safetensors"))
+    with open(os.path.join(d, "loss.json"), "w") as f:
+        json.dump({"loss": float(out.loss)}, f)
     with open(os.path.join(d, "tokens.json"), "w") as f:
         json.dump(tokens, f)
     with open(os.path.join(d, "generate.json"), "w") as f:

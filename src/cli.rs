@@ -76,6 +76,30 @@ pub enum Command {
     Run(RunArgs),
     /// Forward-pass throughput on the CPU, Cranelift backend and reference interpreter.
     Bench(BenchArgs),
+    /// The loss (mean next-token cross-entropy) and the gradient of every parameter for one
+    /// batch, from the f64 reference interpreter; names as in the checkpoint.
+    Grad(GradArgs),
+}
+
+#[derive(clap::Args, Debug)]
+pub struct GradArgs {
+    /// A preset (random weights), a directory with config.json + safetensors, or a repo id.
+    pub model: String,
+    /// Token ids, space-separated: one sequence; each position predicts the next.
+    #[arg(long, conflicts_with = "tokens_file")]
+    pub tokens: Option<String>,
+    /// A file of token ids, one sequence per line.
+    #[arg(long)]
+    pub tokens_file: Option<String>,
+    /// `config.json` for a bare safetensors file.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Write every gradient (f32) to this safetensors file.
+    #[arg(long)]
+    pub dump_grads: Option<PathBuf>,
+    /// Seed of the random weights of a preset.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
 }
 
 #[derive(clap::Args, Debug)]
@@ -204,6 +228,7 @@ where
         }
         Command::Run(r) => run_model(r, &mut out),
         Command::Bench(b) => bench(b, &mut out),
+        Command::Grad(g) => grad(g, &mut out),
         Command::Params { model } => {
             if let Some(c) = compile(model, color, &mut out) {
                 params(&c.graph, &mut out);
@@ -705,4 +730,70 @@ fn gemm_stats(m: &crate::model::Model, batch: usize, seq: usize) -> (String, Str
         format!("{:.1}", flops / gemm.max(1e-12) / 1e9),
         format!("{:.0}%", 100.0 * gemm / total.max(1e-12)),
     )
+}
+
+fn grad(g: &GradArgs, out: &mut Outcome) {
+    let fail = |out: &mut Outcome, msg: String| {
+        out.stderr.push_str(msg.trim_end());
+        out.stderr.push('\n');
+        out.code = 1;
+    };
+    let tokens = match (&g.tokens, &g.tokens_file) {
+        (Some(t), _) => parse_ids(t, "--tokens"),
+        (None, Some(f)) => std::fs::read_to_string(f)
+            .map_err(|e| format!("cannot read {f}: {e}"))
+            .and_then(|t| parse_ids(&t, f)),
+        (None, None) => Err("give the input with --tokens \"1 2 3\" or --tokens-file F".into()),
+    };
+    let tokens = match tokens {
+        Ok(t) if t.iter().all(|s| s.len() >= 2) => t,
+        Ok(_) => {
+            return fail(
+                out,
+                "error: each sequence needs at least 2 tokens (one to predict)".into(),
+            );
+        }
+        Err(e) => return fail(out, format!("error: {e}")),
+    };
+    let opts = crate::model::LoadOptions {
+        config: g.config.clone(),
+        seed: g.seed,
+        backend: crate::model::Backend::Interp,
+    };
+    let model = match crate::model::Model::load(&g.model, &opts) {
+        Ok(m) => m,
+        Err(e) => return fail(out, format!("{e}")),
+    };
+    let t0 = std::time::Instant::now();
+    let grads = match model.grad_reference(&tokens) {
+        Ok(r) => r,
+        Err(e) => return fail(out, format!("error: {e}")),
+    };
+    let _ = writeln!(out.stdout, "loss {:.9}", grads.loss);
+    for (name, shape, v) in &grads.grads {
+        let norm = v.iter().map(|x| x * x).sum::<f64>().sqrt();
+        let _ = writeln!(out.stdout, "  {name:<45} {shape:?} |grad| {norm:.6e}");
+    }
+    if let Some(path) = &g.dump_grads {
+        let t: Vec<(String, Vec<usize>, Vec<f32>)> = grads
+            .grads
+            .iter()
+            .map(|(n, s, v)| (n.clone(), s.clone(), v.iter().map(|&x| x as f32).collect()))
+            .collect();
+        if let Err(e) = runtime::weights::save_f32(path, &t) {
+            return fail(out, format!("error: {e}"));
+        }
+        let _ = writeln!(
+            out.stdout,
+            "wrote {} gradients to {}",
+            t.len(),
+            path.display()
+        );
+    }
+    let _ = writeln!(
+        out.stderr,
+        "{}: loss and gradients in {:.2?} (f64 interpreter)",
+        model.graph.name,
+        t0.elapsed()
+    );
 }

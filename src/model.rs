@@ -57,7 +57,21 @@ pub enum Error {
     Codegen(String),
     #[error("{0}")]
     Input(String),
+    #[error("{0}")]
+    Autodiff(#[from] passes::AdError),
 }
+
+/// The loss and the gradient of every parameter (reference names, f64).
+#[derive(Clone, Debug)]
+pub struct Gradients {
+    /// Mean next-token cross-entropy over the predicted positions.
+    pub loss: f64,
+    /// `(parameter name, shape, gradient)` in graph order.
+    pub grads: Vec<(String, Vec<usize>, Vec<f64>)>,
+}
+
+/// Targets that mark a position as not predicted (the last of each sequence).
+pub const IGNORE_INDEX: i64 = -100;
 
 fn weights_report(errs: &[WeightsError]) -> String {
     let mut s = String::new();
@@ -289,6 +303,61 @@ impl Model {
         let outs = runtime::interp::run(&self.graph, &bind)?;
         let main = self.main_output();
         Ok(outs.get(&main).map(|a| a.data.clone()).unwrap_or_default())
+    }
+
+    /// The mean next-token cross-entropy of `tokens` (each position predicts the next token;
+    /// the last one predicts nothing) and the gradient of every parameter, computed by the
+    /// f64 reference interpreter on the autodiff training graph.
+    pub fn grad_reference(&self, tokens: &[Vec<u32>]) -> Result<Gradients, Error> {
+        let (b, l) = self.check_tokens(tokens)?;
+        let tg = passes::training_graph(&self.graph, &self.main_output(), IGNORE_INDEX)?;
+        let mut bind = runtime::interp::Bindings::default();
+        let ids: Vec<f64> = tokens.iter().flatten().map(|&t| t as f64).collect();
+        let targets: Vec<f64> = tokens
+            .iter()
+            .flat_map(|s| {
+                (0..l).map(move |t| {
+                    if t + 1 < l {
+                        s[t + 1] as f64
+                    } else {
+                        IGNORE_INDEX as f64
+                    }
+                })
+            })
+            .collect();
+        bind.inputs
+            .insert("input_ids".into(), Array::new(vec![b, l], ids));
+        bind.inputs
+            .insert("targets".into(), Array::new(vec![b, l], targets));
+        for n in self.graph.params() {
+            if let ir::Op::Param { name, ty, .. } = self.graph.op(n) {
+                let shape = ty
+                    .shape
+                    .iter()
+                    .map(|d| d.as_known().unwrap_or(0) as usize)
+                    .collect();
+                let v = self
+                    .params
+                    .get(name)
+                    .ok_or_else(|| Error::Input(format!("missing parameter {name}")))?;
+                bind.params.insert(
+                    name.clone(),
+                    Array::new(shape, v.iter().map(|&x| x as f64).collect()),
+                );
+            }
+        }
+        let outs = runtime::interp::run(&tg.graph, &bind)?;
+        let loss = outs
+            .get("loss")
+            .and_then(|a| a.data.first().copied())
+            .unwrap_or(f64::NAN);
+        let mut grads = Vec::new();
+        for (name, _) in &tg.param_grads {
+            if let Some(a) = outs.get(&format!("grad.{name}")) {
+                grads.push((name.clone(), a.shape.clone(), a.data.clone()));
+            }
+        }
+        Ok(Gradients { loss, grads })
     }
 
     /// Batch size and sequence length of a token batch, after checking it.

@@ -84,3 +84,64 @@ fn cranelift_matches_transformers_in_f32() {
     check("tiny-mamba", Backend::Cranelift, 1e-4);
     check("tiny-mamba2", Backend::Cranelift, 1e-4);
 }
+
+#[test]
+fn gradients_match_transformers_autograd() {
+    // transformers computes the loss from float32-cast logits and keeps its f32 casts of the
+    // residual stream, so the comparison is at the f32 level: normwise relative error per
+    // tensor.
+    for name in ["tiny-mamba", "tiny-mamba2"] {
+        let (dir, tokens, _) = fixture(name);
+        let opts = LoadOptions {
+            backend: Backend::Interp,
+            ..LoadOptions::default()
+        };
+        let m = Model::load(&dir, &opts).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let got = m
+            .grad_reference(&tokens)
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        let loss: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(format!("{dir}/loss.json")).unwrap())
+                .unwrap();
+        let want_loss = loss["loss"].as_f64().unwrap();
+        assert!(
+            (got.loss - want_loss).abs() <= 1e-6 * want_loss.abs(),
+            "{name}: loss {} vs {want_loss}",
+            got.loss
+        );
+        let ck = runtime::weights::Checkpoint::open(std::path::Path::new(&format!(
+            "{dir}/grads.safetensors"
+        )))
+        .unwrap();
+        assert_eq!(
+            got.grads.len(),
+            ck.names().count(),
+            "{name}: one gradient per parameter"
+        );
+        let mut worst = (String::new(), 0.0f64);
+        for (pname, _, g) in &got.grads {
+            // The checkpoint-name aliasing (embedding vs embeddings) applies to the grads too.
+            let want = ck
+                .lookup(pname)
+                .unwrap_or_else(|| panic!("{name}: no gradient `{pname}` in the fixture"));
+            let want = want.to_f64().unwrap();
+            assert_eq!(want.len(), g.len(), "{pname}");
+            let num: f64 = g.iter().zip(&want).map(|(a, b)| (a - b).powi(2)).sum();
+            let den: f64 = want.iter().map(|b| b * b).sum();
+            let rel = (num / den.max(1e-300)).sqrt();
+            if rel > worst.1 {
+                worst = (pname.clone(), rel);
+            }
+        }
+        println!(
+            "{name}: loss {:.9} (transformers {want_loss:.9}); worst gradient relative error {:.3e} ({})",
+            got.loss, worst.1, worst.0
+        );
+        assert!(
+            worst.1 <= 1e-5,
+            "{name}: gradient of {} off by {:.3e}",
+            worst.0,
+            worst.1
+        );
+    }
+}
