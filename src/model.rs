@@ -58,7 +58,13 @@ pub enum Error {
     #[error("{0}")]
     Input(String),
     #[error("{0}")]
-    Autodiff(#[from] passes::AdError),
+    Autodiff(Box<passes::AdError>),
+}
+
+impl From<passes::AdError> for Error {
+    fn from(e: passes::AdError) -> Error {
+        Error::Autodiff(Box::new(e))
+    }
 }
 
 /// The loss and the gradient of every parameter (reference names, f64).
