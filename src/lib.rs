@@ -6,6 +6,7 @@
 pub mod cli;
 mod cpu;
 pub mod model;
+pub mod train;
 
 pub use codegen;
 pub use frontend;
