@@ -820,12 +820,23 @@ fn demo(d: &DemoArgs, out: &mut Outcome) {
     use crate::train::{TrainConfig, Trainer, accuracy, selective_copy_batch};
     use frontend::{ConfigArg, ConfigValue};
     let (prefix, k, n_data) = (32usize, 4usize, 8usize);
-    let arg = |n: &str, v: i64| ConfigArg { name: n.into(), value: ConfigValue::Int(v), span: None, origin: None };
-    let args = [arg("d_model", 64), arg("n_layer", 2), arg("vocab_size", 2 + n_data as i64), arg("d_state", 16)];
+    let arg = |n: &str, v: i64| ConfigArg {
+        name: n.into(),
+        value: ConfigValue::Int(v),
+        span: None,
+        origin: None,
+    };
+    let args = [
+        arg("d_model", 64),
+        arg("n_layer", 2),
+        arg("vocab_size", 2 + n_data as i64),
+        arg("d_state", 16),
+    ];
     let prog = match frontend::Program::with_library() {
         Ok(p) => p,
         Err(_) => {
-            out.stderr.push_str("error: the model library does not parse\n");
+            out.stderr
+                .push_str("error: the model library does not parse\n");
             out.code = 1;
             return;
         }
@@ -837,10 +848,11 @@ fn demo(d: &DemoArgs, out: &mut Outcome) {
             return;
         }
     };
-    let params: std::collections::HashMap<String, Vec<f32>> = runtime::init::init_params(&graph, d.seed)
-        .into_iter()
-        .map(|(k, v)| (k, v.data.iter().map(|&x| x as f32).collect()))
-        .collect();
+    let params: std::collections::HashMap<String, Vec<f32>> =
+        runtime::init::init_params(&graph, d.seed)
+            .into_iter()
+            .map(|(k, v)| (k, v.data.iter().map(|&x| x as f32).collect()))
+            .collect();
     let vocab = graph
         .outputs()
         .iter()
@@ -848,7 +860,13 @@ fn demo(d: &DemoArgs, out: &mut Outcome) {
         .and_then(|(_, v)| graph.value_type(*v))
         .and_then(|t| t.shape.last()?.as_known())
         .unwrap_or(16) as usize;
-    let config = TrainConfig { lr: d.lr, warmup_steps: 100, total_steps: d.steps, weight_decay: 0.01, ..TrainConfig::default() };
+    let config = TrainConfig {
+        lr: d.lr,
+        warmup_steps: 100,
+        total_steps: d.steps,
+        weight_decay: 0.01,
+        ..TrainConfig::default()
+    };
     let t0 = std::time::Instant::now();
     let mut trainer = match Trainer::new(&graph, "logits", params, config) {
         Ok(t) => t,
@@ -869,7 +887,11 @@ fn demo(d: &DemoArgs, out: &mut Outcome) {
         graph.param_count().unwrap_or(0),
         t0.elapsed()
     );
-    let _ = writeln!(out.stdout, "{:>6} {:>9} {:>9} {:>10}", "step", "loss", "accuracy", "tokens/s");
+    let _ = writeln!(
+        out.stdout,
+        "{:>6} {:>9} {:>9} {:>10}",
+        "step", "loss", "accuracy", "tokens/s"
+    );
     let mut rng = runtime::init::Rng::new(d.seed ^ 0x5eed);
     let mut window = Vec::new();
     let started = std::time::Instant::now();
@@ -890,13 +912,27 @@ fn demo(d: &DemoArgs, out: &mut Outcome) {
             let acc = window.iter().map(|w| w.1).sum::<f64>() / n;
             window.clear();
             let rate = ((step + 1) * d.batch * seq) as f64 / started.elapsed().as_secs_f64();
-            let _ = writeln!(out.stdout, "{:>6} {loss:>9.4} {acc:>9.3} {rate:>10.0}", step + 1);
+            let _ = writeln!(
+                out.stdout,
+                "{:>6} {loss:>9.4} {acc:>9.3} {rate:>10.0}",
+                step + 1
+            );
             print!("{}", std::mem::take(&mut out.stdout));
             if acc > 0.98 {
-                let _ = writeln!(out.stdout, "solved: accuracy {acc:.3} after {} steps, {:.1?}", step + 1, started.elapsed());
+                let _ = writeln!(
+                    out.stdout,
+                    "solved: accuracy {acc:.3} after {} steps, {:.1?}",
+                    step + 1,
+                    started.elapsed()
+                );
                 return;
             }
         }
     }
-    let _ = writeln!(out.stdout, "stopped after {} steps, {:.1?}", d.steps, started.elapsed());
+    let _ = writeln!(
+        out.stdout,
+        "stopped after {} steps, {:.1?}",
+        d.steps,
+        started.elapsed()
+    );
 }

@@ -83,6 +83,19 @@ impl G {
 
 /// Random data for every input, state and parameter; runs both executors; compares outputs.
 fn compare(g: &Graph, syms: &[(&str, i64)], seed: u64, tol: (f64, f64), positive: &[&str]) {
+    compare_ids(g, syms, seed, tol, positive, 1);
+}
+
+/// As [`compare`]; integer inputs get ids in `0..classes`, about one in `classes + 1` of
+/// them the ignore index -100.
+fn compare_ids(
+    g: &Graph,
+    syms: &[(&str, i64)],
+    seed: u64,
+    tol: (f64, f64),
+    positive: &[&str],
+    classes: u64,
+) {
     let mut rng = Rng::new(seed);
     let bind = |s: &str| syms.iter().find(|(n, _)| *n == s).map(|(_, v)| *v as u64);
     let mut b = Bindings::default();
@@ -101,6 +114,20 @@ fn compare(g: &Graph, syms: &[(&str, i64)], seed: u64, tol: (f64, f64), positive
             .map(|d| d.eval(&bind).expect("bound") as usize)
             .collect();
         let count: usize = shape.iter().product();
+        if !ty.dtype.is_float() {
+            let ids: Vec<i32> = (0..count)
+                .map(|_| match rng.next_u64() % (classes + 1) {
+                    c if c == classes => -100,
+                    c => c as i32,
+                })
+                .collect();
+            b.inputs.insert(
+                name.clone(),
+                Array::new(shape, ids.iter().map(|&x| x as f64).collect()),
+            );
+            data.insert(name, HostData::I32(ids));
+            continue;
+        }
         let vals: Vec<f32> = (0..count)
             .map(|_| {
                 let x = (rng.normal() * 0.8) as f32;
@@ -347,6 +374,99 @@ proptest! {
         g.g.add_output("later", later);
         g.g.add_output("act", act);
         g.g.add_output("s1", Value::new(conv, 1));
+        compare(&g.g, &[("B", b as i64), ("L", l as i64)], seed, REDUCTION, &[]);
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(12))]
+
+    /// The loss and its gradient, with ignored rows; a logits scale up to 8 so rows are peaked.
+    #[test]
+    fn cross_entropy_and_grad(b in 1usize..3, l in sizes(), v in prop::sample::select(vec![1usize, 2, 5, 31, 97]),
+                              scale in prop::sample::select(vec![1.0f64, 8.0]), seed in any::<u64>()) {
+        let mut g = G::new();
+        let (bd, ld) = (Dim::sym("B"), Dim::sym("L"));
+        let raw = g.input("logits", &[bd.clone(), ld.clone(), k(v)]);
+        let sc = g.add(Op::Const { value: scale, dtype: DType::F32 }, &[]);
+        let scb = g.add(Op::Broadcast { shape: vec![bd.clone(), ld.clone(), k(v)] }, &[sc]);
+        let logits = g.bin(BinaryOp::Mul, raw, scb);
+        let targets = g.add(
+            Op::Input { name: "targets".into(), kind: InputKind::Data, ty: TensorType::new(DType::I32, vec![bd.clone(), ld.clone()]) },
+            &[],
+        );
+        let dloss = g.input("dloss", &[bd.clone(), ld.clone()]);
+        let ce = g.g.add(Op::CrossEntropy { ignore_index: -100 }, &[logits, targets], Span::default(), None).unwrap();
+        let ceg = g.g.add(Op::CrossEntropyGrad { ignore_index: -100 }, &[logits, targets, dloss], Span::default(), None).unwrap();
+        g.g.add_output("loss", Value::new(ce, 0));
+        g.g.add_output("valid", Value::new(ce, 1));
+        g.g.add_output("dlogits", Value::new(ceg, 0));
+        compare_ids(&g.g, &[("B", b as i64), ("L", l as i64)], seed, REDUCTION, &[], v as u64);
+    }
+
+    #[test]
+    fn causal_conv_grad(b in 1usize..3, l in sizes(), c in sizes(), kw in 1usize..6, seed in any::<u64>()) {
+        let mut g = G::new();
+        let (bd, ld) = (Dim::sym("B"), Dim::sym("L"));
+        let x = g.input("x", &[bd.clone(), ld.clone(), k(c)]);
+        let w = g.param("w", &[k(c), k(kw)]);
+        let bias = g.param("bias", &[k(c)]);
+        let s0 = g.state("s0", &[bd.clone(), k(c), k(kw - 1)]);
+        let dy_raw = g.input("dy", &[bd.clone(), ld.clone(), k(c)]);
+        let dy = g.un(UnaryOp::Silu, dy_raw);
+        let ds1 = g.input("ds1", &[bd.clone(), k(c), k(kw - 1)]);
+        let cg = g.g.add(Op::CausalConv1dGrad, &[x, w, bias, s0, dy, ds1], Span::default(), None).unwrap();
+        for (r, name) in ["dx", "dw", "db", "ds0"].iter().enumerate() {
+            g.g.add_output(*name, Value::new(cg, r as u16));
+        }
+        compare(&g.g, &[("B", b as i64), ("L", l as i64)], seed, REDUCTION, &[]);
+    }
+
+    #[test]
+    fn selective_scan_grad(b in 1usize..3, l in sizes(), e in sizes(), n in prop::sample::select(vec![1usize, 4, 16]), seed in any::<u64>()) {
+        let mut g = G::new();
+        let (bd, ld) = (Dim::sym("B"), Dim::sym("L"));
+        let ble = [bd.clone(), ld.clone(), k(e)];
+        let x = g.input("x", &ble);
+        let dt_raw = g.input("dt", &ble);
+        let dt = g.un(UnaryOp::Softplus, dt_raw);
+        let a_log = g.param("A_log", &[k(e), k(n)]);
+        let ea = g.un(UnaryOp::Exp, a_log);
+        let a = g.un(UnaryOp::Neg, ea);
+        let bm = g.input("Bm", &[bd.clone(), ld.clone(), k(n)]);
+        let cm = g.input("Cm", &[bd.clone(), ld.clone(), k(n)]);
+        let h0 = g.state("h0", &[bd.clone(), k(e), k(n)]);
+        let dy = g.input("dy", &ble);
+        let dh1 = g.input("dh1", &[bd.clone(), k(e), k(n)]);
+        let sg = g.g.add(Op::SelectiveScanGrad, &[x, dt, a, bm, cm, h0, dy, dh1], Span::default(), None).unwrap();
+        for (r, name) in ["dx", "ddt", "dA", "dB", "dC", "dh0"].iter().enumerate() {
+            g.g.add_output(*name, Value::new(sg, r as u16));
+        }
+        compare(&g.g, &[("B", b as i64), ("L", l as i64)], seed, REDUCTION, &[]);
+    }
+
+    #[test]
+    fn ssd_scan_grad(b in 1usize..3, l in sizes(), heads_per_group in 1usize..3, groups in 1usize..3,
+                     p in prop::sample::select(vec![1usize, 3, 8]), n in prop::sample::select(vec![1usize, 5, 16]), seed in any::<u64>()) {
+        let h = heads_per_group * groups;
+        let mut g = G::new();
+        let (bd, ld) = (Dim::sym("B"), Dim::sym("L"));
+        let xsh = [bd.clone(), ld.clone(), k(h), k(p)];
+        let x = g.input("x", &xsh);
+        let dt_raw = g.input("dt", &[bd.clone(), ld.clone(), k(h)]);
+        let dt = g.un(UnaryOp::Softplus, dt_raw);
+        let a_log = g.param("A_log", &[k(h)]);
+        let ea = g.un(UnaryOp::Exp, a_log);
+        let a = g.un(UnaryOp::Neg, ea);
+        let bm = g.input("Bm", &[bd.clone(), ld.clone(), k(groups), k(n)]);
+        let cm = g.input("Cm", &[bd.clone(), ld.clone(), k(groups), k(n)]);
+        let s0 = g.state("s0", &[bd.clone(), k(h), k(p), k(n)]);
+        let dy = g.input("dy", &xsh);
+        let ds1 = g.input("ds1", &[bd.clone(), k(h), k(p), k(n)]);
+        let sg = g.g.add(Op::SsdScanGrad { chunk: 4 }, &[x, dt, a, bm, cm, s0, dy, ds1], Span::default(), None).unwrap();
+        for (r, name) in ["dx", "ddt", "dA", "dB", "dC", "ds0"].iter().enumerate() {
+            g.g.add_output(*name, Value::new(sg, r as u16));
+        }
         compare(&g.g, &[("B", b as i64), ("L", l as i64)], seed, REDUCTION, &[]);
     }
 }

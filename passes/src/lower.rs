@@ -12,6 +12,11 @@
 //!
 //! A reshape of a materialized buffer is an alias of it, not a copy.
 //!
+//! The backward and loss ops get kernels of their own (see `cross_entropy`, `conv_grad`,
+//! `selective_scan_grad`, `ssd_scan_grad`): a scan's gradient keeps the forward states it
+//! replays in reverse in scratch buffers, and sums over grid points (`dA`, `dB`, `dC`) are
+//! reduced by later kernels of the same op, never by racing writes.
+//!
 //! The result is executable by any backend that runs [`ir::kernel::Kernel`]s and row-major
 //! f32 matrix products: steps in graph order, which is a topological order.
 
@@ -744,16 +749,11 @@ impl<'g> Lowering<'g> {
             Op::CausalConv1d => self.conv(n)?,
             Op::SelectiveScan => self.selective_scan(n)?,
             Op::SsdScan { .. } => self.ssd_scan(n)?,
-            Op::CausalConv1dGrad
-            | Op::SelectiveScanGrad
-            | Op::SsdScanGrad { .. }
-            | Op::CrossEntropy { .. }
-            | Op::CrossEntropyGrad { .. } => {
-                return Err(unsupported(
-                    "backward and loss ops run in the reference interpreter only until the \
-                     training issue lowers them",
-                ));
-            }
+            Op::CausalConv1dGrad => self.conv_grad(n)?,
+            Op::SelectiveScanGrad => self.selective_scan_grad(n)?,
+            Op::SsdScanGrad { .. } => self.ssd_scan_grad(n)?,
+            Op::CrossEntropy { ignore_index } => self.cross_entropy(n, false, *ignore_index)?,
+            Op::CrossEntropyGrad { ignore_index } => self.cross_entropy(n, true, *ignore_index)?,
             Op::Const { .. }
             | Op::Unary(_)
             | Op::Binary(_)
@@ -1074,6 +1074,1244 @@ impl<'g> Lowering<'g> {
         kb.finish(grid, n);
         Ok(())
     }
+
+    /// A scratch buffer of node `n`'s kernels (`BufKind::Scratch`), f32, with its own shape.
+    fn scratch(&mut self, n: NodeId, shape: Shape) -> BufId {
+        self.out.buffers.push(BufInfo {
+            kind: BufKind::Scratch,
+            dtype: DType::F32,
+            shape,
+            value: Value::new(n, 0),
+        });
+        self.out.buffers.len() - 1
+    }
+
+    /// `CrossEntropy` (`grad` false: loss and valid per row) or `CrossEntropyGrad` (`grad`
+    /// true: dlogits): one row per grid point; a max pass, a sum-of-exp pass that also picks
+    /// the target logit, and for the gradient a third pass writing the row. Ignored rows (and
+    /// the target pick) use the exact integer indicator `max(0, 1 - d^2)` of `d == 0`, so the
+    /// kernel needs no branch and never loads at the ignore index.
+    fn cross_entropy(&mut self, n: NodeId, grad: bool, ignore: i64) -> Result<(), LowerError> {
+        use BinaryOp::{Add, Max, Mul, Sub};
+        let g = self.g;
+        let ops = g.operands(n);
+        let (logits, targets) = (ops[0], ops[1]);
+        let ls = self.shape(logits);
+        let ts = self.shape(targets);
+        let Some(vd) = ls.last().cloned() else {
+            return Err(LowerError::Unsupported {
+                node: n,
+                op: g.op(n).name(),
+                message: "logits of rank 0".into(),
+            });
+        };
+        let out0 = self.new_buf(Value::new(n, 0), BufKind::Temp);
+        let out1 = (!grad).then(|| self.new_buf(Value::new(n, 1), BufKind::Temp));
+        let mut kb = KB::new(self, &format!("{}_{}", g.op(n).name(), n.index()));
+        let idx = kb.l.delinear(IExpr::Grid(0), &ts);
+        let tgt = kb.index_value(targets, &idx)?;
+        let vext = kb.l.dim(&vd);
+        let indicator = |d: IExpr| {
+            let df = Expr::FromIndex(d);
+            Expr::bin(
+                Max,
+                Expr::Const(0.0),
+                Expr::bin(Sub, Expr::Const(1.0), Expr::bin(Mul, df.clone(), df)),
+            )
+        };
+        let valid = kb.var();
+        kb.body.push(Stmt::Var {
+            var: valid,
+            init: Expr::bin(
+                Sub,
+                Expr::Const(1.0),
+                indicator(tgt.clone().sub(IExpr::c(ignore))),
+            ),
+        });
+        let at = |kb: &KB, l: LoopId| {
+            let mut li = idx.clone();
+            li.push(IExpr::Loop(l));
+            kb.l.linear(&li, &ls)
+        };
+        let logit = |kb: &mut KB, l: LoopId| -> Result<Expr, LowerError> {
+            let mut li = idx.clone();
+            li.push(IExpr::Loop(l));
+            kb.value(logits, &li)
+        };
+        let (m, s, pick) = (kb.var(), kb.var(), kb.var());
+        kb.body.push(Stmt::Var {
+            var: m,
+            init: Expr::Const(f64::NEG_INFINITY),
+        });
+        let v1 = kb.counter();
+        let x1 = logit(&mut kb, v1)?;
+        kb.body.push(Stmt::For {
+            counter: v1,
+            extent: vext.clone(),
+            body: vec![Stmt::Set {
+                var: m,
+                value: Expr::bin(Max, Expr::Var(m), x1),
+            }],
+        });
+        kb.body.push(Stmt::Var {
+            var: s,
+            init: Expr::Const(0.0),
+        });
+        kb.body.push(Stmt::Var {
+            var: pick,
+            init: Expr::Const(0.0),
+        });
+        let v2 = kb.counter();
+        let x2 = kb.var();
+        let x2e = logit(&mut kb, v2)?;
+        kb.body.push(Stmt::For {
+            counter: v2,
+            extent: vext.clone(),
+            body: vec![
+                Stmt::Var { var: x2, init: x2e },
+                Stmt::Set {
+                    var: s,
+                    value: Expr::bin(
+                        Add,
+                        Expr::Var(s),
+                        Expr::un(UnaryOp::Exp, Expr::bin(Sub, Expr::Var(x2), Expr::Var(m))),
+                    ),
+                },
+                Stmt::Set {
+                    var: pick,
+                    value: Expr::bin(
+                        Add,
+                        Expr::Var(pick),
+                        Expr::bin(
+                            Mul,
+                            Expr::Var(x2),
+                            indicator(IExpr::Loop(v2).sub(tgt.clone())),
+                        ),
+                    ),
+                },
+            ],
+        });
+        let lse = Expr::un(UnaryOp::Log, Expr::Var(s));
+        if let Some(out1) = out1 {
+            let (lb, vb) = (kb.buf(out0, true), kb.buf(out1, true));
+            let loss = Expr::bin(Add, Expr::bin(Sub, Expr::Var(m), Expr::Var(pick)), lse);
+            kb.body.push(Stmt::Store {
+                buf: lb,
+                index: IExpr::Grid(0),
+                value: Expr::bin(Mul, Expr::Var(valid), loss),
+            });
+            kb.body.push(Stmt::Store {
+                buf: vb,
+                index: IExpr::Grid(0),
+                value: Expr::Var(valid),
+            });
+        } else {
+            let dl = kb.value(ops[2], &idx)?;
+            let (lsev, dlv) = (kb.var(), kb.var());
+            kb.body.push(Stmt::Var {
+                var: lsev,
+                init: lse,
+            });
+            kb.body.push(Stmt::Var { var: dlv, init: dl });
+            let ob = kb.buf(out0, true);
+            let v3 = kb.counter();
+            let x3 = logit(&mut kb, v3)?;
+            let p = Expr::un(
+                UnaryOp::Exp,
+                Expr::bin(Sub, Expr::bin(Sub, x3, Expr::Var(m)), Expr::Var(lsev)),
+            );
+            let d = Expr::bin(
+                Mul,
+                Expr::bin(Sub, p, indicator(IExpr::Loop(v3).sub(tgt.clone()))),
+                Expr::Var(dlv),
+            );
+            let index = at(&kb, v3);
+            kb.body.push(Stmt::For {
+                counter: v3,
+                extent: vext,
+                body: vec![Stmt::Store {
+                    buf: ob,
+                    index,
+                    value: Expr::bin(Mul, d, Expr::Var(valid)),
+                }],
+            });
+        }
+        let grid = vec![kb.l.numel(&ts)];
+        kb.finish(grid, n);
+        Ok(())
+    }
+
+    /// `CausalConv1dGrad`: one channel per grid point, looping over the batch. Per batch row,
+    /// a reverse-time pass scatters `w * dy` into a window of `K` pending input cotangents
+    /// (the oldest is complete and stored as `dx` each step; what is left is `ds0`), and a
+    /// forward pass accumulates `dw` and `db` (the sums over batch and time stay in the
+    /// grid point, so no two points write one element).
+    fn conv_grad(&mut self, n: NodeId) -> Result<(), LowerError> {
+        use BinaryOp::{Add, Mul};
+        let g = self.g;
+        let ops = g.operands(n);
+        let (x, w, s0, dy, ds1) = (ops[0], ops[1], ops[3], ops[4], ops[5]);
+        let xs = self.shape(x);
+        let k = self.known(n, &self.shape(w)[1], "the kernel width")?;
+        if k == 0 {
+            return Err(LowerError::Unsupported {
+                node: n,
+                op: g.op(n).name(),
+                message: "kernel width must be at least 1".into(),
+            });
+        }
+        let hist = k - 1;
+        let ss = self.shape(Value::new(n, 3));
+        let dxb = self.new_buf(Value::new(n, 0), BufKind::Temp);
+        let dwb = self.new_buf(Value::new(n, 1), BufKind::Temp);
+        let dbb = self.new_buf(Value::new(n, 2), BufKind::Temp);
+        let ds0b = self.new_buf(Value::new(n, 3), BufKind::Temp);
+        let mut kb = KB::new(self, &format!("causal_conv1d_grad_{}", n.index()));
+        let c = IExpr::Grid(0);
+        let ci = |j: usize| IExpr::c(j as i64);
+        let al = |arr: ArrId, j: usize| Expr::ArrLoad {
+            arr,
+            index: IExpr::c(j as i64),
+        };
+        let (pend, aw, win) = (kb.arr(), kb.arr(), kb.arr());
+        kb.body.push(Stmt::Array {
+            arr: pend,
+            len: k,
+            init: 0.0,
+        });
+        kb.body.push(Stmt::Array {
+            arr: aw,
+            len: k,
+            init: 0.0,
+        });
+        if hist > 0 {
+            kb.body.push(Stmt::Array {
+                arr: win,
+                len: hist,
+                init: 0.0,
+            });
+        }
+        let dbv = kb.var();
+        kb.body.push(Stmt::Var {
+            var: dbv,
+            init: Expr::Const(0.0),
+        });
+        let bl = kb.counter();
+        let b = IExpr::Loop(bl);
+        let lext = kb.l.dim(&xs[1]);
+        let mut per_b = vec![Stmt::ArrSet {
+            arr: pend,
+            index: ci(0),
+            value: Expr::Const(0.0),
+        }];
+        for j in 1..k {
+            let v = kb.value(ds1, &[b.clone(), c.clone(), ci(j - 1)])?;
+            per_b.push(Stmt::ArrSet {
+                arr: pend,
+                index: ci(j),
+                value: v,
+            });
+        }
+        // Reverse pass: dx, then ds0.
+        let t = kb.counter();
+        let tt = lext.clone().sub(IExpr::c(1)).sub(IExpr::Loop(t));
+        let gv = kb.var();
+        let mut rbody = vec![Stmt::Var {
+            var: gv,
+            init: kb.value(dy, &[b.clone(), tt.clone(), c.clone()])?,
+        }];
+        for j in 0..k {
+            let wv = kb.value(w, &[c.clone(), ci(j)])?;
+            rbody.push(Stmt::ArrSet {
+                arr: pend,
+                index: ci(j),
+                value: Expr::bin(Add, al(pend, j), Expr::bin(Mul, wv, Expr::Var(gv))),
+            });
+        }
+        let dxs = kb.buf(dxb, true);
+        rbody.push(Stmt::Store {
+            buf: dxs,
+            index: kb.l.linear(&[b.clone(), tt, c.clone()], &xs),
+            value: al(pend, hist),
+        });
+        for j in (1..k).rev() {
+            rbody.push(Stmt::ArrSet {
+                arr: pend,
+                index: ci(j),
+                value: al(pend, j - 1),
+            });
+        }
+        rbody.push(Stmt::ArrSet {
+            arr: pend,
+            index: ci(0),
+            value: Expr::Const(0.0),
+        });
+        per_b.push(Stmt::For {
+            counter: t,
+            extent: lext.clone(),
+            body: rbody,
+        });
+        let ds0s = kb.buf(ds0b, true);
+        for j in 1..k {
+            per_b.push(Stmt::Store {
+                buf: ds0s,
+                index: kb.l.linear(&[b.clone(), c.clone(), ci(j - 1)], &ss),
+                value: al(pend, j),
+            });
+        }
+        // Forward pass: dw, db.
+        for j in 0..hist {
+            let v = kb.value(s0, &[b.clone(), c.clone(), ci(j)])?;
+            per_b.push(Stmt::ArrSet {
+                arr: win,
+                index: ci(j),
+                value: v,
+            });
+        }
+        let t2 = kb.counter();
+        let (xt, g2) = (kb.var(), kb.var());
+        let bt = [b.clone(), IExpr::Loop(t2), c.clone()];
+        let mut fbody = vec![
+            Stmt::Var {
+                var: xt,
+                init: kb.value(x, &bt)?,
+            },
+            Stmt::Var {
+                var: g2,
+                init: kb.value(dy, &bt)?,
+            },
+            Stmt::Set {
+                var: dbv,
+                value: Expr::bin(Add, Expr::Var(dbv), Expr::Var(g2)),
+            },
+        ];
+        for j in 0..k {
+            let input = if j < hist { al(win, j) } else { Expr::Var(xt) };
+            fbody.push(Stmt::ArrSet {
+                arr: aw,
+                index: ci(j),
+                value: Expr::bin(Add, al(aw, j), Expr::bin(Mul, Expr::Var(g2), input)),
+            });
+        }
+        for j in 0..hist {
+            let next = if j + 1 < hist {
+                al(win, j + 1)
+            } else {
+                Expr::Var(xt)
+            };
+            fbody.push(Stmt::ArrSet {
+                arr: win,
+                index: ci(j),
+                value: next,
+            });
+        }
+        per_b.push(Stmt::For {
+            counter: t2,
+            extent: lext,
+            body: fbody,
+        });
+        let bext = kb.l.dim(&xs[0]);
+        kb.body.push(Stmt::For {
+            counter: bl,
+            extent: bext,
+            body: per_b,
+        });
+        let (dws, dbs) = (kb.buf(dwb, true), kb.buf(dbb, true));
+        let wshape = kb.l.shape(Value::new(n, 1));
+        for j in 0..k {
+            kb.body.push(Stmt::Store {
+                buf: dws,
+                index: kb.l.linear(&[c.clone(), ci(j)], &wshape),
+                value: al(aw, j),
+            });
+        }
+        kb.body.push(Stmt::Store {
+            buf: dbs,
+            index: c,
+            value: Expr::Var(dbv),
+        });
+        let grid = vec![kb.l.dim(&xs[2])];
+        kb.finish(grid, n);
+        Ok(())
+    }
+
+    /// `SelectiveScanGrad` in three kernels. 1: one (batch, channel) per grid point runs the
+    /// recurrence forward, storing the state before each step in scratch `H [B, L, E, N]`,
+    /// then backward with the state cotangent in a local array, storing it (after the
+    /// output's contribution) in scratch `G [B, L, E, N]` and writing `dx`, `ddt`, `dh0`.
+    /// 2: one (batch, time, n) per grid point sums `dB` and `dC` over channels (the state
+    /// after the step recomputed from `H`). 3: one (channel, n) per grid point sums `dA` over
+    /// batch and time.
+    fn selective_scan_grad(&mut self, n: NodeId) -> Result<(), LowerError> {
+        use BinaryOp::{Add, Mul};
+        let g = self.g;
+        let ops = g.operands(n);
+        let (x, dt, a, bm, cm, h0, dy, dh1) = (
+            ops[0], ops[1], ops[2], ops[3], ops[4], ops[5], ops[6], ops[7],
+        );
+        let xs = self.shape(x);
+        let nd = self.shape(a)[1].clone();
+        let nst = self.known(n, &nd, "d_state")?;
+        let ns = IExpr::c(nst as i64);
+        let hs = self.shape(h0);
+        let bls = self.shape(bm);
+        let mut scr_shape = xs.clone();
+        scr_shape.push(nd);
+        let outs: Vec<BufId> = (0..6)
+            .map(|r| self.new_buf(Value::new(n, r), BufKind::Temp))
+            .collect();
+        let hbuf = self.scratch(n, scr_shape.clone());
+        let gbuf = self.scratch(n, scr_shape.clone());
+        let (bext, lext, eext) = (self.dim(&xs[0]), self.dim(&xs[1]), self.dim(&xs[2]));
+        let name = format!("selective_scan_grad_{}", n.index());
+        let al = |arr: ArrId, l: LoopId| Expr::ArrLoad {
+            arr,
+            index: IExpr::Loop(l),
+        };
+
+        // Kernel 1.
+        let mut kb = KB::new(self, &name);
+        let (b, e) = (IExpr::Grid(0), IExpr::Grid(1));
+        let (hs_slot, gs_slot) = (kb.buf(hbuf, true), kb.buf(gbuf, true));
+        let h = kb.arr();
+        kb.body.push(Stmt::Array {
+            arr: h,
+            len: nst,
+            init: 0.0,
+        });
+        let j = kb.counter();
+        let hv = kb.value(h0, &[b.clone(), e.clone(), IExpr::Loop(j)])?;
+        kb.body.push(Stmt::For {
+            counter: j,
+            extent: ns.clone(),
+            body: vec![Stmt::ArrSet {
+                arr: h,
+                index: IExpr::Loop(j),
+                value: hv,
+            }],
+        });
+        let t = kb.counter();
+        let nn = kb.counter();
+        let (dtv, uv) = (kb.var(), kb.var());
+        let bt = [b.clone(), IExpr::Loop(t), e.clone()];
+        let dte = kb.value(dt, &bt)?;
+        let xe = kb.value(x, &bt)?;
+        let av = kb.value(a, &[e.clone(), IExpr::Loop(nn)])?;
+        let bv = kb.value(bm, &[b.clone(), IExpr::Loop(t), IExpr::Loop(nn)])?;
+        let hidx = kb.l.linear(
+            &[b.clone(), IExpr::Loop(t), e.clone(), IExpr::Loop(nn)],
+            &scr_shape,
+        );
+        kb.body.push(Stmt::For {
+            counter: t,
+            extent: lext.clone(),
+            body: vec![
+                Stmt::Var {
+                    var: dtv,
+                    init: dte,
+                },
+                Stmt::Var {
+                    var: uv,
+                    init: Expr::bin(Mul, Expr::Var(dtv), xe),
+                },
+                Stmt::For {
+                    counter: nn,
+                    extent: ns.clone(),
+                    body: vec![
+                        Stmt::Store {
+                            buf: hs_slot,
+                            index: hidx,
+                            value: al(h, nn),
+                        },
+                        Stmt::ArrSet {
+                            arr: h,
+                            index: IExpr::Loop(nn),
+                            value: Expr::bin(
+                                Add,
+                                Expr::bin(
+                                    Mul,
+                                    Expr::un(UnaryOp::Exp, Expr::bin(Mul, Expr::Var(dtv), av)),
+                                    al(h, nn),
+                                ),
+                                Expr::bin(Mul, Expr::Var(uv), bv),
+                            ),
+                        },
+                    ],
+                },
+            ],
+        });
+        // Backward in time.
+        let gr = kb.arr();
+        kb.body.push(Stmt::Array {
+            arr: gr,
+            len: nst,
+            init: 0.0,
+        });
+        let j2 = kb.counter();
+        let gv0 = kb.value(dh1, &[b.clone(), e.clone(), IExpr::Loop(j2)])?;
+        kb.body.push(Stmt::For {
+            counter: j2,
+            extent: ns.clone(),
+            body: vec![Stmt::ArrSet {
+                arr: gr,
+                index: IExpr::Loop(j2),
+                value: gv0,
+            }],
+        });
+        let t2 = kb.counter();
+        let n2 = kb.counter();
+        let tt = lext.clone().sub(IExpr::c(1)).sub(IExpr::Loop(t2));
+        let btt = [b.clone(), tt.clone(), e.clone()];
+        let (d2, x2, gy, du, dd, decay) =
+            (kb.var(), kb.var(), kb.var(), kb.var(), kb.var(), kb.var());
+        let mut body = vec![
+            Stmt::Var {
+                var: d2,
+                init: kb.value(dt, &btt)?,
+            },
+            Stmt::Var {
+                var: x2,
+                init: kb.value(x, &btt)?,
+            },
+            Stmt::Var {
+                var: gy,
+                init: kb.value(dy, &btt)?,
+            },
+            Stmt::Var {
+                var: du,
+                init: Expr::Const(0.0),
+            },
+            Stmt::Var {
+                var: dd,
+                init: Expr::Const(0.0),
+            },
+        ];
+        let bn_t = [b.clone(), tt.clone(), IExpr::Loop(n2)];
+        let cv = kb.value(cm, &bn_t)?;
+        let bv2 = kb.value(bm, &bn_t)?;
+        let av2 = kb.value(a, &[e.clone(), IExpr::Loop(n2)])?;
+        let sidx = kb.l.linear(
+            &[b.clone(), tt.clone(), e.clone(), IExpr::Loop(n2)],
+            &scr_shape,
+        );
+        body.push(Stmt::For {
+            counter: n2,
+            extent: ns.clone(),
+            body: vec![
+                Stmt::ArrSet {
+                    arr: gr,
+                    index: IExpr::Loop(n2),
+                    value: Expr::bin(Add, al(gr, n2), Expr::bin(Mul, cv, Expr::Var(gy))),
+                },
+                Stmt::Store {
+                    buf: gs_slot,
+                    index: sidx.clone(),
+                    value: al(gr, n2),
+                },
+                Stmt::Set {
+                    var: du,
+                    value: Expr::bin(Add, Expr::Var(du), Expr::bin(Mul, al(gr, n2), bv2)),
+                },
+                Stmt::Var {
+                    var: decay,
+                    init: Expr::un(UnaryOp::Exp, Expr::bin(Mul, Expr::Var(d2), av2.clone())),
+                },
+                Stmt::Set {
+                    var: dd,
+                    value: Expr::bin(
+                        Add,
+                        Expr::Var(dd),
+                        Expr::bin(
+                            Mul,
+                            Expr::bin(Mul, Expr::bin(Mul, al(gr, n2), Expr::Var(decay)), av2),
+                            Expr::Load {
+                                buf: hs_slot,
+                                index: sidx,
+                            },
+                        ),
+                    ),
+                },
+                Stmt::ArrSet {
+                    arr: gr,
+                    index: IExpr::Loop(n2),
+                    value: Expr::bin(Mul, al(gr, n2), Expr::Var(decay)),
+                },
+            ],
+        });
+        let (dxs, ddts) = (kb.buf(outs[0], true), kb.buf(outs[1], true));
+        let oi = kb.l.linear(&btt, &xs);
+        body.push(Stmt::Store {
+            buf: dxs,
+            index: oi.clone(),
+            value: Expr::bin(Mul, Expr::Var(d2), Expr::Var(du)),
+        });
+        body.push(Stmt::Store {
+            buf: ddts,
+            index: oi,
+            value: Expr::bin(
+                Add,
+                Expr::bin(Mul, Expr::Var(x2), Expr::Var(du)),
+                Expr::Var(dd),
+            ),
+        });
+        kb.body.push(Stmt::For {
+            counter: t2,
+            extent: lext.clone(),
+            body,
+        });
+        let dh0s = kb.buf(outs[5], true);
+        let j3 = kb.counter();
+        kb.body.push(Stmt::For {
+            counter: j3,
+            extent: ns.clone(),
+            body: vec![Stmt::Store {
+                buf: dh0s,
+                index: kb.l.linear(&[b.clone(), e.clone(), IExpr::Loop(j3)], &hs),
+                value: al(gr, j3),
+            }],
+        });
+        kb.finish(vec![bext.clone(), eext.clone()], n);
+
+        // Kernel 2: dB, dC [B, L, N], summed over channels.
+        let mut kb = KB::new(self, &format!("{name}_bc"));
+        let (b, t, nn) = (IExpr::Grid(0), IExpr::Grid(1), IExpr::Grid(2));
+        let (hs_slot, gs_slot) = (kb.buf(hbuf, false), kb.buf(gbuf, false));
+        let (dbv, dcv) = (kb.var(), kb.var());
+        for v in [dbv, dcv] {
+            kb.body.push(Stmt::Var {
+                var: v,
+                init: Expr::Const(0.0),
+            });
+        }
+        let el = kb.counter();
+        let (dv, u) = (kb.var(), kb.var());
+        let bte = [b.clone(), t.clone(), IExpr::Loop(el)];
+        let sidx = kb.l.linear(
+            &[b.clone(), t.clone(), IExpr::Loop(el), nn.clone()],
+            &scr_shape,
+        );
+        let dte = kb.value(dt, &bte)?;
+        let xe = kb.value(x, &bte)?;
+        let av = kb.value(a, &[IExpr::Loop(el), nn.clone()])?;
+        let bv = kb.value(bm, &[b.clone(), t.clone(), nn.clone()])?;
+        let gye = kb.value(dy, &bte)?;
+        let h_after = Expr::bin(
+            Add,
+            Expr::bin(
+                Mul,
+                Expr::un(UnaryOp::Exp, Expr::bin(Mul, Expr::Var(dv), av)),
+                Expr::Load {
+                    buf: hs_slot,
+                    index: sidx.clone(),
+                },
+            ),
+            Expr::bin(Mul, Expr::Var(u), bv),
+        );
+        kb.body.push(Stmt::For {
+            counter: el,
+            extent: eext.clone(),
+            body: vec![
+                Stmt::Var { var: dv, init: dte },
+                Stmt::Var {
+                    var: u,
+                    init: Expr::bin(Mul, Expr::Var(dv), xe),
+                },
+                Stmt::Set {
+                    var: dcv,
+                    value: Expr::bin(Add, Expr::Var(dcv), Expr::bin(Mul, h_after, gye)),
+                },
+                Stmt::Set {
+                    var: dbv,
+                    value: Expr::bin(
+                        Add,
+                        Expr::Var(dbv),
+                        Expr::bin(
+                            Mul,
+                            Expr::Var(u),
+                            Expr::Load {
+                                buf: gs_slot,
+                                index: sidx,
+                            },
+                        ),
+                    ),
+                },
+            ],
+        });
+        let (dbs, dcs) = (kb.buf(outs[3], true), kb.buf(outs[4], true));
+        let oi = kb.l.linear(&[b, t, nn], &bls);
+        kb.body.push(Stmt::Store {
+            buf: dbs,
+            index: oi.clone(),
+            value: Expr::Var(dbv),
+        });
+        kb.body.push(Stmt::Store {
+            buf: dcs,
+            index: oi,
+            value: Expr::Var(dcv),
+        });
+        kb.finish(vec![bext.clone(), lext.clone(), ns.clone()], n);
+
+        // Kernel 3: dA [E, N], summed over batch and time.
+        let mut kb = KB::new(self, &format!("{name}_a"));
+        let (e, nn) = (IExpr::Grid(0), IExpr::Grid(1));
+        let (hs_slot, gs_slot) = (kb.buf(hbuf, false), kb.buf(gbuf, false));
+        let acc = kb.var();
+        kb.body.push(Stmt::Var {
+            var: acc,
+            init: Expr::Const(0.0),
+        });
+        let (bl, tl) = (kb.counter(), kb.counter());
+        let dv = kb.var();
+        let bte = [IExpr::Loop(bl), IExpr::Loop(tl), e.clone()];
+        let sidx = kb.l.linear(
+            &[IExpr::Loop(bl), IExpr::Loop(tl), e.clone(), nn.clone()],
+            &scr_shape,
+        );
+        let dte = kb.value(dt, &bte)?;
+        let av = kb.value(a, &[e.clone(), nn.clone()])?;
+        let term = Expr::bin(
+            Mul,
+            Expr::bin(
+                Mul,
+                Expr::bin(
+                    Mul,
+                    Expr::Load {
+                        buf: gs_slot,
+                        index: sidx.clone(),
+                    },
+                    Expr::un(UnaryOp::Exp, Expr::bin(Mul, Expr::Var(dv), av)),
+                ),
+                Expr::Var(dv),
+            ),
+            Expr::Load {
+                buf: hs_slot,
+                index: sidx,
+            },
+        );
+        kb.body.push(Stmt::For {
+            counter: bl,
+            extent: bext,
+            body: vec![Stmt::For {
+                counter: tl,
+                extent: lext,
+                body: vec![
+                    Stmt::Var { var: dv, init: dte },
+                    Stmt::Set {
+                        var: acc,
+                        value: Expr::bin(Add, Expr::Var(acc), term),
+                    },
+                ],
+            }],
+        });
+        let das = kb.buf(outs[2], true);
+        let ash = kb.l.shape(Value::new(n, 2));
+        kb.body.push(Stmt::Store {
+            buf: das,
+            index: kb.l.linear(&[e, nn], &ash),
+            value: Expr::Var(acc),
+        });
+        kb.finish(vec![eext, ns], n);
+        Ok(())
+    }
+
+    /// `SsdScanGrad` in four kernels. 1: one (batch, head, p) per grid point runs the
+    /// recurrence forward (states before each step to scratch `S [B, L, H, P, N]`) and back
+    /// (state cotangents after the output's contribution to scratch `G`), writing `dx` and
+    /// `ds0`. 2: `ddt [B, L, H]`, summed over p. 3: `dA [H]`, summed over batch, time and p.
+    /// 4: `dB`, `dC [B, L, G, N]`, summed over the group's heads and p.
+    fn ssd_scan_grad(&mut self, n: NodeId) -> Result<(), LowerError> {
+        use BinaryOp::{Add, Mul};
+        let g = self.g;
+        let ops = g.operands(n);
+        let (x, dt, a, bm, cm, s0, dy, ds1) = (
+            ops[0], ops[1], ops[2], ops[3], ops[4], ops[5], ops[6], ops[7],
+        );
+        let xs = self.shape(x);
+        let bs = self.shape(bm);
+        let nst = self.known(n, &bs[3], "d_state")?;
+        let heads = self.known(n, &xs[2], "the head count")?;
+        let groups = self.known(n, &bs[2], "the group count")?.max(1);
+        let hpg = (heads / groups).max(1) as i64;
+        let ns = IExpr::c(nst as i64);
+        let ss = self.shape(s0);
+        let mut scr_shape = xs.clone();
+        scr_shape.push(bs[3].clone());
+        let outs: Vec<BufId> = (0..6)
+            .map(|r| self.new_buf(Value::new(n, r), BufKind::Temp))
+            .collect();
+        let sbuf = self.scratch(n, scr_shape.clone());
+        let gbuf = self.scratch(n, scr_shape.clone());
+        let (bext, lext, hext, pext) = (
+            self.dim(&xs[0]),
+            self.dim(&xs[1]),
+            self.dim(&xs[2]),
+            self.dim(&xs[3]),
+        );
+        let gext = self.dim(&bs[2]);
+        let name = format!("ssd_scan_grad_{}", n.index());
+        let al = |arr: ArrId, l: LoopId| Expr::ArrLoad {
+            arr,
+            index: IExpr::Loop(l),
+        };
+        let exp_mul = |d: Expr, a: Expr| Expr::un(UnaryOp::Exp, Expr::bin(Mul, d, a));
+
+        // Kernel 1.
+        let mut kb = KB::new(self, &name);
+        let (b, hh, p) = (IExpr::Grid(0), IExpr::Grid(1), IExpr::Grid(2));
+        let grp = hh.clone().div(IExpr::c(hpg));
+        let (s_slot, g_slot) = (kb.buf(sbuf, true), kb.buf(gbuf, true));
+        let s = kb.arr();
+        kb.body.push(Stmt::Array {
+            arr: s,
+            len: nst,
+            init: 0.0,
+        });
+        let j = kb.counter();
+        let sv = kb.value(s0, &[b.clone(), hh.clone(), p.clone(), IExpr::Loop(j)])?;
+        kb.body.push(Stmt::For {
+            counter: j,
+            extent: ns.clone(),
+            body: vec![Stmt::ArrSet {
+                arr: s,
+                index: IExpr::Loop(j),
+                value: sv,
+            }],
+        });
+        let t = kb.counter();
+        let nn = kb.counter();
+        let (dtv, decay, uv) = (kb.var(), kb.var(), kb.var());
+        let dte = kb.value(dt, &[b.clone(), IExpr::Loop(t), hh.clone()])?;
+        let ah = kb.value(a, std::slice::from_ref(&hh))?;
+        let xe = kb.value(x, &[b.clone(), IExpr::Loop(t), hh.clone(), p.clone()])?;
+        let bv = kb.value(
+            bm,
+            &[b.clone(), IExpr::Loop(t), grp.clone(), IExpr::Loop(nn)],
+        )?;
+        let sidx = kb.l.linear(
+            &[
+                b.clone(),
+                IExpr::Loop(t),
+                hh.clone(),
+                p.clone(),
+                IExpr::Loop(nn),
+            ],
+            &scr_shape,
+        );
+        kb.body.push(Stmt::For {
+            counter: t,
+            extent: lext.clone(),
+            body: vec![
+                Stmt::Var {
+                    var: dtv,
+                    init: dte,
+                },
+                Stmt::Var {
+                    var: decay,
+                    init: exp_mul(Expr::Var(dtv), ah.clone()),
+                },
+                Stmt::Var {
+                    var: uv,
+                    init: Expr::bin(Mul, Expr::Var(dtv), xe),
+                },
+                Stmt::For {
+                    counter: nn,
+                    extent: ns.clone(),
+                    body: vec![
+                        Stmt::Store {
+                            buf: s_slot,
+                            index: sidx,
+                            value: al(s, nn),
+                        },
+                        Stmt::ArrSet {
+                            arr: s,
+                            index: IExpr::Loop(nn),
+                            value: Expr::bin(
+                                Add,
+                                Expr::bin(Mul, Expr::Var(decay), al(s, nn)),
+                                Expr::bin(Mul, Expr::Var(uv), bv),
+                            ),
+                        },
+                    ],
+                },
+            ],
+        });
+        let gs = kb.arr();
+        kb.body.push(Stmt::Array {
+            arr: gs,
+            len: nst,
+            init: 0.0,
+        });
+        let j2 = kb.counter();
+        let gv0 = kb.value(ds1, &[b.clone(), hh.clone(), p.clone(), IExpr::Loop(j2)])?;
+        kb.body.push(Stmt::For {
+            counter: j2,
+            extent: ns.clone(),
+            body: vec![Stmt::ArrSet {
+                arr: gs,
+                index: IExpr::Loop(j2),
+                value: gv0,
+            }],
+        });
+        let t2 = kb.counter();
+        let n2 = kb.counter();
+        let tt = lext.clone().sub(IExpr::c(1)).sub(IExpr::Loop(t2));
+        let xi = [b.clone(), tt.clone(), hh.clone(), p.clone()];
+        let (d2, decay2, gy, du) = (kb.var(), kb.var(), kb.var(), kb.var());
+        let dte2 = kb.value(dt, &[b.clone(), tt.clone(), hh.clone()])?;
+        let gye = kb.value(dy, &xi)?;
+        let bn_t = [b.clone(), tt.clone(), grp.clone(), IExpr::Loop(n2)];
+        let cv = kb.value(cm, &bn_t)?;
+        let bv2 = kb.value(bm, &bn_t)?;
+        let gidx = kb.l.linear(
+            &[
+                b.clone(),
+                tt.clone(),
+                hh.clone(),
+                p.clone(),
+                IExpr::Loop(n2),
+            ],
+            &scr_shape,
+        );
+        let dxs = kb.buf(outs[0], true);
+        let dxi = kb.l.linear(&xi, &xs);
+        kb.body.push(Stmt::For {
+            counter: t2,
+            extent: lext.clone(),
+            body: vec![
+                Stmt::Var {
+                    var: d2,
+                    init: dte2,
+                },
+                Stmt::Var {
+                    var: decay2,
+                    init: exp_mul(Expr::Var(d2), ah),
+                },
+                Stmt::Var { var: gy, init: gye },
+                Stmt::Var {
+                    var: du,
+                    init: Expr::Const(0.0),
+                },
+                Stmt::For {
+                    counter: n2,
+                    extent: ns.clone(),
+                    body: vec![
+                        Stmt::ArrSet {
+                            arr: gs,
+                            index: IExpr::Loop(n2),
+                            value: Expr::bin(Add, al(gs, n2), Expr::bin(Mul, cv, Expr::Var(gy))),
+                        },
+                        Stmt::Store {
+                            buf: g_slot,
+                            index: gidx,
+                            value: al(gs, n2),
+                        },
+                        Stmt::Set {
+                            var: du,
+                            value: Expr::bin(Add, Expr::Var(du), Expr::bin(Mul, al(gs, n2), bv2)),
+                        },
+                        Stmt::ArrSet {
+                            arr: gs,
+                            index: IExpr::Loop(n2),
+                            value: Expr::bin(Mul, al(gs, n2), Expr::Var(decay2)),
+                        },
+                    ],
+                },
+                Stmt::Store {
+                    buf: dxs,
+                    index: dxi,
+                    value: Expr::bin(Mul, Expr::Var(d2), Expr::Var(du)),
+                },
+            ],
+        });
+        let ds0s = kb.buf(outs[5], true);
+        let j3 = kb.counter();
+        kb.body.push(Stmt::For {
+            counter: j3,
+            extent: ns.clone(),
+            body: vec![Stmt::Store {
+                buf: ds0s,
+                index: kb
+                    .l
+                    .linear(&[b.clone(), hh.clone(), p.clone(), IExpr::Loop(j3)], &ss),
+                value: al(gs, j3),
+            }],
+        });
+        kb.finish(vec![bext.clone(), hext.clone(), pext.clone()], n);
+
+        // Kernel 2: ddt [B, L, H] = sum_p x du + decay A (G . S).
+        let mut kb = KB::new(self, &format!("{name}_dt"));
+        let (b, t, hh) = (IExpr::Grid(0), IExpr::Grid(1), IExpr::Grid(2));
+        let grp = hh.clone().div(IExpr::c(hpg));
+        let (s_slot, g_slot) = (kb.buf(sbuf, false), kb.buf(gbuf, false));
+        let (acc, dec, du, q) = (kb.var(), kb.var(), kb.var(), kb.var());
+        let dte = kb.value(dt, &[b.clone(), t.clone(), hh.clone()])?;
+        let ah = kb.value(a, std::slice::from_ref(&hh))?;
+        kb.body.push(Stmt::Var {
+            var: acc,
+            init: Expr::Const(0.0),
+        });
+        kb.body.push(Stmt::Var {
+            var: dec,
+            init: Expr::bin(Mul, exp_mul(dte.clone(), ah.clone()), ah),
+        });
+        let (pl, nl) = (kb.counter(), kb.counter());
+        let xe = kb.value(x, &[b.clone(), t.clone(), hh.clone(), IExpr::Loop(pl)])?;
+        let bv = kb.value(bm, &[b.clone(), t.clone(), grp, IExpr::Loop(nl)])?;
+        let sidx = kb.l.linear(
+            &[
+                b.clone(),
+                t.clone(),
+                hh.clone(),
+                IExpr::Loop(pl),
+                IExpr::Loop(nl),
+            ],
+            &scr_shape,
+        );
+        let gl = Expr::Load {
+            buf: g_slot,
+            index: sidx.clone(),
+        };
+        kb.body.push(Stmt::For {
+            counter: pl,
+            extent: pext.clone(),
+            body: vec![
+                Stmt::Var {
+                    var: du,
+                    init: Expr::Const(0.0),
+                },
+                Stmt::Var {
+                    var: q,
+                    init: Expr::Const(0.0),
+                },
+                Stmt::For {
+                    counter: nl,
+                    extent: ns.clone(),
+                    body: vec![
+                        Stmt::Set {
+                            var: du,
+                            value: Expr::bin(Add, Expr::Var(du), Expr::bin(Mul, gl.clone(), bv)),
+                        },
+                        Stmt::Set {
+                            var: q,
+                            value: Expr::bin(
+                                Add,
+                                Expr::Var(q),
+                                Expr::bin(
+                                    Mul,
+                                    gl,
+                                    Expr::Load {
+                                        buf: s_slot,
+                                        index: sidx,
+                                    },
+                                ),
+                            ),
+                        },
+                    ],
+                },
+                Stmt::Set {
+                    var: acc,
+                    value: Expr::bin(
+                        Add,
+                        Expr::Var(acc),
+                        Expr::bin(
+                            Add,
+                            Expr::bin(Mul, xe, Expr::Var(du)),
+                            Expr::bin(Mul, Expr::Var(dec), Expr::Var(q)),
+                        ),
+                    ),
+                },
+            ],
+        });
+        let ddts = kb.buf(outs[1], true);
+        let dts = kb.l.shape(Value::new(n, 1));
+        kb.body.push(Stmt::Store {
+            buf: ddts,
+            index: kb.l.linear(&[b, t, hh], &dts),
+            value: Expr::Var(acc),
+        });
+        kb.finish(vec![bext.clone(), lext.clone(), hext.clone()], n);
+
+        // Kernel 3: dA [H] = sum_{b,t,p} decay dt (G . S).
+        let mut kb = KB::new(self, &format!("{name}_a"));
+        let hh = IExpr::Grid(0);
+        let (s_slot, g_slot) = (kb.buf(sbuf, false), kb.buf(gbuf, false));
+        let (acc, w, q) = (kb.var(), kb.var(), kb.var());
+        kb.body.push(Stmt::Var {
+            var: acc,
+            init: Expr::Const(0.0),
+        });
+        let (bl, tl, pl, nl) = (kb.counter(), kb.counter(), kb.counter(), kb.counter());
+        let (b, t) = (IExpr::Loop(bl), IExpr::Loop(tl));
+        let dte = kb.value(dt, &[b.clone(), t.clone(), hh.clone()])?;
+        let ah = kb.value(a, std::slice::from_ref(&hh))?;
+        let sidx = kb.l.linear(
+            &[b, t, hh.clone(), IExpr::Loop(pl), IExpr::Loop(nl)],
+            &scr_shape,
+        );
+        kb.body.push(Stmt::For {
+            counter: bl,
+            extent: bext.clone(),
+            body: vec![Stmt::For {
+                counter: tl,
+                extent: lext.clone(),
+                body: vec![
+                    Stmt::Var {
+                        var: w,
+                        init: Expr::bin(Mul, exp_mul(dte.clone(), ah), dte),
+                    },
+                    Stmt::For {
+                        counter: pl,
+                        extent: pext.clone(),
+                        body: vec![
+                            Stmt::Var {
+                                var: q,
+                                init: Expr::Const(0.0),
+                            },
+                            Stmt::For {
+                                counter: nl,
+                                extent: ns.clone(),
+                                body: vec![Stmt::Set {
+                                    var: q,
+                                    value: Expr::bin(
+                                        Add,
+                                        Expr::Var(q),
+                                        Expr::bin(
+                                            Mul,
+                                            Expr::Load {
+                                                buf: g_slot,
+                                                index: sidx.clone(),
+                                            },
+                                            Expr::Load {
+                                                buf: s_slot,
+                                                index: sidx,
+                                            },
+                                        ),
+                                    ),
+                                }],
+                            },
+                            Stmt::Set {
+                                var: acc,
+                                value: Expr::bin(
+                                    Add,
+                                    Expr::Var(acc),
+                                    Expr::bin(Mul, Expr::Var(w), Expr::Var(q)),
+                                ),
+                            },
+                        ],
+                    },
+                ],
+            }],
+        });
+        let das = kb.buf(outs[2], true);
+        kb.body.push(Stmt::Store {
+            buf: das,
+            index: hh,
+            value: Expr::Var(acc),
+        });
+        kb.finish(vec![hext], n);
+
+        // Kernel 4: dB, dC [B, L, G, N], summed over the group's heads and p.
+        let mut kb = KB::new(self, &format!("{name}_bc"));
+        let (b, t, gi, nn) = (
+            IExpr::Grid(0),
+            IExpr::Grid(1),
+            IExpr::Grid(2),
+            IExpr::Grid(3),
+        );
+        let (s_slot, g_slot) = (kb.buf(sbuf, false), kb.buf(gbuf, false));
+        let (dbv, dcv, dv, dec, u) = (kb.var(), kb.var(), kb.var(), kb.var(), kb.var());
+        for v in [dbv, dcv] {
+            kb.body.push(Stmt::Var {
+                var: v,
+                init: Expr::Const(0.0),
+            });
+        }
+        let (hl, pl) = (kb.counter(), kb.counter());
+        let hh = gi.clone().mul(IExpr::c(hpg)).add(IExpr::Loop(hl));
+        let dte = kb.value(dt, &[b.clone(), t.clone(), hh.clone()])?;
+        let ah = kb.value(a, std::slice::from_ref(&hh))?;
+        let xi = [b.clone(), t.clone(), hh.clone(), IExpr::Loop(pl)];
+        let xe = kb.value(x, &xi)?;
+        let gye = kb.value(dy, &xi)?;
+        let bi = [b.clone(), t.clone(), gi.clone(), nn.clone()];
+        let bv = kb.value(bm, &bi)?;
+        let sidx = kb.l.linear(
+            &[
+                b.clone(),
+                t.clone(),
+                hh.clone(),
+                IExpr::Loop(pl),
+                nn.clone(),
+            ],
+            &scr_shape,
+        );
+        let s_after = Expr::bin(
+            Add,
+            Expr::bin(
+                Mul,
+                Expr::Var(dec),
+                Expr::Load {
+                    buf: s_slot,
+                    index: sidx.clone(),
+                },
+            ),
+            Expr::bin(Mul, Expr::Var(u), bv),
+        );
+        kb.body.push(Stmt::For {
+            counter: hl,
+            extent: IExpr::c(hpg),
+            body: vec![
+                Stmt::Var { var: dv, init: dte },
+                Stmt::Var {
+                    var: dec,
+                    init: exp_mul(Expr::Var(dv), ah),
+                },
+                Stmt::For {
+                    counter: pl,
+                    extent: pext,
+                    body: vec![
+                        Stmt::Var {
+                            var: u,
+                            init: Expr::bin(Mul, Expr::Var(dv), xe),
+                        },
+                        Stmt::Set {
+                            var: dcv,
+                            value: Expr::bin(Add, Expr::Var(dcv), Expr::bin(Mul, s_after, gye)),
+                        },
+                        Stmt::Set {
+                            var: dbv,
+                            value: Expr::bin(
+                                Add,
+                                Expr::Var(dbv),
+                                Expr::bin(
+                                    Mul,
+                                    Expr::Var(u),
+                                    Expr::Load {
+                                        buf: g_slot,
+                                        index: sidx,
+                                    },
+                                ),
+                            ),
+                        },
+                    ],
+                },
+            ],
+        });
+        let (dbs, dcs) = (kb.buf(outs[3], true), kb.buf(outs[4], true));
+        let oi = kb.l.linear(&bi, &bs);
+        kb.body.push(Stmt::Store {
+            buf: dbs,
+            index: oi.clone(),
+            value: Expr::Var(dbv),
+        });
+        kb.body.push(Stmt::Store {
+            buf: dcs,
+            index: oi,
+            value: Expr::Var(dcv),
+        });
+        kb.finish(vec![bext, lext, gext, ns], n);
+        Ok(())
+    }
 }
 
 /// `for n: h[n] = decay h[n] + dt*x*B; y += h[n]*C`, with `decay = exp(dt*A)`.
@@ -1188,6 +2426,70 @@ impl<'a, 'g> KB<'a, 'g> {
         self.compute(v.node, idx)
     }
 
+    /// The i64 value of the integer `v` (token ids, targets) at `idx`: an index load from its
+    /// buffer, through any views (reshape, slice, permute, broadcast) on the way.
+    fn index_value(&mut self, v: Value, idx: &[IExpr]) -> Result<IExpr, LowerError> {
+        if let Some(&b) = self.l.buf_of.get(&v) {
+            let shape = self.l.shape(v);
+            let slot = self.buf(b, false);
+            let index = self.l.linear(idx, &shape);
+            return Ok(IExpr::LoadIndex {
+                buf: slot,
+                index: Box::new(index),
+            });
+        }
+        match self.view_source(v.node, idx) {
+            Some((src, sidx)) => self.index_value(src, &sidx),
+            None => Err(LowerError::Unsupported {
+                node: v.node,
+                op: self.l.g.op(v.node).name(),
+                message: "an integer operand must be a buffer or a view of one".into(),
+            }),
+        }
+    }
+
+    /// For a view node `n` (reshape, slice, permute, broadcast): its operand and the operand's
+    /// multi-index holding `n`'s element `idx`.
+    fn view_source(&self, n: NodeId, idx: &[IExpr]) -> Option<(Value, Vec<IExpr>)> {
+        let g = self.l.g;
+        let ops = g.operands(n);
+        let src = *ops.first()?;
+        let sidx = match g.op(n) {
+            Op::Broadcast { shape } => {
+                let ss = self.l.shape(src);
+                let off = shape.len().checked_sub(ss.len())?;
+                ss.iter()
+                    .enumerate()
+                    .map(|(i, d)| {
+                        if d.is_one() {
+                            IExpr::c(0)
+                        } else {
+                            idx[off + i].clone()
+                        }
+                    })
+                    .collect()
+            }
+            Op::Slice { axis, start, .. } => {
+                let mut sidx = idx.to_vec();
+                sidx[*axis] = sidx[*axis].clone().add(IExpr::c(*start as i64));
+                sidx
+            }
+            Op::Reshape { shape } => {
+                let flat = self.l.linear(idx, shape);
+                self.l.delinear(flat, &self.l.shape(src))
+            }
+            Op::Permute { perm } => {
+                let mut sidx = vec![IExpr::c(0); perm.len()];
+                for (i, &p) in perm.iter().enumerate() {
+                    sidx[p] = idx[i].clone();
+                }
+                sidx
+            }
+            _ => return None,
+        };
+        Some((src, sidx))
+    }
+
     /// The expression computing node `n`'s (single) result at `idx` from its operands.
     fn compute(&mut self, n: NodeId, idx: &[IExpr]) -> Result<Expr, LowerError> {
         let g = self.l.g;
@@ -1204,39 +2506,11 @@ impl<'a, 'g> KB<'a, 'g> {
             Op::Binary(b) => Expr::bin(*b, self.value(ops[0], idx)?, self.value(ops[1], idx)?),
             // Compute is f32; a cast between float types changes nothing here.
             Op::Cast { .. } => self.value(ops[0], idx)?,
-            Op::Broadcast { shape } => {
-                let src = self.l.shape(ops[0]);
-                let off = shape.len() - src.len();
-                let sidx: Vec<IExpr> = src
-                    .iter()
-                    .enumerate()
-                    .map(|(i, d)| {
-                        if d.is_one() {
-                            IExpr::c(0)
-                        } else {
-                            idx[off + i].clone()
-                        }
-                    })
-                    .collect();
-                self.value(ops[0], &sidx)?
-            }
-            Op::Slice { axis, start, .. } => {
-                let mut sidx = idx.to_vec();
-                sidx[*axis] = sidx[*axis].clone().add(IExpr::c(*start as i64));
-                self.value(ops[0], &sidx)?
-            }
-            Op::Reshape { shape } => {
-                let flat = self.l.linear(idx, shape);
-                let src = self.l.shape(ops[0]);
-                let sidx = self.l.delinear(flat, &src);
-                self.value(ops[0], &sidx)?
-            }
-            Op::Permute { perm } => {
-                let mut sidx = vec![IExpr::c(0); perm.len()];
-                for (i, &p) in perm.iter().enumerate() {
-                    sidx[p] = idx[i].clone();
-                }
-                self.value(ops[0], &sidx)?
+            Op::Broadcast { .. } | Op::Slice { .. } | Op::Reshape { .. } | Op::Permute { .. } => {
+                let (src, sidx) = self
+                    .view_source(n, idx)
+                    .ok_or_else(|| err("malformed view (internal error)"))?;
+                self.value(src, &sidx)?
             }
             Op::Input { .. }
             | Op::Param { .. }

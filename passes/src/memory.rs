@@ -5,8 +5,8 @@
 //! Placement is greedy (largest first, lowest offset that fits among overlapping lifetimes),
 //! offsets aligned to 64 bytes. [`check`] verifies a plan independently of how it was made.
 
+use ir::schedule::Lowered;
 pub use ir::schedule::MemoryPlan;
-use ir::schedule::{BufKind, Lowered};
 
 /// Alignment of every placed buffer, in bytes (a cache line; enough for any vector load).
 pub const ALIGN: u64 = 64;
@@ -75,7 +75,7 @@ pub fn plan(l: &Lowered, bind: &dyn Fn(&str) -> Option<u64>) -> Result<MemoryPla
     let bytes = buffer_bytes(l, bind)?;
     let life = lifetimes(l);
     let mut order: Vec<usize> = (0..l.buffers.len())
-        .filter(|&i| l.buffers[i].kind == BufKind::Temp && life[i].is_some())
+        .filter(|&i| l.buffers[i].kind.in_arena() && life[i].is_some())
         .collect();
     order.sort_by_key(|&i| (std::cmp::Reverse(bytes[i]), i));
     let mut offsets: Vec<Option<u64>> = vec![None; l.buffers.len()];

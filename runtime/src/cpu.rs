@@ -117,7 +117,7 @@ pub fn execute(
     for (i, b) in l.buffers.iter().enumerate() {
         let want = (plan.bytes[i] / b.dtype.size()) as usize;
         ptrs[i] = match &b.kind {
-            BufKind::Temp => match plan.offsets[i] {
+            BufKind::Temp | BufKind::Scratch => match plan.offsets[i] {
                 Some(off) => arena.as_mut_ptr().cast::<u8>().wrapping_add(off as usize),
                 None => std::ptr::null_mut(),
             },

@@ -1,0 +1,150 @@
+//! Training graphs (forward, loss, backward) of the tiny models run through the lowering and
+//! Cranelift against the f64 reference interpreter: the loss and every gradient.
+
+mod common;
+
+use ir::{InputKind, Op};
+use ma2mba::model::CpuGraph;
+use passes::LowerOptions;
+use passes::autodiff::training_graph;
+use runtime::array::Array;
+use runtime::cpu::HostData;
+use runtime::init::Rng;
+use runtime::interp::{self, Bindings};
+use std::collections::HashMap;
+
+/// Normwise relative error allowed per tensor: f32 through a whole backward pass.
+const NORMWISE: f64 = 2e-3;
+
+fn rounded(a: &Array) -> (Vec<f32>, Array) {
+    let v: Vec<f32> = a.data.iter().map(|&x| x as f32).collect();
+    let back = Array::new(a.shape.clone(), v.iter().map(|&x| x as f64).collect());
+    (v, back)
+}
+
+fn check_training(name: &str, bn: usize, l: usize, seed: u64) {
+    let graph = common::compile_name(name).graph;
+    let grads = training_graph(&graph, "logits", -100).unwrap_or_else(|e| panic!("{name}: {e}"));
+    let g = &grads.graph;
+    let mut rng = Rng::new(seed);
+    let mut b = Bindings::default();
+    let mut params = HashMap::new();
+    for (pname, arr) in runtime::init::init_params(&graph, seed) {
+        let (v, back) = rounded(&arr);
+        params.insert(pname.clone(), v);
+        b.params.insert(pname, back);
+    }
+    let vocab = 61u64;
+    let ids: Vec<i32> = (0..bn * l)
+        .map(|_| (rng.next_u64() % vocab) as i32)
+        .collect();
+    let mut targets: Vec<i32> = (0..bn * l)
+        .map(|_| (rng.next_u64() % vocab) as i32)
+        .collect();
+    targets[l - 1] = -100;
+    targets[bn * l - 1] = -100;
+    let mut data = HashMap::new();
+    for (n, v) in [("input_ids", &ids), ("targets", &targets)] {
+        b.inputs.insert(
+            n.into(),
+            Array::new(vec![bn, l], v.iter().map(|&x| x as f64).collect()),
+        );
+        data.insert(n.to_string(), HostData::I32(v.clone()));
+    }
+    let syms = [("B", bn as i64), ("L", l as i64)];
+    let bind = |s: &str| syms.iter().find(|(n, _)| *n == s).map(|(_, v)| *v as u64);
+    let mut states = HashMap::new();
+    for n in g.nodes() {
+        if let Op::Input {
+            name: sname,
+            kind: InputKind::State,
+            ty,
+        } = g.op(n)
+        {
+            let shape: Vec<usize> = ty
+                .shape
+                .iter()
+                .map(|d| d.eval(&bind).expect("bound") as usize)
+                .collect();
+            let count = shape.iter().product();
+            let v: Vec<f32> = (0..count).map(|_| (rng.uniform() - 0.5) as f32).collect();
+            b.states.insert(
+                sname.clone(),
+                Array::new(shape, v.iter().map(|&x| x as f64).collect()),
+            );
+            states.insert(sname.clone(), v);
+        }
+    }
+    let want = interp::run(g, &b).unwrap_or_else(|e| panic!("{name}: interpreter: {e}"));
+    let started = std::time::Instant::now();
+    let cpu = CpuGraph::compile(g, &LowerOptions::default())
+        .unwrap_or_else(|e| panic!("{name}: compile: {e}"));
+    let compiled = started.elapsed();
+    let started = std::time::Instant::now();
+    let (got, _) = cpu
+        .run(&syms, &data, &params, &states)
+        .unwrap_or_else(|e| panic!("{name}: run: {e}"));
+    eprintln!(
+        "{name} training graph (B={bn}, L={l}): {} kernels, {} steps; compile {compiled:?}, run {:?}",
+        cpu.lowered.kernels.len(),
+        cpu.lowered.steps.len(),
+        started.elapsed()
+    );
+    // Fusion changes no arithmetic order, in the backward kernels too.
+    let unfused = CpuGraph::compile(g, &LowerOptions { no_fusion: true })
+        .unwrap_or_else(|e| panic!("{name}: compile unfused: {e}"));
+    let (got_unfused, _) = unfused
+        .run(&syms, &data, &params, &states)
+        .unwrap_or_else(|e| panic!("{name}: run unfused: {e}"));
+    for ((n, a), (_, b)) in got.iter().zip(&got_unfused) {
+        let same = a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits());
+        assert!(same, "{name}: {n} differs with fusion off");
+    }
+    for k in &cpu.lowered.kernels {
+        k.check().unwrap_or_else(|e| panic!("{name}: {e}"));
+    }
+    let plan = passes::plan_memory(&cpu.lowered, &|s: &str| bind(s)).expect("plans");
+    passes::check_memory(&plan).unwrap_or_else(|e| panic!("{name}: {e}"));
+    assert_eq!(got.len(), want.values.len());
+    let mut grads_seen = 0;
+    let mut worst = (String::new(), 0.0f64);
+    for ((gn, gv), (wn, wv)) in got.iter().zip(&want.values) {
+        assert_eq!(gn, wn);
+        assert_eq!(gv.len(), wv.data.len(), "{name}: {gn}");
+        grads_seen += usize::from(gn.starts_with("grad."));
+        let (mut diff, mut norm) = (0.0f64, 0.0f64);
+        for (&x, &e) in gv.iter().zip(&wv.data) {
+            assert!(x.is_finite(), "{name}: {gn} has {x}");
+            diff += (x as f64 - e).powi(2);
+            norm += e * e;
+        }
+        let (diff, norm) = (diff.sqrt(), norm.sqrt());
+        if norm > 0.0 && diff / norm > worst.1 {
+            worst = (gn.clone(), diff / norm);
+        }
+        assert!(
+            diff <= NORMWISE * norm || diff <= 1e-6,
+            "{name}: {gn}: |got - want| = {diff:e}, |want| = {norm:e}"
+        );
+    }
+    eprintln!(
+        "{name}: worst normwise relative error {:e} ({})",
+        worst.1, worst.0
+    );
+    assert_eq!(
+        grads_seen,
+        grads.param_grads.len() + grads.state_grads.len()
+    );
+}
+
+#[test]
+fn tiny_mamba_training_graph_runs_on_cpu() {
+    check_training("tiny-mamba", 2, 7, 5);
+    check_training("tiny-mamba", 3, 31, 7);
+}
+
+#[test]
+fn tiny_mamba2_training_graph_runs_on_cpu() {
+    check_training("tiny-mamba2", 2, 7, 6);
+    check_training("tiny-mamba2", 3, 31, 8);
+}
