@@ -81,6 +81,52 @@ pub enum Command {
     Grad(GradArgs),
     /// Train a small Mamba on the CPU on the selective-copying task of the Mamba paper.
     Demo(DemoArgs),
+    /// Train a model on a token file (CPU).
+    Train(TrainArgs),
+}
+
+#[derive(clap::Args, Debug)]
+pub struct TrainArgs {
+    /// A preset (random initialization), a directory with config.json + safetensors, or a
+    /// repo id.
+    pub model: String,
+    /// Token ids: `.u16` / `.u32` (little-endian binary), `.npy` (uint16/uint32/int32/int64),
+    /// or text with whitespace-separated ids.
+    #[arg(long)]
+    pub data: PathBuf,
+    #[arg(long, default_value_t = 256)]
+    pub seq_len: usize,
+    #[arg(long, default_value_t = 8)]
+    pub batch: usize,
+    #[arg(long, default_value_t = 100)]
+    pub steps: usize,
+    #[arg(long, default_value_t = 1e-3)]
+    pub lr: f64,
+    #[arg(long, default_value_t = 0.1)]
+    pub weight_decay: f64,
+    /// Warmup steps of the learning-rate schedule.
+    #[arg(long, default_value_t = 10)]
+    pub warmup: usize,
+    /// Write the parameters (and `<file>.adam.safetensors` with the optimizer state) here,
+    /// atomically, at the end and every --save-every steps.
+    #[arg(long)]
+    pub save: Option<PathBuf>,
+    #[arg(long, default_value_t = 0)]
+    pub save_every: usize,
+    /// Start from a checkpoint written by --save (parameters, optimizer state, step).
+    #[arg(long)]
+    pub resume: Option<PathBuf>,
+    /// Train on `batch` contiguous streams of the data, carrying each stream's final states
+    /// into its next batch (truncated backpropagation through time).
+    #[arg(long)]
+    pub carry_state: bool,
+    #[arg(long, default_value_t = 10)]
+    pub log_every: usize,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Memory budget for the checkpoint planner (not implemented yet: rejected if given).
+    #[arg(long)]
+    pub budget: Option<String>,
 }
 
 #[derive(clap::Args, Debug)]
@@ -246,6 +292,7 @@ where
         Command::Bench(b) => bench(b, &mut out),
         Command::Grad(g) => grad(g, &mut out),
         Command::Demo(d) => demo(d, &mut out),
+        Command::Train(t) => train(t, &mut out),
         Command::Params { model } => {
             if let Some(c) = compile(model, color, &mut out) {
                 params(&c.graph, &mut out);
@@ -934,5 +981,283 @@ fn demo(d: &DemoArgs, out: &mut Outcome) {
         "stopped after {} steps, {:.1?}",
         d.steps,
         started.elapsed()
+    );
+}
+
+/// Reads a token file (see `TrainArgs::data`).
+fn read_tokens(path: &Path) -> Result<Vec<u32>, String> {
+    let bytes = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
+    let words = |w: usize, b: &[u8]| -> Result<Vec<u32>, String> {
+        if !b.len().is_multiple_of(w) {
+            return Err(format!(
+                "{}: {} bytes is not a whole number of {w}-byte ids",
+                path.display(),
+                b.len()
+            ));
+        }
+        Ok(b.chunks_exact(w)
+            .map(|c| match w {
+                2 => u16::from_le_bytes([c[0], c[1]]) as u32,
+                _ => u32::from_le_bytes([c[0], c[1], c[2], c[3]]),
+            })
+            .collect())
+    };
+    match ext {
+        "u16" => words(2, &bytes),
+        "u32" | "bin" => words(4, &bytes),
+        "npy" => {
+            // magic, version, header length, then a python dict with 'descr'.
+            if bytes.len() < 10 || &bytes[..6] != b"\x93NUMPY" {
+                return Err(format!("{}: not a .npy file", path.display()));
+            }
+            let (hlen, start) = if bytes[6] == 1 {
+                (u16::from_le_bytes([bytes[8], bytes[9]]) as usize, 10)
+            } else if bytes.len() >= 12 {
+                (
+                    u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]) as usize,
+                    12,
+                )
+            } else {
+                return Err(format!("{}: truncated .npy header", path.display()));
+            };
+            let header = bytes
+                .get(start..start + hlen)
+                .map(String::from_utf8_lossy)
+                .ok_or_else(|| format!("{}: truncated .npy header", path.display()))?;
+            let data = &bytes[start + hlen..];
+            if header.contains("'fortran_order': True") {
+                return Err(format!(
+                    "{}: fortran-order arrays are not supported",
+                    path.display()
+                ));
+            }
+            if header.contains("'<u2'") {
+                words(2, data)
+            } else if header.contains("'<u4'") || header.contains("'<i4'") {
+                words(4, data)
+            } else if header.contains("'<i8'") || header.contains("'<u8'") {
+                if data.len() % 8 != 0 {
+                    return Err(format!("{}: truncated data", path.display()));
+                }
+                data.chunks_exact(8)
+                    .map(|c| {
+                        let v =
+                            i64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]);
+                        u32::try_from(v)
+                            .map_err(|_| format!("{}: token id {v} out of range", path.display()))
+                    })
+                    .collect()
+            } else {
+                Err(format!(
+                    "{}: unsupported .npy dtype in {header}; use uint16, uint32, int32 or int64",
+                    path.display()
+                ))
+            }
+        }
+        _ => parse_ids(
+            &String::from_utf8_lossy(&bytes),
+            &path.display().to_string(),
+        )
+        .map(|rows| rows.concat()),
+    }
+}
+
+fn save_checkpoint(
+    path: &Path,
+    t: &crate::train::Trainer,
+    shapes: &std::collections::HashMap<String, Vec<usize>>,
+) -> Result<(), String> {
+    let mut names: Vec<&String> = t.params.keys().collect();
+    names.sort();
+    let params: Vec<(String, Vec<usize>, Vec<f32>)> = names
+        .iter()
+        .map(|n| ((*n).clone(), shapes[*n].clone(), t.params[*n].clone()))
+        .collect();
+    runtime::weights::save_f32(path, &params).map_err(|e| e.to_string())?;
+    let (m, v) = t.moments();
+    let mut opt: Vec<(String, Vec<usize>, Vec<f32>)> = Vec::new();
+    for n in &names {
+        opt.push((format!("m.{n}"), shapes[*n].clone(), m[*n].clone()));
+        opt.push((format!("v.{n}"), shapes[*n].clone(), v[*n].clone()));
+    }
+    opt.push(("step".into(), vec![1], vec![t.step as f32]));
+    runtime::weights::save_f32(&adam_path(path), &opt).map_err(|e| e.to_string())
+}
+
+fn adam_path(path: &Path) -> PathBuf {
+    let mut s = path.as_os_str().to_owned();
+    s.push(".adam.safetensors");
+    PathBuf::from(s)
+}
+
+fn train(a: &TrainArgs, out: &mut Outcome) {
+    use crate::train::{TrainConfig, Trainer};
+    let fail = |out: &mut Outcome, msg: String| {
+        out.stderr.push_str(msg.trim_end());
+        out.stderr.push('\n');
+        out.code = 1;
+    };
+    if a.budget.is_some() {
+        return fail(
+            out,
+            "error: --budget needs the checkpoint planner, which is not implemented yet".into(),
+        );
+    }
+    if a.seq_len == 0 || a.batch == 0 {
+        return fail(
+            out,
+            "error: --seq-len and --batch must be at least 1".into(),
+        );
+    }
+    let tokens = match read_tokens(&a.data) {
+        Ok(t) => t,
+        Err(e) => return fail(out, format!("error: {e}")),
+    };
+    let opts = crate::model::LoadOptions {
+        seed: a.seed,
+        backend: crate::model::Backend::Interp,
+        ..Default::default()
+    };
+    let model = match crate::model::Model::load(&a.model, &opts) {
+        Ok(m) => m,
+        Err(e) => return fail(out, format!("{e}")),
+    };
+    let vocab = model.vocab();
+    if let Some(bad) = tokens.iter().find(|&&t| t as usize >= vocab) {
+        return fail(
+            out,
+            format!(
+                "error: {}: token id {bad} is outside the vocabulary of {vocab}",
+                a.data.display()
+            ),
+        );
+    }
+    let need = if a.carry_state {
+        a.batch * (a.seq_len + 1)
+    } else {
+        a.seq_len + 1
+    };
+    if tokens.len() < need {
+        return fail(
+            out,
+            format!(
+                "error: {} holds {} tokens; one batch needs {need}",
+                a.data.display(),
+                tokens.len()
+            ),
+        );
+    }
+    let (graph, mut params) = model.into_parts();
+    let shapes: std::collections::HashMap<String, Vec<usize>> = graph
+        .params()
+        .filter_map(|n| match graph.op(n) {
+            ir::Op::Param { name, ty, .. } => Some((
+                name.clone(),
+                ty.shape
+                    .iter()
+                    .map(|d| d.as_known().unwrap_or(0) as usize)
+                    .collect(),
+            )),
+            _ => None,
+        })
+        .collect();
+    let mut resume_opt = None;
+    if let Some(r) = &a.resume {
+        let ck = match runtime::weights::Checkpoint::open(r) {
+            Ok(c) => c,
+            Err(e) => return fail(out, format!("error: {e}")),
+        };
+        if let Err(errs) = ck.check(&graph) {
+            return fail(out, errs.iter().map(|e| format!("error: {e}\n")).collect());
+        }
+        for (name, p) in params.iter_mut() {
+            match ck.to_f32(name) {
+                Ok(v) => *p = v,
+                Err(e) => return fail(out, format!("error: {e}")),
+            }
+        }
+        resume_opt = runtime::weights::Checkpoint::open(&adam_path(r)).ok();
+    }
+    let config = TrainConfig {
+        lr: a.lr,
+        weight_decay: a.weight_decay,
+        warmup_steps: a.warmup,
+        total_steps: a.steps,
+        ..TrainConfig::default()
+    };
+    let mut trainer = match Trainer::new(&graph, "logits", params, config) {
+        Ok(t) => t,
+        Err(e) => return fail(out, format!("error: {e}")),
+    };
+    if let Some(ck) = resume_opt
+        && let Err(e) = trainer.load_moments(&ck)
+    {
+        return fail(out, format!("error: {e}"));
+    }
+    trainer.carry_state = a.carry_state;
+    // The schedule spans this run's steps, continuing from a resumed step count.
+    trainer.config.total_steps = trainer.step + a.steps;
+    let start_step = trainer.step;
+    let mut rng = runtime::init::Rng::new(a.seed ^ 0x7a11);
+    let stream_len = tokens.len() / a.batch;
+    let started = std::time::Instant::now();
+    let (mut loss_sum, mut n_loss) = (0.0, 0usize);
+    for i in 0..a.steps {
+        let (l, b) = (a.seq_len, a.batch);
+        let mut ids = Vec::with_capacity(b * l);
+        let mut targets = Vec::with_capacity(b * l);
+        for s in 0..b {
+            let begin = if a.carry_state {
+                // Stream s, window i (wrapping, which restarts the stream's state).
+                let windows = (stream_len.saturating_sub(1) / l).max(1);
+                s * stream_len + (i % windows) * l
+            } else {
+                (rng.next_u64() % (tokens.len() - l) as u64) as usize
+            };
+            ids.extend(tokens[begin..begin + l].iter().map(|&t| t as i32));
+            targets.extend(tokens[begin + 1..begin + l + 1].iter().map(|&t| t as i32));
+        }
+        if a.carry_state && i > 0 && (i % ((stream_len.saturating_sub(1) / a.seq_len).max(1))) == 0
+        {
+            trainer.carried.clear();
+        }
+        let stats = match trainer.step(&ids, &targets, b, l) {
+            Ok(s) => s,
+            Err(e) => return fail(out, format!("error: step {}: {e}", trainer.step)),
+        };
+        loss_sum += stats.loss;
+        n_loss += 1;
+        let done = i + 1 == a.steps;
+        if (i + 1) % a.log_every.max(1) == 0 || done {
+            let rate = ((i + 1) * b * l) as f64 / started.elapsed().as_secs_f64();
+            let line = format!(
+                "step {:>6}  loss {:.4}  lr {:.2e}  |grad| {:.3}  {rate:.0} tokens/s  arena {:.1} MiB\n",
+                trainer.step,
+                loss_sum / n_loss as f64,
+                stats.lr,
+                stats.grad_norm,
+                stats.arena_bytes as f64 / (1 << 20) as f64
+            );
+            print!("{line}");
+            (loss_sum, n_loss) = (0.0, 0);
+        }
+        let periodic = a.save_every > 0 && (i + 1) % a.save_every == 0;
+        if let Some(path) = &a.save
+            && (periodic || done)
+            && let Err(e) = save_checkpoint(path, &trainer, &shapes)
+        {
+            return fail(out, format!("error: {e}"));
+        }
+    }
+    let _ = writeln!(
+        out.stdout,
+        "trained steps {}..{} in {:.1?}{}",
+        start_step,
+        trainer.step,
+        started.elapsed(),
+        a.save
+            .as_ref()
+            .map_or(String::new(), |p| format!("; saved {}", p.display()))
     );
 }

@@ -253,6 +253,11 @@ impl Model {
             .unwrap_or_default()
     }
 
+    /// The graph and the f32 parameters, for training.
+    pub fn into_parts(self) -> (Graph, HashMap<String, Vec<f32>>) {
+        (self.graph, self.params)
+    }
+
     /// The lowered schedule (Cranelift backend).
     pub fn lowered(&self) -> Option<&Lowered> {
         self.compiled.as_ref().map(|c| &c.lowered)

@@ -71,6 +71,8 @@ pub struct StepStats {
     pub lr: f64,
     /// The logits of the batch, `[B, L, V]`.
     pub logits: Vec<f32>,
+    /// The arena of the step's intermediates (the memory plan's peak).
+    pub arena_bytes: u64,
 }
 
 /// A model being trained: the compiled training graph, parameters and AdamW moments.
@@ -82,6 +84,12 @@ pub struct Trainer {
     pub step: usize,
     pub config: TrainConfig,
     logits_name: String,
+    /// Names of the recurrent states (graph state inputs = final-state outputs).
+    state_names: Vec<String>,
+    /// Final states of the last step, fed to the next when carrying state (truncated BPTT).
+    pub carried: HashMap<String, Vec<f32>>,
+    /// Whether to carry the final states into the next step.
+    pub carry_state: bool,
 }
 
 impl Trainer {
@@ -93,6 +101,17 @@ impl Trainer {
         config: TrainConfig,
     ) -> Result<Trainer, Error> {
         let tg = passes::training_graph(forward, logits, IGNORE_INDEX)?;
+        let state_names = forward
+            .nodes()
+            .filter_map(|n| match forward.op(n) {
+                ir::Op::Input {
+                    name,
+                    kind: ir::InputKind::State,
+                    ..
+                } => Some(name.clone()),
+                _ => None,
+            })
+            .collect();
         let compiled = CpuGraph::compile(&tg.graph, &LowerOptions::default())?;
         let zeros = |p: &HashMap<String, Vec<f32>>| -> HashMap<String, Vec<f32>> {
             p.iter()
@@ -107,6 +126,9 @@ impl Trainer {
             step: 0,
             config,
             logits_name: logits.to_string(),
+            state_names,
+            carried: HashMap::new(),
+            carry_state: false,
         })
     }
 
@@ -123,9 +145,13 @@ impl Trainer {
             ("targets".to_string(), HostData::I32(targets.to_vec())),
         ]);
         let syms = [("B", batch as i64), ("L", seq as i64)];
-        let (outs, _) = self
-            .compiled
-            .run(&syms, &data, &self.params, &HashMap::new())?;
+        let empty = HashMap::new();
+        let states = if self.carry_state {
+            &self.carried
+        } else {
+            &empty
+        };
+        let (outs, profile) = self.compiled.run(&syms, &data, &self.params, states)?;
         let mut outs: HashMap<String, Vec<f32>> = outs.into_iter().collect();
         let loss = outs
             .get("loss")
@@ -133,6 +159,15 @@ impl Trainer {
             .copied()
             .unwrap_or(f32::NAN) as f64;
         let logits = outs.remove(&self.logits_name).unwrap_or_default();
+        if self.carry_state {
+            // The final states start the next batch of the same streams; no gradient flows
+            // back across the boundary (truncated BPTT).
+            for name in &self.state_names {
+                if let Some(v) = outs.remove(name) {
+                    self.carried.insert(name.clone(), v);
+                }
+            }
+        }
         let mut norm2 = 0f64;
         for name in self.params.keys() {
             if let Some(g) = outs.get(&format!("grad.{name}")) {
@@ -178,7 +213,37 @@ impl Trainer {
             grad_norm,
             lr,
             logits,
+            arena_bytes: profile.arena_bytes,
         })
+    }
+}
+
+impl Trainer {
+    /// The AdamW first and second moments, by parameter name.
+    pub fn moments(&self) -> (&HashMap<String, Vec<f32>>, &HashMap<String, Vec<f32>>) {
+        (&self.m, &self.v)
+    }
+
+    /// Restores moments and the step count from a checkpoint's optimizer file.
+    pub fn load_moments(&mut self, ck: &runtime::weights::Checkpoint) -> Result<(), String> {
+        for (name, p) in &self.params {
+            for (prefix, store) in [("m", &mut self.m), ("v", &mut self.v)] {
+                let v = ck
+                    .to_f32(&format!("{prefix}.{name}"))
+                    .map_err(|e| e.to_string())?;
+                if v.len() != p.len() {
+                    return Err(format!(
+                        "optimizer state `{prefix}.{name}` has {} values, the parameter {}",
+                        v.len(),
+                        p.len()
+                    ));
+                }
+                store.insert(name.clone(), v);
+            }
+        }
+        let step = ck.to_f32("step").map_err(|e| e.to_string())?;
+        self.step = step.first().copied().unwrap_or(0.0) as usize;
+        Ok(())
     }
 }
 
