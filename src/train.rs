@@ -10,6 +10,9 @@ use passes::LowerOptions;
 use runtime::cpu::HostData;
 use std::collections::HashMap;
 
+/// f32 tensors by parameter name.
+pub type Tensors = HashMap<String, Vec<f32>>;
+
 /// Optimizer and schedule settings.
 #[derive(Clone, Debug)]
 pub struct TrainConfig {
@@ -220,7 +223,7 @@ impl Trainer {
 
 impl Trainer {
     /// The AdamW first and second moments, by parameter name.
-    pub fn moments(&self) -> (&HashMap<String, Vec<f32>>, &HashMap<String, Vec<f32>>) {
+    pub fn moments(&self) -> (&Tensors, &Tensors) {
         (&self.m, &self.v)
     }
 
