@@ -71,3 +71,117 @@ fn segmented_forward_is_bit_identical_to_whole() {
     segments_equal_whole("tiny-mamba2", &[8], 13);
     segments_equal_whole("tiny-mamba2", &[2, 7, 12], 13);
 }
+
+/// The summed-loss training graph of a sequence equals that of two time segments: the later
+/// segment's state gradients, fed back as the earlier segment's `cotangent.*` inputs, make
+/// the segments' parameter gradients and losses add up to the whole sequence's (f64).
+fn backward_segments_add_up(name: &str, cut: usize, l: usize) {
+    use passes::autodiff::training_graph_segment;
+    use runtime::array::Array;
+    use runtime::interp::{Bindings, run};
+
+    let graph = common::compile_name(name).graph;
+    let grads = training_graph_segment(&graph, "logits", -100).expect("segment training graph");
+    ir::verify(&grads.graph).expect("verifies");
+    let params = runtime::init::init_params(&graph, 3);
+    let b = 2usize;
+    let mut rng = runtime::init::Rng::new(21);
+    let ids: Vec<Vec<i64>> = (0..b)
+        .map(|_| (0..l).map(|_| (rng.next_u64() % 61) as i64).collect())
+        .collect();
+    // Next-token targets over the whole sequence; the last position predicts nothing.
+    let targets: Vec<Vec<i64>> = ids
+        .iter()
+        .map(|s| {
+            (0..l)
+                .map(|t| s.get(t + 1).copied().unwrap_or(-100))
+                .collect()
+        })
+        .collect();
+    let slice = |rows: &[Vec<i64>], start: usize, end: usize| {
+        let data = rows
+            .iter()
+            .flat_map(|s| s[start..end].iter().map(|&x| x as f64))
+            .collect();
+        Array::new(vec![b, end - start], data)
+    };
+    let state_names: Vec<String> = grads.state_grads.iter().map(|(n, _)| n.clone()).collect();
+    assert!(!state_names.is_empty(), "{name}: no states");
+
+    // Segment 1 forward: its final states.
+    let fwd1 = run(
+        &graph,
+        &Bindings {
+            inputs: HashMap::from([("input_ids".to_string(), slice(&ids, 0, cut))]),
+            params: params.clone(),
+            states: HashMap::new(),
+        },
+    )
+    .expect("forward runs");
+    let finals: HashMap<String, Array> = state_names
+        .iter()
+        .map(|s| (s.clone(), fwd1.get(s).expect("final state").clone()))
+        .collect();
+    let zeros = |s: &String| {
+        let a = &finals[s];
+        Array::new(a.shape.clone(), vec![0.0; a.data.len()])
+    };
+    let train = |start: usize,
+                 end: usize,
+                 states: HashMap<String, Array>,
+                 cot: &dyn Fn(&String) -> Array| {
+        let mut inputs = HashMap::from([
+            ("input_ids".to_string(), slice(&ids, start, end)),
+            ("targets".to_string(), slice(&targets, start, end)),
+        ]);
+        for s in &state_names {
+            inputs.insert(format!("cotangent.{s}"), cot(s));
+        }
+        run(
+            &grads.graph,
+            &Bindings {
+                inputs,
+                params: params.clone(),
+                states,
+            },
+        )
+        .expect("training graph runs")
+    };
+    let whole = train(0, l, HashMap::new(), &zeros);
+    let seg2 = train(cut, l, finals.clone(), &zeros);
+    let seg1 = train(0, cut, HashMap::new(), &|s: &String| {
+        seg2.get(&format!("grad.{s}")).expect("state grad").clone()
+    });
+
+    let loss = |o: &runtime::interp::Outputs| o.get("loss").expect("loss").data[0];
+    let (lw, l1, l2) = (loss(&whole), loss(&seg1), loss(&seg2));
+    assert!(
+        (l1 + l2 - lw).abs() <= 1e-9 * lw.abs(),
+        "{name}: loss {l1} + {l2} != {lw}"
+    );
+    let mut checked = 0;
+    for (p, _) in &grads.param_grads {
+        let key = format!("grad.{p}");
+        let w = whole.get(&key).expect("grad");
+        let (a, c) = (seg1.get(&key).expect("grad"), seg2.get(&key).expect("grad"));
+        let scale = w.data.iter().fold(0.0f64, |m, x| m.max(x.abs())).max(1e-30);
+        for i in 0..w.data.len() {
+            let sum = a.data[i] + c.data[i];
+            assert!(
+                (sum - w.data[i]).abs() <= 1e-9 * scale.max(w.data[i].abs()),
+                "{name}: {key}[{i}]: {} + {} = {sum} vs whole {}",
+                a.data[i],
+                c.data[i],
+                w.data[i]
+            );
+            checked += 1;
+        }
+    }
+    assert!(checked > 0);
+}
+
+#[test]
+fn segmented_backward_adds_up_to_whole() {
+    backward_segments_add_up("tiny-mamba", 5, 12);
+    backward_segments_add_up("tiny-mamba2", 5, 12);
+}

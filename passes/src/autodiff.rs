@@ -5,6 +5,7 @@
 //! ```text
 //! grad(&graph, loss) -> Result<Gradients, AdError>
 //! training_graph(&forward, "logits", ignore_index) -> Result<Gradients, AdError>
+//! training_graph_segment(&forward, "logits", ignore_index) -> Result<Gradients, AdError>
 //! ```
 //!
 //! [`grad`] returns a new graph that holds the input graph's nodes (copied node by node, same
@@ -13,7 +14,10 @@
 //! float initial state (`InputKind::State`, graph order). A parameter or state the loss does
 //! not depend on gets a zero gradient. [`training_graph`] first appends a data input `targets`
 //! and the mean next-token cross-entropy (`sum(loss per token) / sum(valid)`) of a logits
-//! output, then calls [`grad`].
+//! output, then calls [`grad`]. [`training_graph_segment`] builds the training graph of one
+//! time segment: a summed loss and a data input `cotangent.<S>` per recurrent state `S`,
+//! seeding the gradient of the final state `S` with the gradient flowing back from the
+//! next segment.
 //!
 //! # How
 //!
@@ -118,6 +122,13 @@ struct Contrib {
 /// Gradients of the scalar `loss` with respect to every parameter and every (float) state
 /// input of `g`; see the module documentation for the graph returned.
 pub fn grad(g: &Graph, loss: Value) -> Result<Gradients, AdError> {
+    grad_seeded(g, loss, &[])
+}
+
+/// [`grad`] with extra cotangents: each `(value, seed)` (both values of `g`) adds `seed` to
+/// the gradient of `value`, as if the loss were `loss + sum(seed * value)` (the reported
+/// loss stays `loss`). Seeds of values that do not vary are ignored.
+fn grad_seeded(g: &Graph, loss: Value, seeds: &[(Value, Value)]) -> Result<Gradients, AdError> {
     let loss_ty = g
         .value_type(loss)
         .cloned()
@@ -153,6 +164,13 @@ pub fn grad(g: &Graph, loss: Value) -> Result<Gradients, AdError> {
         ad.at = origin(g, loss.node);
         let seed = ad.full(1.0, &loss_ty)?;
         ad.contribute(loss, seed, None);
+    }
+    for &(v, seed) in seeds {
+        if is_varying(&varying, v) {
+            ad.at = origin(g, v.node);
+            let seed = mapv(&map, seed)?;
+            ad.contribute(v, seed, None);
+        }
     }
     for i in (0..g.len()).rev() {
         let n = NodeId::from_index(i);
@@ -231,6 +249,38 @@ pub fn training_graph(
     logits_output: &str,
     ignore_index: i64,
 ) -> Result<Gradients, AdError> {
+    build_training(forward, logits_output, ignore_index, false)
+}
+
+/// The training graph of one time segment of a longer sequence (the basis of time
+/// checkpointing). As [`training_graph`], with two differences:
+///
+/// * the loss is the **sum** of the per-token cross-entropies over the valid positions (no
+///   division by their count), so the losses and gradients of consecutive segments add up to
+///   those of the whole sequence (divide by the total number of valid tokens afterwards for
+///   the mean);
+/// * for every recurrent state `S` (a float graph input of kind `State` whose final value is
+///   the graph output also named `S`) there is a new data input `cotangent.S`, of the type of
+///   that output, seeded as the cotangent of the final state: the gradient of the later
+///   segments' loss with respect to this segment's final state (zeros for the last segment).
+///
+/// Run the segments' forward passes in order (carrying the final states), then their
+/// training graphs in reverse order, feeding each segment the states it started from and,
+/// as `cotangent.S`, the `grad.S` of the segment after it.
+pub fn training_graph_segment(
+    forward: &Graph,
+    logits_output: &str,
+    ignore_index: i64,
+) -> Result<Gradients, AdError> {
+    build_training(forward, logits_output, ignore_index, true)
+}
+
+fn build_training(
+    forward: &Graph,
+    logits_output: &str,
+    ignore_index: i64,
+    segment: bool,
+) -> Result<Gradients, AdError> {
     let logits = forward
         .outputs()
         .iter()
@@ -247,12 +297,34 @@ pub fn training_graph(
         return Err(AdError::BadLogits { ty });
     }
     const TARGETS: &str = "targets";
+    // The recurrent states: (final-state output value, its type, the cotangent input name).
+    let mut carried: Vec<(Value, TensorType, String)> = Vec::new();
+    if segment {
+        for n in forward.nodes() {
+            if let Op::Input {
+                name,
+                kind: InputKind::State,
+                ty,
+            } = forward.op(n)
+                && ty.dtype.is_float()
+                && let Some((_, v)) = forward.outputs().iter().find(|(o, _)| o == name)
+            {
+                let out_ty = forward
+                    .value_type(*v)
+                    .cloned()
+                    .ok_or(AdError::NoSuchValue { value: *v })?;
+                if out_ty.dtype.is_float() {
+                    carried.push((*v, out_ty, format!("cotangent.{name}")));
+                }
+            }
+        }
+    }
     for n in forward.nodes() {
         if let Op::Input { name, .. } = forward.op(n)
-            && name == TARGETS
+            && (name == TARGETS || carried.iter().any(|(_, _, c)| c == name))
         {
             return Err(AdError::NameTaken {
-                name: TARGETS.into(),
+                name: name.clone(),
                 what: "an input",
             });
         }
@@ -274,9 +346,26 @@ pub fn training_graph(
     let ce = ad.add_node(Op::CrossEntropy { ignore_index }, &[logits, targets])?;
     let (per_token, valid) = (Value::new(ce, 0), Value::new(ce, 1));
     let total = ad.sum_all(per_token)?;
-    let count = ad.sum_all(valid)?;
-    let loss = ad.bin(BinaryOp::Div, total, count)?;
-    grad(&ad.g, loss)
+    let loss = if segment {
+        total
+    } else {
+        let count = ad.sum_all(valid)?;
+        ad.bin(BinaryOp::Div, total, count)?
+    };
+    let mut seeds: Vec<(Value, Value)> = Vec::with_capacity(carried.len());
+    for (v, ty, name) in carried {
+        ad.at = origin(forward, v.node);
+        let input = ad.add(
+            Op::Input {
+                name,
+                kind: InputKind::Data,
+                ty,
+            },
+            &[],
+        )?;
+        seeds.push((v, input));
+    }
+    grad_seeded(&ad.g, loss, &seeds)
 }
 
 /// Output names `grad` will add must be free (`loss` may already name the loss itself).
