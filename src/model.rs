@@ -288,12 +288,9 @@ impl Model {
         self.reference(&ids, b, l)
     }
 
-    fn reference(&self, ids: &[i32], b: usize, l: usize) -> Result<Vec<f64>, Error> {
-        let mut bind = runtime::interp::Bindings::default();
-        bind.inputs.insert(
-            "input_ids".into(),
-            Array::new(vec![b, l], ids.iter().map(|&x| x as f64).collect()),
-        );
+    /// The parameters as f64 arrays of their declared shapes, for the interpreter.
+    fn params_f64(&self) -> Result<HashMap<String, Array>, Error> {
+        let mut out = HashMap::new();
         for n in self.graph.params() {
             if let ir::Op::Param { name, ty, .. } = self.graph.op(n) {
                 let shape = ty
@@ -305,12 +302,22 @@ impl Model {
                     .params
                     .get(name)
                     .ok_or_else(|| Error::Input(format!("missing parameter {name}")))?;
-                bind.params.insert(
+                out.insert(
                     name.clone(),
                     Array::new(shape, v.iter().map(|&x| x as f64).collect()),
                 );
             }
         }
+        Ok(out)
+    }
+
+    fn reference(&self, ids: &[i32], b: usize, l: usize) -> Result<Vec<f64>, Error> {
+        let mut bind = runtime::interp::Bindings::default();
+        bind.inputs.insert(
+            "input_ids".into(),
+            Array::new(vec![b, l], ids.iter().map(|&x| x as f64).collect()),
+        );
+        bind.params = self.params_f64()?;
         let outs = runtime::interp::run(&self.graph, &bind)?;
         let main = self.main_output();
         Ok(outs.get(&main).map(|a| a.data.clone()).unwrap_or_default())
@@ -340,23 +347,7 @@ impl Model {
             .insert("input_ids".into(), Array::new(vec![b, l], ids));
         bind.inputs
             .insert("targets".into(), Array::new(vec![b, l], targets));
-        for n in self.graph.params() {
-            if let ir::Op::Param { name, ty, .. } = self.graph.op(n) {
-                let shape = ty
-                    .shape
-                    .iter()
-                    .map(|d| d.as_known().unwrap_or(0) as usize)
-                    .collect();
-                let v = self
-                    .params
-                    .get(name)
-                    .ok_or_else(|| Error::Input(format!("missing parameter {name}")))?;
-                bind.params.insert(
-                    name.clone(),
-                    Array::new(shape, v.iter().map(|&x| x as f64).collect()),
-                );
-            }
-        }
+        bind.params = self.params_f64()?;
         let outs = runtime::interp::run(&tg.graph, &bind)?;
         let loss = outs
             .get("loss")
