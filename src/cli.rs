@@ -83,6 +83,36 @@ pub enum Command {
     Demo(DemoArgs),
     /// Train a model on a token file (CPU).
     Train(TrainArgs),
+    /// The layer x time checkpoint plan for a memory budget, beside the classic strategies.
+    Plan(PlanArgs),
+}
+
+#[derive(clap::Args, Debug)]
+pub struct PlanArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[arg(long, default_value = "1")]
+    pub batch: String,
+    /// Sequence length: `65536`, `2^19`, `512k`.
+    #[arg(long)]
+    pub seq: String,
+    /// Memory budget: `40GiB`, `42.2GB`, `512MiB`. Without it: the plan of least memory.
+    #[arg(long)]
+    pub budget: Option<String>,
+    /// How activations are stored (states, master weights and gradients stay f32).
+    #[arg(long, default_value = "bf16")]
+    pub dtype: String,
+    /// Count only activations: leave out weights, gradients and optimizer state.
+    #[arg(long)]
+    pub activations_only: bool,
+    /// Segment lengths are multiples of this (default: the SSD chunk size, 256, or 64).
+    #[arg(long)]
+    pub quantum: Option<u64>,
+    #[arg(long)]
+    pub json: bool,
+    /// Write memory over the schedule of every strategy to this SVG file.
+    #[arg(long)]
+    pub svg: Option<PathBuf>,
 }
 
 #[derive(clap::Args, Debug)]
@@ -293,6 +323,11 @@ where
         Command::Grad(g) => grad(g, &mut out),
         Command::Demo(d) => demo(d, &mut out),
         Command::Train(t) => train(t, &mut out),
+        Command::Plan(p) => {
+            if let Some(c) = compile(&p.model, color, &mut out) {
+                plan_cmd(p, &c.graph, &mut out);
+            }
+        }
         Command::Params { model } => {
             if let Some(c) = compile(model, color, &mut out) {
                 params(&c.graph, &mut out);
@@ -1260,4 +1295,85 @@ fn train(a: &TrainArgs, out: &mut Outcome) {
             .as_ref()
             .map_or(String::new(), |p| format!("; saved {}", p.display()))
     );
+}
+
+/// The SSD chunk size of a model (the largest), or 64 for models without SSD.
+fn default_quantum(g: &Graph) -> u64 {
+    g.nodes()
+        .filter_map(|n| match g.op(n) {
+            Op::SsdScan { chunk } => Some(*chunk),
+            _ => None,
+        })
+        .max()
+        .unwrap_or(64)
+}
+
+fn plan_cmd(p: &PlanArgs, g: &Graph, out: &mut Outcome) {
+    let fail = |out: &mut Outcome, msg: String| {
+        out.stderr.push_str(&format!("error: {msg}\n"));
+        out.code = 1;
+    };
+    let batch = match crate::plan::parse_count(&p.batch) {
+        Ok(b) if b > 0 => b,
+        Ok(_) => return fail(out, "--batch must be at least 1".into()),
+        Err(e) => return fail(out, format!("--batch: {e}")),
+    };
+    let seq = match crate::plan::parse_count(&p.seq) {
+        Ok(s) if s > 0 => s,
+        Ok(_) => return fail(out, "--seq must be at least 1".into()),
+        Err(e) => return fail(out, format!("--seq: {e}")),
+    };
+    let budget = match p.budget.as_deref().map(crate::plan::parse_bytes) {
+        None => None,
+        Some(Ok(b)) => Some(b),
+        Some(Err(e)) => return fail(out, format!("--budget: {e}")),
+    };
+    let act_dtype = match p.dtype.as_str() {
+        "bf16" => ir::DType::BF16,
+        "f16" => ir::DType::F16,
+        "f32" => ir::DType::F32,
+        d => return fail(out, format!("--dtype: `{d}` is not one of bf16, f16, f32")),
+    };
+    let quantum = p.quantum.unwrap_or_else(|| default_quantum(g));
+    if quantum == 0 {
+        return fail(out, "--quantum must be at least 1".into());
+    }
+    let req = passes::remat::Request {
+        batch,
+        seq,
+        budget,
+        act_dtype,
+        count_weights: !p.activations_only,
+        quantum,
+    };
+    let report = match crate::plan::make(g, req.clone()) {
+        Ok(r) => r,
+        Err(e) => return fail(out, e.to_string()),
+    };
+    if let Some(path) = &p.svg {
+        match crate::plan::svg(g, &report, &req) {
+            Ok(text) => {
+                if let Err(e) = crate::plan::write_atomic(path, text.as_bytes()) {
+                    return fail(out, format!("cannot write {}: {e}", path.display()));
+                }
+            }
+            Err(e) => return fail(out, e.to_string()),
+        }
+    }
+    if p.json {
+        out.stdout
+            .push_str(&format!("{}\n", crate::plan::json(&report, &req)));
+    } else {
+        out.stdout.push_str(&format!(
+            "{} at batch {batch}, {seq} tokens, {} activations{}\n",
+            g.name,
+            act_dtype.name(),
+            if p.activations_only {
+                " (activations only: weights, gradients and optimizer state left out)"
+            } else {
+                ""
+            }
+        ));
+        out.stdout.push_str(&crate::plan::table(&report, &req));
+    }
 }

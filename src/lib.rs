@@ -3,9 +3,11 @@
 //! This crate is the facade over the pipeline's crates and the home of the `ma2mba` command
 //! line ([`cli`]). See ARCHITECTURE.md for the map.
 
+pub mod checkpoint;
 pub mod cli;
 mod cpu;
 pub mod model;
+pub mod plan;
 pub mod train;
 
 pub use codegen;

@@ -72,6 +72,9 @@ pub struct Gradients {
     pub param_grads: Vec<(String, Value)>,
     /// `(state input name, its gradient in graph)`, in graph order.
     pub state_grads: Vec<(String, Value)>,
+    /// `(data input name, its gradient in graph)` for the inputs differentiated on request
+    /// ([`stage_training_graph`]'s boundary inputs), in graph order.
+    pub input_grads: Vec<(String, Value)>,
 }
 
 /// Why a gradient graph could not be built.
@@ -122,13 +125,19 @@ struct Contrib {
 /// Gradients of the scalar `loss` with respect to every parameter and every (float) state
 /// input of `g`; see the module documentation for the graph returned.
 pub fn grad(g: &Graph, loss: Value) -> Result<Gradients, AdError> {
-    grad_seeded(g, loss, &[])
+    grad_seeded(g, loss, &[], &[])
 }
 
 /// [`grad`] with extra cotangents: each `(value, seed)` (both values of `g`) adds `seed` to
 /// the gradient of `value`, as if the loss were `loss + sum(seed * value)` (the reported
-/// loss stays `loss`). Seeds of values that do not vary are ignored.
-fn grad_seeded(g: &Graph, loss: Value, seeds: &[(Value, Value)]) -> Result<Gradients, AdError> {
+/// loss stays `loss`). Seeds of values that do not vary are ignored. The float data inputs
+/// named in `wrt_inputs` are differentiated too (gradients in `Gradients::input_grads`).
+fn grad_seeded(
+    g: &Graph,
+    loss: Value,
+    seeds: &[(Value, Value)],
+    wrt_inputs: &[String],
+) -> Result<Gradients, AdError> {
     let loss_ty = g
         .value_type(loss)
         .cloned()
@@ -136,7 +145,7 @@ fn grad_seeded(g: &Graph, loss: Value, seeds: &[(Value, Value)]) -> Result<Gradi
     if !loss_ty.dtype.is_float() || numel(&loss_ty.shape).and_then(|d| d.as_known()) != Some(1) {
         return Err(AdError::NotScalar { ty: loss_ty });
     }
-    check_output_names(g, loss)?;
+    check_output_names(g, loss, wrt_inputs)?;
 
     let mut ad = Ad {
         g: Graph::new(g.name.clone()),
@@ -156,7 +165,7 @@ fn grad_seeded(g: &Graph, loss: Value, seeds: &[(Value, Value)]) -> Result<Gradi
         let id = ad.add_node(g.op(n).clone(), &ops)?;
         map.push(id);
     }
-    let varying = activity(g);
+    let varying = activity(g, wrt_inputs);
     let new_loss = mapv(&map, loss)?;
 
     let mut leaf_grads: HashMap<NodeId, Value> = HashMap::new();
@@ -199,15 +208,21 @@ fn grad_seeded(g: &Graph, loss: Value, seeds: &[(Value, Value)]) -> Result<Gradi
         loss: new_loss,
         param_grads: Vec::new(),
         state_grads: Vec::new(),
+        input_grads: Vec::new(),
     };
     for n in g.nodes() {
-        let (name, is_param) = match g.op(n) {
-            Op::Param { name, .. } => (name, true),
+        let (name, list) = match g.op(n) {
+            Op::Param { name, .. } => (name, &mut out.param_grads),
             Op::Input {
                 name,
                 kind: InputKind::State,
                 ty,
-            } if ty.dtype.is_float() => (name, false),
+            } if ty.dtype.is_float() => (name, &mut out.state_grads),
+            Op::Input {
+                name,
+                kind: InputKind::Data,
+                ty,
+            } if ty.dtype.is_float() && wrt_inputs.contains(name) => (name, &mut out.input_grads),
             _ => continue,
         };
         let v = match leaf_grads.get(&n) {
@@ -220,11 +235,7 @@ fn grad_seeded(g: &Graph, loss: Value, seeds: &[(Value, Value)]) -> Result<Gradi
                 ad.full(0.0, &ty)?
             }
         };
-        if is_param {
-            out.param_grads.push((name.clone(), v));
-        } else {
-            out.state_grads.push((name.clone(), v));
-        }
+        list.push((name.clone(), v));
     }
     let mut graph = ad.g;
     for (name, v) in g.outputs() {
@@ -233,7 +244,12 @@ fn grad_seeded(g: &Graph, loss: Value, seeds: &[(Value, Value)]) -> Result<Gradi
     if !g.outputs().iter().any(|(n, v)| n == "loss" && *v == loss) {
         graph.add_output("loss", new_loss);
     }
-    for (name, v) in out.param_grads.iter().chain(&out.state_grads) {
+    for (name, v) in out
+        .param_grads
+        .iter()
+        .chain(&out.state_grads)
+        .chain(&out.input_grads)
+    {
         graph.add_output(format!("grad.{name}"), *v);
     }
     out.graph = graph;
@@ -249,7 +265,13 @@ pub fn training_graph(
     logits_output: &str,
     ignore_index: i64,
 ) -> Result<Gradients, AdError> {
-    build_training(forward, logits_output, ignore_index, false)
+    build_training(
+        forward,
+        Loss::MeanCrossEntropy(logits_output),
+        ignore_index,
+        Seeds::None,
+        &[],
+    )
 }
 
 /// The training graph of one time segment of a longer sequence (the basis of time
@@ -272,56 +294,124 @@ pub fn training_graph_segment(
     logits_output: &str,
     ignore_index: i64,
 ) -> Result<Gradients, AdError> {
-    build_training(forward, logits_output, ignore_index, true)
+    build_training(
+        forward,
+        Loss::SummedCrossEntropy(logits_output),
+        ignore_index,
+        Seeds::States,
+        &[],
+    )
+}
+
+/// The training graph of one stage of a checkpoint grid (a layer group over a time segment,
+/// or the embedding, or the head with the loss): the stage's forward nodes, then its backward.
+///
+/// * with `logits_output`, the stage ends the model: a data input `targets` and the **summed**
+///   cross-entropy as in [`training_graph_segment`]; without it the loss is the constant 0
+///   and every gradient comes from the seeds;
+/// * every other float output `O` (recurrent final states, and values a later stage reads)
+///   gets a data input `cotangent.O` seeding its gradient;
+/// * the float data inputs named in `wrt_inputs` (values an earlier stage produced) are
+///   differentiated: outputs `grad.<name>`, in [`Gradients::input_grads`].
+pub fn stage_training_graph(
+    stage: &Graph,
+    logits_output: Option<&str>,
+    ignore_index: i64,
+    wrt_inputs: &[String],
+) -> Result<Gradients, AdError> {
+    let loss = match logits_output {
+        Some(l) => Loss::SummedCrossEntropy(l),
+        None => Loss::Zero,
+    };
+    build_training(stage, loss, ignore_index, Seeds::AllOutputs, wrt_inputs)
+}
+
+/// Which loss a training graph appends.
+#[derive(Clone, Copy)]
+enum Loss<'a> {
+    /// Mean cross-entropy of the named logits output.
+    MeanCrossEntropy(&'a str),
+    /// Summed cross-entropy (segments and stages: the parts add up).
+    SummedCrossEntropy(&'a str),
+    /// No loss of its own: gradients come from the seeded outputs only.
+    Zero,
+}
+
+/// Which outputs get a `cotangent.<name>` input seeding their gradient.
+#[derive(Clone, Copy, PartialEq)]
+enum Seeds {
+    None,
+    /// Final recurrent states (an output named as a float state input).
+    States,
+    /// Every float output except the logits.
+    AllOutputs,
 }
 
 fn build_training(
     forward: &Graph,
-    logits_output: &str,
+    loss_kind: Loss<'_>,
     ignore_index: i64,
-    segment: bool,
+    seeds_kind: Seeds,
+    wrt_inputs: &[String],
 ) -> Result<Gradients, AdError> {
-    let logits = forward
-        .outputs()
-        .iter()
-        .find(|(n, _)| n == logits_output)
-        .map(|(_, v)| *v)
-        .ok_or_else(|| AdError::NoOutput {
-            name: logits_output.to_string(),
-        })?;
-    let ty = forward
-        .value_type(logits)
-        .cloned()
-        .ok_or(AdError::NoSuchValue { value: logits })?;
-    if !ty.dtype.is_float() || ty.rank() < 2 {
-        return Err(AdError::BadLogits { ty });
-    }
-    const TARGETS: &str = "targets";
-    // The recurrent states: (final-state output value, its type, the cotangent input name).
-    let mut carried: Vec<(Value, TensorType, String)> = Vec::new();
-    if segment {
-        for n in forward.nodes() {
-            if let Op::Input {
-                name,
-                kind: InputKind::State,
-                ty,
-            } = forward.op(n)
-                && ty.dtype.is_float()
-                && let Some((_, v)) = forward.outputs().iter().find(|(o, _)| o == name)
-            {
-                let out_ty = forward
-                    .value_type(*v)
-                    .cloned()
-                    .ok_or(AdError::NoSuchValue { value: *v })?;
-                if out_ty.dtype.is_float() {
-                    carried.push((*v, out_ty, format!("cotangent.{name}")));
-                }
+    let logits_output = match loss_kind {
+        Loss::MeanCrossEntropy(l) | Loss::SummedCrossEntropy(l) => Some(l),
+        Loss::Zero => None,
+    };
+    let logits = match logits_output {
+        Some(name) => {
+            let v = forward
+                .outputs()
+                .iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, v)| *v)
+                .ok_or_else(|| AdError::NoOutput {
+                    name: name.to_string(),
+                })?;
+            let ty = forward
+                .value_type(v)
+                .cloned()
+                .ok_or(AdError::NoSuchValue { value: v })?;
+            if !ty.dtype.is_float() || ty.rank() < 2 {
+                return Err(AdError::BadLogits { ty });
             }
+            Some((v, ty))
+        }
+        None => None,
+    };
+    const TARGETS: &str = "targets";
+    // The seeded outputs: (output value, its type, the cotangent input name).
+    let mut seeded: Vec<(Value, TensorType, String)> = Vec::new();
+    let is_state = |name: &str| {
+        forward.nodes().any(|n| {
+            matches!(forward.op(n), Op::Input { name: s, kind: InputKind::State, ty }
+                if s == name && ty.dtype.is_float())
+        })
+    };
+    for (name, v) in forward.outputs() {
+        let wanted = match seeds_kind {
+            Seeds::None => false,
+            Seeds::States => is_state(name),
+            Seeds::AllOutputs => Some(name.as_str()) != logits_output,
+        };
+        if !wanted
+            || seeded
+                .iter()
+                .any(|(_, _, c)| *c == format!("cotangent.{name}"))
+        {
+            continue;
+        }
+        let out_ty = forward
+            .value_type(*v)
+            .cloned()
+            .ok_or(AdError::NoSuchValue { value: *v })?;
+        if out_ty.dtype.is_float() {
+            seeded.push((*v, out_ty, format!("cotangent.{name}")));
         }
     }
     for n in forward.nodes() {
         if let Op::Input { name, .. } = forward.op(n)
-            && (name == TARGETS || carried.iter().any(|(_, _, c)| c == name))
+            && ((logits.is_some() && name == TARGETS) || seeded.iter().any(|(_, _, c)| c == name))
         {
             return Err(AdError::NameTaken {
                 name: name.clone(),
@@ -329,31 +419,46 @@ fn build_training(
             });
         }
     }
+    let at = match (&logits, forward.outputs().first()) {
+        (Some((v, _)), _) => origin(forward, v.node),
+        (None, Some((_, v))) => origin(forward, v.node),
+        (None, None) => Origin {
+            node: NodeId::from_index(0),
+            op: "loss",
+            span: Span::default(),
+            layer: None,
+        },
+    };
     let mut ad = Ad {
         g: forward.clone(),
-        at: origin(forward, logits.node),
+        at,
         contribs: HashMap::new(),
     };
-    let shape: Shape = ty.shape[..ty.rank() - 1].to_vec();
-    let targets = ad.add(
-        Op::Input {
-            name: TARGETS.into(),
-            kind: InputKind::Data,
-            ty: TensorType::new(DType::I32, shape),
-        },
-        &[],
-    )?;
-    let ce = ad.add_node(Op::CrossEntropy { ignore_index }, &[logits, targets])?;
-    let (per_token, valid) = (Value::new(ce, 0), Value::new(ce, 1));
-    let total = ad.sum_all(per_token)?;
-    let loss = if segment {
-        total
-    } else {
-        let count = ad.sum_all(valid)?;
-        ad.bin(BinaryOp::Div, total, count)?
+    let loss = match (&logits, loss_kind) {
+        (Some((logits, ty)), _) => {
+            let shape: Shape = ty.shape[..ty.rank() - 1].to_vec();
+            let targets = ad.add(
+                Op::Input {
+                    name: TARGETS.into(),
+                    kind: InputKind::Data,
+                    ty: TensorType::new(DType::I32, shape),
+                },
+                &[],
+            )?;
+            let ce = ad.add_node(Op::CrossEntropy { ignore_index }, &[*logits, targets])?;
+            let (per_token, valid) = (Value::new(ce, 0), Value::new(ce, 1));
+            let total = ad.sum_all(per_token)?;
+            if matches!(loss_kind, Loss::MeanCrossEntropy(_)) {
+                let count = ad.sum_all(valid)?;
+                ad.bin(BinaryOp::Div, total, count)?
+            } else {
+                total
+            }
+        }
+        (None, _) => ad.full(0.0, &TensorType::new(DType::F32, Vec::new()))?,
     };
-    let mut seeds: Vec<(Value, Value)> = Vec::with_capacity(carried.len());
-    for (v, ty, name) in carried {
+    let mut seeds: Vec<(Value, Value)> = Vec::with_capacity(seeded.len());
+    for (v, ty, name) in seeded {
         ad.at = origin(forward, v.node);
         let input = ad.add(
             Op::Input {
@@ -365,12 +470,12 @@ fn build_training(
         )?;
         seeds.push((v, input));
     }
-    grad_seeded(&ad.g, loss, &seeds)
+    grad_seeded(&ad.g, loss, &seeds, wrt_inputs)
 }
 
 /// Output names `grad` will add must be free (`loss` may already name the loss itself).
-fn check_output_names(g: &Graph, loss: Value) -> Result<(), AdError> {
-    let mut taken: Vec<String> = Vec::new();
+fn check_output_names(g: &Graph, loss: Value, wrt_inputs: &[String]) -> Result<(), AdError> {
+    let mut taken: Vec<String> = wrt_inputs.iter().map(|n| format!("grad.{n}")).collect();
     for n in g.nodes() {
         match g.op(n) {
             Op::Param { name, .. }
@@ -449,14 +554,14 @@ fn constant_result(op: &Op, result: usize) -> bool {
 }
 
 /// Per node and result: does the value depend differentiably on a parameter or state?
-fn activity(g: &Graph) -> Vec<Vec<bool>> {
+fn activity(g: &Graph, wrt_inputs: &[String]) -> Vec<Vec<bool>> {
     let mut varying: Vec<Vec<bool>> = Vec::with_capacity(g.len());
     for n in g.nodes() {
         let op = g.op(n);
         let tys = g.types(n);
         let source = match op {
             Op::Param { .. } => true,
-            Op::Input { kind, .. } => *kind == InputKind::State,
+            Op::Input { kind, name, .. } => *kind == InputKind::State || wrt_inputs.contains(name),
             _ => false,
         };
         let any_in = source

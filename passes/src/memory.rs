@@ -72,7 +72,12 @@ fn align(x: u64) -> u64 {
 
 /// Plans the arena for the symbol values `bind` gives.
 pub fn plan(l: &Lowered, bind: &dyn Fn(&str) -> Option<u64>) -> Result<MemoryPlan, MemoryError> {
-    let bytes = buffer_bytes(l, bind)?;
+    plan_sized(l, buffer_bytes(l, bind)?)
+}
+
+/// Plans the arena for buffers of the given sizes (`bytes[i]` for buffer `i`): for pricing a
+/// schedule whose buffers will be stored in another dtype than the graph's (bf16 activations).
+pub fn plan_sized(l: &Lowered, bytes: Vec<u64>) -> Result<MemoryPlan, MemoryError> {
     let life = lifetimes(l);
     let mut order: Vec<usize> = (0..l.buffers.len())
         .filter(|&i| l.buffers[i].kind.in_arena() && life[i].is_some())
