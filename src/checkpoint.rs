@@ -64,6 +64,8 @@ pub struct StepOutput {
     pub final_states: HashMap<String, Vec<f32>>,
     /// The largest number of bytes the schedule held at once (module doc).
     pub peak_bytes: u64,
+    /// `[B, L, V]` logits when the plan asks for them ([`Plan::logits`]), else empty.
+    pub logits: Vec<f32>,
 }
 
 fn one_boundary(names: &[String], what: &str) -> Result<String, Error> {
@@ -85,10 +87,12 @@ impl CheckpointedStep {
         let embed_st = &stages[0];
         let head_st = &stages[stages.len() - 1];
         let embed = Compiled::new(
-            &passes::remat::variant(embed_st, Keep::Nothing, IGNORE_INDEX).map_err(plan_err)?,
+            &passes::remat::variant(embed_st, Keep::Nothing, IGNORE_INDEX, false)
+                .map_err(plan_err)?,
         )?;
         let head = Compiled::new(
-            &passes::remat::variant(head_st, Keep::Nothing, IGNORE_INDEX).map_err(plan_err)?,
+            &passes::remat::variant(head_st, Keep::Nothing, IGNORE_INDEX, plan.logits)
+                .map_err(plan_err)?,
         )?;
         let mut groups = Vec::new();
         for (g, st) in stages[1..stages.len() - 1].iter().enumerate() {
@@ -98,7 +102,7 @@ impl CheckpointedStep {
             keeps.dedup();
             let mut by_keep = HashMap::new();
             for k in keeps {
-                let v = passes::remat::variant(st, k, IGNORE_INDEX).map_err(plan_err)?;
+                let v = passes::remat::variant(st, k, IGNORE_INDEX, false).map_err(plan_err)?;
                 by_keep.insert(k, Compiled::new(&v)?);
             }
             let states = st
@@ -246,6 +250,7 @@ impl CheckpointedStep {
             .map(|(k, v)| (format!("cotangent.{k}"), vec![0.0; v.len()]))
             .collect();
         let mut loss_sum = 0f64;
+        let mut logits: Vec<Vec<f32>> = vec![Vec::new(); nseg];
         for t in (0..nseg).rev() {
             let r = &ranges[t];
             let syms = [("B", b as i64), ("L", (r.end - r.start) as i64)];
@@ -263,6 +268,9 @@ impl CheckpointedStep {
                 ledger.release(4 * v.len() as u64);
             }
             let mut outs: HashMap<String, Vec<f32>> = outs.into_iter().collect();
+            if let Some(v) = outs.remove("logits") {
+                logits[t] = v;
+            }
             loss_sum += outs
                 .get("loss")
                 .and_then(|v| v.first())
@@ -359,7 +367,21 @@ impl CheckpointedStep {
             }
             mean_grads.insert(param.to_string(), v);
         }
+        // Segments' logits `[B, s, V]` back into `[B, L, V]`.
+        let mut all_logits = Vec::new();
+        if p.logits {
+            let total: usize = logits.iter().map(Vec::len).sum();
+            let vocab = total / (b * seq).max(1);
+            all_logits.reserve(total);
+            for bi in 0..b {
+                for (t, r) in ranges.iter().enumerate() {
+                    let n = (r.end - r.start) as usize * vocab;
+                    all_logits.extend_from_slice(&logits[t][bi * n..(bi + 1) * n]);
+                }
+            }
+        }
         Ok(StepOutput {
+            logits: all_logits,
             loss: loss_sum / valid as f64,
             grads: mean_grads,
             final_states,

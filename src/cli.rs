@@ -105,7 +105,7 @@ pub struct PlanArgs {
     /// Count only activations: leave out weights, gradients and optimizer state.
     #[arg(long)]
     pub activations_only: bool,
-    /// Segment lengths are multiples of this (default: the SSD chunk size, 256, or 64).
+    /// Segment lengths are multiples of this (default: the SSD chunk size, or 1 for Mamba-1).
     #[arg(long)]
     pub quantum: Option<u64>,
     #[arg(long)]
@@ -154,7 +154,8 @@ pub struct TrainArgs {
     pub log_every: usize,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Memory budget for the checkpoint planner (not implemented yet: rejected if given).
+    /// Memory budget (`512MiB`, `2GB`): train under the layer x time checkpoint plan the
+    /// planner chooses for it (weights, gradients and AdamW state count against it).
     #[arg(long)]
     pub budget: Option<String>,
 }
@@ -192,6 +193,10 @@ pub struct GradArgs {
     /// Seed of the random weights of a preset.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Memory budget (`64MiB`): compute in f32 on the CPU under the checkpoint plan chosen
+    /// for it, instead of with the f64 interpreter. Sequences must have equal lengths.
+    #[arg(long)]
+    pub budget: Option<String>,
 }
 
 #[derive(clap::Args, Debug)]
@@ -864,7 +869,16 @@ fn grad(g: &GradArgs, out: &mut Outcome) {
         Err(e) => return fail(out, format!("{e}")),
     };
     let t0 = std::time::Instant::now();
-    let grads = match model.grad_reference(&tokens) {
+    let budget = match g.budget.as_deref().map(crate::plan::parse_bytes) {
+        None => None,
+        Some(Ok(b)) => Some(b),
+        Some(Err(e)) => return fail(out, format!("error: --budget: {e}")),
+    };
+    let result = match budget {
+        None => model.grad_reference(&tokens),
+        Some(b) => grad_checkpointed(&model, &tokens, b, out),
+    };
+    let grads = match result {
         Ok(r) => r,
         Err(e) => return fail(out, format!("error: {e}")),
     };
@@ -891,10 +905,71 @@ fn grad(g: &GradArgs, out: &mut Outcome) {
     }
     let _ = writeln!(
         out.stderr,
-        "{}: loss and gradients in {:.2?} (f64 interpreter)",
+        "{}: loss and gradients in {:.2?} ({})",
         model.graph.name,
-        t0.elapsed()
+        t0.elapsed(),
+        if budget.is_some() {
+            "f32, CPU, checkpointed"
+        } else {
+            "f64 interpreter"
+        }
     );
+}
+
+/// Loss and gradients of `tokens` (equal-length sequences) under the checkpoint plan for
+/// `budget` bytes, on the CPU in f32; prints the plan.
+fn grad_checkpointed(
+    model: &crate::model::Model,
+    tokens: &[Vec<u32>],
+    budget: u64,
+    out: &mut Outcome,
+) -> Result<crate::model::Gradients, crate::model::Error> {
+    use crate::model::{Error, IGNORE_INDEX};
+    let l = tokens[0].len();
+    if tokens.iter().any(|s| s.len() != l) {
+        return Err(Error::Input(
+            "with --budget every sequence must have the same length".into(),
+        ));
+    }
+    let b = tokens.len();
+    let graph = &model.graph;
+    let params = model.params_f32();
+    let mut ids = Vec::with_capacity(b * l);
+    let mut targets = Vec::with_capacity(b * l);
+    for s in tokens {
+        ids.extend(s.iter().map(|&t| t as i32));
+        targets.extend(s[1..].iter().map(|&t| t as i32));
+        targets.push(IGNORE_INDEX as i32);
+    }
+    let plan = crate::train::plan_for(graph, budget, b, l)?;
+    let _ = writeln!(
+        out.stdout,
+        "checkpoint plan: {}; planned peak {}, recompute {:.1}% of a step",
+        passes::remat::describe(&plan),
+        crate::plan::human(plan.peak),
+        plan.recompute_pct()
+    );
+    let step = crate::checkpoint::CheckpointedStep::compile(graph, &plan)?;
+    let r = step.run(params, &ids, &targets, &std::collections::HashMap::new())?;
+    let mut grads = Vec::new();
+    for n in graph.params() {
+        if let Op::Param { name, ty, .. } = graph.op(n) {
+            let shape: Vec<usize> = ty
+                .shape
+                .iter()
+                .map(|d| d.as_known().unwrap_or(0) as usize)
+                .collect();
+            let v = r
+                .grads
+                .get(name)
+                .ok_or_else(|| Error::Input(format!("no gradient for `{name}`")))?;
+            grads.push((name.clone(), shape, v.iter().map(|&x| x as f64).collect()));
+        }
+    }
+    Ok(crate::model::Gradients {
+        loss: r.loss,
+        grads,
+    })
 }
 
 /// Trains a 2-layer Mamba on selective copying and prints loss and accuracy as it learns.
@@ -949,8 +1024,30 @@ fn demo(d: &DemoArgs, out: &mut Outcome) {
         weight_decay: 0.01,
         ..TrainConfig::default()
     };
+    let seq = prefix + k;
+    // The checkpoint plan: a budget 20% above the least memory any plan needs (far below
+    // what keeping every activation needs), so the plan mixes recomputed and kept cells.
     let t0 = std::time::Instant::now();
-    let mut trainer = match Trainer::new(&graph, "logits", params, config) {
+    let req = crate::train::request_for(&graph, None, d.batch, seq);
+    let planned =
+        passes::remat::Planner::new(&graph, req, crate::model::IGNORE_INDEX).and_then(|mut p| {
+            let least = p.plan()?;
+            let mut none = p.grid_plan(graph.num_layers(), seq as u64, u64::MAX, 0)?;
+            none.strategy = "no checkpointing".into();
+            let budget = least.peak + least.peak / 5;
+            p.request.budget = Some(budget);
+            let chosen = p.plan()?;
+            Ok((least, none, budget, chosen))
+        });
+    let (least, none, budget, chosen) = match planned {
+        Ok(x) => x,
+        Err(e) => {
+            let _ = writeln!(out.stderr, "error: {e}");
+            out.code = 1;
+            return;
+        }
+    };
+    let mut trainer = match Trainer::with_budget(&graph, "logits", params, config, budget) {
         Ok(t) => t,
         Err(e) => {
             let _ = writeln!(out.stderr, "error: {e}");
@@ -958,21 +1055,34 @@ fn demo(d: &DemoArgs, out: &mut Outcome) {
             return;
         }
     };
-    let seq = prefix + k;
     let _ = writeln!(
         out.stdout,
         "selective copying: {k} data tokens among {prefix} noise positions, copied after {k} markers"
     );
     let _ = writeln!(
         out.stdout,
-        "model: Mamba-1, d_model 64, 2 layers, d_state 16, {} parameters; training graph compiled in {:.2?}",
+        "model: Mamba-1, d_model 64, 2 layers, d_state 16, {} parameters; planned in {:.2?}",
         graph.param_count().unwrap_or(0),
         t0.elapsed()
     );
     let _ = writeln!(
         out.stdout,
-        "{:>6} {:>9} {:>9} {:>10}",
-        "step", "loss", "accuracy", "tokens/s"
+        "checkpoint plan for batch {} x {seq} tokens within {} (least-memory plan {}, no checkpointing {}):\n  {}; peak {}, recomputing {:.1}% of a step",
+        d.batch,
+        crate::plan::human(budget),
+        crate::plan::human(least.peak),
+        crate::plan::human(none.peak),
+        passes::remat::describe(&chosen),
+        crate::plan::human(chosen.peak),
+        chosen.recompute_pct()
+    );
+    for line in crate::plan::cell_grid(&chosen).lines() {
+        let _ = writeln!(out.stdout, "  {line}");
+    }
+    let _ = writeln!(
+        out.stdout,
+        "{:>6} {:>9} {:>9} {:>10} {:>10}",
+        "step", "loss", "accuracy", "tokens/s", "act. peak"
     );
     let mut rng = runtime::init::Rng::new(d.seed ^ 0x5eed);
     let mut window = Vec::new();
@@ -996,8 +1106,9 @@ fn demo(d: &DemoArgs, out: &mut Outcome) {
             let rate = ((step + 1) * d.batch * seq) as f64 / started.elapsed().as_secs_f64();
             let _ = writeln!(
                 out.stdout,
-                "{:>6} {loss:>9.4} {acc:>9.3} {rate:>10.0}",
-                step + 1
+                "{:>6} {loss:>9.4} {acc:>9.3} {rate:>10.0} {:>10}",
+                step + 1,
+                crate::plan::human(stats.arena_bytes)
             );
             print!("{}", std::mem::take(&mut out.stdout));
             if acc > 0.98 {
@@ -1133,12 +1244,11 @@ fn train(a: &TrainArgs, out: &mut Outcome) {
         out.stderr.push('\n');
         out.code = 1;
     };
-    if a.budget.is_some() {
-        return fail(
-            out,
-            "error: --budget needs the checkpoint planner, which is not implemented yet".into(),
-        );
-    }
+    let budget = match a.budget.as_deref().map(crate::plan::parse_bytes) {
+        None => None,
+        Some(Ok(b)) => Some(b),
+        Some(Err(e)) => return fail(out, format!("error: --budget: {e}")),
+    };
     if a.seq_len == 0 || a.batch == 0 {
         return fail(
             out,
@@ -1221,7 +1331,17 @@ fn train(a: &TrainArgs, out: &mut Outcome) {
         total_steps: a.steps,
         ..TrainConfig::default()
     };
-    let mut trainer = match Trainer::new(&graph, "logits", params, config) {
+    let built = match budget {
+        Some(b) => {
+            // Plan before reading data: an infeasible budget fails at once.
+            if let Err(e) = crate::train::plan_for(&graph, b, a.batch, a.seq_len) {
+                return fail(out, format!("error: {e}"));
+            }
+            Trainer::with_budget(&graph, "logits", params, config, b)
+        }
+        None => Trainer::new(&graph, "logits", params, config),
+    };
+    let mut trainer = match built {
         Ok(t) => t,
         Err(e) => return fail(out, format!("error: {e}")),
     };
@@ -1261,17 +1381,36 @@ fn train(a: &TrainArgs, out: &mut Outcome) {
             Ok(s) => s,
             Err(e) => return fail(out, format!("error: step {}: {e}", trainer.step)),
         };
+        if i == 0
+            && let Some(p) = trainer.plan(b, l)
+        {
+            println!(
+                "checkpoint plan for {} bytes: {}; planned peak {} (weights, gradients, AdamW {}), recompute {:.1}% of a step",
+                budget.unwrap_or(0),
+                passes::remat::describe(p),
+                crate::plan::human(p.peak),
+                crate::plan::human(
+                    p.breakdown.weights + p.breakdown.gradients + p.breakdown.optimizer
+                ),
+                p.recompute_pct()
+            );
+        }
         loss_sum += stats.loss;
         n_loss += 1;
         let done = i + 1 == a.steps;
         if (i + 1) % a.log_every.max(1) == 0 || done {
             let rate = ((i + 1) * b * l) as f64 / started.elapsed().as_secs_f64();
             let line = format!(
-                "step {:>6}  loss {:.4}  lr {:.2e}  |grad| {:.3}  {rate:.0} tokens/s  arena {:.1} MiB\n",
+                "step {:>6}  loss {:.4}  lr {:.2e}  |grad| {:.3}  {rate:.0} tokens/s  {} {:.1} MiB\n",
                 trainer.step,
                 loss_sum / n_loss as f64,
                 stats.lr,
                 stats.grad_norm,
+                if budget.is_some() {
+                    "activations"
+                } else {
+                    "arena"
+                },
                 stats.arena_bytes as f64 / (1 << 20) as f64
             );
             print!("{line}");
@@ -1297,15 +1436,16 @@ fn train(a: &TrainArgs, out: &mut Outcome) {
     );
 }
 
-/// The SSD chunk size of a model (the largest), or 64 for models without SSD.
-fn default_quantum(g: &Graph) -> u64 {
+/// Segment lengths are multiples of this: the SSD chunk size of a model (the largest), or 1
+/// for models without SSD (the selective scan has no chunks).
+pub fn default_quantum(g: &Graph) -> u64 {
     g.nodes()
         .filter_map(|n| match g.op(n) {
             Op::SsdScan { chunk } => Some(*chunk),
             _ => None,
         })
         .max()
-        .unwrap_or(64)
+        .unwrap_or(1)
 }
 
 fn plan_cmd(p: &PlanArgs, g: &Graph, out: &mut Outcome) {
@@ -1345,6 +1485,7 @@ fn plan_cmd(p: &PlanArgs, g: &Graph, out: &mut Outcome) {
         act_dtype,
         count_weights: !p.activations_only,
         quantum,
+        logits: false,
     };
     let report = match crate::plan::make(g, req.clone()) {
         Ok(r) => r,

@@ -254,6 +254,11 @@ impl Model {
     }
 
     /// The graph and the f32 parameters, for training.
+    /// The parameters (f32) by checkpoint name.
+    pub fn params_f32(&self) -> &HashMap<String, Vec<f32>> {
+        &self.params
+    }
+
     pub fn into_parts(self) -> (Graph, HashMap<String, Vec<f32>>) {
         (self.graph, self.params)
     }

@@ -60,16 +60,7 @@ pub fn parse_count(s: &str) -> Result<u64, String> {
 
 /// `1.23 GB` (decimal units, as the Ma2mba paper reports).
 pub fn human(bytes: u64) -> String {
-    let b = bytes as f64;
-    if b >= 1e9 {
-        format!("{:.2} GB", b / 1e9)
-    } else if b >= 1e6 {
-        format!("{:.1} MB", b / 1e6)
-    } else if b >= 1e3 {
-        format!("{:.1} kB", b / 1e3)
-    } else {
-        format!("{bytes} B")
-    }
+    remat::human_bytes(bytes)
 }
 
 /// The chosen plan and the classic strategies.

@@ -4,9 +4,11 @@
 //! Weight decay skips `A_log`, `D`, the dt bias (`dt_bias`, `dt_proj.bias`) and norm weights,
 //! as the reference implementation does.
 
+use crate::checkpoint::CheckpointedStep;
 use crate::model::{CpuGraph, Error, IGNORE_INDEX};
 use ir::Graph;
 use passes::LowerOptions;
+use passes::remat::{Plan, Planner, Request};
 use runtime::cpu::HostData;
 use std::collections::HashMap;
 
@@ -74,13 +76,26 @@ pub struct StepStats {
     pub lr: f64,
     /// The logits of the batch, `[B, L, V]`.
     pub logits: Vec<f32>,
-    /// The arena of the step's intermediates (the memory plan's peak).
+    /// The bytes of intermediates: the arena (whole graph), or the checkpoint schedule's
+    /// measured peak (with a budget; weights, gradients and optimizer state not included).
     pub arena_bytes: u64,
 }
 
 /// A model being trained: the compiled training graph, parameters and AdamW moments.
+/// How gradients are computed.
+enum Engine {
+    /// The whole training graph at once: every activation kept.
+    Whole(CpuGraph),
+    /// Under a checkpoint plan for a memory budget, planned per batch shape.
+    Checkpointed {
+        forward: Graph,
+        budget: u64,
+        steps: HashMap<(usize, usize), CheckpointedStep>,
+    },
+}
+
 pub struct Trainer {
-    compiled: CpuGraph,
+    engine: Engine,
     pub params: HashMap<String, Vec<f32>>,
     m: HashMap<String, Vec<f32>>,
     v: HashMap<String, Vec<f32>>,
@@ -104,6 +119,16 @@ impl Trainer {
         config: TrainConfig,
     ) -> Result<Trainer, Error> {
         let tg = passes::training_graph(forward, logits, IGNORE_INDEX)?;
+        Trainer::new_with(forward, logits, params, config, Some(&tg.graph))
+    }
+
+    fn new_with(
+        forward: &Graph,
+        logits: &str,
+        params: HashMap<String, Vec<f32>>,
+        config: TrainConfig,
+        training: Option<&Graph>,
+    ) -> Result<Trainer, Error> {
         let state_names = forward
             .nodes()
             .filter_map(|n| match forward.op(n) {
@@ -115,7 +140,14 @@ impl Trainer {
                 _ => None,
             })
             .collect();
-        let compiled = CpuGraph::compile(&tg.graph, &LowerOptions::default())?;
+        let compiled = match training {
+            Some(tg) => Engine::Whole(CpuGraph::compile(tg, &LowerOptions::default())?),
+            None => Engine::Checkpointed {
+                forward: forward.clone(),
+                budget: u64::MAX,
+                steps: HashMap::new(),
+            },
+        };
         let zeros = |p: &HashMap<String, Vec<f32>>| -> HashMap<String, Vec<f32>> {
             p.iter()
                 .map(|(k, v)| (k.clone(), vec![0.0; v.len()]))
@@ -124,7 +156,7 @@ impl Trainer {
         Ok(Trainer {
             m: zeros(&params),
             v: zeros(&params),
-            compiled,
+            engine: compiled,
             params,
             step: 0,
             config,
@@ -143,34 +175,67 @@ impl Trainer {
         batch: usize,
         seq: usize,
     ) -> Result<StepStats, Error> {
-        let data = HashMap::from([
-            ("input_ids".to_string(), HostData::I32(ids.to_vec())),
-            ("targets".to_string(), HostData::I32(targets.to_vec())),
-        ]);
-        let syms = [("B", batch as i64), ("L", seq as i64)];
         let empty = HashMap::new();
         let states = if self.carry_state {
             &self.carried
         } else {
             &empty
         };
-        let (outs, profile) = self.compiled.run(&syms, &data, &self.params, states)?;
-        let mut outs: HashMap<String, Vec<f32>> = outs.into_iter().collect();
-        let loss = outs
-            .get("loss")
-            .and_then(|v| v.first())
-            .copied()
-            .unwrap_or(f32::NAN) as f64;
-        let logits = outs.remove(&self.logits_name).unwrap_or_default();
+        let (loss, logits, grads, finals, arena_bytes) = match &mut self.engine {
+            Engine::Whole(compiled) => {
+                let data = HashMap::from([
+                    ("input_ids".to_string(), HostData::I32(ids.to_vec())),
+                    ("targets".to_string(), HostData::I32(targets.to_vec())),
+                ]);
+                let syms = [("B", batch as i64), ("L", seq as i64)];
+                let (outs, profile) = compiled.run(&syms, &data, &self.params, states)?;
+                let mut outs: HashMap<String, Vec<f32>> = outs.into_iter().collect();
+                let loss = outs
+                    .get("loss")
+                    .and_then(|v| v.first())
+                    .copied()
+                    .unwrap_or(f32::NAN) as f64;
+                let logits = outs.remove(&self.logits_name).unwrap_or_default();
+                let finals: HashMap<String, Vec<f32>> = self
+                    .state_names
+                    .iter()
+                    .filter_map(|n| outs.remove(n).map(|v| (n.clone(), v)))
+                    .collect();
+                let grads: HashMap<String, Vec<f32>> = outs
+                    .into_iter()
+                    .filter_map(|(n, v)| n.strip_prefix("grad.").map(|p| (p.to_string(), v)))
+                    .collect();
+                (loss, logits, grads, finals, profile.arena_bytes)
+            }
+            Engine::Checkpointed {
+                forward,
+                budget,
+                steps,
+            } => {
+                if !steps.contains_key(&(batch, seq)) {
+                    let plan = plan_for(forward, *budget, batch, seq)?;
+                    steps.insert((batch, seq), CheckpointedStep::compile(forward, &plan)?);
+                }
+                let step = &steps[&(batch, seq)];
+                let out = step.run(&self.params, ids, targets, states)?;
+                (
+                    out.loss,
+                    out.logits,
+                    out.grads,
+                    out.final_states,
+                    out.peak_bytes,
+                )
+            }
+        };
         if self.carry_state {
             // The final states start the next batch of the same streams; no gradient flows
             // back across the boundary (truncated BPTT).
-            for name in &self.state_names {
-                if let Some(v) = outs.remove(name) {
-                    self.carried.insert(name.clone(), v);
-                }
-            }
+            self.carried = finals;
         }
+        let outs: HashMap<String, Vec<f32>> = grads
+            .into_iter()
+            .map(|(n, v)| (format!("grad.{n}"), v))
+            .collect();
         let mut norm2 = 0f64;
         for name in self.params.keys() {
             if let Some(g) = outs.get(&format!("grad.{name}")) {
@@ -216,12 +281,63 @@ impl Trainer {
             grad_norm,
             lr,
             logits,
-            arena_bytes: profile.arena_bytes,
+            arena_bytes,
         })
     }
 }
 
+/// The checkpoint plan for training `forward` on `[batch, seq]` batches within `budget` bytes
+/// (weights, gradients and AdamW state included; f32 activations, as the CPU runs them).
+pub fn plan_for(forward: &Graph, budget: u64, batch: usize, seq: usize) -> Result<Plan, Error> {
+    let mut planner = Planner::new(
+        forward,
+        request_for(forward, Some(budget), batch, seq),
+        IGNORE_INDEX,
+    )
+    .map_err(|e| Error::Input(e.to_string()))?;
+    planner.plan().map_err(|e| Error::Input(e.to_string()))
+}
+
+/// What the CPU trainer plans for: f32 activations, everything counted, logits returned.
+pub fn request_for(forward: &Graph, budget: Option<u64>, batch: usize, seq: usize) -> Request {
+    Request {
+        batch: batch as u64,
+        seq: seq as u64,
+        budget,
+        act_dtype: ir::DType::F32,
+        count_weights: true,
+        quantum: crate::cli::default_quantum(forward).min(seq as u64).max(1),
+        logits: true,
+    }
+}
+
 impl Trainer {
+    /// As [`Trainer::new`], but gradients come from the layer x time checkpoint schedule the
+    /// planner chooses for `budget` bytes (per batch shape, on the first step of that shape).
+    pub fn with_budget(
+        forward: &Graph,
+        logits: &str,
+        params: HashMap<String, Vec<f32>>,
+        config: TrainConfig,
+        budget: u64,
+    ) -> Result<Trainer, Error> {
+        let mut t = Trainer::new_with(forward, logits, params, config, None)?;
+        t.engine = Engine::Checkpointed {
+            forward: forward.clone(),
+            budget,
+            steps: HashMap::new(),
+        };
+        Ok(t)
+    }
+
+    /// The plan used for `[batch, seq]` batches, once a step of that shape ran.
+    pub fn plan(&self, batch: usize, seq: usize) -> Option<&Plan> {
+        match &self.engine {
+            Engine::Whole(_) => None,
+            Engine::Checkpointed { steps, .. } => steps.get(&(batch, seq)).map(|s| &s.plan),
+        }
+    }
+
     /// The AdamW first and second moments, by parameter name.
     pub fn moments(&self) -> (&Tensors, &Tensors) {
         (&self.m, &self.v)

@@ -80,6 +80,7 @@ fn request(b: usize, l: usize, quantum: u64) -> Request {
         act_dtype: DType::F32,
         count_weights: false,
         quantum,
+        logits: false,
     }
 }
 

@@ -130,3 +130,111 @@ fn train_rejects_bad_input() {
         out.stderr
     );
 }
+
+#[test]
+fn train_with_a_budget_follows_the_same_losses() {
+    // Not under dir(): another test removes that when it ends.
+    let d = std::env::temp_dir().join(format!("ma2mba-train-budget-{}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    let pattern = [5u16, 17, 3, 42, 9, 28, 11, 2];
+    let toks: Vec<u8> = pattern
+        .iter()
+        .cycle()
+        .take(3000)
+        .flat_map(|t| t.to_le_bytes())
+        .collect();
+    let data = d.join("data.u16");
+    std::fs::write(&data, toks).unwrap();
+    let bin = env!("CARGO_BIN_EXE_ma2mba");
+    let run = |extra: &[&str]| {
+        let mut args = vec![
+            "train",
+            "tiny-mamba2",
+            "--data",
+            data.to_str().unwrap(),
+            "--seq-len",
+            "32",
+            "--batch",
+            "2",
+            "--steps",
+            "12",
+            "--log-every",
+            "4",
+        ];
+        args.extend_from_slice(extra);
+        let out = std::process::Command::new(bin)
+            .args(&args)
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, whole, err) = run(&[]);
+    assert_eq!(code, Some(0), "{err}");
+    let (code, planned, err) = run(&["--budget", "1.5MB"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(
+        planned.contains("checkpoint plan for 1500000 bytes"),
+        "{planned}"
+    );
+    let (a, b) = (loss_lines(&whole), loss_lines(&planned));
+    assert_eq!(a.len(), 3);
+    assert_eq!(a.len(), b.len());
+    for (x, y) in a.iter().zip(&b) {
+        assert!((x - y).abs() <= 1e-3 * x.abs(), "{a:?} vs {b:?}");
+    }
+    let (code, _, err) = run(&["--budget", "20kB"]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("no plan fits in 20.0 kB"), "{err}");
+    std::fs::remove_dir_all(&d).ok();
+}
+
+#[test]
+fn grad_with_a_budget_matches_the_interpreter() {
+    let plain = common::cli(&[
+        "grad",
+        "tiny-mamba2",
+        "--tokens",
+        "3 9 27 4 1 8 15 22 6 7 30 2",
+    ]);
+    assert_eq!(plain.code, 0, "{}", plain.stderr);
+    let planned = common::cli(&[
+        "grad",
+        "tiny-mamba2",
+        "--tokens",
+        "3 9 27 4 1 8 15 22 6 7 30 2",
+        "--budget",
+        "450kB",
+    ]);
+    assert_eq!(planned.code, 0, "{}", planned.stderr);
+    assert!(
+        planned.stdout.contains("checkpoint plan:"),
+        "{}",
+        planned.stdout
+    );
+    let loss = |s: &str| -> f64 {
+        s.lines()
+            .find_map(|l| l.strip_prefix("loss "))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap()
+    };
+    let (a, b) = (loss(&plain.stdout), loss(&planned.stdout));
+    assert!((a - b).abs() < 1e-5 * a, "{a} vs {b}");
+    // Gradient norms agree to the printed digits (f32 vs f64: 5 significant digits).
+    let norms = |s: &str| -> Vec<f64> {
+        s.lines()
+            .filter_map(|l| l.split("|grad| ").nth(1)?.trim().parse().ok())
+            .collect()
+    };
+    let (na, nb) = (norms(&plain.stdout), norms(&planned.stdout));
+    assert_eq!(na.len(), nb.len());
+    for (x, y) in na.iter().zip(&nb) {
+        assert!(
+            (x - y).abs() <= 1e-4 * x.abs().max(1e-6),
+            "{na:?} vs {nb:?}"
+        );
+    }
+}

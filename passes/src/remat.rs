@@ -83,6 +83,8 @@ pub struct Request {
     pub count_weights: bool,
     /// Segment lengths are multiples of this (the SSD chunk), except the last segment.
     pub quantum: u64,
+    /// Whether the head also returns the logits (for accuracy during training).
+    pub logits: bool,
 }
 
 /// Where the bytes of a plan's peak go (at the moment of the peak).
@@ -122,6 +124,8 @@ pub struct Plan {
     pub seg_len: u64,
     pub seq: u64,
     pub batch: u64,
+    /// Whether the head returns the logits ([`Request::logits`]).
+    pub logits: bool,
     /// Cells (in backward order) that keep everything, then cells that keep GEMM results.
     pub keep_all: u64,
     pub keep_gemm: u64,
@@ -176,7 +180,9 @@ pub enum PlanError {
     #[error("the model has no layers to checkpoint")]
     NoLayers,
     #[error(
-        "no plan fits in {budget} bytes: the smallest needs {min_bytes} bytes ({plan}); {dominant}"
+        "no plan fits in {}: the smallest needs {} ({plan}); {dominant}",
+        human_bytes(*budget),
+        human_bytes(*min_bytes)
     )]
     Infeasible {
         budget: u64,
@@ -220,10 +226,16 @@ pub struct Variant {
 }
 
 /// Builds the forward and training graphs of `st` for `keep` (the embedding and the head
-/// only support [`Keep::Nothing`]), and lowers them.
-pub fn variant(st: &Stage, keep: Keep, ignore_index: i64) -> Result<Variant, PlanError> {
-    let logits = matches!(st.kind, StageKind::Head).then_some("logits");
-    let tg = autodiff::stage_training_graph(&st.graph, logits, ignore_index, &st.boundary_inputs)?;
+/// only support [`Keep::Nothing`]), and lowers them. With `logits`, the head's training
+/// graph also returns the logits.
+pub fn variant(
+    st: &Stage,
+    keep: Keep,
+    ignore_index: i64,
+    logits: bool,
+) -> Result<Variant, PlanError> {
+    let head = matches!(st.kind, StageKind::Head).then_some("logits");
+    let tg = autodiff::stage_training_graph(&st.graph, head, ignore_index, &st.boundary_inputs)?;
     let nfwd = st.graph.len();
     let train_full = tg.graph;
     // Forward values (of non-leaf nodes) the training graph's backward nodes read.
@@ -252,7 +264,8 @@ pub fn variant(st: &Stage, keep: Keep, ignore_index: i64) -> Result<Variant, Pla
             v
         }
     };
-    let keep_out = |name: &str| name == "loss" || name.starts_with("grad.");
+    let keep_out =
+        |name: &str| name == "loss" || name.starts_with("grad.") || (logits && name == "logits");
     let (train_graph, kept) =
         stage::substitute(&train_full, &saved, &keep_out).map_err(StageError::from)?;
     let recompute_nodes = kept.into_iter().filter(|n| n.index() < nfwd).collect();
@@ -452,8 +465,8 @@ impl Planner {
         }
         let whole: Range<u32> = 0..layers;
         let stages = stage::split(model, std::slice::from_ref(&whole))?;
-        let embed = variant(&stages[0], Keep::Nothing, ignore_index)?;
-        let head = variant(&stages[2], Keep::Nothing, ignore_index)?;
+        let embed = variant(&stages[0], Keep::Nothing, ignore_index, false)?;
+        let head = variant(&stages[2], Keep::Nothing, ignore_index, request.logits)?;
         let params = model
             .params()
             .filter_map(|n| match model.op(n) {
@@ -487,7 +500,7 @@ impl Planner {
                 ranges.push(size..self.layers);
             }
             let stages = stage::split(&self.model, &ranges)?;
-            let v = variant(&stages[1], keep, self.ignore_index)?;
+            let v = variant(&stages[1], keep, self.ignore_index, false)?;
             self.groups.insert((size, keep), v);
         }
         Ok(&self.groups[&(size, keep)])
@@ -546,6 +559,7 @@ impl Planner {
             seg_len: s.min(self.request.seq).max(1),
             seq: self.request.seq,
             batch: self.request.batch,
+            logits: self.request.logits,
             keep_all: 0,
             keep_gemm: 0,
             peak: 0,
@@ -782,6 +796,20 @@ pub fn uniform_groups(layers: u32, l: u32) -> Vec<Range<u32>> {
         .collect()
 }
 
+/// `1.23 GB`, `870.7 kB` (decimal units, as the Ma2mba paper reports).
+pub fn human_bytes(bytes: u64) -> String {
+    let b = bytes as f64;
+    if b >= 1e9 {
+        format!("{:.2} GB", b / 1e9)
+    } else if b >= 1e6 {
+        format!("{:.1} MB", b / 1e6)
+    } else if b >= 1e3 {
+        format!("{:.1} kB", b / 1e3)
+    } else {
+        format!("{bytes} B")
+    }
+}
+
 /// A one-line description of a plan's grid.
 pub fn describe(p: &Plan) -> String {
     let l = p.groups.first().map_or(0, |r| r.end - r.start);
@@ -818,8 +846,9 @@ fn dominant(b: &Breakdown) -> String {
         ("the working set of one cell", b.working),
     ];
     let (name, bytes) = parts.iter().max_by_key(|p| p.1).copied().unwrap_or(("", 0));
+    let bytes = human_bytes(bytes);
     format!(
-        "{name} dominate{} with {bytes} bytes",
+        "{name} dominate{} with {bytes}",
         if name.ends_with('s') && !name.ends_with("ss") {
             ""
         } else {
