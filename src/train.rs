@@ -85,7 +85,7 @@ pub struct StepStats {
 /// How gradients are computed.
 enum Engine {
     /// The whole training graph at once: every activation kept.
-    Whole(CpuGraph),
+    Whole(Box<CpuGraph>),
     /// Under a checkpoint plan for a memory budget, planned per batch shape.
     Checkpointed {
         forward: Graph,
@@ -141,7 +141,7 @@ impl Trainer {
             })
             .collect();
         let compiled = match training {
-            Some(tg) => Engine::Whole(CpuGraph::compile(tg, &LowerOptions::default())?),
+            Some(tg) => Engine::Whole(Box::new(CpuGraph::compile(tg, &LowerOptions::default())?)),
             None => Engine::Checkpointed {
                 forward: forward.clone(),
                 budget: u64::MAX,
