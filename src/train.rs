@@ -88,7 +88,7 @@ enum Engine {
     Whole(Box<CpuGraph>),
     /// Under a checkpoint plan for a memory budget, planned per batch shape.
     Checkpointed {
-        forward: Graph,
+        forward: Box<Graph>,
         budget: u64,
         steps: HashMap<(usize, usize), CheckpointedStep>,
     },
@@ -143,7 +143,7 @@ impl Trainer {
         let compiled = match training {
             Some(tg) => Engine::Whole(Box::new(CpuGraph::compile(tg, &LowerOptions::default())?)),
             None => Engine::Checkpointed {
-                forward: forward.clone(),
+                forward: Box::new(forward.clone()),
                 budget: u64::MAX,
                 steps: HashMap::new(),
             },
@@ -323,7 +323,7 @@ impl Trainer {
     ) -> Result<Trainer, Error> {
         let mut t = Trainer::new_with(forward, logits, params, config, None)?;
         t.engine = Engine::Checkpointed {
-            forward: forward.clone(),
+            forward: Box::new(forward.clone()),
             budget,
             steps: HashMap::new(),
         };
