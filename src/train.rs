@@ -212,9 +212,9 @@ impl Trainer {
                 budget,
                 steps,
             } => {
-                if !steps.contains_key(&(batch, seq)) {
+                if let std::collections::hash_map::Entry::Vacant(e) = steps.entry((batch, seq)) {
                     let plan = plan_for(forward, *budget, batch, seq)?;
-                    steps.insert((batch, seq), CheckpointedStep::compile(forward, &plan)?);
+                    e.insert(CheckpointedStep::compile(forward, &plan)?);
                 }
                 let step = &steps[&(batch, seq)];
                 let out = step.run(&self.params, ids, targets, states)?;
