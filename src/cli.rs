@@ -1354,6 +1354,15 @@ fn train(a: &TrainArgs, out: &mut Outcome) {
     // The schedule spans this run's steps, continuing from a resumed step count.
     trainer.config.total_steps = trainer.step + a.steps;
     let start_step = trainer.step;
+    // A progress bar on a terminal (hidden otherwise); the log lines go to stdout either way.
+    let bar = indicatif::ProgressBar::new(a.steps as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{bar:30} {pos}/{len} steps  {msg}  [{elapsed} < {eta}]",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    let mut peak_bytes = 0u64;
     let mut rng = runtime::init::Rng::new(a.seed ^ 0x7a11);
     let stream_len = tokens.len() / a.batch;
     let started = std::time::Instant::now();
@@ -1397,6 +1406,14 @@ fn train(a: &TrainArgs, out: &mut Outcome) {
         }
         loss_sum += stats.loss;
         n_loss += 1;
+        peak_bytes = peak_bytes.max(stats.arena_bytes);
+        bar.inc(1);
+        bar.set_message(format!(
+            "loss {:.4}  {:.0} tokens/s  peak {}",
+            stats.loss,
+            ((i + 1) * a.batch * a.seq_len) as f64 / started.elapsed().as_secs_f64(),
+            crate::plan::human(peak_bytes)
+        ));
         let done = i + 1 == a.steps;
         if (i + 1) % a.log_every.max(1) == 0 || done {
             let rate = ((i + 1) * b * l) as f64 / started.elapsed().as_secs_f64();
@@ -1413,7 +1430,7 @@ fn train(a: &TrainArgs, out: &mut Outcome) {
                 },
                 stats.arena_bytes as f64 / (1 << 20) as f64
             );
-            print!("{line}");
+            bar.suspend(|| print!("{line}"));
             (loss_sum, n_loss) = (0.0, 0);
         }
         let periodic = a.save_every > 0 && (i + 1) % a.save_every == 0;
@@ -1424,6 +1441,7 @@ fn train(a: &TrainArgs, out: &mut Outcome) {
             return fail(out, format!("error: {e}"));
         }
     }
+    bar.finish_and_clear();
     let _ = writeln!(
         out.stdout,
         "trained steps {}..{} in {:.1?}{}",
