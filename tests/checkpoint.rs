@@ -87,6 +87,7 @@ fn request(b: usize, l: usize, quantum: u64) -> Request {
 /// The unsplit training graph's loss and gradients (mean loss).
 fn whole(
     g: &Graph,
+    states: &HashMap<String, Vec<f32>>,
     params: &HashMap<String, Vec<f32>>,
     ids: &[i32],
     targets: &[i32],
@@ -100,9 +101,7 @@ fn whole(
         ("targets".to_string(), HostData::I32(targets.to_vec())),
     ]);
     let syms = [("B", b as i64), ("L", l as i64)];
-    let (outs, _) = cpu
-        .run(&syms, &data, params, &HashMap::new())
-        .expect("runs");
+    let (outs, _) = cpu.run(&syms, &data, params, states).expect("runs");
     let mut loss = f64::NAN;
     let mut grads = HashMap::new();
     for (n, v) in outs {
@@ -193,7 +192,7 @@ fn check_case(
     }
 
     // The unsplit training graph: equal up to the regrouping of sums over time.
-    let (wl, wg) = whole(&g, &params, &ids, &targets, b, l);
+    let (wl, wg) = whole(&g, &HashMap::new(), &params, &ids, &targets, b, l);
     assert!(
         (out.loss - wl).abs() <= 1e-5 * wl.abs().max(1.0),
         "{what}: loss {} vs {wl}",
@@ -278,7 +277,7 @@ fn infeasible_budget_names_the_smallest_plan() {
         .plan()
         .expect_err("1000 bytes cannot fit")
         .to_string();
-    assert!(err.contains("no plan fits in 1000 bytes"), "{err}");
+    assert!(err.contains("no plan fits in 1.0 kB"), "{err}");
     assert!(err.contains("the smallest needs"), "{err}");
     assert!(err.contains("dominate"), "{err}");
 }
@@ -357,4 +356,58 @@ fn plan_cli_prints_the_grid_and_json() {
         "{}",
         tiny_budget.stderr
     );
+}
+
+#[test]
+fn carried_initial_states_flow_through_the_schedule() {
+    // Truncated BPTT: a step starting from non-zero states (the previous batch's final ones)
+    // gives the unsplit graph's loss, gradients and final states.
+    let g = tiny(true, 2, true);
+    let params = params_of(&g, 8);
+    let (b, l) = (2usize, 13usize);
+    let (ids, targets) = tokens(b, l, 4);
+    // States from a forward pass over other tokens.
+    let fwd = CpuGraph::compile(&g, &LowerOptions::default()).expect("compiles");
+    let (warm, _) = tokens(b, 7, 99);
+    let data = HashMap::from([("input_ids".to_string(), HostData::I32(warm))]);
+    let (outs, _) = fwd
+        .run(
+            &[("B", b as i64), ("L", 7)],
+            &data,
+            &params,
+            &HashMap::new(),
+        )
+        .expect("runs");
+    let states: HashMap<String, Vec<f32>> =
+        outs.into_iter().filter(|(n, _)| n != "logits").collect();
+    assert_eq!(states.len(), 4);
+    let mut planner = Planner::new(&g, request(b, l, 4), IGNORE_INDEX).expect("planner");
+    planner.exact_groups = u32::MAX;
+    let plan = planner.grid_plan(1, 4, 1, 1).expect("plan");
+    let out = CheckpointedStep::compile(&g, &plan)
+        .expect("compiles")
+        .run(&params, &ids, &targets, &states)
+        .expect("runs");
+    let (wl, wg) = whole(&g, &states, &params, &ids, &targets, b, l);
+    assert!(
+        (out.loss - wl).abs() <= 1e-5 * wl.abs(),
+        "loss {} vs {wl}",
+        out.loss
+    );
+    for (name, w) in &wg {
+        let v = &out.grads[name];
+        let scale = w.iter().fold(0f32, |m, x| m.max(x.abs())).max(1e-3);
+        let err = v.iter().zip(w).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+        assert!(err <= 2e-4 * scale, "{name}: {err} (scale {scale})");
+    }
+    // Final states: those of a forward pass over the same tokens from the same states.
+    let data = HashMap::from([("input_ids".to_string(), HostData::I32(ids.clone()))]);
+    let (outs, _) = fwd
+        .run(&[("B", b as i64), ("L", l as i64)], &data, &params, &states)
+        .expect("runs");
+    for (n, v) in outs {
+        if n != "logits" {
+            assert_eq!(out.final_states.get(&n), Some(&v), "final state {n}");
+        }
+    }
 }
