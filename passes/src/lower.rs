@@ -469,7 +469,9 @@ impl<'g> Lowering<'g> {
             let i = self.syms.iter().position(|x| x == s).unwrap_or(0);
             e = e.mul(IExpr::Size(i));
         }
-        e
+        // A chunk count: ceil(e / div).
+        let div = d.div() as i64;
+        e.add(IExpr::c(div - 1)).div(IExpr::c(div))
     }
 
     fn numel(&self, shape: &[Dim]) -> IExpr {
