@@ -1,11 +1,12 @@
 //! The scan gradients (`selective_scan_grad`, `ssd_scan_grad`) at sequence lengths around
 //! the chunk of their checkpointed recomputation: one step, a chunk less one, a chunk, a
 //! chunk plus one, several chunks and a partial one. Mamba-1's gradient checkpoints every
-//! `SELECTIVE_CHUNK` steps; Mamba-2's every `chunk` steps of its op (tiny-mamba2: 8).
+//! `SELECTIVE_GRAD_CHUNK` steps; Mamba-2's every `chunk` steps of its op (tiny-mamba2: 8).
 //!
-//! Each case runs twice more than the interpreter: the Cranelift kernels (inline `exp`)
-//! against the f64 reference interpreter within the f32 tolerances of the other tests, and
-//! Cranelift with `exact_math` against the kernel IR evaluator, which must agree bit for bit.
+//! Each case runs the Cranelift kernels (inline `exp`) against the f64 reference interpreter
+//! within the f32 tolerances of the other tests, and Cranelift with `exact_math` against the
+//! kernel IR evaluator, which must agree bit for bit. And the scratch memory of the gradients
+//! of a published config is their checkpoints, not every state.
 
 mod common;
 
@@ -20,8 +21,8 @@ use runtime::init::Rng;
 use runtime::interp::{self, Bindings};
 use std::collections::HashMap;
 
-/// The checkpoint interval of the Mamba-1 scan gradient (`passes::lower`).
-const SELECTIVE_CHUNK: usize = 64;
+/// The checkpoint interval of the Mamba-1 scan gradient.
+const SELECTIVE_CHUNK: usize = passes::lower::SELECTIVE_GRAD_CHUNK as usize;
 /// tiny-mamba2's `chunk_size`.
 const TINY_MAMBA2_CHUNK: usize = 8;
 /// Normwise relative error per tensor for a whole training graph (tests/training.rs).
@@ -31,7 +32,9 @@ const REDUCTION: (f64, f64) = (6e-4, 2e-3);
 
 /// Lengths around a chunk of `q` steps.
 fn lengths(q: usize) -> Vec<usize> {
-    vec![1, q - 1, q, q + 1, 3 * q + 5]
+    let mut ls = vec![1, q - 1, q, q + 1, 3 * q + 5];
+    ls.dedup();
+    ls
 }
 
 /// A graph with every input bound, for the interpreter and for the compiled program.
@@ -402,7 +405,8 @@ fn tiny_mamba2_gradients_around_the_chunk() {
 
 #[test]
 fn selective_scan_grad_around_the_chunk() {
-    for (i, l) in lengths(SELECTIVE_CHUNK).into_iter().enumerate() {
+    // And no step at all: no chunk, dh0 = dh1.
+    for (i, l) in lengths(SELECTIVE_CHUNK).into_iter().chain([0]).enumerate() {
         let c = selective_case(2, l, 3, 4, 60 + i as u64);
         check(&c, Tolerance::Elementwise(REDUCTION.0, REDUCTION.1));
     }
@@ -412,9 +416,36 @@ fn selective_scan_grad_around_the_chunk() {
 fn ssd_scan_grad_around_the_chunk() {
     // Grouped heads; chunks of 1 (every step a checkpoint), 4, and one longer than L.
     for (chunk, q) in [(4u64, 4usize), (1, 2), (64, 4)] {
-        for (i, l) in lengths(q).into_iter().enumerate() {
+        for (i, l) in lengths(q).into_iter().chain([0]).enumerate() {
             let c = ssd_case(2, l, (2, 2, 3, 5), chunk, 70 + i as u64);
             check(&c, Tolerance::Elementwise(REDUCTION.0, REDUCTION.1));
         }
     }
+}
+
+/// Scratch bytes of one scan gradient at B = 1, L = 8192, by the lowered buffers.
+fn scratch_bytes(c: &Case) -> Vec<u64> {
+    let l = passes::lower(&c.graph, &LowerOptions::default()).expect("lowers");
+    let bind = |s: &str| Some(if s == "B" { 1 } else { 8192 });
+    let bytes = passes::memory::buffer_bytes(&l, &bind).expect("sizes");
+    l.buffers
+        .iter()
+        .zip(bytes)
+        .filter(|(b, _)| b.kind == passes::BufKind::Scratch)
+        .map(|(_, n)| n)
+        .collect()
+}
+
+#[test]
+fn scratch_is_checkpoints_not_every_state() {
+    // mamba2-2.7b: 80 heads of 64, d_state 128, one group, chunk 256: the states and state
+    // cotangents at 32 chunk starts, and a [H, Q, P] scratch (was 2 x [B, L, H, P, N], 43 GB).
+    let ssd = ssd_case(1, 1, (80, 1, 64, 128), 256, 0);
+    let ck = 32 * 80 * 64 * 128 * 4;
+    assert_eq!(scratch_bytes(&ssd), [ck, ck, 80 * 256 * 64 * 4]);
+    // mamba-2.8b: 5120 channels, d_state 16: checkpoints at 128 chunk starts and a [B, E, Q, N]
+    // chunk of states (was 2 x [B, L, E, N], 5.4 GB).
+    let sel = selective_case(1, 1, 5120, 16, 0);
+    let ck = 128 * 5120 * 16 * 4;
+    assert_eq!(scratch_bytes(&sel), [ck, ck, 5120 * 64 * 16 * 4]);
 }
