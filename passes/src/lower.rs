@@ -50,15 +50,16 @@ pub struct LowerOptions {
 /// Steps per checkpoint of the Mamba-1 scan gradient. Its scratch is a state and a state
 /// cotangent per chunk (`[B, ceil(L/Q), E, N]` each) and one chunk of states per grid point
 /// (`[B, E, Q, N]`): `B·E·N·(Q + 2·ceil(L/Q))` floats, least at `Q = sqrt(2L)`. 64 is within
-/// 25% of that least for the 512 to 8192 steps of a training segment, and a chunk of states
-/// (64 x N = 16 floats) stays in cache while the reverse sweep reads it back.
+/// 25% of that least for the 512 to 8192 steps of a training segment, and a grid point's
+/// chunk of states (64 x 16 floats at d_state 16) stays in cache while the reverse sweep
+/// reads it back.
 pub const SELECTIVE_GRAD_CHUNK: u64 = 64;
 
 /// The most steps per checkpoint of the Mamba-2 scan gradient, which otherwise takes its op's
 /// `chunk` (256 in the published configs): its kernels recompute a chunk one state element at
 /// a time, so `Q` costs only a few `[Q]` local arrays per grid point and a `[H, Q, P]`
-/// scratch while the checkpoints shrink as `1/Q`. The cap bounds the local arrays (9 of them,
-/// 36 KiB at 1024).
+/// scratch while the checkpoints shrink as `1/Q`. The cap bounds the local arrays (at most 7
+/// per kernel, 28 KiB at 1024).
 pub const MAX_SSD_GRAD_CHUNK: u64 = 1024;
 
 /// Lowers `g` for f32 compute (parameters and activations stored as f32).
