@@ -1,7 +1,7 @@
 //! Ties the Cranelift-compiled kernels (`codegen`) to the CPU executor (`runtime`): the two
 //! crates do not know each other, by design.
 
-use codegen::cpu::{CpuKernel, CpuModule};
+use codegen::cpu::{CpuKernel, CpuModule, CpuOptions};
 use ir::schedule::Lowered;
 use runtime::cpu::Launcher;
 
@@ -13,8 +13,8 @@ pub struct CraneliftLauncher {
 }
 
 impl CraneliftLauncher {
-    pub fn compile(l: &Lowered) -> Result<CraneliftLauncher, String> {
-        let mut module = CpuModule::new().map_err(|e| e.to_string())?;
+    pub fn compile_with(l: &Lowered, opts: CpuOptions) -> Result<CraneliftLauncher, String> {
+        let mut module = CpuModule::with_options(opts).map_err(|e| e.to_string())?;
         let kernels = module.compile_all(&l.kernels).map_err(|e| e.to_string())?;
         Ok(CraneliftLauncher {
             kernels,

@@ -128,8 +128,19 @@ pub struct CpuGraph {
 
 impl CpuGraph {
     pub fn compile(graph: &Graph, opts: &LowerOptions) -> Result<CpuGraph, Error> {
+        CpuGraph::compile_with(graph, opts, codegen::cpu::CpuOptions::default())
+    }
+
+    /// As [`CpuGraph::compile`], with the code generator's options (`exact_math`: results
+    /// bit-identical to the kernel IR evaluator's f32 mode, for tests).
+    pub fn compile_with(
+        graph: &Graph,
+        opts: &LowerOptions,
+        cpu: codegen::cpu::CpuOptions,
+    ) -> Result<CpuGraph, Error> {
         let lowered = passes::lower(graph, opts)?;
-        let launcher = crate::cpu::CraneliftLauncher::compile(&lowered).map_err(Error::Codegen)?;
+        let launcher =
+            crate::cpu::CraneliftLauncher::compile_with(&lowered, cpu).map_err(Error::Codegen)?;
         Ok(CpuGraph { lowered, launcher })
     }
 

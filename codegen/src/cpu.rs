@@ -19,7 +19,7 @@
 //!   stores convert back (f64: `fpromote`; bf16: round to nearest even with the
 //!   `0x7FFF + lsb` trick, NaNs stay quiet NaNs; f16: [`half`]). Stores to integer buffers are
 //!   not supported (the evaluator gives them no integer semantics).
-//! - `IExpr::LoadIndex` reads i32 (sign-extended) or i64 buffers.
+//! - `IExpr::LoadIndex` reads i32 (sign-extended) or i64 buffers; `IExpr::Min` is `smin`.
 //! - `IExpr::Div`/`Rem` are floor division/remainder (as the evaluator's `div_euclid`), exact
 //!   for negative dividends too: shifts and masks for power-of-two constants, Cranelift's
 //!   magic-number division for other constants, `sdiv` plus a fix-up otherwise. A divisor
@@ -1075,6 +1075,10 @@ impl Lower<'_> {
             }
             IExpr::Div(a, c) => self.divrem(a, c, false)?,
             IExpr::Rem(a, c) => self.divrem(a, c, true)?,
+            IExpr::Min(a, c) => {
+                let (x, y) = (self.iexpr(a)?, self.iexpr(c)?);
+                self.b.ins().smin(x, y)
+            }
             IExpr::LoadIndex { buf, index } => {
                 let dtype = self.dtype(*buf)?;
                 let addr = self.buf_addr(*buf, index)?;
@@ -1511,6 +1515,7 @@ impl StaticEval<'_> {
                     x.rem_euclid(d)
                 }
             }
+            IExpr::Min(a, b) => self.iexpr(a)?.min(self.iexpr(b)?),
             IExpr::LoadIndex { buf, index } => {
                 let i = self.iexpr(index)?;
                 let kb = self.k.bufs.get(*buf).ok_or("unknown buffer")?;
@@ -1536,6 +1541,19 @@ impl StaticEval<'_> {
     }
 
     /// A rough count of operations one grid point does.
+    /// A loop's trip count for the work estimate: exact when it depends on sizes only, a
+    /// bound for `min(bound, anything)` (a chunk's length), else 16.
+    fn extent_estimate(&self, extent: &IExpr) -> f64 {
+        match (self.iexpr(extent), extent) {
+            (Ok(n), _) => n.max(0) as f64,
+            (Err(_), IExpr::Min(a, b)) => match (self.iexpr(a), self.iexpr(b)) {
+                (Ok(x), _) | (_, Ok(x)) => x.max(0) as f64,
+                _ => 16.0,
+            },
+            (Err(_), _) => 16.0,
+        }
+    }
+
     fn block_cost(&self, body: &[Stmt]) -> f64 {
         body.iter()
             .map(|s| match s {
@@ -1543,7 +1561,7 @@ impl StaticEval<'_> {
                 Stmt::ArrSet { value, .. } | Stmt::Store { value, .. } => 2.0 + expr_cost(value),
                 Stmt::Array { len, .. } => *len as f64,
                 Stmt::For { extent, body, .. } => {
-                    let n = self.iexpr(extent).map_or(16.0, |n| n.max(0) as f64);
+                    let n = self.extent_estimate(extent);
                     n * (2.0 + self.block_cost(body))
                 }
             })

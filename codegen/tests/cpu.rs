@@ -765,6 +765,48 @@ fn floor_div_rem() {
     assert_eq!((want[0][0], want[0][n as usize]), (-4.0, 2.0));
 }
 
+/// Min of index values, negative ones included, with constant and runtime operands (a loop
+/// extent too: the length of a chunk, `min(Q, N - c*Q)`).
+#[test]
+fn index_min() {
+    let v = g(0).sub(c(10));
+    let body = vec![
+        store(0, g(0), Expr::FromIndex(v.clone().min(c(3)))),
+        store(0, sz(0).add(g(0)), Expr::FromIndex(sz(1).min(v.clone()))),
+        Stmt::Var {
+            var: VarId(0),
+            init: fc(0.0),
+        },
+        for_(
+            1,
+            c(4).min(sz(0).sub(g(0).mul(c(4)))),
+            vec![Stmt::Set {
+                var: VarId(0),
+                value: add(var(0), fc(1.0)),
+            }],
+        ),
+        store(0, c(2).mul(sz(0)).add(g(0)), var(0)),
+    ];
+    let k = kernel(
+        "min",
+        vec![kb("out", DType::F32, true)],
+        &["N", "P"],
+        vec![sz(0)],
+        body,
+    );
+    let n = 23i64;
+    let want = check(&k, &[n, 5], &[vec![0.0; (n * 3) as usize]]);
+    let n = n as usize;
+    assert_eq!(want[0][..2], [-10.0, -9.0]);
+    assert_eq!(want[0][20], 3.0);
+    assert_eq!((want[0][n], want[0][n + 20]), (-10.0, 5.0));
+    // Chunks of 4 over 23: five full, one of 3, then none.
+    assert_eq!(
+        want[0][2 * n..2 * n + 7],
+        [4.0, 4.0, 4.0, 4.0, 4.0, 3.0, 0.0]
+    );
+}
+
 /// Runs `op` over `xs` with the default (inline) math.
 fn jit_unary(op: UnaryOp, xs: &[f32]) -> Vec<f32> {
     let k = kernel(

@@ -156,6 +156,18 @@ fn attr(op: &Op, message: String) -> TypeError {
     }
 }
 
+/// Checks that a shape given in an op's attributes has monomial dimensions only: ceiling
+/// divisions (chunk counts) size the lowering's buffers, never graph values.
+fn monomials(op: &Op, shape: &[Dim]) -> Result<(), TypeError> {
+    match shape.iter().find(|d| d.div() != 1) {
+        Some(d) => Err(attr(
+            op,
+            format!("the dimension {d} is not a monomial over the symbols"),
+        )),
+        None => Ok(()),
+    }
+}
+
 /// The result types of `op` applied to operands of types `ts`.
 pub fn infer(op: &Op, ts: &[&TensorType]) -> Result<Vec<TensorType>, TypeError> {
     match op.arity() {
@@ -165,8 +177,12 @@ pub fn infer(op: &Op, ts: &[&TensorType]) -> Result<Vec<TensorType>, TypeError> 
     }
     let one = |t: TensorType| Ok(vec![t]);
     match op {
-        Op::Input { ty, .. } => one(ty.clone()),
+        Op::Input { ty, .. } => {
+            monomials(op, &ty.shape)?;
+            one(ty.clone())
+        }
         Op::Param { ty, .. } => {
+            monomials(op, &ty.shape)?;
             if !ty.dtype.is_float() {
                 return Err(attr(
                     op,
@@ -258,6 +274,7 @@ pub fn infer(op: &Op, ts: &[&TensorType]) -> Result<Vec<TensorType>, TypeError> 
             one(TensorType::new(l.dtype, shape))
         }
         Op::Reshape { shape } => {
+            monomials(op, shape)?;
             let (from, to) = (numel(&ts[0].shape), numel(shape));
             if from.is_none() || from != to {
                 return Err(attr(
@@ -293,6 +310,7 @@ pub fn infer(op: &Op, ts: &[&TensorType]) -> Result<Vec<TensorType>, TypeError> 
             one(TensorType::new(ts[0].dtype, shape))
         }
         Op::Broadcast { shape } => {
+            monomials(op, shape)?;
             let src = &ts[0].shape;
             if src.len() > shape.len() {
                 return Err(attr(
@@ -594,6 +612,23 @@ mod tests {
 
     fn t(shape: &[Dim]) -> TensorType {
         TensorType::new(DType::F32, shape.to_vec())
+    }
+
+    #[test]
+    fn graph_shapes_are_monomials() {
+        let chunks = Dim::sym("L").ceil_div(64).unwrap();
+        let input = Op::Input {
+            name: "x".into(),
+            kind: crate::op::InputKind::Data,
+            ty: t(&[Dim::sym("B"), chunks.clone()]),
+        };
+        let e = infer(&input, &[]).unwrap_err();
+        assert!(e.to_string().contains("ceil(L/64)"), "{e}");
+        let x = t(&[Dim::sym("L")]);
+        let bc = Op::Broadcast {
+            shape: vec![chunks, Dim::sym("L")],
+        };
+        assert!(infer(&bc, &[&x]).is_err());
     }
 
     #[test]

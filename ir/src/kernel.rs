@@ -45,6 +45,9 @@ pub enum IExpr {
     Div(Box<IExpr>, Box<IExpr>),
     /// Remainder by a positive divisor (non-negative for non-negative operands).
     Rem(Box<IExpr>, Box<IExpr>),
+    /// The smaller of two values (the length of a sequence's last, partial chunk:
+    /// `min(Q, L - c*Q)`).
+    Min(Box<IExpr>, Box<IExpr>),
     /// Element `index` of an integer buffer (token ids), as i64.
     LoadIndex {
         buf: usize,
@@ -94,6 +97,12 @@ impl IExpr {
             (_, IExpr::Const(1)) => IExpr::Const(0),
             (IExpr::Const(a), IExpr::Const(b)) if *b > 0 => IExpr::Const(a.rem_euclid(*b)),
             _ => IExpr::Rem(Box::new(self), Box::new(o)),
+        }
+    }
+    pub fn min(self, o: IExpr) -> IExpr {
+        match (&self, &o) {
+            (IExpr::Const(a), IExpr::Const(b)) => IExpr::Const(*a.min(b)),
+            _ => IExpr::Min(Box::new(self), Box::new(o)),
         }
     }
 }
@@ -346,7 +355,8 @@ impl Kernel {
             | IExpr::Sub(a, b)
             | IExpr::Mul(a, b)
             | IExpr::Div(a, b)
-            | IExpr::Rem(a, b) => {
+            | IExpr::Rem(a, b)
+            | IExpr::Min(a, b) => {
                 self.check_iexpr(a, scope, in_grid)?;
                 self.check_iexpr(b, scope, in_grid)
             }
@@ -376,6 +386,7 @@ impl fmt::Display for IExpr {
             IExpr::Mul(a, b) => write!(f, "{a}*{b}"),
             IExpr::Div(a, b) => write!(f, "({a} / {b})"),
             IExpr::Rem(a, b) => write!(f, "({a} % {b})"),
+            IExpr::Min(a, b) => write!(f, "min({a}, {b})"),
             IExpr::LoadIndex { buf, index } => write!(f, "b{buf}[{index}]"),
         }
     }
@@ -553,6 +564,7 @@ pub mod eval {
                     }
                     self.index(a, fr, bufs)?.rem_euclid(d)
                 }
+                IExpr::Min(a, b) => self.index(a, fr, bufs)?.min(self.index(b, fr, bufs)?),
                 IExpr::LoadIndex { buf, index } => {
                     let i = self.index(index, fr, bufs)?;
                     let b = bufs.get(*buf).ok_or("unknown buffer")?;

@@ -20,11 +20,12 @@ pub enum BufKind {
     Param(String),
     /// An intermediate value: lives in the arena, placed by the memory planner.
     Temp,
-    /// Working memory of one op's kernels (the forward states a scan's backward replays in
-    /// reverse, per-grid-point partial sums a second kernel reduces): in the arena like
-    /// `Temp`, alive only across the steps of the op that uses it, never read by another op.
-    /// Its `BufInfo::shape` is its own (not the type of `BufInfo::value`, which names the op's
-    /// first result for errors and profiles); no element is defined before its kernel writes it.
+    /// Working memory of one op's kernels (a scan gradient's state checkpoints, one chunk of
+    /// recomputed states per grid point): in the arena like `Temp`, alive only across the
+    /// steps of the op that uses it, never read by another op. Its `BufInfo::shape` is its own
+    /// (not the type of `BufInfo::value`, which names the op's first result for errors and
+    /// profiles) and may count chunks (`ceil(L/64)`); no element is defined before its kernel
+    /// writes it.
     Scratch,
 }
 

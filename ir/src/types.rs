@@ -4,6 +4,13 @@
 //! batch and sequence to stay symbolic through reshapes such as `[B, L, E] -> [B*L, E]`, and
 //! closed under the products that shape rules need. Config-derived sizes are plain numbers by
 //! the time they reach the IR (the frontend evaluates them).
+//!
+//! Outside the graph, a dimension may also be the ceiling of a monomial over a constant,
+//! `ceil(L/64)`: the number of chunks of a sequence, which the lowering's working buffers
+//! (`BufKind::Scratch`) are sized by. Graph types never contain one ([`infer`] rejects them
+//! in op attributes), so shape rules only ever see monomials.
+//!
+//! [`infer`]: crate::infer::infer
 
 use std::fmt;
 
@@ -66,12 +73,14 @@ impl fmt::Display for DType {
     }
 }
 
-/// One dimension: `coeff * syms[0] * syms[1] * ...`, symbols kept sorted so that equal
-/// monomials compare equal.
+/// One dimension: `ceil(coeff * syms[0] * syms[1] * ... / div)`, symbols kept sorted and
+/// `coeff / div` in lowest terms so that equal dimensions compare equal. `div` is 1 (a plain
+/// monomial) except for chunk counts ([`Dim::ceil_div`]).
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Dim {
     coeff: u64,
     syms: Vec<String>,
+    div: u64,
 }
 
 impl Dim {
@@ -79,6 +88,7 @@ impl Dim {
         Dim {
             coeff: n,
             syms: Vec::new(),
+            div: 1,
         }
     }
 
@@ -86,7 +96,26 @@ impl Dim {
         Dim {
             coeff: 1,
             syms: vec![name.to_string()],
+            div: 1,
         }
+    }
+
+    /// `ceil(self / q)` (the number of chunks of `q`); `None` if `q` is 0 or `self` is a
+    /// ceiling division already.
+    pub fn ceil_div(&self, q: u64) -> Option<Dim> {
+        if q == 0 || self.div != 1 {
+            return None;
+        }
+        let g = gcd(self.coeff, q);
+        let (coeff, div) = (self.coeff / g, q / g);
+        if self.syms.is_empty() || coeff == 0 {
+            return Some(Dim::known(coeff.div_ceil(div)));
+        }
+        Some(Dim {
+            coeff,
+            syms: self.syms.clone(),
+            div,
+        })
     }
 
     /// The number, when the dimension has no symbols.
@@ -98,6 +127,11 @@ impl Dim {
         self.coeff
     }
 
+    /// The divisor of a ceiling division ([`Dim::ceil_div`]); 1 for a monomial.
+    pub fn div(&self) -> u64 {
+        self.div
+    }
+
     pub fn syms(&self) -> &[String] {
         &self.syms
     }
@@ -106,8 +140,18 @@ impl Dim {
         self.as_known() == Some(1)
     }
 
-    /// Product of two dimensions; `None` on u64 overflow.
+    /// Product of two dimensions; `None` on u64 overflow, or when a factor other than 1 is a
+    /// ceiling division (a product of ceilings is not the ceiling of a monomial).
     pub fn mul(&self, other: &Dim) -> Option<Dim> {
+        if self.is_one() {
+            return Some(other.clone());
+        }
+        if other.is_one() {
+            return Some(self.clone());
+        }
+        if self.div != 1 || other.div != 1 {
+            return None;
+        }
         let coeff = if self.coeff == 0 || other.coeff == 0 {
             0
         } else {
@@ -119,19 +163,36 @@ impl Dim {
         if coeff == 0 {
             syms.clear();
         }
-        Some(Dim { coeff, syms })
+        Some(Dim {
+            coeff,
+            syms,
+            div: 1,
+        })
     }
 
     /// Value with every symbol bound by `bind`; `None` if a symbol is unbound or on overflow.
     pub fn eval(&self, bind: &dyn Fn(&str) -> Option<u64>) -> Option<u64> {
-        self.syms
+        let n = self
+            .syms
             .iter()
-            .try_fold(self.coeff, |acc, s| acc.checked_mul(bind(s)?))
+            .try_fold(self.coeff, |acc, s| acc.checked_mul(bind(s)?))?;
+        Some(n.div_ceil(self.div))
     }
+}
+
+fn gcd(a: u64, b: u64) -> u64 {
+    if b == 0 { a } else { gcd(b, a % b) }
 }
 
 impl fmt::Display for Dim {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.div != 1 {
+            let mono = Dim {
+                div: 1,
+                ..self.clone()
+            };
+            return write!(f, "ceil({mono}/{})", self.div);
+        }
         if self.syms.is_empty() {
             return write!(f, "{}", self.coeff);
         }
@@ -206,5 +267,27 @@ mod tests {
             bl.eval(&|s| if s == "B" { Some(2) } else { Some(5) }),
             Some(10)
         );
+    }
+
+    #[test]
+    fn ceiling_divisions_count_chunks() {
+        let l = Dim::sym("L");
+        let c = l.ceil_div(64).unwrap();
+        assert_eq!(c.to_string(), "ceil(L/64)");
+        for (len, chunks) in [(0, 0), (1, 1), (63, 1), (64, 1), (65, 2), (197, 4)] {
+            assert_eq!(c.eval(&|_| Some(len)), Some(chunks));
+        }
+        // In lowest terms: ceil(128*L/64) is 2*L, ceil(6*L/4) is ceil(3*L/2).
+        let l128 = Dim::known(128).mul(&l).unwrap();
+        assert_eq!(l128.ceil_div(64).unwrap(), Dim::known(2).mul(&l).unwrap());
+        let l6 = Dim::known(6).mul(&l).unwrap();
+        assert_eq!(l6.ceil_div(4).unwrap().to_string(), "ceil(3*L/2)");
+        assert_eq!(Dim::known(65).ceil_div(64), Some(Dim::known(2)));
+        assert_eq!(l.ceil_div(0), None);
+        assert_eq!(c.ceil_div(2), None);
+        // Products keep monomials only; 1 is the identity.
+        assert_eq!(c.mul(&Dim::known(1)), Some(c.clone()));
+        assert_eq!(c.mul(&Dim::known(2)), None);
+        assert_eq!(c.mul(&c), None);
     }
 }

@@ -13,9 +13,13 @@
 //! A reshape of a materialized buffer is an alias of it, not a copy.
 //!
 //! The backward and loss ops get kernels of their own (see `cross_entropy`, `conv_grad`,
-//! `selective_scan_grad`, `ssd_scan_grad`): a scan's gradient keeps the forward states it
-//! replays in reverse in scratch buffers, and sums over grid points (`dA`, `dB`, `dC`) are
-//! reduced by later kernels of the same op, never by racing writes.
+//! `selective_scan_grad`, `ssd_scan_grad`). Sums over grid points (`dA`, `dB`, `dC`) are
+//! reduced by later kernels of the same op, never by racing writes. A scan's gradient does
+//! not keep every forward state: it checkpoints the state and the state cotangent at the
+//! start of every chunk of `Q` steps in scratch buffers (`[B, ceil(L/Q), E, N]`), and each
+//! of its kernels recomputes a chunk's states from them where it needs them, with the
+//! forward sweep's arithmetic and every sum in its order, so the results are bit-identical
+//! to storing them all. Scratch memory is `O(B·E·N·(Q + L/Q))`, not `O(B·L·E·N)`.
 //!
 //! The result is executable by any backend that runs [`ir::kernel::Kernel`]s and row-major
 //! f32 matrix products: steps in graph order, which is a topological order.
@@ -42,6 +46,21 @@ pub struct LowerOptions {
     /// Materialize every value (no fusion): the differential baseline for fusion.
     pub no_fusion: bool,
 }
+
+/// Steps per checkpoint of the Mamba-1 scan gradient. Its scratch is a state and a state
+/// cotangent per chunk (`[B, ceil(L/Q), E, N]` each) and one chunk of states per grid point
+/// (`[B, E, Q, N]`): `B·E·N·(Q + 2·ceil(L/Q))` floats, least at `Q = sqrt(2L)`. 64 is within
+/// 25% of that least for the 512 to 8192 steps of a training segment, and a grid point's
+/// chunk of states (64 x 16 floats at d_state 16) stays in cache while the reverse sweep
+/// reads it back.
+pub const SELECTIVE_GRAD_CHUNK: u64 = 64;
+
+/// The most steps per checkpoint of the Mamba-2 scan gradient, which otherwise takes its op's
+/// `chunk` (256 in the published configs): its kernels recompute a chunk one state element at
+/// a time, so `Q` costs only a few `[Q]` local arrays per grid point and a `[H, Q, P]`
+/// scratch while the checkpoints shrink as `1/Q`. The cap bounds the local arrays (at most 7
+/// per kernel, 28 KiB at 1024).
+pub const MAX_SSD_GRAD_CHUNK: u64 = 1024;
 
 /// Lowers `g` for f32 compute (parameters and activations stored as f32).
 pub fn lower(g: &Graph, opts: &LowerOptions) -> Result<Lowered, LowerError> {
@@ -469,7 +488,9 @@ impl<'g> Lowering<'g> {
             let i = self.syms.iter().position(|x| x == s).unwrap_or(0);
             e = e.mul(IExpr::Size(i));
         }
-        e
+        // A chunk count: ceil(e / div).
+        let div = d.div() as i64;
+        e.add(IExpr::c(div - 1)).div(IExpr::c(div))
     }
 
     fn numel(&self, shape: &[Dim]) -> IExpr {
@@ -751,7 +772,7 @@ impl<'g> Lowering<'g> {
             Op::SsdScan { .. } => self.ssd_scan(n)?,
             Op::CausalConv1dGrad => self.conv_grad(n)?,
             Op::SelectiveScanGrad => self.selective_scan_grad(n)?,
-            Op::SsdScanGrad { .. } => self.ssd_scan_grad(n)?,
+            Op::SsdScanGrad { chunk } => self.ssd_scan_grad(n, *chunk)?,
             Op::CrossEntropy { ignore_index } => self.cross_entropy(n, false, *ignore_index)?,
             Op::CrossEntropyGrad { ignore_index } => self.cross_entropy(n, true, *ignore_index)?,
             Op::Const { .. }
@@ -1435,13 +1456,40 @@ impl<'g> Lowering<'g> {
         Ok(())
     }
 
-    /// `SelectiveScanGrad` in three kernels. 1: one (batch, channel) per grid point runs the
-    /// recurrence forward, storing the state before each step in scratch `H [B, L, E, N]`,
-    /// then backward with the state cotangent in a local array, storing it (after the
-    /// output's contribution) in scratch `G [B, L, E, N]` and writing `dx`, `ddt`, `dh0`.
-    /// 2: one (batch, time, n) per grid point sums `dB` and `dC` over channels (the state
-    /// after the step recomputed from `H`). 3: one (channel, n) per grid point sums `dA` over
-    /// batch and time.
+    /// The chunks of a scan gradient over the sequence axis `l` of node `n`: `q` steps each,
+    /// the last one partial, and their count `ceil(l / q)` as a dimension.
+    fn chunks(&self, n: NodeId, l: &Dim, q: u64) -> Result<(Chunks, Dim), LowerError> {
+        let count = l.ceil_div(q).ok_or_else(|| LowerError::Unsupported {
+            node: n,
+            op: self.g.op(n).name(),
+            message: format!("cannot split {l} steps into chunks of {q}"),
+        })?;
+        let chunks = Chunks {
+            q: q as i64,
+            l: self.dim(l),
+            count: self.dim(&count),
+        };
+        Ok((chunks, count))
+    }
+
+    /// `SelectiveScanGrad` in three kernels, with the forward states checkpointed every
+    /// `Q = SELECTIVE_GRAD_CHUNK` steps and recomputed where needed (scratch
+    /// `O(B·E·N·(Q + L/Q))`, not `[B, L, E, N]`).
+    ///
+    /// 1. One (batch, channel) per grid point runs the recurrence forward, storing the state
+    ///    at each chunk's start in scratch `H [B, ceil(L/Q), E, N]`; then backward, chunk by
+    ///    chunk from the last: it stores the state cotangent entering the chunk in scratch
+    ///    `G` (as `H`), recomputes the chunk's states from `H` into its own rows of scratch
+    ///    `W [B, E, Q, N]` and runs the reverse recurrence over them, writing `dx`, `ddt`,
+    ///    and at the end `dh0`.
+    /// 2. One (batch, chunk, n) per grid point sums `dB`, `dC` over channels: per channel,
+    ///    the cotangents backwards from `G`, then the states forwards from `H`
+    ///    ([`bc_accumulate`]).
+    /// 3. One (channel, n) per grid point sums `dA` over batch and time, recomputing both
+    ///    chains chunk by chunk.
+    ///
+    /// Recomputation repeats the forward sweep's arithmetic exactly, and every sum keeps its
+    /// order, so the results are those of storing every state.
     fn selective_scan_grad(&mut self, n: NodeId) -> Result<(), LowerError> {
         use BinaryOp::{Add, Mul};
         let g = self.g;
@@ -1455,24 +1503,28 @@ impl<'g> Lowering<'g> {
         let ns = IExpr::c(nst as i64);
         let hs = self.shape(h0);
         let bls = self.shape(bm);
-        let mut scr_shape = xs.clone();
-        scr_shape.push(nd);
+        let q = SELECTIVE_GRAD_CHUNK;
+        let (ch, count) = self.chunks(n, &xs[1], q)?;
         let outs: Vec<BufId> = (0..6)
             .map(|r| self.new_buf(Value::new(n, r), BufKind::Temp))
             .collect();
-        let hbuf = self.scratch(n, scr_shape.clone());
-        let gbuf = self.scratch(n, scr_shape.clone());
-        let (bext, lext, eext) = (self.dim(&xs[0]), self.dim(&xs[1]), self.dim(&xs[2]));
+        let ck_shape = vec![xs[0].clone(), count, xs[2].clone(), nd.clone()];
+        let w_shape = vec![xs[0].clone(), xs[2].clone(), Dim::known(q), nd];
+        let hck = self.scratch(n, ck_shape.clone());
+        let gck = self.scratch(n, ck_shape.clone());
+        let wbuf = self.scratch(n, w_shape.clone());
+        let (bext, eext) = (self.dim(&xs[0]), self.dim(&xs[2]));
         let name = format!("selective_scan_grad_{}", n.index());
         let al = |arr: ArrId, l: LoopId| Expr::ArrLoad {
             arr,
             index: IExpr::Loop(l),
         };
+        let qn = q as usize;
 
         // Kernel 1.
         let mut kb = KB::new(self, &name);
         let (b, e) = (IExpr::Grid(0), IExpr::Grid(1));
-        let (hs_slot, gs_slot) = (kb.buf(hbuf, true), kb.buf(gbuf, true));
+        let (h_slot, g_slot, w_slot) = (kb.buf(hck, true), kb.buf(gck, true), kb.buf(wbuf, true));
         let h = kb.arr();
         kb.body.push(Stmt::Array {
             arr: h,
@@ -1490,22 +1542,37 @@ impl<'g> Lowering<'g> {
                 value: hv,
             }],
         });
-        let t = kb.counter();
-        let nn = kb.counter();
-        let (dtv, uv) = (kb.var(), kb.var());
-        let bt = [b.clone(), IExpr::Loop(t), e.clone()];
-        let dte = kb.value(dt, &bt)?;
-        let xe = kb.value(x, &bt)?;
-        let av = kb.value(a, &[e.clone(), IExpr::Loop(nn)])?;
-        let bv = kb.value(bm, &[b.clone(), IExpr::Loop(t), IExpr::Loop(nn)])?;
-        let hidx = kb.l.linear(
-            &[b.clone(), IExpr::Loop(t), e.clone(), IExpr::Loop(nn)],
-            &scr_shape,
-        );
-        kb.body.push(Stmt::For {
-            counter: t,
-            extent: lext.clone(),
-            body: vec![
+        // One step of the state row at step `t`, storing each state first when `keep` gives
+        // the chunk-local step to store it at in `W`.
+        let row_step = |kb: &mut KB, t: IExpr, keep: Option<IExpr>| {
+            let nn = kb.counter();
+            let (dtv, uv) = (kb.var(), kb.var());
+            let bt = [b.clone(), t.clone(), e.clone()];
+            let dte = kb.value(dt, &bt)?;
+            let xe = kb.value(x, &bt)?;
+            let av = kb.value(a, &[e.clone(), IExpr::Loop(nn)])?;
+            let bv = kb.value(bm, &[b.clone(), t, IExpr::Loop(nn)])?;
+            let mut inner = Vec::new();
+            if let Some(tl) = keep {
+                inner.push(Stmt::Store {
+                    buf: w_slot,
+                    index: kb
+                        .l
+                        .linear(&[b.clone(), e.clone(), tl, IExpr::Loop(nn)], &w_shape),
+                    value: al(h, nn),
+                });
+            }
+            inner.push(Stmt::ArrSet {
+                arr: h,
+                index: IExpr::Loop(nn),
+                value: next_state(
+                    Expr::un(UnaryOp::Exp, Expr::bin(Mul, Expr::Var(dtv), av)),
+                    al(h, nn),
+                    Expr::Var(uv),
+                    bv,
+                ),
+            });
+            Ok::<_, LowerError>(vec![
                 Stmt::Var {
                     var: dtv,
                     init: dte,
@@ -1517,30 +1584,36 @@ impl<'g> Lowering<'g> {
                 Stmt::For {
                     counter: nn,
                     extent: ns.clone(),
-                    body: vec![
-                        Stmt::Store {
-                            buf: hs_slot,
-                            index: hidx,
-                            value: al(h, nn),
-                        },
-                        Stmt::ArrSet {
-                            arr: h,
-                            index: IExpr::Loop(nn),
-                            value: Expr::bin(
-                                Add,
-                                Expr::bin(
-                                    Mul,
-                                    Expr::un(UnaryOp::Exp, Expr::bin(Mul, Expr::Var(dtv), av)),
-                                    al(h, nn),
-                                ),
-                                Expr::bin(Mul, Expr::Var(uv), bv),
-                            ),
-                        },
-                    ],
+                    body: inner,
                 },
-            ],
+            ])
+        };
+        // Forward, checkpointing the state at each chunk's start.
+        let (c, j, tl) = (kb.counter(), kb.counter(), kb.counter());
+        let cl = IExpr::Loop(c);
+        let mut chunk = vec![Stmt::For {
+            counter: j,
+            extent: ns.clone(),
+            body: vec![Stmt::Store {
+                buf: h_slot,
+                index: kb.l.linear(
+                    &[b.clone(), cl.clone(), e.clone(), IExpr::Loop(j)],
+                    &ck_shape,
+                ),
+                value: al(h, j),
+            }],
+        }];
+        chunk.push(Stmt::For {
+            counter: tl,
+            extent: ch.len(&cl),
+            body: row_step(&mut kb, ch.start(&cl).add(IExpr::Loop(tl)), None)?,
         });
-        // Backward in time.
+        kb.body.push(Stmt::For {
+            counter: c,
+            extent: ch.count.clone(),
+            body: chunk,
+        });
+        // Backward in time, chunk by chunk from the last.
         let gr = kb.arr();
         kb.body.push(Stmt::Array {
             arr: gr,
@@ -1558,9 +1631,52 @@ impl<'g> Lowering<'g> {
                 value: gv0,
             }],
         });
+        let c2 = kb.counter();
+        let cr = ch.count.clone().sub(IExpr::c(1)).sub(IExpr::Loop(c2));
+        let (t0, len) = (ch.start(&cr), ch.len(&cr));
+        let (j, j1, tl) = (kb.counter(), kb.counter(), kb.counter());
+        let ck_j = |kb: &KB, j: LoopId| {
+            kb.l.linear(
+                &[b.clone(), cr.clone(), e.clone(), IExpr::Loop(j)],
+                &ck_shape,
+            )
+        };
+        let mut chunk = vec![
+            Stmt::For {
+                counter: j,
+                extent: ns.clone(),
+                body: vec![Stmt::Store {
+                    buf: g_slot,
+                    index: ck_j(&kb, j),
+                    value: al(gr, j),
+                }],
+            },
+            Stmt::For {
+                counter: j1,
+                extent: ns.clone(),
+                body: vec![Stmt::ArrSet {
+                    arr: h,
+                    index: IExpr::Loop(j1),
+                    value: Expr::Load {
+                        buf: h_slot,
+                        index: ck_j(&kb, j1),
+                    },
+                }],
+            },
+            Stmt::For {
+                counter: tl,
+                extent: len.clone(),
+                body: row_step(
+                    &mut kb,
+                    t0.clone().add(IExpr::Loop(tl)),
+                    Some(IExpr::Loop(tl)),
+                )?,
+            },
+        ];
         let t2 = kb.counter();
         let n2 = kb.counter();
-        let tt = lext.clone().sub(IExpr::c(1)).sub(IExpr::Loop(t2));
+        let tl2 = len.clone().sub(IExpr::c(1)).sub(IExpr::Loop(t2));
+        let tt = t0.add(tl2.clone());
         let btt = [b.clone(), tt.clone(), e.clone()];
         let (d2, x2, gy, du, dd, decay) =
             (kb.var(), kb.var(), kb.var(), kb.var(), kb.var(), kb.var());
@@ -1590,10 +1706,8 @@ impl<'g> Lowering<'g> {
         let cv = kb.value(cm, &bn_t)?;
         let bv2 = kb.value(bm, &bn_t)?;
         let av2 = kb.value(a, &[e.clone(), IExpr::Loop(n2)])?;
-        let sidx = kb.l.linear(
-            &[b.clone(), tt.clone(), e.clone(), IExpr::Loop(n2)],
-            &scr_shape,
-        );
+        let widx =
+            kb.l.linear(&[b.clone(), e.clone(), tl2, IExpr::Loop(n2)], &w_shape);
         body.push(Stmt::For {
             counter: n2,
             extent: ns.clone(),
@@ -1602,11 +1716,6 @@ impl<'g> Lowering<'g> {
                     arr: gr,
                     index: IExpr::Loop(n2),
                     value: Expr::bin(Add, al(gr, n2), Expr::bin(Mul, cv, Expr::Var(gy))),
-                },
-                Stmt::Store {
-                    buf: gs_slot,
-                    index: sidx.clone(),
-                    value: al(gr, n2),
                 },
                 Stmt::Set {
                     var: du,
@@ -1625,8 +1734,8 @@ impl<'g> Lowering<'g> {
                             Mul,
                             Expr::bin(Mul, Expr::bin(Mul, al(gr, n2), Expr::Var(decay)), av2),
                             Expr::Load {
-                                buf: hs_slot,
-                                index: sidx,
+                                buf: w_slot,
+                                index: widx,
                             },
                         ),
                     ),
@@ -1654,10 +1763,15 @@ impl<'g> Lowering<'g> {
                 Expr::Var(dd),
             ),
         });
-        kb.body.push(Stmt::For {
+        chunk.push(Stmt::For {
             counter: t2,
-            extent: lext.clone(),
+            extent: len,
             body,
+        });
+        kb.body.push(Stmt::For {
+            counter: c2,
+            extent: ch.count.clone(),
+            body: chunk,
         });
         let dh0s = kb.buf(outs[5], true);
         let j3 = kb.counter();
@@ -1672,135 +1786,174 @@ impl<'g> Lowering<'g> {
         });
         kb.finish(vec![bext.clone(), eext.clone()], n);
 
+        // The chunk arrays of state element (b, e, nn) over chunk `c` (at `t0`): each step's
+        // `dt`, `decay = exp(dt A)`, `u = dt x`, then its cotangents `g` backwards from `G`.
+        let steps = |kb: &mut KB,
+                     (b, e, nn): (&IExpr, &IExpr, &IExpr),
+                     (t0, len): (&IExpr, &IExpr),
+                     (gck_slot, c): (usize, &IExpr),
+                     arrs: ChunkArrays| {
+            let tl = kb.counter();
+            let bt = [b.clone(), t0.clone().add(IExpr::Loop(tl)), e.clone()];
+            let dte = kb.value(dt, &bt)?;
+            let xe = kb.value(x, &bt)?;
+            let av = kb.value(a, &[e.clone(), nn.clone()])?;
+            let at = |arr| Expr::ArrLoad {
+                arr,
+                index: IExpr::Loop(tl),
+            };
+            let set = |arr, value| Stmt::ArrSet {
+                arr,
+                index: IExpr::Loop(tl),
+                value,
+            };
+            let mut s = vec![Stmt::For {
+                counter: tl,
+                extent: len.clone(),
+                body: vec![
+                    set(arrs.dt, dte),
+                    set(
+                        arrs.decay,
+                        Expr::un(UnaryOp::Exp, Expr::bin(Mul, at(arrs.dt), av)),
+                    ),
+                    set(arrs.u, Expr::bin(Mul, at(arrs.dt), xe)),
+                ],
+            }];
+            let (k, gv) = (kb.counter(), kb.var());
+            let tlr = len.clone().sub(IExpr::c(1)).sub(IExpr::Loop(k));
+            let t = t0.clone().add(tlr.clone());
+            let cv = kb.value(cm, &[b.clone(), t.clone(), nn.clone()])?;
+            let gye = kb.value(dy, &[b.clone(), t, e.clone()])?;
+            let init = Expr::Load {
+                buf: gck_slot,
+                index: kb
+                    .l
+                    .linear(&[b.clone(), c.clone(), e.clone(), nn.clone()], &ck_shape),
+            };
+            s.extend(g_chain(gv, init, arrs, k, len.clone(), tlr, cv, gye));
+            Ok::<_, LowerError>(s)
+        };
+
         // Kernel 2: dB, dC [B, L, N], summed over channels.
         let mut kb = KB::new(self, &format!("{name}_bc"));
-        let (b, t, nn) = (IExpr::Grid(0), IExpr::Grid(1), IExpr::Grid(2));
-        let (hs_slot, gs_slot) = (kb.buf(hbuf, false), kb.buf(gbuf, false));
-        let (dbv, dcv) = (kb.var(), kb.var());
-        for v in [dbv, dcv] {
-            kb.body.push(Stmt::Var {
-                var: v,
-                init: Expr::Const(0.0),
+        let (b, c, nn) = (IExpr::Grid(0), IExpr::Grid(1), IExpr::Grid(2));
+        let (t0, len) = (ch.start(&c), ch.len(&c));
+        let (h_slot, g_slot) = (kb.buf(hck, false), kb.buf(gck, false));
+        let arrs = ChunkArrays::declare(&mut kb, qn);
+        let (dba, dca) = (kb.arr(), kb.arr());
+        for arr in [dba, dca] {
+            kb.body.push(Stmt::Array {
+                arr,
+                len: qn,
+                init: 0.0,
             });
         }
         let el = kb.counter();
-        let (dv, u) = (kb.var(), kb.var());
-        let bte = [b.clone(), t.clone(), IExpr::Loop(el)];
-        let sidx = kb.l.linear(
-            &[b.clone(), t.clone(), IExpr::Loop(el), nn.clone()],
-            &scr_shape,
-        );
-        let dte = kb.value(dt, &bte)?;
-        let xe = kb.value(x, &bte)?;
-        let av = kb.value(a, &[IExpr::Loop(el), nn.clone()])?;
+        let ev = IExpr::Loop(el);
+        let mut per_channel = steps(&mut kb, (&b, &ev, &nn), (&t0, &len), (g_slot, &c), arrs)?;
+        let (tl, hv) = (kb.counter(), kb.var());
+        let t = t0.clone().add(IExpr::Loop(tl));
         let bv = kb.value(bm, &[b.clone(), t.clone(), nn.clone()])?;
-        let gye = kb.value(dy, &bte)?;
-        let h_after = Expr::bin(
-            Add,
-            Expr::bin(
-                Mul,
-                Expr::un(UnaryOp::Exp, Expr::bin(Mul, Expr::Var(dv), av)),
-                Expr::Load {
-                    buf: hs_slot,
-                    index: sidx.clone(),
-                },
-            ),
-            Expr::bin(Mul, Expr::Var(u), bv),
-        );
+        let gye = kb.value(dy, &[b.clone(), t, ev.clone()])?;
+        let init = Expr::Load {
+            buf: h_slot,
+            index: kb
+                .l
+                .linear(&[b.clone(), c.clone(), ev, nn.clone()], &ck_shape),
+        };
+        per_channel.extend(bc_accumulate(
+            hv,
+            init,
+            arrs,
+            tl,
+            len.clone(),
+            bv,
+            gye,
+            (dba, dca),
+        ));
         kb.body.push(Stmt::For {
             counter: el,
             extent: eext.clone(),
+            body: per_channel,
+        });
+        let (dbs, dcs) = (kb.buf(outs[3], true), kb.buf(outs[4], true));
+        let tl = kb.counter();
+        let oi = kb.l.linear(&[b, t0.add(IExpr::Loop(tl)), nn], &bls);
+        kb.body.push(Stmt::For {
+            counter: tl,
+            extent: len,
             body: vec![
-                Stmt::Var { var: dv, init: dte },
-                Stmt::Var {
-                    var: u,
-                    init: Expr::bin(Mul, Expr::Var(dv), xe),
+                Stmt::Store {
+                    buf: dbs,
+                    index: oi.clone(),
+                    value: al(dba, tl),
                 },
-                Stmt::Set {
-                    var: dcv,
-                    value: Expr::bin(Add, Expr::Var(dcv), Expr::bin(Mul, h_after, gye)),
-                },
-                Stmt::Set {
-                    var: dbv,
-                    value: Expr::bin(
-                        Add,
-                        Expr::Var(dbv),
-                        Expr::bin(
-                            Mul,
-                            Expr::Var(u),
-                            Expr::Load {
-                                buf: gs_slot,
-                                index: sidx,
-                            },
-                        ),
-                    ),
+                Stmt::Store {
+                    buf: dcs,
+                    index: oi,
+                    value: al(dca, tl),
                 },
             ],
         });
-        let (dbs, dcs) = (kb.buf(outs[3], true), kb.buf(outs[4], true));
-        let oi = kb.l.linear(&[b, t, nn], &bls);
-        kb.body.push(Stmt::Store {
-            buf: dbs,
-            index: oi.clone(),
-            value: Expr::Var(dbv),
-        });
-        kb.body.push(Stmt::Store {
-            buf: dcs,
-            index: oi,
-            value: Expr::Var(dcv),
-        });
-        kb.finish(vec![bext.clone(), lext.clone(), ns.clone()], n);
+        kb.finish(vec![bext.clone(), ch.count.clone(), ns.clone()], n);
 
-        // Kernel 3: dA [E, N], summed over batch and time.
+        // Kernel 3: dA [E, N] = sum over batch and time of g decay dt h (the state before
+        // the step), chunk by chunk.
         let mut kb = KB::new(self, &format!("{name}_a"));
         let (e, nn) = (IExpr::Grid(0), IExpr::Grid(1));
-        let (hs_slot, gs_slot) = (kb.buf(hbuf, false), kb.buf(gbuf, false));
+        let (h_slot, g_slot) = (kb.buf(hck, false), kb.buf(gck, false));
+        let arrs = ChunkArrays::declare(&mut kb, qn);
         let acc = kb.var();
         kb.body.push(Stmt::Var {
             var: acc,
             init: Expr::Const(0.0),
         });
-        let (bl, tl) = (kb.counter(), kb.counter());
-        let dv = kb.var();
-        let bte = [IExpr::Loop(bl), IExpr::Loop(tl), e.clone()];
-        let sidx = kb.l.linear(
-            &[IExpr::Loop(bl), IExpr::Loop(tl), e.clone(), nn.clone()],
-            &scr_shape,
-        );
-        let dte = kb.value(dt, &bte)?;
-        let av = kb.value(a, &[e.clone(), nn.clone()])?;
-        let term = Expr::bin(
-            Mul,
-            Expr::bin(
-                Mul,
-                Expr::bin(
-                    Mul,
-                    Expr::Load {
-                        buf: gs_slot,
-                        index: sidx.clone(),
-                    },
-                    Expr::un(UnaryOp::Exp, Expr::bin(Mul, Expr::Var(dv), av)),
-                ),
-                Expr::Var(dv),
-            ),
-            Expr::Load {
-                buf: hs_slot,
-                index: sidx,
+        let (bl, c) = (kb.counter(), kb.counter());
+        let (b, cl) = (IExpr::Loop(bl), IExpr::Loop(c));
+        let (t0, len) = (ch.start(&cl), ch.len(&cl));
+        let mut chunk = steps(&mut kb, (&b, &e, &nn), (&t0, &len), (g_slot, &cl), arrs)?;
+        let (tl, hv) = (kb.counter(), kb.var());
+        let bv = kb.value(bm, &[b.clone(), t0.add(IExpr::Loop(tl)), nn.clone()])?;
+        let at = |arr| Expr::ArrLoad {
+            arr,
+            index: IExpr::Loop(tl),
+        };
+        chunk.push(Stmt::Var {
+            var: hv,
+            init: Expr::Load {
+                buf: h_slot,
+                index: kb.l.linear(&[b, cl, e.clone(), nn.clone()], &ck_shape),
             },
-        );
+        });
+        chunk.push(Stmt::For {
+            counter: tl,
+            extent: len,
+            body: vec![
+                Stmt::Set {
+                    var: acc,
+                    value: Expr::bin(
+                        Add,
+                        Expr::Var(acc),
+                        Expr::bin(
+                            Mul,
+                            Expr::bin(Mul, Expr::bin(Mul, at(arrs.g), at(arrs.decay)), at(arrs.dt)),
+                            Expr::Var(hv),
+                        ),
+                    ),
+                },
+                Stmt::Set {
+                    var: hv,
+                    value: next_state(at(arrs.decay), Expr::Var(hv), at(arrs.u), bv),
+                },
+            ],
+        });
         kb.body.push(Stmt::For {
             counter: bl,
             extent: bext,
             body: vec![Stmt::For {
-                counter: tl,
-                extent: lext,
-                body: vec![
-                    Stmt::Var { var: dv, init: dte },
-                    Stmt::Set {
-                        var: acc,
-                        value: Expr::bin(Add, Expr::Var(acc), term),
-                    },
-                ],
+                counter: c,
+                extent: ch.count.clone(),
+                body: chunk,
             }],
         });
         let das = kb.buf(outs[2], true);
@@ -1814,12 +1967,25 @@ impl<'g> Lowering<'g> {
         Ok(())
     }
 
-    /// `SsdScanGrad` in four kernels. 1: one (batch, head, p) per grid point runs the
-    /// recurrence forward (states before each step to scratch `S [B, L, H, P, N]`) and back
-    /// (state cotangents after the output's contribution to scratch `G`), writing `dx` and
-    /// `ds0`. 2: `ddt [B, L, H]`, summed over p. 3: `dA [H]`, summed over batch, time and p.
-    /// 4: `dB`, `dC [B, L, G, N]`, summed over the group's heads and p.
-    fn ssd_scan_grad(&mut self, n: NodeId) -> Result<(), LowerError> {
+    /// `SsdScanGrad` in four kernels, with the forward states checkpointed every `Q` steps
+    /// (the op's `chunk`, at most `MAX_SSD_GRAD_CHUNK`) and recomputed where needed (scratch
+    /// `O(B·H·P·N·L/Q + H·Q·P)`, not `[B, L, H, P, N]`).
+    ///
+    /// 1. One (batch, head, p) per grid point runs the recurrence forward, storing the state
+    ///    at each chunk's start in scratch `S [B, ceil(L/Q), H, P, N]`, then backward (which
+    ///    needs no states), storing the state cotangent entering each chunk in scratch `G`
+    ///    (as `S`) and writing `dx` and `ds0`.
+    /// 2. `ddt [B, L, H]`, one (batch, chunk, head) per grid point, summed over p and n.
+    /// 3. `dA [H]`, one head per grid point, summed over batch, time and p; the chunk's
+    ///    `G . S` per (step, p) in its rows of scratch `[H, Q, P]`.
+    /// 4. `dB`, `dC [B, L, G, N]`, one (batch, chunk, group, n) per grid point, summed over
+    ///    the group's heads and p ([`bc_accumulate`]).
+    ///
+    /// Kernels 2-4 recompute the states one element (one n) at a time: per chunk, the
+    /// cotangents backwards from `G`, then the states forwards from `S`, with the decay of
+    /// each (step, head) computed once per chunk. The arithmetic is the forward sweep's and
+    /// every sum keeps its order, so the results are those of storing every state.
+    fn ssd_scan_grad(&mut self, n: NodeId, chunk: u64) -> Result<(), LowerError> {
         use BinaryOp::{Add, Mul};
         let g = self.g;
         let ops = g.operands(n);
@@ -1834,19 +2000,20 @@ impl<'g> Lowering<'g> {
         let hpg = (heads / groups).max(1) as i64;
         let ns = IExpr::c(nst as i64);
         let ss = self.shape(s0);
-        let mut scr_shape = xs.clone();
-        scr_shape.push(bs[3].clone());
+        let q = chunk.clamp(1, MAX_SSD_GRAD_CHUNK);
+        let qn = q as usize;
+        let (ch, count) = self.chunks(n, &xs[1], q)?;
+        let mut ck_shape = xs.clone();
+        ck_shape[1] = count;
+        ck_shape.push(bs[3].clone());
+        let qp_shape = vec![xs[2].clone(), Dim::known(q), xs[3].clone()];
         let outs: Vec<BufId> = (0..6)
             .map(|r| self.new_buf(Value::new(n, r), BufKind::Temp))
             .collect();
-        let sbuf = self.scratch(n, scr_shape.clone());
-        let gbuf = self.scratch(n, scr_shape.clone());
-        let (bext, lext, hext, pext) = (
-            self.dim(&xs[0]),
-            self.dim(&xs[1]),
-            self.dim(&xs[2]),
-            self.dim(&xs[3]),
-        );
+        let sck = self.scratch(n, ck_shape.clone());
+        let gck = self.scratch(n, ck_shape.clone());
+        let qpbuf = self.scratch(n, qp_shape.clone());
+        let (bext, hext, pext) = (self.dim(&xs[0]), self.dim(&xs[2]), self.dim(&xs[3]));
         let gext = self.dim(&bs[2]);
         let name = format!("ssd_scan_grad_{}", n.index());
         let al = |arr: ArrId, l: LoopId| Expr::ArrLoad {
@@ -1859,7 +2026,7 @@ impl<'g> Lowering<'g> {
         let mut kb = KB::new(self, &name);
         let (b, hh, p) = (IExpr::Grid(0), IExpr::Grid(1), IExpr::Grid(2));
         let grp = hh.clone().div(IExpr::c(hpg));
-        let (s_slot, g_slot) = (kb.buf(sbuf, true), kb.buf(gbuf, true));
+        let (s_slot, g_slot) = (kb.buf(sck, true), kb.buf(gck, true));
         let s = kb.arr();
         kb.body.push(Stmt::Array {
             arr: s,
@@ -1877,59 +2044,58 @@ impl<'g> Lowering<'g> {
                 value: sv,
             }],
         });
-        let t = kb.counter();
+        let (c, j, t) = (kb.counter(), kb.counter(), kb.counter());
+        let cl = IExpr::Loop(c);
+        let tv = ch.start(&cl).add(IExpr::Loop(t));
         let nn = kb.counter();
         let (dtv, decay, uv) = (kb.var(), kb.var(), kb.var());
-        let dte = kb.value(dt, &[b.clone(), IExpr::Loop(t), hh.clone()])?;
+        let dte = kb.value(dt, &[b.clone(), tv.clone(), hh.clone()])?;
         let ah = kb.value(a, std::slice::from_ref(&hh))?;
-        let xe = kb.value(x, &[b.clone(), IExpr::Loop(t), hh.clone(), p.clone()])?;
-        let bv = kb.value(
-            bm,
-            &[b.clone(), IExpr::Loop(t), grp.clone(), IExpr::Loop(nn)],
-        )?;
-        let sidx = kb.l.linear(
-            &[
-                b.clone(),
-                IExpr::Loop(t),
-                hh.clone(),
-                p.clone(),
-                IExpr::Loop(nn),
-            ],
-            &scr_shape,
-        );
+        let xe = kb.value(x, &[b.clone(), tv.clone(), hh.clone(), p.clone()])?;
+        let bv = kb.value(bm, &[b.clone(), tv, grp.clone(), IExpr::Loop(nn)])?;
+        let ck_j = |kb: &KB, c: &IExpr, j: LoopId| {
+            kb.l.linear(
+                &[b.clone(), c.clone(), hh.clone(), p.clone(), IExpr::Loop(j)],
+                &ck_shape,
+            )
+        };
         kb.body.push(Stmt::For {
-            counter: t,
-            extent: lext.clone(),
+            counter: c,
+            extent: ch.count.clone(),
             body: vec![
-                Stmt::Var {
-                    var: dtv,
-                    init: dte,
-                },
-                Stmt::Var {
-                    var: decay,
-                    init: exp_mul(Expr::Var(dtv), ah.clone()),
-                },
-                Stmt::Var {
-                    var: uv,
-                    init: Expr::bin(Mul, Expr::Var(dtv), xe),
+                Stmt::For {
+                    counter: j,
+                    extent: ns.clone(),
+                    body: vec![Stmt::Store {
+                        buf: s_slot,
+                        index: ck_j(&kb, &cl, j),
+                        value: al(s, j),
+                    }],
                 },
                 Stmt::For {
-                    counter: nn,
-                    extent: ns.clone(),
+                    counter: t,
+                    extent: ch.len(&cl),
                     body: vec![
-                        Stmt::Store {
-                            buf: s_slot,
-                            index: sidx,
-                            value: al(s, nn),
+                        Stmt::Var {
+                            var: dtv,
+                            init: dte,
                         },
-                        Stmt::ArrSet {
-                            arr: s,
-                            index: IExpr::Loop(nn),
-                            value: Expr::bin(
-                                Add,
-                                Expr::bin(Mul, Expr::Var(decay), al(s, nn)),
-                                Expr::bin(Mul, Expr::Var(uv), bv),
-                            ),
+                        Stmt::Var {
+                            var: decay,
+                            init: exp_mul(Expr::Var(dtv), ah.clone()),
+                        },
+                        Stmt::Var {
+                            var: uv,
+                            init: Expr::bin(Mul, Expr::Var(dtv), xe),
+                        },
+                        Stmt::For {
+                            counter: nn,
+                            extent: ns.clone(),
+                            body: vec![Stmt::ArrSet {
+                                arr: s,
+                                index: IExpr::Loop(nn),
+                                value: next_state(Expr::Var(decay), al(s, nn), Expr::Var(uv), bv),
+                            }],
                         },
                     ],
                 },
@@ -1952,74 +2118,80 @@ impl<'g> Lowering<'g> {
                 value: gv0,
             }],
         });
+        let (c2, j) = (kb.counter(), kb.counter());
+        let cr = ch.count.clone().sub(IExpr::c(1)).sub(IExpr::Loop(c2));
+        let len = ch.len(&cr);
         let t2 = kb.counter();
         let n2 = kb.counter();
-        let tt = lext.clone().sub(IExpr::c(1)).sub(IExpr::Loop(t2));
+        let tt = ch
+            .start(&cr)
+            .add(len.clone().sub(IExpr::c(1)).sub(IExpr::Loop(t2)));
         let xi = [b.clone(), tt.clone(), hh.clone(), p.clone()];
         let (d2, decay2, gy, du) = (kb.var(), kb.var(), kb.var(), kb.var());
         let dte2 = kb.value(dt, &[b.clone(), tt.clone(), hh.clone()])?;
         let gye = kb.value(dy, &xi)?;
-        let bn_t = [b.clone(), tt.clone(), grp.clone(), IExpr::Loop(n2)];
+        let bn_t = [b.clone(), tt, grp.clone(), IExpr::Loop(n2)];
         let cv = kb.value(cm, &bn_t)?;
         let bv2 = kb.value(bm, &bn_t)?;
-        let gidx = kb.l.linear(
-            &[
-                b.clone(),
-                tt.clone(),
-                hh.clone(),
-                p.clone(),
-                IExpr::Loop(n2),
-            ],
-            &scr_shape,
-        );
         let dxs = kb.buf(outs[0], true);
         let dxi = kb.l.linear(&xi, &xs);
+        let steps = vec![
+            Stmt::Var {
+                var: d2,
+                init: dte2,
+            },
+            Stmt::Var {
+                var: decay2,
+                init: exp_mul(Expr::Var(d2), ah),
+            },
+            Stmt::Var { var: gy, init: gye },
+            Stmt::Var {
+                var: du,
+                init: Expr::Const(0.0),
+            },
+            Stmt::For {
+                counter: n2,
+                extent: ns.clone(),
+                body: vec![
+                    Stmt::ArrSet {
+                        arr: gs,
+                        index: IExpr::Loop(n2),
+                        value: Expr::bin(Add, al(gs, n2), Expr::bin(Mul, cv, Expr::Var(gy))),
+                    },
+                    Stmt::Set {
+                        var: du,
+                        value: Expr::bin(Add, Expr::Var(du), Expr::bin(Mul, al(gs, n2), bv2)),
+                    },
+                    Stmt::ArrSet {
+                        arr: gs,
+                        index: IExpr::Loop(n2),
+                        value: Expr::bin(Mul, al(gs, n2), Expr::Var(decay2)),
+                    },
+                ],
+            },
+            Stmt::Store {
+                buf: dxs,
+                index: dxi,
+                value: Expr::bin(Mul, Expr::Var(d2), Expr::Var(du)),
+            },
+        ];
         kb.body.push(Stmt::For {
-            counter: t2,
-            extent: lext.clone(),
+            counter: c2,
+            extent: ch.count.clone(),
             body: vec![
-                Stmt::Var {
-                    var: d2,
-                    init: dte2,
-                },
-                Stmt::Var {
-                    var: decay2,
-                    init: exp_mul(Expr::Var(d2), ah),
-                },
-                Stmt::Var { var: gy, init: gye },
-                Stmt::Var {
-                    var: du,
-                    init: Expr::Const(0.0),
+                Stmt::For {
+                    counter: j,
+                    extent: ns.clone(),
+                    body: vec![Stmt::Store {
+                        buf: g_slot,
+                        index: ck_j(&kb, &cr, j),
+                        value: al(gs, j),
+                    }],
                 },
                 Stmt::For {
-                    counter: n2,
-                    extent: ns.clone(),
-                    body: vec![
-                        Stmt::ArrSet {
-                            arr: gs,
-                            index: IExpr::Loop(n2),
-                            value: Expr::bin(Add, al(gs, n2), Expr::bin(Mul, cv, Expr::Var(gy))),
-                        },
-                        Stmt::Store {
-                            buf: g_slot,
-                            index: gidx,
-                            value: al(gs, n2),
-                        },
-                        Stmt::Set {
-                            var: du,
-                            value: Expr::bin(Add, Expr::Var(du), Expr::bin(Mul, al(gs, n2), bv2)),
-                        },
-                        Stmt::ArrSet {
-                            arr: gs,
-                            index: IExpr::Loop(n2),
-                            value: Expr::bin(Mul, al(gs, n2), Expr::Var(decay2)),
-                        },
-                    ],
-                },
-                Stmt::Store {
-                    buf: dxs,
-                    index: dxi,
-                    value: Expr::bin(Mul, Expr::Var(d2), Expr::Var(du)),
+                    counter: t2,
+                    extent: len,
+                    body: steps,
                 },
             ],
         });
@@ -2038,168 +2210,307 @@ impl<'g> Lowering<'g> {
         });
         kb.finish(vec![bext.clone(), hext.clone(), pext.clone()], n);
 
-        // Kernel 2: ddt [B, L, H] = sum_p x du + decay A (G . S).
-        let mut kb = KB::new(self, &format!("{name}_dt"));
-        let (b, t, hh) = (IExpr::Grid(0), IExpr::Grid(1), IExpr::Grid(2));
-        let grp = hh.clone().div(IExpr::c(hpg));
-        let (s_slot, g_slot) = (kb.buf(sbuf, false), kb.buf(gbuf, false));
-        let (acc, dec, du, q) = (kb.var(), kb.var(), kb.var(), kb.var());
-        let dte = kb.value(dt, &[b.clone(), t.clone(), hh.clone()])?;
-        let ah = kb.value(a, std::slice::from_ref(&hh))?;
-        kb.body.push(Stmt::Var {
-            var: acc,
-            init: Expr::Const(0.0),
-        });
-        kb.body.push(Stmt::Var {
-            var: dec,
-            init: Expr::bin(Mul, exp_mul(dte.clone(), ah.clone()), ah),
-        });
-        let (pl, nl) = (kb.counter(), kb.counter());
-        let xe = kb.value(x, &[b.clone(), t.clone(), hh.clone(), IExpr::Loop(pl)])?;
-        let bv = kb.value(bm, &[b.clone(), t.clone(), grp, IExpr::Loop(nl)])?;
-        let sidx = kb.l.linear(
-            &[
-                b.clone(),
-                t.clone(),
-                hh.clone(),
-                IExpr::Loop(pl),
-                IExpr::Loop(nl),
-            ],
-            &scr_shape,
-        );
-        let gl = Expr::Load {
-            buf: g_slot,
-            index: sidx.clone(),
+        // The chunk arrays `dt` and `decay = exp(dt A)` of head `hh` over the chunk at `t0`,
+        // shared by the head's P x N state elements.
+        let head_steps = |kb: &mut KB,
+                          (b, hh): (&IExpr, &IExpr),
+                          (t0, len): (&IExpr, &IExpr),
+                          arrs: ChunkArrays| {
+            let tl = kb.counter();
+            let dte = kb.value(
+                dt,
+                &[b.clone(), t0.clone().add(IExpr::Loop(tl)), hh.clone()],
+            )?;
+            let ah = kb.value(a, std::slice::from_ref(hh))?;
+            Ok::<_, LowerError>(Stmt::For {
+                counter: tl,
+                extent: len.clone(),
+                body: vec![
+                    Stmt::ArrSet {
+                        arr: arrs.dt,
+                        index: IExpr::Loop(tl),
+                        value: dte,
+                    },
+                    Stmt::ArrSet {
+                        arr: arrs.decay,
+                        index: IExpr::Loop(tl),
+                        value: exp_mul(al(arrs.dt, tl), ah),
+                    },
+                ],
+            })
         };
+        // The chunk array `u = dt x` of head dim `p` of head `hh` (after `head_steps`), plus
+        // `extra` statements per step (given the step's loop counter).
+        let u_steps = |kb: &mut KB,
+                       (b, hh, p): (&IExpr, &IExpr, &IExpr),
+                       (t0, len): (&IExpr, &IExpr),
+                       arrs: ChunkArrays,
+                       extra: &dyn Fn(&KB, LoopId) -> Vec<Stmt>| {
+            let tl = kb.counter();
+            let xe = kb.value(
+                x,
+                &[
+                    b.clone(),
+                    t0.clone().add(IExpr::Loop(tl)),
+                    hh.clone(),
+                    p.clone(),
+                ],
+            )?;
+            let mut body = vec![Stmt::ArrSet {
+                arr: arrs.u,
+                index: IExpr::Loop(tl),
+                value: Expr::bin(Mul, al(arrs.dt, tl), xe),
+            }];
+            body.extend(extra(kb, tl));
+            Ok::<_, LowerError>(Stmt::For {
+                counter: tl,
+                extent: len.clone(),
+                body,
+            })
+        };
+        // Element (b, hh, p, nn) of the checkpoint in `slot` at chunk `c`.
+        let ck_load =
+            |kb: &KB, slot, (b, c, hh, p, nn): (&IExpr, &IExpr, &IExpr, &IExpr, &IExpr)| {
+                Expr::Load {
+                    buf: slot,
+                    index: kb.l.linear(
+                        &[b.clone(), c.clone(), hh.clone(), p.clone(), nn.clone()],
+                        &ck_shape,
+                    ),
+                }
+            };
+        // The cotangents `g` of state element (b, hh, p, nn) over chunk `c`, backwards from
+        // `G` (after `head_steps`).
+        let g_steps = |kb: &mut KB,
+                       (b, hh, p, nn): (&IExpr, &IExpr, &IExpr, &IExpr),
+                       (c, t0, len): (&IExpr, &IExpr, &IExpr),
+                       gck_slot: usize,
+                       arrs: ChunkArrays| {
+            let (k, gv) = (kb.counter(), kb.var());
+            let tlr = len.clone().sub(IExpr::c(1)).sub(IExpr::Loop(k));
+            let t = t0.clone().add(tlr.clone());
+            let grp = hh.clone().div(IExpr::c(hpg));
+            let cv = kb.value(cm, &[b.clone(), t.clone(), grp, nn.clone()])?;
+            let gye = kb.value(dy, &[b.clone(), t, hh.clone(), p.clone()])?;
+            let init = ck_load(kb, gck_slot, (b, c, hh, p, nn));
+            Ok::<_, LowerError>(g_chain(gv, init, arrs, k, len.clone(), tlr, cv, gye))
+        };
+
+        // Kernel 2: ddt [B, L, H] = sum_p x du + decay A (G . S), du = G . B.
+        let mut kb = KB::new(self, &format!("{name}_dt"));
+        let (b, c, hh) = (IExpr::Grid(0), IExpr::Grid(1), IExpr::Grid(2));
+        let grp = hh.clone().div(IExpr::c(hpg));
+        let (t0, len) = (ch.start(&c), ch.len(&c));
+        let (s_slot, g_slot) = (kb.buf(sck, false), kb.buf(gck, false));
+        let arrs = ChunkArrays::declare(&mut kb, qn);
+        let (acc, dua, qa) = (kb.arr(), kb.arr(), kb.arr());
+        for arr in [acc, dua, qa] {
+            kb.body.push(Stmt::Array {
+                arr,
+                len: qn,
+                init: 0.0,
+            });
+        }
+        let st = head_steps(&mut kb, (&b, &hh), (&t0, &len), arrs)?;
+        kb.body.push(st);
+        let (pl, nl) = (kb.counter(), kb.counter());
+        let (pv, nv) = (IExpr::Loop(pl), IExpr::Loop(nl));
+        let zero = |_: &KB, tl: LoopId| {
+            [dua, qa]
+                .map(|arr| Stmt::ArrSet {
+                    arr,
+                    index: IExpr::Loop(tl),
+                    value: Expr::Const(0.0),
+                })
+                .to_vec()
+        };
+        let mut per_p = vec![u_steps(&mut kb, (&b, &hh, &pv), (&t0, &len), arrs, &zero)?];
+        let mut per_n = g_steps(&mut kb, (&b, &hh, &pv, &nv), (&c, &t0, &len), g_slot, arrs)?;
+        let (tl, sv) = (kb.counter(), kb.var());
+        let bv = kb.value(
+            bm,
+            &[b.clone(), t0.clone().add(IExpr::Loop(tl)), grp, nv.clone()],
+        )?;
+        per_n.push(Stmt::Var {
+            var: sv,
+            init: ck_load(&kb, s_slot, (&b, &c, &hh, &pv, &nv)),
+        });
+        let add_to = |arr: ArrId, v: Expr| Stmt::ArrSet {
+            arr,
+            index: IExpr::Loop(tl),
+            value: Expr::bin(Add, al(arr, tl), v),
+        };
+        per_n.push(Stmt::For {
+            counter: tl,
+            extent: len.clone(),
+            body: vec![
+                add_to(dua, Expr::bin(Mul, al(arrs.g, tl), bv.clone())),
+                add_to(qa, Expr::bin(Mul, al(arrs.g, tl), Expr::Var(sv))),
+                Stmt::Set {
+                    var: sv,
+                    value: next_state(al(arrs.decay, tl), Expr::Var(sv), al(arrs.u, tl), bv),
+                },
+            ],
+        });
+        per_p.push(Stmt::For {
+            counter: nl,
+            extent: ns.clone(),
+            body: per_n,
+        });
+        let tl = kb.counter();
+        let xe = kb.value(
+            x,
+            &[b.clone(), t0.clone().add(IExpr::Loop(tl)), hh.clone(), pv],
+        )?;
+        let ah = kb.value(a, std::slice::from_ref(&hh))?;
+        per_p.push(Stmt::For {
+            counter: tl,
+            extent: len.clone(),
+            body: vec![Stmt::ArrSet {
+                arr: acc,
+                index: IExpr::Loop(tl),
+                value: Expr::bin(
+                    Add,
+                    al(acc, tl),
+                    Expr::bin(
+                        Add,
+                        Expr::bin(Mul, xe, al(dua, tl)),
+                        Expr::bin(Mul, Expr::bin(Mul, al(arrs.decay, tl), ah), al(qa, tl)),
+                    ),
+                ),
+            }],
+        });
         kb.body.push(Stmt::For {
             counter: pl,
             extent: pext.clone(),
-            body: vec![
-                Stmt::Var {
-                    var: du,
-                    init: Expr::Const(0.0),
-                },
-                Stmt::Var {
-                    var: q,
-                    init: Expr::Const(0.0),
-                },
-                Stmt::For {
-                    counter: nl,
-                    extent: ns.clone(),
-                    body: vec![
-                        Stmt::Set {
-                            var: du,
-                            value: Expr::bin(Add, Expr::Var(du), Expr::bin(Mul, gl.clone(), bv)),
-                        },
-                        Stmt::Set {
-                            var: q,
-                            value: Expr::bin(
-                                Add,
-                                Expr::Var(q),
-                                Expr::bin(
-                                    Mul,
-                                    gl,
-                                    Expr::Load {
-                                        buf: s_slot,
-                                        index: sidx,
-                                    },
-                                ),
-                            ),
-                        },
-                    ],
-                },
-                Stmt::Set {
-                    var: acc,
-                    value: Expr::bin(
-                        Add,
-                        Expr::Var(acc),
-                        Expr::bin(
-                            Add,
-                            Expr::bin(Mul, xe, Expr::Var(du)),
-                            Expr::bin(Mul, Expr::Var(dec), Expr::Var(q)),
-                        ),
-                    ),
-                },
-            ],
+            body: per_p,
         });
         let ddts = kb.buf(outs[1], true);
         let dts = kb.l.shape(Value::new(n, 1));
-        kb.body.push(Stmt::Store {
-            buf: ddts,
-            index: kb.l.linear(&[b, t, hh], &dts),
-            value: Expr::Var(acc),
+        let tl = kb.counter();
+        kb.body.push(Stmt::For {
+            counter: tl,
+            extent: len,
+            body: vec![Stmt::Store {
+                buf: ddts,
+                index: kb.l.linear(&[b, t0.add(IExpr::Loop(tl)), hh], &dts),
+                value: al(acc, tl),
+            }],
         });
-        kb.finish(vec![bext.clone(), lext.clone(), hext.clone()], n);
+        kb.finish(vec![bext.clone(), ch.count.clone(), hext.clone()], n);
 
         // Kernel 3: dA [H] = sum_{b,t,p} decay dt (G . S).
         let mut kb = KB::new(self, &format!("{name}_a"));
         let hh = IExpr::Grid(0);
-        let (s_slot, g_slot) = (kb.buf(sbuf, false), kb.buf(gbuf, false));
-        let (acc, w, q) = (kb.var(), kb.var(), kb.var());
+        let grp = hh.clone().div(IExpr::c(hpg));
+        let (s_slot, g_slot, qp_slot) =
+            (kb.buf(sck, false), kb.buf(gck, false), kb.buf(qpbuf, true));
+        let arrs = ChunkArrays::declare(&mut kb, qn);
+        let acc = kb.var();
         kb.body.push(Stmt::Var {
             var: acc,
             init: Expr::Const(0.0),
         });
-        let (bl, tl, pl, nl) = (kb.counter(), kb.counter(), kb.counter(), kb.counter());
-        let (b, t) = (IExpr::Loop(bl), IExpr::Loop(tl));
-        let dte = kb.value(dt, &[b.clone(), t.clone(), hh.clone()])?;
-        let ah = kb.value(a, std::slice::from_ref(&hh))?;
-        let sidx = kb.l.linear(
-            &[b, t, hh.clone(), IExpr::Loop(pl), IExpr::Loop(nl)],
-            &scr_shape,
+        let (bl, c, pl, nl) = (kb.counter(), kb.counter(), kb.counter(), kb.counter());
+        let (b, cl, pv, nv) = (
+            IExpr::Loop(bl),
+            IExpr::Loop(c),
+            IExpr::Loop(pl),
+            IExpr::Loop(nl),
         );
+        let (t0, len) = (ch.start(&cl), ch.len(&cl));
+        let qp_at = |kb: &KB, tl: LoopId, p: &IExpr| {
+            kb.l.linear(&[hh.clone(), IExpr::Loop(tl), p.clone()], &qp_shape)
+        };
+        let mut chunk = vec![head_steps(&mut kb, (&b, &hh), (&t0, &len), arrs)?];
+        let zero = |kb: &KB, tl: LoopId| {
+            vec![Stmt::Store {
+                buf: qp_slot,
+                index: qp_at(kb, tl, &pv),
+                value: Expr::Const(0.0),
+            }]
+        };
+        let mut per_p = vec![u_steps(&mut kb, (&b, &hh, &pv), (&t0, &len), arrs, &zero)?];
+        let mut per_n = g_steps(&mut kb, (&b, &hh, &pv, &nv), (&cl, &t0, &len), g_slot, arrs)?;
+        let (tl, sv) = (kb.counter(), kb.var());
+        let bv = kb.value(
+            bm,
+            &[b.clone(), t0.clone().add(IExpr::Loop(tl)), grp, nv.clone()],
+        )?;
+        per_n.push(Stmt::Var {
+            var: sv,
+            init: ck_load(&kb, s_slot, (&b, &cl, &hh, &pv, &nv)),
+        });
+        let qpi = qp_at(&kb, tl, &pv);
+        per_n.push(Stmt::For {
+            counter: tl,
+            extent: len.clone(),
+            body: vec![
+                Stmt::Store {
+                    buf: qp_slot,
+                    index: qpi.clone(),
+                    value: Expr::bin(
+                        Add,
+                        Expr::Load {
+                            buf: qp_slot,
+                            index: qpi,
+                        },
+                        Expr::bin(Mul, al(arrs.g, tl), Expr::Var(sv)),
+                    ),
+                },
+                Stmt::Set {
+                    var: sv,
+                    value: next_state(al(arrs.decay, tl), Expr::Var(sv), al(arrs.u, tl), bv),
+                },
+            ],
+        });
+        per_p.push(Stmt::For {
+            counter: nl,
+            extent: ns.clone(),
+            body: per_n,
+        });
+        chunk.push(Stmt::For {
+            counter: pl,
+            extent: pext.clone(),
+            body: per_p,
+        });
+        let (tl, pl2, w) = (kb.counter(), kb.counter(), kb.var());
+        chunk.push(Stmt::For {
+            counter: tl,
+            extent: len,
+            body: vec![
+                Stmt::Var {
+                    var: w,
+                    init: Expr::bin(Mul, al(arrs.decay, tl), al(arrs.dt, tl)),
+                },
+                Stmt::For {
+                    counter: pl2,
+                    extent: pext.clone(),
+                    body: vec![Stmt::Set {
+                        var: acc,
+                        value: Expr::bin(
+                            Add,
+                            Expr::Var(acc),
+                            Expr::bin(
+                                Mul,
+                                Expr::Var(w),
+                                Expr::Load {
+                                    buf: qp_slot,
+                                    index: qp_at(&kb, tl, &IExpr::Loop(pl2)),
+                                },
+                            ),
+                        ),
+                    }],
+                },
+            ],
+        });
         kb.body.push(Stmt::For {
             counter: bl,
             extent: bext.clone(),
             body: vec![Stmt::For {
-                counter: tl,
-                extent: lext.clone(),
-                body: vec![
-                    Stmt::Var {
-                        var: w,
-                        init: Expr::bin(Mul, exp_mul(dte.clone(), ah), dte),
-                    },
-                    Stmt::For {
-                        counter: pl,
-                        extent: pext.clone(),
-                        body: vec![
-                            Stmt::Var {
-                                var: q,
-                                init: Expr::Const(0.0),
-                            },
-                            Stmt::For {
-                                counter: nl,
-                                extent: ns.clone(),
-                                body: vec![Stmt::Set {
-                                    var: q,
-                                    value: Expr::bin(
-                                        Add,
-                                        Expr::Var(q),
-                                        Expr::bin(
-                                            Mul,
-                                            Expr::Load {
-                                                buf: g_slot,
-                                                index: sidx.clone(),
-                                            },
-                                            Expr::Load {
-                                                buf: s_slot,
-                                                index: sidx,
-                                            },
-                                        ),
-                                    ),
-                                }],
-                            },
-                            Stmt::Set {
-                                var: acc,
-                                value: Expr::bin(
-                                    Add,
-                                    Expr::Var(acc),
-                                    Expr::bin(Mul, Expr::Var(w), Expr::Var(q)),
-                                ),
-                            },
-                        ],
-                    },
-                ],
+                counter: c,
+                extent: ch.count.clone(),
+                body: chunk,
             }],
         });
         let das = kb.buf(outs[2], true);
@@ -2212,104 +2523,86 @@ impl<'g> Lowering<'g> {
 
         // Kernel 4: dB, dC [B, L, G, N], summed over the group's heads and p.
         let mut kb = KB::new(self, &format!("{name}_bc"));
-        let (b, t, gi, nn) = (
+        let (b, c, gi, nn) = (
             IExpr::Grid(0),
             IExpr::Grid(1),
             IExpr::Grid(2),
             IExpr::Grid(3),
         );
-        let (s_slot, g_slot) = (kb.buf(sbuf, false), kb.buf(gbuf, false));
-        let (dbv, dcv, dv, dec, u) = (kb.var(), kb.var(), kb.var(), kb.var(), kb.var());
-        for v in [dbv, dcv] {
-            kb.body.push(Stmt::Var {
-                var: v,
-                init: Expr::Const(0.0),
+        let (t0, len) = (ch.start(&c), ch.len(&c));
+        let (s_slot, g_slot) = (kb.buf(sck, false), kb.buf(gck, false));
+        let arrs = ChunkArrays::declare(&mut kb, qn);
+        let (dba, dca) = (kb.arr(), kb.arr());
+        for arr in [dba, dca] {
+            kb.body.push(Stmt::Array {
+                arr,
+                len: qn,
+                init: 0.0,
             });
         }
         let (hl, pl) = (kb.counter(), kb.counter());
         let hh = gi.clone().mul(IExpr::c(hpg)).add(IExpr::Loop(hl));
-        let dte = kb.value(dt, &[b.clone(), t.clone(), hh.clone()])?;
-        let ah = kb.value(a, std::slice::from_ref(&hh))?;
-        let xi = [b.clone(), t.clone(), hh.clone(), IExpr::Loop(pl)];
-        let xe = kb.value(x, &xi)?;
-        let gye = kb.value(dy, &xi)?;
-        let bi = [b.clone(), t.clone(), gi.clone(), nn.clone()];
-        let bv = kb.value(bm, &bi)?;
-        let sidx = kb.l.linear(
-            &[
-                b.clone(),
-                t.clone(),
-                hh.clone(),
-                IExpr::Loop(pl),
-                nn.clone(),
-            ],
-            &scr_shape,
-        );
-        let s_after = Expr::bin(
-            Add,
-            Expr::bin(
-                Mul,
-                Expr::Var(dec),
-                Expr::Load {
-                    buf: s_slot,
-                    index: sidx.clone(),
-                },
-            ),
-            Expr::bin(Mul, Expr::Var(u), bv),
-        );
+        let pv = IExpr::Loop(pl);
+        let mut per_head = vec![head_steps(&mut kb, (&b, &hh), (&t0, &len), arrs)?];
+        let mut per_p = vec![u_steps(
+            &mut kb,
+            (&b, &hh, &pv),
+            (&t0, &len),
+            arrs,
+            &|_, _| Vec::new(),
+        )?];
+        per_p.extend(g_steps(
+            &mut kb,
+            (&b, &hh, &pv, &nn),
+            (&c, &t0, &len),
+            g_slot,
+            arrs,
+        )?);
+        let (tl, sv) = (kb.counter(), kb.var());
+        let t = t0.clone().add(IExpr::Loop(tl));
+        let bv = kb.value(bm, &[b.clone(), t.clone(), gi.clone(), nn.clone()])?;
+        let gye = kb.value(dy, &[b.clone(), t, hh.clone(), pv.clone()])?;
+        let init = ck_load(&kb, s_slot, (&b, &c, &hh, &pv, &nn));
+        per_p.extend(bc_accumulate(
+            sv,
+            init,
+            arrs,
+            tl,
+            len.clone(),
+            bv,
+            gye,
+            (dba, dca),
+        ));
+        per_head.push(Stmt::For {
+            counter: pl,
+            extent: pext,
+            body: per_p,
+        });
         kb.body.push(Stmt::For {
             counter: hl,
             extent: IExpr::c(hpg),
+            body: per_head,
+        });
+        let (dbs, dcs) = (kb.buf(outs[3], true), kb.buf(outs[4], true));
+        let tl = kb.counter();
+        let oi = kb.l.linear(&[b, t0.add(IExpr::Loop(tl)), gi, nn], &bs);
+        kb.body.push(Stmt::For {
+            counter: tl,
+            extent: len,
             body: vec![
-                Stmt::Var { var: dv, init: dte },
-                Stmt::Var {
-                    var: dec,
-                    init: exp_mul(Expr::Var(dv), ah),
+                Stmt::Store {
+                    buf: dbs,
+                    index: oi.clone(),
+                    value: al(dba, tl),
                 },
-                Stmt::For {
-                    counter: pl,
-                    extent: pext,
-                    body: vec![
-                        Stmt::Var {
-                            var: u,
-                            init: Expr::bin(Mul, Expr::Var(dv), xe),
-                        },
-                        Stmt::Set {
-                            var: dcv,
-                            value: Expr::bin(Add, Expr::Var(dcv), Expr::bin(Mul, s_after, gye)),
-                        },
-                        Stmt::Set {
-                            var: dbv,
-                            value: Expr::bin(
-                                Add,
-                                Expr::Var(dbv),
-                                Expr::bin(
-                                    Mul,
-                                    Expr::Var(u),
-                                    Expr::Load {
-                                        buf: g_slot,
-                                        index: sidx,
-                                    },
-                                ),
-                            ),
-                        },
-                    ],
+                Stmt::Store {
+                    buf: dcs,
+                    index: oi,
+                    value: al(dca, tl),
                 },
             ],
         });
-        let (dbs, dcs) = (kb.buf(outs[3], true), kb.buf(outs[4], true));
-        let oi = kb.l.linear(&bi, &bs);
-        kb.body.push(Stmt::Store {
-            buf: dbs,
-            index: oi.clone(),
-            value: Expr::Var(dbv),
-        });
-        kb.body.push(Stmt::Store {
-            buf: dcs,
-            index: oi,
-            value: Expr::Var(dcv),
-        });
-        kb.finish(vec![bext, lext, gext, ns], n);
+        kb.finish(vec![bext, ch.count.clone(), gext, ns], n);
         Ok(())
     }
 }
@@ -2360,6 +2653,153 @@ fn scan_update(
             },
         ],
     }
+}
+
+/// `decay * h + u * b`: one step of a scan's state element, in the forward sweep's order of
+/// operations (a recomputation must round exactly as the sweep did).
+fn next_state(decay: Expr, h: Expr, u: Expr, b: Expr) -> Expr {
+    use BinaryOp::{Add, Mul};
+    Expr::bin(Add, Expr::bin(Mul, decay, h), Expr::bin(Mul, u, b))
+}
+
+/// The chunks of a scan gradient's checkpointed recomputation: `q` steps each over the `l`
+/// steps of the sequence, the last one partial; `count = ceil(l / q)`.
+struct Chunks {
+    q: i64,
+    l: IExpr,
+    count: IExpr,
+}
+
+impl Chunks {
+    /// The first step of chunk `c`.
+    fn start(&self, c: &IExpr) -> IExpr {
+        c.clone().mul(IExpr::c(self.q))
+    }
+
+    /// The number of steps of chunk `c`: `min(q, l - c*q)`.
+    fn len(&self, c: &IExpr) -> IExpr {
+        IExpr::c(self.q).min(self.l.clone().sub(self.start(c)))
+    }
+}
+
+/// Local arrays over one chunk's steps for recomputing a scan's states one element at a
+/// time: each step's `dt`, `decay = exp(dt A)` and `u = dt x`, and the element's state
+/// cotangent `g` (after the output's contribution, as the reverse sweep has it).
+#[derive(Clone, Copy)]
+struct ChunkArrays {
+    dt: ArrId,
+    decay: ArrId,
+    u: ArrId,
+    g: ArrId,
+}
+
+impl ChunkArrays {
+    fn declare(kb: &mut KB, len: usize) -> ChunkArrays {
+        let arrs = ChunkArrays {
+            dt: kb.arr(),
+            decay: kb.arr(),
+            u: kb.arr(),
+            g: kb.arr(),
+        };
+        for arr in [arrs.dt, arrs.decay, arrs.u, arrs.g] {
+            kb.body.push(Stmt::Array {
+                arr,
+                len,
+                init: 0.0,
+            });
+        }
+        arrs
+    }
+}
+
+/// One state element's cotangent backwards over a chunk, with the reverse sweep's
+/// arithmetic: from `init`, for each step from the last, `g += C dy; arrs.g[tl] = g;
+/// g *= decay[tl]`. `k` counts the steps; `tl = len - 1 - k` is the step `c` and `dy`
+/// are read at.
+#[allow(clippy::too_many_arguments)]
+fn g_chain(
+    g: VarId,
+    init: Expr,
+    arrs: ChunkArrays,
+    k: LoopId,
+    len: IExpr,
+    tl: IExpr,
+    c: Expr,
+    dy: Expr,
+) -> Vec<Stmt> {
+    use BinaryOp::{Add, Mul};
+    vec![
+        Stmt::Var { var: g, init },
+        Stmt::For {
+            counter: k,
+            extent: len,
+            body: vec![
+                Stmt::Set {
+                    var: g,
+                    value: Expr::bin(Add, Expr::Var(g), Expr::bin(Mul, c, dy)),
+                },
+                Stmt::ArrSet {
+                    arr: arrs.g,
+                    index: tl.clone(),
+                    value: Expr::Var(g),
+                },
+                Stmt::Set {
+                    var: g,
+                    value: Expr::bin(
+                        Mul,
+                        Expr::Var(g),
+                        Expr::ArrLoad {
+                            arr: arrs.decay,
+                            index: tl,
+                        },
+                    ),
+                },
+            ],
+        },
+    ]
+}
+
+/// The `dB`/`dC` contributions of one state element over a chunk (after [`g_chain`]): its
+/// states forwards from `init`, adding to `dc[tl]` the state after the step times the
+/// output's cotangent `dy`, and to `db[tl]` `u` times the state cotangent. The loops around
+/// it run over what the sum is over (Mamba-1: the channels; Mamba-2: the group's heads and
+/// the head dim), in the order of the sums of storing every state.
+#[allow(clippy::too_many_arguments)]
+fn bc_accumulate(
+    h: VarId,
+    init: Expr,
+    arrs: ChunkArrays,
+    tl: LoopId,
+    len: IExpr,
+    b: Expr,
+    dy: Expr,
+    (db, dc): (ArrId, ArrId),
+) -> Vec<Stmt> {
+    use BinaryOp::{Add, Mul};
+    let at = |arr| Expr::ArrLoad {
+        arr,
+        index: IExpr::Loop(tl),
+    };
+    let add_to = |arr, v| Stmt::ArrSet {
+        arr,
+        index: IExpr::Loop(tl),
+        value: Expr::bin(Add, at(arr), v),
+    };
+    vec![
+        Stmt::Var { var: h, init },
+        Stmt::For {
+            counter: tl,
+            extent: len,
+            body: vec![
+                Stmt::Set {
+                    var: h,
+                    value: next_state(at(arrs.decay), Expr::Var(h), at(arrs.u), b),
+                },
+                add_to(dc, Expr::bin(Mul, Expr::Var(h), dy)),
+                add_to(db, Expr::bin(Mul, at(arrs.u), at(arrs.g))),
+            ],
+        },
+    ]
 }
 
 /// Builds one kernel: its buffer list, fresh ids, and body.

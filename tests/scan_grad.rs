@@ -1,0 +1,451 @@
+//! The scan gradients (`selective_scan_grad`, `ssd_scan_grad`) at sequence lengths around
+//! the chunk of their checkpointed recomputation: one step, a chunk less one, a chunk, a
+//! chunk plus one, several chunks and a partial one. Mamba-1's gradient checkpoints every
+//! `SELECTIVE_GRAD_CHUNK` steps; Mamba-2's every `chunk` steps of its op (tiny-mamba2: 8).
+//!
+//! Each case runs the Cranelift kernels (inline `exp`) against the f64 reference interpreter
+//! within the f32 tolerances of the other tests, and Cranelift with `exact_math` against the
+//! kernel IR evaluator, which must agree bit for bit. And the scratch memory of the gradients
+//! of a published config is their checkpoints, not every state.
+
+mod common;
+
+use codegen::cpu::CpuOptions;
+use ir::{DType, Dim, Graph, InputKind, Op, Span, TensorType, UnaryOp, Value};
+use ma2mba::model::CpuGraph;
+use passes::LowerOptions;
+use passes::autodiff::training_graph;
+use runtime::array::Array;
+use runtime::cpu::{EvalLauncher, HostData, Inputs, Outputs, execute};
+use runtime::init::Rng;
+use runtime::interp::{self, Bindings};
+use std::collections::HashMap;
+
+/// The checkpoint interval of the Mamba-1 scan gradient.
+const SELECTIVE_CHUNK: usize = passes::lower::SELECTIVE_GRAD_CHUNK as usize;
+/// tiny-mamba2's `chunk_size`.
+const TINY_MAMBA2_CHUNK: usize = 8;
+/// Normwise relative error per tensor for a whole training graph (tests/training.rs).
+const NORMWISE: f64 = 2e-3;
+/// Elementwise `atol + rtol |want|` for one op (tests/kernels.rs, reductions and scans).
+const REDUCTION: (f64, f64) = (6e-4, 2e-3);
+
+/// Lengths around a chunk of `q` steps.
+fn lengths(q: usize) -> Vec<usize> {
+    let mut ls = vec![1, q - 1, q, q + 1, 3 * q + 5];
+    ls.dedup();
+    ls
+}
+
+/// A graph with every input bound, for the interpreter and for the compiled program.
+struct Case {
+    what: String,
+    graph: Graph,
+    syms: Vec<(&'static str, i64)>,
+    interp: Bindings,
+    data: HashMap<String, HostData>,
+    params: HashMap<String, Vec<f32>>,
+    states: HashMap<String, Vec<f32>>,
+}
+
+impl Case {
+    fn new(what: String, graph: Graph, b: usize, l: usize) -> Case {
+        Case {
+            what,
+            graph,
+            syms: vec![("B", b as i64), ("L", l as i64)],
+            interp: Bindings::default(),
+            data: HashMap::new(),
+            params: HashMap::new(),
+            states: HashMap::new(),
+        }
+    }
+
+    fn shape(&self, ty: &TensorType) -> Vec<usize> {
+        let bind = |s: &str| {
+            self.syms
+                .iter()
+                .find(|(n, _)| *n == s)
+                .map(|(_, v)| *v as u64)
+        };
+        ty.shape
+            .iter()
+            .map(|d| d.eval(&bind).expect("bound") as usize)
+            .collect()
+    }
+
+    /// Binds every unbound float input, state and parameter to random values (`|x| + 0.05`
+    /// for names in `positive`), the same f32 values for both executors.
+    fn fill(&mut self, rng: &mut Rng, positive: &[&str]) {
+        let leaves: Vec<(String, TensorType, Option<InputKind>)> = self
+            .graph
+            .nodes()
+            .filter_map(|n| match self.graph.op(n) {
+                Op::Input { name, ty, kind } => Some((name.clone(), ty.clone(), Some(*kind))),
+                Op::Param { name, ty, .. } => Some((name.clone(), ty.clone(), None)),
+                _ => None,
+            })
+            .collect();
+        for (name, ty, kind) in leaves {
+            let bound = self.data.contains_key(&name)
+                || self.params.contains_key(&name)
+                || self.states.contains_key(&name);
+            if bound || !ty.dtype.is_float() {
+                continue;
+            }
+            let shape = self.shape(&ty);
+            let count = shape.iter().product();
+            let v: Vec<f32> = (0..count)
+                .map(|_| {
+                    let x = (rng.normal() * 0.8) as f32;
+                    if positive.contains(&name.as_str()) {
+                        x.abs() + 0.05
+                    } else {
+                        x
+                    }
+                })
+                .collect();
+            let arr = Array::new(shape, v.iter().map(|&x| x as f64).collect());
+            match kind {
+                Some(InputKind::Data) => {
+                    self.interp.inputs.insert(name.clone(), arr);
+                    self.data.insert(name, HostData::F32(v));
+                }
+                Some(InputKind::State) => {
+                    self.interp.states.insert(name.clone(), arr);
+                    self.states.insert(name, v);
+                }
+                None => {
+                    self.interp.params.insert(name.clone(), arr);
+                    self.params.insert(name, v);
+                }
+            }
+        }
+    }
+
+    fn ids(&mut self, name: &str, v: Vec<i32>) {
+        let (b, l) = (self.syms[0].1 as usize, self.syms[1].1 as usize);
+        self.interp.inputs.insert(
+            name.into(),
+            Array::new(vec![b, l], v.iter().map(|&x| x as f64).collect()),
+        );
+        self.data.insert(name.into(), HostData::I32(v));
+    }
+}
+
+/// The training graph (loss and every gradient) of a library model, with its initialized
+/// parameters, random tokens and targets (some ignored) and random initial states.
+fn training_case(model: &str, b: usize, l: usize, seed: u64) -> Case {
+    let forward = common::compile_name(model).graph;
+    let graph = training_graph(&forward, "logits", -100)
+        .unwrap_or_else(|e| panic!("{model}: {e}"))
+        .graph;
+    let mut c = Case::new(format!("{model} B={b} L={l}"), graph, b, l);
+    let mut rng = Rng::new(seed);
+    for (name, arr) in runtime::init::init_params(&forward, seed) {
+        let v: Vec<f32> = arr.data.iter().map(|&x| x as f32).collect();
+        let back = Array::new(arr.shape.clone(), v.iter().map(|&x| x as f64).collect());
+        c.interp.params.insert(name.clone(), back);
+        c.params.insert(name, v);
+    }
+    let vocab = 61;
+    let ids = (0..b * l)
+        .map(|_| (rng.next_u64() % vocab) as i32)
+        .collect();
+    let mut targets: Vec<i32> = (0..b * l)
+        .map(|_| (rng.next_u64() % vocab) as i32)
+        .collect();
+    // Some ignored positions, never all of them (the mean loss would be NaN).
+    targets[b * l - 1] = -100;
+    if l > 1 {
+        targets[l - 1] = -100;
+    }
+    c.ids("input_ids", ids);
+    c.ids("targets", targets);
+    c.fill(&mut rng, &[]);
+    c
+}
+
+fn add(g: &mut Graph, op: Op, xs: &[Value]) -> Value {
+    Value::from(g.add(op, xs, Span::default(), None).expect("well-typed"))
+}
+
+fn leaf(g: &mut Graph, name: &str, kind: Option<InputKind>, shape: &[Dim]) -> Value {
+    let ty = TensorType::new(DType::F32, shape.to_vec());
+    let op = match kind {
+        Some(kind) => Op::Input {
+            name: name.into(),
+            kind,
+            ty,
+        },
+        None => Op::Param {
+            name: name.into(),
+            ty,
+            init: ir::Init::Zeros,
+        },
+    };
+    add(g, op, &[])
+}
+
+/// `dt = softplus(dt_raw)` and `A = -exp(A_log)`: the prologues the scans see in a model.
+fn dt_and_a(g: &mut Graph, dt_shape: &[Dim], a_shape: &[Dim]) -> (Value, Value) {
+    let dt_raw = leaf(g, "dt", Some(InputKind::Data), dt_shape);
+    let dt = add(g, Op::Unary(UnaryOp::Softplus), &[dt_raw]);
+    let a_log = leaf(g, "A_log", None, a_shape);
+    let ea = add(g, Op::Unary(UnaryOp::Exp), &[a_log]);
+    let a = add(g, Op::Unary(UnaryOp::Neg), &[ea]);
+    (dt, a)
+}
+
+/// `selective_scan_grad` alone: `e` channels, `n` states.
+fn selective_case(b: usize, l: usize, e: usize, n: usize, seed: u64) -> Case {
+    let mut g = Graph::new("selective_scan_grad");
+    let (bd, ld, k) = (Dim::sym("B"), Dim::sym("L"), |n: usize| {
+        Dim::known(n as u64)
+    });
+    let ble = [bd.clone(), ld.clone(), k(e)];
+    let data = Some(InputKind::Data);
+    let x = leaf(&mut g, "x", data, &ble);
+    let (dt, a) = dt_and_a(&mut g, &ble, &[k(e), k(n)]);
+    let bm = leaf(&mut g, "Bm", data, &[bd.clone(), ld.clone(), k(n)]);
+    let cm = leaf(&mut g, "Cm", data, &[bd.clone(), ld.clone(), k(n)]);
+    let h0 = leaf(
+        &mut g,
+        "h0",
+        Some(InputKind::State),
+        &[bd.clone(), k(e), k(n)],
+    );
+    let dy = leaf(&mut g, "dy", data, &ble);
+    let dh1 = leaf(&mut g, "dh1", data, &[bd.clone(), k(e), k(n)]);
+    let sg = g
+        .add(
+            Op::SelectiveScanGrad,
+            &[x, dt, a, bm, cm, h0, dy, dh1],
+            Span::default(),
+            None,
+        )
+        .expect("well-typed");
+    for (r, name) in ["dx", "ddt", "dA", "dB", "dC", "dh0"].iter().enumerate() {
+        g.add_output(*name, Value::new(sg, r as u16));
+    }
+    let mut c = Case::new(
+        format!("selective_scan_grad E={e} N={n} B={b} L={l}"),
+        g,
+        b,
+        l,
+    );
+    c.fill(&mut Rng::new(seed), &[]);
+    c
+}
+
+/// `ssd_scan_grad{chunk}` alone: `groups` groups of `hpg` heads of size `p`, `n` states.
+fn ssd_case(
+    b: usize,
+    l: usize,
+    (hpg, groups, p, n): (usize, usize, usize, usize),
+    chunk: u64,
+    seed: u64,
+) -> Case {
+    let h = hpg * groups;
+    let mut g = Graph::new("ssd_scan_grad");
+    let (bd, ld, k) = (Dim::sym("B"), Dim::sym("L"), |n: usize| {
+        Dim::known(n as u64)
+    });
+    let xsh = [bd.clone(), ld.clone(), k(h), k(p)];
+    let bsh = [bd.clone(), ld.clone(), k(groups), k(n)];
+    let ssh = [bd.clone(), k(h), k(p), k(n)];
+    let data = Some(InputKind::Data);
+    let x = leaf(&mut g, "x", data, &xsh);
+    let (dt, a) = dt_and_a(&mut g, &[bd.clone(), ld.clone(), k(h)], &[k(h)]);
+    let bm = leaf(&mut g, "Bm", data, &bsh);
+    let cm = leaf(&mut g, "Cm", data, &bsh);
+    let s0 = leaf(&mut g, "s0", Some(InputKind::State), &ssh);
+    let dy = leaf(&mut g, "dy", data, &xsh);
+    let ds1 = leaf(&mut g, "ds1", data, &ssh);
+    let sg = g
+        .add(
+            Op::SsdScanGrad { chunk },
+            &[x, dt, a, bm, cm, s0, dy, ds1],
+            Span::default(),
+            None,
+        )
+        .expect("well-typed");
+    for (r, name) in ["dx", "ddt", "dA", "dB", "dC", "ds0"].iter().enumerate() {
+        g.add_output(*name, Value::new(sg, r as u16));
+    }
+    let mut c = Case::new(
+        format!("ssd_scan_grad{{chunk: {chunk}}} H={h} G={groups} P={p} N={n} B={b} L={l}"),
+        g,
+        b,
+        l,
+    );
+    c.fill(&mut Rng::new(seed), &[]);
+    c
+}
+
+/// The compiled program's outputs, through Cranelift with these options.
+fn cranelift(c: &Case, opts: CpuOptions) -> Outputs {
+    let cpu = CpuGraph::compile_with(&c.graph, &LowerOptions::default(), opts)
+        .unwrap_or_else(|e| panic!("{}: compile: {e}", c.what));
+    let (out, _) = cpu
+        .run(&c.syms, &c.data, &c.params, &c.states)
+        .unwrap_or_else(|e| panic!("{}: run: {e}", c.what));
+    out
+}
+
+/// The compiled program's outputs, every kernel run by the kernel IR evaluator (f32 mode).
+fn evaluated(c: &Case) -> Outputs {
+    let l = passes::lower(&c.graph, &LowerOptions::default()).expect("lowers");
+    let sizes: Vec<i64> = l
+        .syms
+        .iter()
+        .map(|s| c.syms.iter().find(|(n, _)| n == s).expect("bound").1)
+        .collect();
+    let bind = |s: &str| l.syms.iter().position(|x| x == s).map(|i| sizes[i] as u64);
+    let plan = passes::plan_memory(&l, &bind).expect("plans");
+    passes::check_memory(&plan).unwrap_or_else(|e| panic!("{}: {e}", c.what));
+    let launcher = EvalLauncher {
+        lowered: &l,
+        bytes: plan.bytes.clone(),
+    };
+    let inp = Inputs {
+        sizes: &sizes,
+        data: &c.data,
+        params: &c.params,
+        states: &c.states,
+    };
+    execute(&l, &plan, &launcher, &inp)
+        .unwrap_or_else(|e| panic!("{}: evaluator: {e}", c.what))
+        .0
+}
+
+/// How close the compiled result must be to the interpreter's.
+#[derive(Clone, Copy)]
+enum Tolerance {
+    Normwise(f64),
+    Elementwise(f64, f64),
+}
+
+/// Cranelift against the interpreter; Cranelift (`exact_math`) against the evaluator, bit
+/// for bit.
+fn check(c: &Case, tol: Tolerance) {
+    let want = interp::run(&c.graph, &c.interp)
+        .unwrap_or_else(|e| panic!("{}: interpreter: {e}", c.what))
+        .values;
+    let got = cranelift(c, CpuOptions::default());
+    assert_eq!(got.len(), want.len(), "{}", c.what);
+    for ((gn, gv), (wn, wv)) in got.iter().zip(&want) {
+        assert_eq!(gn, wn, "{}", c.what);
+        assert_eq!(gv.len(), wv.data.len(), "{}: {gn}", c.what);
+        match tol {
+            Tolerance::Normwise(rel) => {
+                let (mut diff, mut norm) = (0.0f64, 0.0f64);
+                for (&x, &e) in gv.iter().zip(&wv.data) {
+                    assert!(x.is_finite(), "{}: {gn} has {x}", c.what);
+                    diff += (x as f64 - e).powi(2);
+                    norm += e * e;
+                }
+                let (diff, norm) = (diff.sqrt(), norm.sqrt());
+                assert!(
+                    diff <= rel * norm || diff <= 1e-6,
+                    "{}: {gn}: |got - want| = {diff:e}, |want| = {norm:e}",
+                    c.what
+                );
+            }
+            Tolerance::Elementwise(atol, rtol) => {
+                for (i, (&x, &e)) in gv.iter().zip(&wv.data).enumerate() {
+                    assert!(
+                        (x as f64 - e).abs() <= atol + rtol * e.abs(),
+                        "{}: {gn}[{i}] got {x} want {e}",
+                        c.what
+                    );
+                }
+            }
+        }
+    }
+    let exact = cranelift(
+        c,
+        CpuOptions {
+            exact_math: true,
+            ..CpuOptions::default()
+        },
+    );
+    let eval = evaluated(c);
+    assert_eq!(exact.len(), eval.len(), "{}", c.what);
+    for ((n, a), (_, b)) in exact.iter().zip(&eval) {
+        let differ = a
+            .iter()
+            .zip(b)
+            .position(|(x, y)| x.to_bits() != y.to_bits());
+        if let Some(i) = differ {
+            panic!(
+                "{}: {n}[{i}]: Cranelift (exact math) {} vs evaluator {}",
+                c.what, a[i], b[i]
+            );
+        }
+    }
+}
+
+#[test]
+fn tiny_mamba_gradients_around_the_chunk() {
+    for (i, l) in lengths(SELECTIVE_CHUNK).into_iter().enumerate() {
+        let b = if l > SELECTIVE_CHUNK { 1 } else { 2 };
+        let c = training_case("tiny-mamba", b, l, 40 + i as u64);
+        check(&c, Tolerance::Normwise(NORMWISE));
+    }
+}
+
+#[test]
+fn tiny_mamba2_gradients_around_the_chunk() {
+    for (i, l) in lengths(TINY_MAMBA2_CHUNK).into_iter().enumerate() {
+        let c = training_case("tiny-mamba2", 2, l, 50 + i as u64);
+        check(&c, Tolerance::Normwise(NORMWISE));
+    }
+}
+
+#[test]
+fn selective_scan_grad_around_the_chunk() {
+    // And no step at all: no chunk, dh0 = dh1.
+    for (i, l) in lengths(SELECTIVE_CHUNK).into_iter().chain([0]).enumerate() {
+        let c = selective_case(2, l, 3, 4, 60 + i as u64);
+        check(&c, Tolerance::Elementwise(REDUCTION.0, REDUCTION.1));
+    }
+}
+
+#[test]
+fn ssd_scan_grad_around_the_chunk() {
+    // Grouped heads; chunks of 1 (every step a checkpoint), 4, and one longer than L.
+    for (chunk, q) in [(4u64, 4usize), (1, 2), (64, 4)] {
+        for (i, l) in lengths(q).into_iter().chain([0]).enumerate() {
+            let c = ssd_case(2, l, (2, 2, 3, 5), chunk, 70 + i as u64);
+            check(&c, Tolerance::Elementwise(REDUCTION.0, REDUCTION.1));
+        }
+    }
+}
+
+/// Scratch bytes of one scan gradient at B = 1, L = 8192, by the lowered buffers.
+fn scratch_bytes(c: &Case) -> Vec<u64> {
+    let l = passes::lower(&c.graph, &LowerOptions::default()).expect("lowers");
+    let bind = |s: &str| Some(if s == "B" { 1 } else { 8192 });
+    let bytes = passes::memory::buffer_bytes(&l, &bind).expect("sizes");
+    l.buffers
+        .iter()
+        .zip(bytes)
+        .filter(|(b, _)| b.kind == passes::BufKind::Scratch)
+        .map(|(_, n)| n)
+        .collect()
+}
+
+#[test]
+fn scratch_is_checkpoints_not_every_state() {
+    // mamba2-2.7b: 80 heads of 64, d_state 128, one group, chunk 256: the states and state
+    // cotangents at 32 chunk starts, and a [H, Q, P] scratch (was 2 x [B, L, H, P, N], 43 GB).
+    let ssd = ssd_case(1, 1, (80, 1, 64, 128), 256, 0);
+    let ck = 32 * 80 * 64 * 128 * 4;
+    assert_eq!(scratch_bytes(&ssd), [ck, ck, 80 * 256 * 64 * 4]);
+    // mamba-2.8b: 5120 channels, d_state 16: checkpoints at 128 chunk starts and a [B, E, Q, N]
+    // chunk of states (was 2 x [B, L, E, N], 5.4 GB).
+    let sel = selective_case(1, 1, 5120, 16, 0);
+    let ck = 128 * 5120 * 16 * 4;
+    assert_eq!(scratch_bytes(&sel), [ck, ck, 5120 * 64 * 16 * 4]);
+}
