@@ -35,6 +35,7 @@ fn request(seq: u64, budget: Option<u64>) -> Request {
         count_weights: false,
         quantum: 256,
         logits: false,
+        copy_outputs: false,
     }
 }
 

@@ -113,6 +113,10 @@ pub struct PlanArgs {
     /// Write memory over the schedule of every strategy to this SVG file.
     #[arg(long)]
     pub svg: Option<PathBuf>,
+    /// The runtime the plan is for: `cuda` (outputs handed over in their own buffers) or
+    /// `cpu` (the CPU executor copies outputs out of each run's arena).
+    #[arg(long, default_value = "cuda", value_parser = ["cuda", "cpu"])]
+    pub device: String,
 }
 
 #[derive(clap::Args, Debug)]
@@ -1504,6 +1508,7 @@ fn plan_cmd(p: &PlanArgs, g: &Graph, out: &mut Outcome) {
         count_weights: !p.activations_only,
         quantum,
         logits: false,
+        copy_outputs: p.device == "cpu",
     };
     let report = match crate::plan::make(g, req.clone()) {
         Ok(r) => r,

@@ -308,6 +308,7 @@ pub fn request_for(forward: &Graph, budget: Option<u64>, batch: usize, seq: usiz
         count_weights: true,
         quantum: crate::cli::default_quantum(forward).min(seq as u64).max(1),
         logits: true,
+        copy_outputs: true,
     }
 }
 

@@ -81,6 +81,7 @@ fn request(b: usize, l: usize, quantum: u64) -> Request {
         count_weights: false,
         quantum,
         logits: false,
+        copy_outputs: true,
     }
 }
 
@@ -249,6 +250,7 @@ fn budget_sweep_fits_and_recompute_never_grows() {
         .expect("no checkpointing");
     assert!(least.peak < most.peak);
     let mut last_recompute = f64::INFINITY;
+    let mut last_step = 0.0;
     let steps = 12;
     for i in 0..=steps {
         let budget = least.peak + (most.peak - least.peak) * i / steps;
@@ -261,10 +263,12 @@ fn budget_sweep_fits_and_recompute_never_grows() {
             p.recompute_flops
         );
         last_recompute = p.recompute_flops;
+        last_step = p.step_flops;
     }
-    assert_eq!(
-        last_recompute, 0.0,
-        "the budget of no checkpointing needs no recomputation"
+    // Keeping everything recomputes only functions of the parameters (exp(A_log), ...).
+    assert!(
+        last_recompute < 1e-4 * last_step,
+        "the budget of no checkpointing recomputes {last_recompute} of {last_step} FLOPs"
     );
 }
 

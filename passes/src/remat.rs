@@ -85,6 +85,10 @@ pub struct Request {
     pub quantum: u64,
     /// Whether the head also returns the logits (for accuracy during training).
     pub logits: bool,
+    /// Whether the runtime copies a run's outputs out of its arena (the CPU executor does,
+    /// so both are alive at the end of the run) or hands over buffers of their own (a GPU
+    /// runtime).
+    pub copy_outputs: bool,
 }
 
 /// Where the bytes of a plan's peak go (at the moment of the peak).
@@ -248,14 +252,37 @@ pub fn variant(
             .map(|n| Value::new(n, 0))
             .collect(),
         Keep::All => {
+            // What the backward reads, through views: a reshape, permute, broadcast or slice
+            // is recomputed (fused into its readers) from its saved operand; values that do
+            // not depend on the sequence (functions of parameters) are recomputed too.
+            let per_token = depends_on_time(&st.graph);
             let mut v: Vec<Value> = Vec::new();
             for n in train_full.nodes().skip(nfwd) {
                 for o in train_full.operands(n) {
+                    let mut o = o;
+                    while o.node.index() < nfwd
+                        && matches!(
+                            train_full.op(o.node),
+                            Op::Reshape { .. }
+                                | Op::Permute { .. }
+                                | Op::Broadcast { .. }
+                                | Op::Slice { .. }
+                        )
+                    {
+                        match train_full.operands(o.node).first() {
+                            Some(x) => o = *x,
+                            None => break,
+                        }
+                    }
                     let leaf = matches!(
                         train_full.op(o.node),
                         Op::Input { .. } | Op::Param { .. } | Op::Const { .. }
                     );
-                    if o.node.index() < nfwd && !leaf && !v.contains(&o) {
+                    if o.node.index() < nfwd
+                        && !leaf
+                        && per_token[o.node.index()]
+                        && !v.contains(&o)
+                    {
                         v.push(o);
                     }
                 }
@@ -287,6 +314,19 @@ pub fn variant(
         recompute_nodes,
         full_train: train_full,
     })
+}
+
+/// Per node: does its value depend on a data input (it varies with the sequence)?
+fn depends_on_time(g: &Graph) -> Vec<bool> {
+    let mut dep = vec![false; g.len()];
+    for n in g.nodes() {
+        dep[n.index()] = match g.op(n) {
+            Op::Input { .. } => true,
+            Op::Param { .. } | Op::Const { .. } => false,
+            _ => g.operands(n).iter().any(|v| dep[v.node.index()]),
+        };
+    }
+    dep
 }
 
 /// Element size of a buffer when activations are stored as `act`: recurrent states, scan
@@ -339,16 +379,25 @@ fn sized(
     Ok(bytes)
 }
 
-/// Bytes a run of `l` holds at its peak: the arena plus the outputs it returns.
+/// Bytes a run of `l` holds at its peak: the arena plus the outputs it returns (copied out
+/// of the arena, or allocated on their own when `copy_outputs` is false).
 fn run_bytes(
     l: &Lowered,
     graph: &Graph,
     batch: u64,
     seq: u64,
     act: DType,
+    copy_outputs: bool,
 ) -> Result<u64, PlanError> {
     let bytes = sized(l, graph, batch, seq, act)?;
-    let plan = memory::plan_sized(l, bytes.clone())?;
+    let mut arena = bytes.clone();
+    if !copy_outputs {
+        // Outputs get buffers of their own (handed over, not copied): the arena holds the rest.
+        for (_, b) in &l.outputs {
+            arena[*b] = 0;
+        }
+    }
+    let plan = memory::plan_sized(l, arena)?;
     let outs: u64 = l.outputs.iter().map(|(_, b)| bytes[*b]).sum();
     Ok(plan.peak + outs)
 }
@@ -390,7 +439,13 @@ pub struct CellCost {
 
 impl Variant {
     /// The variant's price over `seq` tokens of `batch` sequences.
-    pub fn cost(&self, batch: u64, seq: u64, act: DType) -> Result<CellCost, PlanError> {
+    pub fn cost(
+        &self,
+        batch: u64,
+        seq: u64,
+        act: DType,
+        copy_outputs: bool,
+    ) -> Result<CellCost, PlanError> {
         let bind = |s: &str| match s {
             "B" => Some(batch),
             "L" => Some(seq),
@@ -412,8 +467,15 @@ impl Variant {
             .sum();
         let fg = &self.fwd_graph;
         Ok(CellCost {
-            fwd_run: run_bytes(&self.fwd, fg, batch, seq, act)?,
-            train_run: run_bytes(&self.train, &self.train_graph, batch, seq, act)?,
+            fwd_run: run_bytes(&self.fwd, fg, batch, seq, act, copy_outputs)?,
+            train_run: run_bytes(
+                &self.train,
+                &self.train_graph,
+                batch,
+                seq,
+                act,
+                copy_outputs,
+            )?,
             out_ckpt: output_bytes(&self.fwd, fg, batch, seq, act, &|n| n.starts_with("value."))?,
             saved: output_bytes(&self.fwd, fg, batch, seq, act, &|n| n.starts_with("saved."))?,
             states,
@@ -511,17 +573,21 @@ impl Planner {
         if let Some(c) = self.costs.get(&key) {
             return Ok(*c);
         }
-        let (b, act) = (self.request.batch, self.request.act_dtype);
+        let (b, act, copy) = (
+            self.request.batch,
+            self.request.act_dtype,
+            self.request.copy_outputs,
+        );
         let hi = self.exact_groups.max(2);
         let c = match which {
-            EMBED => self.embed.cost(b, seq, act)?,
-            HEAD => self.head.cost(b, seq, act)?,
+            EMBED => self.embed.cost(b, seq, act, copy)?,
+            HEAD => self.head.cost(b, seq, act, copy)?,
             _ if size > hi => {
                 let c1 = self.cost(which, hi - 1, keep, seq)?;
                 let c2 = self.cost(which, hi, keep, seq)?;
                 extrapolate(c1, c2, (size - hi) as u64)
             }
-            _ => self.group_variant(size, keep)?.cost(b, seq, act)?,
+            _ => self.group_variant(size, keep)?.cost(b, seq, act, copy)?,
         };
         self.costs.insert(key, c);
         Ok(c)
