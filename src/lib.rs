@@ -5,7 +5,11 @@
 
 pub mod cli;
 mod cpu;
+pub mod generate;
 pub mod model;
+pub mod sample;
+pub mod state;
+pub mod tokenizer;
 pub mod train;
 
 pub use codegen;

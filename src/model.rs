@@ -59,6 +59,10 @@ pub enum Error {
     Input(String),
     #[error("{0}")]
     Autodiff(Box<passes::AdError>),
+    #[error("{0}")]
+    Step(#[from] passes::StepError),
+    #[error("{0}")]
+    Tokenizer(String),
 }
 
 impl From<passes::AdError> for Error {
@@ -116,7 +120,31 @@ pub struct Model {
     params: HashMap<String, Vec<f32>>,
     backend: Backend,
     compiled: Option<CpuGraph>,
+    /// The one-token step (`L` = 1), derived from `graph` on first use.
+    step: Option<StepForm>,
     last_profile: Option<runtime::cpu::Profile>,
+    /// The end-of-sequence token of the checkpoint's `config.json`, if it names one.
+    pub eos_token_id: Option<u32>,
+    /// The directory the weights came from (where a `tokenizer.json` may sit).
+    pub source_dir: Option<PathBuf>,
+    /// Text to ids and back, for [`Model::generate`] and [`Model::encode`]; set it with
+    /// [`crate::tokenizer::Tokenizer::for_model`] (not loaded by [`Model::load`]).
+    pub tokenizer: Option<crate::tokenizer::Tokenizer>,
+}
+
+/// The recurrent step: the graph specialized to one token, and its compiled form.
+struct StepForm {
+    graph: Graph,
+    compiled: Option<CpuGraph>,
+}
+
+/// Which form of the model a call runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Form {
+    /// The graph over a sequence of any length (forward, prefill).
+    Parallel,
+    /// The graph specialized to one token (decode).
+    Step,
 }
 
 /// A graph compiled for the CPU: lowered once, its kernels JIT-compiled once; the memory
@@ -173,6 +201,8 @@ impl Model {
     pub fn load(spec: &str, opts: &LoadOptions) -> Result<Model, Error> {
         let as_path = Path::new(spec);
         let is_name = !as_path.exists() && !spec.contains('/') && !spec.ends_with(".safetensors");
+        let mut eos_token_id = None;
+        let mut source_dir = None;
         let (graph, params) = if is_name {
             let graph = compile(&ModelSpec {
                 model: spec.into(),
@@ -192,6 +222,12 @@ impl Model {
             };
             let text = std::fs::read_to_string(&config)
                 .map_err(|e| Error::Input(format!("cannot read {}: {e}", config.display())))?;
+            eos_token_id = config_eos(&text);
+            source_dir = if path.is_dir() {
+                Some(path.clone())
+            } else {
+                path.parent().map(Path::to_path_buf)
+            };
             let graph = compile(&ModelSpec {
                 model: "mamba_lm".into(),
                 config: Some((config.display().to_string(), text)),
@@ -208,7 +244,10 @@ impl Model {
             }
             (graph, params)
         };
-        Model::from_parts(graph, params, opts.backend)
+        let mut m = Model::from_parts(graph, params, opts.backend)?;
+        m.eos_token_id = eos_token_id;
+        m.source_dir = source_dir;
+        Ok(m)
     }
 
     /// Builds a model from a graph and f32 parameters (for tests and embedding).
@@ -222,7 +261,11 @@ impl Model {
             params,
             backend,
             compiled: None,
+            step: None,
             last_profile: None,
+            eos_token_id: None,
+            source_dir: None,
+            tokenizer: None,
         };
         if backend == Backend::Cranelift {
             m.compiled = Some(CpuGraph::compile(&m.graph, &LowerOptions::default())?);
@@ -232,7 +275,7 @@ impl Model {
 
     /// The name of the model's main output (the logits): the first output that is not a
     /// final state.
-    fn main_output(&self) -> String {
+    pub(crate) fn main_output(&self) -> String {
         let states: Vec<&str> = self
             .graph
             .nodes()
@@ -363,7 +406,7 @@ impl Model {
     }
 
     /// Batch size and sequence length of a token batch, after checking it.
-    fn check_tokens(&self, tokens: &[Vec<u32>]) -> Result<(usize, usize), Error> {
+    pub(crate) fn check_tokens(&self, tokens: &[Vec<u32>]) -> Result<(usize, usize), Error> {
         let b = tokens.len();
         let l = tokens.first().map_or(0, Vec::len);
         if b == 0 || l == 0 {
@@ -387,34 +430,136 @@ impl Model {
     /// Runs the forward pass over a batch of equally long token sequences.
     pub fn forward(&mut self, tokens: &[Vec<u32>]) -> Result<Logits, Error> {
         let (b, l) = self.check_tokens(tokens)?;
-        let vocab = self.vocab();
         let ids: Vec<i32> = tokens.iter().flatten().map(|&t| t as i32).collect();
-        let data = match (self.backend, &self.compiled) {
+        let (logits, _) = self.run_form(Form::Parallel, &ids, b, l, &HashMap::new())?;
+        Ok(logits)
+    }
+
+    /// The names and shapes (batch first, for `batch` sequences) of the recurrent states:
+    /// the graph's state inputs, in graph order.
+    pub fn state_shapes(&self, batch: usize) -> Vec<(String, Vec<usize>)> {
+        let bind = |s: &str| (s == "B").then_some(batch as u64);
+        self.graph
+            .nodes()
+            .filter_map(|n| match self.graph.op(n) {
+                ir::Op::Input {
+                    name,
+                    kind: ir::InputKind::State,
+                    ty,
+                } => Some((
+                    name.clone(),
+                    ty.shape
+                        .iter()
+                        .map(|d| d.eval(&bind).unwrap_or(0) as usize)
+                        .collect(),
+                )),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Derives and compiles the one-token step graph once.
+    fn ensure_step(&mut self) -> Result<(), Error> {
+        if self.step.is_none() {
+            let graph = passes::step_graph(&self.graph)?;
+            let compiled = match self.backend {
+                Backend::Cranelift => Some(CpuGraph::compile(&graph, &LowerOptions::default())?),
+                Backend::Interp => None,
+            };
+            self.step = Some(StepForm { graph, compiled });
+        }
+        Ok(())
+    }
+
+    /// The step graph (`L` = 1) derived from the model graph.
+    pub fn step_graph(&mut self) -> Result<&Graph, Error> {
+        self.ensure_step()?;
+        Ok(&self.step.as_ref().expect("derived above").graph)
+    }
+
+    /// Runs `form` over token ids `[b, l]` (row-major) from initial `states` (missing ones
+    /// are zeros); returns the logits and every final state by name.
+    pub(crate) fn run_form(
+        &mut self,
+        form: Form,
+        ids: &[i32],
+        b: usize,
+        l: usize,
+        states: &HashMap<String, Vec<f32>>,
+    ) -> Result<(Logits, HashMap<String, Vec<f32>>), Error> {
+        if form == Form::Step {
+            self.ensure_step()?;
+        }
+        let vocab = self.vocab();
+        let main = self.main_output();
+        let (graph, compiled) = match form {
+            Form::Parallel => (&self.graph, self.compiled.as_ref()),
+            Form::Step => {
+                let s = self.step.as_ref().expect("derived above");
+                (&s.graph, s.compiled.as_ref())
+            }
+        };
+        let mut finals = HashMap::new();
+        let mut data = Vec::new();
+        match (self.backend, compiled) {
             (Backend::Cranelift, Some(c)) => {
                 let syms = [("B", b as i64), ("L", l as i64)];
                 let mut inputs = HashMap::new();
-                inputs.insert("input_ids".to_string(), HostData::I32(ids));
-                let (outs, profile) = c.run(&syms, &inputs, &self.params, &HashMap::new())?;
+                inputs.insert("input_ids".to_string(), HostData::I32(ids.to_vec()));
+                let (outs, profile) = c.run(&syms, &inputs, &self.params, states)?;
                 self.last_profile = Some(profile);
-                let main = self.main_output();
-                outs.into_iter()
-                    .find(|(n, _)| *n == main)
-                    .map(|(_, v)| v)
-                    .unwrap_or_default()
+                for (n, v) in outs {
+                    if n == main {
+                        data = v;
+                    } else {
+                        finals.insert(n, v);
+                    }
+                }
             }
-            _ => self
-                .reference(&ids, b, l)?
-                .iter()
-                .map(|&x| x as f32)
-                .collect(),
-        };
-        Ok(Logits {
-            batch: b,
-            seq: l,
-            vocab,
-            data,
-        })
+            _ => {
+                let mut bind = runtime::interp::Bindings::default();
+                bind.inputs.insert(
+                    "input_ids".into(),
+                    Array::new(vec![b, l], ids.iter().map(|&x| x as f64).collect()),
+                );
+                bind.params = self.params_f64()?;
+                for (name, shape) in self.state_shapes(b) {
+                    if let Some(v) = states.get(&name) {
+                        bind.states.insert(
+                            name,
+                            Array::new(shape, v.iter().map(|&x| x as f64).collect()),
+                        );
+                    }
+                }
+                let outs = runtime::interp::run(graph, &bind)?;
+                for (n, a) in outs.values {
+                    let v: Vec<f32> = a.data.iter().map(|&x| x as f32).collect();
+                    if n == main {
+                        data = v;
+                    } else {
+                        finals.insert(n, v);
+                    }
+                }
+            }
+        }
+        Ok((
+            Logits {
+                batch: b,
+                seq: l,
+                vocab,
+                data,
+            },
+            finals,
+        ))
     }
+}
+
+/// `eos_token_id` of a `config.json` (a number, or the first of a list).
+fn config_eos(text: &str) -> Option<u32> {
+    let v: serde_json::Value = serde_json::from_str(text).ok()?;
+    let e = v.get("eos_token_id")?;
+    let n = e.as_u64().or_else(|| e.as_array()?.first()?.as_u64())?;
+    u32::try_from(n).ok()
 }
 
 fn compile(spec: &ModelSpec) -> Result<Graph, Error> {
