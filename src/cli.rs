@@ -252,6 +252,19 @@ pub struct BenchArgs {
     /// Timed repetitions (the median is reported) after one warm-up.
     #[arg(long, default_value_t = 3)]
     pub repeat: usize,
+    /// Measure generation instead: prefill tokens/s, decode ms/token at batch 1 and
+    /// tokens/s at larger batches, next to the weight-bandwidth floor.
+    #[arg(long)]
+    pub generate: bool,
+    /// With --generate: the prompt length of the prefill.
+    #[arg(long, default_value_t = 128)]
+    pub prompt_len: usize,
+    /// With --generate: decode batch sizes.
+    #[arg(long, value_delimiter = ',', default_value = "1,64")]
+    pub decode_batch: Vec<usize>,
+    /// With --generate: timed decode steps per batch size (after one warm-up step).
+    #[arg(long, default_value_t = 16)]
+    pub steps: usize,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
@@ -772,6 +785,9 @@ fn time_forward(
 
 fn bench(b: &BenchArgs, out: &mut Outcome) {
     use crate::model::{Backend, LoadOptions, Model};
+    if b.generate {
+        return bench_generate(b, out);
+    }
     let threads = rayon::current_num_threads();
     let _ = writeln!(
         out.stdout,
@@ -1588,5 +1604,139 @@ fn generate(a: &GenerateArgs, stream: bool, out: &mut Outcome) {
             tm.ms_per_step(),
             tm.decode_tokens_per_s(),
         );
+    }
+}
+
+/// Read bandwidth of this machine in bytes/s: the best of a few parallel passes summing a
+/// 1 GiB buffer (far larger than any cache), on rayon's threads.
+pub fn measure_read_bandwidth() -> f64 {
+    use rayon::prelude::*;
+    let n = (1usize << 30) / 4;
+    let buf: Vec<f32> = (0..n).map(|i| (i % 7) as f32).collect();
+    let mut best = 0f64;
+    for _ in 0..5 {
+        let t = std::time::Instant::now();
+        let s: f32 = buf
+            .par_chunks(1 << 16)
+            .map(|c| {
+                // Eight independent sums so the loop vectorizes and is not latency-bound.
+                let mut acc = [0f32; 8];
+                for w in c.chunks_exact(8) {
+                    for k in 0..8 {
+                        acc[k] += w[k];
+                    }
+                }
+                acc.iter().sum::<f32>()
+            })
+            .sum();
+        let dt = t.elapsed().as_secs_f64();
+        std::hint::black_box(s);
+        best = best.max((n * 4) as f64 / dt);
+    }
+    best
+}
+
+/// `bench --generate`: prefill and decode throughput of presets with random weights.
+fn bench_generate(b: &BenchArgs, out: &mut Outcome) {
+    use crate::model::{Backend, LoadOptions, Model};
+    let threads = rayon::current_num_threads();
+    let bw = measure_read_bandwidth();
+    let _ = writeln!(
+        out.stdout,
+        "CPU generation, random weights, f32, {threads} threads; prefill of {} tokens at batch 1 \
+         (median of {}), decode: median step time of {} steps after a warm-up; measured read \
+         bandwidth {:.1} GB/s (floor = parameters x 4 bytes / bandwidth)",
+        b.prompt_len,
+        b.repeat.max(1),
+        b.steps.max(1),
+        bw / 1e9
+    );
+    let _ = writeln!(
+        out.stdout,
+        "| model | parameters | prefill tokens/s | decode batch | ms/token (step) | tokens/s | floor ms/token | x floor |"
+    );
+    let _ = writeln!(out.stdout, "|---|---|---|---|---|---|---|---|");
+    print!("{}", std::mem::take(&mut out.stdout));
+    for name in &b.models {
+        let mut m = match Model::load(
+            name,
+            &LoadOptions {
+                backend: Backend::Cranelift,
+                ..LoadOptions::default()
+            },
+        ) {
+            Ok(m) => m,
+            Err(e) => {
+                let _ = writeln!(out.stderr, "error: {name}: {e}");
+                out.code = 1;
+                return;
+            }
+        };
+        let params = m.graph.param_count().unwrap_or(0);
+        let floor_ms = params as f64 * 4.0 / bw * 1e3;
+        let vocab = m.vocab().max(1) as u64;
+        let mut rng = runtime::init::Rng::new(7);
+        let prompt: Vec<u32> = (0..b.prompt_len.max(1))
+            .map(|_| (rng.next_u64() % vocab) as u32)
+            .collect();
+        let mut run = |m: &mut Model| -> Result<(f64, Vec<(usize, f64)>), crate::model::Error> {
+            m.step_graph()?;
+            // Prefill: warm-up, then the median.
+            let mut state = m.new_state(1);
+            m.prefill(std::slice::from_ref(&prompt), &mut state)?;
+            let mut rates = Vec::new();
+            for _ in 0..b.repeat.max(1) {
+                state = m.new_state(1);
+                let t = std::time::Instant::now();
+                m.prefill(std::slice::from_ref(&prompt), &mut state)?;
+                rates.push(prompt.len() as f64 / t.elapsed().as_secs_f64());
+            }
+            let prefill = median(rates);
+            let mut decode = Vec::new();
+            for &bs in &b.decode_batch {
+                let bs = bs.max(1);
+                // Every sequence continues the prefilled prompt.
+                let mut st = state.select(&vec![0; bs])?;
+                let mut toks: Vec<u32> = (0..bs).map(|_| (rng.next_u64() % vocab) as u32).collect();
+                m.step(&toks, &mut st)?;
+                let mut times = Vec::new();
+                for _ in 0..b.steps.max(1) {
+                    let t = std::time::Instant::now();
+                    let logits = m.step(&toks, &mut st)?;
+                    times.push(t.elapsed().as_secs_f64());
+                    toks = (0..bs)
+                        .map(|i| crate::sample::argmax(logits.at(i, 0)))
+                        .collect();
+                }
+                decode.push((bs, median(times)));
+            }
+            Ok((prefill, decode))
+        };
+        match run(&mut m) {
+            Ok((prefill, decode)) => {
+                for (bs, step) in decode {
+                    let (floor, ratio) = if bs == 1 {
+                        (
+                            format!("{floor_ms:.2}"),
+                            format!("{:.1}", step * 1e3 / floor_ms),
+                        )
+                    } else {
+                        (String::new(), String::new())
+                    };
+                    let _ = writeln!(
+                        out.stdout,
+                        "| {name} | {} | {prefill:.1} | {bs} | {:.2} | {:.1} | {floor} | {ratio} |",
+                        group_digits(params),
+                        step * 1e3,
+                        bs as f64 / step
+                    );
+                }
+                print!("{}", std::mem::take(&mut out.stdout));
+            }
+            Err(e) => {
+                let _ = writeln!(out.stderr, "error: {name}: {e}");
+                out.code = 1;
+            }
+        }
     }
 }

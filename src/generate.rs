@@ -185,7 +185,8 @@ impl Model {
         state.check(&self.state_shapes(b))?;
         let ids: Vec<i32> = tokens.iter().map(|&t| t as i32).collect();
         let (logits, finals) = self.run_form(Form::Step, &ids, b, 1, state.map())?;
-        state.update(finals)?;
+        let old = state.update(finals)?;
+        self.recycle(old);
         Ok(logits)
     }
 

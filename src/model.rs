@@ -16,7 +16,7 @@ use frontend::{Diagnostic, ModelSpec, Sources};
 use ir::Graph;
 use passes::{LowerOptions, Lowered};
 use runtime::array::Array;
-use runtime::cpu::{HostData, Inputs, Launcher};
+use runtime::cpu::{ExecOptions, HostData, Inputs, Launcher};
 use runtime::weights::{Checkpoint, WeightsError};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -132,10 +132,18 @@ pub struct Model {
     pub tokenizer: Option<crate::tokenizer::Tokenizer>,
 }
 
-/// The recurrent step: the graph specialized to one token, and its compiled form.
+/// Up to this batch, the step's matrix products run as dot products over the weights
+/// (`runtime::cpu::gemm_rows_wt`) rather than sgemm, which first copies the weights.
+const STEP_GEMV_ROWS: usize = 8;
+
+/// The recurrent step: the graph specialized to one token, its compiled form, and the
+/// buffers reused from step to step (the arena; last step's state vectors, which receive the
+/// next final states).
 struct StepForm {
     graph: Graph,
     compiled: Option<CpuGraph>,
+    arena: Vec<f32>,
+    spare: runtime::cpu::Outputs,
 }
 
 /// Which form of the model a call runs.
@@ -169,6 +177,33 @@ impl CpuGraph {
         params: &HashMap<String, Vec<f32>>,
         states: &HashMap<String, Vec<f32>>,
     ) -> Result<(runtime::cpu::Outputs, runtime::cpu::Profile), Error> {
+        let mut outs = Vec::new();
+        let opts = ExecOptions::default();
+        let profile = self.run_into(
+            syms,
+            data,
+            params,
+            states,
+            &opts,
+            &mut Vec::new(),
+            &mut outs,
+        )?;
+        Ok((outs, profile))
+    }
+
+    /// [`CpuGraph::run`] with executor options, reusing an arena and output vectors across
+    /// calls ([`runtime::cpu::execute_in`]).
+    #[allow(clippy::too_many_arguments)]
+    pub fn run_into(
+        &self,
+        syms: &[(&str, i64)],
+        data: &HashMap<String, HostData>,
+        params: &HashMap<String, Vec<f32>>,
+        states: &HashMap<String, Vec<f32>>,
+        opts: &ExecOptions,
+        arena: &mut Vec<f32>,
+        outs: &mut runtime::cpu::Outputs,
+    ) -> Result<runtime::cpu::Profile, Error> {
         let mut sizes = Vec::with_capacity(self.lowered.syms.len());
         for s in &self.lowered.syms {
             match syms.iter().find(|(n, _)| n == s) {
@@ -192,7 +227,15 @@ impl CpuGraph {
             states,
         };
         let launcher: &dyn Launcher = &self.launcher;
-        Ok(runtime::cpu::execute(&self.lowered, &plan, launcher, &inp)?)
+        Ok(runtime::cpu::execute_in(
+            &self.lowered,
+            &plan,
+            launcher,
+            &inp,
+            opts,
+            arena,
+            outs,
+        )?)
     }
 }
 
@@ -466,7 +509,12 @@ impl Model {
                 Backend::Cranelift => Some(CpuGraph::compile(&graph, &LowerOptions::default())?),
                 Backend::Interp => None,
             };
-            self.step = Some(StepForm { graph, compiled });
+            self.step = Some(StepForm {
+                graph,
+                compiled,
+                arena: Vec::new(),
+                spare: Vec::new(),
+            });
         }
         Ok(())
     }
@@ -492,54 +540,17 @@ impl Model {
         }
         let vocab = self.vocab();
         let main = self.main_output();
-        let (graph, compiled) = match form {
-            Form::Parallel => (&self.graph, self.compiled.as_ref()),
-            Form::Step => {
-                let s = self.step.as_ref().expect("derived above");
-                (&s.graph, s.compiled.as_ref())
-            }
+        let outs = match self.backend {
+            Backend::Cranelift => self.run_compiled(form, ids, b, l, states)?,
+            Backend::Interp => self.run_interp(form, ids, b, l, states)?,
         };
         let mut finals = HashMap::new();
         let mut data = Vec::new();
-        match (self.backend, compiled) {
-            (Backend::Cranelift, Some(c)) => {
-                let syms = [("B", b as i64), ("L", l as i64)];
-                let mut inputs = HashMap::new();
-                inputs.insert("input_ids".to_string(), HostData::I32(ids.to_vec()));
-                let (outs, profile) = c.run(&syms, &inputs, &self.params, states)?;
-                self.last_profile = Some(profile);
-                for (n, v) in outs {
-                    if n == main {
-                        data = v;
-                    } else {
-                        finals.insert(n, v);
-                    }
-                }
-            }
-            _ => {
-                let mut bind = runtime::interp::Bindings::default();
-                bind.inputs.insert(
-                    "input_ids".into(),
-                    Array::new(vec![b, l], ids.iter().map(|&x| x as f64).collect()),
-                );
-                bind.params = self.params_f64()?;
-                for (name, shape) in self.state_shapes(b) {
-                    if let Some(v) = states.get(&name) {
-                        bind.states.insert(
-                            name,
-                            Array::new(shape, v.iter().map(|&x| x as f64).collect()),
-                        );
-                    }
-                }
-                let outs = runtime::interp::run(graph, &bind)?;
-                for (n, a) in outs.values {
-                    let v: Vec<f32> = a.data.iter().map(|&x| x as f32).collect();
-                    if n == main {
-                        data = v;
-                    } else {
-                        finals.insert(n, v);
-                    }
-                }
+        for (n, v) in outs {
+            if n == main {
+                data = v;
+            } else {
+                finals.insert(n, v);
             }
         }
         Ok((
@@ -551,6 +562,88 @@ impl Model {
             },
             finals,
         ))
+    }
+
+    fn run_compiled(
+        &mut self,
+        form: Form,
+        ids: &[i32],
+        b: usize,
+        l: usize,
+        states: &HashMap<String, Vec<f32>>,
+    ) -> Result<runtime::cpu::Outputs, Error> {
+        let syms = [("B", b as i64), ("L", l as i64)];
+        let inputs = HashMap::from([("input_ids".to_string(), HostData::I32(ids.to_vec()))]);
+        let not_compiled = || Error::Input("the model was not compiled for the CPU".into());
+        let (outs, profile) = match form {
+            Form::Parallel => {
+                let c = self.compiled.as_ref().ok_or_else(not_compiled)?;
+                c.run(&syms, &inputs, &self.params, states)?
+            }
+            Form::Step => {
+                let s = self.step.as_mut().ok_or_else(not_compiled)?;
+                let c = s.compiled.as_ref().ok_or_else(not_compiled)?;
+                let mut outs = std::mem::take(&mut s.spare);
+                // Decode is bound by reading the weights: few rows go to dot products.
+                let opts = ExecOptions {
+                    gemv_max_rows: STEP_GEMV_ROWS,
+                };
+                let p = c.run_into(
+                    &syms,
+                    &inputs,
+                    &self.params,
+                    states,
+                    &opts,
+                    &mut s.arena,
+                    &mut outs,
+                )?;
+                (outs, p)
+            }
+        };
+        self.last_profile = Some(profile);
+        Ok(outs)
+    }
+
+    fn run_interp(
+        &self,
+        form: Form,
+        ids: &[i32],
+        b: usize,
+        l: usize,
+        states: &HashMap<String, Vec<f32>>,
+    ) -> Result<runtime::cpu::Outputs, Error> {
+        let graph = match (form, &self.step) {
+            (Form::Parallel, _) => &self.graph,
+            (Form::Step, Some(s)) => &s.graph,
+            (Form::Step, None) => return Err(Error::Input("no step graph".into())),
+        };
+        let mut bind = runtime::interp::Bindings::default();
+        bind.inputs.insert(
+            "input_ids".into(),
+            Array::new(vec![b, l], ids.iter().map(|&x| x as f64).collect()),
+        );
+        bind.params = self.params_f64()?;
+        for (name, shape) in self.state_shapes(b) {
+            if let Some(v) = states.get(&name) {
+                bind.states.insert(
+                    name,
+                    Array::new(shape, v.iter().map(|&x| x as f64).collect()),
+                );
+            }
+        }
+        let outs = runtime::interp::run(graph, &bind)?;
+        Ok(outs
+            .values
+            .into_iter()
+            .map(|(n, a)| (n, a.data.iter().map(|&x| x as f32).collect()))
+            .collect())
+    }
+
+    /// Vectors of a state replaced by a step, kept to receive the next step's final states.
+    pub(crate) fn recycle(&mut self, old: Vec<(String, Vec<f32>)>) {
+        if let Some(s) = self.step.as_mut() {
+            s.spare = old;
+        }
     }
 }
 

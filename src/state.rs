@@ -238,11 +238,15 @@ impl State {
         &self.data
     }
 
-    /// Replaces the values with the final states of a run (same names and shapes).
-    pub(crate) fn update(&mut self, mut finals: HashMap<String, Vec<f32>>) -> Result<(), Error> {
+    /// Replaces the values with the final states of a run (same names and shapes); returns
+    /// the replaced vectors, for reuse.
+    pub(crate) fn update(
+        &mut self,
+        mut finals: HashMap<String, Vec<f32>>,
+    ) -> Result<Vec<(String, Vec<f32>)>, Error> {
         for (name, shape) in &self.specs {
             let v = finals
-                .remove(name)
+                .get(name)
                 .ok_or_else(|| Error::Input(format!("the run returned no final state `{name}`")))?;
             if v.len() != shape.iter().product::<usize>() {
                 return Err(Error::Input(format!(
@@ -251,8 +255,13 @@ impl State {
                     shape.iter().product::<usize>()
                 )));
             }
-            self.data.insert(name.clone(), v);
         }
-        Ok(())
+        let mut old = Vec::with_capacity(self.specs.len());
+        for (name, _) in &self.specs {
+            if let Some(v) = finals.remove(name) {
+                old.extend(self.data.insert(name.clone(), v).map(|o| (name.clone(), o)));
+            }
+        }
+        Ok(old)
     }
 }
