@@ -187,7 +187,7 @@ pub fn argmax(logits: &[f32]) -> u32 {
 pub fn draw(logits: &[f32], rng: &mut Rng) -> u32 {
     let probs = softmax(logits);
     let total: f64 = probs.iter().sum();
-    if !(total > 0.0) {
+    if total.is_nan() || total <= 0.0 {
         return argmax(logits);
     }
     let u = rng.uniform() * total;

@@ -261,7 +261,7 @@ fn greedy_matches_transformers(name: &str) {
     let want: Vec<Vec<u32>> = serde_json::from_value(fx["sequences"].clone()).unwrap();
     let mut m = Model::load(&dir, &LoadOptions::default()).unwrap();
     let cfg = GenerateConfig {
-        max_new_tokens: max_new_tokens,
+        max_new_tokens,
         // transformers stops at the config's eos; the fixture never reaches it.
         eos_token_id: m.eos_token_id,
         ..GenerateConfig::default()

@@ -80,6 +80,48 @@ fn tokenizer_is_found_beside_the_model_and_round_trips() {
     std::fs::remove_dir_all(&empty).ok();
 }
 
+/// A byte-level BPE, the kind GPT-NeoX uses (its pre-tokenizer regex needs lookahead, which
+/// the pure-Rust build gets from fancy-regex): merges apply, `Ġ` carries the space, and a
+/// character split over two byte tokens decodes whole once both are there.
+#[test]
+fn byte_level_bpe_round_trips() {
+    use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
+    use tokenizers::models::bpe::BPE;
+    use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+    let d = temp_dir("bpe");
+    let mut vocab: HashMap<String, u32> = HashMap::new();
+    for (i, t) in ["a", "b", "Ġ", "ab", "Ġab", "Ã", "©"].iter().enumerate() {
+        vocab.insert(t.to_string(), i as u32);
+    }
+    let merges = vec![
+        ("a".to_string(), "b".to_string()),
+        ("Ġ".to_string(), "ab".to_string()),
+    ];
+    let bpe = BPE::builder()
+        .vocab_and_merges(
+            vocab
+                .into_iter()
+                .collect::<tokenizers::models::bpe::Vocab>(),
+            merges,
+        )
+        .build()
+        .unwrap();
+    let mut t = tokenizers::Tokenizer::new(bpe);
+    t.with_pre_tokenizer(Some(ByteLevel::new(false, true, true)));
+    t.with_decoder(Some(ByteLevelDecoder::default()));
+    t.save(d.join("tokenizer.json"), true).unwrap();
+    let t = Tokenizer::for_model("x", Some(&d), 64, false)
+        .unwrap()
+        .unwrap();
+    assert_eq!(t.encode("ab ab").unwrap(), vec![3, 4]);
+    assert_eq!(t.decode(&[3, 4, 4]).unwrap(), "ab ab ab");
+    // "é" is the bytes C3 A9, byte-level characters Ã and ©.
+    assert_eq!(t.encode("é").unwrap(), vec![5, 6]);
+    assert_eq!(t.decode(&[5, 6]).unwrap(), "é");
+    assert!(t.decode(&[5]).unwrap().ends_with('\u{FFFD}'));
+    std::fs::remove_dir_all(&d).ok();
+}
+
 #[test]
 fn generate_from_text_with_the_directory_tokenizer() {
     let d = model_dir("text");

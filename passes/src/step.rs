@@ -22,7 +22,7 @@ pub enum StepError {
         graph: String,
         node: usize,
         op: &'static str,
-        source: ir::BuildError,
+        source: Box<ir::BuildError>,
     },
     #[error("internal compiler error: the specialized graph does not verify: {0}")]
     Verify(String),
@@ -110,7 +110,7 @@ pub fn specialize(g: &Graph, bind: &[(&str, u64)]) -> Result<Graph, StepError> {
                 graph: g.name.clone(),
                 node: n.index(),
                 op: g.op(n).name(),
-                source,
+                source: Box::new(source),
             })?;
         debug_assert_eq!(id, n, "nodes are appended in order");
     }
