@@ -265,6 +265,9 @@ pub struct BenchArgs {
     /// With --generate: timed decode steps per batch size (after one warm-up step).
     #[arg(long, default_value_t = 16)]
     pub steps: usize,
+    /// With --generate: print where the last step's time went, per kernel kind (stderr).
+    #[arg(long)]
+    pub profile: bool,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
@@ -1553,7 +1556,7 @@ fn generate(a: &GenerateArgs, stream: bool, out: &mut Outcome) {
             }
         };
         let mut obj = serde_json::json!({
-            "model": model.graph.name,
+            "model": a.model,
             "prompt_ids": if batch == 1 { serde_json::json!(prompts[0]) } else { serde_json::json!(prompts) },
             "ids": one(ids),
             "finish_reason": one(finish.iter().map(|f| serde_json::json!(f)).collect()),
@@ -1709,6 +1712,17 @@ fn bench_generate(b: &BenchArgs, out: &mut Outcome) {
                         .collect();
                 }
                 decode.push((bs, median(times)));
+                if b.profile
+                    && let Some(p) = m.last_profile()
+                {
+                    eprintln!(
+                        "{name}, decode step at batch {bs}, arena {} bytes:",
+                        p.arena_bytes
+                    );
+                    for (kind, d, count) in p.by_kind() {
+                        eprintln!("  {kind:<20} {count:>5} launches {d:>12.2?}");
+                    }
+                }
             }
             Ok((prefill, decode))
         };
