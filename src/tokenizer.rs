@@ -98,10 +98,16 @@ impl Tokenizer {
         if vocab >= 50_277 {
             places.push(format!("the hub repo {NEOX_REPO}"));
         }
+        let offline = if runtime::weights::hub_offline() && places.iter().any(|p| p.contains("hub"))
+        {
+            "; HF_HUB_OFFLINE=1: the hub only through its local cache"
+        } else {
+            ""
+        };
         if places.is_empty() {
             "a preset with random weights has none".into()
         } else {
-            format!("looked in {}", places.join(", "))
+            format!("looked in {}{offline}", places.join(", "))
         }
     }
 
