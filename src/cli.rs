@@ -85,6 +85,9 @@ pub enum Command {
     Train(TrainArgs),
     /// The layer x time checkpoint plan for a memory budget, beside the classic strategies.
     Plan(PlanArgs),
+    /// Continue a prompt: prefill, then the recurrent step token by token, streaming the
+    /// text (or the ids) as it is produced; ends with prefill time, ms/token and tokens/s.
+    Generate(GenerateArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -117,6 +120,73 @@ pub struct PlanArgs {
     /// `cpu` (the CPU executor copies outputs out of each run's arena).
     #[arg(long, default_value = "cuda", value_parser = ["cuda", "cpu"])]
     pub device: String,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+pub enum DeviceArg {
+    Cpu,
+    Cuda,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct GenerateArgs {
+    /// A preset (random weights), a directory with config.json + safetensors (and
+    /// tokenizer.json), a `.safetensors` file (with --config), or a Hugging Face repo id.
+    pub model: String,
+    /// The prompt text (needs a tokenizer); repeat for a batch of prompts.
+    #[arg(long, conflicts_with = "tokens")]
+    pub prompt: Vec<String>,
+    /// The prompt as token ids, space-separated; repeat for a batch. The output is then the
+    /// generated ids, space-separated.
+    #[arg(long)]
+    pub tokens: Vec<String>,
+    #[arg(long, default_value_t = 32)]
+    pub max_new_tokens: usize,
+    /// Sampling temperature; 0 is greedy. Without any sampling option decoding is greedy;
+    /// with --top-k/--top-p/--min-p alone the temperature is 1.
+    #[arg(long)]
+    pub temperature: Option<f32>,
+    /// Keep the k most likely tokens (0: off).
+    #[arg(long)]
+    pub top_k: Option<usize>,
+    /// Keep the smallest set of tokens with probability mass >= p (1: off).
+    #[arg(long)]
+    pub top_p: Option<f32>,
+    /// Keep tokens with probability >= min-p x the top probability (0: off).
+    #[arg(long)]
+    pub min_p: Option<f32>,
+    /// Divide positive and multiply negative logits of tokens already seen (1: off).
+    #[arg(long, default_value_t = 1.0)]
+    pub repetition_penalty: f32,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Stop a sequence when its text contains this string (repeatable; needs a tokenizer).
+    #[arg(long)]
+    pub stop: Vec<String>,
+    /// The end-of-sequence token (default: config.json's eos_token_id, else the
+    /// tokenizer's end-of-text token).
+    #[arg(long)]
+    pub eos: Option<u32>,
+    /// Do not stop at the end-of-sequence token.
+    #[arg(long)]
+    pub ignore_eos: bool,
+    /// A tokenizer.json (or a directory holding one) instead of the model's.
+    #[arg(long)]
+    pub tokenizer: Option<PathBuf>,
+    /// `config.json` for a bare safetensors file.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Print the ids, the text and the timings as one JSON object instead of streaming.
+    #[arg(long)]
+    pub json: bool,
+    #[arg(long, default_value = "cpu")]
+    pub device: DeviceArg,
+    /// Worker threads for the kernels (default: all cores).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Seed of the random weights of a preset.
+    #[arg(long, default_value_t = 0)]
+    pub weights_seed: u64,
 }
 
 #[derive(clap::Args, Debug)]
@@ -221,6 +291,22 @@ pub struct BenchArgs {
     /// Timed repetitions (the median is reported) after one warm-up.
     #[arg(long, default_value_t = 3)]
     pub repeat: usize,
+    /// Measure generation instead: prefill tokens/s, decode ms/token at batch 1 and
+    /// tokens/s at larger batches, next to the weight-bandwidth floor.
+    #[arg(long)]
+    pub generate: bool,
+    /// With --generate: the prompt length of the prefill.
+    #[arg(long, default_value_t = 128)]
+    pub prompt_len: usize,
+    /// With --generate: decode batch sizes.
+    #[arg(long, value_delimiter = ',', default_value = "1,64")]
+    pub decode_batch: Vec<usize>,
+    /// With --generate: timed decode steps per batch size (after one warm-up step).
+    #[arg(long, default_value_t = 16)]
+    pub steps: usize,
+    /// With --generate: print where the last step's time went, per kernel kind (stderr).
+    #[arg(long)]
+    pub profile: bool,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
@@ -272,6 +358,24 @@ pub struct Outcome {
 
 /// Runs the CLI on `args` (including the program name).
 pub fn run<I, T>(args: I) -> Outcome
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
+    run_with(args, false)
+}
+
+/// [`run`], with `generate`'s text written to the process's stdout as it is produced
+/// (and not kept in [`Outcome::stdout`]): what the binary does.
+pub fn run_streaming<I, T>(args: I) -> Outcome
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
+    run_with(args, true)
+}
+
+fn run_with<I, T>(args: I, stream: bool) -> Outcome
 where
     I: IntoIterator<Item = T>,
     T: Into<std::ffi::OsString> + Clone,
@@ -337,6 +441,7 @@ where
                 plan_cmd(p, &c.graph, &mut out);
             }
         }
+        Command::Generate(g) => generate(g, stream, &mut out),
         Command::Params { model } => {
             if let Some(c) = compile(model, color, &mut out) {
                 params(&c.graph, &mut out);
@@ -727,6 +832,9 @@ fn time_forward(
 
 fn bench(b: &BenchArgs, out: &mut Outcome) {
     use crate::model::{Backend, LoadOptions, Model};
+    if b.generate {
+        return bench_generate(b, out);
+    }
     let threads = rayon::current_num_threads();
     let _ = writeln!(
         out.stdout,
@@ -1539,5 +1647,390 @@ fn plan_cmd(p: &PlanArgs, g: &Graph, out: &mut Outcome) {
             }
         ));
         out.stdout.push_str(&crate::plan::table(&report, &req));
+    }
+}
+
+/// Writes generated text: to the process's stdout at once when streaming, else into `out`.
+fn emit(out: &mut Outcome, stream: bool, text: &str) {
+    if stream {
+        use std::io::Write as _;
+        let mut o = std::io::stdout().lock();
+        let _ = o.write_all(text.as_bytes());
+        let _ = o.flush();
+    } else {
+        out.stdout.push_str(text);
+    }
+}
+
+fn generate(a: &GenerateArgs, stream: bool, out: &mut Outcome) {
+    use crate::generate::GenerateConfig;
+    use crate::sample::SamplingConfig;
+    use crate::tokenizer::Tokenizer;
+    let fail = |out: &mut Outcome, msg: String| {
+        out.stderr.push_str(msg.trim_end());
+        out.stderr.push('\n');
+        out.code = 1;
+    };
+    if a.device == DeviceArg::Cuda {
+        return fail(
+            out,
+            "error: --device cuda: the CUDA backend is not built yet\n  help: use --device cpu"
+                .into(),
+        );
+    }
+    if a.prompt.is_empty() && a.tokens.is_empty() {
+        return fail(
+            out,
+            "error: give a prompt with --prompt \"text\" or token ids with --tokens \"1 2 3\""
+                .into(),
+        );
+    }
+    let sampled = a.top_k.is_some() || a.top_p.is_some() || a.min_p.is_some();
+    let sampling = SamplingConfig {
+        temperature: a.temperature.unwrap_or(if sampled { 1.0 } else { 0.0 }),
+        top_k: a.top_k.unwrap_or(0),
+        top_p: a.top_p.unwrap_or(1.0),
+        min_p: a.min_p.unwrap_or(0.0),
+        repetition_penalty: a.repetition_penalty,
+    };
+    if let Err(e) = sampling.validate() {
+        return fail(out, format!("error: {e}"));
+    }
+    let mut ids_in = Vec::new();
+    for t in &a.tokens {
+        match parse_ids(t, "--tokens") {
+            Ok(rows) => ids_in.push(rows.concat()),
+            Err(e) => return fail(out, format!("error: {e}")),
+        }
+    }
+    if let Some(n) = a.threads {
+        let _ = rayon::ThreadPoolBuilder::new()
+            .num_threads(n.max(1))
+            .build_global();
+    }
+    let opts = crate::model::LoadOptions {
+        config: a.config.clone(),
+        seed: a.weights_seed,
+        backend: crate::model::Backend::Cranelift,
+    };
+    let started = std::time::Instant::now();
+    let mut model = match crate::model::Model::load(&a.model, &opts) {
+        Ok(m) => m,
+        Err(e) => return fail(out, format!("{e}")),
+    };
+    // The tokenizer: --tokenizer, else the model's (from the hub only for a text prompt).
+    let vocab = model.vocab();
+    let tokenizer = match &a.tokenizer {
+        Some(p) => Tokenizer::from_path(p).map(Some),
+        None => Tokenizer::for_model(
+            &a.model,
+            model.source_dir.as_deref(),
+            vocab,
+            !a.prompt.is_empty(),
+        ),
+    };
+    let tokenizer = match tokenizer {
+        Ok(t) => t,
+        Err(e) => return fail(out, format!("error: {e}")),
+    };
+    let prompts: Vec<Vec<u32>> = if a.prompt.is_empty() {
+        ids_in
+    } else {
+        let Some(t) = &tokenizer else {
+            return fail(
+                out,
+                format!(
+                    "error: no tokenizer for `{}` ({})\n  help: give --tokenizer path/to/tokenizer.json, or token ids with --tokens \"1 2 3\"",
+                    a.model,
+                    Tokenizer::searched(&a.model, model.source_dir.as_deref(), vocab)
+                ),
+            );
+        };
+        let mut p = Vec::new();
+        for text in &a.prompt {
+            match t.encode(text) {
+                Ok(ids) if ids.is_empty() => {
+                    return fail(
+                        out,
+                        format!("error: the prompt {text:?} encodes to no tokens"),
+                    );
+                }
+                Ok(ids) => p.push(ids),
+                Err(e) => return fail(out, format!("error: {e}")),
+            }
+        }
+        p
+    };
+    if let Some(t) = &tokenizer
+        && t.vocab_size() > vocab
+    {
+        return fail(
+            out,
+            format!(
+                "error: the tokenizer {} has {} tokens, the model's vocabulary only {vocab}",
+                t.path().display(),
+                t.vocab_size()
+            ),
+        );
+    }
+    let eos = if a.ignore_eos {
+        None
+    } else {
+        a.eos
+            .or(model.eos_token_id)
+            .or_else(|| tokenizer.as_ref().and_then(Tokenizer::eos_token_id))
+    };
+    let has_text = tokenizer.is_some();
+    model.tokenizer = tokenizer;
+    let cfg = GenerateConfig {
+        max_new_tokens: a.max_new_tokens,
+        sampling,
+        seed: a.seed,
+        eos_token_id: eos,
+        stop_strings: a.stop.clone(),
+    };
+    let loaded = started.elapsed();
+    let batch = prompts.len();
+    // Stream the first sequence's text (or ids); a batch is printed at the end.
+    let text_mode = has_text && a.tokens.is_empty();
+    let live = !a.json && batch == 1;
+    let mut first_id = true;
+    let result = model.generate(&prompts, &cfg, |t| {
+        if live {
+            if text_mode {
+                emit(out, stream, t.text);
+            } else {
+                let sep = if first_id { "" } else { " " };
+                first_id = false;
+                emit(out, stream, &format!("{sep}{}", t.id));
+            }
+        }
+        true
+    });
+    let g = match result {
+        Ok(g) => g,
+        Err(e) => return fail(out, format!("error: {e}")),
+    };
+    let tm = &g.timings;
+    if a.json {
+        let ids: Vec<serde_json::Value> = g
+            .sequences
+            .iter()
+            .map(|s| serde_json::json!(s.tokens))
+            .collect();
+        let texts: Vec<serde_json::Value> = g
+            .sequences
+            .iter()
+            .map(|s| {
+                s.text
+                    .clone()
+                    .map_or(serde_json::Value::Null, serde_json::Value::from)
+            })
+            .collect();
+        let finish: Vec<&str> = g.sequences.iter().map(|s| s.finish.as_str()).collect();
+        let one = |v: Vec<serde_json::Value>| {
+            if batch == 1 {
+                v.into_iter().next().unwrap_or(serde_json::Value::Null)
+            } else {
+                serde_json::Value::Array(v)
+            }
+        };
+        let mut obj = serde_json::json!({
+            "model": a.model,
+            "prompt_ids": if batch == 1 { serde_json::json!(prompts[0]) } else { serde_json::json!(prompts) },
+            "ids": one(ids),
+            "finish_reason": one(finish.iter().map(|f| serde_json::json!(f)).collect()),
+            "timings": {
+                "load_ms": loaded.as_secs_f64() * 1e3,
+                "prefill_tokens": tm.prefill_tokens,
+                "prefill_ms": tm.prefill.as_secs_f64() * 1e3,
+                "prefill_tokens_per_s": tm.prefill_tokens_per_s(),
+                "decode_steps": tm.decode_steps,
+                "decode_tokens": tm.decode_tokens,
+                "decode_ms": tm.decode.as_secs_f64() * 1e3,
+                "ms_per_token": tm.ms_per_step(),
+                "tokens_per_s": tm.decode_tokens_per_s(),
+            },
+        });
+        if has_text {
+            obj["text"] = one(texts);
+        }
+        out.stdout.push_str(&obj.to_string());
+        out.stdout.push('\n');
+    } else {
+        if !live {
+            for (i, s) in g.sequences.iter().enumerate() {
+                let body = match (&s.text, text_mode) {
+                    (Some(t), true) => t.clone(),
+                    _ => s
+                        .tokens
+                        .iter()
+                        .map(u32::to_string)
+                        .collect::<Vec<_>>()
+                        .join(" "),
+                };
+                emit(out, stream, &format!("[{i}] {body}\n"));
+            }
+        } else {
+            emit(out, stream, "\n");
+        }
+        let _ = writeln!(
+            out.stderr,
+            "{}: loaded in {:.2?}; prefill {} tokens in {:.1} ms ({:.1} tokens/s); decode {} tokens in {} steps: {:.2} ms/token, {:.1} tokens/s",
+            model.graph.name,
+            loaded,
+            tm.prefill_tokens,
+            tm.prefill.as_secs_f64() * 1e3,
+            tm.prefill_tokens_per_s(),
+            tm.decode_tokens,
+            tm.decode_steps,
+            tm.ms_per_step(),
+            tm.decode_tokens_per_s(),
+        );
+    }
+}
+
+/// Read bandwidth of this machine in bytes/s: the best of a few parallel passes summing a
+/// 1 GiB buffer (far larger than any cache), on rayon's threads.
+pub fn measure_read_bandwidth() -> f64 {
+    use rayon::prelude::*;
+    let n = (1usize << 30) / 4;
+    let buf: Vec<f32> = (0..n).map(|i| (i % 7) as f32).collect();
+    let mut best = 0f64;
+    for _ in 0..5 {
+        let t = std::time::Instant::now();
+        let s: f32 = buf
+            .par_chunks(1 << 16)
+            .map(|c| {
+                // Eight independent sums so the loop vectorizes and is not latency-bound.
+                let mut acc = [0f32; 8];
+                for w in c.chunks_exact(8) {
+                    for k in 0..8 {
+                        acc[k] += w[k];
+                    }
+                }
+                acc.iter().sum::<f32>()
+            })
+            .sum();
+        let dt = t.elapsed().as_secs_f64();
+        std::hint::black_box(s);
+        best = best.max((n * 4) as f64 / dt);
+    }
+    best
+}
+
+/// `bench --generate`: prefill and decode throughput of presets with random weights.
+fn bench_generate(b: &BenchArgs, out: &mut Outcome) {
+    use crate::model::{Backend, LoadOptions, Model};
+    let threads = rayon::current_num_threads();
+    let bw = measure_read_bandwidth();
+    let _ = writeln!(
+        out.stdout,
+        "CPU generation, random weights, f32, {threads} threads; prefill of {} tokens at batch 1 \
+         (median of {}), decode: median step time of {} steps after a warm-up; measured read \
+         bandwidth {:.1} GB/s (floor = parameters x 4 bytes / bandwidth)",
+        b.prompt_len,
+        b.repeat.max(1),
+        b.steps.max(1),
+        bw / 1e9
+    );
+    let _ = writeln!(
+        out.stdout,
+        "| model | parameters | prefill tokens/s | decode batch | ms/token (step) | tokens/s | floor ms/token | x floor |"
+    );
+    let _ = writeln!(out.stdout, "|---|---|---|---|---|---|---|---|");
+    print!("{}", std::mem::take(&mut out.stdout));
+    for name in &b.models {
+        let mut m = match Model::load(
+            name,
+            &LoadOptions {
+                backend: Backend::Cranelift,
+                ..LoadOptions::default()
+            },
+        ) {
+            Ok(m) => m,
+            Err(e) => {
+                let _ = writeln!(out.stderr, "error: {name}: {e}");
+                out.code = 1;
+                return;
+            }
+        };
+        let params = m.graph.param_count().unwrap_or(0);
+        let floor_ms = params as f64 * 4.0 / bw * 1e3;
+        let vocab = m.vocab().max(1) as u64;
+        let mut rng = runtime::init::Rng::new(7);
+        let prompt: Vec<u32> = (0..b.prompt_len.max(1))
+            .map(|_| (rng.next_u64() % vocab) as u32)
+            .collect();
+        let mut run = |m: &mut Model| -> Result<(f64, Vec<(usize, f64)>), crate::model::Error> {
+            m.step_graph()?;
+            // Prefill: warm-up, then the median.
+            let mut state = m.new_state(1);
+            m.prefill(std::slice::from_ref(&prompt), &mut state)?;
+            let mut rates = Vec::new();
+            for _ in 0..b.repeat.max(1) {
+                state = m.new_state(1);
+                let t = std::time::Instant::now();
+                m.prefill(std::slice::from_ref(&prompt), &mut state)?;
+                rates.push(prompt.len() as f64 / t.elapsed().as_secs_f64());
+            }
+            let prefill = median(rates);
+            let mut decode = Vec::new();
+            for &bs in &b.decode_batch {
+                let bs = bs.max(1);
+                // Every sequence continues the prefilled prompt.
+                let mut st = state.select(&vec![0; bs])?;
+                let mut toks: Vec<u32> = (0..bs).map(|_| (rng.next_u64() % vocab) as u32).collect();
+                m.step(&toks, &mut st)?;
+                let mut times = Vec::new();
+                for _ in 0..b.steps.max(1) {
+                    let t = std::time::Instant::now();
+                    let logits = m.step(&toks, &mut st)?;
+                    times.push(t.elapsed().as_secs_f64());
+                    toks = (0..bs)
+                        .map(|i| crate::sample::argmax(logits.at(i, 0)))
+                        .collect();
+                }
+                decode.push((bs, median(times)));
+                if b.profile
+                    && let Some(p) = m.last_profile()
+                {
+                    eprintln!(
+                        "{name}, decode step at batch {bs}, arena {} bytes:",
+                        p.arena_bytes
+                    );
+                    for (kind, d, count) in p.by_kind() {
+                        eprintln!("  {kind:<20} {count:>5} launches {d:>12.2?}");
+                    }
+                }
+            }
+            Ok((prefill, decode))
+        };
+        match run(&mut m) {
+            Ok((prefill, decode)) => {
+                for (bs, step) in decode {
+                    let (floor, ratio) = if bs == 1 {
+                        (
+                            format!("{floor_ms:.2}"),
+                            format!("{:.1}", step * 1e3 / floor_ms),
+                        )
+                    } else {
+                        (String::new(), String::new())
+                    };
+                    let _ = writeln!(
+                        out.stdout,
+                        "| {name} | {} | {prefill:.1} | {bs} | {:.2} | {:.1} | {floor} | {ratio} |",
+                        group_digits(params),
+                        step * 1e3,
+                        bs as f64 / step
+                    );
+                }
+                print!("{}", std::mem::take(&mut out.stdout));
+            }
+            Err(e) => {
+                let _ = writeln!(out.stderr, "error: {name}: {e}");
+                out.code = 1;
+            }
+        }
     }
 }

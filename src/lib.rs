@@ -6,8 +6,12 @@
 pub mod checkpoint;
 pub mod cli;
 mod cpu;
+pub mod generate;
 pub mod model;
 pub mod plan;
+pub mod sample;
+pub mod state;
+pub mod tokenizer;
 pub mod train;
 
 pub use codegen;

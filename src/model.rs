@@ -16,7 +16,7 @@ use frontend::{Diagnostic, ModelSpec, Sources};
 use ir::Graph;
 use passes::{LowerOptions, Lowered};
 use runtime::array::Array;
-use runtime::cpu::{HostData, Inputs, Launcher};
+use runtime::cpu::{ExecOptions, HostData, Inputs, Launcher};
 use runtime::weights::{Checkpoint, WeightsError};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -59,6 +59,10 @@ pub enum Error {
     Input(String),
     #[error("{0}")]
     Autodiff(Box<passes::AdError>),
+    #[error("{0}")]
+    Step(#[from] passes::StepError),
+    #[error("{0}")]
+    Tokenizer(String),
 }
 
 impl From<passes::AdError> for Error {
@@ -116,7 +120,39 @@ pub struct Model {
     params: HashMap<String, Vec<f32>>,
     backend: Backend,
     compiled: Option<CpuGraph>,
+    /// The one-token step (`L` = 1), derived from `graph` on first use.
+    step: Option<StepForm>,
     last_profile: Option<runtime::cpu::Profile>,
+    /// The end-of-sequence token of the checkpoint's `config.json`, if it names one.
+    pub eos_token_id: Option<u32>,
+    /// The directory the weights came from (where a `tokenizer.json` may sit).
+    pub source_dir: Option<PathBuf>,
+    /// Text to ids and back, for [`Model::generate`] and [`Model::encode`]; set it with
+    /// [`crate::tokenizer::Tokenizer::for_model`] (not loaded by [`Model::load`]).
+    pub tokenizer: Option<crate::tokenizer::Tokenizer>,
+}
+
+/// Up to this batch, the step's matrix products run as dot products over the weights
+/// (`runtime::cpu::gemm_rows_wt`) rather than sgemm, which first copies the weights.
+const STEP_GEMV_ROWS: usize = 8;
+
+/// The recurrent step: the graph specialized to one token, its compiled form, and the
+/// buffers reused from step to step (the arena; last step's state vectors, which receive the
+/// next final states).
+struct StepForm {
+    graph: Graph,
+    compiled: Option<CpuGraph>,
+    arena: Vec<f32>,
+    spare: runtime::cpu::Outputs,
+}
+
+/// Which form of the model a call runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Form {
+    /// The graph over a sequence of any length (forward, prefill).
+    Parallel,
+    /// The graph specialized to one token (decode).
+    Step,
 }
 
 /// A graph compiled for the CPU: lowered once, its kernels JIT-compiled once; the memory
@@ -152,6 +188,33 @@ impl CpuGraph {
         params: &HashMap<String, Vec<f32>>,
         states: &HashMap<String, Vec<f32>>,
     ) -> Result<(runtime::cpu::Outputs, runtime::cpu::Profile), Error> {
+        let mut outs = Vec::new();
+        let opts = ExecOptions::default();
+        let profile = self.run_into(
+            syms,
+            data,
+            params,
+            states,
+            &opts,
+            &mut Vec::new(),
+            &mut outs,
+        )?;
+        Ok((outs, profile))
+    }
+
+    /// [`CpuGraph::run`] with executor options, reusing an arena and output vectors across
+    /// calls ([`runtime::cpu::execute_in`]).
+    #[allow(clippy::too_many_arguments)]
+    pub fn run_into(
+        &self,
+        syms: &[(&str, i64)],
+        data: &HashMap<String, HostData>,
+        params: &HashMap<String, Vec<f32>>,
+        states: &HashMap<String, Vec<f32>>,
+        opts: &ExecOptions,
+        arena: &mut Vec<f32>,
+        outs: &mut runtime::cpu::Outputs,
+    ) -> Result<runtime::cpu::Profile, Error> {
         let mut sizes = Vec::with_capacity(self.lowered.syms.len());
         for s in &self.lowered.syms {
             match syms.iter().find(|(n, _)| n == s) {
@@ -175,7 +238,15 @@ impl CpuGraph {
             states,
         };
         let launcher: &dyn Launcher = &self.launcher;
-        Ok(runtime::cpu::execute(&self.lowered, &plan, launcher, &inp)?)
+        Ok(runtime::cpu::execute_in(
+            &self.lowered,
+            &plan,
+            launcher,
+            &inp,
+            opts,
+            arena,
+            outs,
+        )?)
     }
 }
 
@@ -184,6 +255,8 @@ impl Model {
     pub fn load(spec: &str, opts: &LoadOptions) -> Result<Model, Error> {
         let as_path = Path::new(spec);
         let is_name = !as_path.exists() && !spec.contains('/') && !spec.ends_with(".safetensors");
+        let mut eos_token_id = None;
+        let mut source_dir = None;
         let (graph, params) = if is_name {
             let graph = compile(&ModelSpec {
                 model: spec.into(),
@@ -203,6 +276,12 @@ impl Model {
             };
             let text = std::fs::read_to_string(&config)
                 .map_err(|e| Error::Input(format!("cannot read {}: {e}", config.display())))?;
+            eos_token_id = config_eos(&text);
+            source_dir = if path.is_dir() {
+                Some(path.clone())
+            } else {
+                path.parent().map(Path::to_path_buf)
+            };
             let graph = compile(&ModelSpec {
                 model: "mamba_lm".into(),
                 config: Some((config.display().to_string(), text)),
@@ -219,7 +298,10 @@ impl Model {
             }
             (graph, params)
         };
-        Model::from_parts(graph, params, opts.backend)
+        let mut m = Model::from_parts(graph, params, opts.backend)?;
+        m.eos_token_id = eos_token_id;
+        m.source_dir = source_dir;
+        Ok(m)
     }
 
     /// Builds a model from a graph and f32 parameters (for tests and embedding).
@@ -233,7 +315,11 @@ impl Model {
             params,
             backend,
             compiled: None,
+            step: None,
             last_profile: None,
+            eos_token_id: None,
+            source_dir: None,
+            tokenizer: None,
         };
         if backend == Backend::Cranelift {
             m.compiled = Some(CpuGraph::compile(&m.graph, &LowerOptions::default())?);
@@ -243,7 +329,7 @@ impl Model {
 
     /// The name of the model's main output (the logits): the first output that is not a
     /// final state.
-    fn main_output(&self) -> String {
+    pub(crate) fn main_output(&self) -> String {
         let states: Vec<&str> = self
             .graph
             .nodes()
@@ -379,7 +465,7 @@ impl Model {
     }
 
     /// Batch size and sequence length of a token batch, after checking it.
-    fn check_tokens(&self, tokens: &[Vec<u32>]) -> Result<(usize, usize), Error> {
+    pub(crate) fn check_tokens(&self, tokens: &[Vec<u32>]) -> Result<(usize, usize), Error> {
         let b = tokens.len();
         let l = tokens.first().map_or(0, Vec::len);
         if b == 0 || l == 0 {
@@ -403,34 +489,186 @@ impl Model {
     /// Runs the forward pass over a batch of equally long token sequences.
     pub fn forward(&mut self, tokens: &[Vec<u32>]) -> Result<Logits, Error> {
         let (b, l) = self.check_tokens(tokens)?;
-        let vocab = self.vocab();
         let ids: Vec<i32> = tokens.iter().flatten().map(|&t| t as i32).collect();
-        let data = match (self.backend, &self.compiled) {
-            (Backend::Cranelift, Some(c)) => {
-                let syms = [("B", b as i64), ("L", l as i64)];
-                let mut inputs = HashMap::new();
-                inputs.insert("input_ids".to_string(), HostData::I32(ids));
-                let (outs, profile) = c.run(&syms, &inputs, &self.params, &HashMap::new())?;
-                self.last_profile = Some(profile);
-                let main = self.main_output();
-                outs.into_iter()
-                    .find(|(n, _)| *n == main)
-                    .map(|(_, v)| v)
-                    .unwrap_or_default()
-            }
-            _ => self
-                .reference(&ids, b, l)?
-                .iter()
-                .map(|&x| x as f32)
-                .collect(),
-        };
-        Ok(Logits {
-            batch: b,
-            seq: l,
-            vocab,
-            data,
-        })
+        let (logits, _) = self.run_form(Form::Parallel, &ids, b, l, &HashMap::new())?;
+        Ok(logits)
     }
+
+    /// The names and shapes (batch first, for `batch` sequences) of the recurrent states:
+    /// the graph's state inputs, in graph order.
+    pub fn state_shapes(&self, batch: usize) -> Vec<(String, Vec<usize>)> {
+        let bind = |s: &str| (s == "B").then_some(batch as u64);
+        self.graph
+            .nodes()
+            .filter_map(|n| match self.graph.op(n) {
+                ir::Op::Input {
+                    name,
+                    kind: ir::InputKind::State,
+                    ty,
+                } => Some((
+                    name.clone(),
+                    ty.shape
+                        .iter()
+                        .map(|d| d.eval(&bind).unwrap_or(0) as usize)
+                        .collect(),
+                )),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Derives and compiles the one-token step graph once.
+    fn ensure_step(&mut self) -> Result<(), Error> {
+        if self.step.is_none() {
+            let graph = passes::step_graph(&self.graph)?;
+            let compiled = match self.backend {
+                Backend::Cranelift => Some(CpuGraph::compile(&graph, &LowerOptions::default())?),
+                Backend::Interp => None,
+            };
+            self.step = Some(StepForm {
+                graph,
+                compiled,
+                arena: Vec::new(),
+                spare: Vec::new(),
+            });
+        }
+        Ok(())
+    }
+
+    /// The step graph (`L` = 1) derived from the model graph.
+    pub fn step_graph(&mut self) -> Result<&Graph, Error> {
+        self.ensure_step()?;
+        Ok(&self.step.as_ref().expect("derived above").graph)
+    }
+
+    /// Runs `form` over token ids `[b, l]` (row-major) from initial `states` (missing ones
+    /// are zeros); returns the logits and every final state by name.
+    pub(crate) fn run_form(
+        &mut self,
+        form: Form,
+        ids: &[i32],
+        b: usize,
+        l: usize,
+        states: &HashMap<String, Vec<f32>>,
+    ) -> Result<(Logits, HashMap<String, Vec<f32>>), Error> {
+        if form == Form::Step {
+            self.ensure_step()?;
+        }
+        let vocab = self.vocab();
+        let main = self.main_output();
+        let outs = match self.backend {
+            Backend::Cranelift => self.run_compiled(form, ids, b, l, states)?,
+            Backend::Interp => self.run_interp(form, ids, b, l, states)?,
+        };
+        let mut finals = HashMap::new();
+        let mut data = Vec::new();
+        for (n, v) in outs {
+            if n == main {
+                data = v;
+            } else {
+                finals.insert(n, v);
+            }
+        }
+        Ok((
+            Logits {
+                batch: b,
+                seq: l,
+                vocab,
+                data,
+            },
+            finals,
+        ))
+    }
+
+    fn run_compiled(
+        &mut self,
+        form: Form,
+        ids: &[i32],
+        b: usize,
+        l: usize,
+        states: &HashMap<String, Vec<f32>>,
+    ) -> Result<runtime::cpu::Outputs, Error> {
+        let syms = [("B", b as i64), ("L", l as i64)];
+        let inputs = HashMap::from([("input_ids".to_string(), HostData::I32(ids.to_vec()))]);
+        let not_compiled = || Error::Input("the model was not compiled for the CPU".into());
+        let (outs, profile) = match form {
+            Form::Parallel => {
+                let c = self.compiled.as_ref().ok_or_else(not_compiled)?;
+                c.run(&syms, &inputs, &self.params, states)?
+            }
+            Form::Step => {
+                let s = self.step.as_mut().ok_or_else(not_compiled)?;
+                let c = s.compiled.as_ref().ok_or_else(not_compiled)?;
+                let mut outs = std::mem::take(&mut s.spare);
+                // Decode is bound by reading the weights: few rows go to dot products.
+                let opts = ExecOptions {
+                    gemv_max_rows: STEP_GEMV_ROWS,
+                };
+                let p = c.run_into(
+                    &syms,
+                    &inputs,
+                    &self.params,
+                    states,
+                    &opts,
+                    &mut s.arena,
+                    &mut outs,
+                )?;
+                (outs, p)
+            }
+        };
+        self.last_profile = Some(profile);
+        Ok(outs)
+    }
+
+    fn run_interp(
+        &self,
+        form: Form,
+        ids: &[i32],
+        b: usize,
+        l: usize,
+        states: &HashMap<String, Vec<f32>>,
+    ) -> Result<runtime::cpu::Outputs, Error> {
+        let graph = match (form, &self.step) {
+            (Form::Parallel, _) => &self.graph,
+            (Form::Step, Some(s)) => &s.graph,
+            (Form::Step, None) => return Err(Error::Input("no step graph".into())),
+        };
+        let mut bind = runtime::interp::Bindings::default();
+        bind.inputs.insert(
+            "input_ids".into(),
+            Array::new(vec![b, l], ids.iter().map(|&x| x as f64).collect()),
+        );
+        bind.params = self.params_f64()?;
+        for (name, shape) in self.state_shapes(b) {
+            if let Some(v) = states.get(&name) {
+                bind.states.insert(
+                    name,
+                    Array::new(shape, v.iter().map(|&x| x as f64).collect()),
+                );
+            }
+        }
+        let outs = runtime::interp::run(graph, &bind)?;
+        Ok(outs
+            .values
+            .into_iter()
+            .map(|(n, a)| (n, a.data.iter().map(|&x| x as f32).collect()))
+            .collect())
+    }
+
+    /// Vectors of a state replaced by a step, kept to receive the next step's final states.
+    pub(crate) fn recycle(&mut self, old: Vec<(String, Vec<f32>)>) {
+        if let Some(s) = self.step.as_mut() {
+            s.spare = old;
+        }
+    }
+}
+
+/// `eos_token_id` of a `config.json` (a number, or the first of a list).
+fn config_eos(text: &str) -> Option<u32> {
+    let v: serde_json::Value = serde_json::from_str(text).ok()?;
+    let e = v.get("eos_token_id")?;
+    let n = e.as_u64().or_else(|| e.as_array()?.first()?.as_u64())?;
+    u32::try_from(n).ok()
 }
 
 fn compile(spec: &ModelSpec) -> Result<Graph, Error> {

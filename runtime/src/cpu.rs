@@ -97,6 +97,37 @@ pub fn execute(
     launcher: &dyn Launcher,
     inp: &Inputs<'_>,
 ) -> Result<(Outputs, Profile), ExecError> {
+    let mut outs = Vec::new();
+    let opts = ExecOptions::default();
+    let profile = execute_in(l, plan, launcher, inp, &opts, &mut Vec::new(), &mut outs)?;
+    Ok((outs, profile))
+}
+
+/// Choices of the executor that change speed, and rounding, but not the result beyond it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ExecOptions {
+    /// Matrix products with a transposed weight and at most this many rows (per batch) run
+    /// as dot products ([`gemm_rows_wt`]) instead of the packed sgemm: the decode step's
+    /// products, bound by reading the weights. 0 (the default) keeps every product on sgemm,
+    /// so a schedule's results do not depend on how many rows a call has (time segments of
+    /// any length are bit-identical to the whole sequence).
+    pub gemv_max_rows: usize,
+}
+
+/// [`execute`] with the arena and the output vectors supplied by the caller and reused:
+/// `arena` grows when the plan needs more and is zeroed; an entry of `outs` whose name is a
+/// graph output is overwritten in place (its allocation kept), the others are dropped, and
+/// `outs` ends in output order. Calling it in a loop (the decode step) allocates nothing
+/// in the steady state, where fresh multi-megabyte buffers would cost a page fault per page.
+pub fn execute_in(
+    l: &Lowered,
+    plan: &MemoryPlan,
+    launcher: &dyn Launcher,
+    inp: &Inputs<'_>,
+    opts: &ExecOptions,
+    arena: &mut Vec<f32>,
+    outs: &mut Outputs,
+) -> Result<Profile, ExecError> {
     let mut profile = Profile {
         steps: Vec::with_capacity(l.steps.len()),
         arena_bytes: plan.peak,
@@ -109,7 +140,8 @@ pub fn execute(
         )));
     }
     // The arena, as f32 words so every placed buffer (64-byte aligned offsets) is aligned.
-    let mut arena = vec![0f32; (plan.peak as usize).div_ceil(4)];
+    arena.clear();
+    arena.resize((plan.peak as usize).div_ceil(4), 0.0);
     let mut zeros: HashMap<usize, Vec<f32>> = HashMap::new();
     let mut ptrs: Vec<*mut u8> = vec![std::ptr::null_mut(); l.buffers.len()];
     // Inputs and parameters are read-only for the schedule; pointers to them are only read.
@@ -215,6 +247,18 @@ pub fn execute(
                 };
                 for bi in 0..batch {
                     let boff = if *rhs_batched { bi * k * n } else { 0 };
+                    if *rhs_t && m <= opts.gemv_max_rows {
+                        // SAFETY: as below.
+                        let (a, w, c) = unsafe {
+                            (
+                                std::slice::from_raw_parts(a.add(bi * m * k), m * k),
+                                std::slice::from_raw_parts(b.add(boff), n * k),
+                                std::slice::from_raw_parts_mut(c.add(bi * m * n), m * n),
+                            )
+                        };
+                        gemm_rows_wt(m, k, n, a, w, c);
+                        continue;
+                    }
                     // SAFETY: the buffers hold batch*m*k, k*n (per batch if batched) and
                     // batch*m*n f32 values by construction of the schedule and the plan.
                     unsafe {
@@ -240,21 +284,98 @@ pub fn execute(
         }
         profile.steps.push((name, started.elapsed()));
     }
-    let mut outs = Vec::new();
+    let mut old: HashMap<String, Vec<f32>> = std::mem::take(outs).into_iter().collect();
     for (name, b) in &l.outputs {
         let len = (plan.bytes[*b] / 4) as usize;
         let p = ptrs[*b] as *const f32;
-        let v = if p.is_null() {
-            vec![0.0; len]
+        let mut v = old.remove(name).unwrap_or_default();
+        v.clear();
+        if p.is_null() {
+            v.resize(len, 0.0);
         } else {
             // SAFETY: output buffers are f32 and `len` elements long (plan.bytes).
-            unsafe { std::slice::from_raw_parts(p, len) }.to_vec()
-        };
+            v.extend_from_slice(unsafe { std::slice::from_raw_parts(p, len) });
+        }
         outs.push((name.clone(), v));
     }
     drop(zeros);
     drop(owned_ids);
-    Ok((outs, profile))
+    Ok(profile)
+}
+
+/// `c [m, n] = a [m, k] @ w^T` for a weight stored `[n, k]` and few rows (the decode step):
+/// one dot product over contiguous memory per output, parallel over output columns. It reads
+/// each weight once where a packed GEMM would first copy it, which is what a batch-1 step is
+/// bound by. Each output's summation order depends only on `k` (sixteen strided partial sums,
+/// then a fixed tree), not on `m` or the thread count.
+pub fn gemm_rows_wt(m: usize, k: usize, n: usize, a: &[f32], w: &[f32], c: &mut [f32]) {
+    use rayon::prelude::*;
+    assert!(a.len() >= m * k && w.len() >= n * k && c.len() >= m * n);
+    if m == 0 || n == 0 {
+        return;
+    }
+    // Columns per task: enough work per task, enough tasks per thread.
+    let cols = (16384 / k.max(1)).clamp(4, 256);
+    let mut out_t = vec![0f32; n * m];
+    out_t
+        .par_chunks_mut(cols * m)
+        .enumerate()
+        .for_each(|(blk, o)| {
+            let j0 = blk * cols;
+            for (jj, oj) in o.chunks_mut(m).enumerate() {
+                let wr = &w[(j0 + jj) * k..(j0 + jj + 1) * k];
+                for (i, x) in oj.iter_mut().enumerate() {
+                    *x = dot(&a[i * k..(i + 1) * k], wr);
+                }
+            }
+        });
+    for i in 0..m {
+        for j in 0..n {
+            c[i * n + j] = out_t[j * m + i];
+        }
+    }
+}
+
+/// A dot product with sixteen partial sums (vectorizes; AVX2 when the CPU has it).
+fn dot(x: &[f32], y: &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU supports AVX2, checked just above.
+            return unsafe { dot_avx2(x, y) };
+        }
+    }
+    dot_body(x, y)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn dot_avx2(x: &[f32], y: &[f32]) -> f32 {
+    dot_body(x, y)
+}
+
+#[inline(always)]
+fn dot_body(x: &[f32], y: &[f32]) -> f32 {
+    let mut acc = [0f32; 16];
+    let (xc, yc) = (x.chunks_exact(16), y.chunks_exact(16));
+    let (xr, yr) = (xc.remainder(), yc.remainder());
+    for (a, b) in xc.zip(yc) {
+        for l in 0..16 {
+            acc[l] += a[l] * b[l];
+        }
+    }
+    for (l, (a, b)) in xr.iter().zip(yr).enumerate() {
+        acc[l] += a * b;
+    }
+    // A fixed tree: 16 -> 8 -> 4 -> 2 -> 1.
+    let mut w = 16;
+    while w > 1 {
+        w /= 2;
+        for l in 0..w {
+            acc[l] += acc[l + w];
+        }
+    }
+    acc[0]
 }
 
 fn check_len(name: &str, got: usize, want: usize) -> Result<(), ExecError> {
@@ -325,5 +446,46 @@ impl Launcher for EvalLauncher<'_> {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gemm_rows_wt_matches_a_plain_product() {
+        let mut rng = crate::init::Rng::new(4);
+        for (m, k, n) in [
+            (1, 1, 1),
+            (1, 17, 5),
+            (3, 768, 300),
+            (8, 45, 1000),
+            (2, 16, 33),
+        ] {
+            let a: Vec<f32> = (0..m * k).map(|_| rng.normal() as f32).collect();
+            let w: Vec<f32> = (0..n * k).map(|_| rng.normal() as f32).collect();
+            let mut c = vec![f32::NAN; m * n];
+            gemm_rows_wt(m, k, n, &a, &w, &mut c);
+            for i in 0..m {
+                for j in 0..n {
+                    let want: f64 = (0..k)
+                        .map(|t| a[i * k + t] as f64 * w[j * k + t] as f64)
+                        .sum();
+                    let scale: f64 = (0..k)
+                        .map(|t| (a[i * k + t] as f64 * w[j * k + t] as f64).abs())
+                        .sum();
+                    let got = c[i * n + j] as f64;
+                    assert!(
+                        (got - want).abs() <= 1e-6 * scale.max(1.0),
+                        "({m},{k},{n}) [{i},{j}]: {got} vs {want}"
+                    );
+                }
+            }
+            // A row's results do not depend on the other rows.
+            let mut one = vec![0f32; n];
+            gemm_rows_wt(1, k, n, &a[(m - 1) * k..], &w, &mut one);
+            assert_eq!(one, c[(m - 1) * n..]);
+        }
     }
 }

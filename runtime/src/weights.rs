@@ -1081,19 +1081,60 @@ pub fn save_f32(
 /// (`1`, `true`, `yes`, `on`) restricts it to the cache; the cache is `HF_HUB_CACHE`, else
 /// `HF_HOME/hub`, else `~/.cache/huggingface/hub`.
 pub fn resolve(spec: &str) -> Result<PathBuf, WeightsError> {
-    let offline = std::env::var("HF_HUB_OFFLINE")
+    resolve_with(spec, hub_offline(), &hub_cache())
+}
+
+/// Whether `HF_HUB_OFFLINE` (`1`, `true`, `yes`, `on`) restricts the hub to the local cache.
+pub fn hub_offline() -> bool {
+    std::env::var("HF_HUB_OFFLINE")
         .map(|v| {
             matches!(
                 v.trim().to_ascii_lowercase().as_str(),
                 "1" | "true" | "yes" | "on"
             )
         })
-        .unwrap_or(false);
-    let cache = match std::env::var_os("HF_HUB_CACHE") {
+        .unwrap_or(false)
+}
+
+/// The Hugging Face cache: `HF_HUB_CACHE`, else `HF_HOME/hub`, else
+/// `~/.cache/huggingface/hub`.
+pub fn hub_cache() -> Cache {
+    match std::env::var_os("HF_HUB_CACHE") {
         Some(dir) if !dir.is_empty() => Cache::new(PathBuf::from(dir)),
         _ => Cache::from_env(),
+    }
+}
+
+/// One file of the hub repo `repo`: from the cache, else (unless `offline`) downloaded into
+/// it. Used for files beside the weights, such as `tokenizer.json`.
+pub fn resolve_file(
+    repo: &str,
+    file: &str,
+    offline: bool,
+    cache: &Cache,
+) -> Result<PathBuf, WeightsError> {
+    if !is_repo_id(repo) {
+        return Err(WeightsError::NotAModel {
+            spec: repo.to_string(),
+        });
+    }
+    if let Some(p) = cache.model(repo.to_string()).get(file) {
+        return Ok(p);
+    }
+    if offline {
+        return Err(WeightsError::NotInCache {
+            repo: repo.to_string(),
+            cache_dir: cache.path().clone(),
+            missing: file.to_string(),
+        });
+    }
+    let failed = |e: hf_hub::api::sync::ApiError| WeightsError::Download {
+        repo: repo.to_string(),
+        what: format!("`{file}`"),
+        reason: e.to_string(),
     };
-    resolve_with(spec, offline, &cache)
+    let api = hub_api(cache).map_err(failed)?;
+    api.model(repo.to_string()).get(file).map_err(failed)
 }
 
 /// [`resolve`] with the offline switch and the cache given explicitly. Online, a repo whose
@@ -1124,7 +1165,7 @@ pub fn resolve_with(spec: &str, offline: bool, cache: &Cache) -> Result<PathBuf,
 }
 
 /// `owner/name`, each part made of ASCII letters, digits, `-`, `_` and `.`, not `.`/`..`.
-fn is_repo_id(spec: &str) -> bool {
+pub fn is_repo_id(spec: &str) -> bool {
     let mut parts = spec.split('/');
     let (Some(owner), Some(name), None) = (parts.next(), parts.next(), parts.next()) else {
         return false;
@@ -1175,17 +1216,8 @@ fn from_cache(repo: &str, cache: &Cache) -> Result<PathBuf, WeightsError> {
     Err(not_in_cache(SINGLE_FILE))
 }
 
-/// Downloads `config.json` and the safetensors weights of `repo` into `cache`.
-fn download(repo: &str, cache: &Cache) -> Result<PathBuf, WeightsError> {
-    let failed = |file: &str, e: hf_hub::api::sync::ApiError| WeightsError::Download {
-        repo: repo.to_string(),
-        what: if file.contains(' ') {
-            file.to_string()
-        } else {
-            format!("`{file}`")
-        },
-        reason: e.to_string(),
-    };
+/// A hub client over `cache`, with `HF_TOKEN` and `HF_ENDPOINT` applied.
+fn hub_api(cache: &Cache) -> Result<hf_hub::api::sync::Api, hf_hub::api::sync::ApiError> {
     let mut builder = hf_hub::api::sync::ApiBuilder::from_cache(cache.clone());
     if let Ok(token) = std::env::var("HF_TOKEN")
         && !token.is_empty()
@@ -1197,7 +1229,21 @@ fn download(repo: &str, cache: &Cache) -> Result<PathBuf, WeightsError> {
     {
         builder = builder.with_endpoint(endpoint);
     }
-    let api = builder.build().map_err(|e| failed("the file list", e))?;
+    builder.build()
+}
+
+/// Downloads `config.json` and the safetensors weights of `repo` into `cache`.
+fn download(repo: &str, cache: &Cache) -> Result<PathBuf, WeightsError> {
+    let failed = |file: &str, e: hf_hub::api::sync::ApiError| WeightsError::Download {
+        repo: repo.to_string(),
+        what: if file.contains(' ') {
+            file.to_string()
+        } else {
+            format!("`{file}`")
+        },
+        reason: e.to_string(),
+    };
+    let api = hub_api(cache).map_err(|e| failed("the file list", e))?;
     let hub = api.model(repo.to_string());
     let info = hub.info().map_err(|e| failed("the file list", e))?;
     let files: Vec<String> = info.siblings.into_iter().map(|s| s.rfilename).collect();
