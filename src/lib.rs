@@ -5,6 +5,8 @@
 
 pub mod cli;
 mod cpu;
+#[cfg(feature = "cuda")]
+pub mod gpu;
 pub mod model;
 pub mod train;
 
