@@ -251,7 +251,11 @@ fn transcendentals_match_the_cpu_to_the_ulp() {
     let mut xs: Vec<f32> = (0..n)
         .map(|_| {
             let m = 10f64.powf(rng.uniform() * 10.5 - 8.0);
-            (if rng.next_u64() % 2 == 0 { m } else { -m }) as f32
+            (if rng.next_u64().is_multiple_of(2) {
+                m
+            } else {
+                -m
+            }) as f32
         })
         .collect();
     let mut ps: Vec<f32> = (0..n)
