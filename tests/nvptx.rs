@@ -33,25 +33,25 @@ fn assemble(what: &str, ptx: &Ptx) {
         );
         return;
     };
-    let dir = std::env::temp_dir().join(format!("ma2mba-ptx-{}", std::process::id()));
+    let stem = what.replace([' ', '/'], "_");
+    let dir = std::env::temp_dir().join(format!("ma2mba-ptx-{}-{stem}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("temp dir");
-    let file = dir.join(format!("{}.ptx", what.replace([' ', '/'], "_")));
+    let file = dir.join(format!("{stem}.ptx"));
     std::fs::write(&file, &ptx.text).expect("write ptx");
     let out = Command::new(&ptxas)
         .arg(format!("-arch={}", ptx.target.arch()))
         .arg(&file)
         .arg("-o")
-        .arg(dir.join("out.cubin"))
+        .arg(dir.join(format!("{stem}.cubin")))
         .output()
         .expect("run ptxas");
+    let _ = std::fs::remove_dir_all(&dir);
     assert!(
         out.status.success(),
-        "{what}: ptxas -arch={} failed on {}:\n{}",
+        "{what}: ptxas -arch={} failed:\n{}",
         ptx.target.arch(),
-        file.display(),
         String::from_utf8_lossy(&out.stderr)
     );
-    let _ = std::fs::remove_file(&file);
 }
 
 /// Lowers `graph`, compiles every kernel to PTX and checks each is an `.entry`.
