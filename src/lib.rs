@@ -7,6 +7,8 @@ pub mod checkpoint;
 pub mod cli;
 mod cpu;
 pub mod generate;
+#[cfg(feature = "cuda")]
+pub mod gpu;
 pub mod model;
 pub mod plan;
 pub mod sample;

@@ -1,0 +1,1066 @@
+//! The GPU backend: kernel IR to LLVM IR to PTX with LLVM 19's NVPTX target (inkwell).
+//!
+//! # The generated kernels
+//!
+//! Every kernel of the IR becomes one `.entry` (the PTX kernel calling convention) of one
+//! module, named by [`entry_names`]:
+//!
+//! ```text
+//! .entry name(.param .u64 buf0, ..., .param .u64 buf{n-1}, .param .u64 size0, ...)
+//! ```
+//!
+//! Buffers are global-memory addresses of their first element; sizes are the kernel's runtime
+//! sizes (i64). The grid extents are computed inside from the sizes, and every thread runs a
+//! grid-stride loop over the flattened, row-major grid (`flat = ctaid.x * ntid.x + tid.x`,
+//! step `nctaid.x * ntid.x`), splitting `flat` into coordinates: any 1-d launch computes every
+//! point exactly once, so the launch shape is only a performance choice.
+//!
+//! # Arithmetic: the same results as the CPU backend
+//!
+//! The lowering mirrors [`crate::cpu`] operation for operation, so that both backends give
+//! the same bits where the CPU does not call out to Rust:
+//! - No fused multiply-adds: the CPU backend rounds every product, so no instruction carries
+//!   the `contract` flag and the target options keep LLVM from fusing (PTX `mul.rn`/`add.rn`,
+//!   which ptxas does not fuse either). Division is IEEE `div.rn.f32`, `sqrt` is `sqrt.rn.f32`,
+//!   subnormals are kept (no flush to zero).
+//! - `exp`, `sigmoid`, `silu`: the CPU backend's inline Cephes `expf` (about 1 ulp) and its
+//!   stable sigmoid, the same operations in the same order: bit-identical results.
+//! - `rsqrt`: `1 / sqrt` in f64, rounded once (as the CPU).
+//! - `log`, `softplus`: the CPU calls Rust's f64 `ln`/`exp`/`ln_1p` and rounds once; NVPTX
+//!   has no libm, so these run [`crate::math`]'s f64 algorithms (a few f64 ulps, tested
+//!   against `std`), then round once: the same f32 except in rare near-midpoint cases (an
+//!   f32 ulp at most).
+//! - `max`/`min`: `f32::max`/`f32::min` semantics (a NaN operand yields the other), as the CPU.
+//! - Storage: bf16 loads shift into the top half of an f32; bf16 stores round to nearest even
+//!   with the CPU's integer trick (NaNs stay quiet NaNs): bit-identical. f16 converts with
+//!   `cvt` (round to nearest even, as `half`). f64 loads round to f32, stores widen.
+//! - Index math is i64; `Div`/`Rem` are floor division/remainder as in the CPU backend
+//!   (shifts and masks for power-of-two constants, `sdiv` plus a fix-up otherwise). A divisor
+//!   that is not positive is undefined behaviour.
+//!
+//! Scalars, loop counters and local arrays are allocas in the entry block; `default<O3>`
+//! (with the NVPTX target machine, so address-space inference runs) promotes them to
+//! registers where it can (a local array indexed by a run-time value stays in local memory).
+
+use std::collections::HashMap;
+use std::sync::Once;
+
+use inkwell::OptimizationLevel;
+use inkwell::builder::{Builder, BuilderError};
+use inkwell::context::Context;
+use inkwell::module::Module;
+use inkwell::passes::PassBuilderOptions;
+use inkwell::targets::{
+    CodeModel, FileType, InitializationConfig, RelocMode, Target as LlvmTarget, TargetMachine,
+    TargetTriple,
+};
+use inkwell::types::{BasicType, BasicTypeEnum, FloatType, IntType};
+use inkwell::values::{
+    BasicMetadataValueEnum, BasicValueEnum, FloatValue, FunctionValue, IntValue, PointerValue,
+    ValueKind,
+};
+use inkwell::{AddressSpace, FloatPredicate, IntPredicate};
+
+use ir::kernel::{ArrId, Expr, IExpr, Kernel, KernelError, LoopId, Stmt, VarId};
+use ir::schedule::Lowered;
+use ir::{BinaryOp, DType, UnaryOp};
+
+use crate::math;
+
+/// The PTX kernel calling convention (LLVM's `ptx_kernel`): functions with it are `.entry`.
+const PTX_KERNEL_CC: u32 = 71;
+const TRIPLE: &str = "nvptx64-nvidia-cuda";
+/// Global memory.
+fn global() -> AddressSpace {
+    AddressSpace::from(1u16)
+}
+
+/// A GPU architecture PTX is generated for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Target {
+    /// Hopper (H100, H200).
+    Sm90,
+    /// Ampere (A100): the fallback.
+    Sm80,
+}
+
+impl Target {
+    /// The PTX `.target` / ptxas `-arch` name.
+    pub fn arch(self) -> &'static str {
+        match self {
+            Target::Sm90 => "sm_90",
+            Target::Sm80 => "sm_80",
+        }
+    }
+
+    /// `sm_90` or `sm_80`.
+    pub fn from_arch(s: &str) -> Option<Target> {
+        match s {
+            "sm_90" => Some(Target::Sm90),
+            "sm_80" => Some(Target::Sm80),
+            _ => None,
+        }
+    }
+}
+
+/// A PTX module: the text and the entry name of each kernel, in kernel order.
+#[derive(Clone, Debug)]
+pub struct Ptx {
+    pub target: Target,
+    pub text: String,
+    pub entries: Vec<String>,
+}
+
+/// Why generating PTX failed; every error about a kernel names it.
+#[derive(Debug, thiserror::Error)]
+pub enum PtxError {
+    /// The kernel breaks an invariant of [`Kernel::check`].
+    #[error(transparent)]
+    Kernel(#[from] KernelError),
+    /// The kernel uses something this backend does not implement.
+    #[error("kernel `{kernel}`: unsupported: {message}")]
+    Unsupported { kernel: String, message: String },
+    /// LLVM rejected the generated code (a backend bug).
+    #[error("kernel `{kernel}`: llvm: {message}")]
+    Llvm { kernel: String, message: String },
+    /// The NVPTX target could not be set up, or the module as a whole failed.
+    #[error("llvm nvptx: {0}")]
+    Setup(String),
+}
+
+/// An error while generating one kernel, before it is given the kernel's name.
+enum GenErr {
+    Unsupported(String),
+    Llvm(String),
+}
+
+impl From<BuilderError> for GenErr {
+    fn from(e: BuilderError) -> GenErr {
+        GenErr::Llvm(e.to_string())
+    }
+}
+
+type G<T> = Result<T, GenErr>;
+
+/// The PTX entry name of every kernel, in order: the kernel's name with characters PTX does
+/// not allow replaced by `_`, made unique with a `_<index>` suffix where needed.
+pub fn entry_names(kernels: &[Kernel]) -> Vec<String> {
+    let mut seen = std::collections::HashSet::new();
+    kernels
+        .iter()
+        .enumerate()
+        .map(|(i, k)| {
+            let mut s: String = k
+                .name
+                .chars()
+                .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+                .collect();
+            if s.is_empty() || s.starts_with(|c: char| c.is_ascii_digit()) {
+                s.insert(0, 'k');
+            }
+            if !seen.insert(s.clone()) {
+                s = format!("{s}_{i}");
+                seen.insert(s.clone());
+            }
+            s
+        })
+        .collect()
+}
+
+fn init_nvptx() {
+    static INIT: Once = Once::new();
+    INIT.call_once(|| LlvmTarget::initialize_nvptx(&InitializationConfig::default()));
+}
+
+fn target_machine(target: Target) -> Result<TargetMachine, PtxError> {
+    init_nvptx();
+    let triple = TargetTriple::create(TRIPLE);
+    let t = LlvmTarget::from_triple(&triple).map_err(|e| PtxError::Setup(e.to_string()))?;
+    t.create_target_machine(
+        &triple,
+        target.arch(),
+        "+ptx85",
+        OptimizationLevel::Aggressive,
+        RelocMode::Default,
+        CodeModel::Default,
+    )
+    .ok_or_else(|| PtxError::Setup(format!("no target machine for {}", target.arch())))
+}
+
+/// Compiles every kernel of a schedule into one PTX module.
+pub fn compile_lowered(l: &Lowered, target: Target) -> Result<Ptx, PtxError> {
+    compile_ptx(&l.kernels, target)
+}
+
+/// Checks and compiles kernels into one PTX module (one `.entry` each, in order).
+pub fn compile_ptx(kernels: &[Kernel], target: Target) -> Result<Ptx, PtxError> {
+    let (text, entries) = generate(kernels, target, true)?;
+    Ok(Ptx {
+        target,
+        text,
+        entries,
+    })
+}
+
+/// The optimized LLVM IR of the kernels' module (for reading what a kernel becomes).
+pub fn llvm_ir(kernels: &[Kernel], target: Target) -> Result<String, PtxError> {
+    generate(kernels, target, false).map(|(text, _)| text)
+}
+
+fn generate(
+    kernels: &[Kernel],
+    target: Target,
+    ptx: bool,
+) -> Result<(String, Vec<String>), PtxError> {
+    for k in kernels {
+        k.check()?;
+    }
+    let tm = target_machine(target)?;
+    let ctx = Context::create();
+    let module = ctx.create_module("ma2mba");
+    module.set_triple(&tm.get_triple());
+    module.set_data_layout(&tm.get_target_data().get_data_layout());
+    let names = entry_names(kernels);
+    let mut fns = Vec::with_capacity(kernels.len());
+    for (k, name) in kernels.iter().zip(&names) {
+        let f = build_kernel(&ctx, &module, k, name).map_err(|e| match e {
+            GenErr::Unsupported(message) => PtxError::Unsupported {
+                kernel: k.name.clone(),
+                message,
+            },
+            GenErr::Llvm(message) => PtxError::Llvm {
+                kernel: k.name.clone(),
+                message,
+            },
+        })?;
+        fns.push(f);
+    }
+    if let Err(e) = module.verify() {
+        let kernel = kernels
+            .iter()
+            .zip(&fns)
+            .find(|(_, f)| !f.verify(false))
+            .map(|(k, _)| k.name.clone())
+            .unwrap_or_default();
+        return Err(PtxError::Llvm {
+            kernel,
+            message: format!("invalid IR: {e}"),
+        });
+    }
+    module
+        .run_passes("default<O3>", &tm, PassBuilderOptions::create())
+        .map_err(|e| PtxError::Setup(format!("optimization: {e}")))?;
+    if !ptx {
+        return Ok((module.print_to_string().to_string(), names));
+    }
+    let buf = tm
+        .write_to_memory_buffer(&module, FileType::Assembly)
+        .map_err(|e| PtxError::Setup(format!("PTX emission: {e}")))?;
+    let text = String::from_utf8_lossy(buf.as_slice())
+        .trim_end_matches('\0')
+        .to_string();
+    Ok((text, names))
+}
+
+struct Types<'ctx> {
+    f32: FloatType<'ctx>,
+    f64: FloatType<'ctx>,
+    f16: FloatType<'ctx>,
+    i64: IntType<'ctx>,
+    i32: IntType<'ctx>,
+    i16: IntType<'ctx>,
+}
+
+struct Gen<'a, 'ctx> {
+    ctx: &'ctx Context,
+    module: &'a Module<'ctx>,
+    k: &'a Kernel,
+    f: FunctionValue<'ctx>,
+    b: Builder<'ctx>,
+    /// Positioned at the end of the entry block (allocas); its branch is added last.
+    ab: Builder<'ctx>,
+    t: Types<'ctx>,
+    bases: Vec<PointerValue<'ctx>>,
+    sizes: Vec<IntValue<'ctx>>,
+    grid: Vec<IntValue<'ctx>>,
+    vars: HashMap<VarId, PointerValue<'ctx>>,
+    loops: HashMap<LoopId, PointerValue<'ctx>>,
+    arrs: HashMap<ArrId, (PointerValue<'ctx>, usize)>,
+}
+
+fn build_kernel<'ctx>(
+    ctx: &'ctx Context,
+    module: &Module<'ctx>,
+    k: &Kernel,
+    name: &str,
+) -> G<FunctionValue<'ctx>> {
+    let t = Types {
+        f32: ctx.f32_type(),
+        f64: ctx.f64_type(),
+        f16: ctx.f16_type(),
+        i64: ctx.i64_type(),
+        i32: ctx.i32_type(),
+        i16: ctx.i16_type(),
+    };
+    let gptr = ctx.ptr_type(global());
+    let mut params: Vec<inkwell::types::BasicMetadataTypeEnum> = Vec::new();
+    params.extend(
+        k.bufs
+            .iter()
+            .map(|_| inkwell::types::BasicMetadataTypeEnum::from(gptr)),
+    );
+    params.extend(
+        k.sizes
+            .iter()
+            .map(|_| inkwell::types::BasicMetadataTypeEnum::from(t.i64)),
+    );
+    let fty = ctx.void_type().fn_type(&params, false);
+    let f = module.add_function(name, fty, None);
+    f.set_call_conventions(PTX_KERNEL_CC);
+    let entry = ctx.append_basic_block(f, "entry");
+    let start = ctx.append_basic_block(f, "start");
+    let b = ctx.create_builder();
+    let ab = ctx.create_builder();
+    ab.position_at_end(entry);
+    b.position_at_end(start);
+    let mut bases = Vec::new();
+    for i in 0..k.bufs.len() {
+        let p = f
+            .get_nth_param(i as u32)
+            .ok_or_else(|| GenErr::Llvm("missing parameter".into()))?;
+        bases.push(p.into_pointer_value());
+    }
+    let mut sizes = Vec::new();
+    for i in 0..k.sizes.len() {
+        let p = f
+            .get_nth_param((k.bufs.len() + i) as u32)
+            .ok_or_else(|| GenErr::Llvm("missing parameter".into()))?;
+        sizes.push(p.into_int_value());
+    }
+    let mut g = Gen {
+        ctx,
+        module,
+        k,
+        f,
+        b,
+        ab,
+        t,
+        bases,
+        sizes,
+        grid: Vec::new(),
+        vars: HashMap::new(),
+        loops: HashMap::new(),
+        arrs: HashMap::new(),
+    };
+    g.function()?;
+    g.ab.build_unconditional_branch(start)?;
+    Ok(f)
+}
+
+impl<'ctx> Gen<'_, 'ctx> {
+    fn unsupported<T>(&self, m: String) -> G<T> {
+        Err(GenErr::Unsupported(m))
+    }
+
+    fn i64c(&self, v: i64) -> IntValue<'ctx> {
+        self.t.i64.const_int(v as u64, true)
+    }
+
+    fn f32c(&self, v: f32) -> FloatValue<'ctx> {
+        self.t.f32.const_float(f64::from(v))
+    }
+
+    fn intrinsic(
+        &self,
+        name: &str,
+        ret: BasicTypeEnum<'ctx>,
+        args: &[BasicTypeEnum<'ctx>],
+    ) -> FunctionValue<'ctx> {
+        if let Some(f) = self.module.get_function(name) {
+            return f;
+        }
+        let params: Vec<inkwell::types::BasicMetadataTypeEnum> =
+            args.iter().map(|a| (*a).into()).collect();
+        self.module
+            .add_function(name, ret.fn_type(&params, false), None)
+    }
+
+    fn call(
+        &self,
+        f: FunctionValue<'ctx>,
+        args: &[BasicMetadataValueEnum<'ctx>],
+    ) -> G<BasicValueEnum<'ctx>> {
+        match self.b.build_call(f, args, "")?.try_as_basic_value() {
+            ValueKind::Basic(v) => Ok(v),
+            ValueKind::Instruction(_) => Err(GenErr::Llvm("call returns nothing".into())),
+        }
+    }
+
+    fn sreg(&self, name: &str) -> G<IntValue<'ctx>> {
+        let f = self.intrinsic(
+            &format!("llvm.nvvm.read.ptx.sreg.{name}"),
+            self.t.i32.into(),
+            &[],
+        );
+        let v = self.call(f, &[])?.into_int_value();
+        Ok(self.b.build_int_z_extend(v, self.t.i64, name)?)
+    }
+
+    fn alloca<T: BasicType<'ctx>>(&self, ty: T, name: &str) -> G<PointerValue<'ctx>> {
+        Ok(self.ab.build_alloca(ty, name)?)
+    }
+
+    fn function(&mut self) -> G<()> {
+        let k = self.k;
+        let mut extents = Vec::with_capacity(k.grid.len());
+        for g in &k.grid {
+            extents.push(self.iexpr(g)?);
+        }
+        let mut total = self.i64c(1);
+        for e in &extents {
+            total = self.b.build_int_mul(total, *e, "total")?;
+        }
+        let ctaid = self.sreg("ctaid.x")?;
+        let ntid = self.sreg("ntid.x")?;
+        let tid = self.sreg("tid.x")?;
+        let nctaid = self.sreg("nctaid.x")?;
+        let first = self.b.build_int_mul(ctaid, ntid, "")?;
+        let first = self.b.build_int_add(first, tid, "first")?;
+        let stride = self.b.build_int_mul(nctaid, ntid, "stride")?;
+        let flat = self.alloca(self.t.i64, "flat")?;
+        self.b.build_store(flat, first)?;
+        let head = self.ctx.append_basic_block(self.f, "points");
+        let body = self.ctx.append_basic_block(self.f, "point");
+        let exit = self.ctx.append_basic_block(self.f, "exit");
+        self.b.build_unconditional_branch(head)?;
+
+        self.b.position_at_end(head);
+        let p = self.b.build_load(self.t.i64, flat, "p")?.into_int_value();
+        let more = self
+            .b
+            .build_int_compare(IntPredicate::SLT, p, total, "more")?;
+        self.b.build_conditional_branch(more, body, exit)?;
+
+        self.b.position_at_end(body);
+        let dims = extents.len();
+        let mut coords = vec![self.i64c(0); dims];
+        let mut rest = p;
+        for d in (0..dims).rev() {
+            if d > 0 {
+                coords[d] = self.b.build_int_unsigned_rem(rest, extents[d], "")?;
+                rest = self.b.build_int_unsigned_div(rest, extents[d], "")?;
+            } else {
+                coords[d] = rest;
+            }
+        }
+        self.grid = coords;
+        self.block(&k.body)?;
+        let p1 = self.b.build_int_add(p, stride, "")?;
+        self.b.build_store(flat, p1)?;
+        self.b.build_unconditional_branch(head)?;
+
+        self.b.position_at_end(exit);
+        self.b.build_return(None)?;
+        Ok(())
+    }
+
+    fn block(&mut self, stmts: &[Stmt]) -> G<()> {
+        for s in stmts {
+            match s {
+                Stmt::Var { var, init } => {
+                    let v = self.expr(init)?;
+                    let slot = match self.vars.get(var) {
+                        Some(p) => *p,
+                        None => {
+                            let p = self.alloca(self.t.f32, &format!("v{}", var.0))?;
+                            self.vars.insert(*var, p);
+                            p
+                        }
+                    };
+                    self.b.build_store(slot, v)?;
+                }
+                Stmt::Set { var, value } => {
+                    let v = self.expr(value)?;
+                    let Some(slot) = self.vars.get(var).copied() else {
+                        return self.unsupported(format!("v{} undeclared", var.0));
+                    };
+                    self.b.build_store(slot, v)?;
+                }
+                Stmt::Array { arr, len, init } => {
+                    let n = u32::try_from(*len)
+                        .map_err(|_| GenErr::Unsupported(format!("local array of {len}")))?;
+                    let ty = self.t.f32.array_type(n);
+                    let p = self.alloca(ty, &format!("a{}", arr.0))?;
+                    self.arrs.insert(*arr, (p, *len));
+                    let v = self.f32c(*init as f32);
+                    if *len <= 32 {
+                        for i in 0..*len {
+                            let a = self.arr_elem(p, self.i64c(i as i64))?;
+                            self.b.build_store(a, v)?;
+                        }
+                    } else {
+                        let c = self.alloca(self.t.i64, "fill")?;
+                        self.b.build_store(c, self.i64c(0))?;
+                        let lp = self.ctx.append_basic_block(self.f, "fill");
+                        let done = self.ctx.append_basic_block(self.f, "filled");
+                        self.b.build_unconditional_branch(lp)?;
+                        self.b.position_at_end(lp);
+                        let i = self.b.build_load(self.t.i64, c, "")?.into_int_value();
+                        let a = self.arr_elem(p, i)?;
+                        self.b.build_store(a, v)?;
+                        let i1 = self.b.build_int_add(i, self.i64c(1), "")?;
+                        self.b.build_store(c, i1)?;
+                        let more = self.b.build_int_compare(
+                            IntPredicate::SLT,
+                            i1,
+                            self.i64c(*len as i64),
+                            "",
+                        )?;
+                        self.b.build_conditional_branch(more, lp, done)?;
+                        self.b.position_at_end(done);
+                    }
+                }
+                Stmt::ArrSet { arr, index, value } => {
+                    let a = self.arr_addr(*arr, index)?;
+                    let v = self.expr(value)?;
+                    self.b.build_store(a, v)?;
+                }
+                Stmt::For {
+                    counter,
+                    extent,
+                    body,
+                } => {
+                    let n = self.iexpr(extent)?;
+                    let c = self.alloca(self.t.i64, &format!("i{}", counter.0))?;
+                    self.b.build_store(c, self.i64c(0))?;
+                    let lp = self.ctx.append_basic_block(self.f, "loop");
+                    let done = self.ctx.append_basic_block(self.f, "done");
+                    let any = self
+                        .b
+                        .build_int_compare(IntPredicate::SGT, n, self.i64c(0), "")?;
+                    self.b.build_conditional_branch(any, lp, done)?;
+                    self.b.position_at_end(lp);
+                    let outer = self.loops.insert(*counter, c);
+                    self.block(body)?;
+                    match outer {
+                        Some(o) => self.loops.insert(*counter, o),
+                        None => self.loops.remove(counter),
+                    };
+                    let i = self.b.build_load(self.t.i64, c, "")?.into_int_value();
+                    let i1 = self.b.build_int_add(i, self.i64c(1), "")?;
+                    self.b.build_store(c, i1)?;
+                    let more = self.b.build_int_compare(IntPredicate::SLT, i1, n, "")?;
+                    self.b.build_conditional_branch(more, lp, done)?;
+                    self.b.position_at_end(done);
+                }
+                Stmt::Store { buf, index, value } => {
+                    let dtype = self.dtype(*buf)?;
+                    if !dtype.is_float() {
+                        return self.unsupported(format!(
+                            "store to the integer buffer `{}`",
+                            self.k.bufs[*buf].name
+                        ));
+                    }
+                    let a = self.buf_addr(*buf, index)?;
+                    let v = self.expr(value)?;
+                    self.store(dtype, v, a)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn dtype(&self, buf: usize) -> G<DType> {
+        match self.k.bufs.get(buf) {
+            Some(b) => Ok(b.dtype),
+            None => self.unsupported(format!("unknown buffer {buf}")),
+        }
+    }
+
+    fn elem_type(&self, d: DType) -> BasicTypeEnum<'ctx> {
+        match d {
+            DType::F32 => self.t.f32.into(),
+            DType::F64 => self.t.f64.into(),
+            DType::F16 => self.t.f16.into(),
+            DType::BF16 => self.t.i16.into(),
+            DType::I32 => self.t.i32.into(),
+            DType::I64 => self.t.i64.into(),
+        }
+    }
+
+    fn buf_addr(&mut self, buf: usize, index: &IExpr) -> G<PointerValue<'ctx>> {
+        let ty = self.elem_type(self.dtype(buf)?);
+        let i = self.iexpr(index)?;
+        let Some(base) = self.bases.get(buf).copied() else {
+            return self.unsupported(format!("unknown buffer {buf}"));
+        };
+        // SAFETY: `gep` only computes an address (no `inbounds`, so no poison if the
+        // computation leaves the buffer); indices in bounds are the kernel IR's contract.
+        Ok(unsafe { self.b.build_gep(ty, base, &[i], "")? })
+    }
+
+    fn arr_elem(&self, p: PointerValue<'ctx>, i: IntValue<'ctx>) -> G<PointerValue<'ctx>> {
+        // SAFETY: as in `buf_addr`.
+        Ok(unsafe { self.b.build_gep(self.t.f32, p, &[i], "")? })
+    }
+
+    fn arr_addr(&mut self, arr: ArrId, index: &IExpr) -> G<PointerValue<'ctx>> {
+        let Some((p, _)) = self.arrs.get(&arr).copied() else {
+            return self.unsupported(format!("local array a{} undeclared", arr.0));
+        };
+        let i = self.iexpr(index)?;
+        self.arr_elem(p, i)
+    }
+
+    fn load(&mut self, dtype: DType, a: PointerValue<'ctx>) -> G<FloatValue<'ctx>> {
+        let b = &self.b;
+        let ty = self.elem_type(dtype);
+        let x = b.build_load(ty, a, "")?;
+        Ok(match dtype {
+            DType::F32 => x.into_float_value(),
+            DType::F64 => b.build_float_trunc(x.into_float_value(), self.t.f32, "")?,
+            DType::F16 => b.build_float_ext(x.into_float_value(), self.t.f32, "")?,
+            DType::BF16 => {
+                let w = b.build_int_z_extend(x.into_int_value(), self.t.i32, "")?;
+                let w = b.build_left_shift(w, self.t.i32.const_int(16, false), "")?;
+                b.build_bit_cast(w, self.t.f32, "")?.into_float_value()
+            }
+            DType::I32 | DType::I64 => {
+                b.build_signed_int_to_float(x.into_int_value(), self.t.f32, "")?
+            }
+        })
+    }
+
+    fn store(&mut self, dtype: DType, v: FloatValue<'ctx>, a: PointerValue<'ctx>) -> G<()> {
+        let b = &self.b;
+        match dtype {
+            DType::F32 => {
+                b.build_store(a, v)?;
+            }
+            DType::F64 => {
+                let x = b.build_float_ext(v, self.t.f64, "")?;
+                b.build_store(a, x)?;
+            }
+            DType::F16 => {
+                let x = b.build_float_trunc(v, self.t.f16, "")?;
+                b.build_store(a, x)?;
+            }
+            DType::BF16 => {
+                // Round to nearest even; NaNs become quiet NaNs (as the CPU backend).
+                let i32t = self.t.i32;
+                let c = |n: u64| i32t.const_int(n, false);
+                let bits = b.build_bit_cast(v, i32t, "")?.into_int_value();
+                let lsb = b.build_right_shift(bits, c(16), false, "")?;
+                let lsb = b.build_and(lsb, c(1), "")?;
+                let r = b.build_int_add(bits, c(0x7FFF), "")?;
+                let r = b.build_int_add(r, lsb, "")?;
+                let r = b.build_right_shift(r, c(16), false, "")?;
+                let q = b.build_right_shift(bits, c(16), false, "")?;
+                let q = b.build_or(q, c(0x40), "")?;
+                let nan = b.build_float_compare(FloatPredicate::UNO, v, v, "")?;
+                let out = b.build_select(nan, q, r, "")?.into_int_value();
+                let out = b.build_int_truncate(out, self.t.i16, "")?;
+                b.build_store(a, out)?;
+            }
+            DType::I32 | DType::I64 => {
+                return self.unsupported("store to an integer buffer".into());
+            }
+        }
+        Ok(())
+    }
+
+    fn expr(&mut self, e: &Expr) -> G<FloatValue<'ctx>> {
+        Ok(match e {
+            Expr::Const(x) => self.f32c(*x as f32),
+            Expr::Var(v) => {
+                let Some(p) = self.vars.get(v).copied() else {
+                    return self.unsupported(format!("v{} undeclared", v.0));
+                };
+                self.b.build_load(self.t.f32, p, "")?.into_float_value()
+            }
+            Expr::Load { buf, index } => {
+                let dtype = self.dtype(*buf)?;
+                let a = self.buf_addr(*buf, index)?;
+                self.load(dtype, a)?
+            }
+            Expr::ArrLoad { arr, index } => {
+                let a = self.arr_addr(*arr, index)?;
+                self.b.build_load(self.t.f32, a, "")?.into_float_value()
+            }
+            Expr::Unary(op, a) => {
+                let x = self.expr(a)?;
+                self.unary(*op, x)?
+            }
+            Expr::Binary(op, a, c) => {
+                let x = self.expr(a)?;
+                let y = self.expr(c)?;
+                self.binary(*op, x, y)?
+            }
+            Expr::FromIndex(i) => {
+                let i = self.iexpr(i)?;
+                self.b.build_signed_int_to_float(i, self.t.f32, "")?
+            }
+        })
+    }
+
+    fn sqrt(&self, x: FloatValue<'ctx>) -> G<FloatValue<'ctx>> {
+        let ty = x.get_type();
+        let name = if ty == self.t.f64 {
+            "llvm.sqrt.f64"
+        } else {
+            "llvm.sqrt.f32"
+        };
+        let f = self.intrinsic(name, ty.into(), &[ty.into()]);
+        Ok(self.call(f, &[x.into()])?.into_float_value())
+    }
+
+    /// Runs one of [`math`]'s f64 algorithms on an f32 value and rounds the result once.
+    fn via_f64(
+        &self,
+        x: FloatValue<'ctx>,
+        f: fn(&mut Emit<'_, 'ctx>, FloatValue<'ctx>) -> FloatValue<'ctx>,
+    ) -> G<FloatValue<'ctx>> {
+        let d = self.b.build_float_ext(x, self.t.f64, "")?;
+        let mut em = Emit {
+            b: &self.b,
+            f64: self.t.f64,
+            i64: self.t.i64,
+            err: None,
+        };
+        let r = f(&mut em, d);
+        if let Some(e) = em.err {
+            return Err(GenErr::Llvm(e.to_string()));
+        }
+        Ok(self.b.build_float_trunc(r, self.t.f32, "")?)
+    }
+
+    fn unary(&mut self, op: UnaryOp, x: FloatValue<'ctx>) -> G<FloatValue<'ctx>> {
+        let b = &self.b;
+        Ok(match op {
+            UnaryOp::Neg => b.build_float_neg(x, "")?,
+            UnaryOp::Exp => self.exp_inline(x)?,
+            UnaryOp::Log => self.via_f64(x, |o, v| math::log(o, v))?,
+            UnaryOp::Softplus => self.via_f64(x, |o, v| math::softplus(o, v))?,
+            UnaryOp::Sqrt => self.sqrt(x)?,
+            UnaryOp::Rsqrt => {
+                let d = b.build_float_ext(x, self.t.f64, "")?;
+                let s = self.sqrt(d)?;
+                let r = self.b.build_float_div(self.t.f64.const_float(1.0), s, "")?;
+                self.b.build_float_trunc(r, self.t.f32, "")?
+            }
+            UnaryOp::Recip => b.build_float_div(self.f32c(1.0), x, "")?,
+            UnaryOp::Silu => {
+                let sg = self.sigmoid_inline(x)?;
+                self.b.build_float_mul(x, sg, "")?
+            }
+            UnaryOp::Sigmoid => self.sigmoid_inline(x)?,
+        })
+    }
+
+    /// The CPU backend's inline `exp` (Cephes `expf`), operation for operation.
+    fn exp_inline(&self, x: FloatValue<'ctx>) -> G<FloatValue<'ctx>> {
+        const HI: f32 = 89.0;
+        const LO: f32 = -104.0;
+        const MAGIC: f32 = 12_582_912.0;
+        const POLY: [f32; 6] = [
+            1.987_569_1e-4,
+            1.398_199_9e-3,
+            8.333_452e-3,
+            4.166_579_6e-2,
+            1.666_666_5e-1,
+            0.5,
+        ];
+        let b = &self.b;
+        let i32t = self.t.i32;
+        let hi = self.f32c(HI);
+        let lo = self.f32c(LO);
+        let over = b.build_float_compare(FloatPredicate::OLT, hi, x, "")?;
+        let xc = b.build_select(over, hi, x, "")?.into_float_value();
+        let under = b.build_float_compare(FloatPredicate::OLT, xc, lo, "")?;
+        let xc = b.build_select(under, lo, xc, "")?.into_float_value();
+        let magic = self.f32c(MAGIC);
+        let t = b.build_float_mul(xc, self.f32c(std::f32::consts::LOG2_E), "")?;
+        let t = b.build_float_add(t, magic, "")?;
+        let nf = b.build_float_sub(t, magic, "")?;
+        let tb = b.build_bit_cast(t, i32t, "")?.into_int_value();
+        let ni = b.build_int_sub(tb, i32t.const_int(0x4B40_0000, false), "")?;
+        let a = b.build_float_mul(nf, self.f32c(0.693_359_4), "")?;
+        let r = b.build_float_sub(xc, a, "")?;
+        let a = b.build_float_mul(nf, self.f32c(-2.121_944_4e-4), "")?;
+        let r = b.build_float_sub(r, a, "")?;
+        let r2 = b.build_float_mul(r, r, "")?;
+        let pair = |h: f32, l: f32| -> G<FloatValue<'ctx>> {
+            let m = b.build_float_mul(self.f32c(h), r, "")?;
+            Ok(b.build_float_add(m, self.f32c(l), "")?)
+        };
+        let pa = pair(POLY[4], POLY[5])?;
+        let pb = pair(POLY[2], POLY[3])?;
+        let pc = pair(POLY[0], POLY[1])?;
+        let p = b.build_float_mul(r2, pc, "")?;
+        let p = b.build_float_add(pb, p, "")?;
+        let p = b.build_float_mul(r2, p, "")?;
+        let p = b.build_float_add(pa, p, "")?;
+        let y = b.build_float_mul(p, r2, "")?;
+        let y = b.build_float_add(y, r, "")?;
+        let y = b.build_float_add(y, self.f32c(1.0), "")?;
+        let n1 = b.build_right_shift(ni, i32t.const_int(1, false), true, "")?;
+        let n2 = b.build_int_sub(ni, n1, "")?;
+        let mut out = y;
+        for n in [n1, n2] {
+            let e = b.build_int_add(n, i32t.const_int(127, false), "")?;
+            let e = b.build_left_shift(e, i32t.const_int(23, false), "")?;
+            let sc = b.build_bit_cast(e, self.t.f32, "")?.into_float_value();
+            out = b.build_float_mul(out, sc, "")?;
+        }
+        Ok(out)
+    }
+
+    /// `1 / (1 + exp(-x))` for `x >= 0`, `e / (1 + e)` with `e = exp(x)` otherwise (as the
+    /// CPU backend: `exp(-|x|)`, one division).
+    fn sigmoid_inline(&self, x: FloatValue<'ctx>) -> G<FloatValue<'ctx>> {
+        let fabs = self.intrinsic("llvm.fabs.f32", self.t.f32.into(), &[self.t.f32.into()]);
+        let a = self.call(fabs, &[x.into()])?.into_float_value();
+        let na = self.b.build_float_neg(a, "")?;
+        let e = self.exp_inline(na)?;
+        let one = self.f32c(1.0);
+        let d = self.b.build_float_add(one, e, "")?;
+        let pos = self
+            .b
+            .build_float_compare(FloatPredicate::OGE, x, self.f32c(0.0), "")?;
+        let num = self.b.build_select(pos, one, e, "")?.into_float_value();
+        Ok(self.b.build_float_div(num, d, "")?)
+    }
+
+    fn binary(
+        &mut self,
+        op: BinaryOp,
+        x: FloatValue<'ctx>,
+        y: FloatValue<'ctx>,
+    ) -> G<FloatValue<'ctx>> {
+        let b = &self.b;
+        Ok(match op {
+            BinaryOp::Add => b.build_float_add(x, y, "")?,
+            BinaryOp::Sub => b.build_float_sub(x, y, "")?,
+            BinaryOp::Mul => b.build_float_mul(x, y, "")?,
+            BinaryOp::Div => b.build_float_div(x, y, "")?,
+            BinaryOp::Max | BinaryOp::Min => {
+                // f32::max/min: `x < y ? y : x` (max), then `y` when `x` is NaN.
+                let lt = if op == BinaryOp::Max {
+                    b.build_float_compare(FloatPredicate::OLT, x, y, "")?
+                } else {
+                    b.build_float_compare(FloatPredicate::OLT, y, x, "")?
+                };
+                let m = b.build_select(lt, y, x, "")?.into_float_value();
+                let xnan = b.build_float_compare(FloatPredicate::UNO, x, x, "")?;
+                b.build_select(xnan, y, m, "")?.into_float_value()
+            }
+        })
+    }
+
+    fn iexpr(&mut self, e: &IExpr) -> G<IntValue<'ctx>> {
+        Ok(match e {
+            IExpr::Const(n) => self.i64c(*n),
+            IExpr::Size(i) => match self.sizes.get(*i) {
+                Some(v) => *v,
+                None => return self.unsupported(format!("unknown size {i}")),
+            },
+            IExpr::Grid(i) => match self.grid.get(*i) {
+                Some(v) => *v,
+                None => return self.unsupported(format!("grid coordinate {i} in a grid extent")),
+            },
+            IExpr::Loop(l) => {
+                let Some(p) = self.loops.get(l).copied() else {
+                    return self.unsupported(format!("i{} outside its loop", l.0));
+                };
+                self.b.build_load(self.t.i64, p, "")?.into_int_value()
+            }
+            IExpr::Add(a, c) => {
+                let (x, y) = (self.iexpr(a)?, self.iexpr(c)?);
+                self.b.build_int_add(x, y, "")?
+            }
+            IExpr::Sub(a, c) => {
+                let (x, y) = (self.iexpr(a)?, self.iexpr(c)?);
+                self.b.build_int_sub(x, y, "")?
+            }
+            IExpr::Mul(a, c) => {
+                let (x, y) = (self.iexpr(a)?, self.iexpr(c)?);
+                self.b.build_int_mul(x, y, "")?
+            }
+            IExpr::Div(a, c) => self.divrem(a, c, false)?,
+            IExpr::Rem(a, c) => self.divrem(a, c, true)?,
+            IExpr::Min(a, c) => {
+                let (x, y) = (self.iexpr(a)?, self.iexpr(c)?);
+                let lt = self.b.build_int_compare(IntPredicate::SLT, x, y, "")?;
+                self.b.build_select(lt, x, y, "")?.into_int_value()
+            }
+            IExpr::LoadIndex { buf, index } => {
+                let dtype = self.dtype(*buf)?;
+                let a = self.buf_addr(*buf, index)?;
+                match dtype {
+                    DType::I32 => {
+                        let v = self.b.build_load(self.t.i32, a, "")?.into_int_value();
+                        self.b.build_int_s_extend(v, self.t.i64, "")?
+                    }
+                    DType::I64 => self.b.build_load(self.t.i64, a, "")?.into_int_value(),
+                    other => {
+                        return self.unsupported(format!("index load from an {other} buffer"));
+                    }
+                }
+            }
+        })
+    }
+
+    /// Floor division / remainder by a positive divisor.
+    fn divrem(&mut self, a: &IExpr, d: &IExpr, rem: bool) -> G<IntValue<'ctx>> {
+        let x = self.iexpr(a)?;
+        if let IExpr::Const(c) = d {
+            let c = *c;
+            if c <= 0 {
+                return self.unsupported(format!("division by the constant {c}"));
+            }
+            if c.count_ones() == 1 {
+                let k = u64::from(c.trailing_zeros());
+                return Ok(if rem {
+                    self.b.build_and(x, self.i64c(c - 1), "")?
+                } else {
+                    self.b
+                        .build_right_shift(x, self.t.i64.const_int(k, false), true, "")?
+                });
+            }
+        }
+        let y = self.iexpr(d)?;
+        let b = &self.b;
+        let q = b.build_int_signed_div(x, y, "")?;
+        let qy = b.build_int_mul(q, y, "")?;
+        let r = b.build_int_sub(x, qy, "")?;
+        let neg = b.build_int_compare(IntPredicate::SLT, r, self.i64c(0), "")?;
+        Ok(if rem {
+            let r1 = b.build_int_add(r, y, "")?;
+            b.build_select(neg, r1, r, "")?.into_int_value()
+        } else {
+            let q1 = b.build_int_sub(q, self.i64c(1), "")?;
+            b.build_select(neg, q1, q, "")?.into_int_value()
+        })
+    }
+}
+
+/// [`math::Ops`] emitting f64/i64 instructions. Builder errors (only possible when the
+/// builder is not positioned) are kept and reported after the algorithm ran.
+struct Emit<'a, 'ctx> {
+    b: &'a Builder<'ctx>,
+    f64: FloatType<'ctx>,
+    i64: IntType<'ctx>,
+    err: Option<BuilderError>,
+}
+
+impl<'ctx> Emit<'_, 'ctx> {
+    fn ok<T: Copy>(&mut self, r: Result<T, BuilderError>, fallback: T) -> T {
+        match r {
+            Ok(v) => v,
+            Err(e) => {
+                self.err.get_or_insert(e);
+                fallback
+            }
+        }
+    }
+    fn fz(&self) -> FloatValue<'ctx> {
+        self.f64.const_float(0.0)
+    }
+    fn iz(&self) -> IntValue<'ctx> {
+        self.i64.const_int(0, false)
+    }
+}
+
+impl<'ctx> math::Ops for Emit<'_, 'ctx> {
+    type F = FloatValue<'ctx>;
+    type I = IntValue<'ctx>;
+    type B = IntValue<'ctx>;
+    fn c(&mut self, x: f64) -> Self::F {
+        self.f64.const_float(x)
+    }
+    fn ic(&mut self, x: i64) -> Self::I {
+        self.i64.const_int(x as u64, true)
+    }
+    fn add(&mut self, a: Self::F, b: Self::F) -> Self::F {
+        let r = self.b.build_float_add(a, b, "");
+        self.ok(r, self.fz())
+    }
+    fn sub(&mut self, a: Self::F, b: Self::F) -> Self::F {
+        let r = self.b.build_float_sub(a, b, "");
+        self.ok(r, self.fz())
+    }
+    fn mul(&mut self, a: Self::F, b: Self::F) -> Self::F {
+        let r = self.b.build_float_mul(a, b, "");
+        self.ok(r, self.fz())
+    }
+    fn div(&mut self, a: Self::F, b: Self::F) -> Self::F {
+        let r = self.b.build_float_div(a, b, "");
+        self.ok(r, self.fz())
+    }
+    fn lt(&mut self, a: Self::F, b: Self::F) -> Self::B {
+        let r = self.b.build_float_compare(FloatPredicate::OLT, a, b, "");
+        self.ok(r, self.iz())
+    }
+    fn eq(&mut self, a: Self::F, b: Self::F) -> Self::B {
+        let r = self.b.build_float_compare(FloatPredicate::OEQ, a, b, "");
+        self.ok(r, self.iz())
+    }
+    fn sel(&mut self, c: Self::B, a: Self::F, b: Self::F) -> Self::F {
+        let r = self
+            .b
+            .build_select(c, a, b, "")
+            .map(BasicValueEnum::into_float_value);
+        self.ok(r, self.fz())
+    }
+    fn isel(&mut self, c: Self::B, a: Self::I, b: Self::I) -> Self::I {
+        let r = self
+            .b
+            .build_select(c, a, b, "")
+            .map(BasicValueEnum::into_int_value);
+        self.ok(r, self.iz())
+    }
+    fn f_to_bits(&mut self, a: Self::F) -> Self::I {
+        let r = self
+            .b
+            .build_bit_cast(a, self.i64, "")
+            .map(BasicValueEnum::into_int_value);
+        self.ok(r, self.iz())
+    }
+    fn bits_to_f(&mut self, a: Self::I) -> Self::F {
+        let r = self
+            .b
+            .build_bit_cast(a, self.f64, "")
+            .map(BasicValueEnum::into_float_value);
+        self.ok(r, self.fz())
+    }
+    fn iadd(&mut self, a: Self::I, b: Self::I) -> Self::I {
+        let r = self.b.build_int_add(a, b, "");
+        self.ok(r, self.iz())
+    }
+    fn isub(&mut self, a: Self::I, b: Self::I) -> Self::I {
+        let r = self.b.build_int_sub(a, b, "");
+        self.ok(r, self.iz())
+    }
+    fn iand(&mut self, a: Self::I, b: Self::I) -> Self::I {
+        let r = self.b.build_and(a, b, "");
+        self.ok(r, self.iz())
+    }
+    fn ior(&mut self, a: Self::I, b: Self::I) -> Self::I {
+        let r = self.b.build_or(a, b, "");
+        self.ok(r, self.iz())
+    }
+    fn shl(&mut self, a: Self::I, n: u32) -> Self::I {
+        let n = self.i64.const_int(u64::from(n), false);
+        let r = self.b.build_left_shift(a, n, "");
+        self.ok(r, self.iz())
+    }
+    fn sar(&mut self, a: Self::I, n: u32) -> Self::I {
+        let n = self.i64.const_int(u64::from(n), false);
+        let r = self.b.build_right_shift(a, n, true, "");
+        self.ok(r, self.iz())
+    }
+    fn itof(&mut self, a: Self::I) -> Self::F {
+        let r = self.b.build_signed_int_to_float(a, self.f64, "");
+        self.ok(r, self.fz())
+    }
+}

@@ -1,0 +1,439 @@
+//! The GPU path (NVPTX kernels + cuBLAS through the CUDA executor) against the CPU path
+//! (Cranelift kernels + CPU GEMM) on the same programs and inputs: the transcendental ops
+//! over a wide range of inputs, the tiny models' logits and final states (and the f64
+//! interpreter's logits), every output of their training graphs (loss, every gradient), and
+//! the 130m models' forward and training graphs. The arena is poisoned with NaN before each
+//! GPU run, so an element no kernel writes fails the comparison.
+//!
+//! Without a GPU (no libcuda, no device, no cuBLAS) every test prints a `skipped:` line and
+//! passes; with `MA2MBA_REQUIRE_GPU=1` (the device machine) a missing GPU fails instead.
+#![cfg(feature = "cuda")]
+
+mod common;
+
+use codegen::nvptx::Target;
+use ir::{DType, Dim, Graph, InputKind, Op, Span, TensorType, UnaryOp, Value};
+use ma2mba::gpu::{CudaError, GpuError, GpuGraph};
+use ma2mba::model::CpuGraph;
+use passes::LowerOptions;
+use runtime::array::Array;
+use runtime::cpu::HostData;
+use runtime::cuda::ExecOptions;
+use runtime::init::Rng;
+use runtime::interp::{self, Bindings};
+use std::collections::HashMap;
+
+/// CPU vs GPU, same dtype (RELIABILITY.md): |a - e| <= atol + rtol |e|.
+const CPU_GPU: (f64, f64) = (1e-3, 1e-3);
+/// f32 reductions, matmul, scans vs the f64 interpreter.
+const REDUCTION: (f64, f64) = (6e-4, 2e-3);
+/// Normwise relative error allowed for the 130m models' gradients (deep f32 chains whose
+/// GEMMs sum in different orders on the two devices).
+const NORMWISE: f64 = 1e-3;
+
+/// Compiles for the GPU, or says why the test is skipped (`None`).
+fn gpu(what: &str, g: &Graph) -> Option<GpuGraph> {
+    match GpuGraph::compile(g, &LowerOptions::default(), Target::Sm90, 0) {
+        Ok(x) => Some(x),
+        Err(GpuError::Cuda(e @ (CudaError::NoDevice(_) | CudaError::NoCublas(_))))
+            if std::env::var("MA2MBA_REQUIRE_GPU").as_deref() != Ok("1") =>
+        {
+            eprintln!("skipped: {what}: {e}");
+            None
+        }
+        Err(e) => panic!("{what}: {e}"),
+    }
+}
+
+fn opts() -> ExecOptions {
+    ExecOptions {
+        poison: true,
+        sync_each_step: std::env::var("MA2MBA_SYNC_EACH_STEP").as_deref() == Ok("1"),
+    }
+}
+
+/// Elementwise comparison: prints max and mean |diff| and the worst index; NaN never passes.
+fn assert_close(what: &str, got: &[f32], want: &[f32], (atol, rtol): (f64, f64)) -> f64 {
+    assert_eq!(got.len(), want.len(), "{what}: lengths");
+    let (mut max_abs, mut sum_abs, mut worst, mut worst_excess) =
+        (0.0f64, 0.0f64, 0usize, f64::MIN);
+    let mut max_rel = 0.0f64;
+    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+        let (g, w) = (f64::from(g), f64::from(w));
+        let d = (g - w).abs();
+        let excess = if d.is_nan() {
+            f64::INFINITY
+        } else {
+            d - (atol + rtol * w.abs())
+        };
+        if excess > worst_excess {
+            (worst, worst_excess) = (i, excess);
+        }
+        if d.is_finite() {
+            max_abs = max_abs.max(d);
+            sum_abs += d;
+            if w != 0.0 {
+                max_rel = max_rel.max(d / w.abs());
+            }
+        }
+    }
+    let mean = sum_abs / got.len().max(1) as f64;
+    eprintln!(
+        "{what}: {} values, max |diff| {max_abs:.3e}, mean |diff| {mean:.3e}, max rel {max_rel:.3e}",
+        got.len()
+    );
+    assert!(
+        worst_excess <= 0.0,
+        "{what}: index {worst}: got {} want {} (max |diff| {max_abs:e}, mean {mean:e})",
+        got.get(worst).copied().unwrap_or(f32::NAN),
+        want.get(worst).copied().unwrap_or(f32::NAN)
+    );
+    max_abs
+}
+
+/// Normwise relative error |got - want| / |want|; NaN and inf fail.
+fn assert_normwise(what: &str, got: &[f32], want: &[f32], tol: f64) -> f64 {
+    assert_eq!(got.len(), want.len(), "{what}: lengths");
+    let (mut diff, mut norm) = (0.0f64, 0.0f64);
+    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+        assert!(g.is_finite(), "{what}[{i}] is {g} on the GPU (CPU {w})");
+        diff += (f64::from(g) - f64::from(w)).powi(2);
+        norm += f64::from(w).powi(2);
+    }
+    let rel = if norm > 0.0 {
+        diff.sqrt() / norm.sqrt()
+    } else {
+        diff.sqrt()
+    };
+    assert!(
+        rel <= tol,
+        "{what}: normwise relative error {rel:e} > {tol:e}"
+    );
+    rel
+}
+
+struct Case {
+    syms: Vec<(&'static str, i64)>,
+    data: HashMap<String, HostData>,
+    params: HashMap<String, Vec<f32>>,
+    states: HashMap<String, Vec<f32>>,
+}
+
+/// Random token ids (targets end each sequence with the ignore index), random states, and
+/// the model's initial parameters rounded to f32.
+fn case(model: &Graph, g: &Graph, b: usize, l: usize, vocab: u64, seed: u64) -> Case {
+    let mut rng = Rng::new(seed);
+    let syms = vec![("B", b as i64), ("L", l as i64)];
+    let bind = |s: &str| syms.iter().find(|(n, _)| *n == s).map(|(_, v)| *v as u64);
+    let mut data = HashMap::new();
+    let mut states = HashMap::new();
+    for n in g.nodes() {
+        let Op::Input { name, kind, ty } = g.op(n) else {
+            continue;
+        };
+        let count: usize = ty
+            .shape
+            .iter()
+            .map(|d| d.eval(&bind).expect("bound") as usize)
+            .product();
+        match kind {
+            InputKind::State => {
+                let v = (0..count).map(|_| (rng.uniform() - 0.5) as f32).collect();
+                states.insert(name.clone(), v);
+            }
+            _ if !ty.dtype.is_float() => {
+                let mut ids: Vec<i32> = (0..count)
+                    .map(|_| (rng.next_u64() % vocab) as i32)
+                    .collect();
+                if name == "targets" {
+                    for s in 0..b {
+                        ids[s * l + l - 1] = -100;
+                    }
+                }
+                data.insert(name.clone(), HostData::I32(ids));
+            }
+            _ => {
+                let v = (0..count).map(|_| rng.normal() as f32).collect();
+                data.insert(name.clone(), HostData::F32(v));
+            }
+        }
+    }
+    let params = runtime::init::init_params(model, seed)
+        .into_iter()
+        .map(|(k, v)| (k, v.data.iter().map(|&x| x as f32).collect()))
+        .collect();
+    Case {
+        syms,
+        data,
+        params,
+        states,
+    }
+}
+
+/// Runs `g` on the CPU and (compiled as `gpu`) on the GPU; returns (name, cpu, gpu) for every
+/// output.
+fn both(what: &str, gpu: &GpuGraph, g: &Graph, c: &Case) -> Vec<(String, Vec<f32>, Vec<f32>)> {
+    let t = std::time::Instant::now();
+    let cpu = CpuGraph::compile(g, &LowerOptions::default()).expect("cpu compile");
+    let (want, _) = cpu
+        .run(&c.syms, &c.data, &c.params, &c.states)
+        .unwrap_or_else(|e| panic!("{what}: cpu: {e}"));
+    let cpu_time = t.elapsed();
+    let t = std::time::Instant::now();
+    let got = gpu
+        .run(&c.syms, &c.data, &c.params, &c.states, opts())
+        .unwrap_or_else(|e| panic!("{what}: gpu: {e}"));
+    eprintln!(
+        "{what}: {} kernels, {} steps on {}; cpu {cpu_time:.2?}, gpu {:.2?} (first run)",
+        gpu.lowered.kernels.len(),
+        gpu.lowered.steps.len(),
+        gpu.device_name(),
+        t.elapsed()
+    );
+    assert_eq!(got.len(), want.len());
+    got.into_iter()
+        .zip(want)
+        .map(|((n, gv), (wn, wv))| {
+            assert_eq!(n, wn);
+            (n, wv, gv)
+        })
+        .collect()
+}
+
+fn add(g: &mut Graph, op: Op, xs: &[Value]) -> Value {
+    Value::from(g.add(op, xs, Span::default(), None).expect("well-typed"))
+}
+
+/// Bits apart of two finite f32 of the same sign (ulps).
+fn ulps(a: f32, b: f32) -> u32 {
+    if a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan()) {
+        0
+    } else if a.is_sign_negative() != b.is_sign_negative() {
+        u32::MAX
+    } else {
+        a.to_bits().abs_diff(b.to_bits())
+    }
+}
+
+#[test]
+fn transcendentals_match_the_cpu_to_the_ulp() {
+    let n = (1usize << 16) + 3;
+    let mut g = Graph::new("unary");
+    let ty = TensorType::new(DType::F32, vec![Dim::known(n as u64)]);
+    let input = |g: &mut Graph, name: &str| {
+        let op = Op::Input {
+            name: name.into(),
+            kind: InputKind::Data,
+            ty: ty.clone(),
+        };
+        add(g, op, &[])
+    };
+    let x = input(&mut g, "x");
+    let p = input(&mut g, "p");
+    let ops = [
+        (UnaryOp::Exp, x),
+        (UnaryOp::Sigmoid, x),
+        (UnaryOp::Silu, x),
+        (UnaryOp::Softplus, x),
+        (UnaryOp::Recip, x),
+        (UnaryOp::Neg, x),
+        (UnaryOp::Log, p),
+        (UnaryOp::Sqrt, p),
+        (UnaryOp::Rsqrt, p),
+    ];
+    for (op, a) in ops {
+        let y = add(&mut g, Op::Unary(op), &[a]);
+        g.add_output(op.name(), y);
+    }
+    let mut rng = Rng::new(7);
+    // Signed values from 1e-8 to 1e2.5 (exp's whole range and past it), and positive ones
+    // over 60 decades; a few exact special points.
+    let mut xs: Vec<f32> = (0..n)
+        .map(|_| {
+            let m = 10f64.powf(rng.uniform() * 10.5 - 8.0);
+            (if rng.next_u64().is_multiple_of(2) {
+                m
+            } else {
+                -m
+            }) as f32
+        })
+        .collect();
+    let mut ps: Vec<f32> = (0..n)
+        .map(|_| 10f64.powf(rng.uniform() * 60.0 - 30.0) as f32)
+        .collect();
+    for (i, v) in [0.0f32, -0.0, 1.0, 20.0, 20.000002, -104.0, 89.0, 88.7]
+        .iter()
+        .enumerate()
+    {
+        xs[i] = *v;
+    }
+    ps[0] = 1.0;
+    ps[1] = f32::MIN_POSITIVE;
+    ps[2] = 1e-40;
+    let mut data = HashMap::new();
+    data.insert("x".to_string(), HostData::F32(xs));
+    data.insert("p".to_string(), HostData::F32(ps));
+    let c = Case {
+        syms: vec![],
+        data,
+        params: HashMap::new(),
+        states: HashMap::new(),
+    };
+    let Some(dev) = gpu("unary ops", &g) else {
+        return;
+    };
+    let outs = both("unary ops", &dev, &g, &c);
+    for (name, cpu, gpu) in outs {
+        let diff: Vec<u32> = cpu.iter().zip(&gpu).map(|(&a, &b)| ulps(a, b)).collect();
+        let same = diff.iter().filter(|&&d| d == 0).count();
+        let worst = diff.iter().copied().max().unwrap_or(0);
+        eprintln!(
+            "{name}: {same} of {} bit-identical, worst {worst} ulp",
+            diff.len()
+        );
+        assert!(worst <= 2, "{name}: up to {worst} ulps apart from the CPU");
+    }
+}
+
+fn forward(name: &str, shapes: &[(usize, usize)], vocab: u64) {
+    let model = common::compile_name(name).graph;
+    let Some(dev) = gpu(&format!("{name} forward"), &model) else {
+        return;
+    };
+    for (i, &(b, l)) in shapes.iter().enumerate() {
+        let what = format!("{name} forward B={b} L={l}");
+        let c = case(&model, &model, b, l, vocab, 11 + i as u64);
+        let outs = both(&what, &dev, &model, &c);
+        for (out, cpu, gpu) in &outs {
+            assert_close(&format!("{what} {out}"), gpu, cpu, CPU_GPU);
+        }
+        if model.params().count() < 100 {
+            // Tiny models: the GPU's logits against the f64 interpreter too.
+            let mut bind = Bindings::default();
+            for (k, v) in &c.params {
+                let shape = model
+                    .params()
+                    .find_map(|n| match model.op(n) {
+                        Op::Param { name, ty, .. } if name == k => Some(
+                            ty.shape
+                                .iter()
+                                .map(|d| d.as_known().expect("known") as usize)
+                                .collect(),
+                        ),
+                        _ => None,
+                    })
+                    .expect("param shape");
+                bind.params.insert(
+                    k.clone(),
+                    Array::new(shape, v.iter().map(|&x| f64::from(x)).collect()),
+                );
+            }
+            if let Some(HostData::I32(ids)) = c.data.get("input_ids") {
+                bind.inputs.insert(
+                    "input_ids".into(),
+                    Array::new(vec![b, l], ids.iter().map(|&x| f64::from(x)).collect()),
+                );
+            }
+            for (k, v) in &c.states {
+                let n = model
+                    .nodes()
+                    .find(|&n| matches!(model.op(n), Op::Input { name, .. } if name == k))
+                    .expect("state node");
+                let Op::Input { ty, .. } = model.op(n) else {
+                    unreachable!()
+                };
+                let bindf = |s: &str| {
+                    if s == "B" {
+                        Some(b as u64)
+                    } else {
+                        Some(l as u64)
+                    }
+                };
+                let shape = ty
+                    .shape
+                    .iter()
+                    .map(|d| d.eval(&bindf).expect("bound") as usize)
+                    .collect();
+                bind.states.insert(
+                    k.clone(),
+                    Array::new(shape, v.iter().map(|&x| f64::from(x)).collect()),
+                );
+            }
+            let want = interp::run(&model, &bind).expect("interpreter");
+            let (_, _, logits) = outs
+                .iter()
+                .find(|(n, _, _)| n == "logits")
+                .expect("a logits output");
+            let reference: Vec<f32> = want
+                .get("logits")
+                .expect("interpreter logits")
+                .data
+                .iter()
+                .map(|&x| x as f32)
+                .collect();
+            assert_close(
+                &format!("{what} logits vs f64 interpreter"),
+                logits,
+                &reference,
+                REDUCTION,
+            );
+        }
+    }
+}
+
+fn training(name: &str, b: usize, l: usize, vocab: u64, normwise: bool) {
+    let model = common::compile_name(name).graph;
+    let tg = passes::training_graph(&model, "logits", -100).expect("training graph");
+    let what = format!("{name} training B={b} L={l}");
+    let Some(dev) = gpu(&what, &tg.graph) else {
+        return;
+    };
+    let c = case(&model, &tg.graph, b, l, vocab, 23);
+    let outs = both(&what, &dev, &tg.graph, &c);
+    let (mut worst_abs, mut worst_norm) = ((String::new(), 0.0f64), (String::new(), 0.0f64));
+    let mut grads = 0;
+    for (out, cpu, gpu) in &outs {
+        grads += usize::from(out.starts_with("grad."));
+        let label = format!("{what} {out}");
+        if normwise && out != "loss" {
+            let r = assert_normwise(&label, gpu, cpu, NORMWISE);
+            if r > worst_norm.1 {
+                worst_norm = (out.clone(), r);
+            }
+        } else {
+            let a = assert_close(&label, gpu, cpu, CPU_GPU);
+            if a > worst_abs.1 {
+                worst_abs = (out.clone(), a);
+            }
+        }
+    }
+    eprintln!(
+        "{what}: {grads} gradients; worst max |diff| {:.3e} ({}), worst normwise {:.3e} ({})",
+        worst_abs.1, worst_abs.0, worst_norm.1, worst_norm.0
+    );
+    assert!(grads > 0);
+}
+
+#[test]
+fn tiny_mamba_matches_the_cpu() {
+    forward("tiny-mamba", &[(2, 13), (1, 1), (3, 64)], 61);
+    training("tiny-mamba", 2, 13, 61, false);
+}
+
+#[test]
+fn tiny_mamba2_matches_the_cpu() {
+    forward("tiny-mamba2", &[(3, 37), (1, 1), (2, 64)], 61);
+    training("tiny-mamba2", 3, 37, 61, false);
+}
+
+#[test]
+fn mamba_130m_matches_the_cpu() {
+    forward("mamba-130m", &[(1, 33)], 50_000);
+    training("mamba-130m", 1, 16, 50_000, true);
+}
+
+#[test]
+fn mamba2_130m_matches_the_cpu() {
+    forward("mamba2-130m", &[(1, 33)], 50_000);
+    training("mamba2-130m", 1, 16, 50_000, true);
+}
