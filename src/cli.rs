@@ -232,6 +232,13 @@ pub struct TrainArgs {
     /// planner chooses for it (weights, gradients and AdamW state count against it).
     #[arg(long)]
     pub budget: Option<String>,
+    /// Read --data as UTF-8 text and tokenize it (with --tokenizer, or the model's tokenizer:
+    /// its directory, its repo, GPT-NeoX-20B from the hub cache).
+    #[arg(long)]
+    pub text: bool,
+    /// A `tokenizer.json` for --text.
+    #[arg(long, requires = "text")]
+    pub tokenizer: Option<PathBuf>,
 }
 
 #[derive(clap::Args, Debug)]
@@ -1243,6 +1250,39 @@ fn demo(d: &DemoArgs, out: &mut Outcome) {
 }
 
 /// Reads a token file (see `TrainArgs::data`).
+/// `train --text`: the data file as UTF-8 text, encoded with the tokenizer.
+fn text_tokens(
+    a: &TrainArgs,
+    model: &crate::model::Model,
+    vocab: usize,
+) -> Result<Vec<u32>, String> {
+    use crate::tokenizer::Tokenizer;
+    let text = std::fs::read_to_string(&a.data)
+        .map_err(|e| format!("cannot read {} as UTF-8 text: {e}", a.data.display()))?;
+    let dir = model.source_dir.as_deref();
+    let tokenizer = match &a.tokenizer {
+        Some(p) => Tokenizer::from_path(p).map_err(|e| e.to_string())?,
+        None => Tokenizer::for_model(&a.model, dir, vocab, true)
+            .map_err(|e| e.to_string())?
+            .ok_or_else(|| {
+                format!(
+                    "no tokenizer for `{}` ({})\n  help: give --tokenizer path/to/tokenizer.json",
+                    a.model,
+                    Tokenizer::searched(&a.model, dir, vocab)
+                )
+            })?,
+    };
+    let ids = tokenizer.encode(&text).map_err(|e| e.to_string())?;
+    eprintln!(
+        "{}: {} characters -> {} tokens with {}",
+        a.data.display(),
+        text.chars().count(),
+        ids.len(),
+        tokenizer.path().display()
+    );
+    Ok(ids)
+}
+
 fn read_tokens(path: &Path) -> Result<Vec<u32>, String> {
     let bytes = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
     let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
@@ -1367,10 +1407,6 @@ fn train(a: &TrainArgs, out: &mut Outcome) {
             "error: --seq-len and --batch must be at least 1".into(),
         );
     }
-    let tokens = match read_tokens(&a.data) {
-        Ok(t) => t,
-        Err(e) => return fail(out, format!("error: {e}")),
-    };
     let opts = crate::model::LoadOptions {
         seed: a.seed,
         backend: crate::model::Backend::Interp,
@@ -1381,6 +1417,17 @@ fn train(a: &TrainArgs, out: &mut Outcome) {
         Err(e) => return fail(out, format!("{e}")),
     };
     let vocab = model.vocab();
+    let tokens = if a.text {
+        match text_tokens(a, &model, vocab) {
+            Ok(t) => t,
+            Err(e) => return fail(out, format!("error: {e}")),
+        }
+    } else {
+        match read_tokens(&a.data) {
+            Ok(t) => t,
+            Err(e) => return fail(out, format!("error: {e}")),
+        }
+    };
     if let Some(bad) = tokens.iter().find(|&&t| t as usize >= vocab) {
         return fail(
             out,

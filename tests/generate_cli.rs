@@ -322,3 +322,58 @@ fn generate_rejects_bad_input() {
         assert!(!out.stderr.contains("panicked"), "{args:?}");
     }
 }
+
+#[test]
+fn train_reads_text_through_the_tokenizer() {
+    let d = model_dir("train-text");
+    // A repetitive text over the tokenizer's words: learnable next-word prediction.
+    let text: String = (0..400).map(|i| format!("w{} ", (i * 7) % 13)).collect();
+    let data = d.join("corpus.txt");
+    std::fs::write(&data, text).unwrap();
+    let dir = d.to_str().unwrap();
+    let out = common::cli(&[
+        "train",
+        dir,
+        "--data",
+        data.to_str().unwrap(),
+        "--text",
+        "--seq-len",
+        "16",
+        "--batch",
+        "2",
+        "--steps",
+        "6",
+        "--log-every",
+        "3",
+    ]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert!(out.stdout.contains("trained steps 0..6"), "{}", out.stdout);
+    // An explicit tokenizer file works too; text without any tokenizer is a clear error.
+    let tok = d.join("tokenizer.json");
+    let out = common::cli(&[
+        "train",
+        "tiny-mamba",
+        "--data",
+        data.to_str().unwrap(),
+        "--text",
+        "--tokenizer",
+        tok.to_str().unwrap(),
+        "--seq-len",
+        "8",
+        "--steps",
+        "2",
+    ]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let out = common::cli(&[
+        "train",
+        "tiny-mamba",
+        "--data",
+        data.to_str().unwrap(),
+        "--text",
+        "--seq-len",
+        "8",
+    ]);
+    assert_eq!(out.code, 1);
+    assert!(out.stderr.contains("no tokenizer"), "{}", out.stderr);
+    std::fs::remove_dir_all(&d).ok();
+}
