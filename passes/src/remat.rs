@@ -329,33 +329,55 @@ fn depends_on_time(g: &Graph) -> Vec<bool> {
     dep
 }
 
-/// Element size of a buffer when activations are stored as `act`: recurrent states, scan
-/// scratch, gradients of parameters and states, and the loss stay f32.
-fn elem_bytes(l: &Lowered, graph: &Graph, buf: usize, act: DType) -> u64 {
+/// Element size of a buffer when activations are stored as `act`: recurrent states (inputs,
+/// final states, their cotangents and gradients), scan scratch, parameter gradients and the
+/// loss stay f32. `f32_names` are the names of such inputs and outputs ([`f32_names`]).
+fn elem_bytes(l: &Lowered, graph: &Graph, buf: usize, act: DType, f32_names: &[String]) -> u64 {
     let b = &l.buffers[buf];
     if !b.dtype.is_float() || b.dtype.size() <= act.size() {
         return b.dtype.size();
     }
     let f32_kept = match &b.kind {
         BufKind::Scratch | BufKind::State(_) | BufKind::Param(_) => true,
-        BufKind::Input(name) => name.starts_with("cotangent.backbone"),
+        BufKind::Input(name) => f32_names.contains(name),
         BufKind::Temp => {
-            let out_name = l.outputs.iter().find(|(_, id)| *id == buf).map(|(n, _)| n);
-            let grad_or_state = out_name.is_some_and(|n| {
-                n == "loss" || n.starts_with("grad.backbone") || n.starts_with("backbone")
-            });
-            // Final states of the stateful ops (result 1) and state gradients.
+            let named = l
+                .outputs
+                .iter()
+                .any(|(n, id)| *id == buf && f32_names.contains(n));
+            // Final states of the stateful ops (result 1).
             let state_result = graph.contains(b.value.node)
-                && match graph.op(b.value.node) {
-                    Op::CausalConv1d | Op::SelectiveScan | Op::SsdScan { .. } => {
-                        b.value.result == 1
-                    }
-                    _ => false,
-                };
-            grad_or_state || state_result
+                && matches!(
+                    graph.op(b.value.node),
+                    Op::CausalConv1d | Op::SelectiveScan | Op::SsdScan { .. }
+                )
+                && b.value.result == 1;
+            named || state_result
         }
     };
     if f32_kept { b.dtype.size() } else { act.size() }
+}
+
+/// Input and output names that hold f32 whatever the activation dtype: `loss`, every state
+/// `S` (final state), `cotangent.S`, and `grad.P` / `grad.S` for parameters and states.
+fn f32_names(graph: &Graph) -> Vec<String> {
+    let mut v = vec!["loss".to_string()];
+    for n in graph.nodes() {
+        match graph.op(n) {
+            Op::Input {
+                name,
+                kind: InputKind::State,
+                ..
+            } => {
+                v.push(name.clone());
+                v.push(format!("cotangent.{name}"));
+                v.push(format!("grad.{name}"));
+            }
+            Op::Param { name, .. } => v.push(format!("grad.{name}")),
+            _ => {}
+        }
+    }
+    v
 }
 
 /// Buffer bytes of `l` at batch `batch`, sequence `seq`, activations in `act`.
@@ -372,9 +394,10 @@ fn sized(
         _ => None,
     };
     let mut bytes = memory::buffer_bytes(l, &bind)?;
+    let names = f32_names(graph);
     for (i, b) in bytes.iter_mut().enumerate() {
         let f = l.buffers[i].dtype.size();
-        *b = *b / f * elem_bytes(l, graph, i, act);
+        *b = *b / f * elem_bytes(l, graph, i, act, &names);
     }
     Ok(bytes)
 }
