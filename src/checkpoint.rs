@@ -198,12 +198,18 @@ impl CheckpointedStep {
             let mut h_is_ckpt = false;
             for (g, grp) in self.groups.iter().enumerate() {
                 let k = p.keep(t as u64, g);
-                let c = &grp.by_keep[&k];
+                let c = grp
+                    .by_keep
+                    .get(&k)
+                    .ok_or_else(|| Error::Input(format!("cell ({t}, {g}) was not compiled")))?;
                 let start: HashMap<String, Vec<f32>> = grp
                     .states
                     .iter()
-                    .map(|n| (n.clone(), running[n].clone()))
-                    .collect();
+                    .map(|n| {
+                        let v = running.get(n).ok_or_else(|| missing(n))?;
+                        Ok((n.clone(), v.clone()))
+                    })
+                    .collect::<Result<_, Error>>()?;
                 ledger.hold(bytes_of(&start));
                 data.clear();
                 data.insert(grp.input.clone(), HostData::F32(h));
@@ -284,7 +290,10 @@ impl CheckpointedStep {
             for g in (0..ng).rev() {
                 let grp = &self.groups[g];
                 let k = p.keep(t as u64, g);
-                let c = &grp.by_keep[&k];
+                let c = grp
+                    .by_keep
+                    .get(&k)
+                    .ok_or_else(|| Error::Input(format!("cell ({t}, {g}) was not compiled")))?;
                 let input = if g == 0 {
                     let ids_t = slice_tokens(ids, r);
                     let d = HashMap::from([("input_ids".to_string(), HostData::I32(ids_t))]);
@@ -376,7 +385,10 @@ impl CheckpointedStep {
             for bi in 0..b {
                 for (t, r) in ranges.iter().enumerate() {
                     let n = (r.end - r.start) as usize * vocab;
-                    all_logits.extend_from_slice(&logits[t][bi * n..(bi + 1) * n]);
+                    let rows = logits[t]
+                        .get(bi * n..(bi + 1) * n)
+                        .ok_or_else(|| missing("logits"))?;
+                    all_logits.extend_from_slice(rows);
                 }
             }
         }

@@ -1073,7 +1073,7 @@ pub fn simulate(pl: &mut Planner, p: &Plan) -> Result<Simulation, PlanError> {
         let before = live;
         record(&mut sim, &|| format!("bwd t{t} head"), live, head.train_run);
         let top = cells.last().map_or(0, |c| c.1.out_ckpt);
-        live.ckpt -= top;
+        live.ckpt = live.ckpt.saturating_sub(top);
         let cot = top;
         for g in (0..ng).rev() {
             let (k, c) = cells[g];
@@ -1093,11 +1093,11 @@ pub fn simulate(pl: &mut Planner, p: &Plan) -> Result<Simulation, PlanError> {
                 live,
                 extra + c.train_run,
             );
-            live.ckpt -= c.states;
+            live.ckpt = live.ckpt.saturating_sub(c.states);
             if g > 0 {
-                live.ckpt -= cells[g - 1].1.out_ckpt;
+                live.ckpt = live.ckpt.saturating_sub(cells[g - 1].1.out_ckpt);
             }
-            live.saved -= c.saved;
+            live.saved = live.saved.saturating_sub(c.saved);
         }
         record(
             &mut sim,
@@ -1107,8 +1107,8 @@ pub fn simulate(pl: &mut Planner, p: &Plan) -> Result<Simulation, PlanError> {
         );
         // The rest of the run.
         live = Live {
-            ckpt: before.ckpt - count * seg_store.0,
-            saved: before.saved - count * seg_store.1,
+            ckpt: before.ckpt.saturating_sub(count * seg_store.0),
+            saved: before.saved.saturating_sub(count * seg_store.1),
             working: 0,
         };
     }
