@@ -660,9 +660,7 @@ pub fn inspect(a: &Artifact, max_steps: Option<usize>) -> String {
                 let k = m.kernels.get(*kernel);
                 let (mut r, mut w) = (Vec::new(), Vec::new());
                 for (j, &b) in bufs.iter().enumerate() {
-                    let writable = k
-                        .and_then(|k| k.bufs.get(j))
-                        .is_some_and(|kb| kb.writable);
+                    let writable = k.and_then(|k| k.bufs.get(j)).is_some_and(|kb| kb.writable);
                     if writable { &mut w } else { &mut r }.push(bname(b));
                 }
                 let _ = writeln!(
@@ -702,7 +700,12 @@ pub fn inspect(a: &Artifact, max_steps: Option<usize>) -> String {
     let arena: Vec<&BufferInfo> = m.buffers.iter().filter(|b| b.offset.is_some()).collect();
     let _ = writeln!(
         s,
-        "memory plan: peak {} ({} bytes) for {} arena buffers; parameters {}",
+        "memory plan{}: peak {} ({} bytes) for {} arena buffers; parameters {}",
+        if m.checkpoint.is_some() {
+            " (the whole training graph, without the checkpoint plan below)"
+        } else {
+            ""
+        },
         crate::plan::human(m.peak),
         m.peak,
         arena.len(),
@@ -715,7 +718,7 @@ pub fn inspect(a: &Artifact, max_steps: Option<usize>) -> String {
         )
     );
     let mut largest = arena.clone();
-    largest.sort_by(|a, b| b.bytes.cmp(&a.bytes));
+    largest.sort_by_key(|b| std::cmp::Reverse(b.bytes));
     let _ = writeln!(s, "largest buffers:");
     for b in largest.iter().take(8) {
         let _ = writeln!(

@@ -1767,14 +1767,19 @@ fn compile_artifact(a: &CompileArgs, g: &Graph, out: &mut Outcome) {
         a.output.display(),
         crate::plan::human(bytes),
         m.model.name,
-        if m.train { "training graph" } else { "forward pass" },
+        if m.train {
+            "training graph"
+        } else {
+            "forward pass"
+        },
         m.kernels.len(),
         m.ptx.entries.len(),
         m.steps.len(),
         crate::plan::human(m.peak),
-        m.checkpoint
-            .as_ref()
-            .map_or(String::new(), |c| format!("; checkpoint plan: {}", c.description)),
+        m.checkpoint.as_ref().map_or(String::new(), |c| format!(
+            "; checkpoint plan: {}",
+            c.description
+        )),
         compiled
     );
 }
