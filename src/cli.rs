@@ -88,6 +88,47 @@ pub enum Command {
     /// Continue a prompt: prefill, then the recurrent step token by token, streaming the
     /// text (or the ids) as it is produced; ends with prefill time, ms/token and tokens/s.
     Generate(GenerateArgs),
+    /// Compile a model for a GPU target into one self-contained artifact (`.m2pack`):
+    /// manifest (model, shapes, kernels, schedule, memory and checkpoint plans) and PTX.
+    Compile(CompileArgs),
+    /// Print an artifact's schedule, memory plan and checkpoint plan.
+    Inspect(InspectArgs),
+}
+
+#[derive(clap::Args, Debug)]
+pub struct CompileArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// The GPU architecture: sm_90 (Hopper) or sm_80 (Ampere).
+    #[arg(long, default_value = "sm_90", value_parser = ["sm_90", "sm_80"])]
+    pub target: String,
+    #[arg(long, default_value = "1")]
+    pub batch: String,
+    /// Sequence length: `2048`, `2^16`, `64k`.
+    #[arg(long)]
+    pub seq: String,
+    /// The training graph (loss and every gradient) instead of the forward pass.
+    #[arg(long)]
+    pub train: bool,
+    /// With --train: a memory budget (`40GiB`); the artifact carries the layer x time
+    /// checkpoint plan chosen for it.
+    #[arg(long, requires = "train")]
+    pub budget: Option<String>,
+    /// The artifact to write (atomically).
+    #[arg(short = 'o', long)]
+    pub output: PathBuf,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct InspectArgs {
+    /// An artifact written by `ma2mba compile`.
+    pub artifact: PathBuf,
+    /// Print at most this many steps of the schedule.
+    #[arg(long)]
+    pub max_steps: Option<usize>,
+    /// Print the manifest (JSON) instead.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(clap::Args, Debug)]
@@ -239,6 +280,10 @@ pub struct TrainArgs {
     /// A `tokenizer.json` for --text.
     #[arg(long, requires = "text")]
     pub tokenizer: Option<PathBuf>,
+    /// Where the training graph runs: the CPU, or the first CUDA GPU (the whole graph; no
+    /// --budget yet; needs a build with `--features cuda`).
+    #[arg(long, default_value = "cpu")]
+    pub device: DeviceArg,
 }
 
 #[derive(clap::Args, Debug)]
@@ -353,6 +398,10 @@ pub struct RunArgs {
     /// Print where the time went, per kernel kind.
     #[arg(long)]
     pub profile: bool,
+    /// Where the forward pass runs: the CPU, or the first CUDA GPU (needs a build with
+    /// `--features cuda`).
+    #[arg(long, default_value = "cpu")]
+    pub device: DeviceArg,
 }
 
 /// What a command produced: its exit code and output streams.
@@ -449,6 +498,17 @@ where
             }
         }
         Command::Generate(g) => generate(g, stream, &mut out),
+        Command::Compile(a) => {
+            if cfg!(not(feature = "nvptx")) {
+                out.stderr.push_str(NO_NVPTX);
+                out.code = 1;
+                return out;
+            }
+            if let Some(c) = compile(&a.model, color, &mut out) {
+                compile_artifact(a, &c.graph, &mut out);
+            }
+        }
+        Command::Inspect(a) => inspect(a, &mut out),
         Command::Params { model } => {
             if let Some(c) = compile(model, color, &mut out) {
                 params(&c.graph, &mut out);
@@ -518,7 +578,7 @@ fn report(diags: &[frontend::Diagnostic], sources: &Sources, color: bool, out: &
     }
 }
 
-fn group_digits(n: u64) -> String {
+pub(crate) fn group_digits(n: u64) -> String {
     let s = n.to_string();
     let mut out = String::new();
     for (i, c) in s.chars().enumerate() {
@@ -735,13 +795,24 @@ fn run_model(r: &RunArgs, out: &mut Outcome) {
             .num_threads(n.max(1))
             .build_global();
     }
+    let backend = match (r.device, r.backend) {
+        (DeviceArg::Cuda, BackendArg::Interp) => {
+            return fail(
+                out,
+                "error: --backend interp runs on the CPU: leave out --device cuda".into(),
+            );
+        }
+        (DeviceArg::Cuda, _) if cfg!(not(feature = "cuda")) => {
+            return fail(out, format!("error: {}", crate::model::NO_CUDA));
+        }
+        (DeviceArg::Cuda, _) => crate::model::Backend::Cuda,
+        (DeviceArg::Cpu, BackendArg::Cranelift) => crate::model::Backend::Cranelift,
+        (DeviceArg::Cpu, BackendArg::Interp) => crate::model::Backend::Interp,
+    };
     let opts = crate::model::LoadOptions {
         config: r.config.clone(),
         seed: r.seed,
-        backend: match r.backend {
-            BackendArg::Cranelift => crate::model::Backend::Cranelift,
-            BackendArg::Interp => crate::model::Backend::Interp,
-        },
+        backend,
     };
     let started = std::time::Instant::now();
     let mut model = match crate::model::Model::load(&r.model, &opts) {
@@ -794,8 +865,11 @@ fn run_model(r: &RunArgs, out: &mut Outcome) {
     let n = logits.batch * logits.seq;
     let _ = writeln!(
         out.stderr,
-        "{}: loaded in {:.2?}; forward of {n} tokens in {:.2?} ({:.1} tokens/s)",
+        "{}{}: loaded in {:.2?}; forward of {n} tokens in {:.2?} ({:.1} tokens/s)",
         model.graph.name,
+        model
+            .device_name()
+            .map_or(String::new(), |d| format!(" on {d}")),
         loaded,
         ran,
         n as f64 / ran.as_secs_f64().max(1e-9)
@@ -1401,6 +1475,20 @@ fn train(a: &TrainArgs, out: &mut Outcome) {
         Some(Ok(b)) => Some(b),
         Some(Err(e)) => return fail(out, format!("error: --budget: {e}")),
     };
+    if a.device == DeviceArg::Cuda {
+        if cfg!(not(feature = "cuda")) {
+            return fail(out, format!("error: {}", crate::model::NO_CUDA));
+        }
+        if budget.is_some() {
+            return fail(
+                out,
+                "error: --budget is not supported with --device cuda yet (checkpointed \
+                 training runs on the CPU): leave out --budget to train on the whole \
+                 training graph on the GPU, or train on the CPU"
+                    .into(),
+            );
+        }
+    }
     if a.seq_len == 0 || a.batch == 0 {
         return fail(
             out,
@@ -1498,6 +1586,7 @@ fn train(a: &TrainArgs, out: &mut Outcome) {
             }
             Trainer::with_budget(&graph, "logits", params, config, b)
         }
+        None if a.device == DeviceArg::Cuda => Trainer::new_gpu(&graph, "logits", params, config),
         None => Trainer::new(&graph, "logits", params, config),
     };
     let mut trainer = match built {
@@ -1611,6 +1700,134 @@ fn train(a: &TrainArgs, out: &mut Outcome) {
             .as_ref()
             .map_or(String::new(), |p| format!("; saved {}", p.display()))
     );
+}
+
+/// The error of `compile` in a build without the NVPTX backend.
+const NO_NVPTX: &str = "error: compile: built without the nvptx feature: rebuild with \
+--features nvptx (needs llvm-19-dev, LLVM_SYS_191_PREFIX=/usr/lib/llvm-19)\n";
+
+fn compile_artifact(a: &CompileArgs, g: &Graph, out: &mut Outcome) {
+    let fail = |out: &mut Outcome, msg: String| {
+        out.stderr.push_str(&format!("error: {msg}\n"));
+        out.code = 1;
+    };
+    let batch = match crate::plan::parse_count(&a.batch) {
+        Ok(b) if b > 0 => b,
+        Ok(_) => return fail(out, "--batch must be at least 1".into()),
+        Err(e) => return fail(out, format!("--batch: {e}")),
+    };
+    let seq = match crate::plan::parse_count(&a.seq) {
+        Ok(s) if s > 0 => s,
+        Ok(_) => return fail(out, "--seq must be at least 1".into()),
+        Err(e) => return fail(out, format!("--seq: {e}")),
+    };
+    let budget = match a.budget.as_deref().map(crate::plan::parse_bytes) {
+        None => None,
+        Some(Ok(b)) => Some(b),
+        Some(Err(e)) => return fail(out, format!("--budget: {e}")),
+    };
+    let config_text = match &a.model.config {
+        Some(p) => match std::fs::read_to_string(p) {
+            Ok(t) => Some((p.clone(), t)),
+            Err(e) => return fail(out, format!("cannot read {p}: {e}")),
+        },
+        None => None,
+    };
+    let model = crate::artifact::ModelInfo {
+        name: g.name.clone(),
+        source: a.model.model.clone(),
+        config_file: a.model.config.clone(),
+        config: crate::artifact::config_values(
+            &a.model.model,
+            config_text.as_ref().map(|(p, t)| (p.as_str(), t.as_str())),
+        ),
+        params: g.param_count().unwrap_or(0),
+    };
+    let req = crate::artifact::Request {
+        target: a.target.clone(),
+        batch,
+        seq,
+        train: a.train,
+        budget,
+    };
+    let started = std::time::Instant::now();
+    let art = match build_artifact(g, model, &req) {
+        Ok(x) => x,
+        Err(e) => return fail(out, e.to_string()),
+    };
+    let compiled = started.elapsed();
+    let bytes = match art.write(&a.output) {
+        Ok(n) => n,
+        Err(e) => return fail(out, e.to_string()),
+    };
+    let m = &art.manifest;
+    let _ = writeln!(
+        out.stdout,
+        "wrote {} ({}): {} {}, {} kernels ({} distinct PTX entries), {} steps, arena peak {}{}; compiled in {:.2?}",
+        a.output.display(),
+        crate::plan::human(bytes),
+        m.model.name,
+        if m.train {
+            "training graph"
+        } else {
+            "forward pass"
+        },
+        m.kernels.len(),
+        m.ptx.entries.len(),
+        m.steps.len(),
+        crate::plan::human(m.peak),
+        m.checkpoint.as_ref().map_or(String::new(), |c| format!(
+            "; checkpoint plan: {}",
+            c.description
+        )),
+        compiled
+    );
+}
+
+#[cfg(feature = "nvptx")]
+fn build_artifact(
+    g: &Graph,
+    model: crate::artifact::ModelInfo,
+    req: &crate::artifact::Request,
+) -> Result<crate::artifact::Artifact, crate::artifact::ArtifactError> {
+    crate::artifact::compile(g, model, req)
+}
+
+#[cfg(not(feature = "nvptx"))]
+fn build_artifact(
+    _g: &Graph,
+    _model: crate::artifact::ModelInfo,
+    _req: &crate::artifact::Request,
+) -> Result<crate::artifact::Artifact, crate::artifact::ArtifactError> {
+    Err(crate::artifact::ArtifactError::Build(
+        NO_NVPTX.trim_start_matches("error: ").trim_end().into(),
+    ))
+}
+
+fn inspect(a: &InspectArgs, out: &mut Outcome) {
+    let art = match crate::artifact::Artifact::read(&a.artifact) {
+        Ok(x) => x,
+        Err(e) => {
+            out.stderr.push_str(&format!("error: {e}\n"));
+            out.code = 1;
+            return;
+        }
+    };
+    if a.json {
+        match serde_json::to_string_pretty(&art.manifest) {
+            Ok(t) => {
+                out.stdout.push_str(&t);
+                out.stdout.push('\n');
+            }
+            Err(e) => {
+                out.stderr.push_str(&format!("error: {e}\n"));
+                out.code = 1;
+            }
+        }
+    } else {
+        out.stdout
+            .push_str(&crate::artifact::inspect(&art, a.max_steps));
+    }
 }
 
 /// Segment lengths are multiples of this: the SSD chunk size of a model (the largest), or 1

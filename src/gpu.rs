@@ -51,6 +51,17 @@ impl GpuGraph {
         self.exec.device_name()
     }
 
+    /// The memory plan for symbol values `syms` (`peak`: the arena's bytes).
+    pub fn memory_plan(&self, syms: &[(&str, i64)]) -> Result<passes::MemoryPlan, GpuError> {
+        let bind = |s: &str| {
+            syms.iter()
+                .find(|(n, _)| *n == s)
+                .map(|(_, v)| (*v).max(0) as u64)
+        };
+        passes::plan_memory(&self.lowered, &bind)
+            .map_err(|e| GpuError::Model(Error::Input(e.to_string())))
+    }
+
     /// Runs with symbol values `syms` (`("B", 2)`); returns every graph output.
     pub fn run(
         &self,

@@ -3,6 +3,7 @@
 //! This crate is the facade over the pipeline's crates and the home of the `ma2mba` command
 //! line ([`cli`]). See ARCHITECTURE.md for the map.
 
+pub mod artifact;
 pub mod checkpoint;
 pub mod cli;
 mod cpu;

@@ -29,7 +29,15 @@ pub enum Backend {
     /// Fused kernels compiled with Cranelift, GEMMs on the CPU, f32.
     #[default]
     Cranelift,
+    /// The NVPTX kernels and cuBLAS on the first CUDA GPU, f32 ([`crate::gpu::GpuGraph`]);
+    /// needs a build with `--features cuda`. The forward pass only: generation's one-token
+    /// step runs on the CPU backends.
+    Cuda,
 }
+
+/// The error of asking for the GPU in a build without it.
+pub const NO_CUDA: &str = "--device cuda: built without the cuda feature: rebuild with \
+`cargo build --release --features cuda` (needs llvm-19-dev to build; a GPU and its driver to run)";
 
 #[derive(Clone, Debug, Default)]
 pub struct LoadOptions {
@@ -63,6 +71,9 @@ pub enum Error {
     Step(#[from] passes::StepError),
     #[error("{0}")]
     Tokenizer(String),
+    /// The GPU failed (compiling for it, or running on it).
+    #[error("{0}")]
+    Gpu(String),
 }
 
 impl From<passes::AdError> for Error {
@@ -120,6 +131,8 @@ pub struct Model {
     params: HashMap<String, Vec<f32>>,
     backend: Backend,
     compiled: Option<CpuGraph>,
+    #[cfg(feature = "cuda")]
+    gpu: Option<crate::gpu::GpuGraph>,
     /// The one-token step (`L` = 1), derived from `graph` on first use.
     step: Option<StepForm>,
     last_profile: Option<runtime::cpu::Profile>,
@@ -315,14 +328,32 @@ impl Model {
             params,
             backend,
             compiled: None,
+            #[cfg(feature = "cuda")]
+            gpu: None,
             step: None,
             last_profile: None,
             eos_token_id: None,
             source_dir: None,
             tokenizer: None,
         };
-        if backend == Backend::Cranelift {
-            m.compiled = Some(CpuGraph::compile(&m.graph, &LowerOptions::default())?);
+        match backend {
+            Backend::Cranelift => {
+                m.compiled = Some(CpuGraph::compile(&m.graph, &LowerOptions::default())?);
+            }
+            Backend::Interp => {}
+            #[cfg(feature = "cuda")]
+            Backend::Cuda => {
+                let g = crate::gpu::GpuGraph::compile(
+                    &m.graph,
+                    &LowerOptions::default(),
+                    codegen::nvptx::Target::Sm90,
+                    0,
+                )
+                .map_err(|e| Error::Gpu(format!("--device cuda: {e}")))?;
+                m.gpu = Some(g);
+            }
+            #[cfg(not(feature = "cuda"))]
+            Backend::Cuda => return Err(Error::Gpu(NO_CUDA.into())),
         }
         Ok(m)
     }
@@ -524,6 +555,13 @@ impl Model {
             let compiled = match self.backend {
                 Backend::Cranelift => Some(CpuGraph::compile(&graph, &LowerOptions::default())?),
                 Backend::Interp => None,
+                Backend::Cuda => {
+                    return Err(Error::Gpu(
+                        "the one-token step does not run on the GPU yet: load the model with \
+                         the cranelift backend (--device cpu) to generate"
+                            .into(),
+                    ));
+                }
             };
             self.step = Some(StepForm {
                 graph,
@@ -559,6 +597,7 @@ impl Model {
         let outs = match self.backend {
             Backend::Cranelift => self.run_compiled(form, ids, b, l, states)?,
             Backend::Interp => self.run_interp(form, ids, b, l, states)?,
+            Backend::Cuda => self.run_gpu(ids, b, l, states)?,
         };
         let mut finals = HashMap::new();
         let mut data = Vec::new();
@@ -618,6 +657,50 @@ impl Model {
         };
         self.last_profile = Some(profile);
         Ok(outs)
+    }
+
+    #[cfg(feature = "cuda")]
+    fn run_gpu(
+        &self,
+        ids: &[i32],
+        b: usize,
+        l: usize,
+        states: &HashMap<String, Vec<f32>>,
+    ) -> Result<runtime::cpu::Outputs, Error> {
+        let g = self
+            .gpu
+            .as_ref()
+            .ok_or_else(|| Error::Input("the model was not compiled for the GPU".into()))?;
+        let syms = [("B", b as i64), ("L", l as i64)];
+        let inputs = HashMap::from([("input_ids".to_string(), HostData::I32(ids.to_vec()))]);
+        g.run(
+            &syms,
+            &inputs,
+            &self.params,
+            states,
+            runtime::cuda::ExecOptions::default(),
+        )
+        .map_err(|e| Error::Gpu(e.to_string()))
+    }
+
+    #[cfg(not(feature = "cuda"))]
+    fn run_gpu(
+        &self,
+        _ids: &[i32],
+        _b: usize,
+        _l: usize,
+        _states: &HashMap<String, Vec<f32>>,
+    ) -> Result<runtime::cpu::Outputs, Error> {
+        Err(Error::Gpu(NO_CUDA.into()))
+    }
+
+    /// The GPU's name, when the model runs on one.
+    pub fn device_name(&self) -> Option<String> {
+        #[cfg(feature = "cuda")]
+        if let Some(g) = &self.gpu {
+            return Some(g.device_name());
+        }
+        None
     }
 
     fn run_interp(

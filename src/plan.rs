@@ -172,7 +172,7 @@ pub fn cell_grid(p: &Plan) -> String {
     s
 }
 
-fn plan_json(p: &Plan) -> serde_json::Value {
+pub(crate) fn plan_json(p: &Plan) -> serde_json::Value {
     serde_json::json!({
         "strategy": p.strategy,
         "groups": p.groups.iter().map(|r| [r.start, r.end]).collect::<Vec<_>>(),

@@ -92,6 +92,9 @@ enum Engine {
         budget: u64,
         steps: HashMap<(usize, usize), CheckpointedStep>,
     },
+    /// The whole training graph on the GPU.
+    #[cfg(feature = "cuda")]
+    Gpu(Box<crate::gpu::GpuGraph>),
 }
 
 pub struct Trainer {
@@ -206,6 +209,44 @@ impl Trainer {
                     .filter_map(|(n, v)| n.strip_prefix("grad.").map(|p| (p.to_string(), v)))
                     .collect();
                 (loss, logits, grads, finals, profile.arena_bytes)
+            }
+            #[cfg(feature = "cuda")]
+            Engine::Gpu(g) => {
+                let data = HashMap::from([
+                    ("input_ids".to_string(), HostData::I32(ids.to_vec())),
+                    ("targets".to_string(), HostData::I32(targets.to_vec())),
+                ]);
+                let syms = [("B", batch as i64), ("L", seq as i64)];
+                let outs = g
+                    .run(
+                        &syms,
+                        &data,
+                        &self.params,
+                        states,
+                        runtime::cuda::ExecOptions::default(),
+                    )
+                    .map_err(|e| Error::Gpu(e.to_string()))?;
+                let arena = g
+                    .memory_plan(&syms)
+                    .map_err(|e| Error::Gpu(e.to_string()))?
+                    .peak;
+                let mut outs: HashMap<String, Vec<f32>> = outs.into_iter().collect();
+                let loss = outs
+                    .get("loss")
+                    .and_then(|v| v.first())
+                    .copied()
+                    .unwrap_or(f32::NAN) as f64;
+                let logits = outs.remove(&self.logits_name).unwrap_or_default();
+                let finals: HashMap<String, Vec<f32>> = self
+                    .state_names
+                    .iter()
+                    .filter_map(|n| outs.remove(n).map(|v| (n.clone(), v)))
+                    .collect();
+                let grads: HashMap<String, Vec<f32>> = outs
+                    .into_iter()
+                    .filter_map(|(n, v)| n.strip_prefix("grad.").map(|p| (p.to_string(), v)))
+                    .collect();
+                (loss, logits, grads, finals, arena)
             }
             Engine::Checkpointed {
                 forward,
@@ -331,10 +372,41 @@ impl Trainer {
         Ok(t)
     }
 
+    /// As [`Trainer::new`], with the whole training graph compiled for and run on the first
+    /// CUDA GPU (the optimizer runs on the host). Needs the `cuda` feature.
+    pub fn new_gpu(
+        forward: &Graph,
+        logits: &str,
+        params: HashMap<String, Vec<f32>>,
+        config: TrainConfig,
+    ) -> Result<Trainer, Error> {
+        #[cfg(feature = "cuda")]
+        {
+            let tg = passes::training_graph(forward, logits, IGNORE_INDEX)?;
+            let g = crate::gpu::GpuGraph::compile(
+                &tg.graph,
+                &LowerOptions::default(),
+                codegen::nvptx::Target::Sm90,
+                0,
+            )
+            .map_err(|e| Error::Gpu(format!("--device cuda: {e}")))?;
+            let mut t = Trainer::new_with(forward, logits, params, config, None)?;
+            t.engine = Engine::Gpu(Box::new(g));
+            Ok(t)
+        }
+        #[cfg(not(feature = "cuda"))]
+        {
+            let _ = (forward, logits, params, config);
+            Err(Error::Gpu(crate::model::NO_CUDA.into()))
+        }
+    }
+
     /// The plan used for `[batch, seq]` batches, once a step of that shape ran.
     pub fn plan(&self, batch: usize, seq: usize) -> Option<&Plan> {
         match &self.engine {
             Engine::Whole(_) => None,
+            #[cfg(feature = "cuda")]
+            Engine::Gpu(_) => None,
             Engine::Checkpointed { steps, .. } => steps.get(&(batch, seq)).map(|s| &s.plan),
         }
     }

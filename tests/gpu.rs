@@ -437,3 +437,116 @@ fn mamba2_130m_matches_the_cpu() {
     forward("mamba2-130m", &[(1, 33)], 50_000);
     training("mamba2-130m", 1, 16, 50_000, true);
 }
+
+/// Reads the `logits` tensor of a `--dump-logits` file.
+fn dumped(path: &std::path::Path) -> Vec<f32> {
+    let ck = runtime::weights::Checkpoint::open(path).expect("open logits");
+    ck.to_f32("logits").expect("logits")
+}
+
+/// `ma2mba run --device cuda` and `ma2mba train --device cuda` against the same commands on
+/// the CPU, and the Rust API (`Model::load` with `Backend::Cuda`).
+#[test]
+fn cli_run_and_train_on_cuda_match_the_cpu() {
+    let tiny = common::compile_name("tiny-mamba2").graph;
+    if gpu("cli --device cuda", &tiny).is_none() {
+        return;
+    }
+    let d = std::env::temp_dir().join(format!("ma2mba-gpu-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    let ids = d.join("batch.txt");
+    std::fs::write(&ids, "1 5 9 2 44 3 7 7 12 60\n3 3 8 19 0 2 51 6 6 1\n").unwrap();
+    for name in ["tiny-mamba", "tiny-mamba2", "mamba2-130m"] {
+        let mut logits = Vec::new();
+        for dev in ["cpu", "cuda"] {
+            let out = d.join(format!("{name}-{dev}.safetensors"));
+            let o = common::cli(&[
+                "run",
+                name,
+                "--tokens-file",
+                ids.to_str().unwrap(),
+                "--dump-logits",
+                out.to_str().unwrap(),
+                "--device",
+                dev,
+            ]);
+            assert_eq!(o.code, 0, "run {name} --device {dev}: {}", o.stderr);
+            eprintln!("run {name} --device {dev}: {}", o.stderr.trim());
+            if dev == "cuda" {
+                assert!(o.stderr.contains(" on "), "{}", o.stderr);
+            }
+            logits.push(dumped(&out));
+        }
+        assert_close(
+            &format!("run {name} --device cuda logits"),
+            &logits[1],
+            &logits[0],
+            CPU_GPU,
+        );
+    }
+    // The Rust API.
+    let opts = |backend| ma2mba::model::LoadOptions {
+        backend,
+        ..Default::default()
+    };
+    let toks = vec![vec![3u32, 1, 4, 1, 5, 9, 2, 6]; 2];
+    let mut cpu =
+        ma2mba::model::Model::load("tiny-mamba", &opts(ma2mba::model::Backend::Cranelift)).unwrap();
+    let mut gpu_m =
+        ma2mba::model::Model::load("tiny-mamba", &opts(ma2mba::model::Backend::Cuda)).unwrap();
+    let (a, b) = (cpu.forward(&toks).unwrap(), gpu_m.forward(&toks).unwrap());
+    assert_close(
+        "Model::load Backend::Cuda logits",
+        &b.data,
+        &a.data,
+        CPU_GPU,
+    );
+    // Training through the CLI (its log lines go to the process's stdout)...
+    let data = d.join("train.txt");
+    let stream: Vec<String> = (0..400)
+        .map(|i| ((i * 7 + i / 5) % 61).to_string())
+        .collect();
+    std::fs::write(&data, stream.join(" ")).unwrap();
+    let o = common::cli(&[
+        "train",
+        "tiny-mamba2",
+        "--data",
+        data.to_str().unwrap(),
+        "--seq-len",
+        "32",
+        "--batch",
+        "2",
+        "--steps",
+        "3",
+        "--device",
+        "cuda",
+    ]);
+    assert_eq!(o.code, 0, "train --device cuda: {}", o.stderr);
+    assert!(o.stdout.contains("trained steps 0..3"), "{}", o.stdout);
+    // ...and through the API: the same losses step by step (AdamW runs on the host either
+    // way).
+    let m =
+        ma2mba::model::Model::load("tiny-mamba2", &opts(ma2mba::model::Backend::Interp)).unwrap();
+    let (g, params) = m.into_parts();
+    let config = ma2mba::train::TrainConfig::default();
+    let mut cpu_t =
+        ma2mba::train::Trainer::new(&g, "logits", params.clone(), config.clone()).unwrap();
+    let mut gpu_t = ma2mba::train::Trainer::new_gpu(&g, "logits", params, config).unwrap();
+    let (b, l) = (2, 32);
+    for step in 0..4 {
+        let ids: Vec<i32> = (0..b * l)
+            .map(|i| ((i * 7 + step * 3) % 61) as i32)
+            .collect();
+        let targets: Vec<i32> = (0..b * l)
+            .map(|i| ((i * 7 + step * 3 + 7) % 61) as i32)
+            .collect();
+        let c = cpu_t.step(&ids, &targets, b, l).unwrap();
+        let x = gpu_t.step(&ids, &targets, b, l).unwrap();
+        eprintln!(
+            "train step {step}: loss cpu {:.6} gpu {:.6}; |grad| cpu {:.6} gpu {:.6}; gpu arena {} bytes",
+            c.loss, x.loss, c.grad_norm, x.grad_norm, x.arena_bytes
+        );
+        assert!((c.loss - x.loss).abs() <= 1e-3 * c.loss.abs().max(1.0));
+        assert!((c.grad_norm - x.grad_norm).abs() <= 1e-3 * c.grad_norm.max(1.0));
+    }
+}
