@@ -353,6 +353,9 @@ fn plan_cli_prints_the_grid_and_json() {
     ]);
     assert_eq!(bad.code, 1);
     assert!(bad.stderr.contains("--budget"), "{}", bad.stderr);
+    // Pricing does not allocate per segment: a trillion tokens plan instantly.
+    let huge = common::cli(&["plan", "tiny-mamba2", "--seq", "2^40"]);
+    assert_eq!(huge.code, 0, "{}", huge.stderr);
     let tiny_budget = common::cli(&["plan", "tiny-mamba2", "--seq", "64", "--budget", "10kB"]);
     assert_eq!(tiny_budget.code, 1);
     assert!(

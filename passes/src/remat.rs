@@ -145,7 +145,16 @@ impl Plan {
         self.seq.div_ceil(self.seg_len.max(1))
     }
 
-    /// Time ranges of the segments.
+    /// The length of segment `t` (the last one may be shorter).
+    pub fn segment_len(&self, t: u64) -> u64 {
+        let start = t.saturating_mul(self.seg_len);
+        self.seq
+            .min(start.saturating_add(self.seg_len))
+            .saturating_sub(start)
+    }
+
+    /// Time ranges of the segments (one allocation per segment: for running a plan, not for
+    /// pricing one).
     pub fn segment_ranges(&self) -> Vec<Range<u64>> {
         (0..self.segments())
             .map(|t| t * self.seg_len..((t + 1) * self.seg_len).min(self.seq))
@@ -972,7 +981,6 @@ pub fn simulate(pl: &mut Planner, p: &Plan) -> Result<Simulation, PlanError> {
     let b = req.batch;
     let ng = p.groups.len();
     let nseg = p.segments();
-    let ranges = p.segment_ranges();
     // Persistent bytes.
     let params = pl.params;
     let (weights, gradients, optimizer) = if req.count_weights {
@@ -1011,11 +1019,11 @@ pub fn simulate(pl: &mut Planner, p: &Plan) -> Result<Simulation, PlanError> {
         sim.timeline.push((label(), total));
     };
     // Segments grouped into runs of identical ones: (first t, count).
-    let runs = segment_runs(p, &ranges);
+    let runs = segment_runs(p);
     // Forward.
     let mut fwd_end = Live::default();
     for &(t0, count) in &runs {
-        let len = ranges[t0 as usize].end - ranges[t0 as usize].start;
+        let len = p.segment_len(t0);
         // Per segment of the run: what it stores, and its flops.
         let mut seg_store = (0u64, 0u64);
         let mut cells = Vec::with_capacity(ng);
@@ -1057,7 +1065,7 @@ pub fn simulate(pl: &mut Planner, p: &Plan) -> Result<Simulation, PlanError> {
     // Backward: runs from the last; each run's first processed segment is its last one.
     live = fwd_end;
     for &(t0, count) in runs.iter().rev() {
-        let len = ranges[t0 as usize].end - ranges[t0 as usize].start;
+        let len = p.segment_len(t0);
         let t = t0 + count - 1;
         let embed = pl.cost(EMBED, 0, Keep::Nothing, len)?;
         let head = pl.cost(HEAD, 0, Keep::Nothing, len)?;
@@ -1118,8 +1126,8 @@ pub fn simulate(pl: &mut Planner, p: &Plan) -> Result<Simulation, PlanError> {
 
 /// Consecutive segments with the same length and the same keep in every group: `(first
 /// segment, count)`, in time order.
-fn segment_runs(p: &Plan, ranges: &[Range<u64>]) -> Vec<(u64, u64)> {
-    let nseg = ranges.len() as u64;
+fn segment_runs(p: &Plan) -> Vec<(u64, u64)> {
+    let nseg = p.segments();
     let ng = p.groups.len() as u64;
     // Segments where the pattern can change: around the keep band edges and the last one.
     let mut breaks: Vec<u64> = vec![0, nseg.saturating_sub(1), nseg];
