@@ -2,7 +2,7 @@
 //! the CPU: a graph lowered once, its kernels compiled to PTX and loaded on a GPU.
 
 use crate::model::Error;
-use codegen::nvptx::{Target, compile_lowered};
+use codegen::nvptx::{Target, compile_ptx};
 use ir::Graph;
 use passes::{LowerOptions, Lowered};
 use runtime::cpu::{HostData, Inputs, Outputs};
@@ -41,8 +41,15 @@ impl GpuGraph {
             .into());
         }
         let lowered = passes::lower(graph, opts).map_err(Error::from)?;
-        let ptx = compile_lowered(&lowered, target).map_err(|e| Error::Codegen(e.to_string()))?;
-        let exec = CudaExecutor::new(ordinal, &ptx.text, &ptx.entries)?;
+        // Kernels repeated across layers (identical but for names) compile once.
+        let (distinct, map) = crate::artifact::dedupe(&lowered.kernels);
+        let ptx = compile_ptx(&distinct, target).map_err(|e| Error::Codegen(e.to_string()))?;
+        let entries: Vec<String> = map
+            .iter()
+            .map(|&i| ptx.entries.get(i).cloned())
+            .collect::<Option<_>>()
+            .ok_or_else(|| Error::Codegen("a deduplicated kernel has no PTX entry".into()))?;
+        let exec = CudaExecutor::new(ordinal, &ptx.text, &entries)?;
         Ok(GpuGraph { lowered, exec })
     }
 
