@@ -186,37 +186,15 @@ impl Trainer {
         };
         let (loss, logits, grads, finals, arena_bytes) = match &mut self.engine {
             Engine::Whole(compiled) => {
-                let data = HashMap::from([
-                    ("input_ids".to_string(), HostData::I32(ids.to_vec())),
-                    ("targets".to_string(), HostData::I32(targets.to_vec())),
-                ]);
-                let syms = [("B", batch as i64), ("L", seq as i64)];
+                let (data, syms) = step_inputs(ids, targets, batch, seq);
                 let (outs, profile) = compiled.run(&syms, &data, &self.params, states)?;
-                let mut outs: HashMap<String, Vec<f32>> = outs.into_iter().collect();
-                let loss = outs
-                    .get("loss")
-                    .and_then(|v| v.first())
-                    .copied()
-                    .unwrap_or(f32::NAN) as f64;
-                let logits = outs.remove(&self.logits_name).unwrap_or_default();
-                let finals: HashMap<String, Vec<f32>> = self
-                    .state_names
-                    .iter()
-                    .filter_map(|n| outs.remove(n).map(|v| (n.clone(), v)))
-                    .collect();
-                let grads: HashMap<String, Vec<f32>> = outs
-                    .into_iter()
-                    .filter_map(|(n, v)| n.strip_prefix("grad.").map(|p| (p.to_string(), v)))
-                    .collect();
+                let (loss, logits, grads, finals) =
+                    split_outputs(outs, &self.logits_name, &self.state_names);
                 (loss, logits, grads, finals, profile.arena_bytes)
             }
             #[cfg(feature = "cuda")]
             Engine::Gpu(g) => {
-                let data = HashMap::from([
-                    ("input_ids".to_string(), HostData::I32(ids.to_vec())),
-                    ("targets".to_string(), HostData::I32(targets.to_vec())),
-                ]);
-                let syms = [("B", batch as i64), ("L", seq as i64)];
+                let (data, syms) = step_inputs(ids, targets, batch, seq);
                 let outs = g
                     .run(
                         &syms,
@@ -230,22 +208,8 @@ impl Trainer {
                     .memory_plan(&syms)
                     .map_err(|e| Error::Gpu(e.to_string()))?
                     .peak;
-                let mut outs: HashMap<String, Vec<f32>> = outs.into_iter().collect();
-                let loss = outs
-                    .get("loss")
-                    .and_then(|v| v.first())
-                    .copied()
-                    .unwrap_or(f32::NAN) as f64;
-                let logits = outs.remove(&self.logits_name).unwrap_or_default();
-                let finals: HashMap<String, Vec<f32>> = self
-                    .state_names
-                    .iter()
-                    .filter_map(|n| outs.remove(n).map(|v| (n.clone(), v)))
-                    .collect();
-                let grads: HashMap<String, Vec<f32>> = outs
-                    .into_iter()
-                    .filter_map(|(n, v)| n.strip_prefix("grad.").map(|p| (p.to_string(), v)))
-                    .collect();
+                let (loss, logits, grads, finals) =
+                    split_outputs(outs, &self.logits_name, &self.state_names);
                 (loss, logits, grads, finals, arena)
             }
             Engine::Checkpointed {
@@ -325,6 +289,46 @@ impl Trainer {
             arena_bytes,
         })
     }
+}
+
+/// The inputs of a whole training graph: token ids, targets and the symbol values.
+fn step_inputs(
+    ids: &[i32],
+    targets: &[i32],
+    batch: usize,
+    seq: usize,
+) -> (HashMap<String, HostData>, [(&'static str, i64); 2]) {
+    let data = HashMap::from([
+        ("input_ids".to_string(), HostData::I32(ids.to_vec())),
+        ("targets".to_string(), HostData::I32(targets.to_vec())),
+    ]);
+    (data, [("B", batch as i64), ("L", seq as i64)])
+}
+
+/// A whole training graph's outputs: the loss, the logits, the gradients by parameter (or
+/// state) name and the final states.
+#[allow(clippy::type_complexity)]
+fn split_outputs(
+    outs: runtime::cpu::Outputs,
+    logits_name: &str,
+    state_names: &[String],
+) -> (f64, Vec<f32>, Tensors, Tensors) {
+    let mut outs: Tensors = outs.into_iter().collect();
+    let loss = outs
+        .get("loss")
+        .and_then(|v| v.first())
+        .copied()
+        .unwrap_or(f32::NAN) as f64;
+    let logits = outs.remove(logits_name).unwrap_or_default();
+    let finals: Tensors = state_names
+        .iter()
+        .filter_map(|n| outs.remove(n).map(|v| (n.clone(), v)))
+        .collect();
+    let grads: Tensors = outs
+        .into_iter()
+        .filter_map(|(n, v)| n.strip_prefix("grad.").map(|p| (p.to_string(), v)))
+        .collect();
+    (loss, logits, grads, finals)
 }
 
 /// The checkpoint plan for training `forward` on `[batch, seq]` batches within `budget` bytes
