@@ -1711,20 +1711,10 @@ fn compile_artifact(a: &CompileArgs, g: &Graph, out: &mut Outcome) {
         out.stderr.push_str(&format!("error: {msg}\n"));
         out.code = 1;
     };
-    let batch = match crate::plan::parse_count(&a.batch) {
-        Ok(b) if b > 0 => b,
-        Ok(_) => return fail(out, "--batch must be at least 1".into()),
-        Err(e) => return fail(out, format!("--batch: {e}")),
-    };
-    let seq = match crate::plan::parse_count(&a.seq) {
-        Ok(s) if s > 0 => s,
-        Ok(_) => return fail(out, "--seq must be at least 1".into()),
-        Err(e) => return fail(out, format!("--seq: {e}")),
-    };
-    let budget = match a.budget.as_deref().map(crate::plan::parse_bytes) {
-        None => None,
-        Some(Ok(b)) => Some(b),
-        Some(Err(e)) => return fail(out, format!("--budget: {e}")),
+    let (batch, seq, budget) = match crate::plan::shape_args(&a.batch, &a.seq, a.budget.as_deref())
+    {
+        Ok(x) => x,
+        Err(e) => return fail(out, e),
     };
     let config_text = match &a.model.config {
         Some(p) => match std::fs::read_to_string(p) {
@@ -1847,20 +1837,10 @@ fn plan_cmd(p: &PlanArgs, g: &Graph, out: &mut Outcome) {
         out.stderr.push_str(&format!("error: {msg}\n"));
         out.code = 1;
     };
-    let batch = match crate::plan::parse_count(&p.batch) {
-        Ok(b) if b > 0 => b,
-        Ok(_) => return fail(out, "--batch must be at least 1".into()),
-        Err(e) => return fail(out, format!("--batch: {e}")),
-    };
-    let seq = match crate::plan::parse_count(&p.seq) {
-        Ok(s) if s > 0 => s,
-        Ok(_) => return fail(out, "--seq must be at least 1".into()),
-        Err(e) => return fail(out, format!("--seq: {e}")),
-    };
-    let budget = match p.budget.as_deref().map(crate::plan::parse_bytes) {
-        None => None,
-        Some(Ok(b)) => Some(b),
-        Some(Err(e)) => return fail(out, format!("--budget: {e}")),
+    let (batch, seq, budget) = match crate::plan::shape_args(&p.batch, &p.seq, p.budget.as_deref())
+    {
+        Ok(x) => x,
+        Err(e) => return fail(out, e),
     };
     let act_dtype = match p.dtype.as_str() {
         "bf16" => ir::DType::BF16,

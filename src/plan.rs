@@ -58,6 +58,25 @@ pub fn parse_count(s: &str) -> Result<u64, String> {
         .ok_or_else(bad)
 }
 
+/// `--batch`, `--seq` (counts of at least 1) and an optional `--budget` (bytes), parsed; the
+/// error names the flag.
+pub fn shape_args(
+    batch: &str,
+    seq: &str,
+    budget: Option<&str>,
+) -> Result<(u64, u64, Option<u64>), String> {
+    let positive = |flag: &str, s: &str| match parse_count(s) {
+        Ok(0) => Err(format!("{flag} must be at least 1")),
+        Ok(n) => Ok(n),
+        Err(e) => Err(format!("{flag}: {e}")),
+    };
+    let budget = budget
+        .map(parse_bytes)
+        .transpose()
+        .map_err(|e| format!("--budget: {e}"))?;
+    Ok((positive("--batch", batch)?, positive("--seq", seq)?, budget))
+}
+
 /// `1.23 GB` (decimal units, as the Ma2mba paper reports).
 pub fn human(bytes: u64) -> String {
     remat::human_bytes(bytes)
