@@ -327,8 +327,9 @@ impl Model {
             }
             let last: Vec<u32> = active
                 .iter()
-                .map(|&i| *seqs[i].seen.last().expect("a prompt is never empty"))
-                .collect();
+                .map(|&i| seqs[i].seen.last().copied())
+                .collect::<Option<_>>()
+                .ok_or_else(|| Error::Input("a prompt is empty".into()))?;
             let logits = self.step(&last, &mut state)?;
             timings.decode_steps += 1;
             timings.decode_tokens += active.len();

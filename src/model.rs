@@ -576,7 +576,10 @@ impl Model {
     /// The step graph (`L` = 1) derived from the model graph.
     pub fn step_graph(&mut self) -> Result<&Graph, Error> {
         self.ensure_step()?;
-        Ok(&self.step.as_ref().expect("derived above").graph)
+        self.step
+            .as_ref()
+            .map(|s| &s.graph)
+            .ok_or_else(|| Error::Input("the step graph could not be derived".into()))
     }
 
     /// Runs `form` over token ids `[b, l]` (row-major) from initial `states` (missing ones
