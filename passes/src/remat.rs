@@ -413,16 +413,8 @@ fn sized(
 
 /// Bytes a run of `l` holds at its peak: the arena plus the outputs it returns (copied out
 /// of the arena, or allocated on their own when `copy_outputs` is false).
-fn run_bytes(
-    l: &Lowered,
-    graph: &Graph,
-    batch: u64,
-    seq: u64,
-    act: DType,
-    copy_outputs: bool,
-) -> Result<u64, PlanError> {
-    let bytes = sized(l, graph, batch, seq, act)?;
-    let mut arena = bytes.clone();
+fn run_bytes(l: &Lowered, bytes: &[u64], copy_outputs: bool) -> Result<u64, PlanError> {
+    let mut arena = bytes.to_vec();
     if !copy_outputs {
         // Outputs get buffers of their own (handed over, not copied): the arena holds the rest.
         for (_, b) in &l.outputs {
@@ -434,21 +426,13 @@ fn run_bytes(
     Ok(plan.peak + outs)
 }
 
-/// Bytes of the outputs of `l` whose names satisfy `pick`.
-fn output_bytes(
-    l: &Lowered,
-    graph: &Graph,
-    batch: u64,
-    seq: u64,
-    act: DType,
-    pick: &dyn Fn(&str) -> bool,
-) -> Result<u64, PlanError> {
-    let bytes = sized(l, graph, batch, seq, act)?;
-    Ok(l.outputs
+/// Bytes of the outputs of `l` (buffers sized `bytes`) whose names satisfy `pick`.
+fn output_bytes(l: &Lowered, bytes: &[u64], pick: &dyn Fn(&str) -> bool) -> u64 {
+    l.outputs
         .iter()
         .filter(|(n, _)| pick(n))
         .map(|(_, b)| bytes[*b])
-        .sum())
+        .sum()
 }
 
 /// The price of one stage variant over a segment of `seq` tokens.
@@ -498,18 +482,13 @@ impl Variant {
             })
             .sum();
         let fg = &self.fwd_graph;
+        let fwd_bytes = sized(&self.fwd, fg, batch, seq, act)?;
+        let train_bytes = sized(&self.train, &self.train_graph, batch, seq, act)?;
         Ok(CellCost {
-            fwd_run: run_bytes(&self.fwd, fg, batch, seq, act, copy_outputs)?,
-            train_run: run_bytes(
-                &self.train,
-                &self.train_graph,
-                batch,
-                seq,
-                act,
-                copy_outputs,
-            )?,
-            out_ckpt: output_bytes(&self.fwd, fg, batch, seq, act, &|n| n.starts_with("value."))?,
-            saved: output_bytes(&self.fwd, fg, batch, seq, act, &|n| n.starts_with("saved."))?,
+            fwd_run: run_bytes(&self.fwd, &fwd_bytes, copy_outputs)?,
+            train_run: run_bytes(&self.train, &train_bytes, copy_outputs)?,
+            out_ckpt: output_bytes(&self.fwd, &fwd_bytes, &|n| n.starts_with("value.")),
+            saved: output_bytes(&self.fwd, &fwd_bytes, &|n| n.starts_with("saved.")),
             states,
             fwd_flops: cost::total(fg, fg.nodes(), &bind),
             train_flops: cost::total(&self.train_graph, self.train_graph.nodes(), &bind),
