@@ -359,6 +359,10 @@ pub struct BenchArgs {
     /// With --generate: print where the last step's time went, per kernel kind (stderr).
     #[arg(long)]
     pub profile: bool,
+    /// With --generate: where generation runs (the GPU needs a build with `--features
+    /// cuda`).
+    #[arg(long, default_value = "cpu")]
+    pub device: DeviceArg,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
@@ -1915,13 +1919,6 @@ fn generate(a: &GenerateArgs, stream: bool, out: &mut Outcome) {
         out.stderr.push('\n');
         out.code = 1;
     };
-    if a.device == DeviceArg::Cuda {
-        return fail(
-            out,
-            "error: --device cuda: the CUDA backend is not built yet\n  help: use --device cpu"
-                .into(),
-        );
-    }
     if a.prompt.is_empty() && a.tokens.is_empty() {
         return fail(
             out,
@@ -1952,10 +1949,17 @@ fn generate(a: &GenerateArgs, stream: bool, out: &mut Outcome) {
             .num_threads(n.max(1))
             .build_global();
     }
+    let backend = match a.device {
+        DeviceArg::Cpu => crate::model::Backend::Cranelift,
+        DeviceArg::Cuda if cfg!(not(feature = "cuda")) => {
+            return fail(out, format!("error: {}", crate::model::NO_CUDA));
+        }
+        DeviceArg::Cuda => crate::model::Backend::Cuda,
+    };
     let opts = crate::model::LoadOptions {
         config: a.config.clone(),
         seed: a.weights_seed,
-        backend: crate::model::Backend::Cranelift,
+        backend,
     };
     let started = std::time::Instant::now();
     let mut model = match crate::model::Model::load(&a.model, &opts) {
@@ -2163,16 +2167,84 @@ pub fn measure_read_bandwidth() -> f64 {
     best
 }
 
+/// PERFORMANCE.md's measured device-to-device copy rate of the H200 (bytes read + written).
+const H200_COPY_BYTES_PER_S: f64 = 4.2e12;
+
+/// Prints where one GPU decode step's device time went, per kernel kind (stderr).
+#[cfg(feature = "cuda")]
+fn gpu_step_profile(
+    m: &mut crate::model::Model,
+    name: &str,
+    toks: &[u32],
+) -> Result<(), crate::model::Error> {
+    let times = m.gpu_profile_step(toks)?;
+    let total: f32 = times.iter().map(|t| t.ms).sum();
+    eprintln!(
+        "{name}, decode step at batch {}: {} launches, {total:.3} ms of device time (events, \
+         not replayed as a graph):",
+        toks.len(),
+        times.len()
+    );
+    for (kind, ms, count) in by_kind(times.iter().map(|t| (t.name.as_str(), t.ms))) {
+        eprintln!("  {kind:<24} {count:>5} launches {ms:>9.3} ms");
+    }
+    Ok(())
+}
+
+#[cfg(not(feature = "cuda"))]
+fn gpu_step_profile(
+    _m: &mut crate::model::Model,
+    _name: &str,
+    _toks: &[u32],
+) -> Result<(), crate::model::Error> {
+    Err(crate::model::Error::Gpu(crate::model::NO_CUDA.into()))
+}
+
+/// Times summed per kernel kind (the name without its node number), largest first.
+#[cfg(feature = "cuda")]
+fn by_kind<'a>(times: impl Iterator<Item = (&'a str, f32)>) -> Vec<(String, f32, usize)> {
+    let mut kinds: Vec<(String, f32, usize)> = Vec::new();
+    for (name, ms) in times {
+        let kind = name.trim_end_matches(|c: char| c.is_ascii_digit() || c == '_');
+        match kinds.iter_mut().find(|(k, _, _)| k == kind) {
+            Some(e) => {
+                e.1 += ms;
+                e.2 += 1;
+            }
+            None => kinds.push((kind.to_string(), ms, 1)),
+        }
+    }
+    kinds.sort_by(|a, b| b.1.total_cmp(&a.1));
+    kinds
+}
+
 /// `bench --generate`: prefill and decode throughput of presets with random weights.
 fn bench_generate(b: &BenchArgs, out: &mut Outcome) {
     use crate::model::{Backend, LoadOptions, Model};
+    let gpu = b.device == DeviceArg::Cuda;
+    if gpu && cfg!(not(feature = "cuda")) {
+        let _ = writeln!(out.stderr, "error: {}", crate::model::NO_CUDA);
+        out.code = 1;
+        return;
+    }
     let threads = rayon::current_num_threads();
-    let bw = measure_read_bandwidth();
+    // The GPU's ceiling is PERFORMANCE.md's measured device copy rate.
+    let bw = if gpu {
+        H200_COPY_BYTES_PER_S
+    } else {
+        measure_read_bandwidth()
+    };
+    let what = if gpu {
+        "GPU generation (decode: states on the device, the step replayed as a CUDA graph)"
+            .to_string()
+    } else {
+        format!("CPU generation, {threads} threads")
+    };
     let _ = writeln!(
         out.stdout,
-        "CPU generation, random weights, f32, {threads} threads; prefill of {} tokens at batch 1 \
-         (median of {}), decode: median step time of {} steps after a warm-up; measured read \
-         bandwidth {:.1} GB/s (floor = parameters x 4 bytes / bandwidth)",
+        "{what}, random weights, f32; prefill of {} tokens at batch 1 (median of {}), decode: \
+         median step time of {} steps after a warm-up; read bandwidth {:.1} GB/s (floor = \
+         parameters x 4 bytes / bandwidth; bf16 weights would halve it)",
         b.prompt_len,
         b.repeat.max(1),
         b.steps.max(1),
@@ -2185,10 +2257,15 @@ fn bench_generate(b: &BenchArgs, out: &mut Outcome) {
     let _ = writeln!(out.stdout, "|---|---|---|---|---|---|---|---|");
     print!("{}", std::mem::take(&mut out.stdout));
     for name in &b.models {
+        let backend = if gpu {
+            Backend::Cuda
+        } else {
+            Backend::Cranelift
+        };
         let mut m = match Model::load(
             name,
             &LoadOptions {
-                backend: Backend::Cranelift,
+                backend,
                 ..LoadOptions::default()
             },
         ) {
@@ -2223,20 +2300,22 @@ fn bench_generate(b: &BenchArgs, out: &mut Outcome) {
             for &bs in &b.decode_batch {
                 let bs = bs.max(1);
                 // Every sequence continues the prefilled prompt.
-                let mut st = state.select(&vec![0; bs])?;
+                let mut dec = m.begin_decode(state.select(&vec![0; bs])?)?;
                 let mut toks: Vec<u32> = (0..bs).map(|_| (rng.next_u64() % vocab) as u32).collect();
-                m.step(&toks, &mut st)?;
+                m.decode_step(&mut dec, &toks)?;
                 let mut times = Vec::new();
                 for _ in 0..b.steps.max(1) {
                     let t = std::time::Instant::now();
-                    let logits = m.step(&toks, &mut st)?;
+                    let logits = m.decode_step(&mut dec, &toks)?;
                     times.push(t.elapsed().as_secs_f64());
                     toks = (0..bs)
                         .map(|i| crate::sample::argmax(logits.at(i, 0)))
                         .collect();
                 }
                 decode.push((bs, median(times)));
-                if b.profile
+                if b.profile && gpu {
+                    gpu_step_profile(m, name, &toks)?;
+                } else if b.profile
                     && let Some(p) = m.last_profile()
                 {
                     eprintln!(

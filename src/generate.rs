@@ -26,7 +26,7 @@
 //! decoded together, one step per token for the whole batch; sequences that finish (eos,
 //! stop string, length) leave the batch.
 
-use crate::model::{Error, Form, Logits, Model};
+use crate::model::{Backend, Error, Form, Logits, Model};
 use crate::sample::{Sampler, SamplingConfig};
 use crate::state::State;
 use crate::tokenizer::Tokenizer;
@@ -289,8 +289,9 @@ impl Model {
             parts.push(st);
             timings.prefill_tokens += len * group.len();
         }
-        let mut state = State::concat(&parts)?.select(&row_of)?;
+        let state = State::concat(&parts)?.select(&row_of)?;
         timings.prefill = started.elapsed();
+        let mut dec = self.begin_decode(state)?;
 
         // The first token of every sequence comes from the prefill logits.
         let mut cancelled = false;
@@ -322,7 +323,7 @@ impl Model {
                 break;
             }
             if keep.len() != active.len() {
-                state = state.select(&keep)?;
+                self.decode_select(&mut dec, &keep)?;
                 active = keep.iter().map(|&r| active[r]).collect();
             }
             let last: Vec<u32> = active
@@ -330,7 +331,7 @@ impl Model {
                 .map(|&i| seqs[i].seen.last().copied())
                 .collect::<Option<_>>()
                 .ok_or_else(|| Error::Input("a prompt is empty".into()))?;
-            let logits = self.step(&last, &mut state)?;
+            let logits = self.decode_step(&mut dec, &last)?;
             timings.decode_steps += 1;
             timings.decode_tokens += active.len();
             for (r, &i) in active.iter().enumerate() {
@@ -352,6 +353,91 @@ impl Model {
             })
             .collect();
         Ok(Generation { sequences, timings })
+    }
+}
+
+/// A decode in progress: one token per sequence per step, with the state carried between
+/// steps where the backend keeps it. On the CPU backends that is a [`State`] on the host; on
+/// the GPU the states stay on the device and each step replays a CUDA graph, so a step moves
+/// only the token ids in and the logits out.
+///
+/// ```no_run
+/// # use ma2mba::model::{LoadOptions, Model};
+/// # let mut m = Model::load("tiny-mamba2", &LoadOptions::default())?;
+/// let mut state = m.new_state(1);
+/// let logits = m.prefill(&[vec![1, 2, 3]], &mut state)?;
+/// let mut dec = m.begin_decode(state)?;
+/// let mut next = ma2mba::sample::argmax(logits.at(0, 2));
+/// for _ in 0..8 {
+///     next = ma2mba::sample::argmax(m.decode_step(&mut dec, &[next])?.at(0, 0));
+/// }
+/// let state = m.end_decode(dec)?; // back on the host, to save or continue
+/// # Ok::<(), ma2mba::model::Error>(())
+/// ```
+pub struct Decoding {
+    batch: usize,
+    /// The state on the host; `None` while it lives on the device.
+    host: Option<State>,
+}
+
+impl Decoding {
+    /// Sequences in the batch.
+    pub fn batch(&self) -> usize {
+        self.batch
+    }
+}
+
+impl Model {
+    /// Starts decoding from `state` (after a prefill, or zeros).
+    pub fn begin_decode(&mut self, state: State) -> Result<Decoding, Error> {
+        let batch = state.batch();
+        if self.backend() == Backend::Cuda {
+            self.gpu_begin_decode(&state)?;
+            return Ok(Decoding { batch, host: None });
+        }
+        Ok(Decoding {
+            batch,
+            host: Some(state),
+        })
+    }
+
+    /// One step: token `tokens[i]` for sequence `i`; returns the logits `[batch, 1, vocab]`.
+    pub fn decode_step(&mut self, dec: &mut Decoding, tokens: &[u32]) -> Result<Logits, Error> {
+        if tokens.len() != dec.batch {
+            return Err(Error::Input(format!(
+                "{} tokens for a decode of {} sequences: a step takes one token per sequence",
+                tokens.len(),
+                dec.batch
+            )));
+        }
+        match dec.host.as_mut() {
+            Some(state) => self.step(tokens, state),
+            None => {
+                self.check_tokens(&[tokens.to_vec()])?;
+                self.gpu_decode_step(tokens)
+            }
+        }
+    }
+
+    /// Keeps only sequences `rows` (in that order), e.g. when others finished.
+    pub fn decode_select(&mut self, dec: &mut Decoding, rows: &[usize]) -> Result<(), Error> {
+        match dec.host.as_mut() {
+            Some(state) => *state = state.select(rows)?,
+            None => {
+                let state = self.gpu_decode_state(dec.batch)?.select(rows)?;
+                self.gpu_begin_decode(&state)?;
+            }
+        }
+        dec.batch = rows.len();
+        Ok(())
+    }
+
+    /// Ends the decode and returns its state on the host.
+    pub fn end_decode(&mut self, dec: Decoding) -> Result<State, Error> {
+        match dec.host {
+            Some(state) => Ok(state),
+            None => self.gpu_decode_state(dec.batch),
+        }
     }
 }
 

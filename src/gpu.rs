@@ -6,7 +6,7 @@ use codegen::nvptx::{Target, compile_ptx};
 use ir::Graph;
 use passes::{LowerOptions, Lowered};
 use runtime::cpu::{HostData, Inputs, Outputs};
-use runtime::cuda::{CudaExecutor, ExecOptions};
+use runtime::cuda::{Bound, CudaExecutor, DeviceParams, ExecOptions, StepTime};
 use std::collections::HashMap;
 
 pub use runtime::cuda::CudaError;
@@ -60,16 +60,64 @@ impl GpuGraph {
 
     /// The memory plan for symbol values `syms` (`peak`: the arena's bytes).
     pub fn memory_plan(&self, syms: &[(&str, i64)]) -> Result<passes::MemoryPlan, GpuError> {
+        let sizes = self.sizes(syms)?;
+        self.plan_sizes(&sizes)
+    }
+
+    /// The executor (bound schedules, reads and writes go through it).
+    pub fn exec(&self) -> &CudaExecutor {
+        &self.exec
+    }
+
+    /// Symbol values in the schedule's order.
+    pub fn sizes(&self, syms: &[(&str, i64)]) -> Result<Vec<i64>, GpuError> {
+        let mut sizes = Vec::with_capacity(self.lowered.syms.len());
+        for s in &self.lowered.syms {
+            match syms.iter().find(|(n, _)| n == s) {
+                Some((_, v)) if *v >= 0 => sizes.push(*v),
+                _ => return Err(Error::Input(format!("no value for the symbol `{s}`")).into()),
+            }
+        }
+        Ok(sizes)
+    }
+
+    fn plan_sizes(&self, sizes: &[i64]) -> Result<passes::MemoryPlan, GpuError> {
         let bind = |s: &str| {
-            syms.iter()
-                .find(|(n, _)| *n == s)
-                .map(|(_, v)| (*v).max(0) as u64)
+            self.lowered
+                .syms
+                .iter()
+                .position(|x| x == s)
+                .map(|i| sizes[i] as u64)
         };
         passes::plan_memory(&self.lowered, &bind)
             .map_err(|e| GpuError::Model(Error::Input(e.to_string())))
     }
 
-    /// Runs with symbol values `syms` (`("B", 2)`); returns every graph output.
+    /// Uploads parameters once (shared by every graph on the same GPU).
+    pub fn upload_params(
+        &self,
+        params: &HashMap<String, Vec<f32>>,
+    ) -> Result<DeviceParams, GpuError> {
+        Ok(self.exec.upload_params(params)?)
+    }
+
+    /// Binds the schedule at symbol values `syms` with device parameters: the arena,
+    /// inputs and states are allocated once for repeated runs.
+    pub fn bind(
+        &self,
+        syms: &[(&str, i64)],
+        params: &DeviceParams,
+        poison: bool,
+    ) -> Result<Bound, GpuError> {
+        let sizes = self.sizes(syms)?;
+        let plan = self.plan_sizes(&sizes)?;
+        Ok(self
+            .exec
+            .bind(&self.lowered, &sizes, plan, params, poison)?)
+    }
+
+    /// Runs with symbol values `syms` (`("B", 2)`); returns every graph output. Uploads the
+    /// parameters for this run only; [`GpuGraph::run_with`] reuses uploaded ones.
     pub fn run(
         &self,
         syms: &[(&str, i64)],
@@ -78,28 +126,178 @@ impl GpuGraph {
         states: &HashMap<String, Vec<f32>>,
         opts: ExecOptions,
     ) -> Result<Outputs, GpuError> {
-        let mut sizes = Vec::with_capacity(self.lowered.syms.len());
-        for s in &self.lowered.syms {
-            match syms.iter().find(|(n, _)| n == s) {
-                Some((_, v)) if *v >= 0 => sizes.push(*v),
-                _ => return Err(Error::Input(format!("no value for the symbol `{s}`")).into()),
-            }
-        }
-        let bind = |s: &str| {
-            self.lowered
-                .syms
-                .iter()
-                .position(|x| x == s)
-                .map(|i| sizes[i] as u64)
-        };
-        let plan =
-            passes::plan_memory(&self.lowered, &bind).map_err(|e| Error::Input(e.to_string()))?;
+        let dev = self.upload_params(params)?;
+        self.run_with(syms, data, &dev, states, opts)
+    }
+
+    /// [`GpuGraph::run`] with parameters already on the device.
+    pub fn run_with(
+        &self,
+        syms: &[(&str, i64)],
+        data: &HashMap<String, HostData>,
+        params: &DeviceParams,
+        states: &HashMap<String, Vec<f32>>,
+        opts: ExecOptions,
+    ) -> Result<Outputs, GpuError> {
+        let sizes = self.sizes(syms)?;
+        let plan = self.plan_sizes(&sizes)?;
+        let no_params = HashMap::new();
         let inp = Inputs {
             sizes: &sizes,
             data,
-            params,
+            params: &no_params,
             states,
         };
-        Ok(self.exec.execute(&self.lowered, &plan, &inp, opts)?)
+        Ok(self
+            .exec
+            .execute_with(&self.lowered, &plan, &inp, params, opts)?)
+    }
+}
+
+/// The GPU side of a [`crate::model::Model`]: the compiled forward graph, the parameters
+/// uploaded once, and the one-token step with a bound schedule per decode batch size (its
+/// states stay on the device from step to step; each is captured as a CUDA graph on first
+/// use, since a small model's step is bound by launch overhead).
+pub struct GpuModel {
+    pub forward: GpuGraph,
+    pub params: DeviceParams,
+    step: Option<GpuGraph>,
+    bounds: HashMap<(usize, Slot), Bound>,
+}
+
+/// Which bound step schedule a call uses: the decode whose states stay on the device, or
+/// one-off steps from host states ([`crate::model::Model::step`]), which must not disturb it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Slot {
+    Decode,
+    OneShot,
+}
+
+/// Options of the decode step's runs: replayed as a CUDA graph.
+const STEP_RUN: ExecOptions = ExecOptions {
+    poison: false,
+    sync_each_step: false,
+    graph: true,
+    profile: false,
+};
+
+impl GpuModel {
+    /// Compiles `graph` for GPU 0 (sm_90) and uploads `params`.
+    pub fn new(graph: &Graph, params: &HashMap<String, Vec<f32>>) -> Result<GpuModel, GpuError> {
+        let forward = GpuGraph::compile(graph, &LowerOptions::default(), Target::Sm90, 0)?;
+        let params = forward.upload_params(params)?;
+        Ok(GpuModel {
+            forward,
+            params,
+            step: None,
+            bounds: HashMap::new(),
+        })
+    }
+
+    /// Overwrites parameters on the device (after the host copy changed).
+    pub fn update_params(&self, params: &HashMap<String, Vec<f32>>) -> Result<(), GpuError> {
+        for (name, v) in params {
+            self.forward.exec().update_param(&self.params, name, v)?;
+        }
+        Ok(())
+    }
+
+    /// Runs the forward graph at `B` = `b`, `L` = `l`.
+    pub fn run_forward(
+        &self,
+        ids: &[i32],
+        b: usize,
+        l: usize,
+        states: &HashMap<String, Vec<f32>>,
+    ) -> Result<Outputs, GpuError> {
+        let syms = [("B", b as i64), ("L", l as i64)];
+        let data = HashMap::from([("input_ids".to_string(), HostData::I32(ids.to_vec()))]);
+        self.forward
+            .run_with(&syms, &data, &self.params, states, ExecOptions::default())
+    }
+
+    /// Compiles the step graph once.
+    pub fn ensure_step(&mut self, step_graph: &Graph) -> Result<(), GpuError> {
+        if self.step.is_none() {
+            self.step = Some(GpuGraph::compile(
+                step_graph,
+                &LowerOptions::default(),
+                Target::Sm90,
+                0,
+            )?);
+        }
+        Ok(())
+    }
+
+    fn stepper(&mut self, batch: usize, slot: Slot) -> Result<(&GpuGraph, &mut Bound), GpuError> {
+        let step = self
+            .step
+            .as_ref()
+            .ok_or_else(|| Error::Input("the step graph is not compiled for the GPU".into()))?;
+        let key = (batch, slot);
+        if !self.bounds.contains_key(&key) {
+            let mut b = step.bind(&[("B", batch as i64), ("L", 1)], &self.params, false)?;
+            step.exec().carry_states(&step.lowered, &mut b)?;
+            self.bounds.insert(key, b);
+        }
+        let b = self
+            .bounds
+            .get_mut(&key)
+            .ok_or_else(|| Error::Input("no bound step".into()))?;
+        Ok((step, b))
+    }
+
+    /// Writes the states of a decode at batch `batch` (host to device).
+    pub fn write_states(
+        &mut self,
+        slot: Slot,
+        batch: usize,
+        states: &[(String, Vec<usize>, Vec<f32>)],
+    ) -> Result<(), GpuError> {
+        let (g, b) = self.stepper(batch, slot)?;
+        for (name, _, v) in states {
+            g.exec()
+                .write(&g.lowered, b, name, &HostData::F32(v.clone()))?;
+        }
+        Ok(())
+    }
+
+    /// One decode step at batch `tokens.len()` from the device-resident states (which it
+    /// advances); returns output `main` (the logits).
+    pub fn step(&mut self, slot: Slot, tokens: &[u32], main: &str) -> Result<Vec<f32>, GpuError> {
+        let ids: Vec<i32> = tokens.iter().map(|&t| t as i32).collect();
+        let (g, b) = self.stepper(tokens.len(), slot)?;
+        g.exec()
+            .write(&g.lowered, b, "input_ids", &HostData::I32(ids))?;
+        g.exec().run(&g.lowered, b, STEP_RUN)?;
+        Ok(g.exec().read(&g.lowered, b, main, None)?)
+    }
+
+    /// The device-resident states of the decode at batch `batch`, by name.
+    pub fn read_states(
+        &mut self,
+        slot: Slot,
+        batch: usize,
+        names: &[String],
+    ) -> Result<Vec<(String, Vec<f32>)>, GpuError> {
+        let (g, b) = self.stepper(batch, slot)?;
+        names
+            .iter()
+            .map(|n| Ok((n.clone(), g.exec().read_state(&g.lowered, b, n)?)))
+            .collect()
+    }
+
+    /// Per-step device times of one step at batch `tokens.len()` (not replayed as a graph;
+    /// the states advance as in [`GpuModel::step`]).
+    pub fn profile_step(&mut self, tokens: &[u32]) -> Result<Vec<StepTime>, GpuError> {
+        let ids: Vec<i32> = tokens.iter().map(|&t| t as i32).collect();
+        let (g, b) = self.stepper(tokens.len(), Slot::Decode)?;
+        g.exec()
+            .write(&g.lowered, b, "input_ids", &HostData::I32(ids))?;
+        let opts = ExecOptions {
+            profile: true,
+            ..ExecOptions::default()
+        };
+        Ok(g.exec().run(&g.lowered, b, opts)?)
     }
 }

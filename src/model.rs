@@ -12,6 +12,7 @@
 //! a directory with `config.json` and safetensors weights, a `.safetensors` file with
 //! `--config`, or a Hugging Face repo id (resolved through the local cache or downloaded).
 
+use crate::state::State;
 use frontend::{Diagnostic, ModelSpec, Sources};
 use ir::Graph;
 use passes::{LowerOptions, Lowered};
@@ -29,9 +30,9 @@ pub enum Backend {
     /// Fused kernels compiled with Cranelift, GEMMs on the CPU, f32.
     #[default]
     Cranelift,
-    /// The NVPTX kernels and cuBLAS on the first CUDA GPU, f32 ([`crate::gpu::GpuGraph`]);
-    /// needs a build with `--features cuda`. The forward pass only: generation's one-token
-    /// step runs on the CPU backends.
+    /// The NVPTX kernels and cuBLAS on the first CUDA GPU, f32 ([`crate::gpu::GpuModel`]);
+    /// needs a build with `--features cuda`. Parameters are uploaded once; the decode step
+    /// keeps its states on the device and replays a CUDA graph.
     Cuda,
 }
 
@@ -132,7 +133,7 @@ pub struct Model {
     backend: Backend,
     compiled: Option<CpuGraph>,
     #[cfg(feature = "cuda")]
-    gpu: Option<crate::gpu::GpuGraph>,
+    gpu: Option<crate::gpu::GpuModel>,
     /// The one-token step (`L` = 1), derived from `graph` on first use.
     step: Option<StepForm>,
     last_profile: Option<runtime::cpu::Profile>,
@@ -343,13 +344,8 @@ impl Model {
             Backend::Interp => {}
             #[cfg(feature = "cuda")]
             Backend::Cuda => {
-                let g = crate::gpu::GpuGraph::compile(
-                    &m.graph,
-                    &LowerOptions::default(),
-                    codegen::nvptx::Target::Sm90,
-                    0,
-                )
-                .map_err(|e| Error::Gpu(format!("--device cuda: {e}")))?;
+                let g = crate::gpu::GpuModel::new(&m.graph, &m.params)
+                    .map_err(|e| Error::Gpu(format!("--device cuda: {e}")))?;
                 m.gpu = Some(g);
             }
             #[cfg(not(feature = "cuda"))]
@@ -389,6 +385,11 @@ impl Model {
 
     pub fn into_parts(self) -> (Graph, HashMap<String, Vec<f32>>) {
         (self.graph, self.params)
+    }
+
+    /// The executor the model runs on.
+    pub fn backend(&self) -> Backend {
+        self.backend
     }
 
     /// The lowered schedule (Cranelift backend).
@@ -556,11 +557,8 @@ impl Model {
                 Backend::Cranelift => Some(CpuGraph::compile(&graph, &LowerOptions::default())?),
                 Backend::Interp => None,
                 Backend::Cuda => {
-                    return Err(Error::Gpu(
-                        "the one-token step does not run on the GPU yet: load the model with \
-                         the cranelift backend (--device cpu) to generate"
-                            .into(),
-                    ));
+                    self.ensure_gpu_step(&graph)?;
+                    None
                 }
             };
             self.step = Some(StepForm {
@@ -600,7 +598,7 @@ impl Model {
         let outs = match self.backend {
             Backend::Cranelift => self.run_compiled(form, ids, b, l, states)?,
             Backend::Interp => self.run_interp(form, ids, b, l, states)?,
-            Backend::Cuda => self.run_gpu(ids, b, l, states)?,
+            Backend::Cuda => self.run_gpu(form, ids, b, l, states)?,
         };
         let mut finals = HashMap::new();
         let mut data = Vec::new();
@@ -662,33 +660,152 @@ impl Model {
         Ok(outs)
     }
 
+    /// The GPU side (the model was loaded with [`Backend::Cuda`]).
+    #[cfg(feature = "cuda")]
+    pub(crate) fn gpu_model(&mut self) -> Result<&mut crate::gpu::GpuModel, Error> {
+        self.gpu
+            .as_mut()
+            .ok_or_else(|| Error::Input("the model was not compiled for the GPU".into()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn ensure_gpu_step(&mut self, graph: &Graph) -> Result<(), Error> {
+        self.gpu_model()?
+            .ensure_step(graph)
+            .map_err(|e| Error::Gpu(e.to_string()))
+    }
+
+    #[cfg(not(feature = "cuda"))]
+    fn ensure_gpu_step(&mut self, _graph: &Graph) -> Result<(), Error> {
+        Err(Error::Gpu(NO_CUDA.into()))
+    }
+
     #[cfg(feature = "cuda")]
     fn run_gpu(
-        &self,
+        &mut self,
+        form: Form,
         ids: &[i32],
         b: usize,
         l: usize,
         states: &HashMap<String, Vec<f32>>,
     ) -> Result<runtime::cpu::Outputs, Error> {
-        let g = self
-            .gpu
-            .as_ref()
-            .ok_or_else(|| Error::Input("the model was not compiled for the GPU".into()))?;
-        let syms = [("B", b as i64), ("L", l as i64)];
-        let inputs = HashMap::from([("input_ids".to_string(), HostData::I32(ids.to_vec()))]);
-        g.run(
-            &syms,
-            &inputs,
-            &self.params,
-            states,
-            runtime::cuda::ExecOptions::default(),
+        use crate::gpu::Slot;
+        let gpu_err = |e: crate::gpu::GpuError| Error::Gpu(e.to_string());
+        if form == Form::Parallel {
+            return self
+                .gpu_model()?
+                .run_forward(ids, b, l, states)
+                .map_err(gpu_err);
+        }
+        // One step through the device-resident decode at batch b: the given states in,
+        // the logits and final states out.
+        let main = self.main_output();
+        let specs = self.state_shapes(b);
+        let zeros: Vec<(String, Vec<usize>, Vec<f32>)> = specs
+            .iter()
+            .map(|(n, shape)| {
+                let v = states
+                    .get(n)
+                    .cloned()
+                    .unwrap_or_else(|| vec![0.0; shape.iter().product()]);
+                (n.clone(), shape.clone(), v)
+            })
+            .collect();
+        let names: Vec<String> = specs.into_iter().map(|(n, _)| n).collect();
+        let gpu = self.gpu_model()?;
+        gpu.write_states(Slot::OneShot, b, &zeros)
+            .map_err(gpu_err)?;
+        let tokens: Vec<u32> = ids.iter().map(|&t| t as u32).collect();
+        let logits = gpu.step(Slot::OneShot, &tokens, &main).map_err(gpu_err)?;
+        let mut outs = vec![(main, logits)];
+        outs.extend(gpu.read_states(Slot::OneShot, b, &names).map_err(gpu_err)?);
+        Ok(outs)
+    }
+
+    /// Moves `state` onto the device as the decode state at its batch size.
+    #[cfg(feature = "cuda")]
+    pub(crate) fn gpu_begin_decode(&mut self, state: &State) -> Result<(), Error> {
+        use crate::gpu::Slot;
+        self.ensure_step()?;
+        let t = state.tensors();
+        self.gpu_model()?
+            .write_states(Slot::Decode, state.batch(), &t)
+            .map_err(|e| Error::Gpu(e.to_string()))
+    }
+
+    /// One step of the device-resident decode at batch `tokens.len()`.
+    #[cfg(feature = "cuda")]
+    pub(crate) fn gpu_decode_step(&mut self, tokens: &[u32]) -> Result<Logits, Error> {
+        use crate::gpu::Slot;
+        let main = self.main_output();
+        let vocab = self.vocab();
+        let data = self
+            .gpu_model()?
+            .step(Slot::Decode, tokens, &main)
+            .map_err(|e| Error::Gpu(e.to_string()))?;
+        Ok(Logits {
+            batch: tokens.len(),
+            seq: 1,
+            vocab,
+            data,
+        })
+    }
+
+    /// The device-resident decode state at batch `batch`, copied to the host.
+    #[cfg(feature = "cuda")]
+    pub(crate) fn gpu_decode_state(&mut self, batch: usize) -> Result<State, Error> {
+        use crate::gpu::Slot;
+        let specs = self.state_shapes(batch);
+        let names: Vec<String> = specs.iter().map(|(n, _)| n.clone()).collect();
+        let mut vals: HashMap<String, Vec<f32>> = self
+            .gpu_model()?
+            .read_states(Slot::Decode, batch, &names)
+            .map_err(|e| Error::Gpu(e.to_string()))?
+            .into_iter()
+            .collect();
+        State::from_tensors(
+            specs
+                .into_iter()
+                .map(|(n, shape)| {
+                    let v = vals.remove(&n).unwrap_or_default();
+                    (n, shape, v)
+                })
+                .collect(),
         )
-        .map_err(|e| Error::Gpu(e.to_string()))
+    }
+
+    /// Device times of every launch of one decode step at batch `tokens.len()` (advances
+    /// the device-resident decode state, like a step).
+    #[cfg(feature = "cuda")]
+    pub fn gpu_profile_step(
+        &mut self,
+        tokens: &[u32],
+    ) -> Result<Vec<runtime::cuda::StepTime>, Error> {
+        self.ensure_step()?;
+        self.gpu_model()?
+            .profile_step(tokens)
+            .map_err(|e| Error::Gpu(e.to_string()))
+    }
+
+    #[cfg(not(feature = "cuda"))]
+    pub(crate) fn gpu_begin_decode(&mut self, _state: &State) -> Result<(), Error> {
+        Err(Error::Gpu(NO_CUDA.into()))
+    }
+
+    #[cfg(not(feature = "cuda"))]
+    pub(crate) fn gpu_decode_step(&mut self, _tokens: &[u32]) -> Result<Logits, Error> {
+        Err(Error::Gpu(NO_CUDA.into()))
+    }
+
+    #[cfg(not(feature = "cuda"))]
+    pub(crate) fn gpu_decode_state(&mut self, _batch: usize) -> Result<State, Error> {
+        Err(Error::Gpu(NO_CUDA.into()))
     }
 
     #[cfg(not(feature = "cuda"))]
     fn run_gpu(
-        &self,
+        &mut self,
+        _form: Form,
         _ids: &[i32],
         _b: usize,
         _l: usize,
@@ -701,7 +818,7 @@ impl Model {
     pub fn device_name(&self) -> Option<String> {
         #[cfg(feature = "cuda")]
         if let Some(g) = &self.gpu {
-            return Some(g.device_name());
+            return Some(g.forward.device_name());
         }
         None
     }

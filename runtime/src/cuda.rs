@@ -20,11 +20,12 @@ use crate::cpu::{ExecError, HostData, Inputs, Outputs};
 use cudarc::cublas::CudaBlas;
 use cudarc::cublas::sys::cublasOperation_t;
 use cudarc::driver::{
-    CudaContext, CudaFunction, CudaModule, CudaStream, LaunchConfig, PushKernelArg,
+    CudaContext, CudaFunction, CudaGraph, CudaModule, CudaStream, LaunchConfig, PushKernelArg,
 };
 use cudarc::driver::{result, sys};
 use ir::kernel::IExpr;
 use ir::schedule::{BufKind, Lowered, MemoryPlan, Step};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -76,6 +77,11 @@ pub struct ExecOptions {
     pub poison: bool,
     /// Synchronize after every step, so a failing kernel is named (slower).
     pub sync_each_step: bool,
+    /// [`CudaExecutor::run`]: capture the steps as a CUDA graph on the first run and replay
+    /// it (launch-bound schedules such as the decode step).
+    pub graph: bool,
+    /// [`CudaExecutor::run`]: time every step with events.
+    pub profile: bool,
 }
 
 /// Device memory freed on drop.
@@ -98,8 +104,728 @@ pub struct CudaExecutor {
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
     blas: CudaBlas,
+    /// cuBLAS's workspace, set explicitly so that matrix products can be captured in a CUDA
+    /// graph (cuBLAS must not allocate while a stream is being captured).
+    _workspace: DevBuf,
     _module: Arc<CudaModule>,
     funcs: Vec<CudaFunction>,
+}
+
+/// Bytes of cuBLAS's workspace (the size NVIDIA recommends for Hopper).
+const CUBLAS_WORKSPACE: u64 = 32 << 20;
+
+/// Parameters on the device, uploaded once and read by every run that binds them (one
+/// CUDA context per device, so schedules of different executors on it can share them).
+pub struct DeviceParams {
+    bufs: HashMap<String, (DevBuf, usize)>,
+}
+
+impl DeviceParams {
+    /// Device bytes held.
+    pub fn bytes(&self) -> u64 {
+        self.bufs.values().map(|(_, n)| 4 * *n as u64).sum()
+    }
+}
+
+/// A schedule bound to fixed symbol values on the device: the arena, the inputs and the
+/// states are allocated once, so the schedule can run again and again (and be captured as a
+/// CUDA graph and replayed) while inputs and states are rewritten between runs.
+pub struct Bound {
+    sizes: Vec<i64>,
+    plan: MemoryPlan,
+    ptrs: Vec<u64>,
+    /// Device-to-device copies after the last step: (from, to, bytes), final states into the
+    /// state buffers the next run reads.
+    carry: Vec<(u64, u64, usize)>,
+    graph: Option<CudaGraph>,
+    _arena: DevBuf,
+    _owned: Vec<DevBuf>,
+}
+
+impl Bound {
+    /// The memory plan it was bound with.
+    pub fn plan(&self) -> &MemoryPlan {
+        &self.plan
+    }
+
+    /// Whether its steps have been captured as a CUDA graph.
+    pub fn captured(&self) -> bool {
+        self.graph.is_some()
+    }
+}
+
+/// The time one step of a profiled run took on the device.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StepTime {
+    /// The kernel's name, or `matmul` for a cuBLAS product.
+    pub name: String,
+    /// The IR node the step came from.
+    pub node: String,
+    pub ms: f32,
+}
+
+/// Which of a schedule's buffers a name denotes.
+fn named(l: &Lowered, name: &str, output: bool) -> Option<usize> {
+    if output {
+        return l.outputs.iter().find(|(n, _)| n == name).map(|(_, b)| *b);
+    }
+    l.buffers.iter().position(|b| match &b.kind {
+        BufKind::Input(n) | BufKind::State(n) => n == name,
+        _ => false,
+    })
+}
+
+impl CudaExecutor {
+    /// Opens GPU `ordinal`, loads cuBLAS and the PTX module, and looks up every entry.
+    pub fn new(ordinal: usize, ptx: &str, entries: &[String]) -> Result<CudaExecutor, CudaError> {
+        if !driver_present() {
+            return Err(CudaError::NoDevice(
+                "the CUDA driver library (libcuda.so) was not found".into(),
+            ));
+        }
+        let ctx = CudaContext::new(ordinal).map_err(|e| CudaError::NoDevice(e.to_string()))?;
+        // Not the legacy default stream: that one cannot be captured as a graph.
+        let stream = ctx.new_stream().map_err(drv)?;
+        ensure_cublas()?;
+        let blas = CudaBlas::new(stream.clone()).map_err(|e| CudaError::NoCublas(e.to_string()))?;
+        let workspace = alloc_on(&ctx, "cuBLAS's workspace", CUBLAS_WORKSPACE)?;
+        // SAFETY: the workspace is a live allocation of CUBLAS_WORKSPACE bytes that lives as
+        // long as the handle (both are fields of the executor).
+        unsafe {
+            cudarc::cublas::sys::cublasSetWorkspace_v2(
+                *blas.handle(),
+                workspace.ptr as *mut std::ffi::c_void,
+                CUBLAS_WORKSPACE as usize,
+            )
+        }
+        .result()
+        .map_err(|e| CudaError::NoCublas(e.to_string()))?;
+        let module = ctx
+            .load_module(cudarc::nvrtc::Ptx::from_src(ptx))
+            .map_err(|e| CudaError::Module(e.to_string()))?;
+        let mut funcs = Vec::with_capacity(entries.len());
+        for e in entries {
+            let f = module
+                .load_function(e)
+                .map_err(|err| CudaError::Module(format!("entry `{e}`: {err}")))?;
+            funcs.push(f);
+        }
+        Ok(CudaExecutor {
+            ctx,
+            stream,
+            blas,
+            _workspace: workspace,
+            _module: module,
+            funcs,
+        })
+    }
+
+    /// The device's name.
+    pub fn device_name(&self) -> String {
+        self.ctx.name().unwrap_or_default()
+    }
+
+    /// Free and total device memory in bytes.
+    pub fn memory_info(&self) -> Result<(u64, u64), CudaError> {
+        let (f, t) = self.ctx.mem_get_info().map_err(drv)?;
+        Ok((f as u64, t as u64))
+    }
+
+    fn alloc(&self, what: &str, bytes: u64) -> Result<DevBuf, CudaError> {
+        alloc_on(&self.ctx, what, bytes)
+    }
+
+    fn upload<T>(&self, what: &str, data: &[T]) -> Result<DevBuf, CudaError> {
+        let b = self.alloc(what, std::mem::size_of_val(data) as u64)?;
+        self.copy_in(b.ptr, data)?;
+        Ok(b)
+    }
+
+    /// Host to device on the executor's stream (pageable memory is staged before the call
+    /// returns, so `data` may change afterwards).
+    fn copy_in<T>(&self, ptr: u64, data: &[T]) -> Result<(), CudaError> {
+        if !data.is_empty() {
+            // SAFETY: the caller's `ptr` holds at least `size_of_val(data)` bytes.
+            unsafe { result::memcpy_htod_async(ptr, data, self.stream.cu_stream()) }
+                .map_err(drv)?;
+        }
+        Ok(())
+    }
+
+    /// Uploads parameters (f32) once, for [`CudaExecutor::bind`].
+    pub fn upload_params(
+        &self,
+        params: &HashMap<String, Vec<f32>>,
+    ) -> Result<DeviceParams, CudaError> {
+        self.ctx.bind_to_thread().map_err(drv)?;
+        let mut bufs = HashMap::with_capacity(params.len());
+        for (name, v) in params {
+            let d = self.upload(&format!("parameter `{name}`"), v)?;
+            bufs.insert(name.clone(), (d, v.len()));
+        }
+        self.stream.synchronize().map_err(drv)?;
+        Ok(DeviceParams { bufs })
+    }
+
+    /// Overwrites parameter `name` on the device (after an optimizer step).
+    pub fn update_param(
+        &self,
+        params: &DeviceParams,
+        name: &str,
+        v: &[f32],
+    ) -> Result<(), CudaError> {
+        let (d, n) = params.bufs.get(name).ok_or_else(|| ExecError::Missing {
+            what: "parameter",
+            name: name.to_string(),
+        })?;
+        check_len(name, v.len(), *n)?;
+        self.copy_in(d.ptr, v)
+    }
+
+    /// Binds schedule `l` at symbol values `sizes` (in `l.syms` order) with memory plan
+    /// `plan`: allocates the arena, the inputs and the states (zeros), and takes the
+    /// parameters from `params`. With `poison`, the arena starts as NaN bytes.
+    pub fn bind(
+        &self,
+        l: &Lowered,
+        sizes: &[i64],
+        plan: MemoryPlan,
+        params: &DeviceParams,
+        poison: bool,
+    ) -> Result<Bound, CudaError> {
+        self.ctx.bind_to_thread().map_err(drv)?;
+        if plan.offsets.len() != l.buffers.len() || plan.bytes.len() != l.buffers.len() {
+            return Err(ExecError::Plan(format!(
+                "{} offsets for {} buffers",
+                plan.offsets.len(),
+                l.buffers.len()
+            ))
+            .into());
+        }
+        if self.funcs.len() != l.kernels.len() {
+            return Err(CudaError::Module(format!(
+                "{} entries loaded for {} kernels",
+                self.funcs.len(),
+                l.kernels.len()
+            )));
+        }
+        if sizes.len() != l.syms.len() {
+            return Err(ExecError::Plan(format!(
+                "{} sizes for the symbols {:?}",
+                sizes.len(),
+                l.syms
+            ))
+            .into());
+        }
+        let arena = self.alloc("the arena", plan.peak)?;
+        let cu = self.stream.cu_stream();
+        if poison && plan.peak > 0 {
+            // SAFETY: the arena holds `peak` bytes; 0xFF bytes are f32 NaNs.
+            unsafe { result::memset_d8_async(arena.ptr, 0xFF, plan.peak as usize, cu) }
+                .map_err(drv)?;
+        }
+        let mut owned: Vec<DevBuf> = Vec::new();
+        let mut ptrs: Vec<u64> = vec![0; l.buffers.len()];
+        for (i, b) in l.buffers.iter().enumerate() {
+            let bytes = plan.bytes[i];
+            ptrs[i] = match &b.kind {
+                BufKind::Temp | BufKind::Scratch => match plan.offsets[i] {
+                    Some(off) => arena.ptr + off,
+                    None => 0,
+                },
+                BufKind::Param(name) => {
+                    let (d, n) = params.bufs.get(name).ok_or_else(|| ExecError::Missing {
+                        what: "parameter",
+                        name: name.clone(),
+                    })?;
+                    check_len(name, *n, (bytes / b.dtype.size()) as usize)?;
+                    d.ptr
+                }
+                BufKind::Input(name) | BufKind::State(name) => {
+                    let what = match b.kind {
+                        BufKind::Input(_) => "input",
+                        _ => "state",
+                    };
+                    let d = self.alloc(&format!("{what} `{name}`"), bytes)?;
+                    // SAFETY: `d` holds `bytes` bytes. States start at zero; inputs too, so
+                    // a run before any write reads defined values.
+                    unsafe { result::memset_d8_async(d.ptr, 0, bytes as usize, cu) }
+                        .map_err(drv)?;
+                    let ptr = d.ptr;
+                    owned.push(d);
+                    ptr
+                }
+            };
+        }
+        Ok(Bound {
+            sizes: sizes.to_vec(),
+            plan,
+            ptrs,
+            carry: Vec::new(),
+            graph: None,
+            _arena: arena,
+            _owned: owned,
+        })
+    }
+
+    /// Writes input or state `name` of a bound schedule from the host.
+    pub fn write(
+        &self,
+        l: &Lowered,
+        b: &Bound,
+        name: &str,
+        data: &HostData,
+    ) -> Result<(), CudaError> {
+        let i = named(l, name, false).ok_or_else(|| ExecError::Missing {
+            what: "input or state",
+            name: name.to_string(),
+        })?;
+        let want = (b.plan.bytes[i] / l.buffers[i].dtype.size()) as usize;
+        let int = l.buffers[i].dtype == ir::DType::I32;
+        match data {
+            HostData::I32(v) if int => {
+                check_len(name, v.len(), want)?;
+                self.copy_in(b.ptrs[i], v)
+            }
+            HostData::F32(v) if !int => {
+                check_len(name, v.len(), want)?;
+                self.copy_in(b.ptrs[i], v)
+            }
+            _ => Err(ExecError::Plan(format!(
+                "`{name}` is {} on the device; the host data has another type",
+                l.buffers[i].dtype
+            ))
+            .into()),
+        }
+    }
+
+    /// Makes every run of `b` end by copying each final state (an output named like a state
+    /// input) into that state's buffer, so the next run continues from it.
+    pub fn carry_states(&self, l: &Lowered, b: &mut Bound) -> Result<(), CudaError> {
+        if b.graph.is_some() {
+            return Err(ExecError::Plan("the schedule was already captured".into()).into());
+        }
+        b.carry.clear();
+        for (i, buf) in l.buffers.iter().enumerate() {
+            let BufKind::State(name) = &buf.kind else {
+                continue;
+            };
+            let Some(o) = named(l, name, true) else {
+                continue;
+            };
+            if b.plan.bytes[o] != b.plan.bytes[i] {
+                return Err(ExecError::Size {
+                    name: name.clone(),
+                    got: b.plan.bytes[o] as usize,
+                    want: b.plan.bytes[i] as usize,
+                }
+                .into());
+            }
+            if b.ptrs[o] != b.ptrs[i] && b.plan.bytes[i] > 0 {
+                b.carry
+                    .push((b.ptrs[o], b.ptrs[i], b.plan.bytes[i] as usize));
+            }
+        }
+        Ok(())
+    }
+
+    /// Copies the final states of a run of `from` into the state buffers of `to` (prefill to
+    /// decode); states of `to` with no final state in `from` are left alone.
+    pub fn copy_states(
+        &self,
+        lf: &Lowered,
+        from: &Bound,
+        lt: &Lowered,
+        to: &Bound,
+    ) -> Result<(), CudaError> {
+        for (i, buf) in lt.buffers.iter().enumerate() {
+            let BufKind::State(name) = &buf.kind else {
+                continue;
+            };
+            let Some(o) = named(lf, name, true) else {
+                continue;
+            };
+            let (n, m) = (from.plan.bytes[o], to.plan.bytes[i]);
+            if n != m {
+                return Err(ExecError::Size {
+                    name: name.clone(),
+                    got: n as usize,
+                    want: m as usize,
+                }
+                .into());
+            }
+            if n > 0 {
+                // SAFETY: both buffers hold `n` bytes and are live in `from` and `to`.
+                unsafe {
+                    result::memcpy_dtod_async(
+                        to.ptrs[i],
+                        from.ptrs[o],
+                        n as usize,
+                        self.stream.cu_stream(),
+                    )
+                }
+                .map_err(drv)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs a bound schedule (asynchronously: [`CudaExecutor::read`] waits for it). With
+    /// `opts.graph`, the first run captures the steps as a CUDA graph and every run replays
+    /// it. With `opts.profile`, each step is timed with events (the run then waits) and the
+    /// times are returned.
+    pub fn run(
+        &self,
+        l: &Lowered,
+        b: &mut Bound,
+        opts: ExecOptions,
+    ) -> Result<Vec<StepTime>, CudaError> {
+        self.ctx.bind_to_thread().map_err(drv)?;
+        if opts.graph && !opts.profile && !opts.sync_each_step {
+            if b.graph.is_none() {
+                self.stream
+                    .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+                    .map_err(drv)?;
+                let enq = self.enqueue(l, b, None, false);
+                let ended = self
+                    .stream
+                    .end_capture(sys::CUgraphInstantiate_flags(0))
+                    .map_err(drv);
+                enq?;
+                b.graph = Some(ended?.ok_or_else(|| drv("the captured graph is empty"))?);
+            }
+            if let Some(g) = &b.graph {
+                g.launch().map_err(drv)?;
+            }
+            return Ok(Vec::new());
+        }
+        if opts.profile {
+            let mut times = Vec::new();
+            self.enqueue(l, b, Some(&mut times), opts.sync_each_step)?;
+            return Ok(times);
+        }
+        self.enqueue(l, b, None, opts.sync_each_step)?;
+        Ok(Vec::new())
+    }
+
+    /// Waits for everything enqueued on the executor's stream.
+    pub fn synchronize(&self) -> Result<(), CudaError> {
+        self.stream.synchronize().map_err(drv)
+    }
+
+    /// Output `name` of the last run (waits for it); `rows`: only elements `start..end`.
+    pub fn read(
+        &self,
+        l: &Lowered,
+        b: &Bound,
+        name: &str,
+        range: Option<std::ops::Range<usize>>,
+    ) -> Result<Vec<f32>, CudaError> {
+        let o = named(l, name, true).ok_or_else(|| ExecError::Missing {
+            what: "output",
+            name: name.to_string(),
+        })?;
+        self.read_buf(b, o, name, range)
+    }
+
+    /// The current value of state `name` of a bound schedule (waits for the last run).
+    pub fn read_state(&self, l: &Lowered, b: &Bound, name: &str) -> Result<Vec<f32>, CudaError> {
+        let i = named(l, name, false).ok_or_else(|| ExecError::Missing {
+            what: "state",
+            name: name.to_string(),
+        })?;
+        self.read_buf(b, i, name, None)
+    }
+
+    fn read_buf(
+        &self,
+        b: &Bound,
+        i: usize,
+        name: &str,
+        range: Option<std::ops::Range<usize>>,
+    ) -> Result<Vec<f32>, CudaError> {
+        self.stream.synchronize().map_err(drv)?;
+        let len = (b.plan.bytes[i] / 4) as usize;
+        let r = range.unwrap_or(0..len);
+        if r.start > r.end || r.end > len {
+            return Err(ExecError::Size {
+                name: name.to_string(),
+                got: r.end,
+                want: len,
+            }
+            .into());
+        }
+        let mut v = vec![0f32; r.len()];
+        if b.ptrs[i] != 0 && !v.is_empty() {
+            // SAFETY: the buffer holds `len` f32 values and `r` lies inside it.
+            unsafe { result::memcpy_dtoh_sync(&mut v, b.ptrs[i] + 4 * r.start as u64) }
+                .map_err(drv)?;
+        }
+        Ok(v)
+    }
+
+    /// Enqueues every step of `l` on the stream, then the state carries.
+    fn enqueue(
+        &self,
+        l: &Lowered,
+        b: &Bound,
+        times: Option<&mut Vec<StepTime>>,
+        sync_each_step: bool,
+    ) -> Result<(), CudaError> {
+        let sizes = &b.sizes;
+        let ptrs = &b.ptrs;
+        let timing = times.is_some();
+        let mut events = Vec::new();
+        let event = || {
+            self.ctx
+                .new_event(Some(sys::CUevent_flags::CU_EVENT_DEFAULT))
+                .map_err(drv)
+        };
+        for step in &l.steps {
+            let start = if timing {
+                let e = event()?;
+                e.record(&self.stream).map_err(drv)?;
+                Some(e)
+            } else {
+                None
+            };
+            let (name, node) = match step {
+                Step::Kernel { kernel, bufs, node } => {
+                    let k = &l.kernels[*kernel];
+                    self.launch(k, &self.funcs[*kernel], bufs, ptrs, sizes, node)?;
+                    (k.name.clone(), node.to_string())
+                }
+                Step::MatMul { node, .. } => {
+                    self.matmul(l, step, ptrs, sizes)?;
+                    ("matmul".to_string(), node.to_string())
+                }
+            };
+            if sync_each_step {
+                self.stream.synchronize().map_err(|e| match step {
+                    Step::Kernel { .. } => CudaError::Kernel {
+                        kernel: name.clone(),
+                        node: node.clone(),
+                        message: e.to_string(),
+                    },
+                    Step::MatMul { .. } => CudaError::Gemm {
+                        node: node.clone(),
+                        message: e.to_string(),
+                    },
+                })?;
+            }
+            if let Some(s) = start {
+                let e = event()?;
+                e.record(&self.stream).map_err(drv)?;
+                events.push((name, node, s, e));
+            }
+        }
+        for &(from, to, bytes) in &b.carry {
+            // SAFETY: both are live buffers of `bytes` bytes (checked in `carry_states`).
+            unsafe { result::memcpy_dtod_async(to, from, bytes, self.stream.cu_stream()) }
+                .map_err(drv)?;
+        }
+        if let Some(times) = times {
+            self.stream.synchronize().map_err(drv)?;
+            for (name, node, s, e) in events {
+                let ms = s.elapsed_ms(&e).map_err(drv)?;
+                times.push(StepTime { name, node, ms });
+            }
+        }
+        Ok(())
+    }
+
+    fn launch(
+        &self,
+        k: &ir::kernel::Kernel,
+        func: &CudaFunction,
+        bufs: &[usize],
+        ptrs: &[u64],
+        sizes: &[i64],
+        node: &ir::NodeId,
+    ) -> Result<(), CudaError> {
+        let fail = |message: String| CudaError::Kernel {
+            kernel: k.name.clone(),
+            node: node.to_string(),
+            message,
+        };
+        if sizes.len() != k.sizes.len() || bufs.len() != k.bufs.len() {
+            return Err(fail(format!(
+                "{} buffers and {} sizes given, {} and {} expected",
+                bufs.len(),
+                sizes.len(),
+                k.bufs.len(),
+                k.sizes.len()
+            )));
+        }
+        let total = match grid_points(&k.grid, sizes) {
+            Ok(Some(0)) => return Ok(()),
+            Ok(Some(n)) => n,
+            // Extents read from device buffers: the kernel loops over its grid.
+            Ok(None) => MAX_BLOCKS * u64::from(BLOCK),
+            Err(m) => return Err(fail(m)),
+        };
+        let blocks = total.div_ceil(u64::from(BLOCK)).clamp(1, MAX_BLOCKS) as u32;
+        let args: Vec<u64> = bufs.iter().map(|&b| ptrs[b]).collect();
+        let mut lb = self.stream.launch_builder(func);
+        for a in &args {
+            lb.arg(a);
+        }
+        for s in sizes {
+            lb.arg(s);
+        }
+        let cfg = LaunchConfig {
+            grid_dim: (blocks, 1, 1),
+            block_dim: (BLOCK, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: the arguments are the entry's parameters in order (a device address per
+        // buffer, then the i64 sizes); every address is a live allocation sized by the
+        // memory plan for these sizes.
+        unsafe { lb.launch(cfg) }.map_err(|e| fail(e.to_string()))?;
+        Ok(())
+    }
+
+    fn matmul(
+        &self,
+        l: &Lowered,
+        step: &Step,
+        ptrs: &[u64],
+        sizes: &[i64],
+    ) -> Result<(), CudaError> {
+        let Step::MatMul {
+            lhs,
+            rhs,
+            out,
+            batch,
+            m,
+            k,
+            n,
+            rhs_t,
+            rhs_batched,
+            node,
+        } = step
+        else {
+            return Ok(());
+        };
+        let fail = |message: String| CudaError::Gemm {
+            node: node.to_string(),
+            message,
+        };
+        let bind = |s: &str| l.syms.iter().position(|x| x == s).map(|i| sizes[i] as u64);
+        let ev = |d: &ir::Dim| {
+            d.eval(&bind)
+                .ok_or_else(|| fail(format!("cannot evaluate {d}")))
+        };
+        let (bt, m, k, n) = (ev(batch)?, ev(m)?, ev(k)?, ev(n)?);
+        if bt == 0 || m == 0 || n == 0 {
+            return Ok(());
+        }
+        if k == 0 {
+            // SAFETY: `out` holds batch*m*n f32 values.
+            unsafe {
+                result::memset_d8_async(
+                    ptrs[*out],
+                    0,
+                    (bt * m * n * 4) as usize,
+                    self.stream.cu_stream(),
+                )
+            }
+            .map_err(|e| fail(e.to_string()))?;
+            return Ok(());
+        }
+        let int = |x: u64| i32::try_from(x).map_err(|_| fail(format!("{x} exceeds i32")));
+        let (mi, ki, ni, bi) = (int(m)?, int(k)?, int(n)?, int(bt)?);
+        // Row-major C[M,N] = A[M,K] B is column-major C^T = B^T A^T: cuBLAS computes
+        // (N x M) = op(B) (N x K) * A (K x M).
+        let (op_b, ldb) = if *rhs_t {
+            (cublasOperation_t::CUBLAS_OP_T, ki)
+        } else {
+            (cublasOperation_t::CUBLAS_OP_N, ni)
+        };
+        let stride_b = if *rhs_batched { (k * n) as i64 } else { 0 };
+        let (alpha, beta) = (1.0f32, 0.0f32);
+        // SAFETY: the buffers hold batch*m*k, k*n (per batch if batched) and batch*m*n f32
+        // values by construction of the schedule and the plan.
+        unsafe {
+            cudarc::cublas::result::sgemm_strided_batched(
+                *self.blas.handle(),
+                op_b,
+                cublasOperation_t::CUBLAS_OP_N,
+                ni,
+                mi,
+                ki,
+                &alpha,
+                ptrs[*rhs] as *const f32,
+                ldb,
+                stride_b,
+                ptrs[*lhs] as *const f32,
+                ki,
+                (m * k) as i64,
+                &beta,
+                ptrs[*out] as *mut f32,
+                ni,
+                (m * n) as i64,
+                bi,
+            )
+        }
+        .map_err(|e| fail(e.to_string()))?;
+        Ok(())
+    }
+
+    /// Runs the schedule once: uploads the parameters, inputs and states, runs every step
+    /// and returns every graph output (f32) by name, in output order.
+    pub fn execute(
+        &self,
+        l: &Lowered,
+        plan: &MemoryPlan,
+        inp: &Inputs<'_>,
+        opts: ExecOptions,
+    ) -> Result<Outputs, CudaError> {
+        let params = self.upload_params(inp.params)?;
+        self.execute_with(l, plan, inp, &params, opts)
+    }
+
+    /// [`CudaExecutor::execute`] with parameters already on the device (`inp.params` is
+    /// not read).
+    pub fn execute_with(
+        &self,
+        l: &Lowered,
+        plan: &MemoryPlan,
+        inp: &Inputs<'_>,
+        params: &DeviceParams,
+        opts: ExecOptions,
+    ) -> Result<Outputs, CudaError> {
+        let mut b = self.bind(l, inp.sizes, plan.clone(), params, opts.poison)?;
+        for buf in &l.buffers {
+            match &buf.kind {
+                BufKind::Input(name) => {
+                    let d = inp.data.get(name).ok_or_else(|| ExecError::Missing {
+                        what: "input",
+                        name: name.clone(),
+                    })?;
+                    self.write(l, &b, name, d)?;
+                }
+                BufKind::State(name) => {
+                    if let Some(v) = inp.states.get(name) {
+                        self.write(l, &b, name, &HostData::F32(v.clone()))?;
+                    }
+                }
+                _ => {}
+            }
+        }
+        let plain = ExecOptions {
+            graph: false,
+            profile: false,
+            ..opts
+        };
+        self.run(l, &mut b, plain)?;
+        let mut outs = Vec::with_capacity(l.outputs.len());
+        for (i, (name, _)) in l.outputs.iter().enumerate() {
+            let o = l.outputs[i].1;
+            outs.push((name.clone(), self.read_buf(&b, o, name, None)?));
+        }
+        Ok(outs)
+    }
 }
 
 fn drv(e: impl std::fmt::Display) -> CudaError {
@@ -208,306 +934,21 @@ fn load_global(path: &Path) -> Result<(), CudaError> {
     Ok(())
 }
 
-impl CudaExecutor {
-    /// Opens GPU `ordinal`, loads cuBLAS and the PTX module, and looks up every entry.
-    pub fn new(ordinal: usize, ptx: &str, entries: &[String]) -> Result<CudaExecutor, CudaError> {
-        if !driver_present() {
-            return Err(CudaError::NoDevice(
-                "the CUDA driver library (libcuda.so) was not found".into(),
-            ));
+fn alloc_on(ctx: &CudaContext, what: &str, bytes: u64) -> Result<DevBuf, CudaError> {
+    let n = usize::try_from(bytes.max(1)).map_err(drv)?;
+    ctx.bind_to_thread().map_err(drv)?;
+    // SAFETY: a plain device allocation in the bound context.
+    match unsafe { result::malloc_sync(n) } {
+        Ok(ptr) => Ok(DevBuf { ptr }),
+        Err(e) if e.0 == sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY => {
+            let free = ctx.mem_get_info().map(|(f, _)| f as u64).unwrap_or(0);
+            Err(CudaError::OutOfMemory {
+                what: what.to_string(),
+                requested: bytes,
+                free,
+            })
         }
-        let ctx = CudaContext::new(ordinal).map_err(|e| CudaError::NoDevice(e.to_string()))?;
-        let stream = ctx.default_stream();
-        ensure_cublas()?;
-        let blas = CudaBlas::new(stream.clone()).map_err(|e| CudaError::NoCublas(e.to_string()))?;
-        let module = ctx
-            .load_module(cudarc::nvrtc::Ptx::from_src(ptx))
-            .map_err(|e| CudaError::Module(e.to_string()))?;
-        let mut funcs = Vec::with_capacity(entries.len());
-        for e in entries {
-            let f = module
-                .load_function(e)
-                .map_err(|err| CudaError::Module(format!("entry `{e}`: {err}")))?;
-            funcs.push(f);
-        }
-        Ok(CudaExecutor {
-            ctx,
-            stream,
-            blas,
-            _module: module,
-            funcs,
-        })
-    }
-
-    /// The device's name.
-    pub fn device_name(&self) -> String {
-        self.ctx.name().unwrap_or_default()
-    }
-
-    fn alloc(&self, what: &str, bytes: u64) -> Result<DevBuf, CudaError> {
-        let n = usize::try_from(bytes.max(1)).map_err(drv)?;
-        // SAFETY: a plain device allocation in the bound context.
-        match unsafe { result::malloc_sync(n) } {
-            Ok(ptr) => Ok(DevBuf { ptr }),
-            Err(e) if e.0 == sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY => {
-                let free = self.ctx.mem_get_info().map(|(f, _)| f as u64).unwrap_or(0);
-                Err(CudaError::OutOfMemory {
-                    what: what.to_string(),
-                    requested: bytes,
-                    free,
-                })
-            }
-            Err(e) => Err(drv(e)),
-        }
-    }
-
-    fn upload<T>(&self, what: &str, data: &[T]) -> Result<DevBuf, CudaError> {
-        let b = self.alloc(what, std::mem::size_of_val(data) as u64)?;
-        if !data.is_empty() {
-            // SAFETY: `b` holds `size_of_val(data)` bytes; the copy is synchronous.
-            unsafe { result::memcpy_htod_sync(b.ptr, data) }.map_err(drv)?;
-        }
-        Ok(b)
-    }
-
-    /// Runs the schedule; returns every graph output (f32) by name, in output order.
-    pub fn execute(
-        &self,
-        l: &Lowered,
-        plan: &MemoryPlan,
-        inp: &Inputs<'_>,
-        opts: ExecOptions,
-    ) -> Result<Outputs, CudaError> {
-        self.ctx.bind_to_thread().map_err(drv)?;
-        if plan.offsets.len() != l.buffers.len() {
-            return Err(ExecError::Plan(format!(
-                "{} offsets for {} buffers",
-                plan.offsets.len(),
-                l.buffers.len()
-            ))
-            .into());
-        }
-        if self.funcs.len() != l.kernels.len() {
-            return Err(CudaError::Module(format!(
-                "{} entries loaded for {} kernels",
-                self.funcs.len(),
-                l.kernels.len()
-            )));
-        }
-        let arena = self.alloc("the arena", plan.peak)?;
-        if opts.poison && plan.peak > 0 {
-            // SAFETY: the arena holds `peak` bytes; 0xFF bytes are f32 NaNs.
-            unsafe { result::memset_d8_sync(arena.ptr, 0xFF, plan.peak as usize) }.map_err(drv)?;
-        }
-        let mut owned: Vec<DevBuf> = Vec::new();
-        let mut ptrs: Vec<u64> = vec![0; l.buffers.len()];
-        for (i, b) in l.buffers.iter().enumerate() {
-            let want = (plan.bytes[i] / b.dtype.size()) as usize;
-            ptrs[i] = match &b.kind {
-                BufKind::Temp | BufKind::Scratch => match plan.offsets[i] {
-                    Some(off) => arena.ptr + off,
-                    None => 0,
-                },
-                BufKind::Param(name) => {
-                    let p = inp.params.get(name).ok_or_else(|| ExecError::Missing {
-                        what: "parameter",
-                        name: name.clone(),
-                    })?;
-                    check_len(name, p.len(), want)?;
-                    let d = self.upload(&format!("parameter `{name}`"), p)?;
-                    let ptr = d.ptr;
-                    owned.push(d);
-                    ptr
-                }
-                BufKind::Input(name) => {
-                    let d = match inp.data.get(name) {
-                        Some(HostData::I32(v)) => {
-                            check_len(name, v.len(), want)?;
-                            self.upload(&format!("input `{name}`"), v)?
-                        }
-                        Some(HostData::F32(v)) => {
-                            check_len(name, v.len(), want)?;
-                            self.upload(&format!("input `{name}`"), v)?
-                        }
-                        None => {
-                            return Err(ExecError::Missing {
-                                what: "input",
-                                name: name.clone(),
-                            }
-                            .into());
-                        }
-                    };
-                    let ptr = d.ptr;
-                    owned.push(d);
-                    ptr
-                }
-                BufKind::State(name) => {
-                    let d = match inp.states.get(name) {
-                        Some(v) => {
-                            check_len(name, v.len(), want)?;
-                            self.upload(&format!("state `{name}`"), v)?
-                        }
-                        None => {
-                            let d = self.alloc(&format!("state `{name}`"), plan.bytes[i])?;
-                            // SAFETY: `d` holds `bytes[i]` bytes.
-                            unsafe { result::memset_d8_sync(d.ptr, 0, plan.bytes[i] as usize) }
-                                .map_err(drv)?;
-                            d
-                        }
-                    };
-                    let ptr = d.ptr;
-                    owned.push(d);
-                    ptr
-                }
-            };
-        }
-        for step in &l.steps {
-            match step {
-                Step::Kernel { kernel, bufs, node } => {
-                    let k = &l.kernels[*kernel];
-                    let fail = |message: String| CudaError::Kernel {
-                        kernel: k.name.clone(),
-                        node: node.to_string(),
-                        message,
-                    };
-                    if inp.sizes.len() != k.sizes.len() || bufs.len() != k.bufs.len() {
-                        return Err(fail(format!(
-                            "{} buffers and {} sizes given, {} and {} expected",
-                            bufs.len(),
-                            inp.sizes.len(),
-                            k.bufs.len(),
-                            k.sizes.len()
-                        )));
-                    }
-                    let total = match grid_points(&k.grid, inp.sizes) {
-                        Ok(Some(0)) => continue,
-                        Ok(Some(n)) => n,
-                        // Extents read from device buffers: the kernel loops over its grid.
-                        Ok(None) => MAX_BLOCKS * u64::from(BLOCK),
-                        Err(m) => return Err(fail(m)),
-                    };
-                    let blocks = total.div_ceil(u64::from(BLOCK)).clamp(1, MAX_BLOCKS) as u32;
-                    let args: Vec<u64> = bufs.iter().map(|&b| ptrs[b]).collect();
-                    let mut lb = self.stream.launch_builder(&self.funcs[*kernel]);
-                    for a in &args {
-                        lb.arg(a);
-                    }
-                    for s in inp.sizes {
-                        lb.arg(s);
-                    }
-                    let cfg = LaunchConfig {
-                        grid_dim: (blocks, 1, 1),
-                        block_dim: (BLOCK, 1, 1),
-                        shared_mem_bytes: 0,
-                    };
-                    // SAFETY: the arguments are the entry's parameters in order (a device
-                    // address per buffer, then the i64 sizes); every address is a live
-                    // allocation sized by the memory plan for these sizes.
-                    unsafe { lb.launch(cfg) }.map_err(|e| fail(e.to_string()))?;
-                    if opts.sync_each_step {
-                        self.stream.synchronize().map_err(|e| fail(e.to_string()))?;
-                    }
-                }
-                Step::MatMul {
-                    lhs,
-                    rhs,
-                    out,
-                    batch,
-                    m,
-                    k,
-                    n,
-                    rhs_t,
-                    rhs_batched,
-                    node,
-                } => {
-                    let fail = |message: String| CudaError::Gemm {
-                        node: node.to_string(),
-                        message,
-                    };
-                    let bind = |s: &str| {
-                        l.syms
-                            .iter()
-                            .position(|x| x == s)
-                            .map(|i| inp.sizes[i] as u64)
-                    };
-                    let ev = |d: &ir::Dim| {
-                        d.eval(&bind)
-                            .ok_or_else(|| fail(format!("cannot evaluate {d}")))
-                    };
-                    let (bt, m, k, n) = (ev(batch)?, ev(m)?, ev(k)?, ev(n)?);
-                    if bt == 0 || m == 0 || n == 0 {
-                        continue;
-                    }
-                    if k == 0 {
-                        // SAFETY: `out` holds batch*m*n f32 values.
-                        unsafe {
-                            result::memset_d8_async(
-                                ptrs[*out],
-                                0,
-                                (bt * m * n * 4) as usize,
-                                self.stream.cu_stream(),
-                            )
-                        }
-                        .map_err(|e| fail(e.to_string()))?;
-                        continue;
-                    }
-                    let int =
-                        |x: u64| i32::try_from(x).map_err(|_| fail(format!("{x} exceeds i32")));
-                    let (mi, ki, ni, bi) = (int(m)?, int(k)?, int(n)?, int(bt)?);
-                    // Row-major C[M,N] = A[M,K] B is column-major C^T = B^T A^T: cuBLAS
-                    // computes (N x M) = op(B) (N x K) * A (K x M).
-                    let (op_b, ldb) = if *rhs_t {
-                        (cublasOperation_t::CUBLAS_OP_T, ki)
-                    } else {
-                        (cublasOperation_t::CUBLAS_OP_N, ni)
-                    };
-                    let stride_b = if *rhs_batched { (k * n) as i64 } else { 0 };
-                    let (alpha, beta) = (1.0f32, 0.0f32);
-                    // SAFETY: the buffers hold batch*m*k, k*n (per batch if batched) and
-                    // batch*m*n f32 values by construction of the schedule and the plan.
-                    unsafe {
-                        cudarc::cublas::result::sgemm_strided_batched(
-                            *self.blas.handle(),
-                            op_b,
-                            cublasOperation_t::CUBLAS_OP_N,
-                            ni,
-                            mi,
-                            ki,
-                            &alpha,
-                            ptrs[*rhs] as *const f32,
-                            ldb,
-                            stride_b,
-                            ptrs[*lhs] as *const f32,
-                            ki,
-                            (m * k) as i64,
-                            &beta,
-                            ptrs[*out] as *mut f32,
-                            ni,
-                            (m * n) as i64,
-                            bi,
-                        )
-                    }
-                    .map_err(|e| fail(e.to_string()))?;
-                    if opts.sync_each_step {
-                        self.stream.synchronize().map_err(|e| fail(e.to_string()))?;
-                    }
-                }
-            }
-        }
-        self.stream.synchronize().map_err(drv)?;
-        let mut outs = Vec::new();
-        for (name, b) in &l.outputs {
-            let len = (plan.bytes[*b] / 4) as usize;
-            let mut v = vec![0f32; len];
-            if ptrs[*b] != 0 && len > 0 {
-                // SAFETY: output buffers are f32 and `len` elements long (plan.bytes).
-                unsafe { result::memcpy_dtoh_sync(&mut v, ptrs[*b]) }.map_err(drv)?;
-            }
-            outs.push((name.clone(), v));
-        }
-        drop(owned);
-        drop(arena);
-        Ok(outs)
+        Err(e) => Err(drv(e)),
     }
 }
 
