@@ -124,3 +124,47 @@ fn sm_80_fallback_assembles() {
     assert!(ptx.text.contains(".target sm_80"));
     assemble("tiny-mamba2 training sm_80", &ptx);
 }
+
+/// Which kernels run a warp per grid point (`ir::lanes`): the row reductions (norms, the
+/// loss over the vocabulary, gradient sums) and the Mamba-2 scan's state loop; elementwise
+/// kernels keep a thread per point. Warp kernels carry the shuffle and the warp barrier.
+#[test]
+fn row_reductions_and_state_loops_run_a_warp_per_point() {
+    let graph = common::compile_name("mamba2-130m").graph;
+    let tg = passes::training_graph(&graph, "logits", -100).expect("training graph");
+    let step = passes::step_graph(&graph).expect("step graph");
+    for (what, g) in [
+        ("forward", &graph),
+        ("training", &tg.graph),
+        ("step", &step),
+    ] {
+        let l = passes::lower(g, &LowerOptions::default()).expect("lowers");
+        let (distinct, _) = ma2mba::artifact::dedupe(&l.kernels);
+        let warp: Vec<String> = distinct
+            .iter()
+            .filter(|k| ir::lanes::threads_per_point(k) > 1)
+            .map(|k| format!("{} x{}", k.name, ir::lanes::threads_per_point(k)))
+            .collect();
+        eprintln!(
+            "mamba2-130m {what}: {} of {} distinct kernels share points among lanes: {warp:?}",
+            warp.len(),
+            distinct.len()
+        );
+        for k in &distinct {
+            let w = ir::lanes::threads_per_point(k) > 1;
+            let forward_scan = k
+                .name
+                .strip_prefix("ssd_scan_")
+                .is_some_and(|n| n.chars().all(|c| c.is_ascii_digit()));
+            if k.name.starts_with("reduce_mean") || forward_scan {
+                assert!(w, "{what}: `{}` should run a warp per point", k.name);
+            }
+            if k.name.starts_with("causal_conv1d_") && !k.name.contains("grad") {
+                assert!(!w, "{what}: `{}` has no long loop", k.name);
+            }
+        }
+        let ptx = compile_lowered(&l, Target::Sm90).expect("ptx");
+        assert!(ptx.text.contains("shfl.sync.bfly") && ptx.text.contains("bar.warp.sync"));
+        assemble(&format!("mamba2-130m {what} warp kernels"), &ptx);
+    }
+}

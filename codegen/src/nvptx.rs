@@ -15,6 +15,15 @@
 //! step `nctaid.x * ntid.x`), splitting `flat` into coordinates: any 1-d launch computes every
 //! point exactly once, so the launch shape is only a performance choice.
 //!
+//! # Lanes sharing a point
+//!
+//! Where [`ir::lanes`] finds loops the threads of a point can share (row reductions, a scan's
+//! state loop), a warp (32) or a whole block (256) runs each grid point: `lane = flat % T`,
+//! the point is `flat / T`, split loops step by `T` from the lane, reductions combine with
+//! `shfl.sync.bfly` (and across warps through shared memory), and a warp or block barrier
+//! follows each split loop. Launch blocks must hold a multiple of `T` threads (256 does).
+//! Those sums are regrouped, so they differ from the CPU's in the last bits.
+//!
 //! # Arithmetic: the same results as the CPU backend
 //!
 //! The lowering mirrors [`crate::cpu`] operation for operation, so that both backends give
@@ -62,6 +71,7 @@ use inkwell::values::{
 use inkwell::{AddressSpace, FloatPredicate, IntPredicate};
 
 use ir::kernel::{ArrId, Expr, IExpr, Kernel, KernelError, LoopId, Stmt, VarId};
+use ir::lanes::{LaneSplit, WARP, lane_split};
 use ir::schedule::Lowered;
 use ir::{BinaryOp, DType, UnaryOp};
 
@@ -286,6 +296,13 @@ struct Gen<'a, 'ctx> {
     vars: HashMap<VarId, PointerValue<'ctx>>,
     loops: HashMap<LoopId, PointerValue<'ctx>>,
     arrs: HashMap<ArrId, (PointerValue<'ctx>, usize)>,
+    /// The loops the lanes of a point share ([`ir::lanes`]); with any, a warp or a block
+    /// runs each grid point.
+    split: LaneSplit,
+    /// This thread's lane (i64) when lanes share a point.
+    lane: Option<IntValue<'ctx>>,
+    /// Shared memory for combining reductions across the warps of a block.
+    partials: Option<PointerValue<'ctx>>,
 }
 
 fn build_kernel<'ctx>(
@@ -351,6 +368,9 @@ fn build_kernel<'ctx>(
         vars: HashMap::new(),
         loops: HashMap::new(),
         arrs: HashMap::new(),
+        split: lane_split(k),
+        lane: None,
+        partials: None,
     };
     g.function()?;
     g.ab.build_unconditional_branch(start)?;
@@ -425,8 +445,28 @@ impl<'ctx> Gen<'_, 'ctx> {
         let tid = self.sreg("tid.x")?;
         let nctaid = self.sreg("nctaid.x")?;
         let first = self.b.build_int_mul(ctaid, ntid, "")?;
-        let first = self.b.build_int_add(first, tid, "first")?;
-        let stride = self.b.build_int_mul(nctaid, ntid, "stride")?;
+        let mut first = self.b.build_int_add(first, tid, "first")?;
+        let mut stride = self.b.build_int_mul(nctaid, ntid, "stride")?;
+        let threads = self.split.threads_per_point();
+        if threads > 1 {
+            // `threads` lanes per grid point (launch blocks are multiples of it, so a point's
+            // lanes share a warp or are the whole block and take every branch together).
+            let lanes = self.i64c(i64::from(threads));
+            self.lane = Some(self.b.build_int_unsigned_rem(first, lanes, "lane")?);
+            first = self.b.build_int_unsigned_div(first, lanes, "")?;
+            stride = self.b.build_int_unsigned_div(stride, lanes, "")?;
+        }
+        if threads > WARP {
+            let ty = self.t.f32.array_type(threads / WARP);
+            let g = self.module.add_global(
+                ty,
+                Some(AddressSpace::from(3u16)),
+                &format!("{}_partials", self.f.get_name().to_string_lossy()),
+            );
+            g.set_linkage(inkwell::module::Linkage::Internal);
+            g.set_initializer(&ty.get_undef());
+            self.partials = Some(g.as_pointer_value());
+        }
         let flat = self.alloca(self.t.i64, "flat")?;
         self.b.build_store(flat, first)?;
         let head = self.ctx.append_basic_block(self.f, "points");
@@ -487,6 +527,12 @@ impl<'ctx> Gen<'_, 'ctx> {
                     self.b.build_store(slot, v)?;
                 }
                 Stmt::Array { arr, len, init } => {
+                    // A distributed array keeps only this lane's elements.
+                    let len = &if self.split.distributed.contains(arr) {
+                        len.div_ceil(self.split.threads_per_point() as usize)
+                    } else {
+                        *len
+                    };
                     let n = u32::try_from(*len)
                         .map_err(|_| GenErr::Unsupported(format!("local array of {len}")))?;
                     let ty = self.t.f32.array_type(n);
@@ -524,6 +570,13 @@ impl<'ctx> Gen<'_, 'ctx> {
                     let a = self.arr_addr(*arr, index)?;
                     let v = self.expr(value)?;
                     self.b.build_store(a, v)?;
+                }
+                Stmt::For {
+                    counter,
+                    extent,
+                    body,
+                } if self.split.loops.contains(counter) => {
+                    self.split_for(*counter, extent, body)?
                 }
                 Stmt::For {
                     counter,
@@ -570,6 +623,176 @@ impl<'ctx> Gen<'_, 'ctx> {
         Ok(())
     }
 
+    /// A loop the warp's lanes share: lane `l` runs iterations `l, l + 32, ...`; each
+    /// reduction starts from its identity in every lane and is combined across the lanes by
+    /// a butterfly (every lane ends with the same bits), then folded into the value the
+    /// scalar had before the loop. A warp barrier makes the loop's stores visible to all
+    /// lanes before what follows.
+    fn split_for(&mut self, counter: LoopId, extent: &IExpr, body: &[Stmt]) -> G<()> {
+        let Some(lane) = self.lane else {
+            return self.unsupported("a split loop outside warp mode".into());
+        };
+        let reds = self
+            .split
+            .reductions
+            .get(&counter)
+            .cloned()
+            .unwrap_or_default();
+        let mut before = Vec::with_capacity(reds.len());
+        for (v, op) in &reds {
+            let Some(slot) = self.vars.get(v).copied() else {
+                return self.unsupported(format!("v{} undeclared", v.0));
+            };
+            before.push(self.b.build_load(self.t.f32, slot, "")?.into_float_value());
+            let identity = match op {
+                BinaryOp::Max => f32::NEG_INFINITY,
+                BinaryOp::Min => f32::INFINITY,
+                _ => 0.0,
+            };
+            self.b.build_store(slot, self.f32c(identity))?;
+        }
+        let n = self.iexpr(extent)?;
+        let c = self.alloca(self.t.i64, &format!("i{}", counter.0))?;
+        self.b.build_store(c, lane)?;
+        let lp = self.ctx.append_basic_block(self.f, "lanes");
+        let done = self.ctx.append_basic_block(self.f, "lanes_done");
+        let any = self.b.build_int_compare(IntPredicate::SLT, lane, n, "")?;
+        self.b.build_conditional_branch(any, lp, done)?;
+        self.b.position_at_end(lp);
+        let outer = self.loops.insert(counter, c);
+        self.block(body)?;
+        match outer {
+            Some(o) => self.loops.insert(counter, o),
+            None => self.loops.remove(&counter),
+        };
+        let i = self.b.build_load(self.t.i64, c, "")?.into_int_value();
+        let threads = self.split.threads_per_point();
+        let i1 = self.b.build_int_add(i, self.i64c(i64::from(threads)), "")?;
+        self.b.build_store(c, i1)?;
+        let more = self.b.build_int_compare(IntPredicate::SLT, i1, n, "")?;
+        self.b.build_conditional_branch(more, lp, done)?;
+        self.b.position_at_end(done);
+        let full = self.t.i32.const_int(u64::from(u32::MAX), false);
+        let shfl = self.intrinsic(
+            "llvm.nvvm.shfl.sync.bfly.f32",
+            self.t.f32.into(),
+            &[
+                self.t.i32.into(),
+                self.t.f32.into(),
+                self.t.i32.into(),
+                self.t.i32.into(),
+            ],
+        );
+        for ((v, op), v0) in reds.iter().zip(before) {
+            let slot = self.vars[v];
+            let mut x = self.b.build_load(self.t.f32, slot, "")?.into_float_value();
+            let mut m = WARP / 2;
+            while m > 0 {
+                let y = self
+                    .call(
+                        shfl,
+                        &[
+                            full.into(),
+                            x.into(),
+                            self.t.i32.const_int(u64::from(m), false).into(),
+                            self.t.i32.const_int(31, false).into(),
+                        ],
+                    )?
+                    .into_float_value();
+                x = self.binary(*op, x, y)?;
+                m /= 2;
+            }
+            if threads > WARP {
+                x = self.across_warps(*op, x, lane, threads)?;
+            }
+            let total = self.binary(*op, v0, x)?;
+            self.b.build_store(slot, total)?;
+        }
+        if threads > WARP {
+            self.barrier()?;
+        } else {
+            self.warp_sync(full)?;
+        }
+        Ok(())
+    }
+
+    /// Combines a warp-reduced value across the warps of a block: each warp's first lane
+    /// writes it to shared memory; after a barrier every lane folds the partials in warp
+    /// order (the same bits everywhere); a second barrier frees the slots for reuse.
+    fn across_warps(
+        &mut self,
+        op: BinaryOp,
+        x: FloatValue<'ctx>,
+        lane: IntValue<'ctx>,
+        threads: u32,
+    ) -> G<FloatValue<'ctx>> {
+        let Some(partials) = self.partials else {
+            return self.unsupported("no shared memory for a block reduction".into());
+        };
+        let warp = self.i64c(i64::from(WARP));
+        let w = self.b.build_int_unsigned_div(lane, warp, "warp")?;
+        let l = self.b.build_int_unsigned_rem(lane, warp, "")?;
+        let first = self
+            .b
+            .build_int_compare(IntPredicate::EQ, l, self.i64c(0), "")?;
+        let write = self.ctx.append_basic_block(self.f, "partial");
+        let written = self.ctx.append_basic_block(self.f, "partial_done");
+        self.b.build_conditional_branch(first, write, written)?;
+        self.b.position_at_end(write);
+        let a = self.shared_elem(partials, threads, w)?;
+        self.b.build_store(a, x)?;
+        self.b.build_unconditional_branch(written)?;
+        self.b.position_at_end(written);
+        self.barrier()?;
+        let a = self.shared_elem(partials, threads, self.i64c(0))?;
+        let mut acc = self.b.build_load(self.t.f32, a, "")?.into_float_value();
+        for i in 1..threads / WARP {
+            let a = self.shared_elem(partials, threads, self.i64c(i64::from(i)))?;
+            let y = self.b.build_load(self.t.f32, a, "")?.into_float_value();
+            acc = self.binary(op, acc, y)?;
+        }
+        self.barrier()?;
+        Ok(acc)
+    }
+
+    fn shared_elem(
+        &self,
+        p: PointerValue<'ctx>,
+        threads: u32,
+        i: IntValue<'ctx>,
+    ) -> G<PointerValue<'ctx>> {
+        let ty = self.t.f32.array_type(threads / WARP);
+        // SAFETY: `i` < threads / WARP, inside the array.
+        Ok(unsafe { self.b.build_in_bounds_gep(ty, p, &[self.i64c(0), i], "")? })
+    }
+
+    /// `bar.sync 0`: every thread of the block, with memory ordering among them.
+    fn barrier(&self) -> G<()> {
+        let f = match self.module.get_function("llvm.nvvm.barrier0") {
+            Some(f) => f,
+            None => self.module.add_function(
+                "llvm.nvvm.barrier0",
+                self.ctx.void_type().fn_type(&[], false),
+                None,
+            ),
+        };
+        self.b.build_call(f, &[], "")?;
+        Ok(())
+    }
+
+    fn warp_sync(&self, mask: IntValue<'ctx>) -> G<()> {
+        let f = match self.module.get_function("llvm.nvvm.bar.warp.sync") {
+            Some(f) => f,
+            None => self.module.add_function(
+                "llvm.nvvm.bar.warp.sync",
+                self.ctx.void_type().fn_type(&[self.t.i32.into()], false),
+                None,
+            ),
+        };
+        self.b.build_call(f, &[mask.into()], "")?;
+        Ok(())
+    }
+
     fn dtype(&self, buf: usize) -> G<DType> {
         match self.k.bufs.get(buf) {
             Some(b) => Ok(b.dtype),
@@ -608,7 +831,12 @@ impl<'ctx> Gen<'_, 'ctx> {
         let Some((p, _)) = self.arrs.get(&arr).copied() else {
             return self.unsupported(format!("local array a{} undeclared", arr.0));
         };
-        let i = self.iexpr(index)?;
+        let mut i = self.iexpr(index)?;
+        if self.split.distributed.contains(&arr) {
+            // Element `i` is slot `i / T` of lane `i % T`.
+            let t = self.i64c(i64::from(self.split.threads_per_point()));
+            i = self.b.build_int_unsigned_div(i, t, "slot")?;
+        }
         self.arr_elem(p, i)
     }
 

@@ -11,6 +11,7 @@
 //! - [`text`]: the exact, human-readable text form (print and parse)
 //! - [`dot`]: Graphviz output for looking at graphs
 //! - [`kernel`]: the loop-level kernel IR both backends lower from, and its evaluator
+//! - [`lanes`]: which kernel loops a GPU warp's lanes share
 //! - [`schedule`]: kernels + matrix products in launch order, buffers, the memory plan
 //! - [`verify`](mod@verify): the structural and typing invariants of a graph
 
@@ -18,6 +19,7 @@ pub mod dot;
 pub mod graph;
 pub mod infer;
 pub mod kernel;
+pub mod lanes;
 pub mod op;
 pub mod schedule;
 pub mod text;

@@ -29,8 +29,9 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-/// Threads per block of every kernel launch.
-const BLOCK: u32 = 256;
+/// Threads per block of every kernel launch: the block kernels with long shared loops
+/// expect ([`ir::lanes::BLOCK`]).
+const BLOCK: u32 = ir::lanes::BLOCK;
 /// The most blocks of one launch (the kernels loop over the rest of their grid).
 const MAX_BLOCKS: u64 = 1 << 20;
 
@@ -137,6 +138,8 @@ pub struct Bound {
     /// Device-to-device copies after the last step: (from, to, bytes), final states into the
     /// state buffers the next run reads.
     carry: Vec<(u64, u64, usize)>,
+    /// Threads per grid point of each kernel (a warp where lanes share loops).
+    lanes: Vec<u32>,
     graph: Option<CudaGraph>,
     _arena: DevBuf,
     _owned: Vec<DevBuf>,
@@ -362,6 +365,7 @@ impl CudaExecutor {
             plan,
             ptrs,
             carry: Vec::new(),
+            lanes: l.kernels.iter().map(ir::lanes::threads_per_point).collect(),
             graph: None,
             _arena: arena,
             _owned: owned,
@@ -591,9 +595,8 @@ impl CudaExecutor {
             };
             let (name, node) = match step {
                 Step::Kernel { kernel, bufs, node } => {
-                    let k = &l.kernels[*kernel];
-                    self.launch(k, &self.funcs[*kernel], bufs, ptrs, sizes, node)?;
-                    (k.name.clone(), node.to_string())
+                    self.launch(l, *kernel, bufs, b, node)?;
+                    (l.kernels[*kernel].name.clone(), node.to_string())
                 }
                 Step::MatMul { node, .. } => {
                     self.matmul(l, step, ptrs, sizes)?;
@@ -636,13 +639,15 @@ impl CudaExecutor {
 
     fn launch(
         &self,
-        k: &ir::kernel::Kernel,
-        func: &CudaFunction,
+        l: &Lowered,
+        kernel: usize,
         bufs: &[usize],
-        ptrs: &[u64],
-        sizes: &[i64],
+        b: &Bound,
         node: &ir::NodeId,
     ) -> Result<(), CudaError> {
+        let (k, func) = (&l.kernels[kernel], &self.funcs[kernel]);
+        let (ptrs, sizes) = (&b.ptrs, &b.sizes);
+        let lanes = b.lanes.get(kernel).copied().unwrap_or(1);
         let fail = |message: String| CudaError::Kernel {
             kernel: k.name.clone(),
             node: node.to_string(),
@@ -659,7 +664,7 @@ impl CudaExecutor {
         }
         let total = match grid_points(&k.grid, sizes) {
             Ok(Some(0)) => return Ok(()),
-            Ok(Some(n)) => n,
+            Ok(Some(n)) => n.saturating_mul(u64::from(lanes)),
             // Extents read from device buffers: the kernel loops over its grid.
             Ok(None) => MAX_BLOCKS * u64::from(BLOCK),
             Err(m) => return Err(fail(m)),
