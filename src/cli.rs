@@ -222,6 +222,10 @@ pub struct GenerateArgs {
     pub json: bool,
     #[arg(long, default_value = "cpu")]
     pub device: DeviceArg,
+    /// With --device cuda: matrix products on bf16 copies of the weights (f32 accumulation;
+    /// half the weight bytes per decode step).
+    #[arg(long)]
+    pub bf16_weights: bool,
     /// Worker threads for the kernels (default: all cores).
     #[arg(long)]
     pub threads: Option<usize>,
@@ -363,6 +367,9 @@ pub struct BenchArgs {
     /// cuda`).
     #[arg(long, default_value = "cpu")]
     pub device: DeviceArg,
+    /// With --device cuda: matrix products on bf16 copies of the weights (f32 accumulation).
+    #[arg(long)]
+    pub bf16_weights: bool,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
@@ -817,6 +824,7 @@ fn run_model(r: &RunArgs, out: &mut Outcome) {
         config: r.config.clone(),
         seed: r.seed,
         backend,
+        ..Default::default()
     };
     let started = std::time::Instant::now();
     let mut model = match crate::model::Model::load(&r.model, &opts) {
@@ -1060,6 +1068,7 @@ fn grad(g: &GradArgs, out: &mut Outcome) {
         config: g.config.clone(),
         seed: g.seed,
         backend: crate::model::Backend::Interp,
+        ..Default::default()
     };
     let model = match crate::model::Model::load(&g.model, &opts) {
         Ok(m) => m,
@@ -1956,10 +1965,14 @@ fn generate(a: &GenerateArgs, stream: bool, out: &mut Outcome) {
         }
         DeviceArg::Cuda => crate::model::Backend::Cuda,
     };
+    if a.bf16_weights && a.device != DeviceArg::Cuda {
+        return fail(out, "error: --bf16-weights is for --device cuda".into());
+    }
     let opts = crate::model::LoadOptions {
         config: a.config.clone(),
         seed: a.weights_seed,
         backend,
+        bf16_weights: a.bf16_weights,
     };
     let started = std::time::Instant::now();
     let mut model = match crate::model::Model::load(&a.model, &opts) {
@@ -2240,11 +2253,19 @@ fn bench_generate(b: &BenchArgs, out: &mut Outcome) {
     } else {
         format!("CPU generation, {threads} threads")
     };
+    let (weights, wbytes) = if b.bf16_weights {
+        (
+            "bf16 weights in the matrix products (f32 accumulation), f32 elsewhere",
+            2.0,
+        )
+    } else {
+        ("f32", 4.0)
+    };
     let _ = writeln!(
         out.stdout,
-        "{what}, random weights, f32; prefill of {} tokens at batch 1 (median of {}), decode: \
-         median step time of {} steps after a warm-up; read bandwidth {:.1} GB/s (floor = \
-         parameters x 4 bytes / bandwidth; bf16 weights would halve it)",
+        "{what}, random weights, {weights}; prefill of {} tokens at batch 1 (median of {}), \
+         decode: median step time of {} steps after a warm-up; read bandwidth {:.1} GB/s \
+         (floor = parameters x {wbytes} bytes / bandwidth)",
         b.prompt_len,
         b.repeat.max(1),
         b.steps.max(1),
@@ -2266,6 +2287,7 @@ fn bench_generate(b: &BenchArgs, out: &mut Outcome) {
             name,
             &LoadOptions {
                 backend,
+                bf16_weights: b.bf16_weights,
                 ..LoadOptions::default()
             },
         ) {
@@ -2277,7 +2299,7 @@ fn bench_generate(b: &BenchArgs, out: &mut Outcome) {
             }
         };
         let params = m.graph.param_count().unwrap_or(0);
-        let floor_ms = params as f64 * 4.0 / bw * 1e3;
+        let floor_ms = params as f64 * wbytes / bw * 1e3;
         let vocab = m.vocab().max(1) as u64;
         let mut rng = runtime::init::Rng::new(7);
         let prompt: Vec<u32> = (0..b.prompt_len.max(1))

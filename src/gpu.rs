@@ -41,15 +41,22 @@ impl GpuGraph {
             .into());
         }
         let lowered = passes::lower(graph, opts).map_err(Error::from)?;
-        // Kernels repeated across layers (identical but for names) compile once.
-        let (distinct, map) = crate::artifact::dedupe(&lowered.kernels);
+        // Kernels repeated across layers (identical but for names) compile once; the module
+        // also carries the f32 -> bf16 conversion for products with bf16 weights.
+        let (mut distinct, map) = crate::artifact::dedupe(&lowered.kernels);
+        distinct.push(ir::kernel::Kernel::convert(
+            "ma2mba_to_bf16",
+            ir::DType::F32,
+            ir::DType::BF16,
+        ));
         let ptx = compile_ptx(&distinct, target).map_err(|e| Error::Codegen(e.to_string()))?;
+        let to_bf16 = ptx.entries.last().cloned();
         let entries: Vec<String> = map
             .iter()
             .map(|&i| ptx.entries.get(i).cloned())
             .collect::<Option<_>>()
             .ok_or_else(|| Error::Codegen("a deduplicated kernel has no PTX entry".into()))?;
-        let exec = CudaExecutor::new(ordinal, &ptx.text, &entries)?;
+        let exec = CudaExecutor::new(ordinal, &ptx.text, &entries, to_bf16.as_deref())?;
         Ok(GpuGraph { lowered, exec })
     }
 
@@ -192,6 +199,18 @@ impl GpuModel {
             step: None,
             bounds: HashMap::new(),
         })
+    }
+
+    /// From now on the matrix products run on bf16 copies of their weights (and bf16 copies
+    /// of their inputs), accumulating in f32: half the weight bytes per decode step, tensor
+    /// cores for prefill. For inference (an optimizer would update only the f32 copies).
+    pub fn use_bf16_weights(&mut self) -> Result<(), GpuError> {
+        self.forward
+            .exec()
+            .add_bf16_weights(&mut self.params, &self.forward.lowered)?;
+        // Bound schedules chose their products' precision when bound.
+        self.bounds.clear();
+        Ok(())
     }
 
     /// Overwrites parameters on the device (after the host copy changed).

@@ -47,6 +47,9 @@ pub struct LoadOptions {
     /// Seed of random weights for presets.
     pub seed: u64,
     pub backend: Backend,
+    /// On the GPU: matrix products on bf16 copies of their weights, accumulating in f32
+    /// ([`crate::gpu::GpuModel::use_bf16_weights`]).
+    pub bf16_weights: bool,
 }
 
 /// Everything that can go wrong loading or running a model.
@@ -313,6 +316,9 @@ impl Model {
             (graph, params)
         };
         let mut m = Model::from_parts(graph, params, opts.backend)?;
+        if opts.bf16_weights {
+            m.use_bf16_weights()?;
+        }
         m.eos_token_id = eos_token_id;
         m.source_dir = source_dir;
         Ok(m)
@@ -666,6 +672,19 @@ impl Model {
         self.gpu
             .as_mut()
             .ok_or_else(|| Error::Input("the model was not compiled for the GPU".into()))
+    }
+
+    /// On the GPU: runs the matrix products on bf16 copies of their weights from now on.
+    #[cfg(feature = "cuda")]
+    pub fn use_bf16_weights(&mut self) -> Result<(), Error> {
+        self.gpu_model()?
+            .use_bf16_weights()
+            .map_err(|e| Error::Gpu(e.to_string()))
+    }
+
+    #[cfg(not(feature = "cuda"))]
+    pub fn use_bf16_weights(&mut self) -> Result<(), Error> {
+        Err(Error::Gpu(NO_CUDA.into()))
     }
 
     #[cfg(feature = "cuda")]

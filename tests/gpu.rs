@@ -726,3 +726,36 @@ fn cli_generate_on_cuda_matches_the_cpu() {
     assert!(!outs[0].is_empty());
     assert_eq!(outs[0], outs[1], "greedy ids on cpu vs cuda");
 }
+
+/// bf16 weights in the matrix products (inference): the decode steps stay close to the
+/// CPU's f32 forward (normwise), and to the bf16 forward on the GPU.
+#[test]
+fn bf16_weights_decode_close_to_f32() {
+    let Some((mut g, mut c)) = model_pair("mamba2-130m") else {
+        return;
+    };
+    g.use_bf16_weights().unwrap();
+    let toks: Vec<Vec<u32>> = vec![(0..10).map(|i| (i * 977 + 13) % 50000).collect()];
+    let want = c.forward(&toks).unwrap();
+    let fwd = g.forward(&toks).unwrap();
+    let e = assert_normwise(
+        "mamba2-130m bf16 forward vs CPU f32",
+        &fwd.data,
+        &want.data,
+        3e-2,
+    );
+    eprintln!("bf16 forward: normwise {e:.3e}");
+    let mut state = g.new_state(1);
+    g.prefill(&[toks[0][..4].to_vec()], &mut state).unwrap();
+    let mut dec = g.begin_decode(state).unwrap();
+    let (mut got, mut exp, mut exp16) = (Vec::new(), Vec::new(), Vec::new());
+    for (t, &tok) in toks[0].iter().enumerate().skip(4) {
+        let lg = g.decode_step(&mut dec, &[tok]).unwrap();
+        got.extend_from_slice(lg.at(0, 0));
+        exp.extend_from_slice(want.at(0, t));
+        exp16.extend_from_slice(fwd.at(0, t));
+    }
+    let a = assert_normwise("bf16 decode vs CPU f32 forward", &got, &exp, 3e-2);
+    let b = assert_normwise("bf16 decode vs bf16 GPU forward", &got, &exp16, 1e-2);
+    eprintln!("bf16 decode: normwise {a:.3e} vs f32, {b:.3e} vs the bf16 forward");
+}

@@ -77,6 +77,9 @@ use ir::{BinaryOp, DType, UnaryOp};
 
 use crate::math;
 
+/// Copies of a split loop's body per trip of its main loop.
+const SPLIT_UNROLL: i64 = 4;
+
 /// The PTX kernel calling convention (LLVM's `ptx_kernel`): functions with it are `.entry`.
 const PTX_KERNEL_CC: u32 = 71;
 const TRIPLE: &str = "nvptx64-nvidia-cuda";
@@ -652,26 +655,52 @@ impl<'ctx> Gen<'_, 'ctx> {
             self.b.build_store(slot, self.f32c(identity))?;
         }
         let n = self.iexpr(extent)?;
+        let threads = i64::from(self.split.threads_per_point());
         let c = self.alloca(self.t.i64, &format!("i{}", counter.0))?;
         self.b.build_store(c, lane)?;
-        let lp = self.ctx.append_basic_block(self.f, "lanes");
-        let done = self.ctx.append_basic_block(self.f, "lanes_done");
-        let any = self.b.build_int_compare(IntPredicate::SLT, lane, n, "")?;
-        self.b.build_conditional_branch(any, lp, done)?;
-        self.b.position_at_end(lp);
         let outer = self.loops.insert(counter, c);
+        // Unrolled by SPLIT_UNROLL (same order of iterations in a lane): the copies' loads
+        // sit in one block, so they can be issued before the first result is needed.
+        let main = self.ctx.append_basic_block(self.f, "lanes_unrolled_check");
+        let main_body = self.ctx.append_basic_block(self.f, "lanes_unrolled");
+        let rest = self.ctx.append_basic_block(self.f, "lanes_check");
+        let rest_body = self.ctx.append_basic_block(self.f, "lanes");
+        let done = self.ctx.append_basic_block(self.f, "lanes_done");
+        self.b.build_unconditional_branch(main)?;
+        self.b.position_at_end(main);
+        let i = self.b.build_load(self.t.i64, c, "")?.into_int_value();
+        let last = self
+            .b
+            .build_int_add(i, self.i64c((SPLIT_UNROLL - 1) * threads), "")?;
+        let fits = self.b.build_int_compare(IntPredicate::SLT, last, n, "")?;
+        self.b.build_conditional_branch(fits, main_body, rest)?;
+        self.b.position_at_end(main_body);
+        for u in 0..SPLIT_UNROLL {
+            let iu = self.b.build_int_add(i, self.i64c(u * threads), "")?;
+            self.b.build_store(c, iu)?;
+            self.block(body)?;
+        }
+        let next = self
+            .b
+            .build_int_add(i, self.i64c(SPLIT_UNROLL * threads), "")?;
+        self.b.build_store(c, next)?;
+        self.b.build_unconditional_branch(main)?;
+        self.b.position_at_end(rest);
+        let i = self.b.build_load(self.t.i64, c, "")?.into_int_value();
+        let more = self.b.build_int_compare(IntPredicate::SLT, i, n, "")?;
+        self.b.build_conditional_branch(more, rest_body, done)?;
+        self.b.position_at_end(rest_body);
         self.block(body)?;
+        let i = self.b.build_load(self.t.i64, c, "")?.into_int_value();
+        let i1 = self.b.build_int_add(i, self.i64c(threads), "")?;
+        self.b.build_store(c, i1)?;
+        self.b.build_unconditional_branch(rest)?;
+        self.b.position_at_end(done);
         match outer {
             Some(o) => self.loops.insert(counter, o),
             None => self.loops.remove(&counter),
         };
-        let i = self.b.build_load(self.t.i64, c, "")?.into_int_value();
         let threads = self.split.threads_per_point();
-        let i1 = self.b.build_int_add(i, self.i64c(i64::from(threads)), "")?;
-        self.b.build_store(c, i1)?;
-        let more = self.b.build_int_compare(IntPredicate::SLT, i1, n, "")?;
-        self.b.build_conditional_branch(more, lp, done)?;
-        self.b.position_at_end(done);
         let full = self.t.i32.const_int(u64::from(u32::MAX), false);
         let shfl = self.intrinsic(
             "llvm.nvvm.shfl.sync.bfly.f32",

@@ -456,6 +456,36 @@ impl fmt::Display for Kernel {
     }
 }
 
+impl Kernel {
+    /// `dst[i] = src[i]` for `i < n` (the one size), converting between storage dtypes: what
+    /// a runtime uses to make bf16 copies of f32 values (matrix-product inputs).
+    pub fn convert(name: &str, from: DType, to: DType) -> Kernel {
+        let i = IExpr::Grid(0);
+        Kernel {
+            name: name.to_string(),
+            bufs: vec![
+                KBuf {
+                    name: "src".into(),
+                    dtype: from,
+                    writable: false,
+                },
+                KBuf {
+                    name: "dst".into(),
+                    dtype: to,
+                    writable: true,
+                },
+            ],
+            sizes: vec!["n".into()],
+            grid: vec![IExpr::Size(0)],
+            body: vec![Stmt::Store {
+                buf: 1,
+                index: i.clone(),
+                value: Expr::Load { buf: 0, index: i },
+            }],
+        }
+    }
+}
+
 /// A reference evaluator of the kernel IR, in f64 or rounding every value to f32 as the
 /// compiled backends do: the oracle for backend tests. `bufs` are the kernel's buffers as f64
 /// values (stores round to the buffer's dtype).

@@ -110,6 +110,8 @@ pub struct CudaExecutor {
     _workspace: DevBuf,
     _module: Arc<CudaModule>,
     funcs: Vec<CudaFunction>,
+    /// `Kernel::convert(f32 -> bf16)`, for matrix products with bf16 weights.
+    to_bf16: Option<CudaFunction>,
 }
 
 /// Bytes of cuBLAS's workspace (the size NVIDIA recommends for Hopper).
@@ -119,12 +121,22 @@ const CUBLAS_WORKSPACE: u64 = 32 << 20;
 /// CUDA context per device, so schedules of different executors on it can share them).
 pub struct DeviceParams {
     bufs: HashMap<String, (DevBuf, usize)>,
+    /// bf16 copies of the weights of matrix products ([`CudaExecutor::add_bf16_weights`]):
+    /// those products then run in bf16 with f32 accumulation.
+    half: HashMap<String, DevBuf>,
 }
 
 impl DeviceParams {
     /// Device bytes held.
     pub fn bytes(&self) -> u64 {
-        self.bufs.values().map(|(_, n)| 4 * *n as u64).sum()
+        let f32s: u64 = self.bufs.values().map(|(_, n)| 4 * *n as u64).sum();
+        let halves: u64 = self
+            .half
+            .keys()
+            .filter_map(|k| self.bufs.get(k))
+            .map(|(_, n)| 2 * *n as u64)
+            .sum();
+        f32s + halves
     }
 }
 
@@ -138,6 +150,10 @@ pub struct Bound {
     /// Device-to-device copies after the last step: (from, to, bytes), final states into the
     /// state buffers the next run reads.
     carry: Vec<(u64, u64, usize)>,
+    /// Per step: the bf16 weights of a matrix product that runs in bf16.
+    half_rhs: Vec<Option<u64>>,
+    /// Where a bf16 product's input is converted to bf16 (the largest one's size).
+    half_lhs: u64,
     /// Threads per grid point of each kernel (a warp where lanes share loops).
     lanes: Vec<u32>,
     graph: Option<CudaGraph>,
@@ -179,8 +195,15 @@ fn named(l: &Lowered, name: &str, output: bool) -> Option<usize> {
 }
 
 impl CudaExecutor {
-    /// Opens GPU `ordinal`, loads cuBLAS and the PTX module, and looks up every entry.
-    pub fn new(ordinal: usize, ptx: &str, entries: &[String]) -> Result<CudaExecutor, CudaError> {
+    /// Opens GPU `ordinal`, loads cuBLAS and the PTX module, and looks up every entry (one
+    /// per kernel of the schedules it runs) and `to_bf16`, the entry of
+    /// `Kernel::convert(f32 -> bf16)` when the module has one (for bf16 weights).
+    pub fn new(
+        ordinal: usize,
+        ptx: &str,
+        entries: &[String],
+        to_bf16: Option<&str>,
+    ) -> Result<CudaExecutor, CudaError> {
         if !driver_present() {
             return Err(CudaError::NoDevice(
                 "the CUDA driver library (libcuda.so) was not found".into(),
@@ -213,6 +236,14 @@ impl CudaExecutor {
                 .map_err(|err| CudaError::Module(format!("entry `{e}`: {err}")))?;
             funcs.push(f);
         }
+        let to_bf16 = match to_bf16 {
+            Some(e) => Some(
+                module
+                    .load_function(e)
+                    .map_err(|err| CudaError::Module(format!("entry `{e}`: {err}")))?,
+            ),
+            None => None,
+        };
         Ok(CudaExecutor {
             ctx,
             stream,
@@ -220,6 +251,7 @@ impl CudaExecutor {
             _workspace: workspace,
             _module: module,
             funcs,
+            to_bf16,
         })
     }
 
@@ -267,7 +299,66 @@ impl CudaExecutor {
             bufs.insert(name.clone(), (d, v.len()));
         }
         self.stream.synchronize().map_err(drv)?;
-        Ok(DeviceParams { bufs })
+        Ok(DeviceParams {
+            bufs,
+            half: HashMap::new(),
+        })
+    }
+
+    /// Adds bf16 copies of the parameters that are the weights of `l`'s matrix products;
+    /// bound afterwards, those products run in bf16 (inputs converted on the fly) with f32
+    /// accumulation and output. For inference: an optimizer's updates reach only the f32
+    /// copies.
+    pub fn add_bf16_weights(
+        &self,
+        params: &mut DeviceParams,
+        l: &Lowered,
+    ) -> Result<(), CudaError> {
+        let Some(cvt) = &self.to_bf16 else {
+            return Err(CudaError::Module(
+                "the module has no f32 -> bf16 conversion kernel".into(),
+            ));
+        };
+        self.ctx.bind_to_thread().map_err(drv)?;
+        for step in &l.steps {
+            let Step::MatMul { rhs, .. } = step else {
+                continue;
+            };
+            let BufKind::Param(name) = &l.buffers[*rhs].kind else {
+                continue;
+            };
+            if params.half.contains_key(name) {
+                continue;
+            }
+            let Some((src, n)) = params.bufs.get(name) else {
+                continue;
+            };
+            let dst = self.alloc(&format!("bf16 parameter `{name}`"), 2 * *n as u64)?;
+            self.convert(cvt, src.ptr, dst.ptr, *n as u64)?;
+            params.half.insert(name.clone(), dst);
+        }
+        self.stream.synchronize().map_err(drv)
+    }
+
+    /// Enqueues `dst[i] = bf16(src[i])` for `i < n`.
+    fn convert(&self, f: &CudaFunction, src: u64, dst: u64, n: u64) -> Result<(), CudaError> {
+        if n == 0 {
+            return Ok(());
+        }
+        let blocks = n.div_ceil(u64::from(BLOCK)).clamp(1, MAX_BLOCKS) as u32;
+        let n = n as i64;
+        let mut lb = self.stream.launch_builder(f);
+        lb.arg(&src);
+        lb.arg(&dst);
+        lb.arg(&n);
+        let cfg = LaunchConfig {
+            grid_dim: (blocks, 1, 1),
+            block_dim: (BLOCK, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: the conversion entry takes (src, dst, n); both hold n elements.
+        unsafe { lb.launch(cfg) }.map_err(drv)?;
+        Ok(())
     }
 
     /// Overwrites parameter `name` on the device (after an optimizer step).
@@ -360,11 +451,41 @@ impl CudaExecutor {
                 }
             };
         }
+        // Matrix products whose weights have bf16 copies, and the largest converted input.
+        let bind_sym = |s: &str| l.syms.iter().position(|x| x == s).map(|i| sizes[i] as u64);
+        let mut half_rhs = vec![None; l.steps.len()];
+        let mut half_bytes = 0u64;
+        for (i, step) in l.steps.iter().enumerate() {
+            let Step::MatMul {
+                rhs, batch, m, k, ..
+            } = step
+            else {
+                continue;
+            };
+            let BufKind::Param(name) = &l.buffers[*rhs].kind else {
+                continue;
+            };
+            if let Some(h) = params.half.get(name) {
+                half_rhs[i] = Some(h.ptr);
+                let ev = |d: &ir::Dim| d.eval(&bind_sym).unwrap_or(0);
+                half_bytes = half_bytes.max(2 * ev(batch) * ev(m) * ev(k));
+            }
+        }
+        let half_lhs = if half_bytes > 0 {
+            let d = self.alloc("bf16 matrix-product inputs", half_bytes)?;
+            let p = d.ptr;
+            owned.push(d);
+            p
+        } else {
+            0
+        };
         Ok(Bound {
             sizes: sizes.to_vec(),
             plan,
             ptrs,
             carry: Vec::new(),
+            half_rhs,
+            half_lhs,
             lanes: l.kernels.iter().map(ir::lanes::threads_per_point).collect(),
             graph: None,
             _arena: arena,
@@ -576,8 +697,6 @@ impl CudaExecutor {
         times: Option<&mut Vec<StepTime>>,
         sync_each_step: bool,
     ) -> Result<(), CudaError> {
-        let sizes = &b.sizes;
-        let ptrs = &b.ptrs;
         let timing = times.is_some();
         let mut events = Vec::new();
         let event = || {
@@ -585,7 +704,7 @@ impl CudaExecutor {
                 .new_event(Some(sys::CUevent_flags::CU_EVENT_DEFAULT))
                 .map_err(drv)
         };
-        for step in &l.steps {
+        for (si, step) in l.steps.iter().enumerate() {
             let start = if timing {
                 let e = event()?;
                 e.record(&self.stream).map_err(drv)?;
@@ -599,7 +718,7 @@ impl CudaExecutor {
                     (l.kernels[*kernel].name.clone(), node.to_string())
                 }
                 Step::MatMul { node, .. } => {
-                    self.matmul(l, step, ptrs, sizes)?;
+                    self.matmul(l, step, b, b.half_rhs.get(si).copied().flatten())?;
                     ("matmul".to_string(), node.to_string())
                 }
             };
@@ -694,9 +813,10 @@ impl CudaExecutor {
         &self,
         l: &Lowered,
         step: &Step,
-        ptrs: &[u64],
-        sizes: &[i64],
+        b: &Bound,
+        half_rhs: Option<u64>,
     ) -> Result<(), CudaError> {
+        let (ptrs, sizes) = (&b.ptrs, &b.sizes);
         let Step::MatMul {
             lhs,
             rhs,
@@ -749,6 +869,43 @@ impl CudaExecutor {
         };
         let stride_b = if *rhs_batched { (k * n) as i64 } else { 0 };
         let (alpha, beta) = (1.0f32, 0.0f32);
+        if let (Some(w), Some(cvt)) = (half_rhs, &self.to_bf16) {
+            use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cudaDataType};
+            self.convert(cvt, ptrs[*lhs], b.half_lhs, bt * m * k)
+                .map_err(|e| fail(e.to_string()))?;
+            let bf16 = cudaDataType::CUDA_R_16BF;
+            // SAFETY: as for sgemm below, with bf16 weights (`w`, k*n values) and the bf16
+            // copy of the input (`half_lhs`, sized for the largest such product at bind).
+            unsafe {
+                cudarc::cublas::result::gemm_strided_batched_ex(
+                    *self.blas.handle(),
+                    op_b,
+                    cublasOperation_t::CUBLAS_OP_N,
+                    ni,
+                    mi,
+                    ki,
+                    (&alpha as *const f32).cast(),
+                    w as *const std::ffi::c_void,
+                    bf16,
+                    ldb,
+                    stride_b,
+                    b.half_lhs as *const std::ffi::c_void,
+                    bf16,
+                    ki,
+                    (m * k) as i64,
+                    (&beta as *const f32).cast(),
+                    ptrs[*out] as *mut std::ffi::c_void,
+                    cudaDataType::CUDA_R_32F,
+                    ni,
+                    (m * n) as i64,
+                    bi,
+                    cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                    cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+                )
+            }
+            .map_err(|e| fail(e.to_string()))?;
+            return Ok(());
+        }
         // SAFETY: the buffers hold batch*m*k, k*n (per batch if batched) and batch*m*n f32
         // values by construction of the schedule and the plan.
         unsafe {
