@@ -33,8 +33,9 @@ use std::path::Path;
 
 /// The first line of every artifact.
 pub const MAGIC: &str = "ma2mba-pack";
-/// The format version this build writes and reads.
-pub const VERSION: u32 = 1;
+/// The format version this build writes and reads (2: launch sizes and product shapes
+/// evaluated at the symbols, so the runtime needs no kernel IR).
+pub const VERSION: u32 = 2;
 
 /// Everything about an artifact but the PTX text.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -81,6 +82,11 @@ pub struct KernelInfo {
     /// Grid extents (index expressions over the sizes `s0`, `s1`, ...).
     pub grid: Vec<String>,
     pub bufs: Vec<KBufInfo>,
+    /// Threads that share each grid point (`ir::lanes`: 1, a warp or a block).
+    pub threads_per_point: u32,
+    /// Threads to launch at the artifact's symbol values (grid points x threads per point);
+    /// `None` where an extent is read from a device buffer (the kernel loops over its grid).
+    pub threads: Option<u64>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -109,6 +115,8 @@ pub enum StepInfo {
         rhs_t: bool,
         rhs_batched: bool,
         node: String,
+        /// `batch`, `m`, `k`, `n` at the artifact's symbol values.
+        dims: [u64; 4],
     },
 }
 
@@ -289,19 +297,26 @@ pub fn build(
             unique.len()
         )));
     }
+    let kernels = lowered
+        .kernels
+        .iter()
+        .zip(&map)
+        .map(|(k, &u)| kernel_info(k, &entries[u], &symbols))
+        .collect();
+    let steps = lowered
+        .steps
+        .iter()
+        .map(|s| step_info(s, &bind))
+        .collect::<Result<_, _>>()
+        .map_err(err)?;
     let manifest = Manifest {
         format: VERSION,
         model,
         target: req.target.clone(),
         symbols,
         train: req.train,
-        kernels: lowered
-            .kernels
-            .iter()
-            .zip(&map)
-            .map(|(k, &u)| kernel_info(k, &entries[u]))
-            .collect(),
-        steps: lowered.steps.iter().map(step_info).collect(),
+        kernels,
+        steps,
         buffers: buffer_infos(&lowered, &plan),
         outputs: lowered.outputs.clone(),
         peak: plan.peak,
@@ -354,11 +369,22 @@ fn main_output(g: &Graph) -> String {
         .unwrap_or_else(|| "logits".into())
 }
 
-fn kernel_info(k: &Kernel, entry: &str) -> KernelInfo {
+fn kernel_info(k: &Kernel, entry: &str, symbols: &[(String, i64)]) -> KernelInfo {
+    let sizes: Vec<i64> = symbols.iter().map(|(_, v)| *v).collect();
+    let tpp = ir::lanes::threads_per_point(k);
+    let mut points = Some(1u64);
+    for g in &k.grid {
+        points = match (points, ir::kernel::eval::extent(g, &sizes)) {
+            (Some(p), Ok(Some(e))) => u64::try_from(e).ok().and_then(|e| p.checked_mul(e)),
+            _ => None,
+        };
+    }
     KernelInfo {
         name: k.name.clone(),
         entry: entry.to_string(),
         sizes: k.sizes.clone(),
+        threads_per_point: tpp,
+        threads: points.and_then(|p| p.checked_mul(u64::from(tpp))),
         grid: k.grid.iter().map(|g| g.to_string()).collect(),
         bufs: k
             .bufs
@@ -372,8 +398,8 @@ fn kernel_info(k: &Kernel, entry: &str) -> KernelInfo {
     }
 }
 
-fn step_info(s: &Step) -> StepInfo {
-    match s {
+fn step_info(s: &Step, bind: &dyn Fn(&str) -> Option<u64>) -> Result<StepInfo, String> {
+    Ok(match s {
         Step::Kernel { kernel, bufs, node } => StepInfo::Kernel {
             kernel: *kernel,
             bufs: bufs.clone(),
@@ -390,19 +416,26 @@ fn step_info(s: &Step) -> StepInfo {
             rhs_t,
             rhs_batched,
             node,
-        } => StepInfo::Matmul {
-            lhs: *lhs,
-            rhs: *rhs,
-            out: *out,
-            batch: batch.to_string(),
-            m: m.to_string(),
-            k: k.to_string(),
-            n: n.to_string(),
-            rhs_t: *rhs_t,
-            rhs_batched: *rhs_batched,
-            node: node.to_string(),
-        },
-    }
+        } => {
+            let ev = |d: &ir::Dim| {
+                d.eval(bind)
+                    .ok_or_else(|| format!("{node}: cannot evaluate the product's size {d}"))
+            };
+            StepInfo::Matmul {
+                lhs: *lhs,
+                rhs: *rhs,
+                out: *out,
+                batch: batch.to_string(),
+                m: m.to_string(),
+                k: k.to_string(),
+                n: n.to_string(),
+                rhs_t: *rhs_t,
+                rhs_batched: *rhs_batched,
+                node: node.to_string(),
+                dims: [ev(batch)?, ev(m)?, ev(k)?, ev(n)?],
+            }
+        }
+    })
 }
 
 fn buffer_infos(l: &Lowered, plan: &passes::MemoryPlan) -> Vec<BufferInfo> {
@@ -578,6 +611,116 @@ impl Artifact {
             ));
         }
         Ok(())
+    }
+
+    /// The schedule as the runtime executes it, rebuilt from the manifest alone: kernels
+    /// stand for their PTX entries (named by entry, one flat grid of the threads to launch,
+    /// no body), products and buffers at the artifact's sizes, and the stored memory plan.
+    /// Also returns the symbol values.
+    pub fn schedule(&self) -> Result<(Lowered, passes::MemoryPlan, Vec<i64>), String> {
+        use ir::kernel::{IExpr, KBuf};
+        let m = &self.manifest;
+        let dtype = |s: &str| {
+            ir::DType::from_name(s).ok_or_else(|| format!("manifest: unknown dtype `{s}`"))
+        };
+        let mut kernels = Vec::with_capacity(m.kernels.len());
+        for k in &m.kernels {
+            let bufs = k
+                .bufs
+                .iter()
+                .map(|b| {
+                    Ok(KBuf {
+                        name: b.name.clone(),
+                        dtype: dtype(&b.dtype)?,
+                        writable: b.writable,
+                    })
+                })
+                .collect::<Result<_, String>>()?;
+            // A grid read from device buffers: launch the most the runtime launches.
+            let threads = k.threads.unwrap_or(i64::MAX as u64);
+            kernels.push(Kernel {
+                name: k.entry.clone(),
+                bufs,
+                sizes: k.sizes.clone(),
+                grid: vec![IExpr::Const(i64::try_from(threads).unwrap_or(i64::MAX))],
+                body: Vec::new(),
+            });
+        }
+        let node = |s: &str| {
+            s.trim_start_matches('%')
+                .split('.')
+                .next()
+                .and_then(|n| n.parse::<usize>().ok())
+                .map(ir::NodeId::from_index)
+                .ok_or_else(|| format!("manifest: bad node `{s}`"))
+        };
+        let mut steps = Vec::with_capacity(m.steps.len());
+        for s in &m.steps {
+            steps.push(match s {
+                StepInfo::Kernel {
+                    kernel,
+                    bufs,
+                    node: n,
+                } => Step::Kernel {
+                    kernel: *kernel,
+                    bufs: bufs.clone(),
+                    node: node(n)?,
+                },
+                StepInfo::Matmul {
+                    lhs,
+                    rhs,
+                    out,
+                    rhs_t,
+                    rhs_batched,
+                    node: n,
+                    dims,
+                    ..
+                } => Step::MatMul {
+                    lhs: *lhs,
+                    rhs: *rhs,
+                    out: *out,
+                    batch: ir::Dim::known(dims[0]),
+                    m: ir::Dim::known(dims[1]),
+                    k: ir::Dim::known(dims[2]),
+                    n: ir::Dim::known(dims[3]),
+                    rhs_t: *rhs_t,
+                    rhs_batched: *rhs_batched,
+                    node: node(n)?,
+                },
+            });
+        }
+        let mut buffers = Vec::with_capacity(m.buffers.len());
+        for b in &m.buffers {
+            let kind = match b.kind.as_str() {
+                "input" => BufKind::Input(b.name.clone()),
+                "state" => BufKind::State(b.name.clone()),
+                "param" => BufKind::Param(b.name.clone()),
+                "temp" => BufKind::Temp,
+                "scratch" => BufKind::Scratch,
+                k => return Err(format!("manifest: unknown buffer kind `{k}`")),
+            };
+            let dt = dtype(&b.dtype)?;
+            buffers.push(ir::schedule::BufInfo {
+                kind,
+                dtype: dt,
+                shape: vec![ir::Dim::known(b.bytes / dt.size())],
+                value: ir::Value::new(ir::NodeId::from_index(0), 0),
+            });
+        }
+        let lowered = Lowered {
+            kernels,
+            steps,
+            buffers,
+            syms: m.symbols.iter().map(|(n, _)| n.clone()).collect(),
+            outputs: m.outputs.clone(),
+        };
+        let plan = passes::MemoryPlan {
+            offsets: m.buffers.iter().map(|b| b.offset).collect(),
+            bytes: m.buffers.iter().map(|b| b.bytes).collect(),
+            lifetimes: m.buffers.iter().map(|b| b.lifetime).collect(),
+            peak: m.peak,
+        };
+        Ok((lowered, plan, m.symbols.iter().map(|(_, v)| *v).collect()))
     }
 
     /// Writes the file atomically.

@@ -779,14 +779,19 @@ fn parse_ids(text: &str, what: &str) -> Result<Vec<Vec<u32>>, String> {
     Ok(seqs)
 }
 
+/// Reports an error: the message on stderr (one trailing newline), exit code 1.
+fn fail(out: &mut Outcome, msg: String) {
+    out.stderr.push_str(&msg);
+    if !msg.ends_with('\n') {
+        out.stderr.push('\n');
+    }
+    out.code = 1;
+}
+
 fn run_model(r: &RunArgs, out: &mut Outcome) {
-    let fail = |out: &mut Outcome, msg: String| {
-        out.stderr.push_str(&msg);
-        if !msg.ends_with('\n') {
-            out.stderr.push('\n');
-        }
-        out.code = 1;
-    };
+    if r.model.ends_with(".m2pack") {
+        return run_artifact(r, out);
+    }
     let tokens = match (&r.tokens, &r.tokens_file) {
         (Some(t), _) => parse_ids(t, "--tokens"),
         (None, Some(f)) => std::fs::read_to_string(f)
@@ -885,6 +890,148 @@ fn run_model(r: &RunArgs, out: &mut Outcome) {
         loaded,
         ran,
         n as f64 / ran.as_secs_f64().max(1e-9)
+    );
+}
+
+/// `run x.m2pack --device cuda`: the artifact's schedule and PTX on the GPU, with the
+/// weights of the model it was compiled from (its `source`: a preset's random weights with
+/// `--seed`, or a checkpoint directory).
+fn run_artifact(r: &RunArgs, out: &mut Outcome) {
+    if r.device != DeviceArg::Cuda {
+        return fail(
+            out,
+            "error: an artifact runs on the GPU: add --device cuda".into(),
+        );
+    }
+    run_artifact_gpu(r, out);
+}
+
+#[cfg(not(feature = "cuda"))]
+fn run_artifact_gpu(_r: &RunArgs, out: &mut Outcome) {
+    fail(out, format!("error: {}", crate::model::NO_CUDA));
+}
+
+#[cfg(feature = "cuda")]
+fn run_artifact_gpu(r: &RunArgs, out: &mut Outcome) {
+    use runtime::cpu::HostData;
+    let a = match crate::artifact::Artifact::read(std::path::Path::new(&r.model)) {
+        Ok(a) => a,
+        Err(e) => return fail(out, format!("error: {e}")),
+    };
+    if a.manifest.train {
+        return fail(
+            out,
+            "error: this is a training artifact; `run` takes a forward one (compile without --train)"
+                .into(),
+        );
+    }
+    let tokens = match (&r.tokens, &r.tokens_file) {
+        (Some(t), _) => parse_ids(t, "--tokens"),
+        (None, Some(f)) => std::fs::read_to_string(f)
+            .map_err(|e| format!("cannot read {f}: {e}"))
+            .and_then(|t| parse_ids(&t, f)),
+        (None, None) => Err("give the input with --tokens \"1 2 3\" or --tokens-file F".into()),
+    };
+    let tokens = match tokens {
+        Ok(t) => t,
+        Err(e) => return fail(out, format!("error: {e}")),
+    };
+    let sym = |n: &str| {
+        a.manifest
+            .symbols
+            .iter()
+            .find(|(s, _)| s == n)
+            .map(|(_, v)| *v as usize)
+    };
+    let (b, l) = (tokens.len(), tokens.first().map_or(0, Vec::len));
+    if Some(b) != sym("B") || Some(l) != sym("L") || tokens.iter().any(|t| t.len() != l) {
+        return fail(
+            out,
+            format!(
+                "error: the artifact was compiled for batch {} and {} tokens per sequence; the input has {b} sequences of {} tokens",
+                sym("B").unwrap_or(0),
+                sym("L").unwrap_or(0),
+                tokens
+                    .iter()
+                    .map(|t| t.len().to_string())
+                    .collect::<Vec<_>>()
+                    .join("/")
+            ),
+        );
+    }
+    let opts = crate::model::LoadOptions {
+        config: r.config.clone(),
+        seed: r.seed,
+        backend: crate::model::Backend::Interp,
+        ..Default::default()
+    };
+    let model = match crate::model::Model::load(&a.manifest.model.source, &opts) {
+        Ok(m) => m,
+        Err(e) => {
+            return fail(
+                out,
+                format!(
+                    "error: the artifact's model `{}`: {e}",
+                    a.manifest.model.source
+                ),
+            );
+        }
+    };
+    let gpu = match crate::gpu::GpuArtifact::load(&a, 0) {
+        Ok(g) => g,
+        Err(e) => return fail(out, format!("error: {e}")),
+    };
+    let ids: Vec<i32> = tokens.iter().flatten().map(|&t| t as i32).collect();
+    let data = std::collections::HashMap::from([("input_ids".to_string(), HostData::I32(ids))]);
+    let t0 = std::time::Instant::now();
+    let outs = match gpu.run(
+        &data,
+        model.params_f32(),
+        &std::collections::HashMap::new(),
+        runtime::cuda::ExecOptions::default(),
+    ) {
+        Ok(o) => o,
+        Err(e) => return fail(out, format!("error: {e}")),
+    };
+    let ran = t0.elapsed();
+    let vocab = model.vocab();
+    let Some((_, data)) = outs.into_iter().next() else {
+        return fail(out, "error: the artifact has no outputs".into());
+    };
+    let logits = crate::model::Logits {
+        batch: b,
+        seq: l,
+        vocab,
+        data,
+    };
+    if let Some(path) = &r.dump_logits {
+        let t = vec![("logits".to_string(), vec![b, l, vocab], logits.data.clone())];
+        if let Err(e) = runtime::weights::save_f32(path, &t) {
+            return fail(out, format!("error: {e}"));
+        }
+        let _ = writeln!(
+            out.stdout,
+            "wrote logits [{b}, {l}, {vocab}] to {}",
+            path.display()
+        );
+    } else {
+        for (bi, seq) in tokens.iter().enumerate() {
+            for (t, id) in seq.iter().enumerate() {
+                let _ = writeln!(
+                    out.stdout,
+                    "  {t:>4} {id:>6} -> {}",
+                    top_k(logits.at(bi, t), r.top)
+                );
+            }
+        }
+    }
+    let _ = writeln!(
+        out.stderr,
+        "{} (artifact {}) on {}: {} steps in {ran:.2?}",
+        a.manifest.model.name,
+        r.model,
+        gpu.device_name(),
+        a.manifest.steps.len()
     );
 }
 

@@ -320,3 +320,60 @@ impl GpuModel {
         Ok(g.exec().run(&g.lowered, b, opts)?)
     }
 }
+
+/// A compiled artifact (`.m2pack`) loaded on a GPU: the schedule rebuilt from its manifest
+/// ([`crate::artifact::Artifact::schedule`]) and its PTX module loaded, runnable at the
+/// artifact's symbol values without the compiler.
+pub struct GpuArtifact {
+    pub lowered: Lowered,
+    plan: passes::MemoryPlan,
+    sizes: Vec<i64>,
+    exec: CudaExecutor,
+}
+
+impl GpuArtifact {
+    /// Loads `a` on GPU `ordinal`.
+    pub fn load(a: &crate::artifact::Artifact, ordinal: usize) -> Result<GpuArtifact, GpuError> {
+        let (lowered, plan, sizes) = a.schedule().map_err(Error::Input)?;
+        let entries: Vec<String> = lowered.kernels.iter().map(|k| k.name.clone()).collect();
+        let exec = CudaExecutor::new(ordinal, &a.ptx, &entries, None)?;
+        Ok(GpuArtifact {
+            lowered,
+            plan,
+            sizes,
+            exec,
+        })
+    }
+
+    /// The symbol values it was compiled for (`B`, `L`).
+    pub fn symbols(&self) -> Vec<(String, i64)> {
+        self.lowered
+            .syms
+            .iter()
+            .cloned()
+            .zip(self.sizes.iter().copied())
+            .collect()
+    }
+
+    /// The GPU's name.
+    pub fn device_name(&self) -> String {
+        self.exec.device_name()
+    }
+
+    /// Runs it once: uploads the parameters, inputs and states, returns every output.
+    pub fn run(
+        &self,
+        data: &HashMap<String, HostData>,
+        params: &HashMap<String, Vec<f32>>,
+        states: &HashMap<String, Vec<f32>>,
+        opts: ExecOptions,
+    ) -> Result<Outputs, GpuError> {
+        let inp = Inputs {
+            sizes: &self.sizes,
+            data,
+            params,
+            states,
+        };
+        Ok(self.exec.execute(&self.lowered, &self.plan, &inp, opts)?)
+    }
+}

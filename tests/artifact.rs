@@ -126,10 +126,10 @@ fn damaged_files_give_clear_errors() {
     check("empty.m2pack", b"", "not a ma2mba artifact");
     check("text.m2pack", b"hello world\n", "not a ma2mba artifact");
     check("v9.m2pack", b"ma2mba-pack 9\n", "format version 9");
-    check("hdr.m2pack", b"ma2mba-pack 1\n", "truncated");
+    check("hdr.m2pack", b"ma2mba-pack 2\n", "truncated");
     check(
         "bad-hdr.m2pack",
-        b"ma2mba-pack 1\nmanifest x ptx 1 fnv1a64 0\n",
+        b"ma2mba-pack 2\nmanifest x ptx 1 fnv1a64 0\n",
         "header",
     );
     // Cut anywhere past the header: truncated.
@@ -170,7 +170,7 @@ fn damaged_files_give_clear_errors() {
         h = h.wrapping_mul(0x0100_0000_01b3);
     }
     let mut f = format!(
-        "ma2mba-pack 1\nmanifest {} ptx 0 fnv1a64 {h:016x}\n",
+        "ma2mba-pack 2\nmanifest {} ptx 0 fnv1a64 {h:016x}\n",
         manifest.len()
     )
     .into_bytes();
@@ -345,5 +345,91 @@ fn compile_writes_ptx_and_inspect_reads_it() {
         .status()
     {
         assert!(st.success(), "ptxas rejected the artifact's PTX");
+    }
+}
+
+/// The schedule the runtime rebuilds from a manifest alone matches the compiler's: every
+/// step's buffers, kernel launch sizes (grid points at the artifact's sizes times the
+/// threads that share a point), product shapes, buffer kinds and the memory plan.
+#[test]
+fn the_schedule_rebuilt_from_the_manifest_matches_the_compilers() {
+    for train in [false, true] {
+        let a = fake(train, None);
+        let (l, plan, sizes) = a.schedule().unwrap();
+        assert_eq!(sizes, vec![2, 16]);
+        let g = common::compile_name("tiny-mamba2").graph;
+        let g = if train {
+            passes::training_graph(&g, "logits", -100).unwrap().graph
+        } else {
+            g
+        };
+        let want = passes::lower(&g, &passes::LowerOptions::default()).unwrap();
+        let bind = |s: &str| match s {
+            "B" => Some(2),
+            "L" => Some(16),
+            _ => None,
+        };
+        let want_plan = passes::plan_memory(&want, &bind).unwrap();
+        assert_eq!(plan, want_plan);
+        assert_eq!(l.steps.len(), want.steps.len());
+        assert_eq!(l.outputs, want.outputs);
+        for (b, w) in l.buffers.iter().zip(&want.buffers) {
+            assert_eq!((&b.kind, b.dtype), (&w.kind, w.dtype));
+        }
+        for (i, (s, w)) in l.steps.iter().zip(&want.steps).enumerate() {
+            match (s, w) {
+                (
+                    passes::Step::Kernel { kernel, bufs, node },
+                    passes::Step::Kernel {
+                        kernel: wk,
+                        bufs: wb,
+                        node: wn,
+                    },
+                ) => {
+                    assert_eq!((bufs, node), (wb, wn), "step {i}");
+                    let k = &want.kernels[*wk];
+                    let points: i64 = k
+                        .grid
+                        .iter()
+                        .map(|e| ir::kernel::eval::extent(e, &sizes).unwrap().unwrap())
+                        .product();
+                    let tpp = i64::from(ir::lanes::threads_per_point(k));
+                    assert_eq!(
+                        l.kernels[*kernel].grid,
+                        vec![ir::kernel::IExpr::Const(points * tpp)]
+                    );
+                    assert_eq!(l.kernels[*kernel].name, a.manifest.kernels[*wk].entry);
+                    assert_eq!(l.kernels[*kernel].bufs, k.bufs);
+                }
+                (
+                    passes::Step::MatMul {
+                        lhs,
+                        rhs,
+                        out,
+                        batch,
+                        m,
+                        k,
+                        n,
+                        ..
+                    },
+                    passes::Step::MatMul {
+                        lhs: wl,
+                        rhs: wr,
+                        out: wo,
+                        batch: wb,
+                        m: wm,
+                        k: wk,
+                        n: wn,
+                        ..
+                    },
+                ) => {
+                    assert_eq!((lhs, rhs, out), (wl, wr, wo), "step {i}");
+                    for (d, w) in [(batch, wb), (m, wm), (k, wk), (n, wn)] {
+                        assert_eq!(d.as_known(), w.eval(&bind), "step {i}");
+                    }
+                }
+                _ => panic!("step {i}: kinds differ"),
+            }
+        }
     }
 }

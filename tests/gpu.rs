@@ -759,3 +759,75 @@ fn bf16_weights_decode_close_to_f32() {
     let b = assert_normwise("bf16 decode vs bf16 GPU forward", &got, &exp16, 1e-2);
     eprintln!("bf16 decode: normwise {a:.3e} vs f32, {b:.3e} vs the bf16 forward");
 }
+
+/// An artifact runs on the GPU from its manifest and PTX alone (`ma2mba compile`, then
+/// `ma2mba run x.m2pack --device cuda`): the logits equal the CPU's forward; a shape the
+/// artifact was not compiled for is refused.
+#[test]
+fn compiled_artifacts_run_on_the_gpu() {
+    if model_pair("tiny-mamba").is_none() {
+        return;
+    }
+    let d = std::env::temp_dir().join(format!("ma2mba-gpu-artifact-{}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    let ids = d.join("ids.txt");
+    for (name, batch, rows) in [
+        (
+            "tiny-mamba2",
+            "2",
+            "1 5 9 2 44 3 7 7 12 60 2 2\n3 3 8 19 0 2 51 6 6 1 9 9\n",
+        ),
+        ("mamba-130m", "1", "464 1 2 3 3 3 1000 20000 7 8 9 10\n"),
+    ] {
+        std::fs::write(&ids, rows).unwrap();
+        let pack = d.join(format!("{name}.m2pack"));
+        let o = common::cli(&[
+            "compile",
+            name,
+            "--batch",
+            batch,
+            "--seq",
+            "12",
+            "-o",
+            pack.to_str().unwrap(),
+        ]);
+        assert_eq!(o.code, 0, "compile {name}: {}", o.stderr);
+        let mut logits = Vec::new();
+        for (model, dev) in [
+            (name.to_string(), "cpu"),
+            (pack.display().to_string(), "cuda"),
+        ] {
+            let out = d.join(format!("{name}-{dev}.safetensors"));
+            let o = common::cli(&[
+                "run",
+                &model,
+                "--tokens-file",
+                ids.to_str().unwrap(),
+                "--dump-logits",
+                out.to_str().unwrap(),
+                "--device",
+                dev,
+            ]);
+            assert_eq!(o.code, 0, "run {model} --device {dev}: {}", o.stderr);
+            eprintln!("run {model}: {}", o.stderr.trim());
+            logits.push(dumped(&out));
+        }
+        assert_close(
+            &format!("{name}: artifact on the GPU vs CPU forward"),
+            &logits[1],
+            &logits[0],
+            CPU_GPU,
+        );
+        std::fs::write(&ids, "1 2 3\n").unwrap();
+        let o = common::cli(&[
+            "run",
+            pack.to_str().unwrap(),
+            "--tokens-file",
+            ids.to_str().unwrap(),
+            "--device",
+            "cuda",
+        ]);
+        assert_eq!(o.code, 1);
+        assert!(o.stderr.contains("compiled for batch"), "{}", o.stderr);
+    }
+}

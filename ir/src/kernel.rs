@@ -560,6 +560,36 @@ pub mod eval {
         f32: bool,
     }
 
+    /// The value of a launch extent (an index expression over the sizes alone): `Ok(None)`
+    /// when it reads a device buffer (an index load), an error when it refers to a grid
+    /// coordinate or loop counter or divides by a non-positive number.
+    pub fn extent(e: &IExpr, sizes: &[i64]) -> Result<Option<i64>, String> {
+        let two = |a: &IExpr, b: &IExpr| -> Result<Option<(i64, i64)>, String> {
+            Ok(match (extent(a, sizes)?, extent(b, sizes)?) {
+                (Some(x), Some(y)) => Some((x, y)),
+                _ => None,
+            })
+        };
+        Ok(match e {
+            IExpr::Const(n) => Some(*n),
+            IExpr::Size(i) => Some(*sizes.get(*i).ok_or("unknown size")?),
+            IExpr::Grid(_) | IExpr::Loop(_) => {
+                return Err("an extent depends on a coordinate".into());
+            }
+            IExpr::LoadIndex { .. } => None,
+            IExpr::Add(a, b) => two(a, b)?.map(|(x, y)| x.wrapping_add(y)),
+            IExpr::Sub(a, b) => two(a, b)?.map(|(x, y)| x.wrapping_sub(y)),
+            IExpr::Mul(a, b) => two(a, b)?.map(|(x, y)| x.wrapping_mul(y)),
+            IExpr::Min(a, b) => two(a, b)?.map(|(x, y)| x.min(y)),
+            IExpr::Div(a, b) | IExpr::Rem(a, b) => match two(a, b)? {
+                Some((_, y)) if y <= 0 => return Err(format!("division by {y}")),
+                Some((x, y)) if matches!(e, IExpr::Div(..)) => Some(x.div_euclid(y)),
+                Some((x, y)) => Some(x.rem_euclid(y)),
+                None => None,
+            },
+        })
+    }
+
     impl Ev<'_> {
         fn round(&self, x: f64) -> f64 {
             if self.f32 { x as f32 as f64 } else { x }

@@ -1128,32 +1128,7 @@ fn check_len(name: &str, got: usize, want: usize) -> Result<(), ExecError> {
 
 /// The number of grid points, or `None` if an extent reads a device buffer.
 fn grid_points(grid: &[IExpr], sizes: &[i64]) -> Result<Option<u64>, String> {
-    fn ev(e: &IExpr, sizes: &[i64]) -> Result<Option<i64>, String> {
-        let two = |a: &IExpr, b: &IExpr| -> Result<Option<(i64, i64)>, String> {
-            Ok(match (ev(a, sizes)?, ev(b, sizes)?) {
-                (Some(x), Some(y)) => Some((x, y)),
-                _ => None,
-            })
-        };
-        Ok(match e {
-            IExpr::Const(n) => Some(*n),
-            IExpr::Size(i) => Some(*sizes.get(*i).ok_or("unknown size")?),
-            IExpr::Grid(_) | IExpr::Loop(_) => {
-                return Err("a grid extent depends on a coordinate".into());
-            }
-            IExpr::LoadIndex { .. } => None,
-            IExpr::Add(a, b) => two(a, b)?.map(|(x, y)| x.wrapping_add(y)),
-            IExpr::Sub(a, b) => two(a, b)?.map(|(x, y)| x.wrapping_sub(y)),
-            IExpr::Mul(a, b) => two(a, b)?.map(|(x, y)| x.wrapping_mul(y)),
-            IExpr::Min(a, b) => two(a, b)?.map(|(x, y)| x.min(y)),
-            IExpr::Div(a, b) | IExpr::Rem(a, b) => match two(a, b)? {
-                Some((_, y)) if y <= 0 => return Err(format!("division by {y}")),
-                Some((x, y)) if matches!(e, IExpr::Div(..)) => Some(x.div_euclid(y)),
-                Some((x, y)) => Some(x.rem_euclid(y)),
-                None => None,
-            },
-        })
-    }
+    let ev = ir::kernel::eval::extent;
     let mut total: u64 = 1;
     for (d, g) in grid.iter().enumerate() {
         let Some(e) = ev(g, sizes)? else {
