@@ -1,6 +1,11 @@
-//! Running a training step under a checkpoint plan on the CPU: the schedule of
-//! [`passes::remat`] (forward over segments storing layer and sequence checkpoints, backward
-//! over cells recomputing what was not kept), with a ledger of the bytes it holds.
+//! Running a training step under a checkpoint plan: the schedule of [`passes::remat`]
+//! (forward over segments storing layer and sequence checkpoints, backward over cells
+//! recomputing what was not kept), with a ledger of the bytes it holds.
+//!
+//! Stages run on the CPU (Cranelift) or, with the `cuda` feature, on the GPU: there the
+//! parameters are uploaded once per step and shared by every stage run, and the values
+//! between runs (checkpoints, boundary values, states) are held on the host and move in and
+//! out with each run. The ledger counts them as the planner does, wherever they are held.
 //!
 //! The ledger counts what the schedule holds, as the planner prices it: token ids and
 //! targets, carried states and state gradients, layer and sequence checkpoints, saved values,
@@ -16,19 +21,94 @@ use passes::stage::{self, StageKind};
 use runtime::cpu::HostData;
 use std::collections::HashMap;
 
-/// One stage variant compiled for the CPU.
+/// Where stage graphs run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Device {
+    Cpu,
+    /// The first CUDA GPU (needs the `cuda` feature).
+    Cuda,
+}
+
+/// One stage graph compiled for a device.
+enum StageGraph {
+    Cpu(Box<CpuGraph>),
+    #[cfg(feature = "cuda")]
+    Gpu(Box<crate::gpu::GpuGraph>),
+}
+
+/// The parameters as a run reads them.
+enum Params<'a> {
+    Host(&'a HashMap<String, Vec<f32>>),
+    #[cfg(feature = "cuda")]
+    Device(&'a runtime::cuda::DeviceParams),
+}
+
+impl StageGraph {
+    fn compile(g: &Graph, device: Device) -> Result<StageGraph, Error> {
+        let opts = LowerOptions::default();
+        match device {
+            Device::Cpu => Ok(StageGraph::Cpu(Box::new(CpuGraph::compile(g, &opts)?))),
+            #[cfg(feature = "cuda")]
+            Device::Cuda => {
+                crate::gpu::GpuGraph::compile(g, &opts, codegen::nvptx::Target::Sm90, 0)
+                    .map(|g| StageGraph::Gpu(Box::new(g)))
+                    .map_err(|e| Error::Gpu(format!("--device cuda: {e}")))
+            }
+            #[cfg(not(feature = "cuda"))]
+            Device::Cuda => Err(Error::Gpu(crate::model::NO_CUDA.into())),
+        }
+    }
+
+    fn lowered(&self) -> &passes::Lowered {
+        match self {
+            StageGraph::Cpu(c) => &c.lowered,
+            #[cfg(feature = "cuda")]
+            StageGraph::Gpu(g) => &g.lowered,
+        }
+    }
+
+    /// Runs the stage; returns its outputs and the bytes of its arena.
+    fn run(
+        &self,
+        syms: &[(&str, i64)],
+        data: &HashMap<String, HostData>,
+        params: &Params<'_>,
+        states: &HashMap<String, Vec<f32>>,
+    ) -> Result<(runtime::cpu::Outputs, u64), Error> {
+        match (self, params) {
+            (StageGraph::Cpu(c), Params::Host(p)) => {
+                let (outs, prof) = c.run(syms, data, p, states)?;
+                Ok((outs, prof.arena_bytes))
+            }
+            #[cfg(feature = "cuda")]
+            (StageGraph::Gpu(g), Params::Device(p)) => {
+                let gpu = |e: crate::gpu::GpuError| Error::Gpu(e.to_string());
+                let outs = g
+                    .run_with(syms, data, p, states, runtime::cuda::ExecOptions::default())
+                    .map_err(gpu)?;
+                let arena = g.memory_plan(syms).map_err(gpu)?.peak;
+                Ok((outs, arena))
+            }
+            #[cfg(feature = "cuda")]
+            _ => Err(Error::Input(
+                "a stage and its parameters are on different devices".into(),
+            )),
+        }
+    }
+}
+
+/// One stage variant compiled for a device.
 struct Compiled {
-    fwd: CpuGraph,
-    train: CpuGraph,
+    fwd: StageGraph,
+    train: StageGraph,
     saved: Vec<String>,
 }
 
 impl Compiled {
-    fn new(v: &Variant) -> Result<Compiled, Error> {
-        let opts = LowerOptions::default();
+    fn new(v: &Variant, device: Device) -> Result<Compiled, Error> {
         Ok(Compiled {
-            fwd: CpuGraph::compile(&v.fwd_graph, &opts)?,
-            train: CpuGraph::compile(&v.train_graph, &opts)?,
+            fwd: StageGraph::compile(&v.fwd_graph, device)?,
+            train: StageGraph::compile(&v.train_graph, device)?,
             saved: v.saved.clone(),
         })
     }
@@ -45,6 +125,7 @@ struct Group {
 /// A training step compiled for one plan.
 pub struct CheckpointedStep {
     pub plan: Plan,
+    pub device: Device,
     embed: Compiled,
     head: Compiled,
     groups: Vec<Group>,
@@ -80,8 +161,17 @@ fn one_boundary(names: &[String], what: &str) -> Result<String, Error> {
 
 impl CheckpointedStep {
     /// Splits `model` (a forward graph with a `logits` output) into the plan's stages and
-    /// compiles every stage variant the plan uses.
+    /// compiles every stage variant the plan uses for the CPU.
     pub fn compile(model: &Graph, plan: &Plan) -> Result<CheckpointedStep, Error> {
+        CheckpointedStep::compile_for(model, plan, Device::Cpu)
+    }
+
+    /// [`CheckpointedStep::compile`] for a device.
+    pub fn compile_for(
+        model: &Graph,
+        plan: &Plan,
+        device: Device,
+    ) -> Result<CheckpointedStep, Error> {
         let stages = stage::split(model, &plan.groups).map_err(|e| Error::Input(e.to_string()))?;
         let plan_err = |e: passes::remat::PlanError| Error::Input(e.to_string());
         let embed_st = &stages[0];
@@ -89,10 +179,12 @@ impl CheckpointedStep {
         let embed = Compiled::new(
             &passes::remat::variant(embed_st, Keep::Nothing, IGNORE_INDEX, false)
                 .map_err(plan_err)?,
+            device,
         )?;
         let head = Compiled::new(
             &passes::remat::variant(head_st, Keep::Nothing, IGNORE_INDEX, plan.logits)
                 .map_err(plan_err)?,
+            device,
         )?;
         let mut groups = Vec::new();
         for (g, st) in stages[1..stages.len() - 1].iter().enumerate() {
@@ -103,7 +195,7 @@ impl CheckpointedStep {
             let mut by_keep = HashMap::new();
             for k in keeps {
                 let v = passes::remat::variant(st, k, IGNORE_INDEX, false).map_err(plan_err)?;
-                by_keep.insert(k, Compiled::new(&v)?);
+                by_keep.insert(k, Compiled::new(&v, device)?);
             }
             let states = st
                 .graph
@@ -126,6 +218,7 @@ impl CheckpointedStep {
         }
         Ok(CheckpointedStep {
             plan: plan.clone(),
+            device,
             embed,
             head,
             embed_out: one_boundary(&embed_st.boundary_outputs, "the embedding")?,
@@ -138,6 +231,29 @@ impl CheckpointedStep {
     /// are the initial recurrent states (missing ones are zeros).
     pub fn run(
         &self,
+        params: &HashMap<String, Vec<f32>>,
+        ids: &[i32],
+        targets: &[i32],
+        states: &HashMap<String, Vec<f32>>,
+    ) -> Result<StepOutput, Error> {
+        match &self.embed.fwd {
+            StageGraph::Cpu(_) => {
+                self.run_with(&Params::Host(params), params, ids, targets, states)
+            }
+            #[cfg(feature = "cuda")]
+            StageGraph::Gpu(g) => {
+                // Uploaded once per step: every stage run reads the same device copy.
+                let dev = g
+                    .upload_params(params)
+                    .map_err(|e| Error::Gpu(e.to_string()))?;
+                self.run_with(&Params::Device(&dev), params, ids, targets, states)
+            }
+        }
+    }
+
+    fn run_with(
+        &self,
+        run_params: &Params<'_>,
         params: &HashMap<String, Vec<f32>>,
         ids: &[i32],
         targets: &[i32],
@@ -191,8 +307,8 @@ impl CheckpointedStep {
             let syms = [("B", b as i64), ("L", (r.end - r.start) as i64)];
             let seg_ids = slice_tokens(ids, r);
             let mut data = HashMap::from([("input_ids".to_string(), HostData::I32(seg_ids))]);
-            let (outs, prof) = self.embed.fwd.run(&syms, &data, params, &empty)?;
-            ledger.run(prof.arena_bytes, &outs);
+            let (outs, arena) = self.embed.fwd.run(&syms, &data, run_params, &empty)?;
+            ledger.run(arena, &outs);
             let mut h = take(outs, &self.embed_out)?;
             ledger.hold(4 * h.len() as u64);
             let mut h_is_ckpt = false;
@@ -213,8 +329,8 @@ impl CheckpointedStep {
                 ledger.hold(bytes_of(&start));
                 data.clear();
                 data.insert(grp.input.clone(), HostData::F32(h));
-                let (outs, prof) = c.fwd.run(&syms, &data, params, &start)?;
-                ledger.run(prof.arena_bytes, &outs);
+                let (outs, arena) = c.fwd.run(&syms, &data, run_params, &start)?;
+                ledger.run(arena, &outs);
                 let HostData::F32(h_in) =
                     data.remove(&grp.input).unwrap_or(HostData::F32(Vec::new()))
                 else {
@@ -268,8 +384,8 @@ impl CheckpointedStep {
                 (self.head_in.clone(), HostData::F32(top)),
                 ("targets".to_string(), HostData::I32(seg_targets)),
             ]);
-            let (outs, prof) = self.head.train.run(&syms, &data, params, &empty)?;
-            ledger.run(prof.arena_bytes, &outs);
+            let (outs, arena) = self.head.train.run(&syms, &data, run_params, &empty)?;
+            ledger.run(arena, &outs);
             if let Some(HostData::F32(v)) = data.remove(&self.head_in) {
                 ledger.release(4 * v.len() as u64);
             }
@@ -297,8 +413,8 @@ impl CheckpointedStep {
                 let input = if g == 0 {
                     let ids_t = slice_tokens(ids, r);
                     let d = HashMap::from([("input_ids".to_string(), HostData::I32(ids_t))]);
-                    let (outs, prof) = self.embed.fwd.run(&syms, &d, params, &empty)?;
-                    ledger.run(prof.arena_bytes, &outs);
+                    let (outs, arena) = self.embed.fwd.run(&syms, &d, run_params, &empty)?;
+                    ledger.run(arena, &outs);
                     let h0 = take(outs, &self.embed_out)?;
                     ledger.hold(4 * h0.len() as u64);
                     h0
@@ -319,8 +435,8 @@ impl CheckpointedStep {
                     data.insert(name, HostData::F32(v));
                 }
                 let start = std::mem::take(&mut seq_ckpt[t][g]);
-                let (outs, prof) = c.train.run(&syms, &data, params, &start)?;
-                ledger.run(prof.arena_bytes, &outs);
+                let (outs, arena) = c.train.run(&syms, &data, run_params, &start)?;
+                ledger.run(arena, &outs);
                 ledger.release(bytes_of(&start));
                 for (name, v) in data {
                     let HostData::F32(v) = v else { continue };
@@ -351,8 +467,8 @@ impl CheckpointedStep {
                 ("input_ids".to_string(), HostData::I32(ids_t)),
                 (format!("cotangent.{}", self.embed_out), HostData::F32(cot)),
             ]);
-            let (outs, prof) = self.embed.train.run(&syms, &data, params, &empty)?;
-            ledger.run(prof.arena_bytes, &outs);
+            let (outs, arena) = self.embed.train.run(&syms, &data, run_params, &empty)?;
+            ledger.run(arena, &outs);
             if let Some(HostData::F32(v)) = data.remove(&format!("cotangent.{}", self.embed_out)) {
                 ledger.release(4 * v.len() as u64);
             }
@@ -403,7 +519,7 @@ impl CheckpointedStep {
 
     fn state_len(&self, g: &Group, name: &str, b: usize) -> Result<usize, Error> {
         for c in g.by_keep.values() {
-            for buf in &c.fwd.lowered.buffers {
+            for buf in &c.fwd.lowered().buffers {
                 if buf.kind == passes::BufKind::State(name.to_string()) {
                     let bind = |s: &str| (s == "B").then_some(b as u64);
                     let n = ir::types::numel(&buf.shape)

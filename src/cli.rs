@@ -1635,19 +1635,8 @@ fn train(a: &TrainArgs, out: &mut Outcome) {
         Some(Ok(b)) => Some(b),
         Some(Err(e)) => return fail(out, format!("error: --budget: {e}")),
     };
-    if a.device == DeviceArg::Cuda {
-        if cfg!(not(feature = "cuda")) {
-            return fail(out, format!("error: {}", crate::model::NO_CUDA));
-        }
-        if budget.is_some() {
-            return fail(
-                out,
-                "error: --budget is not supported with --device cuda yet (checkpointed \
-                 training runs on the CPU): leave out --budget to train on the whole \
-                 training graph on the GPU, or train on the CPU"
-                    .into(),
-            );
-        }
+    if a.device == DeviceArg::Cuda && cfg!(not(feature = "cuda")) {
+        return fail(out, format!("error: {}", crate::model::NO_CUDA));
     }
     if a.seq_len == 0 || a.batch == 0 {
         return fail(
@@ -1744,7 +1733,11 @@ fn train(a: &TrainArgs, out: &mut Outcome) {
             if let Err(e) = crate::train::plan_for(&graph, b, a.batch, a.seq_len) {
                 return fail(out, format!("error: {e}"));
             }
-            Trainer::with_budget(&graph, "logits", params, config, b)
+            let device = match a.device {
+                DeviceArg::Cpu => crate::checkpoint::Device::Cpu,
+                DeviceArg::Cuda => crate::checkpoint::Device::Cuda,
+            };
+            Trainer::with_budget_on(&graph, "logits", params, config, b, device)
         }
         None if a.device == DeviceArg::Cuda => Trainer::new_gpu(&graph, "logits", params, config),
         None => Trainer::new(&graph, "logits", params, config),

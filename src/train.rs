@@ -4,7 +4,7 @@
 //! Weight decay skips `A_log`, `D`, the dt bias (`dt_bias`, `dt_proj.bias`) and norm weights,
 //! as the reference implementation does.
 
-use crate::checkpoint::CheckpointedStep;
+use crate::checkpoint::{CheckpointedStep, Device};
 use crate::model::{CpuGraph, Error, IGNORE_INDEX};
 use ir::Graph;
 use passes::LowerOptions;
@@ -90,6 +90,7 @@ enum Engine {
     Checkpointed {
         forward: Box<Graph>,
         budget: u64,
+        device: Device,
         steps: HashMap<(usize, usize), CheckpointedStep>,
     },
     /// The whole training graph on the GPU.
@@ -148,6 +149,7 @@ impl Trainer {
             None => Engine::Checkpointed {
                 forward: Box::new(forward.clone()),
                 budget: u64::MAX,
+                device: Device::Cpu,
                 steps: HashMap::new(),
             },
         };
@@ -215,11 +217,17 @@ impl Trainer {
             Engine::Checkpointed {
                 forward,
                 budget,
+                device,
                 steps,
             } => {
                 if let std::collections::hash_map::Entry::Vacant(e) = steps.entry((batch, seq)) {
-                    let plan = plan_for(forward, *budget, batch, seq)?;
-                    e.insert(CheckpointedStep::compile(forward, &plan)?);
+                    let mut req = request_for(forward, Some(*budget), batch, seq);
+                    // The GPU hands outputs over in their own buffers.
+                    req.copy_outputs = *device == Device::Cpu;
+                    let plan = Planner::new(forward, req, IGNORE_INDEX)
+                        .and_then(|mut p| p.plan())
+                        .map_err(|e| Error::Input(e.to_string()))?;
+                    e.insert(CheckpointedStep::compile_for(forward, &plan, *device)?);
                 }
                 let step = &steps[&(batch, seq)];
                 let out = step.run(&self.params, ids, targets, states)?;
@@ -367,10 +375,27 @@ impl Trainer {
         config: TrainConfig,
         budget: u64,
     ) -> Result<Trainer, Error> {
+        Trainer::with_budget_on(forward, logits, params, config, budget, Device::Cpu)
+    }
+
+    /// [`Trainer::with_budget`] with the stages on `device` (the GPU: parameters uploaded
+    /// once per step, checkpoints held on the host between stage runs).
+    pub fn with_budget_on(
+        forward: &Graph,
+        logits: &str,
+        params: HashMap<String, Vec<f32>>,
+        config: TrainConfig,
+        budget: u64,
+        device: Device,
+    ) -> Result<Trainer, Error> {
+        if device == Device::Cuda && cfg!(not(feature = "cuda")) {
+            return Err(Error::Gpu(crate::model::NO_CUDA.into()));
+        }
         let mut t = Trainer::new_with(forward, logits, params, config, None)?;
         t.engine = Engine::Checkpointed {
             forward: Box::new(forward.clone()),
             budget,
+            device,
             steps: HashMap::new(),
         };
         Ok(t)
