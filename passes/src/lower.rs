@@ -12,6 +12,10 @@
 //!
 //! A reshape of a materialized buffer is an alias of it, not a copy.
 //!
+//! The scans run chunk-parallel over time (`selective_scan`, `ssd_scan`): chunks scanned from
+//! zero states in parallel, a cheap sequential carry of the states across chunks, and the
+//! chunks rescanned from their start states, so their grids grow with `B·ceil(L/Q)`.
+//!
 //! The backward and loss ops get kernels of their own (see `cross_entropy`, `conv_grad`,
 //! `selective_scan_grad`, `ssd_scan_grad`). Sums over grid points (`dA`, `dB`, `dC`) are
 //! reduced by later kernels of the same op, never by racing writes. A scan's gradient does
@@ -54,6 +58,17 @@ pub struct LowerOptions {
 /// chunk of states (64 x 16 floats at d_state 16) stays in cache while the reverse sweep
 /// reads it back.
 pub const SELECTIVE_GRAD_CHUNK: u64 = 64;
+
+/// Steps per chunk of the chunk-parallel Mamba-1 forward scan. Its grid is `B·ceil(L/Q)·E`
+/// points and its scratch `2·B·ceil(L/Q)·E·N` floats (`2N/Q = 1/2` of `x` at d_state 16);
+/// each point runs `2Q` steps, the carry between chunks `ceil(L/Q)`.
+pub const SELECTIVE_SCAN_CHUNK: u64 = 64;
+
+/// The most steps per chunk of the chunk-parallel Mamba-2 forward scan, which otherwise takes
+/// its op's `chunk`. Its grid is `B·ceil(L/Q)·H·P` points and its scratch about
+/// `B·ceil(L/Q)·H·P·N` floats (`N/Q` of `x`: twice `x` at d_state 128); each point runs `2Q`
+/// steps, the carry between chunks `ceil(L/Q)`.
+pub const MAX_SSD_SCAN_CHUNK: u64 = 64;
 
 /// The most steps per checkpoint of the Mamba-2 scan gradient, which otherwise takes its op's
 /// `chunk` (256 in the published configs): its kernels recompute a chunk one state element at
@@ -769,7 +784,7 @@ impl<'g> Lowering<'g> {
             }
             Op::CausalConv1d => self.conv(n)?,
             Op::SelectiveScan => self.selective_scan(n)?,
-            Op::SsdScan { .. } => self.ssd_scan(n)?,
+            Op::SsdScan { chunk } => self.ssd_scan(n, *chunk)?,
             Op::CausalConv1dGrad => self.conv_grad(n)?,
             Op::SelectiveScanGrad => self.selective_scan_grad(n)?,
             Op::SsdScanGrad { chunk } => self.ssd_scan_grad(n, *chunk)?,
@@ -915,8 +930,259 @@ impl<'g> Lowering<'g> {
         Ok(())
     }
 
-    /// Mamba-1: one (batch, channel) per grid point, the `[N]` state in a local array.
+    /// `SelectiveScan` (Mamba-1). With the chunk count `ceil(L/Q)` known to be at most 1 (the
+    /// decode step), one sequential kernel ([`Self::selective_scan_sequential`]); otherwise
+    /// chunk-parallel over time in three kernels, `Q = SELECTIVE_SCAN_CHUNK`:
+    ///
+    /// 1. One (batch, chunk, channel) per grid point scans its chunk from a zero state,
+    ///    storing the chunk's end state in scratch `H [B, ceil(L/Q), E, N]` and the product
+    ///    of its decays `exp(dt A)` in scratch `D` (as `H`).
+    /// 2. One (batch, channel, n) per grid point walks the chunks in order from `h0`:
+    ///    `H[c] <- h; h = D[c] h + H[c]`; it writes `h1 = h0` when there is no chunk.
+    /// 3. One (batch, chunk, channel) per grid point rescans its chunk from `H[c]`, writing
+    ///    `y` (and its epilogues) and, in the last chunk, `h1`.
+    ///
+    /// As for [`Self::ssd_scan`]: the rescans are the sequential arithmetic, the start states
+    /// regrouped sums. Scratch: `2·B·ceil(L/Q)·E·N` floats, `2N/Q` times `x`
+    /// (mamba-2.8b at B = 1, L = 65536: 671 MB).
     fn selective_scan(&mut self, n: NodeId) -> Result<(), LowerError> {
+        use BinaryOp::{Add, Mul};
+        let g = self.g;
+        let ops = g.operands(n);
+        let (x, dt, a, bm, cm, h0) = (ops[0], ops[1], ops[2], ops[3], ops[4], ops[5]);
+        let xs = self.shape(x);
+        let (ch, count) = self.chunks(n, &xs[1], SELECTIVE_SCAN_CHUNK)?;
+        if count.as_known().is_some_and(|c| c <= 1) {
+            return self.selective_scan_sequential(n);
+        }
+        let nd = self.shape(a)[1].clone();
+        let nst = self.known(n, &nd, "d_state")?;
+        let ns = IExpr::c(nst as i64);
+        let y = self.new_buf(Value::new(n, 0), BufKind::Temp);
+        let h1 = self.new_buf(Value::new(n, 1), BufKind::Temp);
+        let hs = self.shape(Value::new(n, 1));
+        let ck_shape = vec![xs[0].clone(), count, xs[2].clone(), nd];
+        let hck = self.scratch(n, ck_shape.clone());
+        let dck = self.scratch(n, ck_shape.clone());
+        let (bext, eext) = (self.dim(&xs[0]), self.dim(&xs[2]));
+        let name = format!("selective_scan_{}", n.index());
+        let al = |arr: ArrId, l: LoopId| Expr::ArrLoad {
+            arr,
+            index: IExpr::Loop(l),
+        };
+
+        // Kernel 1: each chunk from a zero state.
+        let mut kb = KB::new(self, &format!("{name}_chunk"));
+        let (b, c, e) = (IExpr::Grid(0), IExpr::Grid(1), IExpr::Grid(2));
+        let (h_slot, d_slot) = (kb.buf(hck, true), kb.buf(dck, true));
+        let (h, pr) = (kb.arr(), kb.arr());
+        kb.body.push(Stmt::Array {
+            arr: h,
+            len: nst,
+            init: 0.0,
+        });
+        kb.body.push(Stmt::Array {
+            arr: pr,
+            len: nst,
+            init: 1.0,
+        });
+        let (tl, nn) = (kb.counter(), kb.counter());
+        let t = ch.start(&c).add(IExpr::Loop(tl));
+        let (dtv, uv, decay) = (kb.var(), kb.var(), kb.var());
+        let bt = [b.clone(), t.clone(), e.clone()];
+        let dte = kb.value(dt, &bt)?;
+        let xe = kb.value(x, &bt)?;
+        let av = kb.value(a, &[e.clone(), IExpr::Loop(nn)])?;
+        let bv = kb.value(bm, &[b.clone(), t, IExpr::Loop(nn)])?;
+        kb.body.push(Stmt::For {
+            counter: tl,
+            extent: ch.len(&c),
+            body: vec![
+                Stmt::Var {
+                    var: dtv,
+                    init: dte,
+                },
+                Stmt::Var {
+                    var: uv,
+                    init: Expr::bin(Mul, Expr::Var(dtv), xe),
+                },
+                Stmt::For {
+                    counter: nn,
+                    extent: ns.clone(),
+                    body: vec![
+                        Stmt::Var {
+                            var: decay,
+                            init: Expr::un(UnaryOp::Exp, Expr::bin(Mul, Expr::Var(dtv), av)),
+                        },
+                        Stmt::ArrSet {
+                            arr: pr,
+                            index: IExpr::Loop(nn),
+                            value: Expr::bin(Mul, al(pr, nn), Expr::Var(decay)),
+                        },
+                        Stmt::ArrSet {
+                            arr: h,
+                            index: IExpr::Loop(nn),
+                            value: next_state(Expr::Var(decay), al(h, nn), Expr::Var(uv), bv),
+                        },
+                    ],
+                },
+            ],
+        });
+        let j = kb.counter();
+        let at = kb.l.linear(&[b, c, e, IExpr::Loop(j)], &ck_shape);
+        kb.body.push(Stmt::For {
+            counter: j,
+            extent: ns.clone(),
+            body: vec![
+                Stmt::Store {
+                    buf: h_slot,
+                    index: at.clone(),
+                    value: al(h, j),
+                },
+                Stmt::Store {
+                    buf: d_slot,
+                    index: at,
+                    value: al(pr, j),
+                },
+            ],
+        });
+        kb.finish(vec![bext.clone(), ch.count.clone(), eext.clone()], n);
+
+        // Kernel 2: the chunks' start states, in order.
+        let mut kb = KB::new(self, &format!("{name}_carry"));
+        let (b, e, nn) = (IExpr::Grid(0), IExpr::Grid(1), IExpr::Grid(2));
+        let (h_slot, d_slot, h1_slot) = (kb.buf(hck, true), kb.buf(dck, false), kb.buf(h1, true));
+        let (hv, ev) = (kb.var(), kb.var());
+        let h0v = kb.value(h0, &[b.clone(), e.clone(), nn.clone()])?;
+        kb.body.push(Stmt::Var { var: hv, init: h0v });
+        let cl = kb.counter();
+        let at = kb.l.linear(
+            &[b.clone(), IExpr::Loop(cl), e.clone(), nn.clone()],
+            &ck_shape,
+        );
+        kb.body.push(Stmt::For {
+            counter: cl,
+            extent: ch.count.clone(),
+            body: vec![
+                Stmt::Var {
+                    var: ev,
+                    init: Expr::Load {
+                        buf: h_slot,
+                        index: at.clone(),
+                    },
+                },
+                Stmt::Store {
+                    buf: h_slot,
+                    index: at.clone(),
+                    value: Expr::Var(hv),
+                },
+                Stmt::Set {
+                    var: hv,
+                    value: Expr::bin(
+                        Add,
+                        Expr::bin(
+                            Mul,
+                            Expr::Load {
+                                buf: d_slot,
+                                index: at,
+                            },
+                            Expr::Var(hv),
+                        ),
+                        Expr::Var(ev),
+                    ),
+                },
+            ],
+        });
+        let none = kb.counter();
+        kb.body.push(Stmt::For {
+            counter: none,
+            extent: if_zero(&ch.count),
+            body: vec![Stmt::Store {
+                buf: h1_slot,
+                index: kb.l.linear(&[b, e, nn], &hs),
+                value: Expr::Var(hv),
+            }],
+        });
+        kb.finish(vec![bext.clone(), eext.clone(), ns.clone()], n);
+
+        // Kernel 3: each chunk again from its start state, writing y.
+        let mut kb = KB::new(self, &name);
+        let (b, c, e) = (IExpr::Grid(0), IExpr::Grid(1), IExpr::Grid(2));
+        let h_slot = kb.buf(hck, false);
+        let h = kb.arr();
+        kb.body.push(Stmt::Array {
+            arr: h,
+            len: nst,
+            init: 0.0,
+        });
+        let j = kb.counter();
+        kb.body.push(Stmt::For {
+            counter: j,
+            extent: ns.clone(),
+            body: vec![Stmt::ArrSet {
+                arr: h,
+                index: IExpr::Loop(j),
+                value: Expr::Load {
+                    buf: h_slot,
+                    index: kb.l.linear(
+                        &[b.clone(), c.clone(), e.clone(), IExpr::Loop(j)],
+                        &ck_shape,
+                    ),
+                },
+            }],
+        });
+        let (tl, nn) = (kb.counter(), kb.counter());
+        let t = ch.start(&c).add(IExpr::Loop(tl));
+        let (dtv, xv, yv) = (kb.var(), kb.var(), kb.var());
+        let bt = [b.clone(), t.clone(), e.clone()];
+        let mut body = vec![
+            Stmt::Var {
+                var: dtv,
+                init: kb.value(dt, &bt)?,
+            },
+            Stmt::Var {
+                var: xv,
+                init: kb.value(x, &bt)?,
+            },
+            Stmt::Var {
+                var: yv,
+                init: Expr::Const(0.0),
+            },
+        ];
+        let av = kb.value(a, &[e.clone(), IExpr::Loop(nn)])?;
+        let decay = Expr::un(UnaryOp::Exp, Expr::bin(Mul, Expr::Var(dtv), av));
+        let bv = kb.value(bm, &[b.clone(), t.clone(), IExpr::Loop(nn)])?;
+        let cv = kb.value(cm, &[b.clone(), t, IExpr::Loop(nn)])?;
+        body.push(scan_update(h, nn, dtv, xv, yv, decay, bv, cv, nst));
+        let yi = kb.l.linear(&bt, &xs);
+        body.extend(kb.store_with_epilogues(Value::new(n, 0), y, yi, yv)?);
+        kb.body.push(Stmt::For {
+            counter: tl,
+            extent: ch.len(&c),
+            body,
+        });
+        let (last, j2) = (kb.counter(), kb.counter());
+        let h1_slot = kb.buf(h1, true);
+        kb.body.push(Stmt::For {
+            counter: last,
+            extent: ch.is_last(&c),
+            body: vec![Stmt::For {
+                counter: j2,
+                extent: ns,
+                body: vec![Stmt::Store {
+                    buf: h1_slot,
+                    index: kb.l.linear(&[b, e, IExpr::Loop(j2)], &hs),
+                    value: al(h, j2),
+                }],
+            }],
+        });
+        kb.finish(vec![bext, ch.count.clone(), eext], n);
+        Ok(())
+    }
+
+    /// Mamba-1 sequentially: one (batch, channel) per grid point over every step, the `[N]`
+    /// state in a local array.
+    fn selective_scan_sequential(&mut self, n: NodeId) -> Result<(), LowerError> {
         let g = self.g;
         let ops = g.operands(n);
         let (x, dt, a, bm, cm, h0) = (ops[0], ops[1], ops[2], ops[3], ops[4], ops[5]);
@@ -995,8 +1261,309 @@ impl<'g> Lowering<'g> {
         Ok(())
     }
 
-    /// Mamba-2, sequentially: one (batch, head, p) per grid point, the `[N]` state row local.
-    fn ssd_scan(&mut self, n: NodeId) -> Result<(), LowerError> {
+    /// `SsdScan` (Mamba-2). With the chunk count `ceil(L/Q)` known to be at most 1 (the
+    /// decode step, `L = 1`), one sequential kernel ([`Self::ssd_scan_sequential`]);
+    /// otherwise chunk-parallel over time in three kernels, `Q` the op's `chunk` at most
+    /// `MAX_SSD_SCAN_CHUNK`:
+    ///
+    /// 1. One (batch, chunk, head, p) per grid point scans its chunk from a zero state,
+    ///    storing the chunk's end state in scratch `S [B, ceil(L/Q), H, P, N]` and (the
+    ///    `p = 0` point) the product of the chunk's decays in scratch `D [B, ceil(L/Q), H]`.
+    /// 2. One (batch, head, p, n) per grid point walks the chunks in order from `s0`:
+    ///    `S[c] <- s; s = D[c] s + S[c]` (the start state of each chunk replaces its local
+    ///    end state); it writes `s1 = s0` when there is no chunk.
+    /// 3. One (batch, chunk, head, p) per grid point rescans its chunk from `S[c]`, writing `y`
+    ///    (and its epilogues) and, in the last chunk, `s1`.
+    ///
+    /// The rescans are the sequential scan's arithmetic from their start states, so a
+    /// sequence of one or two chunks from a zero state gives the sequential bits; across more
+    /// chunks the start states are regrouped sums (f32 rounding apart, the same). Scratch:
+    /// `B·ceil(L/Q)·H·(P·N + 1)` floats, `N/Q` times `x` (mamba2-2.7b at B = 1, L = 65536:
+    /// 2.7 GB), alive only during the op.
+    fn ssd_scan(&mut self, n: NodeId, chunk: u64) -> Result<(), LowerError> {
+        use BinaryOp::{Add, Mul};
+        let g = self.g;
+        let ops = g.operands(n);
+        let (x, dt, a, bm, cm, s0) = (ops[0], ops[1], ops[2], ops[3], ops[4], ops[5]);
+        let xs = self.shape(x);
+        let q = chunk.clamp(1, MAX_SSD_SCAN_CHUNK);
+        let (ch, count) = self.chunks(n, &xs[1], q)?;
+        if count.as_known().is_some_and(|c| c <= 1) {
+            return self.ssd_scan_sequential(n);
+        }
+        let bs = self.shape(bm);
+        let nst = self.known(n, &bs[3], "d_state")?;
+        let heads = self.known(n, &xs[2], "the head count")?;
+        let groups = self.known(n, &bs[2], "the group count")?.max(1);
+        let hpg = (heads / groups).max(1) as i64;
+        let ns = IExpr::c(nst as i64);
+        let y = self.new_buf(Value::new(n, 0), BufKind::Temp);
+        let s1 = self.new_buf(Value::new(n, 1), BufKind::Temp);
+        let ss = self.shape(Value::new(n, 1));
+        let mut ck_shape = xs.clone();
+        ck_shape[1] = count.clone();
+        ck_shape.push(bs[3].clone());
+        let d_shape = vec![xs[0].clone(), count, xs[2].clone()];
+        let sck = self.scratch(n, ck_shape.clone());
+        let dck = self.scratch(n, d_shape.clone());
+        let (bext, hext, pext) = (self.dim(&xs[0]), self.dim(&xs[2]), self.dim(&xs[3]));
+        let name = format!("ssd_scan_{}", n.index());
+        let al = |arr: ArrId, l: LoopId| Expr::ArrLoad {
+            arr,
+            index: IExpr::Loop(l),
+        };
+
+        // Kernel 1: each chunk from a zero state.
+        let mut kb = KB::new(self, &format!("{name}_chunk"));
+        let (b, c, hh, p) = (
+            IExpr::Grid(0),
+            IExpr::Grid(1),
+            IExpr::Grid(2),
+            IExpr::Grid(3),
+        );
+        let grp = hh.clone().div(IExpr::c(hpg));
+        let (s_slot, d_slot) = (kb.buf(sck, true), kb.buf(dck, true));
+        let s = kb.arr();
+        kb.body.push(Stmt::Array {
+            arr: s,
+            len: nst,
+            init: 0.0,
+        });
+        let prod = kb.var();
+        kb.body.push(Stmt::Var {
+            var: prod,
+            init: Expr::Const(1.0),
+        });
+        let (tl, nn) = (kb.counter(), kb.counter());
+        let t = ch.start(&c).add(IExpr::Loop(tl));
+        let (dtv, decay, uv) = (kb.var(), kb.var(), kb.var());
+        let dte = kb.value(dt, &[b.clone(), t.clone(), hh.clone()])?;
+        let ah = kb.value(a, std::slice::from_ref(&hh))?;
+        let xe = kb.value(x, &[b.clone(), t.clone(), hh.clone(), p.clone()])?;
+        let bv = kb.value(bm, &[b.clone(), t, grp.clone(), IExpr::Loop(nn)])?;
+        kb.body.push(Stmt::For {
+            counter: tl,
+            extent: ch.len(&c),
+            body: vec![
+                Stmt::Var {
+                    var: dtv,
+                    init: dte,
+                },
+                Stmt::Var {
+                    var: decay,
+                    init: Expr::un(UnaryOp::Exp, Expr::bin(Mul, Expr::Var(dtv), ah)),
+                },
+                Stmt::Var {
+                    var: uv,
+                    init: Expr::bin(Mul, Expr::Var(dtv), xe),
+                },
+                Stmt::Set {
+                    var: prod,
+                    value: Expr::bin(Mul, Expr::Var(prod), Expr::Var(decay)),
+                },
+                Stmt::For {
+                    counter: nn,
+                    extent: ns.clone(),
+                    body: vec![Stmt::ArrSet {
+                        arr: s,
+                        index: IExpr::Loop(nn),
+                        value: next_state(Expr::Var(decay), al(s, nn), Expr::Var(uv), bv),
+                    }],
+                },
+            ],
+        });
+        let j = kb.counter();
+        kb.body.push(Stmt::For {
+            counter: j,
+            extent: ns.clone(),
+            body: vec![Stmt::Store {
+                buf: s_slot,
+                index: kb.l.linear(
+                    &[b.clone(), c.clone(), hh.clone(), p.clone(), IExpr::Loop(j)],
+                    &ck_shape,
+                ),
+                value: al(s, j),
+            }],
+        });
+        let once = kb.counter();
+        kb.body.push(Stmt::For {
+            counter: once,
+            extent: if_zero(&p),
+            body: vec![Stmt::Store {
+                buf: d_slot,
+                index: kb.l.linear(&[b, c, hh], &d_shape),
+                value: Expr::Var(prod),
+            }],
+        });
+        kb.finish(
+            vec![bext.clone(), ch.count.clone(), hext.clone(), pext.clone()],
+            n,
+        );
+
+        // Kernel 2: the chunks' start states, in order.
+        let mut kb = KB::new(self, &format!("{name}_carry"));
+        let (b, hh, p, nn) = (
+            IExpr::Grid(0),
+            IExpr::Grid(1),
+            IExpr::Grid(2),
+            IExpr::Grid(3),
+        );
+        let (s_slot, d_slot, s1_slot) = (kb.buf(sck, true), kb.buf(dck, false), kb.buf(s1, true));
+        let (sv, ev) = (kb.var(), kb.var());
+        let s0v = kb.value(s0, &[b.clone(), hh.clone(), p.clone(), nn.clone()])?;
+        kb.body.push(Stmt::Var { var: sv, init: s0v });
+        let cl = kb.counter();
+        let at = kb.l.linear(
+            &[
+                b.clone(),
+                IExpr::Loop(cl),
+                hh.clone(),
+                p.clone(),
+                nn.clone(),
+            ],
+            &ck_shape,
+        );
+        let dc = Expr::Load {
+            buf: d_slot,
+            index: kb
+                .l
+                .linear(&[b.clone(), IExpr::Loop(cl), hh.clone()], &d_shape),
+        };
+        kb.body.push(Stmt::For {
+            counter: cl,
+            extent: ch.count.clone(),
+            body: vec![
+                Stmt::Var {
+                    var: ev,
+                    init: Expr::Load {
+                        buf: s_slot,
+                        index: at.clone(),
+                    },
+                },
+                Stmt::Store {
+                    buf: s_slot,
+                    index: at,
+                    value: Expr::Var(sv),
+                },
+                Stmt::Set {
+                    var: sv,
+                    value: Expr::bin(Add, Expr::bin(Mul, dc, Expr::Var(sv)), Expr::Var(ev)),
+                },
+            ],
+        });
+        let none = kb.counter();
+        kb.body.push(Stmt::For {
+            counter: none,
+            extent: if_zero(&ch.count),
+            body: vec![Stmt::Store {
+                buf: s1_slot,
+                index: kb.l.linear(&[b, hh, p, nn], &ss),
+                value: Expr::Var(sv),
+            }],
+        });
+        kb.finish(
+            vec![bext.clone(), hext.clone(), pext.clone(), ns.clone()],
+            n,
+        );
+
+        // Kernel 3: each chunk again from its start state, writing y.
+        let mut kb = KB::new(self, &name);
+        let (b, c, hh, p) = (
+            IExpr::Grid(0),
+            IExpr::Grid(1),
+            IExpr::Grid(2),
+            IExpr::Grid(3),
+        );
+        let grp = hh.clone().div(IExpr::c(hpg));
+        let s_slot = kb.buf(sck, false);
+        let s = kb.arr();
+        kb.body.push(Stmt::Array {
+            arr: s,
+            len: nst,
+            init: 0.0,
+        });
+        let j = kb.counter();
+        kb.body.push(Stmt::For {
+            counter: j,
+            extent: ns.clone(),
+            body: vec![Stmt::ArrSet {
+                arr: s,
+                index: IExpr::Loop(j),
+                value: Expr::Load {
+                    buf: s_slot,
+                    index: kb.l.linear(
+                        &[b.clone(), c.clone(), hh.clone(), p.clone(), IExpr::Loop(j)],
+                        &ck_shape,
+                    ),
+                },
+            }],
+        });
+        let (tl, nn) = (kb.counter(), kb.counter());
+        let t = ch.start(&c).add(IExpr::Loop(tl));
+        let (dtv, xv, yv, decay) = (kb.var(), kb.var(), kb.var(), kb.var());
+        let xi = [b.clone(), t.clone(), hh.clone(), p.clone()];
+        let mut body = vec![
+            Stmt::Var {
+                var: dtv,
+                init: kb.value(dt, &[b.clone(), t.clone(), hh.clone()])?,
+            },
+            Stmt::Var {
+                var: xv,
+                init: kb.value(x, &xi)?,
+            },
+            Stmt::Var {
+                var: yv,
+                init: Expr::Const(0.0),
+            },
+        ];
+        let av = kb.value(a, std::slice::from_ref(&hh))?;
+        body.push(Stmt::Var {
+            var: decay,
+            init: Expr::un(UnaryOp::Exp, Expr::bin(Mul, Expr::Var(dtv), av)),
+        });
+        let bi = [b.clone(), t, grp, IExpr::Loop(nn)];
+        let bv = kb.value(bm, &bi)?;
+        let cv = kb.value(cm, &bi)?;
+        body.push(scan_update(
+            s,
+            nn,
+            dtv,
+            xv,
+            yv,
+            Expr::Var(decay),
+            bv,
+            cv,
+            nst,
+        ));
+        let yi = kb.l.linear(&xi, &xs);
+        body.extend(kb.store_with_epilogues(Value::new(n, 0), y, yi, yv)?);
+        kb.body.push(Stmt::For {
+            counter: tl,
+            extent: ch.len(&c),
+            body,
+        });
+        let (last, j2) = (kb.counter(), kb.counter());
+        let s1_slot = kb.buf(s1, true);
+        kb.body.push(Stmt::For {
+            counter: last,
+            extent: ch.is_last(&c),
+            body: vec![Stmt::For {
+                counter: j2,
+                extent: ns,
+                body: vec![Stmt::Store {
+                    buf: s1_slot,
+                    index: kb.l.linear(&[b, hh, p, IExpr::Loop(j2)], &ss),
+                    value: al(s, j2),
+                }],
+            }],
+        });
+        kb.finish(vec![bext, ch.count.clone(), hext, pext], n);
+        Ok(())
+    }
+
+    /// Mamba-2 sequentially: one (batch, head, p) per grid point over every step, the `[N]`
+    /// state row local.
+    fn ssd_scan_sequential(&mut self, n: NodeId) -> Result<(), LowerError> {
         let g = self.g;
         let ops = g.operands(n);
         let (x, dt, a, bm, cm, s0) = (ops[0], ops[1], ops[2], ops[3], ops[4], ops[5]);
@@ -2680,6 +3247,17 @@ impl Chunks {
     fn len(&self, c: &IExpr) -> IExpr {
         IExpr::c(self.q).min(self.l.clone().sub(self.start(c)))
     }
+
+    /// 1 for the last chunk, else 0: the extent of a loop that runs only there.
+    fn is_last(&self, c: &IExpr) -> IExpr {
+        c.clone().add(IExpr::c(1)).div(self.count.clone())
+    }
+}
+
+/// 1 where the non-negative `i` is 0, else 0: the extent of a loop that runs only there
+/// (the kernel IR has no branches).
+fn if_zero(i: &IExpr) -> IExpr {
+    IExpr::c(1).sub(i.clone().min(IExpr::c(1)))
 }
 
 /// Local arrays over one chunk's steps for recomputing a scan's states one element at a
