@@ -576,10 +576,11 @@ fn scratch_bytes(c: &Case) -> Vec<u64> {
 #[test]
 fn scratch_is_checkpoints_not_every_state() {
     // mamba2-2.7b: 80 heads of 64, d_state 128, one group, chunk 256: the states and state
-    // cotangents at 32 chunk starts, and a [H, Q, P] scratch (was 2 x [B, L, H, P, N], 43 GB).
+    // cotangents at 32 chunk starts, and a partial dA per (batch, chunk, head) (was
+    // 2 x [B, L, H, P, N], 43 GB).
     let ssd = ssd_case(1, 1, (80, 1, 64, 128), 256, 0);
     let ck = 32 * 80 * 64 * 128 * 4;
-    assert_eq!(scratch_bytes(&ssd), [ck, ck, 80 * 256 * 64 * 4]);
+    assert_eq!(scratch_bytes(&ssd), [ck, ck, 32 * 80 * 4]);
     // mamba-2.8b: 5120 channels, d_state 16: checkpoints at 128 chunk starts and a [B, E, Q, N]
     // chunk of states (was 2 x [B, L, E, N], 5.4 GB).
     let sel = selective_case(1, 1, 5120, 16, 0);

@@ -18,12 +18,12 @@
 //!
 //! The backward and loss ops get kernels of their own (see `cross_entropy`, `conv_grad`,
 //! `selective_scan_grad`, `ssd_scan_grad`). Sums over grid points (`dA`, `dB`, `dC`) are
-//! reduced by later kernels of the same op, never by racing writes. A scan's gradient does
-//! not keep every forward state: it checkpoints the state and the state cotangent at the
-//! start of every chunk of `Q` steps in scratch buffers (`[B, ceil(L/Q), E, N]`), and each
-//! of its kernels recomputes a chunk's states from them where it needs them, with the
-//! forward sweep's arithmetic and every sum in its order, so the results are bit-identical
-//! to storing them all. Scratch memory is `O(B·E·N·(Q + L/Q))`, not `O(B·L·E·N)`.
+//! reduced by later kernels of the same op, never by racing writes, in a fixed order. A
+//! scan's gradient does not keep every forward state: it checkpoints the state and the state
+//! cotangent at the start of every chunk of `Q` steps in scratch buffers
+//! (`[B, ceil(L/Q), E, N]`), and each of its kernels recomputes a chunk's states from them
+//! where it needs them, with the forward sweep's arithmetic. Scratch memory is
+//! `O(B·E·N·(Q + L/Q))`, not `O(B·L·E·N)`.
 //!
 //! The result is executable by any backend that runs [`ir::kernel::Kernel`]s and row-major
 //! f32 matrix products: steps in graph order, which is a topological order.
@@ -72,8 +72,8 @@ pub const MAX_SSD_SCAN_CHUNK: u64 = 64;
 
 /// The most steps per checkpoint of the Mamba-2 scan gradient, which otherwise takes its op's
 /// `chunk` (256 in the published configs): its kernels recompute a chunk one state element at
-/// a time, so `Q` costs only a few `[Q]` local arrays per grid point and a `[H, Q, P]`
-/// scratch while the checkpoints shrink as `1/Q`. The cap bounds the local arrays (at most 7
+/// a time, so `Q` costs only a few `[Q]` local arrays per grid point while the checkpoints
+/// shrink as `1/Q`. The cap bounds the local arrays (at most 7
 /// per kernel, 28 KiB at 1024).
 pub const MAX_SSD_GRAD_CHUNK: u64 = 1024;
 
@@ -2051,12 +2051,13 @@ impl<'g> Lowering<'g> {
     ///    and at the end `dh0`.
     /// 2. One (batch, chunk, n) per grid point sums `dB`, `dC` over channels: per channel,
     ///    the cotangents backwards from `G`, then the states forwards from `H`
-    ///    ([`bc_accumulate`]).
-    /// 3. One (channel, n) per grid point sums `dA` over batch and time, recomputing both
-    ///    chains chunk by chunk.
+    ///    ([`bc_accumulate`]); on the way, each channel's `dA` over the chunk, stored over
+    ///    the element of `H` it has read (no kernel reads it again).
+    /// 3. One (channel, n) per grid point sums those partial `dA` over batch and chunks, in
+    ///    order.
     ///
-    /// Recomputation repeats the forward sweep's arithmetic exactly, and every sum keeps its
-    /// order, so the results are those of storing every state.
+    /// Recomputation repeats the forward sweep's arithmetic exactly, and every sum keeps a
+    /// fixed order (`dA` summed per chunk first).
     fn selective_scan_grad(&mut self, n: NodeId) -> Result<(), LowerError> {
         use BinaryOp::{Add, Mul};
         let g = self.g;
@@ -2405,7 +2406,7 @@ impl<'g> Lowering<'g> {
         let mut kb = KB::new(self, &format!("{name}_bc"));
         let (b, c, nn) = (IExpr::Grid(0), IExpr::Grid(1), IExpr::Grid(2));
         let (t0, len) = (ch.start(&c), ch.len(&c));
-        let (h_slot, g_slot) = (kb.buf(hck, false), kb.buf(gck, false));
+        let (h_slot, g_slot) = (kb.buf(hck, true), kb.buf(gck, false));
         let arrs = ChunkArrays::declare(&mut kb, qn);
         let (dba, dca) = (kb.arr(), kb.arr());
         for arr in [dba, dca] {
@@ -2422,12 +2423,13 @@ impl<'g> Lowering<'g> {
         let t = t0.clone().add(IExpr::Loop(tl));
         let bv = kb.value(bm, &[b.clone(), t.clone(), nn.clone()])?;
         let gye = kb.value(dy, &[b.clone(), t, ev.clone()])?;
+        let hi =
+            kb.l.linear(&[b.clone(), c.clone(), ev, nn.clone()], &ck_shape);
         let init = Expr::Load {
             buf: h_slot,
-            index: kb
-                .l
-                .linear(&[b.clone(), c.clone(), ev, nn.clone()], &ck_shape),
+            index: hi.clone(),
         };
+        let da = kb.var();
         per_channel.extend(bc_accumulate(
             hv,
             init,
@@ -2437,7 +2439,14 @@ impl<'g> Lowering<'g> {
             bv,
             gye,
             (dba, dca),
+            Some(da),
         ));
+        // The checkpoint element is dead once read: its dA partial takes its place.
+        per_channel.push(Stmt::Store {
+            buf: h_slot,
+            index: hi,
+            value: Expr::Var(da),
+        });
         kb.body.push(Stmt::For {
             counter: el,
             extent: eext.clone(),
@@ -2464,63 +2473,34 @@ impl<'g> Lowering<'g> {
         });
         kb.finish(vec![bext.clone(), ch.count.clone(), ns.clone()], n);
 
-        // Kernel 3: dA [E, N] = sum over batch and time of g decay dt h (the state before
-        // the step), chunk by chunk.
+        // Kernel 3: dA [E, N], the sum of kernel 2's partial sums (in `H`) over batch and
+        // chunks.
         let mut kb = KB::new(self, &format!("{name}_a"));
         let (e, nn) = (IExpr::Grid(0), IExpr::Grid(1));
-        let (h_slot, g_slot) = (kb.buf(hck, false), kb.buf(gck, false));
-        let arrs = ChunkArrays::declare(&mut kb, qn);
+        let h_slot = kb.buf(hck, false);
         let acc = kb.var();
         kb.body.push(Stmt::Var {
             var: acc,
             init: Expr::Const(0.0),
         });
         let (bl, c) = (kb.counter(), kb.counter());
-        let (b, cl) = (IExpr::Loop(bl), IExpr::Loop(c));
-        let (t0, len) = (ch.start(&cl), ch.len(&cl));
-        let mut chunk = steps(&mut kb, (&b, &e, &nn), (&t0, &len), (g_slot, &cl), arrs)?;
-        let (tl, hv) = (kb.counter(), kb.var());
-        let bv = kb.value(bm, &[b.clone(), t0.add(IExpr::Loop(tl)), nn.clone()])?;
-        let at = |arr| Expr::ArrLoad {
-            arr,
-            index: IExpr::Loop(tl),
+        let part = Expr::Load {
+            buf: h_slot,
+            index: kb.l.linear(
+                &[IExpr::Loop(bl), IExpr::Loop(c), e.clone(), nn.clone()],
+                &ck_shape,
+            ),
         };
-        chunk.push(Stmt::Var {
-            var: hv,
-            init: Expr::Load {
-                buf: h_slot,
-                index: kb.l.linear(&[b, cl, e.clone(), nn.clone()], &ck_shape),
-            },
-        });
-        chunk.push(Stmt::For {
-            counter: tl,
-            extent: len,
-            body: vec![
-                Stmt::Set {
-                    var: acc,
-                    value: Expr::bin(
-                        Add,
-                        Expr::Var(acc),
-                        Expr::bin(
-                            Mul,
-                            Expr::bin(Mul, Expr::bin(Mul, at(arrs.g), at(arrs.decay)), at(arrs.dt)),
-                            Expr::Var(hv),
-                        ),
-                    ),
-                },
-                Stmt::Set {
-                    var: hv,
-                    value: next_state(at(arrs.decay), Expr::Var(hv), at(arrs.u), bv),
-                },
-            ],
-        });
         kb.body.push(Stmt::For {
             counter: bl,
             extent: bext,
             body: vec![Stmt::For {
                 counter: c,
                 extent: ch.count.clone(),
-                body: chunk,
+                body: vec![Stmt::Set {
+                    var: acc,
+                    value: Expr::bin(Add, Expr::Var(acc), part),
+                }],
             }],
         });
         let das = kb.buf(outs[2], true);
@@ -2536,22 +2516,23 @@ impl<'g> Lowering<'g> {
 
     /// `SsdScanGrad` in four kernels, with the forward states checkpointed every `Q` steps
     /// (the op's `chunk`, at most `MAX_SSD_GRAD_CHUNK`) and recomputed where needed (scratch
-    /// `O(B·H·P·N·L/Q + H·Q·P)`, not `[B, L, H, P, N]`).
+    /// `O(B·H·P·N·L/Q)`, not `[B, L, H, P, N]`).
     ///
     /// 1. One (batch, head, p) per grid point runs the recurrence forward, storing the state
     ///    at each chunk's start in scratch `S [B, ceil(L/Q), H, P, N]`, then backward (which
     ///    needs no states), storing the state cotangent entering each chunk in scratch `G`
     ///    (as `S`) and writing `dx` and `ds0`.
-    /// 2. `ddt [B, L, H]`, one (batch, chunk, head) per grid point, summed over p and n.
-    /// 3. `dA [H]`, one head per grid point, summed over batch, time and p; the chunk's
-    ///    `G . S` per (step, p) in its rows of scratch `[H, Q, P]`.
+    /// 2. `ddt [B, L, H]`, one (batch, chunk, head) per grid point, summed over p and n;
+    ///    the same `G . S` per step gives the chunk's partial `dA` (summed over p and its
+    ///    steps), stored in scratch `[B, ceil(L/Q), H]`.
+    /// 3. `dA [H]`, one head per grid point, sums the partials over batch and chunks.
     /// 4. `dB`, `dC [B, L, G, N]`, one (batch, chunk, group, n) per grid point, summed over
     ///    the group's heads and p ([`bc_accumulate`]).
     ///
     /// Kernels 2-4 recompute the states one element (one n) at a time: per chunk, the
     /// cotangents backwards from `G`, then the states forwards from `S`, with the decay of
     /// each (step, head) computed once per chunk. The arithmetic is the forward sweep's and
-    /// every sum keeps its order, so the results are those of storing every state.
+    /// every sum has a fixed order.
     fn ssd_scan_grad(&mut self, n: NodeId, chunk: u64) -> Result<(), LowerError> {
         use BinaryOp::{Add, Mul};
         let g = self.g;
@@ -2571,15 +2552,15 @@ impl<'g> Lowering<'g> {
         let qn = q as usize;
         let (ch, count) = self.chunks(n, &xs[1], q)?;
         let mut ck_shape = xs.clone();
-        ck_shape[1] = count;
+        ck_shape[1] = count.clone();
         ck_shape.push(bs[3].clone());
-        let qp_shape = vec![xs[2].clone(), Dim::known(q), xs[3].clone()];
+        let pa_shape = vec![xs[0].clone(), count.clone(), xs[2].clone()];
         let outs: Vec<BufId> = (0..6)
             .map(|r| self.new_buf(Value::new(n, r), BufKind::Temp))
             .collect();
         let sck = self.scratch(n, ck_shape.clone());
         let gck = self.scratch(n, ck_shape.clone());
-        let qpbuf = self.scratch(n, qp_shape.clone());
+        let pabuf = self.scratch(n, pa_shape.clone());
         let (bext, hext, pext) = (self.dim(&xs[0]), self.dim(&xs[2]), self.dim(&xs[3]));
         let gext = self.dim(&bs[2]);
         let name = format!("ssd_scan_grad_{}", n.index());
@@ -2880,6 +2861,11 @@ impl<'g> Lowering<'g> {
         }
         let st = head_steps(&mut kb, (&b, &hh), (&t0, &len), arrs)?;
         kb.body.push(st);
+        let part = kb.var();
+        kb.body.push(Stmt::Var {
+            var: part,
+            init: Expr::Const(0.0),
+        });
         let (pl, nl) = (kb.counter(), kb.counter());
         let (pv, nv) = (IExpr::Loop(pl), IExpr::Loop(nl));
         let zero = |_: &KB, tl: LoopId| {
@@ -2933,19 +2919,33 @@ impl<'g> Lowering<'g> {
         per_p.push(Stmt::For {
             counter: tl,
             extent: len.clone(),
-            body: vec![Stmt::ArrSet {
-                arr: acc,
-                index: IExpr::Loop(tl),
-                value: Expr::bin(
-                    Add,
-                    al(acc, tl),
-                    Expr::bin(
+            body: vec![
+                Stmt::ArrSet {
+                    arr: acc,
+                    index: IExpr::Loop(tl),
+                    value: Expr::bin(
                         Add,
-                        Expr::bin(Mul, xe, al(dua, tl)),
-                        Expr::bin(Mul, Expr::bin(Mul, al(arrs.decay, tl), ah), al(qa, tl)),
+                        al(acc, tl),
+                        Expr::bin(
+                            Add,
+                            Expr::bin(Mul, xe, al(dua, tl)),
+                            Expr::bin(Mul, Expr::bin(Mul, al(arrs.decay, tl), ah), al(qa, tl)),
+                        ),
                     ),
-                ),
-            }],
+                },
+                Stmt::Set {
+                    var: part,
+                    value: Expr::bin(
+                        Add,
+                        Expr::Var(part),
+                        Expr::bin(
+                            Mul,
+                            Expr::bin(Mul, al(arrs.decay, tl), al(arrs.dt, tl)),
+                            al(qa, tl),
+                        ),
+                    ),
+                },
+            ],
         });
         kb.body.push(Stmt::For {
             counter: pl,
@@ -2954,6 +2954,12 @@ impl<'g> Lowering<'g> {
         });
         let ddts = kb.buf(outs[1], true);
         let dts = kb.l.shape(Value::new(n, 1));
+        let pa_slot = kb.buf(pabuf, true);
+        kb.body.push(Stmt::Store {
+            buf: pa_slot,
+            index: kb.l.linear(&[b.clone(), c, hh.clone()], &pa_shape),
+            value: Expr::Var(part),
+        });
         let tl = kb.counter();
         kb.body.push(Stmt::For {
             counter: tl,
@@ -2966,118 +2972,32 @@ impl<'g> Lowering<'g> {
         });
         kb.finish(vec![bext.clone(), ch.count.clone(), hext.clone()], n);
 
-        // Kernel 3: dA [H] = sum_{b,t,p} decay dt (G . S).
+        // Kernel 3: dA [H], the sum of kernel 2's partial sums over batch and chunks.
         let mut kb = KB::new(self, &format!("{name}_a"));
         let hh = IExpr::Grid(0);
-        let grp = hh.clone().div(IExpr::c(hpg));
-        let (s_slot, g_slot, qp_slot) =
-            (kb.buf(sck, false), kb.buf(gck, false), kb.buf(qpbuf, true));
-        let arrs = ChunkArrays::declare(&mut kb, qn);
+        let pa_slot = kb.buf(pabuf, false);
         let acc = kb.var();
         kb.body.push(Stmt::Var {
             var: acc,
             init: Expr::Const(0.0),
         });
-        let (bl, c, pl, nl) = (kb.counter(), kb.counter(), kb.counter(), kb.counter());
-        let (b, cl, pv, nv) = (
-            IExpr::Loop(bl),
-            IExpr::Loop(c),
-            IExpr::Loop(pl),
-            IExpr::Loop(nl),
-        );
-        let (t0, len) = (ch.start(&cl), ch.len(&cl));
-        let qp_at = |kb: &KB, tl: LoopId, p: &IExpr| {
-            kb.l.linear(&[hh.clone(), IExpr::Loop(tl), p.clone()], &qp_shape)
+        let (bl, c) = (kb.counter(), kb.counter());
+        let pa = Expr::Load {
+            buf: pa_slot,
+            index: kb
+                .l
+                .linear(&[IExpr::Loop(bl), IExpr::Loop(c), hh.clone()], &pa_shape),
         };
-        let mut chunk = vec![head_steps(&mut kb, (&b, &hh), (&t0, &len), arrs)?];
-        let zero = |kb: &KB, tl: LoopId| {
-            vec![Stmt::Store {
-                buf: qp_slot,
-                index: qp_at(kb, tl, &pv),
-                value: Expr::Const(0.0),
-            }]
-        };
-        let mut per_p = vec![u_steps(&mut kb, (&b, &hh, &pv), (&t0, &len), arrs, &zero)?];
-        let mut per_n = g_steps(&mut kb, (&b, &hh, &pv, &nv), (&cl, &t0, &len), g_slot, arrs)?;
-        let (tl, sv) = (kb.counter(), kb.var());
-        let bv = kb.value(
-            bm,
-            &[b.clone(), t0.clone().add(IExpr::Loop(tl)), grp, nv.clone()],
-        )?;
-        per_n.push(Stmt::Var {
-            var: sv,
-            init: ck_load(&kb, s_slot, (&b, &cl, &hh, &pv, &nv)),
-        });
-        let qpi = qp_at(&kb, tl, &pv);
-        per_n.push(Stmt::For {
-            counter: tl,
-            extent: len.clone(),
-            body: vec![
-                Stmt::Store {
-                    buf: qp_slot,
-                    index: qpi.clone(),
-                    value: Expr::bin(
-                        Add,
-                        Expr::Load {
-                            buf: qp_slot,
-                            index: qpi,
-                        },
-                        Expr::bin(Mul, al(arrs.g, tl), Expr::Var(sv)),
-                    ),
-                },
-                Stmt::Set {
-                    var: sv,
-                    value: next_state(al(arrs.decay, tl), Expr::Var(sv), al(arrs.u, tl), bv),
-                },
-            ],
-        });
-        per_p.push(Stmt::For {
-            counter: nl,
-            extent: ns.clone(),
-            body: per_n,
-        });
-        chunk.push(Stmt::For {
-            counter: pl,
-            extent: pext.clone(),
-            body: per_p,
-        });
-        let (tl, pl2, w) = (kb.counter(), kb.counter(), kb.var());
-        chunk.push(Stmt::For {
-            counter: tl,
-            extent: len,
-            body: vec![
-                Stmt::Var {
-                    var: w,
-                    init: Expr::bin(Mul, al(arrs.decay, tl), al(arrs.dt, tl)),
-                },
-                Stmt::For {
-                    counter: pl2,
-                    extent: pext.clone(),
-                    body: vec![Stmt::Set {
-                        var: acc,
-                        value: Expr::bin(
-                            Add,
-                            Expr::Var(acc),
-                            Expr::bin(
-                                Mul,
-                                Expr::Var(w),
-                                Expr::Load {
-                                    buf: qp_slot,
-                                    index: qp_at(&kb, tl, &IExpr::Loop(pl2)),
-                                },
-                            ),
-                        ),
-                    }],
-                },
-            ],
-        });
         kb.body.push(Stmt::For {
             counter: bl,
             extent: bext.clone(),
             body: vec![Stmt::For {
                 counter: c,
                 extent: ch.count.clone(),
-                body: chunk,
+                body: vec![Stmt::Set {
+                    var: acc,
+                    value: Expr::bin(Add, Expr::Var(acc), pa),
+                }],
             }],
         });
         let das = kb.buf(outs[2], true);
@@ -3139,6 +3059,7 @@ impl<'g> Lowering<'g> {
             bv,
             gye,
             (dba, dca),
+            None,
         ));
         per_head.push(Stmt::For {
             counter: pl,
@@ -3341,7 +3262,9 @@ fn g_chain(
 /// states forwards from `init`, adding to `dc[tl]` the state after the step times the
 /// output's cotangent `dy`, and to `db[tl]` `u` times the state cotangent. The loops around
 /// it run over what the sum is over (Mamba-1: the channels; Mamba-2: the group's heads and
-/// the head dim), in the order of the sums of storing every state.
+/// the head dim), in the order of the sums of storing every state. With `da`, also the
+/// element's `dA` over the chunk in that variable: the sum of `g decay dt` times the state
+/// before each step.
 #[allow(clippy::too_many_arguments)]
 fn bc_accumulate(
     h: VarId,
@@ -3352,6 +3275,7 @@ fn bc_accumulate(
     b: Expr,
     dy: Expr,
     (db, dc): (ArrId, ArrId),
+    da: Option<VarId>,
 ) -> Vec<Stmt> {
     use BinaryOp::{Add, Mul};
     let at = |arr| Expr::ArrLoad {
@@ -3363,21 +3287,33 @@ fn bc_accumulate(
         index: IExpr::Loop(tl),
         value: Expr::bin(Add, at(arr), v),
     };
-    vec![
-        Stmt::Var { var: h, init },
-        Stmt::For {
-            counter: tl,
-            extent: len,
-            body: vec![
-                Stmt::Set {
-                    var: h,
-                    value: next_state(at(arrs.decay), Expr::Var(h), at(arrs.u), b),
-                },
-                add_to(dc, Expr::bin(Mul, Expr::Var(h), dy)),
-                add_to(db, Expr::bin(Mul, at(arrs.u), at(arrs.g))),
-            ],
+    let mut out = vec![Stmt::Var { var: h, init }];
+    let mut body = Vec::new();
+    if let Some(da) = da {
+        out.push(Stmt::Var {
+            var: da,
+            init: Expr::Const(0.0),
+        });
+        let w = Expr::bin(Mul, Expr::bin(Mul, at(arrs.g), at(arrs.decay)), at(arrs.dt));
+        body.push(Stmt::Set {
+            var: da,
+            value: Expr::bin(Add, Expr::Var(da), Expr::bin(Mul, w, Expr::Var(h))),
+        });
+    }
+    body.extend([
+        Stmt::Set {
+            var: h,
+            value: next_state(at(arrs.decay), Expr::Var(h), at(arrs.u), b),
         },
-    ]
+        add_to(dc, Expr::bin(Mul, Expr::Var(h), dy)),
+        add_to(db, Expr::bin(Mul, at(arrs.u), at(arrs.g))),
+    ]);
+    out.push(Stmt::For {
+        counter: tl,
+        extent: len,
+        body,
+    });
+    out
 }
 
 /// Builds one kernel: its buffer list, fresh ids, and body.
