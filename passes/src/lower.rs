@@ -930,6 +930,346 @@ impl<'g> Lowering<'g> {
         Ok(())
     }
 
+    /// The first kernel of the chunk-parallel Mamba-1 scan and of its gradient: one (batch,
+    /// chunk, channel) per grid point runs its chunk forward from a zero state, storing the
+    /// end state in `H` and the products of the decays `exp(dt A)` in `D` (both
+    /// `ck_shape`, `[B, ceil(L/Q), E, N]`); given `back = (dy, G)`, also backward from a zero
+    /// cotangent at the chunk's end, storing the cotangent reaching its start in `G`. `n` is
+    /// the scan or its gradient (both take `x, dt, A, B, C` first).
+    fn selective_chunk_kernel(
+        &mut self,
+        n: NodeId,
+        name: &str,
+        ch: &Chunks,
+        (hck, dck, ck_shape): (BufId, BufId, &Shape),
+        back: Option<(Value, BufId)>,
+    ) -> Result<(), LowerError> {
+        use BinaryOp::{Add, Mul};
+        let ops = self.g.operands(n);
+        let (x, dt, a, bm, cm) = (ops[0], ops[1], ops[2], ops[3], ops[4]);
+        let xs = self.shape(x);
+        let nst = self.known(n, &self.shape(a)[1], "d_state")?;
+        let ns = IExpr::c(nst as i64);
+        let grid = vec![self.dim(&xs[0]), ch.count.clone(), self.dim(&xs[2])];
+        let al = |arr: ArrId, l: LoopId| Expr::ArrLoad {
+            arr,
+            index: IExpr::Loop(l),
+        };
+        let mut kb = KB::new(self, name);
+        let (b, c, e) = (IExpr::Grid(0), IExpr::Grid(1), IExpr::Grid(2));
+        let (t0, len) = (ch.start(&c), ch.len(&c));
+        let (h_slot, d_slot) = (kb.buf(hck, true), kb.buf(dck, true));
+        let (h, pr) = (kb.arr(), kb.arr());
+        for (arr, init) in [(h, 0.0), (pr, 1.0)] {
+            kb.body.push(Stmt::Array {
+                arr,
+                len: nst,
+                init,
+            });
+        }
+        let (tl, nn) = (kb.counter(), kb.counter());
+        let t = t0.clone().add(IExpr::Loop(tl));
+        let (dtv, uv, decay) = (kb.var(), kb.var(), kb.var());
+        let bt = [b.clone(), t.clone(), e.clone()];
+        let dte = kb.value(dt, &bt)?;
+        let xe = kb.value(x, &bt)?;
+        let av = kb.value(a, &[e.clone(), IExpr::Loop(nn)])?;
+        let bv = kb.value(bm, &[b.clone(), t, IExpr::Loop(nn)])?;
+        kb.body.push(Stmt::For {
+            counter: tl,
+            extent: len.clone(),
+            body: vec![
+                Stmt::Var {
+                    var: dtv,
+                    init: dte,
+                },
+                Stmt::Var {
+                    var: uv,
+                    init: Expr::bin(Mul, Expr::Var(dtv), xe),
+                },
+                Stmt::For {
+                    counter: nn,
+                    extent: ns.clone(),
+                    body: vec![
+                        Stmt::Var {
+                            var: decay,
+                            init: Expr::un(UnaryOp::Exp, Expr::bin(Mul, Expr::Var(dtv), av)),
+                        },
+                        Stmt::ArrSet {
+                            arr: pr,
+                            index: IExpr::Loop(nn),
+                            value: Expr::bin(Mul, al(pr, nn), Expr::Var(decay)),
+                        },
+                        Stmt::ArrSet {
+                            arr: h,
+                            index: IExpr::Loop(nn),
+                            value: next_state(Expr::Var(decay), al(h, nn), Expr::Var(uv), bv),
+                        },
+                    ],
+                },
+            ],
+        });
+        let j = kb.counter();
+        let at =
+            kb.l.linear(&[b.clone(), c, e.clone(), IExpr::Loop(j)], ck_shape);
+        let mut stores = vec![
+            Stmt::Store {
+                buf: h_slot,
+                index: at.clone(),
+                value: al(h, j),
+            },
+            Stmt::Store {
+                buf: d_slot,
+                index: at.clone(),
+                value: al(pr, j),
+            },
+        ];
+        if let Some((dy, gck)) = back {
+            let g_slot = kb.buf(gck, true);
+            let gr = kb.arr();
+            kb.body.push(Stmt::Array {
+                arr: gr,
+                len: nst,
+                init: 0.0,
+            });
+            let (k, n2) = (kb.counter(), kb.counter());
+            let tt = t0.add(len.clone().sub(IExpr::c(1)).sub(IExpr::Loop(k)));
+            let (d2, gy) = (kb.var(), kb.var());
+            let btt = [b.clone(), tt.clone(), e.clone()];
+            let dte2 = kb.value(dt, &btt)?;
+            let gye = kb.value(dy, &btt)?;
+            let cv = kb.value(cm, &[b, tt, IExpr::Loop(n2)])?;
+            let av2 = kb.value(a, &[e, IExpr::Loop(n2)])?;
+            kb.body.push(Stmt::For {
+                counter: k,
+                extent: len,
+                body: vec![
+                    Stmt::Var {
+                        var: d2,
+                        init: dte2,
+                    },
+                    Stmt::Var { var: gy, init: gye },
+                    Stmt::For {
+                        counter: n2,
+                        extent: ns.clone(),
+                        body: vec![
+                            Stmt::ArrSet {
+                                arr: gr,
+                                index: IExpr::Loop(n2),
+                                value: Expr::bin(
+                                    Add,
+                                    al(gr, n2),
+                                    Expr::bin(Mul, cv, Expr::Var(gy)),
+                                ),
+                            },
+                            Stmt::ArrSet {
+                                arr: gr,
+                                index: IExpr::Loop(n2),
+                                value: Expr::bin(
+                                    Mul,
+                                    al(gr, n2),
+                                    Expr::un(UnaryOp::Exp, Expr::bin(Mul, Expr::Var(d2), av2)),
+                                ),
+                            },
+                        ],
+                    },
+                ],
+            });
+            stores.push(Stmt::Store {
+                buf: g_slot,
+                index: at,
+                value: al(gr, j),
+            });
+        }
+        kb.body.push(Stmt::For {
+            counter: j,
+            extent: ns,
+            body: stores,
+        });
+        kb.finish(grid, n);
+        Ok(())
+    }
+
+    /// The first kernel of the chunk-parallel Mamba-2 scan and of its gradient: one (batch,
+    /// chunk, head, p) per grid point runs its chunk forward from a zero state, storing the
+    /// end state in `S` (`ck_shape`, `[B, ceil(L/Q), H, P, N]`) and, the `p = 0` point, the
+    /// product of the decays in `D` (`d_shape`, `[B, ceil(L/Q), H]`); given `back = (dy, G)`,
+    /// also backward from a zero cotangent at the chunk's end, storing the cotangent reaching
+    /// its start in `G` (as `S`). `n` is the scan or its gradient (both take `x, dt, A, B, C`
+    /// first).
+    fn ssd_chunk_kernel(
+        &mut self,
+        n: NodeId,
+        name: &str,
+        ch: &Chunks,
+        (sck, dck): (BufId, BufId),
+        (ck_shape, d_shape): (&Shape, &Shape),
+        back: Option<(Value, BufId)>,
+    ) -> Result<(), LowerError> {
+        use BinaryOp::{Add, Mul};
+        let ops = self.g.operands(n);
+        let (x, dt, a, bm, cm) = (ops[0], ops[1], ops[2], ops[3], ops[4]);
+        let xs = self.shape(x);
+        let bs = self.shape(bm);
+        let nst = self.known(n, &bs[3], "d_state")?;
+        let heads = self.known(n, &xs[2], "the head count")?;
+        let groups = self.known(n, &bs[2], "the group count")?.max(1);
+        let hpg = (heads / groups).max(1) as i64;
+        let ns = IExpr::c(nst as i64);
+        let grid = vec![
+            self.dim(&xs[0]),
+            ch.count.clone(),
+            self.dim(&xs[2]),
+            self.dim(&xs[3]),
+        ];
+        let al = |arr: ArrId, l: LoopId| Expr::ArrLoad {
+            arr,
+            index: IExpr::Loop(l),
+        };
+        let exp_mul = |d: Expr, a: Expr| Expr::un(UnaryOp::Exp, Expr::bin(Mul, d, a));
+        let mut kb = KB::new(self, name);
+        let (b, c, hh, p) = (
+            IExpr::Grid(0),
+            IExpr::Grid(1),
+            IExpr::Grid(2),
+            IExpr::Grid(3),
+        );
+        let grp = hh.clone().div(IExpr::c(hpg));
+        let (t0, len) = (ch.start(&c), ch.len(&c));
+        let (s_slot, d_slot) = (kb.buf(sck, true), kb.buf(dck, true));
+        let s = kb.arr();
+        kb.body.push(Stmt::Array {
+            arr: s,
+            len: nst,
+            init: 0.0,
+        });
+        let prod = kb.var();
+        kb.body.push(Stmt::Var {
+            var: prod,
+            init: Expr::Const(1.0),
+        });
+        let ah = kb.value(a, std::slice::from_ref(&hh))?;
+        let (tl, nn) = (kb.counter(), kb.counter());
+        let tv = t0.clone().add(IExpr::Loop(tl));
+        let (dtv, decay, uv) = (kb.var(), kb.var(), kb.var());
+        let dte = kb.value(dt, &[b.clone(), tv.clone(), hh.clone()])?;
+        let xe = kb.value(x, &[b.clone(), tv.clone(), hh.clone(), p.clone()])?;
+        let bv = kb.value(bm, &[b.clone(), tv, grp.clone(), IExpr::Loop(nn)])?;
+        kb.body.push(Stmt::For {
+            counter: tl,
+            extent: len.clone(),
+            body: vec![
+                Stmt::Var {
+                    var: dtv,
+                    init: dte,
+                },
+                Stmt::Var {
+                    var: decay,
+                    init: exp_mul(Expr::Var(dtv), ah.clone()),
+                },
+                Stmt::Var {
+                    var: uv,
+                    init: Expr::bin(Mul, Expr::Var(dtv), xe),
+                },
+                Stmt::Set {
+                    var: prod,
+                    value: Expr::bin(Mul, Expr::Var(prod), Expr::Var(decay)),
+                },
+                Stmt::For {
+                    counter: nn,
+                    extent: ns.clone(),
+                    body: vec![Stmt::ArrSet {
+                        arr: s,
+                        index: IExpr::Loop(nn),
+                        value: next_state(Expr::Var(decay), al(s, nn), Expr::Var(uv), bv),
+                    }],
+                },
+            ],
+        });
+        let j = kb.counter();
+        let at = kb.l.linear(
+            &[b.clone(), c.clone(), hh.clone(), p.clone(), IExpr::Loop(j)],
+            ck_shape,
+        );
+        let mut stores = vec![Stmt::Store {
+            buf: s_slot,
+            index: at.clone(),
+            value: al(s, j),
+        }];
+        if let Some((dy, gck)) = back {
+            let g_slot = kb.buf(gck, true);
+            let gs = kb.arr();
+            kb.body.push(Stmt::Array {
+                arr: gs,
+                len: nst,
+                init: 0.0,
+            });
+            let (k, n2) = (kb.counter(), kb.counter());
+            let tt = t0.add(len.clone().sub(IExpr::c(1)).sub(IExpr::Loop(k)));
+            let (d2, decay2, gy) = (kb.var(), kb.var(), kb.var());
+            let dte2 = kb.value(dt, &[b.clone(), tt.clone(), hh.clone()])?;
+            let gye = kb.value(dy, &[b.clone(), tt.clone(), hh.clone(), p.clone()])?;
+            let cv = kb.value(cm, &[b.clone(), tt, grp, IExpr::Loop(n2)])?;
+            kb.body.push(Stmt::For {
+                counter: k,
+                extent: len,
+                body: vec![
+                    Stmt::Var {
+                        var: d2,
+                        init: dte2,
+                    },
+                    Stmt::Var {
+                        var: decay2,
+                        init: exp_mul(Expr::Var(d2), ah),
+                    },
+                    Stmt::Var { var: gy, init: gye },
+                    Stmt::For {
+                        counter: n2,
+                        extent: ns.clone(),
+                        body: vec![
+                            Stmt::ArrSet {
+                                arr: gs,
+                                index: IExpr::Loop(n2),
+                                value: Expr::bin(
+                                    Add,
+                                    al(gs, n2),
+                                    Expr::bin(Mul, cv, Expr::Var(gy)),
+                                ),
+                            },
+                            Stmt::ArrSet {
+                                arr: gs,
+                                index: IExpr::Loop(n2),
+                                value: Expr::bin(Mul, al(gs, n2), Expr::Var(decay2)),
+                            },
+                        ],
+                    },
+                ],
+            });
+            stores.push(Stmt::Store {
+                buf: g_slot,
+                index: at,
+                value: al(gs, j),
+            });
+        }
+        kb.body.push(Stmt::For {
+            counter: j,
+            extent: ns,
+            body: stores,
+        });
+        let once = kb.counter();
+        kb.body.push(Stmt::For {
+            counter: once,
+            extent: if_zero(&p),
+            body: vec![Stmt::Store {
+                buf: d_slot,
+                index: kb.l.linear(&[b, c, hh], d_shape),
+                value: Expr::Var(prod),
+            }],
+        });
+        kb.finish(grid, n);
+        Ok(())
+    }
+
     /// `SelectiveScan` (Mamba-1). With the chunk count `ceil(L/Q)` known to be at most 1 (the
     /// decode step), one sequential kernel ([`Self::selective_scan_sequential`]); otherwise
     /// chunk-parallel over time in three kernels, `Q = SELECTIVE_SCAN_CHUNK`:
@@ -972,81 +1312,13 @@ impl<'g> Lowering<'g> {
         };
 
         // Kernel 1: each chunk from a zero state.
-        let mut kb = KB::new(self, &format!("{name}_chunk"));
-        let (b, c, e) = (IExpr::Grid(0), IExpr::Grid(1), IExpr::Grid(2));
-        let (h_slot, d_slot) = (kb.buf(hck, true), kb.buf(dck, true));
-        let (h, pr) = (kb.arr(), kb.arr());
-        kb.body.push(Stmt::Array {
-            arr: h,
-            len: nst,
-            init: 0.0,
-        });
-        kb.body.push(Stmt::Array {
-            arr: pr,
-            len: nst,
-            init: 1.0,
-        });
-        let (tl, nn) = (kb.counter(), kb.counter());
-        let t = ch.start(&c).add(IExpr::Loop(tl));
-        let (dtv, uv, decay) = (kb.var(), kb.var(), kb.var());
-        let bt = [b.clone(), t.clone(), e.clone()];
-        let dte = kb.value(dt, &bt)?;
-        let xe = kb.value(x, &bt)?;
-        let av = kb.value(a, &[e.clone(), IExpr::Loop(nn)])?;
-        let bv = kb.value(bm, &[b.clone(), t, IExpr::Loop(nn)])?;
-        kb.body.push(Stmt::For {
-            counter: tl,
-            extent: ch.len(&c),
-            body: vec![
-                Stmt::Var {
-                    var: dtv,
-                    init: dte,
-                },
-                Stmt::Var {
-                    var: uv,
-                    init: Expr::bin(Mul, Expr::Var(dtv), xe),
-                },
-                Stmt::For {
-                    counter: nn,
-                    extent: ns.clone(),
-                    body: vec![
-                        Stmt::Var {
-                            var: decay,
-                            init: Expr::un(UnaryOp::Exp, Expr::bin(Mul, Expr::Var(dtv), av)),
-                        },
-                        Stmt::ArrSet {
-                            arr: pr,
-                            index: IExpr::Loop(nn),
-                            value: Expr::bin(Mul, al(pr, nn), Expr::Var(decay)),
-                        },
-                        Stmt::ArrSet {
-                            arr: h,
-                            index: IExpr::Loop(nn),
-                            value: next_state(Expr::Var(decay), al(h, nn), Expr::Var(uv), bv),
-                        },
-                    ],
-                },
-            ],
-        });
-        let j = kb.counter();
-        let at = kb.l.linear(&[b, c, e, IExpr::Loop(j)], &ck_shape);
-        kb.body.push(Stmt::For {
-            counter: j,
-            extent: ns.clone(),
-            body: vec![
-                Stmt::Store {
-                    buf: h_slot,
-                    index: at.clone(),
-                    value: al(h, j),
-                },
-                Stmt::Store {
-                    buf: d_slot,
-                    index: at,
-                    value: al(pr, j),
-                },
-            ],
-        });
-        kb.finish(vec![bext.clone(), ch.count.clone(), eext.clone()], n);
+        self.selective_chunk_kernel(
+            n,
+            &format!("{name}_chunk"),
+            &ch,
+            (hck, dck, &ck_shape),
+            None,
+        )?;
 
         // Kernel 2: the chunks' start states, in order.
         let mut kb = KB::new(self, &format!("{name}_carry"));
@@ -1283,91 +1555,14 @@ impl<'g> Lowering<'g> {
         };
 
         // Kernel 1: each chunk from a zero state.
-        let mut kb = KB::new(self, &format!("{name}_chunk"));
-        let (b, c, hh, p) = (
-            IExpr::Grid(0),
-            IExpr::Grid(1),
-            IExpr::Grid(2),
-            IExpr::Grid(3),
-        );
-        let grp = hh.clone().div(IExpr::c(hpg));
-        let (s_slot, d_slot) = (kb.buf(sck, true), kb.buf(dck, true));
-        let s = kb.arr();
-        kb.body.push(Stmt::Array {
-            arr: s,
-            len: nst,
-            init: 0.0,
-        });
-        let prod = kb.var();
-        kb.body.push(Stmt::Var {
-            var: prod,
-            init: Expr::Const(1.0),
-        });
-        let (tl, nn) = (kb.counter(), kb.counter());
-        let t = ch.start(&c).add(IExpr::Loop(tl));
-        let (dtv, decay, uv) = (kb.var(), kb.var(), kb.var());
-        let dte = kb.value(dt, &[b.clone(), t.clone(), hh.clone()])?;
-        let ah = kb.value(a, std::slice::from_ref(&hh))?;
-        let xe = kb.value(x, &[b.clone(), t.clone(), hh.clone(), p.clone()])?;
-        let bv = kb.value(bm, &[b.clone(), t, grp.clone(), IExpr::Loop(nn)])?;
-        kb.body.push(Stmt::For {
-            counter: tl,
-            extent: ch.len(&c),
-            body: vec![
-                Stmt::Var {
-                    var: dtv,
-                    init: dte,
-                },
-                Stmt::Var {
-                    var: decay,
-                    init: Expr::un(UnaryOp::Exp, Expr::bin(Mul, Expr::Var(dtv), ah)),
-                },
-                Stmt::Var {
-                    var: uv,
-                    init: Expr::bin(Mul, Expr::Var(dtv), xe),
-                },
-                Stmt::Set {
-                    var: prod,
-                    value: Expr::bin(Mul, Expr::Var(prod), Expr::Var(decay)),
-                },
-                Stmt::For {
-                    counter: nn,
-                    extent: ns.clone(),
-                    body: vec![Stmt::ArrSet {
-                        arr: s,
-                        index: IExpr::Loop(nn),
-                        value: next_state(Expr::Var(decay), al(s, nn), Expr::Var(uv), bv),
-                    }],
-                },
-            ],
-        });
-        let j = kb.counter();
-        kb.body.push(Stmt::For {
-            counter: j,
-            extent: ns.clone(),
-            body: vec![Stmt::Store {
-                buf: s_slot,
-                index: kb.l.linear(
-                    &[b.clone(), c.clone(), hh.clone(), p.clone(), IExpr::Loop(j)],
-                    &ck_shape,
-                ),
-                value: al(s, j),
-            }],
-        });
-        let once = kb.counter();
-        kb.body.push(Stmt::For {
-            counter: once,
-            extent: if_zero(&p),
-            body: vec![Stmt::Store {
-                buf: d_slot,
-                index: kb.l.linear(&[b, c, hh], &d_shape),
-                value: Expr::Var(prod),
-            }],
-        });
-        kb.finish(
-            vec![bext.clone(), ch.count.clone(), hext.clone(), pext.clone()],
+        self.ssd_chunk_kernel(
             n,
-        );
+            &format!("{name}_chunk"),
+            &ch,
+            (sck, dck),
+            (&ck_shape, &d_shape),
+            None,
+        )?;
 
         // Kernel 2: the chunks' start states, in order.
         let mut kb = KB::new(self, &format!("{name}_carry"));
@@ -2034,125 +2229,13 @@ impl<'g> Lowering<'g> {
         let qn = q as usize;
 
         // Kernel 1: each chunk's own states, decay products and cotangents, from zero.
-        let mut kb = KB::new(self, &format!("{name}_chunk"));
-        let (b, c, e) = (IExpr::Grid(0), IExpr::Grid(1), IExpr::Grid(2));
-        let (t0, len) = (ch.start(&c), ch.len(&c));
-        let (h_slot, g_slot, d_slot) = (kb.buf(hck, true), kb.buf(gck, true), kb.buf(dck, true));
-        let (h, pr, gr) = (kb.arr(), kb.arr(), kb.arr());
-        for (arr, init) in [(h, 0.0), (pr, 1.0), (gr, 0.0)] {
-            kb.body.push(Stmt::Array {
-                arr,
-                len: nst,
-                init,
-            });
-        }
-        // Forward from a zero state, with the products of the decays.
-        let (tl, nn) = (kb.counter(), kb.counter());
-        let t = t0.clone().add(IExpr::Loop(tl));
-        let (dtv, uv, decay) = (kb.var(), kb.var(), kb.var());
-        let bt = [b.clone(), t.clone(), e.clone()];
-        let dte = kb.value(dt, &bt)?;
-        let xe = kb.value(x, &bt)?;
-        let av = kb.value(a, &[e.clone(), IExpr::Loop(nn)])?;
-        let bv = kb.value(bm, &[b.clone(), t, IExpr::Loop(nn)])?;
-        kb.body.push(Stmt::For {
-            counter: tl,
-            extent: len.clone(),
-            body: vec![
-                Stmt::Var {
-                    var: dtv,
-                    init: dte,
-                },
-                Stmt::Var {
-                    var: uv,
-                    init: Expr::bin(Mul, Expr::Var(dtv), xe),
-                },
-                Stmt::For {
-                    counter: nn,
-                    extent: ns.clone(),
-                    body: vec![
-                        Stmt::Var {
-                            var: decay,
-                            init: Expr::un(UnaryOp::Exp, Expr::bin(Mul, Expr::Var(dtv), av)),
-                        },
-                        Stmt::ArrSet {
-                            arr: pr,
-                            index: IExpr::Loop(nn),
-                            value: Expr::bin(Mul, al(pr, nn), Expr::Var(decay)),
-                        },
-                        Stmt::ArrSet {
-                            arr: h,
-                            index: IExpr::Loop(nn),
-                            value: next_state(Expr::Var(decay), al(h, nn), Expr::Var(uv), bv),
-                        },
-                    ],
-                },
-            ],
-        });
-        // Backward from a zero cotangent at the chunk's end.
-        let (k, n2) = (kb.counter(), kb.counter());
-        let tt = t0.add(len.clone().sub(IExpr::c(1)).sub(IExpr::Loop(k)));
-        let (d2, gy) = (kb.var(), kb.var());
-        let btt = [b.clone(), tt.clone(), e.clone()];
-        let dte2 = kb.value(dt, &btt)?;
-        let gye = kb.value(dy, &btt)?;
-        let cv = kb.value(cm, &[b.clone(), tt, IExpr::Loop(n2)])?;
-        let av2 = kb.value(a, &[e.clone(), IExpr::Loop(n2)])?;
-        kb.body.push(Stmt::For {
-            counter: k,
-            extent: len,
-            body: vec![
-                Stmt::Var {
-                    var: d2,
-                    init: dte2,
-                },
-                Stmt::Var { var: gy, init: gye },
-                Stmt::For {
-                    counter: n2,
-                    extent: ns.clone(),
-                    body: vec![
-                        Stmt::ArrSet {
-                            arr: gr,
-                            index: IExpr::Loop(n2),
-                            value: Expr::bin(Add, al(gr, n2), Expr::bin(Mul, cv, Expr::Var(gy))),
-                        },
-                        Stmt::ArrSet {
-                            arr: gr,
-                            index: IExpr::Loop(n2),
-                            value: Expr::bin(
-                                Mul,
-                                al(gr, n2),
-                                Expr::un(UnaryOp::Exp, Expr::bin(Mul, Expr::Var(d2), av2)),
-                            ),
-                        },
-                    ],
-                },
-            ],
-        });
-        let j = kb.counter();
-        let at = kb.l.linear(&[b, c, e, IExpr::Loop(j)], &ck_shape);
-        kb.body.push(Stmt::For {
-            counter: j,
-            extent: ns.clone(),
-            body: vec![
-                Stmt::Store {
-                    buf: h_slot,
-                    index: at.clone(),
-                    value: al(h, j),
-                },
-                Stmt::Store {
-                    buf: d_slot,
-                    index: at.clone(),
-                    value: al(pr, j),
-                },
-                Stmt::Store {
-                    buf: g_slot,
-                    index: at,
-                    value: al(gr, j),
-                },
-            ],
-        });
-        kb.finish(vec![bext.clone(), ch.count.clone(), eext.clone()], n);
+        self.selective_chunk_kernel(
+            n,
+            &format!("{name}_chunk"),
+            &ch,
+            (hck, dck, &ck_shape),
+            Some((dy, gck)),
+        )?;
 
         // Kernel 2: the states entering each chunk, in order from `h0`, and the cotangents
         // leaving each chunk, from the last from `dh1`; `dh0`.
@@ -2490,143 +2573,14 @@ impl<'g> Lowering<'g> {
         let exp_mul = |d: Expr, a: Expr| Expr::un(UnaryOp::Exp, Expr::bin(Mul, d, a));
 
         // Kernel 1: each chunk's own states and cotangents, from zero.
-        let mut kb = KB::new(self, &format!("{name}_chunk"));
-        let (b, c, hh, p) = (
-            IExpr::Grid(0),
-            IExpr::Grid(1),
-            IExpr::Grid(2),
-            IExpr::Grid(3),
-        );
-        let grp = hh.clone().div(IExpr::c(hpg));
-        let (t0, len) = (ch.start(&c), ch.len(&c));
-        let (s_slot, g_slot, d_slot) = (kb.buf(sck, true), kb.buf(gck, true), kb.buf(dck, true));
-        let ck_at = |kb: &KB, j: LoopId| {
-            kb.l.linear(
-                &[b.clone(), c.clone(), hh.clone(), p.clone(), IExpr::Loop(j)],
-                &ck_shape,
-            )
-        };
-        let (s, gs) = (kb.arr(), kb.arr());
-        for arr in [s, gs] {
-            kb.body.push(Stmt::Array {
-                arr,
-                len: nst,
-                init: 0.0,
-            });
-        }
-        let prod = kb.var();
-        kb.body.push(Stmt::Var {
-            var: prod,
-            init: Expr::Const(1.0),
-        });
-        let ah = kb.value(a, std::slice::from_ref(&hh))?;
-        // Forward from a zero state, with the product of the decays.
-        let (tl, nn) = (kb.counter(), kb.counter());
-        let tv = t0.clone().add(IExpr::Loop(tl));
-        let (dtv, decay, uv) = (kb.var(), kb.var(), kb.var());
-        let dte = kb.value(dt, &[b.clone(), tv.clone(), hh.clone()])?;
-        let xe = kb.value(x, &[b.clone(), tv.clone(), hh.clone(), p.clone()])?;
-        let bv = kb.value(bm, &[b.clone(), tv, grp.clone(), IExpr::Loop(nn)])?;
-        kb.body.push(Stmt::For {
-            counter: tl,
-            extent: len.clone(),
-            body: vec![
-                Stmt::Var {
-                    var: dtv,
-                    init: dte,
-                },
-                Stmt::Var {
-                    var: decay,
-                    init: exp_mul(Expr::Var(dtv), ah.clone()),
-                },
-                Stmt::Var {
-                    var: uv,
-                    init: Expr::bin(Mul, Expr::Var(dtv), xe),
-                },
-                Stmt::Set {
-                    var: prod,
-                    value: Expr::bin(Mul, Expr::Var(prod), Expr::Var(decay)),
-                },
-                Stmt::For {
-                    counter: nn,
-                    extent: ns.clone(),
-                    body: vec![Stmt::ArrSet {
-                        arr: s,
-                        index: IExpr::Loop(nn),
-                        value: next_state(Expr::Var(decay), al(s, nn), Expr::Var(uv), bv),
-                    }],
-                },
-            ],
-        });
-        // Backward from a zero cotangent at the chunk's end.
-        let (k, n2) = (kb.counter(), kb.counter());
-        let tt = t0.add(len.clone().sub(IExpr::c(1)).sub(IExpr::Loop(k)));
-        let (d2, decay2, gy) = (kb.var(), kb.var(), kb.var());
-        let dte2 = kb.value(dt, &[b.clone(), tt.clone(), hh.clone()])?;
-        let gye = kb.value(dy, &[b.clone(), tt.clone(), hh.clone(), p.clone()])?;
-        let cv = kb.value(cm, &[b.clone(), tt, grp, IExpr::Loop(n2)])?;
-        kb.body.push(Stmt::For {
-            counter: k,
-            extent: len,
-            body: vec![
-                Stmt::Var {
-                    var: d2,
-                    init: dte2,
-                },
-                Stmt::Var {
-                    var: decay2,
-                    init: exp_mul(Expr::Var(d2), ah),
-                },
-                Stmt::Var { var: gy, init: gye },
-                Stmt::For {
-                    counter: n2,
-                    extent: ns.clone(),
-                    body: vec![
-                        Stmt::ArrSet {
-                            arr: gs,
-                            index: IExpr::Loop(n2),
-                            value: Expr::bin(Add, al(gs, n2), Expr::bin(Mul, cv, Expr::Var(gy))),
-                        },
-                        Stmt::ArrSet {
-                            arr: gs,
-                            index: IExpr::Loop(n2),
-                            value: Expr::bin(Mul, al(gs, n2), Expr::Var(decay2)),
-                        },
-                    ],
-                },
-            ],
-        });
-        let j = kb.counter();
-        kb.body.push(Stmt::For {
-            counter: j,
-            extent: ns.clone(),
-            body: vec![
-                Stmt::Store {
-                    buf: s_slot,
-                    index: ck_at(&kb, j),
-                    value: al(s, j),
-                },
-                Stmt::Store {
-                    buf: g_slot,
-                    index: ck_at(&kb, j),
-                    value: al(gs, j),
-                },
-            ],
-        });
-        let once = kb.counter();
-        kb.body.push(Stmt::For {
-            counter: once,
-            extent: if_zero(&p),
-            body: vec![Stmt::Store {
-                buf: d_slot,
-                index: kb.l.linear(&[b, c, hh], &d_shape),
-                value: Expr::Var(prod),
-            }],
-        });
-        kb.finish(
-            vec![bext.clone(), ch.count.clone(), hext.clone(), pext.clone()],
+        self.ssd_chunk_kernel(
             n,
-        );
+            &format!("{name}_chunk"),
+            &ch,
+            (sck, dck),
+            (&ck_shape, &d_shape),
+            Some((dy, gck)),
+        )?;
 
         // Kernel 2: the states entering each chunk, in order from `s0`, and the cotangents
         // leaving each chunk, from the last from `ds1`; `ds0`.
