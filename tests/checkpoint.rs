@@ -407,14 +407,26 @@ fn carried_initial_states_flow_through_the_schedule() {
         let err = v.iter().zip(w).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
         assert!(err <= 2e-4 * scale, "{name}: {err} (scale {scale})");
     }
-    // Final states: those of a forward pass over the same tokens from the same states.
+    // Final states: those of a forward pass over the same tokens from the same states, up to
+    // f32 rounding (the whole pass scans its 4 chunks in parallel and sums their states in
+    // another grouping than the segments' sequential scans).
     let data = HashMap::from([("input_ids".to_string(), HostData::I32(ids.clone()))]);
     let (outs, _) = fwd
         .run(&[("B", b as i64), ("L", l as i64)], &data, &params, &states)
         .expect("runs");
-    for (n, v) in outs {
+    for (n, w) in outs {
         if n != "logits" {
-            assert_eq!(out.final_states.get(&n), Some(&v), "final state {n}");
+            let v = &out.final_states[&n];
+            assert_eq!(v.len(), w.len(), "final state {n}");
+            let scale = w.iter().fold(0f32, |m, x| m.max(x.abs())).max(1e-3);
+            let err = v
+                .iter()
+                .zip(&w)
+                .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+            assert!(
+                err <= 1e-5 * scale,
+                "final state {n}: {err} (scale {scale})"
+            );
         }
     }
 }

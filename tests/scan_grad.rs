@@ -1,7 +1,9 @@
-//! The scan gradients (`selective_scan_grad`, `ssd_scan_grad`) at sequence lengths around
-//! the chunk of their checkpointed recomputation: one step, a chunk less one, a chunk, a
-//! chunk plus one, several chunks and a partial one. Mamba-1's gradient checkpoints every
-//! `SELECTIVE_GRAD_CHUNK` steps; Mamba-2's every `chunk` steps of its op (tiny-mamba2: 8).
+//! The scans and their gradients at sequence lengths around their chunks: one step, a chunk
+//! less one, a chunk, a chunk plus one, several chunks and a partial one. The forward scans
+//! run chunk-parallel (Mamba-1 in chunks of `SELECTIVE_SCAN_CHUNK`, Mamba-2 of its op's
+//! `chunk` at most `MAX_SSD_SCAN_CHUNK`); Mamba-1's gradient checkpoints every
+//! `SELECTIVE_GRAD_CHUNK` steps, Mamba-2's every `chunk` steps of its op (tiny-mamba2: 8).
+//! Batches of one and two, with and without initial states.
 //!
 //! Each case runs the Cranelift kernels (inline `exp`) against the f64 reference interpreter
 //! within the f32 tolerances of the other tests, and Cranelift with `exact_math` against the
@@ -23,6 +25,10 @@ use std::collections::HashMap;
 
 /// The checkpoint interval of the Mamba-1 scan gradient.
 const SELECTIVE_CHUNK: usize = passes::lower::SELECTIVE_GRAD_CHUNK as usize;
+/// The chunk of the Mamba-1 forward scan.
+const SELECTIVE_SCAN_CHUNK: usize = passes::lower::SELECTIVE_SCAN_CHUNK as usize;
+/// The largest chunk of the Mamba-2 forward scan.
+const MAX_SSD_SCAN_CHUNK: usize = passes::lower::MAX_SSD_SCAN_CHUNK as usize;
 /// tiny-mamba2's `chunk_size`.
 const TINY_MAMBA2_CHUNK: usize = 8;
 /// Normwise relative error per tensor for a whole training graph (tests/training.rs).
@@ -195,6 +201,89 @@ fn dt_and_a(g: &mut Graph, dt_shape: &[Dim], a_shape: &[Dim]) -> (Value, Value) 
     let ea = add(g, Op::Unary(UnaryOp::Exp), &[a_log]);
     let a = add(g, Op::Unary(UnaryOp::Neg), &[ea]);
     (dt, a)
+}
+
+/// Drops the bound initial states (they start at zeros) unless `with_state`.
+fn states(mut c: Case, with_state: bool) -> Case {
+    if !with_state {
+        c.states.clear();
+        c.interp.states.clear();
+        c.what.push_str(" no initial state");
+    }
+    c
+}
+
+/// `selective_scan` alone: `e` channels, `n` states.
+fn selective_forward_case(b: usize, l: usize, e: usize, n: usize, seed: u64) -> Case {
+    let mut g = Graph::new("selective_scan");
+    let (bd, ld, k) = (Dim::sym("B"), Dim::sym("L"), |n: usize| {
+        Dim::known(n as u64)
+    });
+    let ble = [bd.clone(), ld.clone(), k(e)];
+    let data = Some(InputKind::Data);
+    let x = leaf(&mut g, "x", data, &ble);
+    let (dt, a) = dt_and_a(&mut g, &ble, &[k(e), k(n)]);
+    let bm = leaf(&mut g, "Bm", data, &[bd.clone(), ld.clone(), k(n)]);
+    let cm = leaf(&mut g, "Cm", data, &[bd.clone(), ld.clone(), k(n)]);
+    let h0 = leaf(&mut g, "h0", Some(InputKind::State), &[bd, k(e), k(n)]);
+    let s = g
+        .add(
+            Op::SelectiveScan,
+            &[x, dt, a, bm, cm, h0],
+            Span::default(),
+            None,
+        )
+        .expect("well-typed");
+    g.add_output("y", Value::new(s, 0));
+    g.add_output("h1", Value::new(s, 1));
+    let mut c = Case::new(format!("selective_scan E={e} N={n} B={b} L={l}"), g, b, l);
+    c.fill(&mut Rng::new(seed), &[]);
+    c
+}
+
+/// `ssd_scan{chunk}` alone: `groups` groups of `hpg` heads of size `p`, `n` states.
+fn ssd_forward_case(
+    b: usize,
+    l: usize,
+    (hpg, groups, p, n): (usize, usize, usize, usize),
+    chunk: u64,
+    seed: u64,
+) -> Case {
+    let h = hpg * groups;
+    let mut g = Graph::new("ssd_scan");
+    let (bd, ld, k) = (Dim::sym("B"), Dim::sym("L"), |n: usize| {
+        Dim::known(n as u64)
+    });
+    let bsh = [bd.clone(), ld.clone(), k(groups), k(n)];
+    let data = Some(InputKind::Data);
+    let x = leaf(&mut g, "x", data, &[bd.clone(), ld.clone(), k(h), k(p)]);
+    let (dt, a) = dt_and_a(&mut g, &[bd.clone(), ld.clone(), k(h)], &[k(h)]);
+    let bm = leaf(&mut g, "Bm", data, &bsh);
+    let cm = leaf(&mut g, "Cm", data, &bsh);
+    let s0 = leaf(
+        &mut g,
+        "s0",
+        Some(InputKind::State),
+        &[bd, k(h), k(p), k(n)],
+    );
+    let s = g
+        .add(
+            Op::SsdScan { chunk },
+            &[x, dt, a, bm, cm, s0],
+            Span::default(),
+            None,
+        )
+        .expect("well-typed");
+    g.add_output("y", Value::new(s, 0));
+    g.add_output("s1", Value::new(s, 1));
+    let mut c = Case::new(
+        format!("ssd_scan{{chunk: {chunk}}} H={h} G={groups} P={p} N={n} B={b} L={l}"),
+        g,
+        b,
+        l,
+    );
+    c.fill(&mut Rng::new(seed), &[]);
+    c
 }
 
 /// `selective_scan_grad` alone: `e` channels, `n` states.
@@ -403,12 +492,55 @@ fn tiny_mamba2_gradients_around_the_chunk() {
     }
 }
 
+/// Batch sizes and whether the initial state is given (else zeros).
+const VARIANTS: [(usize, bool); 3] = [(1, true), (2, true), (2, false)];
+
+#[test]
+fn selective_scan_around_the_chunk() {
+    // And no step at all: no chunk, h1 = h0.
+    for (i, l) in lengths(SELECTIVE_SCAN_CHUNK)
+        .into_iter()
+        .chain([0])
+        .enumerate()
+    {
+        for (v, &(b, with_state)) in VARIANTS.iter().enumerate() {
+            let c = selective_forward_case(b, l, 3, 4, 80 + (3 * i + v) as u64);
+            check(
+                &states(c, with_state),
+                Tolerance::Elementwise(REDUCTION.0, REDUCTION.1),
+            );
+        }
+    }
+}
+
+#[test]
+fn ssd_scan_around_the_chunk() {
+    // Grouped heads; chunks of 1 (every step a chunk), 4, and the op's chunk beyond the cap
+    // (chunks of MAX_SSD_SCAN_CHUNK).
+    for (chunk, q) in [(4u64, 4usize), (1, 2), (256, MAX_SSD_SCAN_CHUNK)] {
+        for (i, l) in lengths(q).into_iter().chain([0]).enumerate() {
+            for (v, &(b, with_state)) in VARIANTS.iter().enumerate() {
+                let c = ssd_forward_case(b, l, (2, 2, 3, 5), chunk, 90 + (3 * i + v) as u64);
+                check(
+                    &states(c, with_state),
+                    Tolerance::Elementwise(REDUCTION.0, REDUCTION.1),
+                );
+            }
+        }
+    }
+}
+
 #[test]
 fn selective_scan_grad_around_the_chunk() {
     // And no step at all: no chunk, dh0 = dh1.
     for (i, l) in lengths(SELECTIVE_CHUNK).into_iter().chain([0]).enumerate() {
-        let c = selective_case(2, l, 3, 4, 60 + i as u64);
-        check(&c, Tolerance::Elementwise(REDUCTION.0, REDUCTION.1));
+        for (v, &(b, with_state)) in VARIANTS.iter().enumerate() {
+            let c = selective_case(b, l, 3, 4, 60 + (3 * i + v) as u64);
+            check(
+                &states(c, with_state),
+                Tolerance::Elementwise(REDUCTION.0, REDUCTION.1),
+            );
+        }
     }
 }
 
@@ -417,8 +549,13 @@ fn ssd_scan_grad_around_the_chunk() {
     // Grouped heads; chunks of 1 (every step a checkpoint), 4, and one longer than L.
     for (chunk, q) in [(4u64, 4usize), (1, 2), (64, 4)] {
         for (i, l) in lengths(q).into_iter().chain([0]).enumerate() {
-            let c = ssd_case(2, l, (2, 2, 3, 5), chunk, 70 + i as u64);
-            check(&c, Tolerance::Elementwise(REDUCTION.0, REDUCTION.1));
+            for (v, &(b, with_state)) in VARIANTS.iter().enumerate() {
+                let c = ssd_case(b, l, (2, 2, 3, 5), chunk, 70 + (3 * i + v) as u64);
+                check(
+                    &states(c, with_state),
+                    Tolerance::Elementwise(REDUCTION.0, REDUCTION.1),
+                );
+            }
         }
     }
 }
@@ -439,13 +576,94 @@ fn scratch_bytes(c: &Case) -> Vec<u64> {
 #[test]
 fn scratch_is_checkpoints_not_every_state() {
     // mamba2-2.7b: 80 heads of 64, d_state 128, one group, chunk 256: the states and state
-    // cotangents at 32 chunk starts, and a [H, Q, P] scratch (was 2 x [B, L, H, P, N], 43 GB).
+    // cotangents at 32 chunk boundaries, a decay product and a partial dA per (batch, chunk,
+    // head) (was 2 x [B, L, H, P, N], 43 GB).
     let ssd = ssd_case(1, 1, (80, 1, 64, 128), 256, 0);
     let ck = 32 * 80 * 64 * 128 * 4;
-    assert_eq!(scratch_bytes(&ssd), [ck, ck, 80 * 256 * 64 * 4]);
-    // mamba-2.8b: 5120 channels, d_state 16: checkpoints at 128 chunk starts and a [B, E, Q, N]
-    // chunk of states (was 2 x [B, L, E, N], 5.4 GB).
+    assert_eq!(scratch_bytes(&ssd), [ck, ck, 32 * 80 * 4, 32 * 80 * 4]);
+    // mamba-2.8b: 5120 channels, d_state 16: states, state cotangents and decay products at
+    // 128 chunk boundaries (was 2 x [B, L, E, N], 5.4 GB).
     let sel = selective_case(1, 1, 5120, 16, 0);
     let ck = 128 * 5120 * 16 * 4;
-    assert_eq!(scratch_bytes(&sel), [ck, ck, 5120 * 64 * 16 * 4]);
+    assert_eq!(scratch_bytes(&sel), [ck, ck, ck]);
+}
+
+#[test]
+fn forward_scan_scratch_is_a_state_per_chunk() {
+    // mamba2-2.7b (chunk 256, capped at 64): 128 chunks' states and a decay per (chunk, head).
+    let ssd = ssd_forward_case(1, 1, (80, 1, 64, 128), 256, 0);
+    assert_eq!(scratch_bytes(&ssd), [128 * 80 * 64 * 128 * 4, 128 * 80 * 4]);
+    // mamba-2.8b: 128 chunks' states and decays.
+    let sel = selective_forward_case(1, 1, 5120, 16, 0);
+    let ck = 128 * 5120 * 16 * 4;
+    assert_eq!(scratch_bytes(&sel), [ck, ck]);
+}
+
+/// The grid points of every kernel of `c`'s lowered graph at `B = 1`, `L = l`, by name.
+fn grids(c: &Case, l: i64) -> Vec<(String, i64)> {
+    let lw = passes::lower(&c.graph, &LowerOptions::default()).expect("lowers");
+    let sizes: Vec<i64> = lw
+        .syms
+        .iter()
+        .map(|s| if s == "B" { 1 } else { l })
+        .collect();
+    lw.kernels
+        .iter()
+        .map(|k| {
+            let points = k.grid.iter().map(|g| extent(g, &sizes)).product();
+            (k.name.clone(), points)
+        })
+        .collect()
+}
+
+/// The value of a grid extent (sizes, constants and arithmetic only).
+fn extent(e: &ir::kernel::IExpr, sizes: &[i64]) -> i64 {
+    use ir::kernel::IExpr;
+    let two = |a: &IExpr, b: &IExpr| (extent(a, sizes), extent(b, sizes));
+    match e {
+        IExpr::Const(n) => *n,
+        IExpr::Size(i) => sizes[*i],
+        IExpr::Add(a, b) => two(a, b).0 + two(a, b).1,
+        IExpr::Sub(a, b) => two(a, b).0 - two(a, b).1,
+        IExpr::Mul(a, b) => two(a, b).0 * two(a, b).1,
+        IExpr::Div(a, b) => two(a, b).0.div_euclid(two(a, b).1),
+        IExpr::Rem(a, b) => two(a, b).0.rem_euclid(two(a, b).1),
+        IExpr::Min(a, b) => two(a, b).0.min(two(a, b).1),
+        other => panic!("not a grid extent: {other}"),
+    }
+}
+
+#[test]
+fn scan_grids_grow_with_the_sequence() {
+    // mamba2-130m's layer: 24 heads of 64, d_state 128, chunk 256, at B = 1, L = 2048. The
+    // forward scan ran 24 x 64 = 1536 sequential points.
+    let ssd = ssd_forward_case(1, 1, (24, 1, 64, 128), 256, 0);
+    // Now chunks of 64: 32 chunks per point, and the carry per state element.
+    let got = grids(&ssd, 2048);
+    let points: Vec<i64> = got.iter().map(|(_, p)| *p).collect();
+    assert_eq!(
+        points,
+        [32 * 24 * 64, 24 * 64 * 128, 32 * 24 * 64],
+        "{got:?}"
+    );
+    // The gradient (chunks of 256): its first kernel ran 1536 points over the whole sequence
+    // forwards and backwards; dA sums partials per head.
+    let grad = ssd_case(1, 1, (24, 1, 64, 128), 256, 0);
+    let got = grids(&grad, 2048);
+    let points: Vec<i64> = got.iter().map(|(_, p)| *p).collect();
+    assert_eq!(
+        points,
+        [8 * 24 * 64, 24 * 64 * 128, 8 * 24, 24, 8 * 128],
+        "{got:?}"
+    );
+    // The decode step (L known to be 1) keeps one sequential kernel and no scratch.
+    let mut step = ssd_forward_case(1, 1, (2, 1, 3, 4), 256, 0);
+    step.graph = passes::step_graph(&step.graph).expect("step graph");
+    let lw = passes::lower(&step.graph, &LowerOptions::default()).expect("lowers");
+    assert_eq!(lw.kernels.len(), 1, "{:?}", grids(&step, 1));
+    assert!(
+        lw.buffers
+            .iter()
+            .all(|b| b.kind != passes::BufKind::Scratch)
+    );
 }

@@ -1,6 +1,10 @@
 //! Any layer stack runs over a time segment with carried states: running a sequence in
-//! segments, feeding each segment's final conv/ssm states to the next, gives exactly the
-//! logits of one run over the whole sequence (compiled CPU path).
+//! segments, feeding each segment's final conv/ssm states to the next, gives the logits of
+//! one run over the whole sequence (compiled CPU path). Exactly while the whole run's scans
+//! have at most two chunks from a zero state (each chunk's start state is then the
+//! sequential one, and every segment scans from its start state sequentially); with more
+//! chunks, the chunk-parallel scans sum the states across chunks in another grouping, and
+//! the results agree to f32 rounding.
 
 mod common;
 
@@ -9,7 +13,8 @@ use passes::LowerOptions;
 use runtime::cpu::HostData;
 use std::collections::HashMap;
 
-fn segments_equal_whole(name: &str, cuts: &[usize], l: usize) {
+/// `exact`: bit for bit; else within `1e-4` of the largest magnitude of each output.
+fn segments_equal_whole(name: &str, cuts: &[usize], l: usize, exact: bool) {
     let graph = common::compile_name(name).graph;
     let params: HashMap<String, Vec<f32>> = runtime::init::init_params(&graph, 3)
         .into_iter()
@@ -52,24 +57,42 @@ fn segments_equal_whole(name: &str, cuts: &[usize], l: usize) {
         }
     }
     let segmented: Vec<f32> = pieces.concat();
-    assert_eq!(
-        &segmented, whole_logits,
-        "{name}: segmented logits differ from the whole run"
-    );
+    let agree = |got: &[f32], want: &[f32], what: &str| {
+        if exact {
+            assert_eq!(got, want, "{name}: {what} differs from the whole run");
+            return;
+        }
+        assert_eq!(got.len(), want.len(), "{name}: {what}");
+        let scale = want.iter().fold(0f32, |m, x| m.max(x.abs())).max(1e-3);
+        let err = got
+            .iter()
+            .zip(want)
+            .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+        assert!(err <= 1e-4 * scale, "{name}: {what}: {err} (scale {scale})");
+    };
+    agree(&segmented, whole_logits, "segmented logits");
     // The final states agree too.
     for (n, v) in &whole {
         if n != "logits" {
-            assert_eq!(states.get(n), Some(v), "{name}: final state {n}");
+            agree(&states[n], v, &format!("final state {n}"));
         }
     }
 }
 
 #[test]
 fn segmented_forward_is_bit_identical_to_whole() {
-    segments_equal_whole("tiny-mamba", &[5], 13);
-    segments_equal_whole("tiny-mamba", &[1, 2, 3, 9], 13);
-    segments_equal_whole("tiny-mamba2", &[8], 13);
-    segments_equal_whole("tiny-mamba2", &[2, 7, 12], 13);
+    // One chunk of Mamba-1's 64 steps; two of tiny-mamba2's 8.
+    segments_equal_whole("tiny-mamba", &[5], 13, true);
+    segments_equal_whole("tiny-mamba", &[1, 2, 3, 9], 13, true);
+    segments_equal_whole("tiny-mamba2", &[8], 13, true);
+    segments_equal_whole("tiny-mamba2", &[2, 7, 12], 13, true);
+}
+
+#[test]
+fn segmented_forward_matches_whole_across_many_chunks() {
+    // Three chunks of Mamba-1, five of tiny-mamba2, segments across chunk boundaries.
+    segments_equal_whole("tiny-mamba", &[40, 100], 150, false);
+    segments_equal_whole("tiny-mamba2", &[5, 17, 30], 40, false);
 }
 
 /// The summed-loss training graph of a sequence equals that of two time segments: the later

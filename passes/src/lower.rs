@@ -12,14 +12,19 @@
 //!
 //! A reshape of a materialized buffer is an alias of it, not a copy.
 //!
+//! The scans run chunk-parallel over time (`selective_scan`, `ssd_scan`): chunks scanned from
+//! zero states in parallel, a cheap sequential carry of the states across chunks, and the
+//! chunks rescanned from their start states, so their grids grow with `B·ceil(L/Q)`.
+//!
 //! The backward and loss ops get kernels of their own (see `cross_entropy`, `conv_grad`,
 //! `selective_scan_grad`, `ssd_scan_grad`). Sums over grid points (`dA`, `dB`, `dC`) are
-//! reduced by later kernels of the same op, never by racing writes. A scan's gradient does
-//! not keep every forward state: it checkpoints the state and the state cotangent at the
-//! start of every chunk of `Q` steps in scratch buffers (`[B, ceil(L/Q), E, N]`), and each
-//! of its kernels recomputes a chunk's states from them where it needs them, with the
-//! forward sweep's arithmetic and every sum in its order, so the results are bit-identical
-//! to storing them all. Scratch memory is `O(B·E·N·(Q + L/Q))`, not `O(B·L·E·N)`.
+//! reduced by later kernels of the same op, never by racing writes, in a fixed order. A
+//! scan's gradient does not keep every forward state: it checkpoints the state entering and
+//! the state cotangent leaving every chunk of `Q` steps in scratch buffers
+//! (`[B, ceil(L/Q), E, N]`), found chunk-parallel as the forward scans find their start
+//! states, and each of its later kernels recomputes a chunk's states from them where it
+//! needs them, with the forward sweep's arithmetic. Scratch memory is `O(B·E·N·L/Q)`, not
+//! `O(B·L·E·N)`.
 //!
 //! The result is executable by any backend that runs [`ir::kernel::Kernel`]s and row-major
 //! f32 matrix products: steps in graph order, which is a topological order.
@@ -47,18 +52,28 @@ pub struct LowerOptions {
     pub no_fusion: bool,
 }
 
-/// Steps per checkpoint of the Mamba-1 scan gradient. Its scratch is a state and a state
-/// cotangent per chunk (`[B, ceil(L/Q), E, N]` each) and one chunk of states per grid point
-/// (`[B, E, Q, N]`): `B·E·N·(Q + 2·ceil(L/Q))` floats, least at `Q = sqrt(2L)`. 64 is within
-/// 25% of that least for the 512 to 8192 steps of a training segment, and a grid point's
-/// chunk of states (64 x 16 floats at d_state 16) stays in cache while the reverse sweep
-/// reads it back.
+/// Steps per checkpoint of the Mamba-1 scan gradient. Its scratch is a state, a state
+/// cotangent and a decay product per chunk (`[B, ceil(L/Q), E, N]` each): `3·B·E·N·ceil(L/Q)`
+/// floats, `3N/Q` times `x` (3/4 at d_state 16). Its grids are `B·ceil(L/Q)·E` points, each
+/// recomputing `Q` steps per state element in `[Q]` local arrays; the carry across chunks
+/// runs `ceil(L/Q)` steps.
 pub const SELECTIVE_GRAD_CHUNK: u64 = 64;
+
+/// Steps per chunk of the chunk-parallel Mamba-1 forward scan. Its grid is `B·ceil(L/Q)·E`
+/// points and its scratch `2·B·ceil(L/Q)·E·N` floats (`2N/Q = 1/2` of `x` at d_state 16);
+/// each point runs `2Q` steps, the carry between chunks `ceil(L/Q)`.
+pub const SELECTIVE_SCAN_CHUNK: u64 = 64;
+
+/// The most steps per chunk of the chunk-parallel Mamba-2 forward scan, which otherwise takes
+/// its op's `chunk`. Its grid is `B·ceil(L/Q)·H·P` points and its scratch about
+/// `B·ceil(L/Q)·H·P·N` floats (`N/Q` of `x`: twice `x` at d_state 128); each point runs `2Q`
+/// steps, the carry between chunks `ceil(L/Q)`.
+pub const MAX_SSD_SCAN_CHUNK: u64 = 64;
 
 /// The most steps per checkpoint of the Mamba-2 scan gradient, which otherwise takes its op's
 /// `chunk` (256 in the published configs): its kernels recompute a chunk one state element at
-/// a time, so `Q` costs only a few `[Q]` local arrays per grid point and a `[H, Q, P]`
-/// scratch while the checkpoints shrink as `1/Q`. The cap bounds the local arrays (at most 7
+/// a time, so `Q` costs only a few `[Q]` local arrays per grid point while the checkpoints
+/// shrink as `1/Q`. The cap bounds the local arrays (at most 7
 /// per kernel, 28 KiB at 1024).
 pub const MAX_SSD_GRAD_CHUNK: u64 = 1024;
 
@@ -769,7 +784,7 @@ impl<'g> Lowering<'g> {
             }
             Op::CausalConv1d => self.conv(n)?,
             Op::SelectiveScan => self.selective_scan(n)?,
-            Op::SsdScan { .. } => self.ssd_scan(n)?,
+            Op::SsdScan { chunk } => self.ssd_scan(n, *chunk)?,
             Op::CausalConv1dGrad => self.conv_grad(n)?,
             Op::SelectiveScanGrad => self.selective_scan_grad(n)?,
             Op::SsdScanGrad { chunk } => self.ssd_scan_grad(n, *chunk)?,
@@ -915,8 +930,500 @@ impl<'g> Lowering<'g> {
         Ok(())
     }
 
-    /// Mamba-1: one (batch, channel) per grid point, the `[N]` state in a local array.
+    /// The first kernel of the chunk-parallel Mamba-1 scan and of its gradient: one (batch,
+    /// chunk, channel) per grid point runs its chunk forward from a zero state, storing the
+    /// end state in `H` and the products of the decays `exp(dt A)` in `D` (both
+    /// `ck_shape`, `[B, ceil(L/Q), E, N]`); given `back = (dy, G)`, also backward from a zero
+    /// cotangent at the chunk's end, storing the cotangent reaching its start in `G`. `n` is
+    /// the scan or its gradient (both take `x, dt, A, B, C` first).
+    fn selective_chunk_kernel(
+        &mut self,
+        n: NodeId,
+        name: &str,
+        ch: &Chunks,
+        (hck, dck, ck_shape): (BufId, BufId, &Shape),
+        back: Option<(Value, BufId)>,
+    ) -> Result<(), LowerError> {
+        use BinaryOp::{Add, Mul};
+        let ops = self.g.operands(n);
+        let (x, dt, a, bm, cm) = (ops[0], ops[1], ops[2], ops[3], ops[4]);
+        let xs = self.shape(x);
+        let nst = self.known(n, &self.shape(a)[1], "d_state")?;
+        let ns = IExpr::c(nst as i64);
+        let grid = vec![self.dim(&xs[0]), ch.count.clone(), self.dim(&xs[2])];
+        let al = |arr: ArrId, l: LoopId| Expr::ArrLoad {
+            arr,
+            index: IExpr::Loop(l),
+        };
+        let mut kb = KB::new(self, name);
+        let (b, c, e) = (IExpr::Grid(0), IExpr::Grid(1), IExpr::Grid(2));
+        let (t0, len) = (ch.start(&c), ch.len(&c));
+        let (h_slot, d_slot) = (kb.buf(hck, true), kb.buf(dck, true));
+        let (h, pr) = (kb.arr(), kb.arr());
+        for (arr, init) in [(h, 0.0), (pr, 1.0)] {
+            kb.body.push(Stmt::Array {
+                arr,
+                len: nst,
+                init,
+            });
+        }
+        let (tl, nn) = (kb.counter(), kb.counter());
+        let t = t0.clone().add(IExpr::Loop(tl));
+        let (dtv, uv, decay) = (kb.var(), kb.var(), kb.var());
+        let bt = [b.clone(), t.clone(), e.clone()];
+        let dte = kb.value(dt, &bt)?;
+        let xe = kb.value(x, &bt)?;
+        let av = kb.value(a, &[e.clone(), IExpr::Loop(nn)])?;
+        let bv = kb.value(bm, &[b.clone(), t, IExpr::Loop(nn)])?;
+        kb.body.push(Stmt::For {
+            counter: tl,
+            extent: len.clone(),
+            body: vec![
+                Stmt::Var {
+                    var: dtv,
+                    init: dte,
+                },
+                Stmt::Var {
+                    var: uv,
+                    init: Expr::bin(Mul, Expr::Var(dtv), xe),
+                },
+                Stmt::For {
+                    counter: nn,
+                    extent: ns.clone(),
+                    body: vec![
+                        Stmt::Var {
+                            var: decay,
+                            init: Expr::un(UnaryOp::Exp, Expr::bin(Mul, Expr::Var(dtv), av)),
+                        },
+                        Stmt::ArrSet {
+                            arr: pr,
+                            index: IExpr::Loop(nn),
+                            value: Expr::bin(Mul, al(pr, nn), Expr::Var(decay)),
+                        },
+                        Stmt::ArrSet {
+                            arr: h,
+                            index: IExpr::Loop(nn),
+                            value: next_state(Expr::Var(decay), al(h, nn), Expr::Var(uv), bv),
+                        },
+                    ],
+                },
+            ],
+        });
+        let j = kb.counter();
+        let at =
+            kb.l.linear(&[b.clone(), c, e.clone(), IExpr::Loop(j)], ck_shape);
+        let mut stores = vec![
+            Stmt::Store {
+                buf: h_slot,
+                index: at.clone(),
+                value: al(h, j),
+            },
+            Stmt::Store {
+                buf: d_slot,
+                index: at.clone(),
+                value: al(pr, j),
+            },
+        ];
+        if let Some((dy, gck)) = back {
+            let g_slot = kb.buf(gck, true);
+            let gr = kb.arr();
+            kb.body.push(Stmt::Array {
+                arr: gr,
+                len: nst,
+                init: 0.0,
+            });
+            let (k, n2) = (kb.counter(), kb.counter());
+            let tt = t0.add(len.clone().sub(IExpr::c(1)).sub(IExpr::Loop(k)));
+            let (d2, gy) = (kb.var(), kb.var());
+            let btt = [b.clone(), tt.clone(), e.clone()];
+            let dte2 = kb.value(dt, &btt)?;
+            let gye = kb.value(dy, &btt)?;
+            let cv = kb.value(cm, &[b, tt, IExpr::Loop(n2)])?;
+            let av2 = kb.value(a, &[e, IExpr::Loop(n2)])?;
+            kb.body.push(Stmt::For {
+                counter: k,
+                extent: len,
+                body: vec![
+                    Stmt::Var {
+                        var: d2,
+                        init: dte2,
+                    },
+                    Stmt::Var { var: gy, init: gye },
+                    Stmt::For {
+                        counter: n2,
+                        extent: ns.clone(),
+                        body: vec![
+                            Stmt::ArrSet {
+                                arr: gr,
+                                index: IExpr::Loop(n2),
+                                value: Expr::bin(
+                                    Add,
+                                    al(gr, n2),
+                                    Expr::bin(Mul, cv, Expr::Var(gy)),
+                                ),
+                            },
+                            Stmt::ArrSet {
+                                arr: gr,
+                                index: IExpr::Loop(n2),
+                                value: Expr::bin(
+                                    Mul,
+                                    al(gr, n2),
+                                    Expr::un(UnaryOp::Exp, Expr::bin(Mul, Expr::Var(d2), av2)),
+                                ),
+                            },
+                        ],
+                    },
+                ],
+            });
+            stores.push(Stmt::Store {
+                buf: g_slot,
+                index: at,
+                value: al(gr, j),
+            });
+        }
+        kb.body.push(Stmt::For {
+            counter: j,
+            extent: ns,
+            body: stores,
+        });
+        kb.finish(grid, n);
+        Ok(())
+    }
+
+    /// The first kernel of the chunk-parallel Mamba-2 scan and of its gradient: one (batch,
+    /// chunk, head, p) per grid point runs its chunk forward from a zero state, storing the
+    /// end state in `S` (`ck_shape`, `[B, ceil(L/Q), H, P, N]`) and, the `p = 0` point, the
+    /// product of the decays in `D` (`d_shape`, `[B, ceil(L/Q), H]`); given `back = (dy, G)`,
+    /// also backward from a zero cotangent at the chunk's end, storing the cotangent reaching
+    /// its start in `G` (as `S`). `n` is the scan or its gradient (both take `x, dt, A, B, C`
+    /// first).
+    fn ssd_chunk_kernel(
+        &mut self,
+        n: NodeId,
+        name: &str,
+        ch: &Chunks,
+        (sck, dck): (BufId, BufId),
+        (ck_shape, d_shape): (&Shape, &Shape),
+        back: Option<(Value, BufId)>,
+    ) -> Result<(), LowerError> {
+        use BinaryOp::{Add, Mul};
+        let ops = self.g.operands(n);
+        let (x, dt, a, bm, cm) = (ops[0], ops[1], ops[2], ops[3], ops[4]);
+        let xs = self.shape(x);
+        let bs = self.shape(bm);
+        let nst = self.known(n, &bs[3], "d_state")?;
+        let heads = self.known(n, &xs[2], "the head count")?;
+        let groups = self.known(n, &bs[2], "the group count")?.max(1);
+        let hpg = (heads / groups).max(1) as i64;
+        let ns = IExpr::c(nst as i64);
+        let grid = vec![
+            self.dim(&xs[0]),
+            ch.count.clone(),
+            self.dim(&xs[2]),
+            self.dim(&xs[3]),
+        ];
+        let al = |arr: ArrId, l: LoopId| Expr::ArrLoad {
+            arr,
+            index: IExpr::Loop(l),
+        };
+        let exp_mul = |d: Expr, a: Expr| Expr::un(UnaryOp::Exp, Expr::bin(Mul, d, a));
+        let mut kb = KB::new(self, name);
+        let (b, c, hh, p) = (
+            IExpr::Grid(0),
+            IExpr::Grid(1),
+            IExpr::Grid(2),
+            IExpr::Grid(3),
+        );
+        let grp = hh.clone().div(IExpr::c(hpg));
+        let (t0, len) = (ch.start(&c), ch.len(&c));
+        let (s_slot, d_slot) = (kb.buf(sck, true), kb.buf(dck, true));
+        let s = kb.arr();
+        kb.body.push(Stmt::Array {
+            arr: s,
+            len: nst,
+            init: 0.0,
+        });
+        let prod = kb.var();
+        kb.body.push(Stmt::Var {
+            var: prod,
+            init: Expr::Const(1.0),
+        });
+        let ah = kb.value(a, std::slice::from_ref(&hh))?;
+        let (tl, nn) = (kb.counter(), kb.counter());
+        let tv = t0.clone().add(IExpr::Loop(tl));
+        let (dtv, decay, uv) = (kb.var(), kb.var(), kb.var());
+        let dte = kb.value(dt, &[b.clone(), tv.clone(), hh.clone()])?;
+        let xe = kb.value(x, &[b.clone(), tv.clone(), hh.clone(), p.clone()])?;
+        let bv = kb.value(bm, &[b.clone(), tv, grp.clone(), IExpr::Loop(nn)])?;
+        kb.body.push(Stmt::For {
+            counter: tl,
+            extent: len.clone(),
+            body: vec![
+                Stmt::Var {
+                    var: dtv,
+                    init: dte,
+                },
+                Stmt::Var {
+                    var: decay,
+                    init: exp_mul(Expr::Var(dtv), ah.clone()),
+                },
+                Stmt::Var {
+                    var: uv,
+                    init: Expr::bin(Mul, Expr::Var(dtv), xe),
+                },
+                Stmt::Set {
+                    var: prod,
+                    value: Expr::bin(Mul, Expr::Var(prod), Expr::Var(decay)),
+                },
+                Stmt::For {
+                    counter: nn,
+                    extent: ns.clone(),
+                    body: vec![Stmt::ArrSet {
+                        arr: s,
+                        index: IExpr::Loop(nn),
+                        value: next_state(Expr::Var(decay), al(s, nn), Expr::Var(uv), bv),
+                    }],
+                },
+            ],
+        });
+        let j = kb.counter();
+        let at = kb.l.linear(
+            &[b.clone(), c.clone(), hh.clone(), p.clone(), IExpr::Loop(j)],
+            ck_shape,
+        );
+        let mut stores = vec![Stmt::Store {
+            buf: s_slot,
+            index: at.clone(),
+            value: al(s, j),
+        }];
+        if let Some((dy, gck)) = back {
+            let g_slot = kb.buf(gck, true);
+            let gs = kb.arr();
+            kb.body.push(Stmt::Array {
+                arr: gs,
+                len: nst,
+                init: 0.0,
+            });
+            let (k, n2) = (kb.counter(), kb.counter());
+            let tt = t0.add(len.clone().sub(IExpr::c(1)).sub(IExpr::Loop(k)));
+            let (d2, decay2, gy) = (kb.var(), kb.var(), kb.var());
+            let dte2 = kb.value(dt, &[b.clone(), tt.clone(), hh.clone()])?;
+            let gye = kb.value(dy, &[b.clone(), tt.clone(), hh.clone(), p.clone()])?;
+            let cv = kb.value(cm, &[b.clone(), tt, grp, IExpr::Loop(n2)])?;
+            kb.body.push(Stmt::For {
+                counter: k,
+                extent: len,
+                body: vec![
+                    Stmt::Var {
+                        var: d2,
+                        init: dte2,
+                    },
+                    Stmt::Var {
+                        var: decay2,
+                        init: exp_mul(Expr::Var(d2), ah),
+                    },
+                    Stmt::Var { var: gy, init: gye },
+                    Stmt::For {
+                        counter: n2,
+                        extent: ns.clone(),
+                        body: vec![
+                            Stmt::ArrSet {
+                                arr: gs,
+                                index: IExpr::Loop(n2),
+                                value: Expr::bin(
+                                    Add,
+                                    al(gs, n2),
+                                    Expr::bin(Mul, cv, Expr::Var(gy)),
+                                ),
+                            },
+                            Stmt::ArrSet {
+                                arr: gs,
+                                index: IExpr::Loop(n2),
+                                value: Expr::bin(Mul, al(gs, n2), Expr::Var(decay2)),
+                            },
+                        ],
+                    },
+                ],
+            });
+            stores.push(Stmt::Store {
+                buf: g_slot,
+                index: at,
+                value: al(gs, j),
+            });
+        }
+        kb.body.push(Stmt::For {
+            counter: j,
+            extent: ns,
+            body: stores,
+        });
+        let once = kb.counter();
+        kb.body.push(Stmt::For {
+            counter: once,
+            extent: if_zero(&p),
+            body: vec![Stmt::Store {
+                buf: d_slot,
+                index: kb.l.linear(&[b, c, hh], d_shape),
+                value: Expr::Var(prod),
+            }],
+        });
+        kb.finish(grid, n);
+        Ok(())
+    }
+
+    /// `SelectiveScan` (Mamba-1). With the chunk count `ceil(L/Q)` known to be at most 1 (the
+    /// decode step), one sequential kernel ([`Self::selective_scan_sequential`]); otherwise
+    /// chunk-parallel over time in three kernels, `Q = SELECTIVE_SCAN_CHUNK`:
+    ///
+    /// 1. One (batch, chunk, channel) per grid point scans its chunk from a zero state,
+    ///    storing the chunk's end state in scratch `H [B, ceil(L/Q), E, N]` and the product
+    ///    of its decays `exp(dt A)` in scratch `D` (as `H`).
+    /// 2. One (batch, channel, n) per grid point walks the chunks in order from `h0`:
+    ///    `H[c] <- h; h = D[c] h + H[c]`; it writes `h1 = h0` when there is no chunk.
+    /// 3. One (batch, chunk, channel) per grid point rescans its chunk from `H[c]`, writing
+    ///    `y` (and its epilogues) and, in the last chunk, `h1`.
+    ///
+    /// As for [`Self::ssd_scan`]: the rescans are the sequential arithmetic, the start states
+    /// regrouped sums. Scratch: `2·B·ceil(L/Q)·E·N` floats, `2N/Q` times `x`
+    /// (mamba-2.8b at B = 1, L = 65536: 671 MB).
     fn selective_scan(&mut self, n: NodeId) -> Result<(), LowerError> {
+        use BinaryOp::Mul;
+        let g = self.g;
+        let ops = g.operands(n);
+        let (x, dt, a, bm, cm, h0) = (ops[0], ops[1], ops[2], ops[3], ops[4], ops[5]);
+        let xs = self.shape(x);
+        let (ch, count) = self.chunks(n, &xs[1], SELECTIVE_SCAN_CHUNK)?;
+        if count.as_known().is_some_and(|c| c <= 1) {
+            return self.selective_scan_sequential(n);
+        }
+        let nd = self.shape(a)[1].clone();
+        let nst = self.known(n, &nd, "d_state")?;
+        let ns = IExpr::c(nst as i64);
+        let y = self.new_buf(Value::new(n, 0), BufKind::Temp);
+        let h1 = self.new_buf(Value::new(n, 1), BufKind::Temp);
+        let hs = self.shape(Value::new(n, 1));
+        let ck_shape = vec![xs[0].clone(), count, xs[2].clone(), nd];
+        let hck = self.scratch(n, ck_shape.clone());
+        let dck = self.scratch(n, ck_shape.clone());
+        let (bext, eext) = (self.dim(&xs[0]), self.dim(&xs[2]));
+        let name = format!("selective_scan_{}", n.index());
+        let al = |arr: ArrId, l: LoopId| Expr::ArrLoad {
+            arr,
+            index: IExpr::Loop(l),
+        };
+
+        // Kernel 1: each chunk from a zero state.
+        self.selective_chunk_kernel(
+            n,
+            &format!("{name}_chunk"),
+            &ch,
+            (hck, dck, &ck_shape),
+            None,
+        )?;
+
+        // Kernel 2: the chunks' start states, in order.
+        let mut kb = KB::new(self, &format!("{name}_carry"));
+        let (b, e, nn) = (IExpr::Grid(0), IExpr::Grid(1), IExpr::Grid(2));
+        let (h_slot, d_slot, h1_slot) = (kb.buf(hck, true), kb.buf(dck, false), kb.buf(h1, true));
+        let h0v = kb.value(h0, &[b.clone(), e.clone(), nn.clone()])?;
+        let at = |kb: &KB, c: &IExpr| {
+            kb.l.linear(&[b.clone(), c.clone(), e.clone(), nn.clone()], &ck_shape)
+        };
+        let decay = |kb: &KB, c: &IExpr| Expr::Load {
+            buf: d_slot,
+            index: at(kb, c),
+        };
+        let (stmts, hv) = carry(&mut kb, h0v, (&ch.count, false), h_slot, &at, &decay);
+        kb.body.extend(stmts);
+        let none = kb.counter();
+        kb.body.push(Stmt::For {
+            counter: none,
+            extent: if_zero(&ch.count),
+            body: vec![Stmt::Store {
+                buf: h1_slot,
+                index: kb.l.linear(&[b, e, nn], &hs),
+                value: Expr::Var(hv),
+            }],
+        });
+        kb.finish(vec![bext.clone(), eext.clone(), ns.clone()], n);
+
+        // Kernel 3: each chunk again from its start state, writing y.
+        let mut kb = KB::new(self, &name);
+        let (b, c, e) = (IExpr::Grid(0), IExpr::Grid(1), IExpr::Grid(2));
+        let h_slot = kb.buf(hck, false);
+        let h = kb.arr();
+        kb.body.push(Stmt::Array {
+            arr: h,
+            len: nst,
+            init: 0.0,
+        });
+        let j = kb.counter();
+        kb.body.push(Stmt::For {
+            counter: j,
+            extent: ns.clone(),
+            body: vec![Stmt::ArrSet {
+                arr: h,
+                index: IExpr::Loop(j),
+                value: Expr::Load {
+                    buf: h_slot,
+                    index: kb.l.linear(
+                        &[b.clone(), c.clone(), e.clone(), IExpr::Loop(j)],
+                        &ck_shape,
+                    ),
+                },
+            }],
+        });
+        let (tl, nn) = (kb.counter(), kb.counter());
+        let t = ch.start(&c).add(IExpr::Loop(tl));
+        let (dtv, xv, yv) = (kb.var(), kb.var(), kb.var());
+        let bt = [b.clone(), t.clone(), e.clone()];
+        let mut body = vec![
+            Stmt::Var {
+                var: dtv,
+                init: kb.value(dt, &bt)?,
+            },
+            Stmt::Var {
+                var: xv,
+                init: kb.value(x, &bt)?,
+            },
+            Stmt::Var {
+                var: yv,
+                init: Expr::Const(0.0),
+            },
+        ];
+        let av = kb.value(a, &[e.clone(), IExpr::Loop(nn)])?;
+        let decay = Expr::un(UnaryOp::Exp, Expr::bin(Mul, Expr::Var(dtv), av));
+        let bv = kb.value(bm, &[b.clone(), t.clone(), IExpr::Loop(nn)])?;
+        let cv = kb.value(cm, &[b.clone(), t, IExpr::Loop(nn)])?;
+        body.push(scan_update(h, nn, dtv, xv, yv, decay, bv, cv, nst));
+        let yi = kb.l.linear(&bt, &xs);
+        body.extend(kb.store_with_epilogues(Value::new(n, 0), y, yi, yv)?);
+        kb.body.push(Stmt::For {
+            counter: tl,
+            extent: ch.len(&c),
+            body,
+        });
+        let (last, j2) = (kb.counter(), kb.counter());
+        let h1_slot = kb.buf(h1, true);
+        kb.body.push(Stmt::For {
+            counter: last,
+            extent: ch.is_last(&c),
+            body: vec![Stmt::For {
+                counter: j2,
+                extent: ns,
+                body: vec![Stmt::Store {
+                    buf: h1_slot,
+                    index: kb.l.linear(&[b, e, IExpr::Loop(j2)], &hs),
+                    value: al(h, j2),
+                }],
+            }],
+        });
+        kb.finish(vec![bext, ch.count.clone(), eext], n);
+        Ok(())
+    }
+
+    /// Mamba-1 sequentially: one (batch, channel) per grid point over every step, the `[N]`
+    /// state in a local array.
+    fn selective_scan_sequential(&mut self, n: NodeId) -> Result<(), LowerError> {
         let g = self.g;
         let ops = g.operands(n);
         let (x, dt, a, bm, cm, h0) = (ops[0], ops[1], ops[2], ops[3], ops[4], ops[5]);
@@ -995,8 +1502,203 @@ impl<'g> Lowering<'g> {
         Ok(())
     }
 
-    /// Mamba-2, sequentially: one (batch, head, p) per grid point, the `[N]` state row local.
-    fn ssd_scan(&mut self, n: NodeId) -> Result<(), LowerError> {
+    /// `SsdScan` (Mamba-2). With the chunk count `ceil(L/Q)` known to be at most 1 (the
+    /// decode step, `L = 1`), one sequential kernel ([`Self::ssd_scan_sequential`]);
+    /// otherwise chunk-parallel over time in three kernels, `Q` the op's `chunk` at most
+    /// `MAX_SSD_SCAN_CHUNK`:
+    ///
+    /// 1. One (batch, chunk, head, p) per grid point scans its chunk from a zero state,
+    ///    storing the chunk's end state in scratch `S [B, ceil(L/Q), H, P, N]` and (the
+    ///    `p = 0` point) the product of the chunk's decays in scratch `D [B, ceil(L/Q), H]`.
+    /// 2. One (batch, head, p, n) per grid point walks the chunks in order from `s0`:
+    ///    `S[c] <- s; s = D[c] s + S[c]` (the start state of each chunk replaces its local
+    ///    end state); it writes `s1 = s0` when there is no chunk.
+    /// 3. One (batch, chunk, head, p) per grid point rescans its chunk from `S[c]`, writing `y`
+    ///    (and its epilogues) and, in the last chunk, `s1`.
+    ///
+    /// The rescans are the sequential scan's arithmetic from their start states, so a
+    /// sequence of one or two chunks from a zero state gives the sequential bits; across more
+    /// chunks the start states are regrouped sums (f32 rounding apart, the same). Scratch:
+    /// `B·ceil(L/Q)·H·(P·N + 1)` floats, `N/Q` times `x` (mamba2-2.7b at B = 1, L = 65536:
+    /// 2.7 GB), alive only during the op.
+    fn ssd_scan(&mut self, n: NodeId, chunk: u64) -> Result<(), LowerError> {
+        use BinaryOp::Mul;
+        let g = self.g;
+        let ops = g.operands(n);
+        let (x, dt, a, bm, cm, s0) = (ops[0], ops[1], ops[2], ops[3], ops[4], ops[5]);
+        let xs = self.shape(x);
+        let q = chunk.clamp(1, MAX_SSD_SCAN_CHUNK);
+        let (ch, count) = self.chunks(n, &xs[1], q)?;
+        if count.as_known().is_some_and(|c| c <= 1) {
+            return self.ssd_scan_sequential(n);
+        }
+        let bs = self.shape(bm);
+        let nst = self.known(n, &bs[3], "d_state")?;
+        let heads = self.known(n, &xs[2], "the head count")?;
+        let groups = self.known(n, &bs[2], "the group count")?.max(1);
+        let hpg = (heads / groups).max(1) as i64;
+        let ns = IExpr::c(nst as i64);
+        let y = self.new_buf(Value::new(n, 0), BufKind::Temp);
+        let s1 = self.new_buf(Value::new(n, 1), BufKind::Temp);
+        let ss = self.shape(Value::new(n, 1));
+        let mut ck_shape = xs.clone();
+        ck_shape[1] = count.clone();
+        ck_shape.push(bs[3].clone());
+        let d_shape = vec![xs[0].clone(), count, xs[2].clone()];
+        let sck = self.scratch(n, ck_shape.clone());
+        let dck = self.scratch(n, d_shape.clone());
+        let (bext, hext, pext) = (self.dim(&xs[0]), self.dim(&xs[2]), self.dim(&xs[3]));
+        let name = format!("ssd_scan_{}", n.index());
+        let al = |arr: ArrId, l: LoopId| Expr::ArrLoad {
+            arr,
+            index: IExpr::Loop(l),
+        };
+
+        // Kernel 1: each chunk from a zero state.
+        self.ssd_chunk_kernel(
+            n,
+            &format!("{name}_chunk"),
+            &ch,
+            (sck, dck),
+            (&ck_shape, &d_shape),
+            None,
+        )?;
+
+        // Kernel 2: the chunks' start states, in order.
+        let mut kb = KB::new(self, &format!("{name}_carry"));
+        let (b, hh, p, nn) = (
+            IExpr::Grid(0),
+            IExpr::Grid(1),
+            IExpr::Grid(2),
+            IExpr::Grid(3),
+        );
+        let (s_slot, d_slot, s1_slot) = (kb.buf(sck, true), kb.buf(dck, false), kb.buf(s1, true));
+        let s0v = kb.value(s0, &[b.clone(), hh.clone(), p.clone(), nn.clone()])?;
+        let at = |kb: &KB, c: &IExpr| {
+            kb.l.linear(
+                &[b.clone(), c.clone(), hh.clone(), p.clone(), nn.clone()],
+                &ck_shape,
+            )
+        };
+        let decay = |kb: &KB, c: &IExpr| Expr::Load {
+            buf: d_slot,
+            index: kb.l.linear(&[b.clone(), c.clone(), hh.clone()], &d_shape),
+        };
+        let (stmts, sv) = carry(&mut kb, s0v, (&ch.count, false), s_slot, &at, &decay);
+        kb.body.extend(stmts);
+        let none = kb.counter();
+        kb.body.push(Stmt::For {
+            counter: none,
+            extent: if_zero(&ch.count),
+            body: vec![Stmt::Store {
+                buf: s1_slot,
+                index: kb.l.linear(&[b, hh, p, nn], &ss),
+                value: Expr::Var(sv),
+            }],
+        });
+        kb.finish(
+            vec![bext.clone(), hext.clone(), pext.clone(), ns.clone()],
+            n,
+        );
+
+        // Kernel 3: each chunk again from its start state, writing y.
+        let mut kb = KB::new(self, &name);
+        let (b, c, hh, p) = (
+            IExpr::Grid(0),
+            IExpr::Grid(1),
+            IExpr::Grid(2),
+            IExpr::Grid(3),
+        );
+        let grp = hh.clone().div(IExpr::c(hpg));
+        let s_slot = kb.buf(sck, false);
+        let s = kb.arr();
+        kb.body.push(Stmt::Array {
+            arr: s,
+            len: nst,
+            init: 0.0,
+        });
+        let j = kb.counter();
+        kb.body.push(Stmt::For {
+            counter: j,
+            extent: ns.clone(),
+            body: vec![Stmt::ArrSet {
+                arr: s,
+                index: IExpr::Loop(j),
+                value: Expr::Load {
+                    buf: s_slot,
+                    index: kb.l.linear(
+                        &[b.clone(), c.clone(), hh.clone(), p.clone(), IExpr::Loop(j)],
+                        &ck_shape,
+                    ),
+                },
+            }],
+        });
+        let (tl, nn) = (kb.counter(), kb.counter());
+        let t = ch.start(&c).add(IExpr::Loop(tl));
+        let (dtv, xv, yv, decay) = (kb.var(), kb.var(), kb.var(), kb.var());
+        let xi = [b.clone(), t.clone(), hh.clone(), p.clone()];
+        let mut body = vec![
+            Stmt::Var {
+                var: dtv,
+                init: kb.value(dt, &[b.clone(), t.clone(), hh.clone()])?,
+            },
+            Stmt::Var {
+                var: xv,
+                init: kb.value(x, &xi)?,
+            },
+            Stmt::Var {
+                var: yv,
+                init: Expr::Const(0.0),
+            },
+        ];
+        let av = kb.value(a, std::slice::from_ref(&hh))?;
+        body.push(Stmt::Var {
+            var: decay,
+            init: Expr::un(UnaryOp::Exp, Expr::bin(Mul, Expr::Var(dtv), av)),
+        });
+        let bi = [b.clone(), t, grp, IExpr::Loop(nn)];
+        let bv = kb.value(bm, &bi)?;
+        let cv = kb.value(cm, &bi)?;
+        body.push(scan_update(
+            s,
+            nn,
+            dtv,
+            xv,
+            yv,
+            Expr::Var(decay),
+            bv,
+            cv,
+            nst,
+        ));
+        let yi = kb.l.linear(&xi, &xs);
+        body.extend(kb.store_with_epilogues(Value::new(n, 0), y, yi, yv)?);
+        kb.body.push(Stmt::For {
+            counter: tl,
+            extent: ch.len(&c),
+            body,
+        });
+        let (last, j2) = (kb.counter(), kb.counter());
+        let s1_slot = kb.buf(s1, true);
+        kb.body.push(Stmt::For {
+            counter: last,
+            extent: ch.is_last(&c),
+            body: vec![Stmt::For {
+                counter: j2,
+                extent: ns,
+                body: vec![Stmt::Store {
+                    buf: s1_slot,
+                    index: kb.l.linear(&[b, hh, p, IExpr::Loop(j2)], &ss),
+                    value: al(s, j2),
+                }],
+            }],
+        });
+        kb.finish(vec![bext, ch.count.clone(), hext, pext], n);
+        Ok(())
+    }
+
+    /// Mamba-2 sequentially: one (batch, head, p) per grid point over every step, the `[N]`
+    /// state row local.
+    fn ssd_scan_sequential(&mut self, n: NodeId) -> Result<(), LowerError> {
         let g = self.g;
         let ops = g.operands(n);
         let (x, dt, a, bm, cm, s0) = (ops[0], ops[1], ops[2], ops[3], ops[4], ops[5]);
@@ -1472,24 +2174,30 @@ impl<'g> Lowering<'g> {
         Ok((chunks, count))
     }
 
-    /// `SelectiveScanGrad` in three kernels, with the forward states checkpointed every
-    /// `Q = SELECTIVE_GRAD_CHUNK` steps and recomputed where needed (scratch
-    /// `O(B·E·N·(Q + L/Q))`, not `[B, L, E, N]`).
+    /// `SelectiveScanGrad` in five kernels, with the forward states and the state cotangents
+    /// checkpointed at the boundaries of chunks of `Q = SELECTIVE_GRAD_CHUNK` steps and
+    /// recomputed where needed (scratch `3·B·ceil(L/Q)·E·N` floats, not `[B, L, E, N]`).
+    /// Both recurrences are linear, so their checkpoints come chunk-parallel, as in
+    /// [`Self::selective_scan`]:
     ///
-    /// 1. One (batch, channel) per grid point runs the recurrence forward, storing the state
-    ///    at each chunk's start in scratch `H [B, ceil(L/Q), E, N]`; then backward, chunk by
-    ///    chunk from the last: it stores the state cotangent entering the chunk in scratch
-    ///    `G` (as `H`), recomputes the chunk's states from `H` into its own rows of scratch
-    ///    `W [B, E, Q, N]` and runs the reverse recurrence over them, writing `dx`, `ddt`,
-    ///    and at the end `dh0`.
-    /// 2. One (batch, chunk, n) per grid point sums `dB`, `dC` over channels: per channel,
-    ///    the cotangents backwards from `G`, then the states forwards from `H`
-    ///    ([`bc_accumulate`]).
-    /// 3. One (channel, n) per grid point sums `dA` over batch and time, recomputing both
-    ///    chains chunk by chunk.
+    /// 1. One (batch, chunk, channel) per grid point runs its chunk forward from a zero state
+    ///    and backward from a zero cotangent, storing the end state in scratch
+    ///    `H [B, ceil(L/Q), E, N]`, the product of the decays in `D` and the cotangent
+    ///    reaching the chunk's start in `G` (as `H`).
+    /// 2. One (batch, channel, n) per grid point carries them across chunks: `H[c]` becomes
+    ///    the state entering chunk `c` (in order from `h0`), `G[c]` the cotangent of the
+    ///    state leaving it (from the last chunk, from `dh1`); it writes `dh0`.
+    /// 3. `dx`, `ddt [B, L, E]`, one (batch, chunk, channel) per grid point, summed over the
+    ///    state elements one at a time: per element, the cotangents backwards from `G`, then
+    ///    the states forwards from `H`, in `[Q]` local arrays.
+    /// 4. One (batch, chunk, n) per grid point sums `dB`, `dC` over channels: per channel,
+    ///    the same two chains ([`bc_accumulate`]); on the way, each channel's `dA` over the
+    ///    chunk, stored over the element of `H` it has read (no kernel reads it again).
+    /// 5. One (channel, n) per grid point sums those partial `dA` over batch and chunks, in
+    ///    order.
     ///
-    /// Recomputation repeats the forward sweep's arithmetic exactly, and every sum keeps its
-    /// order, so the results are those of storing every state.
+    /// Recomputation repeats the forward sweep's arithmetic, and every sum has a fixed
+    /// order.
     fn selective_scan_grad(&mut self, n: NodeId) -> Result<(), LowerError> {
         use BinaryOp::{Add, Mul};
         let g = self.g;
@@ -1508,11 +2216,10 @@ impl<'g> Lowering<'g> {
         let outs: Vec<BufId> = (0..6)
             .map(|r| self.new_buf(Value::new(n, r), BufKind::Temp))
             .collect();
-        let ck_shape = vec![xs[0].clone(), count, xs[2].clone(), nd.clone()];
-        let w_shape = vec![xs[0].clone(), xs[2].clone(), Dim::known(q), nd];
+        let ck_shape = vec![xs[0].clone(), count, xs[2].clone(), nd];
         let hck = self.scratch(n, ck_shape.clone());
         let gck = self.scratch(n, ck_shape.clone());
-        let wbuf = self.scratch(n, w_shape.clone());
+        let dck = self.scratch(n, ck_shape.clone());
         let (bext, eext) = (self.dim(&xs[0]), self.dim(&xs[2]));
         let name = format!("selective_scan_grad_{}", n.index());
         let al = |arr: ArrId, l: LoopId| Expr::ArrLoad {
@@ -1521,270 +2228,41 @@ impl<'g> Lowering<'g> {
         };
         let qn = q as usize;
 
-        // Kernel 1.
-        let mut kb = KB::new(self, &name);
-        let (b, e) = (IExpr::Grid(0), IExpr::Grid(1));
-        let (h_slot, g_slot, w_slot) = (kb.buf(hck, true), kb.buf(gck, true), kb.buf(wbuf, true));
-        let h = kb.arr();
-        kb.body.push(Stmt::Array {
-            arr: h,
-            len: nst,
-            init: 0.0,
-        });
-        let j = kb.counter();
-        let hv = kb.value(h0, &[b.clone(), e.clone(), IExpr::Loop(j)])?;
-        kb.body.push(Stmt::For {
-            counter: j,
-            extent: ns.clone(),
-            body: vec![Stmt::ArrSet {
-                arr: h,
-                index: IExpr::Loop(j),
-                value: hv,
-            }],
-        });
-        // One step of the state row at step `t`, storing each state first when `keep` gives
-        // the chunk-local step to store it at in `W`.
-        let row_step = |kb: &mut KB, t: IExpr, keep: Option<IExpr>| {
-            let nn = kb.counter();
-            let (dtv, uv) = (kb.var(), kb.var());
-            let bt = [b.clone(), t.clone(), e.clone()];
-            let dte = kb.value(dt, &bt)?;
-            let xe = kb.value(x, &bt)?;
-            let av = kb.value(a, &[e.clone(), IExpr::Loop(nn)])?;
-            let bv = kb.value(bm, &[b.clone(), t, IExpr::Loop(nn)])?;
-            let mut inner = Vec::new();
-            if let Some(tl) = keep {
-                inner.push(Stmt::Store {
-                    buf: w_slot,
-                    index: kb
-                        .l
-                        .linear(&[b.clone(), e.clone(), tl, IExpr::Loop(nn)], &w_shape),
-                    value: al(h, nn),
-                });
-            }
-            inner.push(Stmt::ArrSet {
-                arr: h,
-                index: IExpr::Loop(nn),
-                value: next_state(
-                    Expr::un(UnaryOp::Exp, Expr::bin(Mul, Expr::Var(dtv), av)),
-                    al(h, nn),
-                    Expr::Var(uv),
-                    bv,
-                ),
-            });
-            Ok::<_, LowerError>(vec![
-                Stmt::Var {
-                    var: dtv,
-                    init: dte,
-                },
-                Stmt::Var {
-                    var: uv,
-                    init: Expr::bin(Mul, Expr::Var(dtv), xe),
-                },
-                Stmt::For {
-                    counter: nn,
-                    extent: ns.clone(),
-                    body: inner,
-                },
-            ])
+        // Kernel 1: each chunk's own states, decay products and cotangents, from zero.
+        self.selective_chunk_kernel(
+            n,
+            &format!("{name}_chunk"),
+            &ch,
+            (hck, dck, &ck_shape),
+            Some((dy, gck)),
+        )?;
+
+        // Kernel 2: the states entering each chunk, in order from `h0`, and the cotangents
+        // leaving each chunk, from the last from `dh1`; `dh0`.
+        let mut kb = KB::new(self, &format!("{name}_carry"));
+        let (b, e, nn) = (IExpr::Grid(0), IExpr::Grid(1), IExpr::Grid(2));
+        let (h_slot, g_slot, d_slot) = (kb.buf(hck, true), kb.buf(gck, true), kb.buf(dck, false));
+        let at = |kb: &KB, c: &IExpr| {
+            kb.l.linear(&[b.clone(), c.clone(), e.clone(), nn.clone()], &ck_shape)
         };
-        // Forward, checkpointing the state at each chunk's start.
-        let (c, j, tl) = (kb.counter(), kb.counter(), kb.counter());
-        let cl = IExpr::Loop(c);
-        let mut chunk = vec![Stmt::For {
-            counter: j,
-            extent: ns.clone(),
-            body: vec![Stmt::Store {
-                buf: h_slot,
-                index: kb.l.linear(
-                    &[b.clone(), cl.clone(), e.clone(), IExpr::Loop(j)],
-                    &ck_shape,
-                ),
-                value: al(h, j),
-            }],
-        }];
-        chunk.push(Stmt::For {
-            counter: tl,
-            extent: ch.len(&cl),
-            body: row_step(&mut kb, ch.start(&cl).add(IExpr::Loop(tl)), None)?,
-        });
-        kb.body.push(Stmt::For {
-            counter: c,
-            extent: ch.count.clone(),
-            body: chunk,
-        });
-        // Backward in time, chunk by chunk from the last.
-        let gr = kb.arr();
-        kb.body.push(Stmt::Array {
-            arr: gr,
-            len: nst,
-            init: 0.0,
-        });
-        let j2 = kb.counter();
-        let gv0 = kb.value(dh1, &[b.clone(), e.clone(), IExpr::Loop(j2)])?;
-        kb.body.push(Stmt::For {
-            counter: j2,
-            extent: ns.clone(),
-            body: vec![Stmt::ArrSet {
-                arr: gr,
-                index: IExpr::Loop(j2),
-                value: gv0,
-            }],
-        });
-        let c2 = kb.counter();
-        let cr = ch.count.clone().sub(IExpr::c(1)).sub(IExpr::Loop(c2));
-        let (t0, len) = (ch.start(&cr), ch.len(&cr));
-        let (j, j1, tl) = (kb.counter(), kb.counter(), kb.counter());
-        let ck_j = |kb: &KB, j: LoopId| {
-            kb.l.linear(
-                &[b.clone(), cr.clone(), e.clone(), IExpr::Loop(j)],
-                &ck_shape,
-            )
+        let decay = |kb: &KB, c: &IExpr| Expr::Load {
+            buf: d_slot,
+            index: at(kb, c),
         };
-        let mut chunk = vec![
-            Stmt::For {
-                counter: j,
-                extent: ns.clone(),
-                body: vec![Stmt::Store {
-                    buf: g_slot,
-                    index: ck_j(&kb, j),
-                    value: al(gr, j),
-                }],
-            },
-            Stmt::For {
-                counter: j1,
-                extent: ns.clone(),
-                body: vec![Stmt::ArrSet {
-                    arr: h,
-                    index: IExpr::Loop(j1),
-                    value: Expr::Load {
-                        buf: h_slot,
-                        index: ck_j(&kb, j1),
-                    },
-                }],
-            },
-            Stmt::For {
-                counter: tl,
-                extent: len.clone(),
-                body: row_step(
-                    &mut kb,
-                    t0.clone().add(IExpr::Loop(tl)),
-                    Some(IExpr::Loop(tl)),
-                )?,
-            },
-        ];
-        let t2 = kb.counter();
-        let n2 = kb.counter();
-        let tl2 = len.clone().sub(IExpr::c(1)).sub(IExpr::Loop(t2));
-        let tt = t0.add(tl2.clone());
-        let btt = [b.clone(), tt.clone(), e.clone()];
-        let (d2, x2, gy, du, dd, decay) =
-            (kb.var(), kb.var(), kb.var(), kb.var(), kb.var(), kb.var());
-        let mut body = vec![
-            Stmt::Var {
-                var: d2,
-                init: kb.value(dt, &btt)?,
-            },
-            Stmt::Var {
-                var: x2,
-                init: kb.value(x, &btt)?,
-            },
-            Stmt::Var {
-                var: gy,
-                init: kb.value(dy, &btt)?,
-            },
-            Stmt::Var {
-                var: du,
-                init: Expr::Const(0.0),
-            },
-            Stmt::Var {
-                var: dd,
-                init: Expr::Const(0.0),
-            },
-        ];
-        let bn_t = [b.clone(), tt.clone(), IExpr::Loop(n2)];
-        let cv = kb.value(cm, &bn_t)?;
-        let bv2 = kb.value(bm, &bn_t)?;
-        let av2 = kb.value(a, &[e.clone(), IExpr::Loop(n2)])?;
-        let widx =
-            kb.l.linear(&[b.clone(), e.clone(), tl2, IExpr::Loop(n2)], &w_shape);
-        body.push(Stmt::For {
-            counter: n2,
-            extent: ns.clone(),
-            body: vec![
-                Stmt::ArrSet {
-                    arr: gr,
-                    index: IExpr::Loop(n2),
-                    value: Expr::bin(Add, al(gr, n2), Expr::bin(Mul, cv, Expr::Var(gy))),
-                },
-                Stmt::Set {
-                    var: du,
-                    value: Expr::bin(Add, Expr::Var(du), Expr::bin(Mul, al(gr, n2), bv2)),
-                },
-                Stmt::Var {
-                    var: decay,
-                    init: Expr::un(UnaryOp::Exp, Expr::bin(Mul, Expr::Var(d2), av2.clone())),
-                },
-                Stmt::Set {
-                    var: dd,
-                    value: Expr::bin(
-                        Add,
-                        Expr::Var(dd),
-                        Expr::bin(
-                            Mul,
-                            Expr::bin(Mul, Expr::bin(Mul, al(gr, n2), Expr::Var(decay)), av2),
-                            Expr::Load {
-                                buf: w_slot,
-                                index: widx,
-                            },
-                        ),
-                    ),
-                },
-                Stmt::ArrSet {
-                    arr: gr,
-                    index: IExpr::Loop(n2),
-                    value: Expr::bin(Mul, al(gr, n2), Expr::Var(decay)),
-                },
-            ],
-        });
-        let (dxs, ddts) = (kb.buf(outs[0], true), kb.buf(outs[1], true));
-        let oi = kb.l.linear(&btt, &xs);
-        body.push(Stmt::Store {
-            buf: dxs,
-            index: oi.clone(),
-            value: Expr::bin(Mul, Expr::Var(d2), Expr::Var(du)),
-        });
-        body.push(Stmt::Store {
-            buf: ddts,
-            index: oi,
-            value: Expr::bin(
-                Add,
-                Expr::bin(Mul, Expr::Var(x2), Expr::Var(du)),
-                Expr::Var(dd),
-            ),
-        });
-        chunk.push(Stmt::For {
-            counter: t2,
-            extent: len,
-            body,
-        });
-        kb.body.push(Stmt::For {
-            counter: c2,
-            extent: ch.count.clone(),
-            body: chunk,
-        });
+        let ben = [b.clone(), e.clone(), nn.clone()];
+        let h0v = kb.value(h0, &ben)?;
+        let (stmts, _) = carry(&mut kb, h0v, (&ch.count, false), h_slot, &at, &decay);
+        kb.body.extend(stmts);
+        let dh1v = kb.value(dh1, &ben)?;
+        let (stmts, gv) = carry(&mut kb, dh1v, (&ch.count, true), g_slot, &at, &decay);
+        kb.body.extend(stmts);
         let dh0s = kb.buf(outs[5], true);
-        let j3 = kb.counter();
-        kb.body.push(Stmt::For {
-            counter: j3,
-            extent: ns.clone(),
-            body: vec![Stmt::Store {
-                buf: dh0s,
-                index: kb.l.linear(&[b.clone(), e.clone(), IExpr::Loop(j3)], &hs),
-                value: al(gr, j3),
-            }],
+        kb.body.push(Stmt::Store {
+            buf: dh0s,
+            index: kb.l.linear(&ben, &hs),
+            value: Expr::Var(gv),
         });
-        kb.finish(vec![bext.clone(), eext.clone()], n);
+        kb.finish(vec![bext.clone(), eext.clone(), ns.clone()], n);
 
         // The chunk arrays of state element (b, e, nn) over chunk `c` (at `t0`): each step's
         // `dt`, `decay = exp(dt A)`, `u = dt x`, then its cotangents `g` backwards from `G`.
@@ -1834,11 +2312,96 @@ impl<'g> Lowering<'g> {
             Ok::<_, LowerError>(s)
         };
 
-        // Kernel 2: dB, dC [B, L, N], summed over channels.
+        // Kernel 3: dx, ddt [B, L, E], one (batch, chunk, channel) per grid point, summed over
+        // the state elements one at a time.
+        let mut kb = KB::new(self, &name);
+        let (b, c, e) = (IExpr::Grid(0), IExpr::Grid(1), IExpr::Grid(2));
+        let (t0, len) = (ch.start(&c), ch.len(&c));
+        let (h_slot, g_slot) = (kb.buf(hck, false), kb.buf(gck, false));
+        let arrs = ChunkArrays::declare(&mut kb, qn);
+        let (dua, dda) = (kb.arr(), kb.arr());
+        for arr in [dua, dda] {
+            kb.body.push(Stmt::Array {
+                arr,
+                len: qn,
+                init: 0.0,
+            });
+        }
+        let nl = kb.counter();
+        let nv = IExpr::Loop(nl);
+        let mut per_n = steps(&mut kb, (&b, &e, &nv), (&t0, &len), (g_slot, &c), arrs)?;
+        let (tl, hv) = (kb.counter(), kb.var());
+        let bv = kb.value(
+            bm,
+            &[b.clone(), t0.clone().add(IExpr::Loop(tl)), nv.clone()],
+        )?;
+        let av = kb.value(a, &[e.clone(), nv.clone()])?;
+        per_n.push(Stmt::Var {
+            var: hv,
+            init: Expr::Load {
+                buf: h_slot,
+                index: kb
+                    .l
+                    .linear(&[b.clone(), c.clone(), e.clone(), nv], &ck_shape),
+            },
+        });
+        let add_to = |arr: ArrId, v: Expr| Stmt::ArrSet {
+            arr,
+            index: IExpr::Loop(tl),
+            value: Expr::bin(Add, al(arr, tl), v),
+        };
+        per_n.push(Stmt::For {
+            counter: tl,
+            extent: len.clone(),
+            body: vec![
+                add_to(dua, Expr::bin(Mul, al(arrs.g, tl), bv.clone())),
+                add_to(
+                    dda,
+                    Expr::bin(
+                        Mul,
+                        Expr::bin(Mul, Expr::bin(Mul, al(arrs.g, tl), al(arrs.decay, tl)), av),
+                        Expr::Var(hv),
+                    ),
+                ),
+                Stmt::Set {
+                    var: hv,
+                    value: next_state(al(arrs.decay, tl), Expr::Var(hv), al(arrs.u, tl), bv),
+                },
+            ],
+        });
+        kb.body.push(Stmt::For {
+            counter: nl,
+            extent: ns.clone(),
+            body: per_n,
+        });
+        let (dxs, ddts) = (kb.buf(outs[0], true), kb.buf(outs[1], true));
+        let tl = kb.counter();
+        let bt = [b.clone(), t0.add(IExpr::Loop(tl)), e.clone()];
+        let xe = kb.value(x, &bt)?;
+        let oi = kb.l.linear(&bt, &xs);
+        kb.body.push(Stmt::For {
+            counter: tl,
+            extent: len,
+            body: vec![
+                Stmt::Store {
+                    buf: dxs,
+                    index: oi.clone(),
+                    value: Expr::bin(Mul, al(arrs.dt, tl), al(dua, tl)),
+                },
+                Stmt::Store {
+                    buf: ddts,
+                    index: oi,
+                    value: Expr::bin(Add, Expr::bin(Mul, xe, al(dua, tl)), al(dda, tl)),
+                },
+            ],
+        });
+        kb.finish(vec![bext.clone(), ch.count.clone(), eext.clone()], n);
+
+        // Kernel 4: dB, dC [B, L, N], summed over channels.
         let mut kb = KB::new(self, &format!("{name}_bc"));
         let (b, c, nn) = (IExpr::Grid(0), IExpr::Grid(1), IExpr::Grid(2));
         let (t0, len) = (ch.start(&c), ch.len(&c));
-        let (h_slot, g_slot) = (kb.buf(hck, false), kb.buf(gck, false));
+        let (h_slot, g_slot) = (kb.buf(hck, true), kb.buf(gck, false));
         let arrs = ChunkArrays::declare(&mut kb, qn);
         let (dba, dca) = (kb.arr(), kb.arr());
         for arr in [dba, dca] {
@@ -1855,12 +2418,13 @@ impl<'g> Lowering<'g> {
         let t = t0.clone().add(IExpr::Loop(tl));
         let bv = kb.value(bm, &[b.clone(), t.clone(), nn.clone()])?;
         let gye = kb.value(dy, &[b.clone(), t, ev.clone()])?;
+        let hi =
+            kb.l.linear(&[b.clone(), c.clone(), ev, nn.clone()], &ck_shape);
         let init = Expr::Load {
             buf: h_slot,
-            index: kb
-                .l
-                .linear(&[b.clone(), c.clone(), ev, nn.clone()], &ck_shape),
+            index: hi.clone(),
         };
+        let da = kb.var();
         per_channel.extend(bc_accumulate(
             hv,
             init,
@@ -1870,7 +2434,14 @@ impl<'g> Lowering<'g> {
             bv,
             gye,
             (dba, dca),
+            Some(da),
         ));
+        // The checkpoint element is dead once read: its dA partial takes its place.
+        per_channel.push(Stmt::Store {
+            buf: h_slot,
+            index: hi,
+            value: Expr::Var(da),
+        });
         kb.body.push(Stmt::For {
             counter: el,
             extent: eext.clone(),
@@ -1897,63 +2468,34 @@ impl<'g> Lowering<'g> {
         });
         kb.finish(vec![bext.clone(), ch.count.clone(), ns.clone()], n);
 
-        // Kernel 3: dA [E, N] = sum over batch and time of g decay dt h (the state before
-        // the step), chunk by chunk.
+        // Kernel 5: dA [E, N], the sum of kernel 4's partial sums (in `H`) over batch and
+        // chunks.
         let mut kb = KB::new(self, &format!("{name}_a"));
         let (e, nn) = (IExpr::Grid(0), IExpr::Grid(1));
-        let (h_slot, g_slot) = (kb.buf(hck, false), kb.buf(gck, false));
-        let arrs = ChunkArrays::declare(&mut kb, qn);
+        let h_slot = kb.buf(hck, false);
         let acc = kb.var();
         kb.body.push(Stmt::Var {
             var: acc,
             init: Expr::Const(0.0),
         });
         let (bl, c) = (kb.counter(), kb.counter());
-        let (b, cl) = (IExpr::Loop(bl), IExpr::Loop(c));
-        let (t0, len) = (ch.start(&cl), ch.len(&cl));
-        let mut chunk = steps(&mut kb, (&b, &e, &nn), (&t0, &len), (g_slot, &cl), arrs)?;
-        let (tl, hv) = (kb.counter(), kb.var());
-        let bv = kb.value(bm, &[b.clone(), t0.add(IExpr::Loop(tl)), nn.clone()])?;
-        let at = |arr| Expr::ArrLoad {
-            arr,
-            index: IExpr::Loop(tl),
+        let part = Expr::Load {
+            buf: h_slot,
+            index: kb.l.linear(
+                &[IExpr::Loop(bl), IExpr::Loop(c), e.clone(), nn.clone()],
+                &ck_shape,
+            ),
         };
-        chunk.push(Stmt::Var {
-            var: hv,
-            init: Expr::Load {
-                buf: h_slot,
-                index: kb.l.linear(&[b, cl, e.clone(), nn.clone()], &ck_shape),
-            },
-        });
-        chunk.push(Stmt::For {
-            counter: tl,
-            extent: len,
-            body: vec![
-                Stmt::Set {
-                    var: acc,
-                    value: Expr::bin(
-                        Add,
-                        Expr::Var(acc),
-                        Expr::bin(
-                            Mul,
-                            Expr::bin(Mul, Expr::bin(Mul, at(arrs.g), at(arrs.decay)), at(arrs.dt)),
-                            Expr::Var(hv),
-                        ),
-                    ),
-                },
-                Stmt::Set {
-                    var: hv,
-                    value: next_state(at(arrs.decay), Expr::Var(hv), at(arrs.u), bv),
-                },
-            ],
-        });
         kb.body.push(Stmt::For {
             counter: bl,
             extent: bext,
             body: vec![Stmt::For {
                 counter: c,
                 extent: ch.count.clone(),
-                body: chunk,
+                body: vec![Stmt::Set {
+                    var: acc,
+                    value: Expr::bin(Add, Expr::Var(acc), part),
+                }],
             }],
         });
         let das = kb.buf(outs[2], true);
@@ -1967,24 +2509,30 @@ impl<'g> Lowering<'g> {
         Ok(())
     }
 
-    /// `SsdScanGrad` in four kernels, with the forward states checkpointed every `Q` steps
-    /// (the op's `chunk`, at most `MAX_SSD_GRAD_CHUNK`) and recomputed where needed (scratch
-    /// `O(B·H·P·N·L/Q + H·Q·P)`, not `[B, L, H, P, N]`).
+    /// `SsdScanGrad` in five kernels, with the forward states and the state cotangents
+    /// checkpointed at the boundaries of chunks of `Q` steps (the op's `chunk`, at most
+    /// `MAX_SSD_GRAD_CHUNK`) and recomputed where needed (scratch `O(B·H·P·N·L/Q)`, not
+    /// `[B, L, H, P, N]`). Both recurrences are linear, so their checkpoints come
+    /// chunk-parallel, as in [`Self::ssd_scan`]:
     ///
-    /// 1. One (batch, head, p) per grid point runs the recurrence forward, storing the state
-    ///    at each chunk's start in scratch `S [B, ceil(L/Q), H, P, N]`, then backward (which
-    ///    needs no states), storing the state cotangent entering each chunk in scratch `G`
-    ///    (as `S`) and writing `dx` and `ds0`.
-    /// 2. `ddt [B, L, H]`, one (batch, chunk, head) per grid point, summed over p and n.
-    /// 3. `dA [H]`, one head per grid point, summed over batch, time and p; the chunk's
-    ///    `G . S` per (step, p) in its rows of scratch `[H, Q, P]`.
-    /// 4. `dB`, `dC [B, L, G, N]`, one (batch, chunk, group, n) per grid point, summed over
+    /// 1. One (batch, chunk, head, p) per grid point runs its chunk forward from a zero state
+    ///    and backward from a zero cotangent, storing the end state in scratch
+    ///    `S [B, ceil(L/Q), H, P, N]`, the cotangent reaching the chunk's start in `G` (as
+    ///    `S`) and (the `p = 0` point) the product of the decays in `D [B, ceil(L/Q), H]`.
+    /// 2. One (batch, head, p, n) per grid point carries them across chunks: `S[c]` becomes
+    ///    the state entering chunk `c` (in order from `s0`), `G[c]` the cotangent of the
+    ///    state leaving it (from the last chunk, from `ds1`); it writes `ds0`.
+    /// 3. `ddt [B, L, H]` and `dx`, one (batch, chunk, head) per grid point, summed over p
+    ///    and n; the same `G . S` per step gives the chunk's partial `dA` (summed over p and
+    ///    its steps), stored in scratch `[B, ceil(L/Q), H]`.
+    /// 4. `dA [H]`, one head per grid point, sums the partials over batch and chunks.
+    /// 5. `dB`, `dC [B, L, G, N]`, one (batch, chunk, group, n) per grid point, summed over
     ///    the group's heads and p ([`bc_accumulate`]).
     ///
-    /// Kernels 2-4 recompute the states one element (one n) at a time: per chunk, the
+    /// Kernels 3 and 5 recompute the states one element (one n) at a time: per chunk, the
     /// cotangents backwards from `G`, then the states forwards from `S`, with the decay of
     /// each (step, head) computed once per chunk. The arithmetic is the forward sweep's and
-    /// every sum keeps its order, so the results are those of storing every state.
+    /// every sum has a fixed order.
     fn ssd_scan_grad(&mut self, n: NodeId, chunk: u64) -> Result<(), LowerError> {
         use BinaryOp::{Add, Mul};
         let g = self.g;
@@ -2004,15 +2552,17 @@ impl<'g> Lowering<'g> {
         let qn = q as usize;
         let (ch, count) = self.chunks(n, &xs[1], q)?;
         let mut ck_shape = xs.clone();
-        ck_shape[1] = count;
+        ck_shape[1] = count.clone();
         ck_shape.push(bs[3].clone());
-        let qp_shape = vec![xs[2].clone(), Dim::known(q), xs[3].clone()];
+        let d_shape = vec![xs[0].clone(), count.clone(), xs[2].clone()];
+        let pa_shape = d_shape.clone();
         let outs: Vec<BufId> = (0..6)
             .map(|r| self.new_buf(Value::new(n, r), BufKind::Temp))
             .collect();
         let sck = self.scratch(n, ck_shape.clone());
         let gck = self.scratch(n, ck_shape.clone());
-        let qpbuf = self.scratch(n, qp_shape.clone());
+        let dck = self.scratch(n, d_shape.clone());
+        let pabuf = self.scratch(n, pa_shape.clone());
         let (bext, hext, pext) = (self.dim(&xs[0]), self.dim(&xs[2]), self.dim(&xs[3]));
         let gext = self.dim(&bs[2]);
         let name = format!("ssd_scan_grad_{}", n.index());
@@ -2022,193 +2572,53 @@ impl<'g> Lowering<'g> {
         };
         let exp_mul = |d: Expr, a: Expr| Expr::un(UnaryOp::Exp, Expr::bin(Mul, d, a));
 
-        // Kernel 1.
-        let mut kb = KB::new(self, &name);
-        let (b, hh, p) = (IExpr::Grid(0), IExpr::Grid(1), IExpr::Grid(2));
-        let grp = hh.clone().div(IExpr::c(hpg));
-        let (s_slot, g_slot) = (kb.buf(sck, true), kb.buf(gck, true));
-        let s = kb.arr();
-        kb.body.push(Stmt::Array {
-            arr: s,
-            len: nst,
-            init: 0.0,
-        });
-        let j = kb.counter();
-        let sv = kb.value(s0, &[b.clone(), hh.clone(), p.clone(), IExpr::Loop(j)])?;
-        kb.body.push(Stmt::For {
-            counter: j,
-            extent: ns.clone(),
-            body: vec![Stmt::ArrSet {
-                arr: s,
-                index: IExpr::Loop(j),
-                value: sv,
-            }],
-        });
-        let (c, j, t) = (kb.counter(), kb.counter(), kb.counter());
-        let cl = IExpr::Loop(c);
-        let tv = ch.start(&cl).add(IExpr::Loop(t));
-        let nn = kb.counter();
-        let (dtv, decay, uv) = (kb.var(), kb.var(), kb.var());
-        let dte = kb.value(dt, &[b.clone(), tv.clone(), hh.clone()])?;
-        let ah = kb.value(a, std::slice::from_ref(&hh))?;
-        let xe = kb.value(x, &[b.clone(), tv.clone(), hh.clone(), p.clone()])?;
-        let bv = kb.value(bm, &[b.clone(), tv, grp.clone(), IExpr::Loop(nn)])?;
-        let ck_j = |kb: &KB, c: &IExpr, j: LoopId| {
+        // Kernel 1: each chunk's own states and cotangents, from zero.
+        self.ssd_chunk_kernel(
+            n,
+            &format!("{name}_chunk"),
+            &ch,
+            (sck, dck),
+            (&ck_shape, &d_shape),
+            Some((dy, gck)),
+        )?;
+
+        // Kernel 2: the states entering each chunk, in order from `s0`, and the cotangents
+        // leaving each chunk, from the last from `ds1`; `ds0`.
+        let mut kb = KB::new(self, &format!("{name}_carry"));
+        let (b, hh, p, nn) = (
+            IExpr::Grid(0),
+            IExpr::Grid(1),
+            IExpr::Grid(2),
+            IExpr::Grid(3),
+        );
+        let (s_slot, g_slot, d_slot) = (kb.buf(sck, true), kb.buf(gck, true), kb.buf(dck, false));
+        let at = |kb: &KB, c: &IExpr| {
             kb.l.linear(
-                &[b.clone(), c.clone(), hh.clone(), p.clone(), IExpr::Loop(j)],
+                &[b.clone(), c.clone(), hh.clone(), p.clone(), nn.clone()],
                 &ck_shape,
             )
         };
-        kb.body.push(Stmt::For {
-            counter: c,
-            extent: ch.count.clone(),
-            body: vec![
-                Stmt::For {
-                    counter: j,
-                    extent: ns.clone(),
-                    body: vec![Stmt::Store {
-                        buf: s_slot,
-                        index: ck_j(&kb, &cl, j),
-                        value: al(s, j),
-                    }],
-                },
-                Stmt::For {
-                    counter: t,
-                    extent: ch.len(&cl),
-                    body: vec![
-                        Stmt::Var {
-                            var: dtv,
-                            init: dte,
-                        },
-                        Stmt::Var {
-                            var: decay,
-                            init: exp_mul(Expr::Var(dtv), ah.clone()),
-                        },
-                        Stmt::Var {
-                            var: uv,
-                            init: Expr::bin(Mul, Expr::Var(dtv), xe),
-                        },
-                        Stmt::For {
-                            counter: nn,
-                            extent: ns.clone(),
-                            body: vec![Stmt::ArrSet {
-                                arr: s,
-                                index: IExpr::Loop(nn),
-                                value: next_state(Expr::Var(decay), al(s, nn), Expr::Var(uv), bv),
-                            }],
-                        },
-                    ],
-                },
-            ],
-        });
-        let gs = kb.arr();
-        kb.body.push(Stmt::Array {
-            arr: gs,
-            len: nst,
-            init: 0.0,
-        });
-        let j2 = kb.counter();
-        let gv0 = kb.value(ds1, &[b.clone(), hh.clone(), p.clone(), IExpr::Loop(j2)])?;
-        kb.body.push(Stmt::For {
-            counter: j2,
-            extent: ns.clone(),
-            body: vec![Stmt::ArrSet {
-                arr: gs,
-                index: IExpr::Loop(j2),
-                value: gv0,
-            }],
-        });
-        let (c2, j) = (kb.counter(), kb.counter());
-        let cr = ch.count.clone().sub(IExpr::c(1)).sub(IExpr::Loop(c2));
-        let len = ch.len(&cr);
-        let t2 = kb.counter();
-        let n2 = kb.counter();
-        let tt = ch
-            .start(&cr)
-            .add(len.clone().sub(IExpr::c(1)).sub(IExpr::Loop(t2)));
-        let xi = [b.clone(), tt.clone(), hh.clone(), p.clone()];
-        let (d2, decay2, gy, du) = (kb.var(), kb.var(), kb.var(), kb.var());
-        let dte2 = kb.value(dt, &[b.clone(), tt.clone(), hh.clone()])?;
-        let gye = kb.value(dy, &xi)?;
-        let bn_t = [b.clone(), tt, grp.clone(), IExpr::Loop(n2)];
-        let cv = kb.value(cm, &bn_t)?;
-        let bv2 = kb.value(bm, &bn_t)?;
-        let dxs = kb.buf(outs[0], true);
-        let dxi = kb.l.linear(&xi, &xs);
-        let steps = vec![
-            Stmt::Var {
-                var: d2,
-                init: dte2,
-            },
-            Stmt::Var {
-                var: decay2,
-                init: exp_mul(Expr::Var(d2), ah),
-            },
-            Stmt::Var { var: gy, init: gye },
-            Stmt::Var {
-                var: du,
-                init: Expr::Const(0.0),
-            },
-            Stmt::For {
-                counter: n2,
-                extent: ns.clone(),
-                body: vec![
-                    Stmt::ArrSet {
-                        arr: gs,
-                        index: IExpr::Loop(n2),
-                        value: Expr::bin(Add, al(gs, n2), Expr::bin(Mul, cv, Expr::Var(gy))),
-                    },
-                    Stmt::Set {
-                        var: du,
-                        value: Expr::bin(Add, Expr::Var(du), Expr::bin(Mul, al(gs, n2), bv2)),
-                    },
-                    Stmt::ArrSet {
-                        arr: gs,
-                        index: IExpr::Loop(n2),
-                        value: Expr::bin(Mul, al(gs, n2), Expr::Var(decay2)),
-                    },
-                ],
-            },
-            Stmt::Store {
-                buf: dxs,
-                index: dxi,
-                value: Expr::bin(Mul, Expr::Var(d2), Expr::Var(du)),
-            },
-        ];
-        kb.body.push(Stmt::For {
-            counter: c2,
-            extent: ch.count.clone(),
-            body: vec![
-                Stmt::For {
-                    counter: j,
-                    extent: ns.clone(),
-                    body: vec![Stmt::Store {
-                        buf: g_slot,
-                        index: ck_j(&kb, &cr, j),
-                        value: al(gs, j),
-                    }],
-                },
-                Stmt::For {
-                    counter: t2,
-                    extent: len,
-                    body: steps,
-                },
-            ],
-        });
+        let decay = |kb: &KB, c: &IExpr| Expr::Load {
+            buf: d_slot,
+            index: kb.l.linear(&[b.clone(), c.clone(), hh.clone()], &d_shape),
+        };
+        let bhpn = [b.clone(), hh.clone(), p.clone(), nn.clone()];
+        let s0v = kb.value(s0, &bhpn)?;
+        let (stmts, _) = carry(&mut kb, s0v, (&ch.count, false), s_slot, &at, &decay);
+        kb.body.extend(stmts);
+        let ds1v = kb.value(ds1, &bhpn)?;
+        let (stmts, gv) = carry(&mut kb, ds1v, (&ch.count, true), g_slot, &at, &decay);
+        kb.body.extend(stmts);
         let ds0s = kb.buf(outs[5], true);
-        let j3 = kb.counter();
-        kb.body.push(Stmt::For {
-            counter: j3,
-            extent: ns.clone(),
-            body: vec![Stmt::Store {
-                buf: ds0s,
-                index: kb
-                    .l
-                    .linear(&[b.clone(), hh.clone(), p.clone(), IExpr::Loop(j3)], &ss),
-                value: al(gs, j3),
-            }],
+        kb.body.push(Stmt::Store {
+            buf: ds0s,
+            index: kb.l.linear(&bhpn, &ss),
+            value: Expr::Var(gv),
         });
-        kb.finish(vec![bext.clone(), hext.clone(), pext.clone()], n);
+        kb.finish(
+            vec![bext.clone(), hext.clone(), pext.clone(), ns.clone()],
+            n,
+        );
 
         // The chunk arrays `dt` and `decay = exp(dt A)` of head `hh` over the chunk at `t0`,
         // shared by the head's P x N state elements.
@@ -2296,7 +2706,7 @@ impl<'g> Lowering<'g> {
             Ok::<_, LowerError>(g_chain(gv, init, arrs, k, len.clone(), tlr, cv, gye))
         };
 
-        // Kernel 2: ddt [B, L, H] = sum_p x du + decay A (G . S), du = G . B.
+        // Kernel 3: ddt [B, L, H] = sum_p x du + decay A (G . S), du = G . B; dx = dt du.
         let mut kb = KB::new(self, &format!("{name}_dt"));
         let (b, c, hh) = (IExpr::Grid(0), IExpr::Grid(1), IExpr::Grid(2));
         let grp = hh.clone().div(IExpr::c(hpg));
@@ -2313,6 +2723,11 @@ impl<'g> Lowering<'g> {
         }
         let st = head_steps(&mut kb, (&b, &hh), (&t0, &len), arrs)?;
         kb.body.push(st);
+        let part = kb.var();
+        kb.body.push(Stmt::Var {
+            var: part,
+            init: Expr::Const(0.0),
+        });
         let (pl, nl) = (kb.counter(), kb.counter());
         let (pv, nv) = (IExpr::Loop(pl), IExpr::Loop(nl));
         let zero = |_: &KB, tl: LoopId| {
@@ -2358,27 +2773,45 @@ impl<'g> Lowering<'g> {
             body: per_n,
         });
         let tl = kb.counter();
-        let xe = kb.value(
-            x,
-            &[b.clone(), t0.clone().add(IExpr::Loop(tl)), hh.clone(), pv],
-        )?;
+        let xi = [b.clone(), t0.clone().add(IExpr::Loop(tl)), hh.clone(), pv];
+        let xe = kb.value(x, &xi)?;
         let ah = kb.value(a, std::slice::from_ref(&hh))?;
+        let dxs = kb.buf(outs[0], true);
         per_p.push(Stmt::For {
             counter: tl,
             extent: len.clone(),
-            body: vec![Stmt::ArrSet {
-                arr: acc,
-                index: IExpr::Loop(tl),
-                value: Expr::bin(
-                    Add,
-                    al(acc, tl),
-                    Expr::bin(
+            body: vec![
+                Stmt::Store {
+                    buf: dxs,
+                    index: kb.l.linear(&xi, &xs),
+                    value: Expr::bin(Mul, al(arrs.dt, tl), al(dua, tl)),
+                },
+                Stmt::ArrSet {
+                    arr: acc,
+                    index: IExpr::Loop(tl),
+                    value: Expr::bin(
                         Add,
-                        Expr::bin(Mul, xe, al(dua, tl)),
-                        Expr::bin(Mul, Expr::bin(Mul, al(arrs.decay, tl), ah), al(qa, tl)),
+                        al(acc, tl),
+                        Expr::bin(
+                            Add,
+                            Expr::bin(Mul, xe, al(dua, tl)),
+                            Expr::bin(Mul, Expr::bin(Mul, al(arrs.decay, tl), ah), al(qa, tl)),
+                        ),
                     ),
-                ),
-            }],
+                },
+                Stmt::Set {
+                    var: part,
+                    value: Expr::bin(
+                        Add,
+                        Expr::Var(part),
+                        Expr::bin(
+                            Mul,
+                            Expr::bin(Mul, al(arrs.decay, tl), al(arrs.dt, tl)),
+                            al(qa, tl),
+                        ),
+                    ),
+                },
+            ],
         });
         kb.body.push(Stmt::For {
             counter: pl,
@@ -2387,6 +2820,12 @@ impl<'g> Lowering<'g> {
         });
         let ddts = kb.buf(outs[1], true);
         let dts = kb.l.shape(Value::new(n, 1));
+        let pa_slot = kb.buf(pabuf, true);
+        kb.body.push(Stmt::Store {
+            buf: pa_slot,
+            index: kb.l.linear(&[b.clone(), c, hh.clone()], &pa_shape),
+            value: Expr::Var(part),
+        });
         let tl = kb.counter();
         kb.body.push(Stmt::For {
             counter: tl,
@@ -2399,118 +2838,32 @@ impl<'g> Lowering<'g> {
         });
         kb.finish(vec![bext.clone(), ch.count.clone(), hext.clone()], n);
 
-        // Kernel 3: dA [H] = sum_{b,t,p} decay dt (G . S).
+        // Kernel 4: dA [H], the sum of kernel 3's partial sums over batch and chunks.
         let mut kb = KB::new(self, &format!("{name}_a"));
         let hh = IExpr::Grid(0);
-        let grp = hh.clone().div(IExpr::c(hpg));
-        let (s_slot, g_slot, qp_slot) =
-            (kb.buf(sck, false), kb.buf(gck, false), kb.buf(qpbuf, true));
-        let arrs = ChunkArrays::declare(&mut kb, qn);
+        let pa_slot = kb.buf(pabuf, false);
         let acc = kb.var();
         kb.body.push(Stmt::Var {
             var: acc,
             init: Expr::Const(0.0),
         });
-        let (bl, c, pl, nl) = (kb.counter(), kb.counter(), kb.counter(), kb.counter());
-        let (b, cl, pv, nv) = (
-            IExpr::Loop(bl),
-            IExpr::Loop(c),
-            IExpr::Loop(pl),
-            IExpr::Loop(nl),
-        );
-        let (t0, len) = (ch.start(&cl), ch.len(&cl));
-        let qp_at = |kb: &KB, tl: LoopId, p: &IExpr| {
-            kb.l.linear(&[hh.clone(), IExpr::Loop(tl), p.clone()], &qp_shape)
+        let (bl, c) = (kb.counter(), kb.counter());
+        let pa = Expr::Load {
+            buf: pa_slot,
+            index: kb
+                .l
+                .linear(&[IExpr::Loop(bl), IExpr::Loop(c), hh.clone()], &pa_shape),
         };
-        let mut chunk = vec![head_steps(&mut kb, (&b, &hh), (&t0, &len), arrs)?];
-        let zero = |kb: &KB, tl: LoopId| {
-            vec![Stmt::Store {
-                buf: qp_slot,
-                index: qp_at(kb, tl, &pv),
-                value: Expr::Const(0.0),
-            }]
-        };
-        let mut per_p = vec![u_steps(&mut kb, (&b, &hh, &pv), (&t0, &len), arrs, &zero)?];
-        let mut per_n = g_steps(&mut kb, (&b, &hh, &pv, &nv), (&cl, &t0, &len), g_slot, arrs)?;
-        let (tl, sv) = (kb.counter(), kb.var());
-        let bv = kb.value(
-            bm,
-            &[b.clone(), t0.clone().add(IExpr::Loop(tl)), grp, nv.clone()],
-        )?;
-        per_n.push(Stmt::Var {
-            var: sv,
-            init: ck_load(&kb, s_slot, (&b, &cl, &hh, &pv, &nv)),
-        });
-        let qpi = qp_at(&kb, tl, &pv);
-        per_n.push(Stmt::For {
-            counter: tl,
-            extent: len.clone(),
-            body: vec![
-                Stmt::Store {
-                    buf: qp_slot,
-                    index: qpi.clone(),
-                    value: Expr::bin(
-                        Add,
-                        Expr::Load {
-                            buf: qp_slot,
-                            index: qpi,
-                        },
-                        Expr::bin(Mul, al(arrs.g, tl), Expr::Var(sv)),
-                    ),
-                },
-                Stmt::Set {
-                    var: sv,
-                    value: next_state(al(arrs.decay, tl), Expr::Var(sv), al(arrs.u, tl), bv),
-                },
-            ],
-        });
-        per_p.push(Stmt::For {
-            counter: nl,
-            extent: ns.clone(),
-            body: per_n,
-        });
-        chunk.push(Stmt::For {
-            counter: pl,
-            extent: pext.clone(),
-            body: per_p,
-        });
-        let (tl, pl2, w) = (kb.counter(), kb.counter(), kb.var());
-        chunk.push(Stmt::For {
-            counter: tl,
-            extent: len,
-            body: vec![
-                Stmt::Var {
-                    var: w,
-                    init: Expr::bin(Mul, al(arrs.decay, tl), al(arrs.dt, tl)),
-                },
-                Stmt::For {
-                    counter: pl2,
-                    extent: pext.clone(),
-                    body: vec![Stmt::Set {
-                        var: acc,
-                        value: Expr::bin(
-                            Add,
-                            Expr::Var(acc),
-                            Expr::bin(
-                                Mul,
-                                Expr::Var(w),
-                                Expr::Load {
-                                    buf: qp_slot,
-                                    index: qp_at(&kb, tl, &IExpr::Loop(pl2)),
-                                },
-                            ),
-                        ),
-                    }],
-                },
-            ],
-        });
         kb.body.push(Stmt::For {
             counter: bl,
             extent: bext.clone(),
             body: vec![Stmt::For {
                 counter: c,
                 extent: ch.count.clone(),
-                body: chunk,
+                body: vec![Stmt::Set {
+                    var: acc,
+                    value: Expr::bin(Add, Expr::Var(acc), pa),
+                }],
             }],
         });
         let das = kb.buf(outs[2], true);
@@ -2521,7 +2874,7 @@ impl<'g> Lowering<'g> {
         });
         kb.finish(vec![hext], n);
 
-        // Kernel 4: dB, dC [B, L, G, N], summed over the group's heads and p.
+        // Kernel 5: dB, dC [B, L, G, N], summed over the group's heads and p.
         let mut kb = KB::new(self, &format!("{name}_bc"));
         let (b, c, gi, nn) = (
             IExpr::Grid(0),
@@ -2572,6 +2925,7 @@ impl<'g> Lowering<'g> {
             bv,
             gye,
             (dba, dca),
+            None,
         ));
         per_head.push(Stmt::For {
             counter: pl,
@@ -2680,6 +3034,71 @@ impl Chunks {
     fn len(&self, c: &IExpr) -> IExpr {
         IExpr::c(self.q).min(self.l.clone().sub(self.start(c)))
     }
+
+    /// 1 for the last chunk, else 0: the extent of a loop that runs only there.
+    fn is_last(&self, c: &IExpr) -> IExpr {
+        c.clone().add(IExpr::c(1)).div(self.count.clone())
+    }
+}
+
+/// The carry of a chunked linear recurrence `v <- decay v + input` across its chunks, for one
+/// element: from `init`, over `count` chunks in order (from the last when `reverse`), each
+/// chunk's slot element `at(c)` holds the chunk's own result (from a zero value) and is
+/// replaced by the value entering the chunk, and the value becomes
+/// `decay(c) * value + own`. Returns the statements and the variable holding the value
+/// after the last chunk.
+fn carry(
+    kb: &mut KB,
+    init: Expr,
+    (count, reverse): (&IExpr, bool),
+    slot: usize,
+    at: &dyn Fn(&KB, &IExpr) -> IExpr,
+    decay: &dyn Fn(&KB, &IExpr) -> Expr,
+) -> (Vec<Stmt>, VarId) {
+    use BinaryOp::{Add, Mul};
+    let (v, own, cl) = (kb.var(), kb.var(), kb.counter());
+    let c = if reverse {
+        count.clone().sub(IExpr::c(1)).sub(IExpr::Loop(cl))
+    } else {
+        IExpr::Loop(cl)
+    };
+    let i = at(kb, &c);
+    let stmts = vec![
+        Stmt::Var { var: v, init },
+        Stmt::For {
+            counter: cl,
+            extent: count.clone(),
+            body: vec![
+                Stmt::Var {
+                    var: own,
+                    init: Expr::Load {
+                        buf: slot,
+                        index: i.clone(),
+                    },
+                },
+                Stmt::Store {
+                    buf: slot,
+                    index: i,
+                    value: Expr::Var(v),
+                },
+                Stmt::Set {
+                    var: v,
+                    value: Expr::bin(
+                        Add,
+                        Expr::bin(Mul, decay(kb, &c), Expr::Var(v)),
+                        Expr::Var(own),
+                    ),
+                },
+            ],
+        },
+    ];
+    (stmts, v)
+}
+
+/// 1 where the non-negative `i` is 0, else 0: the extent of a loop that runs only there
+/// (the kernel IR has no branches).
+fn if_zero(i: &IExpr) -> IExpr {
+    IExpr::c(1).sub(i.clone().min(IExpr::c(1)))
 }
 
 /// Local arrays over one chunk's steps for recomputing a scan's states one element at a
@@ -2763,7 +3182,9 @@ fn g_chain(
 /// states forwards from `init`, adding to `dc[tl]` the state after the step times the
 /// output's cotangent `dy`, and to `db[tl]` `u` times the state cotangent. The loops around
 /// it run over what the sum is over (Mamba-1: the channels; Mamba-2: the group's heads and
-/// the head dim), in the order of the sums of storing every state.
+/// the head dim), in the order of the sums of storing every state. With `da`, also the
+/// element's `dA` over the chunk in that variable: the sum of `g decay dt` times the state
+/// before each step.
 #[allow(clippy::too_many_arguments)]
 fn bc_accumulate(
     h: VarId,
@@ -2774,6 +3195,7 @@ fn bc_accumulate(
     b: Expr,
     dy: Expr,
     (db, dc): (ArrId, ArrId),
+    da: Option<VarId>,
 ) -> Vec<Stmt> {
     use BinaryOp::{Add, Mul};
     let at = |arr| Expr::ArrLoad {
@@ -2785,21 +3207,33 @@ fn bc_accumulate(
         index: IExpr::Loop(tl),
         value: Expr::bin(Add, at(arr), v),
     };
-    vec![
-        Stmt::Var { var: h, init },
-        Stmt::For {
-            counter: tl,
-            extent: len,
-            body: vec![
-                Stmt::Set {
-                    var: h,
-                    value: next_state(at(arrs.decay), Expr::Var(h), at(arrs.u), b),
-                },
-                add_to(dc, Expr::bin(Mul, Expr::Var(h), dy)),
-                add_to(db, Expr::bin(Mul, at(arrs.u), at(arrs.g))),
-            ],
+    let mut out = vec![Stmt::Var { var: h, init }];
+    let mut body = Vec::new();
+    if let Some(da) = da {
+        out.push(Stmt::Var {
+            var: da,
+            init: Expr::Const(0.0),
+        });
+        let w = Expr::bin(Mul, Expr::bin(Mul, at(arrs.g), at(arrs.decay)), at(arrs.dt));
+        body.push(Stmt::Set {
+            var: da,
+            value: Expr::bin(Add, Expr::Var(da), Expr::bin(Mul, w, Expr::Var(h))),
+        });
+    }
+    body.extend([
+        Stmt::Set {
+            var: h,
+            value: next_state(at(arrs.decay), Expr::Var(h), at(arrs.u), b),
         },
-    ]
+        add_to(dc, Expr::bin(Mul, Expr::Var(h), dy)),
+        add_to(db, Expr::bin(Mul, at(arrs.u), at(arrs.g))),
+    ]);
+    out.push(Stmt::For {
+        counter: tl,
+        extent: len,
+        body,
+    });
+    out
 }
 
 /// Builds one kernel: its buffer list, fresh ids, and body.
