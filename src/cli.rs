@@ -284,8 +284,8 @@ pub struct TrainArgs {
     /// A `tokenizer.json` for --text.
     #[arg(long, requires = "text")]
     pub tokenizer: Option<PathBuf>,
-    /// Where the training graph runs: the CPU, or the first CUDA GPU (the whole graph; no
-    /// --budget yet; needs a build with `--features cuda`).
+    /// Where the training graph runs: the CPU, or the first CUDA GPU (the whole graph, or
+    /// with --budget the checkpointed stages; needs a build with `--features cuda`).
     #[arg(long, default_value = "cpu")]
     pub device: DeviceArg,
 }
