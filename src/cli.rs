@@ -995,8 +995,16 @@ fn run_artifact_gpu(r: &RunArgs, out: &mut Outcome) {
     };
     let ran = t0.elapsed();
     let vocab = model.vocab();
-    let Some((_, data)) = outs.into_iter().next() else {
-        return fail(out, "error: the artifact has no outputs".into());
+    // The logits: the output that is not a final state.
+    let states: Vec<&str> = a
+        .manifest
+        .buffers
+        .iter()
+        .filter(|b| b.kind == "state")
+        .map(|b| b.name.as_str())
+        .collect();
+    let Some((_, data)) = outs.into_iter().find(|(n, _)| !states.contains(&n.as_str())) else {
+        return fail(out, "error: the artifact has no logits output".into());
     };
     let logits = crate::model::Logits {
         batch: b,
