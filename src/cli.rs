@@ -779,6 +779,17 @@ fn parse_ids(text: &str, what: &str) -> Result<Vec<Vec<u32>>, String> {
     Ok(seqs)
 }
 
+/// The token ids of `run`: `--tokens` or `--tokens-file`, one sequence per line.
+fn run_tokens(r: &RunArgs) -> Result<Vec<Vec<u32>>, String> {
+    match (&r.tokens, &r.tokens_file) {
+        (Some(t), _) => parse_ids(t, "--tokens"),
+        (None, Some(f)) => std::fs::read_to_string(f)
+            .map_err(|e| format!("cannot read {f}: {e}"))
+            .and_then(|t| parse_ids(&t, f)),
+        (None, None) => Err("give the input with --tokens \"1 2 3\" or --tokens-file F".into()),
+    }
+}
+
 /// Reports an error: the message on stderr (one trailing newline), exit code 1.
 fn fail(out: &mut Outcome, msg: String) {
     out.stderr.push_str(&msg);
@@ -792,14 +803,7 @@ fn run_model(r: &RunArgs, out: &mut Outcome) {
     if r.model.ends_with(".m2pack") {
         return run_artifact(r, out);
     }
-    let tokens = match (&r.tokens, &r.tokens_file) {
-        (Some(t), _) => parse_ids(t, "--tokens"),
-        (None, Some(f)) => std::fs::read_to_string(f)
-            .map_err(|e| format!("cannot read {f}: {e}"))
-            .and_then(|t| parse_ids(&t, f)),
-        (None, None) => Err("give the input with --tokens \"1 2 3\" or --tokens-file F".into()),
-    };
-    let tokens = match tokens {
+    let tokens = match run_tokens(r) {
         Ok(t) => t,
         Err(e) => return fail(out, format!("error: {e}")),
     };
@@ -925,14 +929,7 @@ fn run_artifact_gpu(r: &RunArgs, out: &mut Outcome) {
                 .into(),
         );
     }
-    let tokens = match (&r.tokens, &r.tokens_file) {
-        (Some(t), _) => parse_ids(t, "--tokens"),
-        (None, Some(f)) => std::fs::read_to_string(f)
-            .map_err(|e| format!("cannot read {f}: {e}"))
-            .and_then(|t| parse_ids(&t, f)),
-        (None, None) => Err("give the input with --tokens \"1 2 3\" or --tokens-file F".into()),
-    };
-    let tokens = match tokens {
+    let tokens = match run_tokens(r) {
         Ok(t) => t,
         Err(e) => return fail(out, format!("error: {e}")),
     };
@@ -1003,7 +1000,10 @@ fn run_artifact_gpu(r: &RunArgs, out: &mut Outcome) {
         .filter(|b| b.kind == "state")
         .map(|b| b.name.as_str())
         .collect();
-    let Some((_, data)) = outs.into_iter().find(|(n, _)| !states.contains(&n.as_str())) else {
+    let Some((_, data)) = outs
+        .into_iter()
+        .find(|(n, _)| !states.contains(&n.as_str()))
+    else {
         return fail(out, "error: the artifact has no logits output".into());
     };
     let logits = crate::model::Logits {
