@@ -363,13 +363,17 @@ pub struct BenchArgs {
     /// With --generate: print where the last step's time went, per kernel kind (stderr).
     #[arg(long)]
     pub profile: bool,
-    /// With --generate: where generation runs (the GPU needs a build with `--features
-    /// cuda`).
+    /// Where it runs (the GPU needs a build with `--features cuda`): with --generate the
+    /// generation; otherwise the forward pass (and with --train a training step), with the
+    /// device time per kernel kind and its achieved GB/s or TFLOP/s.
     #[arg(long, default_value = "cpu")]
     pub device: DeviceArg,
     /// With --device cuda: matrix products on bf16 copies of the weights (f32 accumulation).
     #[arg(long)]
     pub bf16_weights: bool,
+    /// With --device cuda (not --generate): also time a whole training step.
+    #[arg(long)]
+    pub train: bool,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
@@ -1082,6 +1086,9 @@ fn bench(b: &BenchArgs, out: &mut Outcome) {
     use crate::model::{Backend, LoadOptions, Model};
     if b.generate {
         return bench_generate(b, out);
+    }
+    if b.device == DeviceArg::Cuda {
+        return bench_gpu(b, out);
     }
     let threads = rayon::current_num_threads();
     let _ = writeln!(
@@ -2328,6 +2335,115 @@ pub fn measure_read_bandwidth() -> f64 {
     best
 }
 
+/// `bench --device cuda`: the forward pass (and with --train a whole training step) of each
+/// preset on the GPU, then where the device time goes per kernel kind, with each kind's
+/// achieved rate against its traffic floor (bytes of its buffers, each read or written once)
+/// or its FLOPs.
+#[cfg(feature = "cuda")]
+fn bench_gpu(b: &BenchArgs, out: &mut Outcome) {
+    use runtime::cpu::HostData;
+    use std::collections::HashMap;
+    let mut rows = Vec::new();
+    for name in &b.models {
+        let opts = crate::model::LoadOptions {
+            backend: crate::model::Backend::Interp,
+            ..Default::default()
+        };
+        let m = match crate::model::Model::load(name, &opts) {
+            Ok(m) => m,
+            Err(e) => return fail(out, format!("error: {name}: {e}")),
+        };
+        let vocab = m.vocab().max(1) as u64;
+        let training = match passes::training_graph(&m.graph, "logits", crate::model::IGNORE_INDEX)
+        {
+            Ok(t) => t.graph,
+            Err(e) => return fail(out, format!("error: {name}: {e}")),
+        };
+        for &bs in &b.batch {
+            let l = b.seq;
+            let mut rng = runtime::init::Rng::new(7);
+            let ids: Vec<i32> = (0..bs * l)
+                .map(|_| (rng.next_u64() % vocab) as i32)
+                .collect();
+            let mut targets = ids[1..].to_vec();
+            targets.push(crate::model::IGNORE_INDEX as i32);
+            let mut cases = vec![("forward", &m.graph)];
+            if b.train {
+                cases.push(("train step", &training));
+            }
+            for (pass, g) in cases {
+                let mut data =
+                    HashMap::from([("input_ids".to_string(), HostData::I32(ids.clone()))]);
+                if pass != "forward" {
+                    data.insert("targets".to_string(), HostData::I32(targets.clone()));
+                }
+                let syms = [("B", bs as i64), ("L", l as i64)];
+                let t = match crate::gpu::time_graph(g, m.params_f32(), &syms, &data, b.repeat) {
+                    Ok(t) => t,
+                    Err(e) => return fail(out, format!("error: {name} {pass}: {e}")),
+                };
+                let total: f64 = t.profile.iter().map(|s| f64::from(s.ms)).sum();
+                let _ = writeln!(
+                    out.stderr,
+                    "{name} {pass} B={bs} L={l} on {}: {} launches, {total:.2} ms of device time \
+                     (events), arena {:.2} GB",
+                    t.device_name,
+                    t.profile.len(),
+                    t.arena as f64 / 1e9
+                );
+                let _ = writeln!(
+                    out.stderr,
+                    "  {:<28} {:>8} {:>11} {:>6} {:>9} {:>9} {:>9}",
+                    "kind", "launches", "ms", "share", "GB/s", "of 4.2TB", "TFLOP/s"
+                );
+                for k in crate::gpu::by_kind(&t.profile) {
+                    let s = k.ms / 1e3;
+                    let gbs = k.bytes as f64 / s.max(1e-12) / 1e9;
+                    let _ = writeln!(
+                        out.stderr,
+                        "  {:<28} {:>8} {:>11.3} {:>5.1}% {:>9.1} {:>8.1}% {:>9}",
+                        k.kind,
+                        k.launches,
+                        k.ms,
+                        100.0 * k.ms / total.max(1e-12),
+                        gbs,
+                        100.0 * gbs * 1e9 / H200_COPY_BYTES_PER_S,
+                        if k.flops > 0 {
+                            format!("{:.1}", k.flops as f64 / s.max(1e-12) / 1e12)
+                        } else {
+                            String::new()
+                        }
+                    );
+                }
+                rows.push(format!(
+                    "| {name} | {pass} | {bs} | {l} | {:.1?} | {:.1?} | {:.0} |",
+                    t.compile,
+                    t.median,
+                    (bs * l) as f64 / t.median.as_secs_f64()
+                ));
+            }
+        }
+    }
+    let _ = writeln!(
+        out.stdout,
+        "GPU, random weights, f32; the bound schedule's median of {} runs after a warm-up",
+        b.repeat.max(1)
+    );
+    let _ = writeln!(
+        out.stdout,
+        "| model | pass | B | L | compile | median | tokens/s |"
+    );
+    let _ = writeln!(out.stdout, "|---|---|---|---|---|---|---|");
+    for r in rows {
+        let _ = writeln!(out.stdout, "{r}");
+    }
+}
+
+#[cfg(not(feature = "cuda"))]
+fn bench_gpu(_b: &BenchArgs, out: &mut Outcome) {
+    fail(out, format!("error: {}", crate::model::NO_CUDA));
+}
+
 /// PERFORMANCE.md's measured device-to-device copy rate of the H200 (bytes read + written).
 const H200_COPY_BYTES_PER_S: f64 = 4.2e12;
 
@@ -2346,8 +2462,11 @@ fn gpu_step_profile(
         toks.len(),
         times.len()
     );
-    for (kind, ms, count) in by_kind(times.iter().map(|t| (t.name.as_str(), t.ms))) {
-        eprintln!("  {kind:<24} {count:>5} launches {ms:>9.3} ms");
+    for k in crate::gpu::by_kind(&times) {
+        eprintln!(
+            "  {:<24} {:>5} launches {:>9.3} ms",
+            k.kind, k.launches, k.ms
+        );
     }
     Ok(())
 }
@@ -2359,24 +2478,6 @@ fn gpu_step_profile(
     _toks: &[u32],
 ) -> Result<(), crate::model::Error> {
     Err(crate::model::Error::Gpu(crate::model::NO_CUDA.into()))
-}
-
-/// Times summed per kernel kind (the name without its node number), largest first.
-#[cfg(feature = "cuda")]
-fn by_kind<'a>(times: impl Iterator<Item = (&'a str, f32)>) -> Vec<(String, f32, usize)> {
-    let mut kinds: Vec<(String, f32, usize)> = Vec::new();
-    for (name, ms) in times {
-        let kind = name.trim_end_matches(|c: char| c.is_ascii_digit() || c == '_');
-        match kinds.iter_mut().find(|(k, _, _)| k == kind) {
-            Some(e) => {
-                e.1 += ms;
-                e.2 += 1;
-            }
-            None => kinds.push((kind.to_string(), ms, 1)),
-        }
-    }
-    kinds.sort_by(|a, b| b.1.total_cmp(&a.1));
-    kinds
 }
 
 /// `bench --generate`: prefill and decode throughput of presets with random weights.

@@ -377,3 +377,107 @@ impl GpuArtifact {
         Ok(self.exec.execute(&self.lowered, &self.plan, &inp, opts)?)
     }
 }
+
+/// The steps of one kind in a profile (kernels by name without their node number; cuBLAS
+/// products as `matmul`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct KindTime {
+    pub kind: String,
+    pub launches: usize,
+    pub ms: f64,
+    /// Traffic floor: the bytes of each launch's buffers, counted once per launch.
+    pub bytes: u64,
+    pub flops: u64,
+}
+
+/// A profile summed per kind, the most time first.
+pub fn by_kind(times: &[StepTime]) -> Vec<KindTime> {
+    let mut kinds: Vec<KindTime> = Vec::new();
+    for t in times {
+        // `ssd_scan_grad_1515_chunk` -> `ssd_scan_grad_chunk`.
+        let kind = t
+            .name
+            .split('_')
+            .filter(|p| p.is_empty() || !p.chars().all(|c| c.is_ascii_digit()))
+            .collect::<Vec<_>>()
+            .join("_");
+        let kind = kind.as_str();
+        let i = match kinds.iter().position(|k| k.kind == kind) {
+            Some(i) => i,
+            None => {
+                kinds.push(KindTime {
+                    kind: kind.to_string(),
+                    launches: 0,
+                    ms: 0.0,
+                    bytes: 0,
+                    flops: 0,
+                });
+                kinds.len() - 1
+            }
+        };
+        let k = &mut kinds[i];
+        k.launches += 1;
+        k.ms += f64::from(t.ms);
+        k.bytes += t.bytes;
+        k.flops += t.flops;
+    }
+    kinds.sort_by(|a, b| b.ms.total_cmp(&a.ms));
+    kinds
+}
+
+/// What [`time_graph`] measured.
+#[derive(Clone, Debug)]
+pub struct GraphTiming {
+    pub compile: std::time::Duration,
+    /// Median wall time of a run of the bound schedule (inputs already on the device).
+    pub median: std::time::Duration,
+    pub arena: u64,
+    pub device_name: String,
+    /// One more run, every step timed with events.
+    pub profile: Vec<StepTime>,
+}
+
+/// Compiles `g`, uploads `params`, binds it at `syms` with `data`, runs it once to warm
+/// up, then `repeat` times (the median is reported), then once profiled.
+pub fn time_graph(
+    g: &Graph,
+    params: &HashMap<String, Vec<f32>>,
+    syms: &[(&str, i64)],
+    data: &HashMap<String, HostData>,
+    repeat: usize,
+) -> Result<GraphTiming, GpuError> {
+    let t0 = std::time::Instant::now();
+    let gpu = GpuGraph::compile(g, &LowerOptions::default(), Target::Sm90, 0)?;
+    let compile = t0.elapsed();
+    let dev = gpu.upload_params(params)?;
+    let mut bound = gpu.bind(syms, &dev, false)?;
+    let ex = gpu.exec();
+    for (name, d) in data {
+        ex.write(&gpu.lowered, &bound, name, d)?;
+    }
+    let mut times = Vec::new();
+    for i in 0..=repeat.max(1) {
+        let t = std::time::Instant::now();
+        ex.run(&gpu.lowered, &mut bound, ExecOptions::default())?;
+        ex.synchronize()?;
+        if i > 0 {
+            times.push(t.elapsed());
+        }
+    }
+    times.sort();
+    let profile = ex.run(
+        &gpu.lowered,
+        &mut bound,
+        ExecOptions {
+            profile: true,
+            ..ExecOptions::default()
+        },
+    )?;
+    Ok(GraphTiming {
+        compile,
+        median: times[times.len() / 2],
+        arena: bound.plan().peak,
+        device_name: gpu.device_name(),
+        profile,
+    })
+}

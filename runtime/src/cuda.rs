@@ -181,6 +181,35 @@ pub struct StepTime {
     /// The IR node the step came from.
     pub node: String,
     pub ms: f32,
+    /// Bytes of the buffers it reads and writes, each counted once (its traffic floor).
+    pub bytes: u64,
+    /// Floating-point operations of a matrix product (`2 b m k n`); 0 for kernels.
+    pub flops: u64,
+}
+
+/// A step's traffic floor and (for products) FLOPs at a bound schedule's sizes.
+fn step_cost(l: &Lowered, b: &Bound, step: &Step) -> (u64, u64) {
+    let mut bufs: Vec<usize> = match step {
+        Step::Kernel { bufs, .. } => bufs.clone(),
+        Step::MatMul { lhs, rhs, out, .. } => vec![*lhs, *rhs, *out],
+    };
+    bufs.sort_unstable();
+    bufs.dedup();
+    let bytes = bufs.iter().filter_map(|&i| b.plan.bytes.get(i)).sum();
+    let flops = match step {
+        Step::MatMul { batch, m, k, n, .. } => {
+            let bind = |s: &str| {
+                l.syms
+                    .iter()
+                    .position(|x| x == s)
+                    .map(|i| b.sizes[i] as u64)
+            };
+            let ev = |d: &ir::Dim| d.eval(&bind).unwrap_or(0);
+            2 * ev(batch) * ev(m) * ev(k) * ev(n)
+        }
+        Step::Kernel { .. } => 0,
+    };
+    (bytes, flops)
 }
 
 /// Which of a schedule's buffers a name denotes.
@@ -738,7 +767,8 @@ impl CudaExecutor {
             if let Some(s) = start {
                 let e = event()?;
                 e.record(&self.stream).map_err(drv)?;
-                events.push((name, node, s, e));
+                let (bytes, flops) = step_cost(l, b, step);
+                events.push((name, node, s, e, bytes, flops));
             }
         }
         for &(from, to, bytes) in &b.carry {
@@ -748,9 +778,15 @@ impl CudaExecutor {
         }
         if let Some(times) = times {
             self.stream.synchronize().map_err(drv)?;
-            for (name, node, s, e) in events {
+            for (name, node, s, e, bytes, flops) in events {
                 let ms = s.elapsed_ms(&e).map_err(drv)?;
-                times.push(StepTime { name, node, ms });
+                times.push(StepTime {
+                    name,
+                    node,
+                    ms,
+                    bytes,
+                    flops,
+                });
             }
         }
         Ok(())
