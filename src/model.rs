@@ -345,7 +345,7 @@ impl Model {
         };
         match backend {
             Backend::Cranelift => {
-                m.compiled = Some(CpuGraph::compile(&m.graph, &LowerOptions::default())?);
+                m.compiled = Some(CpuGraph::compile(&m.graph, &LowerOptions::cpu())?);
             }
             Backend::Interp => {}
             #[cfg(feature = "cuda")]

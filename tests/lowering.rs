@@ -136,12 +136,25 @@ fn lowered_tiny_models_match_the_interpreter() {
 fn fusion_on_and_off_are_bit_identical() {
     let c = case("tiny-mamba2", 2, 9, 11);
     let fused = lowered_run(&c, &LowerOptions::default());
-    let unfused = lowered_run(&c, &LowerOptions { no_fusion: true });
+    let unfused = lowered_run(
+        &c,
+        &LowerOptions {
+            no_fusion: true,
+            ..LowerOptions::default()
+        },
+    );
     assert_eq!(fused, unfused);
     let g = &c.graph;
     let (a, b) = (
         lower(g, &LowerOptions::default()).unwrap(),
-        lower(g, &LowerOptions { no_fusion: true }).unwrap(),
+        lower(
+            g,
+            &LowerOptions {
+                no_fusion: true,
+                ..LowerOptions::default()
+            },
+        )
+        .unwrap(),
     );
     assert!(
         a.kernels.len() * 2 < b.kernels.len(),
@@ -216,5 +229,36 @@ fn loss_ops_lower_to_checked_kernels() {
     );
     for k in &l.kernels {
         k.check().unwrap_or_else(|e| panic!("{e}"));
+    }
+}
+
+/// The CPU's whole-sequence form (`LowerOptions::cpu`): forward scans are one sequential
+/// kernel each with no scratch, and the results match the interpreter like the default
+/// (chunk-parallel) form's, over lengths spanning several chunks.
+#[test]
+fn sequential_scans_match_the_interpreter_without_scratch() {
+    for (name, b, l) in [("tiny-mamba", 2, 150), ("tiny-mamba2", 2, 150)] {
+        let c = case(name, b, l, 7);
+        let want = reference(&c);
+        let got = lowered_run(&c, &LowerOptions::cpu());
+        let par = lowered_run(&c, &LowerOptions::default());
+        for (((gn, gv), (_, wv)), (_, pv)) in got.iter().zip(&want).zip(&par) {
+            assert_close(&format!("{name} {gn} sequential"), gv, wv, 6e-4, 2e-3);
+            assert_close(&format!("{name} {gn} chunk-parallel"), pv, wv, 6e-4, 2e-3);
+        }
+        let seq = lower(&c.graph, &LowerOptions::cpu()).unwrap();
+        let chunked = lower(&c.graph, &LowerOptions::default()).unwrap();
+        let scratch = |l: &passes::Lowered| {
+            l.buffers
+                .iter()
+                .filter(|b| b.kind == passes::BufKind::Scratch)
+                .count()
+        };
+        assert_eq!(scratch(&seq), 0, "{name}: sequential scans need no scratch");
+        assert!(
+            scratch(&chunked) > 0,
+            "{name}: chunk-parallel scans use scratch"
+        );
+        assert!(seq.kernels.len() < chunked.kernels.len());
     }
 }

@@ -91,8 +91,14 @@ fn check_training(name: &str, bn: usize, l: usize, seed: u64) {
         started.elapsed()
     );
     // Fusion changes no arithmetic order, in the backward kernels too.
-    let unfused = CpuGraph::compile(g, &LowerOptions { no_fusion: true })
-        .unwrap_or_else(|e| panic!("{name}: compile unfused: {e}"));
+    let unfused = CpuGraph::compile(
+        g,
+        &LowerOptions {
+            no_fusion: true,
+            ..LowerOptions::default()
+        },
+    )
+    .unwrap_or_else(|e| panic!("{name}: compile unfused: {e}"));
     let (got_unfused, _) = unfused
         .run(&syms, &data, &params, &states)
         .unwrap_or_else(|e| panic!("{name}: run unfused: {e}"));

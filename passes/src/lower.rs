@@ -50,6 +50,21 @@ pub enum LowerError {
 pub struct LowerOptions {
     /// Materialize every value (no fusion): the differential baseline for fusion.
     pub no_fusion: bool,
+    /// Forward scans as one sequential kernel per op (a grid point per state row walks every
+    /// step), not chunk-parallel: the CPU's form for whole-sequence runs, where the few cores
+    /// are busy anyway and the chunk-parallel form does twice the work. The planner prices the
+    /// default (chunk-parallel) form, so checkpointed runs keep it.
+    pub sequential_scans: bool,
+}
+
+impl LowerOptions {
+    /// Whole-sequence runs on the CPU: sequential forward scans.
+    pub fn cpu() -> LowerOptions {
+        LowerOptions {
+            sequential_scans: true,
+            ..LowerOptions::default()
+        }
+    }
 }
 
 /// Steps per checkpoint of the Mamba-1 scan gradient. Its scratch is a state, a state
@@ -107,6 +122,7 @@ pub fn lower(g: &Graph, opts: &LowerOptions) -> Result<Lowered, LowerError> {
         fused: Default::default(),
         unstored: Default::default(),
         row_prologues: HashMap::new(),
+        sequential_scans: opts.sequential_scans,
     };
     l.decide(opts);
     if !opts.no_fusion {
@@ -134,6 +150,8 @@ pub fn lower(g: &Graph, opts: &LowerOptions) -> Result<Lowered, LowerError> {
 
 struct Lowering<'g> {
     g: &'g Graph,
+    /// [`LowerOptions::sequential_scans`].
+    sequential_scans: bool,
     syms: Vec<String>,
     buf_of: HashMap<Value, BufId>,
     out: Lowered,
@@ -1270,8 +1288,8 @@ impl<'g> Lowering<'g> {
         Ok(())
     }
 
-    /// `SelectiveScan` (Mamba-1). With the chunk count `ceil(L/Q)` known to be at most 1 (the
-    /// decode step), one sequential kernel ([`Self::selective_scan_sequential`]); otherwise
+    /// `SelectiveScan` (Mamba-1). With `LowerOptions::sequential_scans`, or the chunk count
+    /// `ceil(L/Q)` known to be at most 1 (the decode step), one sequential kernel ([`Self::selective_scan_sequential`]); otherwise
     /// chunk-parallel over time in three kernels, `Q = SELECTIVE_SCAN_CHUNK`:
     ///
     /// 1. One (batch, chunk, channel) per grid point scans its chunk from a zero state,
@@ -1292,7 +1310,7 @@ impl<'g> Lowering<'g> {
         let (x, dt, a, bm, cm, h0) = (ops[0], ops[1], ops[2], ops[3], ops[4], ops[5]);
         let xs = self.shape(x);
         let (ch, count) = self.chunks(n, &xs[1], SELECTIVE_SCAN_CHUNK)?;
-        if count.as_known().is_some_and(|c| c <= 1) {
+        if self.sequential_scans || count.as_known().is_some_and(|c| c <= 1) {
             return self.selective_scan_sequential(n);
         }
         let nd = self.shape(a)[1].clone();
@@ -1502,7 +1520,8 @@ impl<'g> Lowering<'g> {
         Ok(())
     }
 
-    /// `SsdScan` (Mamba-2). With the chunk count `ceil(L/Q)` known to be at most 1 (the
+    /// `SsdScan` (Mamba-2). With `LowerOptions::sequential_scans`, or the chunk count
+    /// `ceil(L/Q)` known to be at most 1 (the
     /// decode step, `L = 1`), one sequential kernel ([`Self::ssd_scan_sequential`]);
     /// otherwise chunk-parallel over time in three kernels, `Q` the op's `chunk` at most
     /// `MAX_SSD_SCAN_CHUNK`:
@@ -1529,7 +1548,7 @@ impl<'g> Lowering<'g> {
         let xs = self.shape(x);
         let q = chunk.clamp(1, MAX_SSD_SCAN_CHUNK);
         let (ch, count) = self.chunks(n, &xs[1], q)?;
-        if count.as_known().is_some_and(|c| c <= 1) {
+        if self.sequential_scans || count.as_known().is_some_and(|c| c <= 1) {
             return self.ssd_scan_sequential(n);
         }
         let bs = self.shape(bm);
