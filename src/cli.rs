@@ -796,10 +796,8 @@ fn run_tokens(r: &RunArgs) -> Result<Vec<Vec<u32>>, String> {
 
 /// Reports an error: the message on stderr (one trailing newline), exit code 1.
 fn fail(out: &mut Outcome, msg: String) {
-    out.stderr.push_str(&msg);
-    if !msg.ends_with('\n') {
-        out.stderr.push('\n');
-    }
+    out.stderr.push_str(msg.trim_end());
+    out.stderr.push('\n');
     out.code = 1;
 }
 
@@ -1204,11 +1202,6 @@ fn gemm_stats(m: &crate::model::Model, batch: usize, seq: usize) -> (String, Str
 }
 
 fn grad(g: &GradArgs, out: &mut Outcome) {
-    let fail = |out: &mut Outcome, msg: String| {
-        out.stderr.push_str(msg.trim_end());
-        out.stderr.push('\n');
-        out.code = 1;
-    };
     let tokens = match (&g.tokens, &g.tokens_file) {
         (Some(t), _) => parse_ids(t, "--tokens"),
         (None, Some(f)) => std::fs::read_to_string(f)
@@ -1640,11 +1633,6 @@ fn adam_path(path: &Path) -> PathBuf {
 
 fn train(a: &TrainArgs, out: &mut Outcome) {
     use crate::train::{TrainConfig, Trainer};
-    let fail = |out: &mut Outcome, msg: String| {
-        out.stderr.push_str(msg.trim_end());
-        out.stderr.push('\n');
-        out.code = 1;
-    };
     let budget = match a.budget.as_deref().map(crate::plan::parse_bytes) {
         None => None,
         Some(Ok(b)) => Some(b),
@@ -2078,11 +2066,6 @@ fn generate(a: &GenerateArgs, stream: bool, out: &mut Outcome) {
     use crate::generate::GenerateConfig;
     use crate::sample::SamplingConfig;
     use crate::tokenizer::Tokenizer;
-    let fail = |out: &mut Outcome, msg: String| {
-        out.stderr.push_str(msg.trim_end());
-        out.stderr.push('\n');
-        out.code = 1;
-    };
     if a.prompt.is_empty() && a.tokens.is_empty() {
         return fail(
             out,
