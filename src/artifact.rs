@@ -247,7 +247,7 @@ pub fn build(
         return Err(err("--budget needs --train".into()));
     }
     let graph = if req.train {
-        let logits = main_output(forward);
+        let logits = crate::model::logits_output(forward).unwrap_or_else(|| "logits".into());
         passes::training_graph(forward, &logits, IGNORE_INDEX)
             .map_err(|e| err(e.to_string()))?
             .graph
@@ -347,26 +347,6 @@ pub fn compile(
             .map(|p| (p.text, p.entries))
             .map_err(|e| e.to_string())
     })
-}
-
-/// The first output that is not a final state (the logits).
-fn main_output(g: &Graph) -> String {
-    let states: Vec<String> = g
-        .nodes()
-        .filter_map(|n| match g.op(n) {
-            ir::Op::Input {
-                name,
-                kind: ir::InputKind::State,
-                ..
-            } => Some(name.clone()),
-            _ => None,
-        })
-        .collect();
-    g.outputs()
-        .iter()
-        .find(|(n, _)| !states.contains(n))
-        .map(|(n, _)| n.clone())
-        .unwrap_or_else(|| "logits".into())
 }
 
 fn kernel_info(k: &Kernel, entry: &str, symbols: &[(String, i64)]) -> KernelInfo {

@@ -140,6 +140,9 @@ pub struct Model {
     /// The one-token step (`L` = 1), derived from `graph` on first use.
     step: Option<StepForm>,
     last_profile: Option<runtime::cpu::Profile>,
+    /// The logits output's name and last axis, found once (each decode step needs them).
+    main: String,
+    vocab: usize,
     /// The end-of-sequence token of the checkpoint's `config.json`, if it names one.
     pub eos_token_id: Option<u32>,
     /// The directory the weights came from (where a `tokenizer.json` may sit).
@@ -339,10 +342,14 @@ impl Model {
             gpu: None,
             step: None,
             last_profile: None,
+            main: String::new(),
+            vocab: 0,
             eos_token_id: None,
             source_dir: None,
             tokenizer: None,
         };
+        m.main = logits_output(&m.graph).unwrap_or_default();
+        m.vocab = output_width(&m.graph, &m.main);
         match backend {
             Backend::Cranelift => {
                 m.compiled = Some(CpuGraph::compile(&m.graph, &LowerOptions::cpu())?);
@@ -361,26 +368,9 @@ impl Model {
     }
 
     /// The name of the model's main output (the logits): the first output that is not a
-    /// final state.
+    /// final state (computed once, at construction).
     pub(crate) fn main_output(&self) -> String {
-        let states: Vec<&str> = self
-            .graph
-            .nodes()
-            .filter_map(|n| match self.graph.op(n) {
-                ir::Op::Input {
-                    name,
-                    kind: ir::InputKind::State,
-                    ..
-                } => Some(name.as_str()),
-                _ => None,
-            })
-            .collect();
-        self.graph
-            .outputs()
-            .iter()
-            .find(|(n, _)| !states.contains(&n.as_str()))
-            .map(|(n, _)| n.clone())
-            .unwrap_or_default()
+        self.main.clone()
     }
 
     /// The graph and the f32 parameters, for training.
@@ -410,14 +400,7 @@ impl Model {
 
     /// Padded vocabulary size (the last axis of the logits).
     pub fn vocab(&self) -> usize {
-        let main = self.main_output();
-        self.graph
-            .outputs()
-            .iter()
-            .find(|(n, _)| *n == main)
-            .and_then(|(_, v)| self.graph.value_type(*v))
-            .and_then(|t| t.shape.last()?.as_known())
-            .unwrap_or(0) as usize
+        self.vocab
     }
 
     /// Runs the forward pass over a batch of equally long token sequences.
@@ -886,6 +869,35 @@ impl Model {
 }
 
 /// `eos_token_id` of a `config.json` (a number, or the first of a list).
+/// The name of a model graph's main output: the first output that is not a final state.
+pub(crate) fn logits_output(g: &Graph) -> Option<String> {
+    let states: Vec<&str> = g
+        .nodes()
+        .filter_map(|n| match g.op(n) {
+            ir::Op::Input {
+                name,
+                kind: ir::InputKind::State,
+                ..
+            } => Some(name.as_str()),
+            _ => None,
+        })
+        .collect();
+    g.outputs()
+        .iter()
+        .find(|(n, _)| !states.contains(&n.as_str()))
+        .map(|(n, _)| n.clone())
+}
+
+/// The last axis of output `name` of `g` (0 if unknown).
+fn output_width(g: &Graph, name: &str) -> usize {
+    g.outputs()
+        .iter()
+        .find(|(n, _)| n == name)
+        .and_then(|(_, v)| g.value_type(*v))
+        .and_then(|t| t.shape.last()?.as_known())
+        .unwrap_or(0) as usize
+}
+
 fn config_eos(text: &str) -> Option<u32> {
     let v: serde_json::Value = serde_json::from_str(text).ok()?;
     let e = v.get("eos_token_id")?;
