@@ -271,12 +271,11 @@ impl GpuModel {
         &mut self,
         slot: Slot,
         batch: usize,
-        states: &[(String, Vec<usize>, Vec<f32>)],
+        states: &[(&str, &[f32])],
     ) -> Result<(), GpuError> {
         let (g, b) = self.stepper(batch, slot)?;
-        for (name, _, v) in states {
-            g.exec()
-                .write(&g.lowered, b, name, &HostData::F32(v.clone()))?;
+        for (name, v) in states {
+            g.exec().write_f32(&g.lowered, b, name, v)?;
         }
         Ok(())
     }

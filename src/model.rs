@@ -703,19 +703,22 @@ impl Model {
         // the logits and final states out.
         let main = self.main_output();
         let specs = self.state_shapes(b);
-        let zeros: Vec<(String, Vec<usize>, Vec<f32>)> = specs
+        // Missing states are zeros.
+        let zeros: HashMap<&str, Vec<f32>> = specs
             .iter()
-            .map(|(n, shape)| {
-                let v = states
-                    .get(n)
-                    .cloned()
-                    .unwrap_or_else(|| vec![0.0; shape.iter().product()]);
-                (n.clone(), shape.clone(), v)
+            .filter(|(n, _)| !states.contains_key(n))
+            .map(|(n, shape)| (n.as_str(), vec![0.0; shape.iter().product()]))
+            .collect();
+        let given: Vec<(&str, &[f32])> = specs
+            .iter()
+            .filter_map(|(n, _)| {
+                let v = states.get(n).or_else(|| zeros.get(n.as_str()))?;
+                Some((n.as_str(), v.as_slice()))
             })
             .collect();
-        let names: Vec<String> = specs.into_iter().map(|(n, _)| n).collect();
+        let names: Vec<String> = specs.iter().map(|(n, _)| n.clone()).collect();
         let gpu = self.gpu_model()?;
-        gpu.write_states(Slot::OneShot, b, &zeros)
+        gpu.write_states(Slot::OneShot, b, &given)
             .map_err(gpu_err)?;
         let tokens: Vec<u32> = ids.iter().map(|&t| t as u32).collect();
         let logits = gpu.step(Slot::OneShot, &tokens, &main).map_err(gpu_err)?;
@@ -729,7 +732,10 @@ impl Model {
     pub(crate) fn gpu_begin_decode(&mut self, state: &State) -> Result<(), Error> {
         use crate::gpu::Slot;
         self.ensure_step()?;
-        let t = state.tensors();
+        let t: Vec<(&str, &[f32])> = state
+            .names()
+            .filter_map(|n| state.get(n).map(|(_, v)| (n, v)))
+            .collect();
         self.gpu_model()?
             .write_states(Slot::Decode, state.batch(), &t)
             .map_err(|e| Error::Gpu(e.to_string()))

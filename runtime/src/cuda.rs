@@ -530,27 +530,45 @@ impl CudaExecutor {
         name: &str,
         data: &HostData,
     ) -> Result<(), CudaError> {
+        match data {
+            HostData::I32(v) => self.write_slice(l, b, name, v, true),
+            HostData::F32(v) => self.write_slice(l, b, name, v, false),
+        }
+    }
+
+    /// [`CudaExecutor::write`] from an f32 slice (states: no host copy first).
+    pub fn write_f32(
+        &self,
+        l: &Lowered,
+        b: &Bound,
+        name: &str,
+        data: &[f32],
+    ) -> Result<(), CudaError> {
+        self.write_slice(l, b, name, data, false)
+    }
+
+    fn write_slice<T>(
+        &self,
+        l: &Lowered,
+        b: &Bound,
+        name: &str,
+        data: &[T],
+        int: bool,
+    ) -> Result<(), CudaError> {
         let i = named(l, name, false).ok_or_else(|| ExecError::Missing {
             what: "input or state",
             name: name.to_string(),
         })?;
-        let want = (b.plan.bytes[i] / l.buffers[i].dtype.size()) as usize;
-        let int = l.buffers[i].dtype == ir::DType::I32;
-        match data {
-            HostData::I32(v) if int => {
-                check_len(name, v.len(), want)?;
-                self.copy_in(b.ptrs[i], v)
-            }
-            HostData::F32(v) if !int => {
-                check_len(name, v.len(), want)?;
-                self.copy_in(b.ptrs[i], v)
-            }
-            _ => Err(ExecError::Plan(format!(
+        if int != (l.buffers[i].dtype == ir::DType::I32) {
+            return Err(ExecError::Plan(format!(
                 "`{name}` is {} on the device; the host data has another type",
                 l.buffers[i].dtype
             ))
-            .into()),
+            .into());
         }
+        let want = (b.plan.bytes[i] / l.buffers[i].dtype.size()) as usize;
+        check_len(name, data.len(), want)?;
+        self.copy_in(b.ptrs[i], data)
     }
 
     /// Makes every run of `b` end by copying each final state (an output named like a state
@@ -1005,7 +1023,7 @@ impl CudaExecutor {
                 }
                 BufKind::State(name) => {
                     if let Some(v) = inp.states.get(name) {
-                        self.write(l, &b, name, &HostData::F32(v.clone()))?;
+                        self.write_f32(l, &b, name, v)?;
                     }
                 }
                 _ => {}
