@@ -626,15 +626,17 @@ impl<'ctx> Gen<'_, 'ctx> {
         Ok(())
     }
 
-    /// A loop the warp's lanes share: lane `l` runs iterations `l, l + 32, ...`; each
-    /// reduction starts from its identity in every lane and is combined across the lanes by
-    /// a butterfly (every lane ends with the same bits), then folded into the value the
-    /// scalar had before the loop. A warp barrier makes the loop's stores visible to all
-    /// lanes before what follows.
+    /// A loop the `T` lanes of a point share (a warp or a block): lane `l` runs iterations
+    /// `l, l + T, ...`; each reduction starts from its identity in every lane and is combined
+    /// across the lanes by a butterfly (and across warps through shared memory; every lane
+    /// ends with the same bits), then folded into the value the scalar had before the loop.
+    /// A warp or block barrier makes the loop's stores visible to all lanes before what
+    /// follows.
     fn split_for(&mut self, counter: LoopId, extent: &IExpr, body: &[Stmt]) -> G<()> {
         let Some(lane) = self.lane else {
-            return self.unsupported("a split loop outside warp mode".into());
+            return self.unsupported("a split loop in a kernel without lanes".into());
         };
+        let threads = self.split.threads_per_point();
         let reds = self
             .split
             .reductions
@@ -655,7 +657,7 @@ impl<'ctx> Gen<'_, 'ctx> {
             self.b.build_store(slot, self.f32c(identity))?;
         }
         let n = self.iexpr(extent)?;
-        let threads = i64::from(self.split.threads_per_point());
+        let step = i64::from(threads);
         let c = self.alloca(self.t.i64, &format!("i{}", counter.0))?;
         self.b.build_store(c, lane)?;
         let outer = self.loops.insert(counter, c);
@@ -671,18 +673,18 @@ impl<'ctx> Gen<'_, 'ctx> {
         let i = self.b.build_load(self.t.i64, c, "")?.into_int_value();
         let last = self
             .b
-            .build_int_add(i, self.i64c((SPLIT_UNROLL - 1) * threads), "")?;
+            .build_int_add(i, self.i64c((SPLIT_UNROLL - 1) * step), "")?;
         let fits = self.b.build_int_compare(IntPredicate::SLT, last, n, "")?;
         self.b.build_conditional_branch(fits, main_body, rest)?;
         self.b.position_at_end(main_body);
         for u in 0..SPLIT_UNROLL {
-            let iu = self.b.build_int_add(i, self.i64c(u * threads), "")?;
+            let iu = self.b.build_int_add(i, self.i64c(u * step), "")?;
             self.b.build_store(c, iu)?;
             self.block(body)?;
         }
         let next = self
             .b
-            .build_int_add(i, self.i64c(SPLIT_UNROLL * threads), "")?;
+            .build_int_add(i, self.i64c(SPLIT_UNROLL * step), "")?;
         self.b.build_store(c, next)?;
         self.b.build_unconditional_branch(main)?;
         self.b.position_at_end(rest);
@@ -692,7 +694,7 @@ impl<'ctx> Gen<'_, 'ctx> {
         self.b.position_at_end(rest_body);
         self.block(body)?;
         let i = self.b.build_load(self.t.i64, c, "")?.into_int_value();
-        let i1 = self.b.build_int_add(i, self.i64c(threads), "")?;
+        let i1 = self.b.build_int_add(i, self.i64c(step), "")?;
         self.b.build_store(c, i1)?;
         self.b.build_unconditional_branch(rest)?;
         self.b.position_at_end(done);
@@ -700,7 +702,6 @@ impl<'ctx> Gen<'_, 'ctx> {
             Some(o) => self.loops.insert(counter, o),
             None => self.loops.remove(&counter),
         };
-        let threads = self.split.threads_per_point();
         let full = self.t.i32.const_int(u64::from(u32::MAX), false);
         let shfl = self.intrinsic(
             "llvm.nvvm.shfl.sync.bfly.f32",
@@ -740,7 +741,7 @@ impl<'ctx> Gen<'_, 'ctx> {
         if threads > WARP {
             self.barrier()?;
         } else {
-            self.warp_sync(full)?;
+            self.void_intrinsic("llvm.nvvm.bar.warp.sync", &[full])?;
         }
         Ok(())
     }
@@ -797,28 +798,22 @@ impl<'ctx> Gen<'_, 'ctx> {
 
     /// `bar.sync 0`: every thread of the block, with memory ordering among them.
     fn barrier(&self) -> G<()> {
-        let f = match self.module.get_function("llvm.nvvm.barrier0") {
-            Some(f) => f,
-            None => self.module.add_function(
-                "llvm.nvvm.barrier0",
-                self.ctx.void_type().fn_type(&[], false),
-                None,
-            ),
-        };
-        self.b.build_call(f, &[], "")?;
-        Ok(())
+        self.void_intrinsic("llvm.nvvm.barrier0", &[])
     }
 
-    fn warp_sync(&self, mask: IntValue<'ctx>) -> G<()> {
-        let f = match self.module.get_function("llvm.nvvm.bar.warp.sync") {
+    /// Calls an intrinsic that returns nothing and takes i32 arguments (the barriers).
+    fn void_intrinsic(&self, name: &str, args: &[IntValue<'ctx>]) -> G<()> {
+        let f = match self.module.get_function(name) {
             Some(f) => f,
-            None => self.module.add_function(
-                "llvm.nvvm.bar.warp.sync",
-                self.ctx.void_type().fn_type(&[self.t.i32.into()], false),
-                None,
-            ),
+            None => {
+                let params: Vec<inkwell::types::BasicMetadataTypeEnum> =
+                    args.iter().map(|_| self.t.i32.into()).collect();
+                let ty = self.ctx.void_type().fn_type(&params, false);
+                self.module.add_function(name, ty, None)
+            }
         };
-        self.b.build_call(f, &[mask.into()], "")?;
+        let vals: Vec<BasicMetadataValueEnum> = args.iter().map(|&a| a.into()).collect();
+        self.b.build_call(f, &vals, "")?;
         Ok(())
     }
 
