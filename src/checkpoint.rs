@@ -81,14 +81,9 @@ impl StageGraph {
                 Ok((outs, prof.arena_bytes))
             }
             #[cfg(feature = "cuda")]
-            (StageGraph::Gpu(g), Params::Device(p)) => {
-                let gpu = |e: crate::gpu::GpuError| Error::Gpu(e.to_string());
-                let outs = g
-                    .run_with(syms, data, p, states, runtime::cuda::ExecOptions::default())
-                    .map_err(gpu)?;
-                let arena = g.memory_plan(syms).map_err(gpu)?.peak;
-                Ok((outs, arena))
-            }
+            (StageGraph::Gpu(g), Params::Device(p)) => g
+                .run_measured(syms, data, p, states, runtime::cuda::ExecOptions::default())
+                .map_err(|e| Error::Gpu(e.to_string())),
             #[cfg(feature = "cuda")]
             _ => Err(Error::Input(
                 "a stage and its parameters are on different devices".into(),

@@ -146,6 +146,18 @@ impl GpuGraph {
         states: &HashMap<String, Vec<f32>>,
         opts: ExecOptions,
     ) -> Result<Outputs, GpuError> {
+        Ok(self.run_measured(syms, data, params, states, opts)?.0)
+    }
+
+    /// [`GpuGraph::run_with`], also returning the bytes of the arena it ran in.
+    pub fn run_measured(
+        &self,
+        syms: &[(&str, i64)],
+        data: &HashMap<String, HostData>,
+        params: &DeviceParams,
+        states: &HashMap<String, Vec<f32>>,
+        opts: ExecOptions,
+    ) -> Result<(Outputs, u64), GpuError> {
         let sizes = self.sizes(syms)?;
         let plan = self.plan_sizes(&sizes)?;
         let no_params = HashMap::new();
@@ -155,9 +167,10 @@ impl GpuGraph {
             params: &no_params,
             states,
         };
-        Ok(self
+        let outs = self
             .exec
-            .execute_with(&self.lowered, &plan, &inp, params, opts)?)
+            .execute_with(&self.lowered, &plan, &inp, params, opts)?;
+        Ok((outs, plan.peak))
     }
 }
 

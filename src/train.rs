@@ -197,19 +197,18 @@ impl Trainer {
             #[cfg(feature = "cuda")]
             Engine::Gpu(g) => {
                 let (data, syms) = step_inputs(ids, targets, batch, seq);
-                let outs = g
-                    .run(
+                let gpu = |e: crate::gpu::GpuError| Error::Gpu(e.to_string());
+                // The parameters changed in the last optimizer step: uploaded per step.
+                let dev = g.upload_params(&self.params).map_err(gpu)?;
+                let (outs, arena) = g
+                    .run_measured(
                         &syms,
                         &data,
-                        &self.params,
+                        &dev,
                         states,
                         runtime::cuda::ExecOptions::default(),
                     )
-                    .map_err(|e| Error::Gpu(e.to_string()))?;
-                let arena = g
-                    .memory_plan(&syms)
-                    .map_err(|e| Error::Gpu(e.to_string()))?
-                    .peak;
+                    .map_err(gpu)?;
                 let (loss, logits, grads, finals) =
                     split_outputs(outs, &self.logits_name, &self.state_names);
                 (loss, logits, grads, finals, arena)
