@@ -412,7 +412,14 @@ fn step_info(s: &Step, bind: &dyn Fn(&str) -> Option<u64>) -> Result<StepInfo, S
                 rhs_t: *rhs_t,
                 rhs_batched: *rhs_batched,
                 node: node.to_string(),
-                dims: [ev(batch)?, ev(m)?, ev(k)?, ev(n)?],
+                dims: [
+                    batch.eval(bind).ok_or_else(|| {
+                        format!("{node}: cannot evaluate the product's batch {batch}")
+                    })?,
+                    ev(m)?,
+                    ev(k)?,
+                    ev(n)?,
+                ],
             }
         }
     })
@@ -659,7 +666,7 @@ impl Artifact {
                     lhs: *lhs,
                     rhs: *rhs,
                     out: *out,
-                    batch: ir::Dim::known(dims[0]),
+                    batch: ir::schedule::Product::of(ir::Dim::known(dims[0])),
                     m: ir::Dim::known(dims[1]),
                     k: ir::Dim::known(dims[2]),
                     n: ir::Dim::known(dims[3]),

@@ -1185,7 +1185,7 @@ fn gemm_stats(m: &crate::model::Model, batch: usize, seq: usize) -> (String, Str
     for step in &l.steps {
         if let ir::schedule::Step::MatMul { batch, m, k, n, .. } = step {
             let ev = |d: &ir::Dim| d.eval(&bind).unwrap_or(0) as f64;
-            flops += 2.0 * ev(batch) * ev(m) * ev(k) * ev(n);
+            flops += 2.0 * batch.eval(&bind).unwrap_or(0) as f64 * ev(m) * ev(k) * ev(n);
         }
     }
     let gemm: f64 = p

@@ -29,6 +29,8 @@ const SELECTIVE_CHUNK: usize = passes::lower::SELECTIVE_GRAD_CHUNK as usize;
 const SELECTIVE_SCAN_CHUNK: usize = passes::lower::SELECTIVE_SCAN_CHUNK as usize;
 /// The largest chunk of the Mamba-2 forward scan.
 const MAX_SSD_SCAN_CHUNK: usize = passes::lower::MAX_SSD_SCAN_CHUNK as usize;
+/// The largest chunk of the Mamba-2 matrix form.
+const MAX_SSD_MATMUL_CHUNK: usize = passes::lower::MAX_SSD_MATMUL_CHUNK as usize;
 /// tiny-mamba2's `chunk_size`.
 const TINY_MAMBA2_CHUNK: usize = 8;
 /// Normwise relative error per tensor for a whole training graph (tests/training.rs).
@@ -373,8 +375,8 @@ fn ssd_case(
 }
 
 /// The compiled program's outputs, through Cranelift with these options.
-fn cranelift(c: &Case, opts: CpuOptions) -> Outputs {
-    let cpu = CpuGraph::compile_with(&c.graph, &LowerOptions::default(), opts)
+fn cranelift(c: &Case, lo: &LowerOptions, opts: CpuOptions) -> Outputs {
+    let cpu = CpuGraph::compile_with(&c.graph, lo, opts)
         .unwrap_or_else(|e| panic!("{}: compile: {e}", c.what));
     let (out, _) = cpu
         .run(&c.syms, &c.data, &c.params, &c.states)
@@ -383,8 +385,8 @@ fn cranelift(c: &Case, opts: CpuOptions) -> Outputs {
 }
 
 /// The compiled program's outputs, every kernel run by the kernel IR evaluator (f32 mode).
-fn evaluated(c: &Case) -> Outputs {
-    let l = passes::lower(&c.graph, &LowerOptions::default()).expect("lowers");
+fn evaluated(c: &Case, lo: &LowerOptions) -> Outputs {
+    let l = passes::lower(&c.graph, lo).expect("lowers");
     let sizes: Vec<i64> = l
         .syms
         .iter()
@@ -418,10 +420,15 @@ enum Tolerance {
 /// Cranelift against the interpreter; Cranelift (`exact_math`) against the evaluator, bit
 /// for bit.
 fn check(c: &Case, tol: Tolerance) {
+    check_with(c, tol, &LowerOptions::default())
+}
+
+/// [`check`] with the program lowered with `lo`.
+fn check_with(c: &Case, tol: Tolerance, lo: &LowerOptions) {
     let want = interp::run(&c.graph, &c.interp)
         .unwrap_or_else(|e| panic!("{}: interpreter: {e}", c.what))
         .values;
-    let got = cranelift(c, CpuOptions::default());
+    let got = cranelift(c, lo, CpuOptions::default());
     assert_eq!(got.len(), want.len(), "{}", c.what);
     for ((gn, gv), (wn, wv)) in got.iter().zip(&want) {
         assert_eq!(gn, wn, "{}", c.what);
@@ -454,12 +461,13 @@ fn check(c: &Case, tol: Tolerance) {
     }
     let exact = cranelift(
         c,
+        lo,
         CpuOptions {
             exact_math: true,
             ..CpuOptions::default()
         },
     );
-    let eval = evaluated(c);
+    let eval = evaluated(c, lo);
     assert_eq!(exact.len(), eval.len(), "{}", c.what);
     for ((n, a), (_, b)) in exact.iter().zip(&eval) {
         let differ = a
@@ -527,6 +535,63 @@ fn ssd_scan_around_the_chunk() {
                 );
             }
         }
+    }
+}
+
+/// The SSD as matrix products (`LowerOptions::gpu`): chunks of 1, 4 and the op's 256 capped
+/// at `MAX_SSD_MATMUL_CHUNK`, partial last chunks, grouped heads, given or zero states.
+#[test]
+fn ssd_matmul_around_the_chunk() {
+    for (chunk, q) in [(4u64, 4usize), (1, 2), (256, MAX_SSD_MATMUL_CHUNK)] {
+        for (i, l) in lengths(q).into_iter().chain([0]).enumerate() {
+            for (v, &(b, with_state)) in VARIANTS.iter().enumerate() {
+                let seed = 190 + (3 * i + v) as u64;
+                let c = ssd_forward_case(b, l, (2, 2, 3, 5), chunk, seed);
+                assert_eq!(gemms(&c, &LowerOptions::gpu()), 4, "{}", c.what);
+                assert_eq!(gemms(&c, &LowerOptions::default()), 0, "{}", c.what);
+                check_with(
+                    &states(c, with_state),
+                    Tolerance::Elementwise(REDUCTION.0, REDUCTION.1),
+                    &LowerOptions::gpu(),
+                );
+            }
+        }
+    }
+}
+
+/// The number of matrix products in `c`'s program lowered with `lo`.
+fn gemms(c: &Case, lo: &LowerOptions) -> usize {
+    let l = passes::lower(&c.graph, lo).expect("lowers");
+    l.steps
+        .iter()
+        .filter(|s| matches!(s, passes::Step::MatMul { .. }))
+        .count()
+}
+
+/// The gradient of the matrix form, as [`ssd_matmul_around_the_chunk`].
+#[test]
+fn ssd_matmul_grad_around_the_chunk() {
+    for (chunk, q) in [(4u64, 4usize), (1, 2), (64, 64)] {
+        for (i, l) in lengths(q).into_iter().chain([0]).enumerate() {
+            for (v, &(b, with_state)) in VARIANTS.iter().enumerate() {
+                let c = ssd_case(b, l, (2, 2, 3, 5), chunk, 170 + (3 * i + v) as u64);
+                assert_eq!(gemms(&c, &LowerOptions::gpu()), 11, "{}", c.what);
+                check_with(
+                    &states(c, with_state),
+                    Tolerance::Elementwise(REDUCTION.0, REDUCTION.1),
+                    &LowerOptions::gpu(),
+                );
+            }
+        }
+    }
+}
+
+/// A whole tiny-mamba2 training graph with the matrix-form SSD.
+#[test]
+fn tiny_mamba2_gradients_in_the_matrix_form() {
+    for (i, l) in lengths(TINY_MAMBA2_CHUNK).into_iter().enumerate() {
+        let c = training_case("tiny-mamba2", 2, l, 150 + i as u64);
+        check_with(&c, Tolerance::Normwise(NORMWISE), &LowerOptions::gpu());
     }
 }
 

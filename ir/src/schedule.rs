@@ -45,6 +45,40 @@ pub struct BufInfo {
     pub value: Value,
 }
 
+/// A product of dimensions: a matrix product's batch count (`B·ceil(L/Q)·G`, the chunks of
+/// every sequence, is a product of dimensions but no single [`Dim`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Product(pub Vec<Dim>);
+
+impl Product {
+    pub fn of(d: Dim) -> Product {
+        Product(vec![d])
+    }
+
+    /// The value with every symbol bound by `bind`; `None` if one is unbound or on overflow.
+    pub fn eval(&self, bind: &dyn Fn(&str) -> Option<u64>) -> Option<u64> {
+        self.0
+            .iter()
+            .try_fold(1u64, |acc, d| acc.checked_mul(d.eval(bind)?))
+    }
+}
+
+impl std::fmt::Display for Product {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let parts: Vec<String> = self
+            .0
+            .iter()
+            .filter(|d| !d.is_one())
+            .map(|d| d.to_string())
+            .collect();
+        if parts.is_empty() {
+            write!(f, "1")
+        } else {
+            write!(f, "{}", parts.join("*"))
+        }
+    }
+}
+
 /// One step of the schedule.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Step {
@@ -61,7 +95,7 @@ pub enum Step {
         lhs: BufId,
         rhs: BufId,
         out: BufId,
-        batch: Dim,
+        batch: Product,
         m: Dim,
         k: Dim,
         n: Dim,

@@ -30,7 +30,7 @@
 //! f32 matrix products: steps in graph order, which is a topological order.
 
 use ir::kernel::{ArrId, Expr, IExpr, KBuf, Kernel, LoopId, Stmt, VarId};
-pub use ir::schedule::{BufId, BufInfo, BufKind, Lowered, Step};
+pub use ir::schedule::{BufId, BufInfo, BufKind, Lowered, Product, Step};
 use ir::{BinaryOp, DType, Dim, Graph, InputKind, NodeId, Op, ReduceOp, Shape, UnaryOp, Value};
 use std::collections::HashMap;
 
@@ -55,6 +55,9 @@ pub struct LowerOptions {
     /// are busy anyway and the chunk-parallel form does twice the work. The planner prices the
     /// default (chunk-parallel) form, so checkpointed runs keep it.
     pub sequential_scans: bool,
+    /// The Mamba-2 SSD and its gradient in the matrix form ([`ssd_matmul`]): most of the
+    /// work as batched GEMMs. The GPU's form; on the CPU a differential test of it.
+    pub ssd_matmul: bool,
 }
 
 impl LowerOptions {
@@ -65,7 +68,18 @@ impl LowerOptions {
             ..LowerOptions::default()
         }
     }
+
+    /// The GPU's form: chunk-parallel scans and the SSD as matrix products.
+    pub fn gpu() -> LowerOptions {
+        LowerOptions {
+            ssd_matmul: true,
+            ..LowerOptions::default()
+        }
+    }
 }
+
+mod ssd_matmul;
+pub use ssd_matmul::MAX_SSD_MATMUL_CHUNK;
 
 /// Steps per checkpoint of the Mamba-1 scan gradient. Its scratch is a state, a state
 /// cotangent and a decay product per chunk (`[B, ceil(L/Q), E, N]` each): `3·B·E·N·ceil(L/Q)`
@@ -123,6 +137,7 @@ pub fn lower(g: &Graph, opts: &LowerOptions) -> Result<Lowered, LowerError> {
         unstored: Default::default(),
         row_prologues: HashMap::new(),
         sequential_scans: opts.sequential_scans,
+        ssd_matmul: opts.ssd_matmul,
     };
     l.decide(opts);
     if !opts.no_fusion {
@@ -152,6 +167,8 @@ struct Lowering<'g> {
     g: &'g Graph,
     /// [`LowerOptions::sequential_scans`].
     sequential_scans: bool,
+    /// [`LowerOptions::ssd_matmul`].
+    ssd_matmul: bool,
     syms: Vec<String>,
     buf_of: HashMap<Value, BufId>,
     out: Lowered,
@@ -611,10 +628,10 @@ impl<'g> Lowering<'g> {
                 let rhs_batched = rr > 2;
                 // A 2-D weight shared by all batches: one GEMM over all rows.
                 let (batch, m) = if rhs_batched {
-                    (batch, m)
+                    (Product::of(batch), m)
                 } else {
                     (
-                        Dim::known(1),
+                        Product::of(Dim::known(1)),
                         batch.mul(&m).ok_or_else(|| unsupported("size overflow"))?,
                     )
                 };
@@ -1550,6 +1567,9 @@ impl<'g> Lowering<'g> {
         let (ch, count) = self.chunks(n, &xs[1], q)?;
         if self.sequential_scans || count.as_known().is_some_and(|c| c <= 1) {
             return self.ssd_scan_sequential(n);
+        }
+        if self.ssd_matmul {
+            return self.ssd_matmul(n, chunk);
         }
         let bs = self.shape(bm);
         let nst = self.known(n, &bs[3], "d_state")?;
@@ -2554,6 +2574,9 @@ impl<'g> Lowering<'g> {
     /// every sum has a fixed order.
     fn ssd_scan_grad(&mut self, n: NodeId, chunk: u64) -> Result<(), LowerError> {
         use BinaryOp::{Add, Mul};
+        if self.ssd_matmul {
+            return self.ssd_matmul_grad(n, chunk);
+        }
         let g = self.g;
         let ops = g.operands(n);
         let (x, dt, a, bm, cm, s0, dy, ds1) = (

@@ -205,7 +205,7 @@ fn step_cost(l: &Lowered, b: &Bound, step: &Step) -> (u64, u64) {
                     .map(|i| b.sizes[i] as u64)
             };
             let ev = |d: &ir::Dim| d.eval(&bind).unwrap_or(0);
-            2 * ev(batch) * ev(m) * ev(k) * ev(n)
+            2 * batch.eval(&bind).unwrap_or(0) * ev(m) * ev(k) * ev(n)
         }
         Step::Kernel { .. } => 0,
     };
@@ -497,7 +497,7 @@ impl CudaExecutor {
             if let Some(h) = params.half.get(name) {
                 half_rhs[i] = Some(h.ptr);
                 let ev = |d: &ir::Dim| d.eval(&bind_sym).unwrap_or(0);
-                half_bytes = half_bytes.max(2 * ev(batch) * ev(m) * ev(k));
+                half_bytes = half_bytes.max(2 * batch.eval(&bind_sym).unwrap_or(0) * ev(m) * ev(k));
             }
         }
         let half_lhs = if half_bytes > 0 {
@@ -895,7 +895,10 @@ impl CudaExecutor {
             d.eval(&bind)
                 .ok_or_else(|| fail(format!("cannot evaluate {d}")))
         };
-        let (bt, m, k, n) = (ev(batch)?, ev(m)?, ev(k)?, ev(n)?);
+        let bt = batch
+            .eval(&bind)
+            .ok_or_else(|| fail(format!("cannot evaluate {batch}")))?;
+        let (m, k, n) = (ev(m)?, ev(k)?, ev(n)?);
         if bt == 0 || m == 0 || n == 0 {
             return Ok(());
         }

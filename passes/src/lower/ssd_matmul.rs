@@ -1,0 +1,1030 @@
+//! The Mamba-2 SSD as matrix products ([`LowerOptions::ssd_matmul`], the GPU's form): the
+//! chunked "state space dual" of the Mamba-2 paper, so that all but a small part of its work
+//! runs as batched GEMMs (on tensor cores where the runtime uses them) instead of a warp
+//! reduction per step.
+//!
+//! Per chunk of `Q` steps (`c`), head `h` (group `g`), with `a_i` the running sum of
+//! `dt·A` inside the chunk and `w_j = dt_j·exp(a_last - a_j)`:
+//!
+//! ```text
+//! CB     = C Bᵀ                                  [Q, Q] per group       (GEMM)
+//! M_ij   = CB_ij · exp(a_i - a_j) · dt_j, j <= i  [Q, Q] per head        (kernel)
+//! Y_diag = M X                                   [Q, P]                 (GEMM)
+//! S_own  = (w ⊙ X)ᵀ B                            [P, N]                 (GEMM)
+//! S_in(c) = exp(a_last(c-1)) S_in(c-1) + S_own(c-1), S_in(0) = s0       (kernel, carry)
+//! y_i    = Y_diag_i + exp(a_i) · C_i S_inᵀ                              (GEMM + kernel)
+//! ```
+//!
+//! Every exponent is at most zero. The operands are copied into chunk-major scratch, zero
+//! past the sequence's end (so a partial last chunk is a full one whose extra steps have
+//! `dt = 0`, `x = 0`, `B = C = 0`, `dy = 0`), in the layouts the products want: a head's
+//! rows contiguous, and where a product pairs heads with their group's `B` or `C`, the
+//! group's heads stacked into one matrix (`hpg·P` rows or columns), so every product is
+//! one strided-batched GEMM over `B·ceil(L/Q)·(H or G)` matrices.
+//!
+//! The gradient ([`Lowering::ssd_matmul_grad`]) recomputes `CB`, `S_own` and `S_in` the
+//! same way and derives everything else from ten more products; its derivation is at
+//! the function.
+
+use super::{Chunks, KB, LowerError, Lowering, carry};
+use ir::kernel::{Expr, IExpr, Stmt, VarId};
+use ir::schedule::{BufId, BufKind, Product, Step};
+use ir::{BinaryOp, Dim, NodeId, Shape, UnaryOp, Value};
+
+use BinaryOp::{Add, Mul, Sub};
+
+/// The largest chunk of the matrix form. Its scratch is `T·H·Q` floats for each per-head
+/// `[Q, Q]` matrix and `T·H·P·N/Q` for each chunk-state tensor (`T = B·L` steps), so
+/// `Q ≈ sqrt(P·N)` (90 at P = 64, N = 128) balances them; 128 halves the published 256's
+/// `[Q, Q]` matrices.
+pub const MAX_SSD_MATMUL_CHUNK: u64 = 128;
+
+/// Sizes and scratch shapes of one SSD op.
+struct Ssd {
+    ch: Chunks,
+    q: i64,
+    /// `B`, `ceil(L/Q)`, `H`, `G`, `P`, `N`, `Q`, `hpg·P` as dimensions.
+    b: Dim,
+    count: Dim,
+    h: Dim,
+    g: Dim,
+    p: Dim,
+    n: Dim,
+    qd: Dim,
+    hp: Dim,
+    /// Heads per group and the head width `P`.
+    hpg: i64,
+    pw: i64,
+}
+
+impl Ssd {
+    fn new(l: &Lowering, node: NodeId, chunk: u64) -> Result<Ssd, LowerError> {
+        let ops = l.g.operands(node);
+        let (xs, bs) = (l.shape(ops[0]), l.shape(ops[3]));
+        let heads = l.known(node, &xs[2], "the head count")?;
+        let groups = l.known(node, &bs[2], "the group count")?.max(1);
+        let pw = l.known(node, &xs[3], "the head width")? as i64;
+        l.known(node, &bs[3], "d_state")?;
+        let hpg = (heads / groups).max(1) as i64;
+        let q = chunk.clamp(1, MAX_SSD_MATMUL_CHUNK);
+        let (ch, count) = l.chunks(node, &xs[1], q)?;
+        Ok(Ssd {
+            ch,
+            q: q as i64,
+            b: xs[0].clone(),
+            count,
+            h: xs[2].clone(),
+            g: bs[2].clone(),
+            p: xs[3].clone(),
+            n: bs[3].clone(),
+            qd: Dim::known(q),
+            hp: Dim::known((hpg * pw) as u64),
+            hpg,
+            pw,
+        })
+    }
+
+    fn shape(&self, dims: &[&Dim]) -> Shape {
+        dims.iter().map(|d| (*d).clone()).collect()
+    }
+    /// `[B, nc, H, Q]`: one value per step and head.
+    fn per_step(&self) -> Shape {
+        self.shape(&[&self.b, &self.count, &self.h, &self.qd])
+    }
+    /// `[B, nc, H]`: one value per chunk and head.
+    fn per_chunk(&self) -> Shape {
+        self.shape(&[&self.b, &self.count, &self.h])
+    }
+    /// `[B, nc, H, Q, P]`: a head's steps as rows.
+    fn head_rows(&self) -> Shape {
+        self.shape(&[&self.b, &self.count, &self.h, &self.qd, &self.p])
+    }
+    /// `[B, nc, H, P, Q]`: a head's steps as columns.
+    fn head_cols(&self) -> Shape {
+        self.shape(&[&self.b, &self.count, &self.h, &self.p, &self.qd])
+    }
+    /// `[B, nc, G, Q, N]`: a group's `B` or `C` rows.
+    fn group_rows(&self) -> Shape {
+        self.shape(&[&self.b, &self.count, &self.g, &self.qd, &self.n])
+    }
+    /// `[B, nc, G, Q, hpg·P]`: a group's heads side by side, a step per row.
+    fn group_heads(&self) -> Shape {
+        self.shape(&[&self.b, &self.count, &self.g, &self.qd, &self.hp])
+    }
+    /// `[B, nc, H or G, Q, Q]`.
+    fn square(&self, by: &Dim) -> Shape {
+        self.shape(&[&self.b, &self.count, by, &self.qd, &self.qd])
+    }
+    /// `[B, nc, H, P, N]`: a state per chunk and head.
+    fn states(&self) -> Shape {
+        self.shape(&[&self.b, &self.count, &self.h, &self.p, &self.n])
+    }
+    fn batch(&self, by: &Dim) -> Product {
+        Product(vec![self.b.clone(), self.count.clone(), by.clone()])
+    }
+    /// The group of head `h`.
+    fn group(&self, h: &IExpr) -> IExpr {
+        h.clone().div(IExpr::c(self.hpg))
+    }
+    /// The column of head `h`'s element `p` among its group's heads.
+    fn in_group(&self, h: &IExpr, p: IExpr) -> IExpr {
+        h.clone()
+            .rem(IExpr::c(self.hpg))
+            .mul(IExpr::c(self.pw))
+            .add(p)
+    }
+    /// 1 if step `j` of chunk `c` lies in the sequence, else 0.
+    fn valid(&self, c: &IExpr, j: &IExpr) -> IExpr {
+        self.ch
+            .len(c)
+            .add(IExpr::c(self.q - 1))
+            .sub(j.clone())
+            .div(IExpr::c(self.q))
+    }
+}
+
+/// A load of `buf` at `idx` of `shape`.
+fn ld(kb: &mut KB, buf: BufId, idx: &[IExpr], shape: &[Dim]) -> Expr {
+    let slot = kb.buf(buf, false);
+    Expr::Load {
+        buf: slot,
+        index: kb.l.linear(idx, shape),
+    }
+}
+
+/// A store into `buf` at `idx` of `shape`.
+fn st(kb: &mut KB, buf: BufId, idx: &[IExpr], shape: &[Dim], value: Expr) -> Stmt {
+    let slot = kb.buf(buf, true);
+    Stmt::Store {
+        buf: slot,
+        index: kb.l.linear(idx, shape),
+        value,
+    }
+}
+
+fn for_(kb: &mut KB, extent: IExpr, body: impl FnOnce(&mut KB, IExpr) -> Vec<Stmt>) -> Stmt {
+    let counter = kb.counter();
+    let body = body(kb, IExpr::Loop(counter));
+    Stmt::For {
+        counter,
+        extent,
+        body,
+    }
+}
+
+fn var(kb: &mut KB, init: Expr) -> (VarId, Stmt) {
+    let v = kb.var();
+    (v, Stmt::Var { var: v, init })
+}
+
+fn add(a: Expr, b: Expr) -> Expr {
+    Expr::bin(Add, a, b)
+}
+fn mul(a: Expr, b: Expr) -> Expr {
+    Expr::bin(Mul, a, b)
+}
+fn sub(a: Expr, b: Expr) -> Expr {
+    Expr::bin(Sub, a, b)
+}
+fn exp(a: Expr) -> Expr {
+    Expr::un(UnaryOp::Exp, a)
+}
+fn grid(i: usize) -> IExpr {
+    IExpr::Grid(i)
+}
+
+/// The scratch tensors both directions compute from the operands.
+struct Prep {
+    /// `dt` and the running sum `a` of `dt·A` (`[B, nc, H, Q]`).
+    dtc: BufId,
+    acs: BufId,
+    /// `x` as rows (`[B, nc, H, Q, P]`) and `w ⊙ x` as columns (`[B, nc, H, P, Q]`).
+    xc: BufId,
+    xw: BufId,
+    /// `B` and `C` rows (`[B, nc, G, Q, N]`).
+    bc: BufId,
+    cc: BufId,
+    /// `C Bᵀ` per group and the state entering each chunk (`[B, nc, H, P, N]`).
+    cb: BufId,
+    sin: BufId,
+}
+
+impl Lowering<'_> {
+    #[allow(clippy::too_many_arguments)]
+    fn gemm(
+        &mut self,
+        node: NodeId,
+        (lhs, rhs, out): (BufId, BufId, BufId),
+        batch: Product,
+        (m, k, n): (&Dim, &Dim, &Dim),
+        rhs_t: bool,
+    ) {
+        self.out.steps.push(Step::MatMul {
+            lhs,
+            rhs,
+            out,
+            batch,
+            m: m.clone(),
+            k: k.clone(),
+            n: n.clone(),
+            rhs_t,
+            rhs_batched: true,
+            node,
+        });
+    }
+
+    /// The prep kernels, `CB`, the chunks' own end states and the carry that turns them into
+    /// the states entering each chunk; returns the final state's variable-free kernel output
+    /// through `s1` when given.
+    fn ssd_prep(
+        &mut self,
+        node: NodeId,
+        s: &Ssd,
+        name: &str,
+        s1: Option<BufId>,
+    ) -> Result<Prep, LowerError> {
+        let g = self.g;
+        let ops = g.operands(node);
+        let (x, dt, a, bm, cm, s0) = (ops[0], ops[1], ops[2], ops[3], ops[4], ops[5]);
+        let (ps, hr, hc, gr) = (s.per_step(), s.head_rows(), s.head_cols(), s.group_rows());
+        let dtc = self.scratch(node, ps.clone());
+        let acs = self.scratch(node, ps.clone());
+        let xc = self.scratch(node, hr.clone());
+        let xw = self.scratch(node, hc.clone());
+        let bc = self.scratch(node, gr.clone());
+        let cc = self.scratch(node, gr.clone());
+        let cb = self.scratch(node, s.square(&s.g));
+        let sin = self.scratch(node, s.states());
+        let ch = &s.ch;
+        let qc = IExpr::c(s.q);
+
+        // dt and its running sum times A, per (batch, chunk, head).
+        let mut kb = KB::new(self, &format!("{name}_decay"));
+        let (b, c, h) = (grid(0), grid(1), grid(2));
+        let av = kb.value(a, std::slice::from_ref(&h))?;
+        let (acc, decl) = var(&mut kb, Expr::Const(0.0));
+        kb.body.push(decl);
+        let len = ch.len(&c);
+        let t0 = ch.start(&c);
+        let mut err = None;
+        let valid = for_(&mut kb, len.clone(), |kb, i| {
+            let dv = match kb.value(dt, &[b.clone(), t0.clone().add(i.clone()), h.clone()]) {
+                Ok(v) => v,
+                Err(e) => {
+                    err = Some(e);
+                    Expr::Const(0.0)
+                }
+            };
+            let (d, decl) = var(kb, dv);
+            let at = [b.clone(), c.clone(), h.clone(), i];
+            vec![
+                decl,
+                Stmt::Set {
+                    var: acc,
+                    value: add(Expr::Var(acc), mul(Expr::Var(d), av.clone())),
+                },
+                st(kb, dtc, &at, &ps, Expr::Var(d)),
+                st(kb, acs, &at, &ps, Expr::Var(acc)),
+            ]
+        });
+        if let Some(e) = err {
+            return Err(e);
+        }
+        kb.body.push(valid);
+        let pad = for_(&mut kb, qc.clone().sub(len.clone()), |kb, i| {
+            let at = [b.clone(), c.clone(), h.clone(), len.clone().add(i)];
+            vec![
+                st(kb, dtc, &at, &ps, Expr::Const(0.0)),
+                st(kb, acs, &at, &ps, Expr::Var(acc)),
+            ]
+        });
+        kb.body.push(pad);
+        let grid_d = vec![kb.l.dim(&s.b), ch.count.clone(), kb.l.dim(&s.h)];
+        kb.finish(grid_d, node);
+
+        // x as rows, and w ⊙ x as columns, per (batch, chunk, head, p).
+        let mut kb = KB::new(self, &format!("{name}_x"));
+        let (b, c, h, p) = (grid(0), grid(1), grid(2), grid(3));
+        let last = ld(
+            &mut kb,
+            acs,
+            &[b.clone(), c.clone(), h.clone(), IExpr::c(s.q - 1)],
+            &ps,
+        );
+        let (lastv, decl) = var(&mut kb, last);
+        kb.body.push(decl);
+        let mut err = None;
+        let valid = for_(&mut kb, len.clone(), |kb, i| {
+            let xi = [b.clone(), t0.clone().add(i.clone()), h.clone(), p.clone()];
+            let xv = kb.value(x, &xi).unwrap_or_else(|e| {
+                err = Some(e);
+                Expr::Const(0.0)
+            });
+            let (xv, decl) = var(kb, xv);
+            let si = [b.clone(), c.clone(), h.clone(), i.clone()];
+            let w = mul(
+                ld(kb, dtc, &si, &ps),
+                exp(sub(Expr::Var(lastv), ld(kb, acs, &si, &ps))),
+            );
+            let rows = [b.clone(), c.clone(), h.clone(), i.clone(), p.clone()];
+            let cols = [b.clone(), c.clone(), h.clone(), p.clone(), i];
+            vec![
+                decl,
+                st(kb, xc, &rows, &hr, Expr::Var(xv)),
+                st(kb, xw, &cols, &hc, mul(Expr::Var(xv), w)),
+            ]
+        });
+        if let Some(e) = err {
+            return Err(e);
+        }
+        kb.body.push(valid);
+        let pad = for_(&mut kb, qc.clone().sub(len.clone()), |kb, i| {
+            let i = len.clone().add(i);
+            let rows = [b.clone(), c.clone(), h.clone(), i.clone(), p.clone()];
+            let cols = [b.clone(), c.clone(), h.clone(), p.clone(), i];
+            vec![
+                st(kb, xc, &rows, &hr, Expr::Const(0.0)),
+                st(kb, xw, &cols, &hc, Expr::Const(0.0)),
+            ]
+        });
+        kb.body.push(pad);
+        let grid_x = vec![
+            kb.l.dim(&s.b),
+            ch.count.clone(),
+            kb.l.dim(&s.h),
+            kb.l.dim(&s.p),
+        ];
+        kb.finish(grid_x, node);
+
+        // B and C rows, per (batch, chunk, group, n).
+        let mut kb = KB::new(self, &format!("{name}_bc"));
+        let (b, c, gg, nn) = (grid(0), grid(1), grid(2), grid(3));
+        let mut err = None;
+        let valid = for_(&mut kb, len.clone(), |kb, i| {
+            let src = [b.clone(), t0.clone().add(i.clone()), gg.clone(), nn.clone()];
+            let at = [b.clone(), c.clone(), gg.clone(), i, nn.clone()];
+            let mut out = Vec::new();
+            for (v, dst) in [(bm, bc), (cm, cc)] {
+                match kb.value(v, &src) {
+                    Ok(e) => out.push(st(kb, dst, &at, &gr, e)),
+                    Err(e) => err = Some(e),
+                }
+            }
+            out
+        });
+        if let Some(e) = err {
+            return Err(e);
+        }
+        kb.body.push(valid);
+        let pad = for_(&mut kb, qc.clone().sub(len.clone()), |kb, i| {
+            let at = [b.clone(), c.clone(), gg.clone(), len.clone().add(i), nn.clone()];
+            vec![
+                st(kb, bc, &at, &gr, Expr::Const(0.0)),
+                st(kb, cc, &at, &gr, Expr::Const(0.0)),
+            ]
+        });
+        kb.body.push(pad);
+        let grid_bc = vec![
+            kb.l.dim(&s.b),
+            ch.count.clone(),
+            kb.l.dim(&s.g),
+            kb.l.dim(&s.n),
+        ];
+        kb.finish(grid_bc, node);
+
+        // CB = C Bᵀ per group; each chunk's own end state (w ⊙ X)ᵀ B, a group's heads at once.
+        self.gemm(node, (cc, bc, cb), s.batch(&s.g), (&s.qd, &s.n, &s.qd), true);
+        self.gemm(node, (xw, bc, sin), s.batch(&s.g), (&s.hp, &s.qd, &s.n), false);
+
+        // The states entering each chunk, in order from s0, per (batch, head, p, n).
+        let mut kb = KB::new(self, &format!("{name}_carry"));
+        let (b, h, p, nn) = (grid(0), grid(1), grid(2), grid(3));
+        let s0v = kb.value(s0, &[b.clone(), h.clone(), p.clone(), nn.clone()])?;
+        let slot = kb.buf(sin, true);
+        let acs_slot = kb.buf(acs, false);
+        let sts = s.states();
+        let at = |kb: &KB, c: &IExpr| {
+            kb.l.linear(
+                &[b.clone(), c.clone(), h.clone(), p.clone(), nn.clone()],
+                &sts,
+            )
+        };
+        let decay = |kb: &KB, c: &IExpr| {
+            exp(Expr::Load {
+                buf: acs_slot,
+                index: kb.l.linear(
+                    &[b.clone(), c.clone(), h.clone(), IExpr::c(s.q - 1)],
+                    &ps,
+                ),
+            })
+        };
+        let (stmts, sv) = carry(&mut kb, s0v, (&ch.count, false), slot, &at, &decay);
+        kb.body.extend(stmts);
+        if let Some(s1) = s1 {
+            let ss = kb.l.shape(Value::new(node, 1));
+            let store = st(&mut kb, s1, &[b, h, p, nn], &ss, Expr::Var(sv));
+            kb.body.push(store);
+        }
+        let grid_s = vec![
+            kb.l.dim(&s.b),
+            kb.l.dim(&s.h),
+            kb.l.dim(&s.p),
+            kb.l.dim(&s.n),
+        ];
+        kb.finish(grid_s, node);
+        Ok(Prep {
+            dtc,
+            acs,
+            xc,
+            xw,
+            bc,
+            cc,
+            cb,
+            sin,
+        })
+    }
+
+    /// `SsdScan` in the matrix form (module doc): six kernels and four products.
+    pub(super) fn ssd_matmul(&mut self, node: NodeId, chunk: u64) -> Result<(), LowerError> {
+        let s = Ssd::new(self, node, chunk)?;
+        let name = format!("ssd_scan_{}", node.index());
+        let y = self.new_buf(Value::new(node, 0), BufKind::Temp);
+        let s1 = self.new_buf(Value::new(node, 1), BufKind::Temp);
+        let pr = self.ssd_prep(node, &s, &name, Some(s1))?;
+        let (ps, hr) = (s.per_step(), s.head_rows());
+        let sq = s.square(&s.h);
+        let mm = self.scratch(node, sq.clone());
+        let yd = self.scratch(node, hr.clone());
+        let gh = s.group_heads();
+        let yo = self.scratch(node, gh.clone());
+
+        // M = CB ⊙ exp(a_i - a_j) dt_j below the diagonal, per (batch, chunk, head, i).
+        self.ssd_mask(node, &s, &format!("{name}_mask"), &pr, mm, false);
+        self.gemm(node, (mm, pr.xc, yd), s.batch(&s.h), (&s.qd, &s.qd, &s.p), false);
+        // C S_inᵀ, a group's heads at once.
+        self.gemm(node, (pr.cc, pr.sin, yo), s.batch(&s.g), (&s.qd, &s.n, &s.hp), true);
+
+        // y = Y_diag + exp(a) C S_inᵀ, per (batch, step, head, p).
+        let mut kb = KB::new(self, &name);
+        let (b, t, h, p) = (grid(0), grid(1), grid(2), grid(3));
+        let (c, i) = (t.clone().div(IExpr::c(s.q)), t.clone().rem(IExpr::c(s.q)));
+        let d = ld(
+            &mut kb,
+            yd,
+            &[b.clone(), c.clone(), h.clone(), i.clone(), p.clone()],
+            &hr,
+        );
+        let e = exp(ld(
+            &mut kb,
+            pr.acs,
+            &[b.clone(), c.clone(), h.clone(), i.clone()],
+            &ps,
+        ));
+        let o = ld(
+            &mut kb,
+            yo,
+            &[b.clone(), c, s.group(&h), i, s.in_group(&h, p.clone())],
+            &gh,
+        );
+        let (yv, decl) = var(&mut kb, add(d, mul(e, o)));
+        kb.body.push(decl);
+        let xs = kb.l.shape(Value::new(node, 0));
+        let yi = kb.l.linear(&[b, t, h, p], &xs);
+        let stores = kb.store_with_epilogues(Value::new(node, 0), y, yi, yv)?;
+        kb.body.extend(stores);
+        let grid_y = xs.iter().map(|d| kb.l.dim(d)).collect();
+        kb.finish(grid_y, node);
+        Ok(())
+    }
+
+    /// The masked decay matrix `M_ij = CB_ij exp(a_i - a_j) dt_j` (`j <= i`, else 0) per
+    /// (batch, chunk, head, row); stored transposed (`[j, i]`) when `transposed`.
+    fn ssd_mask(
+        &mut self,
+        node: NodeId,
+        s: &Ssd,
+        name: &str,
+        pr: &Prep,
+        out: BufId,
+        transposed: bool,
+    ) {
+        let (ps, sqg, sqh) = (s.per_step(), s.square(&s.g), s.square(&s.h));
+        let mut kb = KB::new(self, name);
+        let (b, c, h, r) = (grid(0), grid(1), grid(2), grid(3));
+        let gi = s.group(&h);
+        let ar = ld(&mut kb, pr.acs, &[b.clone(), c.clone(), h.clone(), r.clone()], &ps);
+        let (arv, decl) = var(&mut kb, ar);
+        kb.body.push(decl);
+        let qc = IExpr::c(s.q);
+        // Row r of M: columns 0..=r; row r of Mᵀ: columns r..Q.
+        let (first, count) = if transposed {
+            (r.clone(), qc.clone().sub(r.clone()))
+        } else {
+            (IExpr::c(0), r.clone().add(IExpr::c(1)))
+        };
+        let body = for_(&mut kb, count.clone(), |kb, k| {
+            let o = first.clone().add(k);
+            let (i, j) = if transposed {
+                (o.clone(), r.clone())
+            } else {
+                (r.clone(), o.clone())
+            };
+            let cbv = ld(kb, pr.cb, &[b.clone(), c.clone(), gi.clone(), i.clone(), j.clone()], &sqg);
+            let aj = ld(kb, pr.acs, &[b.clone(), c.clone(), h.clone(), j.clone()], &ps);
+            let ai = if transposed {
+                ld(kb, pr.acs, &[b.clone(), c.clone(), h.clone(), i.clone()], &ps)
+            } else {
+                Expr::Var(arv)
+            };
+            let aj = if transposed { Expr::Var(arv) } else { aj };
+            let dtj = ld(kb, pr.dtc, &[b.clone(), c.clone(), h.clone(), j], &ps);
+            let v = mul(mul(cbv, exp(sub(ai, aj))), dtj);
+            vec![st(kb, out, &[b.clone(), c.clone(), h.clone(), r.clone(), o], &sqh, v)]
+        });
+        kb.body.push(body);
+        // The other side of the diagonal: zeros.
+        let zeros_first = if transposed { IExpr::c(0) } else { r.clone().add(IExpr::c(1)) };
+        let zeros = for_(&mut kb, qc.sub(count), |kb, k| {
+            let o = zeros_first.clone().add(k);
+            vec![st(
+                kb,
+                out,
+                &[b.clone(), c.clone(), h.clone(), r.clone(), o],
+                &sqh,
+                Expr::Const(0.0),
+            )]
+        });
+        kb.body.push(zeros);
+        let grid_m = vec![
+            kb.l.dim(&s.b),
+            s.ch.count.clone(),
+            kb.l.dim(&s.h),
+            IExpr::c(s.q),
+        ];
+        kb.finish(grid_m, node);
+    }
+}
+
+impl Lowering<'_> {
+    /// `SsdScanGrad` in the matrix form. With `dy`, `ds1` the cotangents and, per chunk,
+    /// `dS_out` the cotangent of the state leaving it (`ds1` for the last, else the next
+    /// chunk's `dS_in`), where `dS_in = exp(a_last) dS_out + Σ_i exp(a_i) dy_iᵀ C_i`:
+    ///
+    /// ```text
+    /// dx_j  = (Mᵀ dY)_j + w_j (dS_out B_j)                dM = dY Xᵀ (masked)
+    /// dCB   = Σ_heads dM ⊙ exp(a_i - a_j) dt_j            dC = dCB B + Σ_h exp(a) dY_h S_in,h
+    /// dB    = dCBᵀ C + Σ_h (w ⊙ X_h) dS_out,h             ds0 = dS_in of the first chunk
+    /// da_i  = Σ_j T_ij - Σ_k T_ki + exp(a_i) dy_i·(C_i S_inᵀ) - w_i u_i   (T = dM ⊙ M)
+    ///         + [i = last] (exp(a_last) <dS_out, S_in> + Σ_j w_j u_j)
+    /// u_j   = x_j · (dS_out B_j)
+    /// ddt_j = Σ_i dM_ij CB_ij exp(a_i - a_j) + exp(a_last - a_j) u_j + A Σ_{i>=j} da_i
+    /// dA    = Σ dt_j Σ_{i>=j} da_i
+    /// ```
+    ///
+    /// Nine products and eleven kernels after the prep's four kernels and two products; sums
+    /// over heads, steps and chunks run in kernels in a fixed order.
+    pub(super) fn ssd_matmul_grad(&mut self, node: NodeId, chunk: u64) -> Result<(), LowerError> {
+        let s = Ssd::new(self, node, chunk)?;
+        let g = self.g;
+        let ops = g.operands(node);
+        let (a, dy, ds1) = (ops[2], ops[6], ops[7]);
+        let name = format!("ssd_scan_grad_{}", node.index());
+        let outs: Vec<BufId> = (0..6)
+            .map(|r| self.new_buf(Value::new(node, r), BufKind::Temp))
+            .collect();
+        let pr = self.ssd_prep(node, &s, &name, None)?;
+        let (ps, pc, hr, hc, gr, gh, sts) = (
+            s.per_step(),
+            s.per_chunk(),
+            s.head_rows(),
+            s.head_cols(),
+            s.group_rows(),
+            s.group_heads(),
+            s.states(),
+        );
+        let (sqh, sqg) = (s.square(&s.h), s.square(&s.g));
+        let dyc = self.scratch(node, hr.clone());
+        let dyw = self.scratch(node, hc.clone());
+        let dye = self.scratch(node, gh.clone());
+        let xs = self.scratch(node, gh.clone());
+        let dst = self.scratch(node, sts.clone());
+        let ch = &s.ch;
+        let qc = IExpr::c(s.q);
+        let len = ch.len(&grid(1));
+        let t0 = ch.start(&grid(1));
+
+        // dy as rows; exp(a) dy as columns and group rows; w ⊙ x as group rows.
+        let mut kb = KB::new(self, &format!("{name}_dy"));
+        let (b, c, h, p) = (grid(0), grid(1), grid(2), grid(3));
+        let (gi, col) = (s.group(&h), s.in_group(&h, p.clone()));
+        let stores = |kb: &mut KB, i: IExpr, dv: Expr| {
+            let rows = [b.clone(), c.clone(), h.clone(), i.clone(), p.clone()];
+            let cols = [b.clone(), c.clone(), h.clone(), p.clone(), i.clone()];
+            let grow = [b.clone(), c.clone(), gi.clone(), i.clone(), col.clone()];
+            let e = exp(ld(kb, pr.acs, &[b.clone(), c.clone(), h.clone(), i], &ps));
+            let (ev, decl) = var(kb, mul(e, dv.clone()));
+            let xwv = ld(kb, pr.xw, &cols, &hc);
+            vec![
+                decl,
+                st(kb, dyc, &rows, &hr, dv),
+                st(kb, dyw, &cols, &hc, Expr::Var(ev)),
+                st(kb, dye, &grow, &gh, Expr::Var(ev)),
+                st(kb, xs, &grow, &gh, xwv),
+            ]
+        };
+        let mut err = None;
+        let valid = for_(&mut kb, len.clone(), |kb, i| {
+            let src = [b.clone(), t0.clone().add(i.clone()), h.clone(), p.clone()];
+            let dv = kb.value(dy, &src).unwrap_or_else(|e| {
+                err = Some(e);
+                Expr::Const(0.0)
+            });
+            let (dv, decl) = var(kb, dv);
+            let mut out = vec![decl];
+            out.extend(stores(kb, i, Expr::Var(dv)));
+            out
+        });
+        if let Some(e) = err {
+            return Err(e);
+        }
+        kb.body.push(valid);
+        let pad = for_(&mut kb, qc.clone().sub(len.clone()), |kb, i| {
+            stores(kb, len.clone().add(i), Expr::Const(0.0))
+        });
+        kb.body.push(pad);
+        let grid_x = vec![
+            kb.l.dim(&s.b),
+            ch.count.clone(),
+            kb.l.dim(&s.h),
+            kb.l.dim(&s.p),
+        ];
+        kb.finish(grid_x, node);
+
+        // dS_in's own part Σ_i exp(a_i) dy_iᵀ C_i, then carried from the last chunk.
+        self.gemm(node, (dyw, pr.cc, dst), s.batch(&s.g), (&s.hp, &s.qd, &s.n), false);
+        let mut kb = KB::new(self, &format!("{name}_carry_back"));
+        let (b, h, p, nn) = (grid(0), grid(1), grid(2), grid(3));
+        let sidx = [b.clone(), h.clone(), p.clone(), nn.clone()];
+        let init = kb.value(ds1, &sidx)?;
+        let slot = kb.buf(dst, true);
+        let acs_slot = kb.buf(pr.acs, false);
+        let at = |kb: &KB, c: &IExpr| {
+            kb.l.linear(
+                &[b.clone(), c.clone(), h.clone(), p.clone(), nn.clone()],
+                &sts,
+            )
+        };
+        let decay = |kb: &KB, c: &IExpr| {
+            exp(Expr::Load {
+                buf: acs_slot,
+                index: kb.l.linear(
+                    &[b.clone(), c.clone(), h.clone(), IExpr::c(s.q - 1)],
+                    &ps,
+                ),
+            })
+        };
+        let (stmts, gv) = carry(&mut kb, init, (&ch.count, true), slot, &at, &decay);
+        kb.body.extend(stmts);
+        let s0s = kb.l.shape(ops[5]);
+        let store = st(&mut kb, outs[5], &sidx, &s0s, Expr::Var(gv));
+        kb.body.push(store);
+        let grid_s = vec![
+            kb.l.dim(&s.b),
+            kb.l.dim(&s.h),
+            kb.l.dim(&s.p),
+            kb.l.dim(&s.n),
+        ];
+        kb.finish(grid_s, node);
+
+        // Mᵀ dY, dS_out B, dY Xᵀ.
+        let mmt = self.scratch(node, sqh.clone());
+        self.ssd_mask(node, &s, &format!("{name}_mask"), &pr, mmt, true);
+        let dxd = self.scratch(node, hr.clone());
+        self.gemm(node, (mmt, dyc, dxd), s.batch(&s.h), (&s.qd, &s.qd, &s.p), false);
+        let dxsu = self.scratch(node, gh.clone());
+        self.gemm(node, (pr.bc, dst, dxsu), s.batch(&s.g), (&s.qd, &s.n, &s.hp), true);
+        let dmm = self.scratch(node, sqh.clone());
+        self.gemm(node, (dyc, pr.xc, dmm), s.batch(&s.h), (&s.qd, &s.p, &s.qd), true);
+
+        // dCB and its transpose, per (batch, chunk, group, i), summed over the group's heads.
+        let dcb = self.scratch(node, sqg.clone());
+        let dcbt = self.scratch(node, sqg.clone());
+        let mut kb = KB::new(self, &format!("{name}_dcb"));
+        let (b, c, gg, i) = (grid(0), grid(1), grid(2), grid(3));
+        let below = for_(&mut kb, i.clone().add(IExpr::c(1)), |kb, j| {
+            let (sum, decl) = var(kb, Expr::Const(0.0));
+            let heads = for_(kb, IExpr::c(s.hpg), |kb, hl| {
+                let h = gg.clone().mul(IExpr::c(s.hpg)).add(hl);
+                let ai = ld(kb, pr.acs, &[b.clone(), c.clone(), h.clone(), i.clone()], &ps);
+                let aj = ld(kb, pr.acs, &[b.clone(), c.clone(), h.clone(), j.clone()], &ps);
+                let dtj = ld(kb, pr.dtc, &[b.clone(), c.clone(), h.clone(), j.clone()], &ps);
+                let dm = ld(
+                    kb,
+                    dmm,
+                    &[b.clone(), c.clone(), h, i.clone(), j.clone()],
+                    &sqh,
+                );
+                vec![Stmt::Set {
+                    var: sum,
+                    value: add(Expr::Var(sum), mul(mul(dm, exp(sub(ai, aj))), dtj)),
+                }]
+            });
+            let ij = [b.clone(), c.clone(), gg.clone(), i.clone(), j.clone()];
+            let ji = [b.clone(), c.clone(), gg.clone(), j, i.clone()];
+            vec![
+                decl,
+                heads,
+                st(kb, dcb, &ij, &sqg, Expr::Var(sum)),
+                st(kb, dcbt, &ji, &sqg, Expr::Var(sum)),
+            ]
+        });
+        kb.body.push(below);
+        let above = for_(
+            &mut kb,
+            qc.clone().sub(i.clone()).sub(IExpr::c(1)),
+            |kb, k| {
+                let j = i.clone().add(IExpr::c(1)).add(k);
+                let ij = [b.clone(), c.clone(), gg.clone(), i.clone(), j.clone()];
+                let ji = [b.clone(), c.clone(), gg.clone(), j, i.clone()];
+                vec![
+                    st(kb, dcb, &ij, &sqg, Expr::Const(0.0)),
+                    st(kb, dcbt, &ji, &sqg, Expr::Const(0.0)),
+                ]
+            },
+        );
+        kb.body.push(above);
+        let grid_q = |kb: &KB, by: &Dim| {
+            vec![
+                kb.l.dim(&s.b),
+                ch.count.clone(),
+                kb.l.dim(by),
+                IExpr::c(s.q),
+            ]
+        };
+        let gq = grid_q(&kb, &s.g);
+        kb.finish(gq, node);
+
+        // Per (batch, chunk, head, r): Σ_j T_rj (row r of T) and Σ_i dM_ir CB_ir exp(a_i - a_r).
+        let rowt = self.scratch(node, ps.clone());
+        let ddt1 = self.scratch(node, ps.clone());
+        let mut kb = KB::new(self, &format!("{name}_rows"));
+        let (b, c, h, r) = (grid(0), grid(1), grid(2), grid(3));
+        let gi = s.group(&h);
+        let ar = ld(&mut kb, pr.acs, &[b.clone(), c.clone(), h.clone(), r.clone()], &ps);
+        let (arv, decl) = var(&mut kb, ar);
+        let (rs, decl_r) = var(&mut kb, Expr::Const(0.0));
+        let (cs, decl_c) = var(&mut kb, Expr::Const(0.0));
+        kb.body.extend([decl, decl_r, decl_c]);
+        let row = for_(&mut kb, r.clone().add(IExpr::c(1)), |kb, j| {
+            let aj = ld(kb, pr.acs, &[b.clone(), c.clone(), h.clone(), j.clone()], &ps);
+            let dtj = ld(kb, pr.dtc, &[b.clone(), c.clone(), h.clone(), j.clone()], &ps);
+            let cbv = ld(kb, pr.cb, &[b.clone(), c.clone(), gi.clone(), r.clone(), j.clone()], &sqg);
+            let dm = ld(kb, dmm, &[b.clone(), c.clone(), h.clone(), r.clone(), j], &sqh);
+            let t = mul(mul(mul(dm, cbv), exp(sub(Expr::Var(arv), aj))), dtj);
+            vec![Stmt::Set {
+                var: rs,
+                value: add(Expr::Var(rs), t),
+            }]
+        });
+        kb.body.push(row);
+        let column = for_(&mut kb, qc.clone().sub(r.clone()), |kb, k| {
+            let i = r.clone().add(k);
+            let ai = ld(kb, pr.acs, &[b.clone(), c.clone(), h.clone(), i.clone()], &ps);
+            let cbv = ld(kb, pr.cb, &[b.clone(), c.clone(), gi.clone(), i.clone(), r.clone()], &sqg);
+            let dm = ld(kb, dmm, &[b.clone(), c.clone(), h.clone(), i, r.clone()], &sqh);
+            let t = mul(mul(dm, cbv), exp(sub(ai, Expr::Var(arv))));
+            vec![Stmt::Set {
+                var: cs,
+                value: add(Expr::Var(cs), t),
+            }]
+        });
+        kb.body.push(column);
+        let at = [b, c, h, r];
+        let s1 = st(&mut kb, rowt, &at, &ps, Expr::Var(rs));
+        let s2 = st(&mut kb, ddt1, &at, &ps, Expr::Var(cs));
+        kb.body.extend([s1, s2]);
+        let gq = grid_q(&kb, &s.h);
+        kb.finish(gq, node);
+
+        // C S_inᵀ again; dC's and dB's two parts each.
+        let yo = self.scratch(node, gh.clone());
+        self.gemm(node, (pr.cc, pr.sin, yo), s.batch(&s.g), (&s.qd, &s.n, &s.hp), true);
+        let [dcd, dco, dbd, dbs] = [0; 4].map(|_| self.scratch(node, gr.clone()));
+        self.gemm(node, (dcb, pr.bc, dcd), s.batch(&s.g), (&s.qd, &s.qd, &s.n), false);
+        self.gemm(node, (dye, pr.sin, dco), s.batch(&s.g), (&s.qd, &s.hp, &s.n), false);
+        self.gemm(node, (dcbt, pr.cc, dbd), s.batch(&s.g), (&s.qd, &s.qd, &s.n), false);
+        self.gemm(node, (xs, dst, dbs), s.batch(&s.g), (&s.qd, &s.hp, &s.n), false);
+
+        // dx, per (batch, step, head, p).
+        let mut kb = KB::new(self, &format!("{name}_dx"));
+        let (b, t, h, p) = (grid(0), grid(1), grid(2), grid(3));
+        let (c, j) = (t.clone().div(qc.clone()), t.clone().rem(qc.clone()));
+        let at = [b.clone(), c.clone(), h.clone()];
+        let w = ssd_weight(&mut kb, &s, &pr, &at, &j);
+        let d = ld(
+            &mut kb,
+            dxd,
+            &[b.clone(), c.clone(), h.clone(), j.clone(), p.clone()],
+            &hr,
+        );
+        let su = ld(
+            &mut kb,
+            dxsu,
+            &[b.clone(), c, s.group(&h), j, s.in_group(&h, p.clone())],
+            &gh,
+        );
+        let xsh = kb.l.shape(ops[0]);
+        let store = st(&mut kb, outs[0], &[b, t, h, p], &xsh, add(d, mul(w, su)));
+        kb.body.push(store);
+        let grid_x = xsh.iter().map(|d| kb.l.dim(d)).collect();
+        kb.finish(grid_x, node);
+
+        // u_j = x_j · (dS_out B_j) and dy_j · (C_j S_inᵀ), per (batch, chunk, head, j).
+        let u = self.scratch(node, ps.clone());
+        let yod = self.scratch(node, ps.clone());
+        let mut kb = KB::new(self, &format!("{name}_dots"));
+        let (b, c, h, j) = (grid(0), grid(1), grid(2), grid(3));
+        let (uv, d1) = var(&mut kb, Expr::Const(0.0));
+        let (yv, d2) = var(&mut kb, Expr::Const(0.0));
+        kb.body.extend([d1, d2]);
+        let dots = for_(&mut kb, IExpr::c(s.pw), |kb, p| {
+            let rows = [b.clone(), c.clone(), h.clone(), j.clone(), p.clone()];
+            let grow = [
+                b.clone(),
+                c.clone(),
+                s.group(&h),
+                j.clone(),
+                s.in_group(&h, p),
+            ];
+            let xv = ld(kb, pr.xc, &rows, &hr);
+            let dsu = ld(kb, dxsu, &grow, &gh);
+            let dv = ld(kb, dyc, &rows, &hr);
+            let ov = ld(kb, yo, &grow, &gh);
+            vec![
+                Stmt::Set {
+                    var: uv,
+                    value: add(Expr::Var(uv), mul(xv, dsu)),
+                },
+                Stmt::Set {
+                    var: yv,
+                    value: add(Expr::Var(yv), mul(dv, ov)),
+                },
+            ]
+        });
+        kb.body.push(dots);
+        let at = [b, c, h, j];
+        let s1 = st(&mut kb, u, &at, &ps, Expr::Var(uv));
+        let s2 = st(&mut kb, yod, &at, &ps, Expr::Var(yv));
+        kb.body.extend([s1, s2]);
+        let gq = grid_q(&kb, &s.h);
+        kb.finish(gq, node);
+
+        // <dS_out, S_in> per (batch, chunk, head).
+        let dl = self.scratch(node, pc.clone());
+        let mut kb = KB::new(self, &format!("{name}_dlast"));
+        let (b, c, h) = (grid(0), grid(1), grid(2));
+        let (sum, decl) = var(&mut kb, Expr::Const(0.0));
+        kb.body.push(decl);
+        let pn = IExpr::c(s.pw).mul(kb.l.dim(&s.n));
+        let nd = kb.l.dim(&s.n);
+        let dot = for_(&mut kb, pn, |kb, e| {
+            let idx = [
+                b.clone(),
+                c.clone(),
+                h.clone(),
+                e.clone().div(nd.clone()),
+                e.rem(nd.clone()),
+            ];
+            let v = mul(ld(kb, dst, &idx, &sts), ld(kb, pr.sin, &idx, &sts));
+            vec![Stmt::Set {
+                var: sum,
+                value: add(Expr::Var(sum), v),
+            }]
+        });
+        kb.body.push(dot);
+        let store = st(&mut kb, dl, &[b, c, h], &pc, Expr::Var(sum));
+        kb.body.push(store);
+        let grid_c = vec![kb.l.dim(&s.b), ch.count.clone(), kb.l.dim(&s.h)];
+        kb.finish(grid_c.clone(), node);
+
+        // ddt and each chunk's part of dA, per (batch, chunk, head), backwards over the steps.
+        let dap = self.scratch(node, pc.clone());
+        let mut kb = KB::new(self, &format!("{name}_ddt"));
+        let (b, c, h) = (grid(0), grid(1), grid(2));
+        let at = [b.clone(), c.clone(), h.clone()];
+        let av = kb.value(a, std::slice::from_ref(&h))?;
+        let step = |kb: &mut KB, buf: BufId, i: &IExpr| {
+            ld(kb, buf, &[b.clone(), c.clone(), h.clone(), i.clone()], &ps)
+        };
+        let al = step(&mut kb, pr.acs, &IExpr::c(s.q - 1));
+        let (alv, d1) = var(&mut kb, al);
+        let dlv = ld(&mut kb, dl, &at, &pc);
+        let (rv, d2) = var(&mut kb, mul(exp(Expr::Var(alv)), dlv));
+        let (dav, d3) = var(&mut kb, Expr::Const(0.0));
+        kb.body.extend([d1, d2, d3]);
+        let ext = for_(&mut kb, qc.clone(), |kb, j| {
+            let w = ssd_weight(kb, &s, &pr, &at, &j);
+            let uj = step(kb, u, &j);
+            vec![Stmt::Set {
+                var: rv,
+                value: add(Expr::Var(rv), mul(w, uj)),
+            }]
+        });
+        kb.body.push(ext);
+        let dts = kb.l.shape(ops[1]);
+        let back = for_(&mut kb, qc.clone(), |kb, k| {
+            let i = IExpr::c(s.q - 1).sub(k);
+            let (ai, dti) = (step(kb, pr.acs, &i), step(kb, pr.dtc, &i));
+            let (aiv, d1) = var(kb, ai);
+            let (dtv, d2) = var(kb, dti);
+            let (d1e, ue) = (step(kb, ddt1, &i), step(kb, u, &i));
+            let (d1v, d3) = var(kb, d1e);
+            let (uv, d4) = var(kb, ue);
+            let (lv, d5) = var(kb, exp(sub(Expr::Var(alv), Expr::Var(aiv))));
+            let da = sub(
+                add(
+                    sub(step(kb, rowt, &i), mul(Expr::Var(d1v), Expr::Var(dtv))),
+                    mul(exp(Expr::Var(aiv)), step(kb, yod, &i)),
+                ),
+                mul(mul(Expr::Var(dtv), Expr::Var(lv)), Expr::Var(uv)),
+            );
+            let ddt = add(
+                add(Expr::Var(d1v), mul(Expr::Var(lv), Expr::Var(uv))),
+                mul(av.clone(), Expr::Var(rv)),
+            );
+            let t = ch.start(&c).add(i.clone());
+            let store = for_(kb, s.valid(&c, &i), |kb, _| {
+                vec![st(kb, outs[1], &[b.clone(), t, h.clone()], &dts, ddt)]
+            });
+            vec![
+                d1,
+                d2,
+                d3,
+                d4,
+                d5,
+                Stmt::Set {
+                    var: rv,
+                    value: add(Expr::Var(rv), da),
+                },
+                store,
+                Stmt::Set {
+                    var: dav,
+                    value: add(Expr::Var(dav), mul(Expr::Var(dtv), Expr::Var(rv))),
+                },
+            ]
+        });
+        kb.body.push(back);
+        let store = st(&mut kb, dap, &at, &pc, Expr::Var(dav));
+        kb.body.push(store);
+        kb.finish(grid_c, node);
+
+        // dA per head: the chunks' parts in order.
+        let mut kb = KB::new(self, &format!("{name}_da"));
+        let h = grid(0);
+        let (sum, decl) = var(&mut kb, Expr::Const(0.0));
+        kb.body.push(decl);
+        let bext = kb.l.dim(&s.b);
+        let sum_b = for_(&mut kb, bext, |kb, b| {
+            vec![for_(kb, ch.count.clone(), |kb, c| {
+                let v = ld(kb, dap, &[b.clone(), c, h.clone()], &pc);
+                vec![Stmt::Set {
+                    var: sum,
+                    value: add(Expr::Var(sum), v),
+                }]
+            })]
+        });
+        kb.body.push(sum_b);
+        let ash = kb.l.shape(ops[2]);
+        let store = st(&mut kb, outs[2], std::slice::from_ref(&h), &ash, Expr::Var(sum));
+        kb.body.push(store);
+        let grid_h = vec![kb.l.dim(&s.h)];
+        kb.finish(grid_h, node);
+
+        // dB, dC, per (batch, step, group, n).
+        let mut kb = KB::new(self, &format!("{name}_dbc"));
+        let (b, t, gg, nn) = (grid(0), grid(1), grid(2), grid(3));
+        let (c, j) = (t.clone().div(qc.clone()), t.clone().rem(qc));
+        let at = [b.clone(), c, gg.clone(), j, nn.clone()];
+        let bsh = kb.l.shape(ops[3]);
+        let out_at = [b, t, gg, nn];
+        let mut stores = Vec::new();
+        for (out, parts) in [(outs[3], [dbd, dbs]), (outs[4], [dcd, dco])] {
+            let v = add(ld(&mut kb, parts[0], &at, &gr), ld(&mut kb, parts[1], &at, &gr));
+            stores.push(st(&mut kb, out, &out_at, &bsh, v));
+        }
+        kb.body.extend(stores);
+        let grid_b = bsh.iter().map(|d| kb.l.dim(d)).collect();
+        kb.finish(grid_b, node);
+        Ok(())
+    }
+}
+
+/// `w_j = dt_j exp(a_last - a_j)` of step `j` at (batch, chunk, head) `at`.
+fn ssd_weight(kb: &mut KB, s: &Ssd, pr: &Prep, at: &[IExpr; 3], j: &IExpr) -> Expr {
+    let ps = s.per_step();
+    let idx = |i: IExpr| [at[0].clone(), at[1].clone(), at[2].clone(), i];
+    let last = ld(kb, pr.acs, &idx(IExpr::c(s.q - 1)), &ps);
+    let aj = ld(kb, pr.acs, &idx(j.clone()), &ps);
+    let dtj = ld(kb, pr.dtc, &idx(j.clone()), &ps);
+    mul(dtj, exp(sub(last, aj)))
+}
