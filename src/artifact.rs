@@ -112,6 +112,9 @@ pub enum StepInfo {
         m: String,
         k: String,
         n: String,
+        /// The left operand is stored transposed (`[K, M]`).
+        #[serde(default)]
+        lhs_t: bool,
         rhs_t: bool,
         rhs_batched: bool,
         node: String,
@@ -255,7 +258,7 @@ pub fn build(
         forward.clone()
     };
     let lowered =
-        passes::lower(&graph, &passes::LowerOptions::default()).map_err(|e| err(e.to_string()))?;
+        passes::lower(&graph, &passes::LowerOptions::gpu()).map_err(|e| err(e.to_string()))?;
     let mut symbols = Vec::new();
     for s in &lowered.syms {
         let v = match s.as_str() {
@@ -393,6 +396,7 @@ fn step_info(s: &Step, bind: &dyn Fn(&str) -> Option<u64>) -> Result<StepInfo, S
             m,
             k,
             n,
+            lhs_t,
             rhs_t,
             rhs_batched,
             node,
@@ -409,6 +413,7 @@ fn step_info(s: &Step, bind: &dyn Fn(&str) -> Option<u64>) -> Result<StepInfo, S
                 m: m.to_string(),
                 k: k.to_string(),
                 n: n.to_string(),
+                lhs_t: *lhs_t,
                 rhs_t: *rhs_t,
                 rhs_batched: *rhs_batched,
                 node: node.to_string(),
@@ -657,6 +662,7 @@ impl Artifact {
                     lhs,
                     rhs,
                     out,
+                    lhs_t,
                     rhs_t,
                     rhs_batched,
                     node: n,
@@ -670,6 +676,7 @@ impl Artifact {
                     m: ir::Dim::known(dims[1]),
                     k: ir::Dim::known(dims[2]),
                     n: ir::Dim::known(dims[3]),
+                    lhs_t: *lhs_t,
                     rhs_t: *rhs_t,
                     rhs_batched: *rhs_batched,
                     node: node(n)?,
@@ -810,12 +817,14 @@ pub fn inspect(a: &Artifact, max_steps: Option<usize>) -> String {
                 m: mm,
                 k,
                 n,
+                lhs_t,
                 rhs_t,
                 ..
             } => {
                 let _ = writeln!(
                     s,
-                    "  {i:>5} matmul {batch} x [{mm}, {k}] @ [{k}, {n}]{} ({}, {}) -> {}",
+                    "  {i:>5} matmul {batch} x [{mm}, {k}] @ [{k}, {n}]{}{} ({}, {}) -> {}",
+                    if *lhs_t { " (lhs^T)" } else { "" },
                     if *rhs_t { " (rhs^T)" } else { "" },
                     bname(*lhs),
                     bname(*rhs),

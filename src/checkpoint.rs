@@ -45,11 +45,14 @@ enum Params<'a> {
 
 impl StageGraph {
     fn compile(g: &Graph, device: Device) -> Result<StageGraph, Error> {
-        let opts = LowerOptions::default();
         match device {
-            Device::Cpu => Ok(StageGraph::Cpu(Box::new(CpuGraph::compile(g, &opts)?))),
+            Device::Cpu => Ok(StageGraph::Cpu(Box::new(CpuGraph::compile(
+                g,
+                &LowerOptions::default(),
+            )?))),
             #[cfg(feature = "cuda")]
             Device::Cuda => {
+                let opts = LowerOptions::gpu();
                 crate::gpu::GpuGraph::compile(g, &opts, codegen::nvptx::Target::Sm90, 0)
                     .map(|g| StageGraph::Gpu(Box::new(g)))
                     .map_err(|e| Error::Gpu(format!("--device cuda: {e}")))

@@ -413,7 +413,7 @@ impl Trainer {
             let tg = passes::training_graph(forward, logits, IGNORE_INDEX)?;
             let g = crate::gpu::GpuGraph::compile(
                 &tg.graph,
-                &LowerOptions::default(),
+                &LowerOptions::gpu(),
                 codegen::nvptx::Target::Sm90,
                 0,
             )

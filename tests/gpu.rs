@@ -33,7 +33,7 @@ const NORMWISE: f64 = 1e-3;
 
 /// Compiles for the GPU, or says why the test is skipped (`None`).
 fn gpu(what: &str, g: &Graph) -> Option<GpuGraph> {
-    match GpuGraph::compile(g, &LowerOptions::default(), Target::Sm90, 0) {
+    match GpuGraph::compile(g, &LowerOptions::gpu(), Target::Sm90, 0) {
         Ok(x) => Some(x),
         Err(GpuError::Cuda(e @ (CudaError::NoDevice(_) | CudaError::NoCublas(_))))
             if std::env::var("MA2MBA_REQUIRE_GPU").as_deref() != Ok("1") =>
@@ -427,6 +427,83 @@ fn tiny_mamba2_matches_the_cpu() {
     training("tiny-mamba2", 3, 37, 61, false);
 }
 
+/// `ssd_scan{chunk}` and its gradient alone (`hpg` heads per group): every output of the
+/// GPU's matrix form against the CPU's scans.
+fn ssd_graph((hpg, groups, p, n): (u64, u64, u64, u64), chunk: u64) -> Graph {
+    let h = hpg * groups;
+    let mut g = Graph::new("ssd");
+    let (bd, ld, k) = (Dim::sym("B"), Dim::sym("L"), Dim::known);
+    let input = |g: &mut Graph, name: &str, kind: InputKind, shape: Vec<Dim>| {
+        let ty = TensorType::new(DType::F32, shape);
+        add(
+            g,
+            Op::Input {
+                name: name.into(),
+                kind,
+                ty,
+            },
+            &[],
+        )
+    };
+    let data = InputKind::Data;
+    let xsh = vec![bd.clone(), ld.clone(), k(h), k(p)];
+    let x = input(&mut g, "x", data.clone(), xsh.clone());
+    let dt_raw = input(&mut g, "dt", data.clone(), vec![bd.clone(), ld.clone(), k(h)]);
+    let dt = add(&mut g, Op::Unary(UnaryOp::Softplus), &[dt_raw]);
+    let a_log = input(&mut g, "A_log", data.clone(), vec![k(h)]);
+    let a = add(&mut g, Op::Unary(UnaryOp::Exp), &[a_log]);
+    let a = add(&mut g, Op::Unary(UnaryOp::Neg), &[a]);
+    let bsh = vec![bd.clone(), ld.clone(), k(groups), k(n)];
+    let bm = input(&mut g, "Bm", data.clone(), bsh.clone());
+    let cm = input(&mut g, "Cm", data.clone(), bsh);
+    let ssh = vec![bd, k(h), k(p), k(n)];
+    let s0 = input(&mut g, "s0", InputKind::State, ssh.clone());
+    let dy = input(&mut g, "dy", data.clone(), xsh);
+    let ds1 = input(&mut g, "ds1", data, ssh);
+    let ops = [x, dt, a, bm, cm, s0];
+    let y = add(&mut g, Op::SsdScan { chunk }, &ops);
+    g.add_output("y", y);
+    g.add_output("s1", Value::new(y.node, 1));
+    let mut gops = ops.to_vec();
+    gops.extend([dy, ds1]);
+    let gr = add(&mut g, Op::SsdScanGrad { chunk }, &gops);
+    for (i, name) in ["dx", "ddt", "dA", "dB", "dC", "ds0"].iter().enumerate() {
+        g.add_output(*name, Value::new(gr.node, i as u16));
+    }
+    g
+}
+
+#[test]
+fn ssd_matmul_form_matches_the_cpu() {
+    // Grouped heads at awkward sizes over three chunks (the last partial), then
+    // mamba2-2.7b's head and state sizes over a chunk and one step.
+    for (dims, b, l, chunk) in [
+        ((3, 2, 5, 7), 2, 300, 256),
+        ((2, 1, 64, 128), 1, 129, 128),
+    ] {
+        let g = ssd_graph(dims, chunk);
+        let what = format!("ssd (hpg, G, P, N) = {dims:?} B={b} L={l} chunk {chunk}");
+        let Some(dev) = gpu(&what, &g) else {
+            return;
+        };
+        let c = case(&g, &g, b as usize, l, 1, 31);
+        let outs = both(&what, &dev, &g, &c);
+        for (out, cpu, gpu) in &outs {
+            assert_close(&format!("{what} {out}"), gpu, cpu, CPU_GPU);
+        }
+        // With TF32 tensor cores: normwise within 5e-3 of the CPU's f32.
+        dev.exec().set_tf32(true);
+        let got = dev
+            .run(&c.syms, &c.data, &c.params, &c.states, opts())
+            .unwrap_or_else(|e| panic!("{what}: gpu tf32: {e}"));
+        dev.exec().set_tf32(false);
+        for ((out, g), (_, cpu, _)) in got.iter().zip(&outs) {
+            let r = assert_normwise(&format!("{what} {out} tf32"), g, cpu, 5e-3);
+            eprintln!("{what} {out}: tf32 normwise {r:.2e}");
+        }
+    }
+}
+
 #[test]
 fn mamba_130m_matches_the_cpu() {
     forward("mamba-130m", &[(1, 33)], 50_000);
@@ -435,8 +512,9 @@ fn mamba_130m_matches_the_cpu() {
 
 #[test]
 fn mamba2_130m_matches_the_cpu() {
-    forward("mamba2-130m", &[(1, 33)], 50_000);
+    forward("mamba2-130m", &[(1, 33), (1, 300)], 50_000);
     training("mamba2-130m", 1, 16, 50_000, true);
+    training("mamba2-130m", 1, 260, 50_000, true);
 }
 
 /// Reads the `logits` tensor of a `--dump-logits` file.

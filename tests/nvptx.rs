@@ -56,7 +56,7 @@ fn assemble(what: &str, ptx: &Ptx) {
 
 /// Lowers `graph`, compiles every kernel to PTX and checks each is an `.entry`.
 fn compile_graph(what: &str, graph: &ir::Graph, target: Target) -> Ptx {
-    let l = passes::lower(graph, &LowerOptions::default())
+    let l = passes::lower(graph, &LowerOptions::gpu())
         .unwrap_or_else(|e| panic!("{what}: lowering: {e}"));
     let started = std::time::Instant::now();
     let ptx = compile_lowered(&l, target).unwrap_or_else(|e| panic!("{what}: {e}"));

@@ -337,6 +337,20 @@ fn build_kernel<'ctx>(
     let fty = ctx.void_type().fn_type(&params, false);
     let f = module.add_function(name, fty, None);
     f.set_call_conventions(PTX_KERNEL_CC);
+    // A kernel's buffers never overlap (the memory planner gives buffers used by one step
+    // disjoint memory, and a buffer is one parameter however often the kernel uses it): with
+    // `noalias` LLVM may move loads across stores to other buffers and keep several in
+    // flight; read-only buffers may go through the non-coherent cache (`ld.global.nc`).
+    let attr = |name: &str| {
+        ctx.create_enum_attribute(inkwell::attributes::Attribute::get_named_enum_kind_id(name), 0)
+    };
+    for (i, kb) in k.bufs.iter().enumerate() {
+        let at = inkwell::attributes::AttributeLoc::Param(i as u32);
+        f.add_attribute(at, attr("noalias"));
+        if !kb.writable {
+            f.add_attribute(at, attr("readonly"));
+        }
+    }
     let entry = ctx.append_basic_block(f, "entry");
     let start = ctx.append_basic_block(f, "start");
     let b = ctx.create_builder();

@@ -89,8 +89,9 @@ pub enum Step {
         bufs: Vec<BufId>,
         node: NodeId,
     },
-    /// `out[b] = lhs[b] @ rhs(^T)` for `batch` row-major matrices: lhs `[M, K]`, rhs `[K, N]`
-    /// (or `[N, K]` when `rhs_t`), shared by every batch unless `rhs_batched`.
+    /// `out[b] = lhs[b](^T) @ rhs(^T)` for `batch` row-major matrices: lhs `[M, K]` (or
+    /// `[K, M]` when `lhs_t`), rhs `[K, N]` (or `[N, K]` when `rhs_t`), shared by every batch
+    /// unless `rhs_batched`.
     MatMul {
         lhs: BufId,
         rhs: BufId,
@@ -99,6 +100,7 @@ pub enum Step {
         m: Dim,
         k: Dim,
         n: Dim,
+        lhs_t: bool,
         rhs_t: bool,
         rhs_batched: bool,
         node: NodeId,

@@ -81,6 +81,9 @@ impl LowerOptions {
 mod ssd_matmul;
 pub use ssd_matmul::MAX_SSD_MATMUL_CHUNK;
 
+/// Chunks whose values a carry across chunks ([`carry`]) loads before it updates them.
+const CARRY_BATCH: i64 = 8;
+
 /// Steps per checkpoint of the Mamba-1 scan gradient. Its scratch is a state, a state
 /// cotangent and a decay product per chunk (`[B, ceil(L/Q), E, N]` each): `3·B·E·N·ceil(L/Q)`
 /// floats, `3N/Q` times `x` (3/4 at d_state 16). Its grids are `B·ceil(L/Q)·E` points, each
@@ -643,6 +646,7 @@ impl<'g> Lowering<'g> {
                     m,
                     k,
                     n: nn,
+                    lhs_t: false,
                     rhs_t: *rhs_t,
                     rhs_batched,
                     node: n,
@@ -3098,38 +3102,88 @@ fn carry(
     decay: &dyn Fn(&KB, &IExpr) -> Expr,
 ) -> (Vec<Stmt>, VarId) {
     use BinaryOp::{Add, Mul};
-    let (v, own, cl) = (kb.var(), kb.var(), kb.counter());
-    let c = if reverse {
-        count.clone().sub(IExpr::c(1)).sub(IExpr::Loop(cl))
-    } else {
-        IExpr::Loop(cl)
+    // The recurrence is one dependent multiply-add per chunk, and each chunk's own value
+    // and decay are loads: loaded CARRY_BATCH chunks at a time, before any of them is
+    // replaced, so that many loads are in flight per element, not one.
+    let k = CARRY_BATCH;
+    let (v, group, load, upd) = (kb.var(), kb.counter(), kb.counter(), kb.counter());
+    let (own, dec) = (kb.arr(), kb.arr());
+    let first = IExpr::Loop(group).mul(IExpr::c(k));
+    // The chunk of position `p` (in the carry's order).
+    let chunk = |p: IExpr| {
+        if reverse {
+            count.clone().sub(IExpr::c(1)).sub(p)
+        } else {
+            p
+        }
     };
-    let i = at(kb, &c);
+    // Loads past the last chunk read the last chunk again (never used).
+    let lc = chunk(
+        first
+            .clone()
+            .add(IExpr::Loop(load))
+            .min(count.clone().sub(IExpr::c(1))),
+    );
+    let uc = chunk(first.clone().add(IExpr::Loop(upd)));
+    let al = |arr: ArrId, l: LoopId| Expr::ArrLoad {
+        arr,
+        index: IExpr::Loop(l),
+    };
+    let loads = vec![
+        Stmt::ArrSet {
+            arr: own,
+            index: IExpr::Loop(load),
+            value: Expr::Load {
+                buf: slot,
+                index: at(kb, &lc),
+            },
+        },
+        Stmt::ArrSet {
+            arr: dec,
+            index: IExpr::Loop(load),
+            value: decay(kb, &lc),
+        },
+    ];
+    let updates = vec![
+        Stmt::Store {
+            buf: slot,
+            index: at(kb, &uc),
+            value: Expr::Var(v),
+        },
+        Stmt::Set {
+            var: v,
+            value: Expr::bin(
+                Add,
+                Expr::bin(Mul, al(dec, upd), Expr::Var(v)),
+                al(own, upd),
+            ),
+        },
+    ];
     let stmts = vec![
         Stmt::Var { var: v, init },
+        Stmt::Array {
+            arr: own,
+            len: k as usize,
+            init: 0.0,
+        },
+        Stmt::Array {
+            arr: dec,
+            len: k as usize,
+            init: 0.0,
+        },
         Stmt::For {
-            counter: cl,
-            extent: count.clone(),
+            counter: group,
+            extent: count.clone().add(IExpr::c(k - 1)).div(IExpr::c(k)),
             body: vec![
-                Stmt::Var {
-                    var: own,
-                    init: Expr::Load {
-                        buf: slot,
-                        index: i.clone(),
-                    },
+                Stmt::For {
+                    counter: load,
+                    extent: IExpr::c(k),
+                    body: loads,
                 },
-                Stmt::Store {
-                    buf: slot,
-                    index: i,
-                    value: Expr::Var(v),
-                },
-                Stmt::Set {
-                    var: v,
-                    value: Expr::bin(
-                        Add,
-                        Expr::bin(Mul, decay(kb, &c), Expr::Var(v)),
-                        Expr::Var(own),
-                    ),
+                Stmt::For {
+                    counter: upd,
+                    extent: IExpr::c(k).min(count.clone().sub(first)),
+                    body: updates,
                 },
             ],
         },

@@ -222,6 +222,7 @@ pub fn execute_in(
                 m,
                 k,
                 n,
+                lhs_t,
                 rhs_t,
                 rhs_batched,
                 ..
@@ -245,9 +246,15 @@ pub fn execute_in(
                 } else {
                     (n as isize, 1)
                 };
+                // lhs [M, K] row-major: strides (K, 1); stored [K, M]: (1, M).
+                let (rsa, csa) = if *lhs_t {
+                    (1, m as isize)
+                } else {
+                    (k as isize, 1)
+                };
                 for bi in 0..batch {
                     let boff = if *rhs_batched { bi * k * n } else { 0 };
-                    if *rhs_t && m <= opts.gemv_max_rows {
+                    if *rhs_t && !*lhs_t && m <= opts.gemv_max_rows {
                         // SAFETY: as below.
                         let (a, w, c) = unsafe {
                             (
@@ -268,8 +275,8 @@ pub fn execute_in(
                             n,
                             1.0,
                             a.add(bi * m * k),
-                            k as isize,
-                            1,
+                            rsa,
+                            csa,
                             b.add(boff),
                             rsb,
                             csb,

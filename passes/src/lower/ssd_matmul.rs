@@ -99,10 +99,6 @@ impl Ssd {
     fn head_rows(&self) -> Shape {
         self.shape(&[&self.b, &self.count, &self.h, &self.qd, &self.p])
     }
-    /// `[B, nc, H, P, Q]`: a head's steps as columns.
-    fn head_cols(&self) -> Shape {
-        self.shape(&[&self.b, &self.count, &self.h, &self.p, &self.qd])
-    }
     /// `[B, nc, G, Q, N]`: a group's `B` or `C` rows.
     fn group_rows(&self) -> Shape {
         self.shape(&[&self.b, &self.count, &self.g, &self.qd, &self.n])
@@ -198,9 +194,9 @@ struct Prep {
     /// `dt` and the running sum `a` of `dt·A` (`[B, nc, H, Q]`).
     dtc: BufId,
     acs: BufId,
-    /// `x` as rows (`[B, nc, H, Q, P]`) and `w ⊙ x` as columns (`[B, nc, H, P, Q]`).
+    /// `x` as rows (`[B, nc, H, Q, P]`) and `w ⊙ x` as group rows (`[B, nc, G, Q, hpg·P]`).
     xc: BufId,
-    xw: BufId,
+    xs: BufId,
     /// `B` and `C` rows (`[B, nc, G, Q, N]`).
     bc: BufId,
     cc: BufId,
@@ -217,7 +213,7 @@ impl Lowering<'_> {
         (lhs, rhs, out): (BufId, BufId, BufId),
         batch: Product,
         (m, k, n): (&Dim, &Dim, &Dim),
-        rhs_t: bool,
+        (lhs_t, rhs_t): (bool, bool),
     ) {
         self.out.steps.push(Step::MatMul {
             lhs,
@@ -227,6 +223,7 @@ impl Lowering<'_> {
             m: m.clone(),
             k: k.clone(),
             n: n.clone(),
+            lhs_t,
             rhs_t,
             rhs_batched: true,
             node,
@@ -246,11 +243,11 @@ impl Lowering<'_> {
         let g = self.g;
         let ops = g.operands(node);
         let (x, dt, a, bm, cm, s0) = (ops[0], ops[1], ops[2], ops[3], ops[4], ops[5]);
-        let (ps, hr, hc, gr) = (s.per_step(), s.head_rows(), s.head_cols(), s.group_rows());
+        let (ps, hr, gh, gr) = (s.per_step(), s.head_rows(), s.group_heads(), s.group_rows());
         let dtc = self.scratch(node, ps.clone());
         let acs = self.scratch(node, ps.clone());
         let xc = self.scratch(node, hr.clone());
-        let xw = self.scratch(node, hc.clone());
+        let xs = self.scratch(node, gh.clone());
         let bc = self.scratch(node, gr.clone());
         let cc = self.scratch(node, gr.clone());
         let cb = self.scratch(node, s.square(&s.g));
@@ -302,7 +299,7 @@ impl Lowering<'_> {
         let grid_d = vec![kb.l.dim(&s.b), ch.count.clone(), kb.l.dim(&s.h)];
         kb.finish(grid_d, node);
 
-        // x as rows, and w ⊙ x as columns, per (batch, chunk, head, p).
+        // x as rows, and w ⊙ x as group rows, per (batch, chunk, head, p).
         let mut kb = KB::new(self, &format!("{name}_x"));
         let (b, c, h, p) = (grid(0), grid(1), grid(2), grid(3));
         let last = ld(
@@ -327,11 +324,11 @@ impl Lowering<'_> {
                 exp(sub(Expr::Var(lastv), ld(kb, acs, &si, &ps))),
             );
             let rows = [b.clone(), c.clone(), h.clone(), i.clone(), p.clone()];
-            let cols = [b.clone(), c.clone(), h.clone(), p.clone(), i];
+            let grow = [b.clone(), c.clone(), s.group(&h), i, s.in_group(&h, p.clone())];
             vec![
                 decl,
                 st(kb, xc, &rows, &hr, Expr::Var(xv)),
-                st(kb, xw, &cols, &hc, mul(Expr::Var(xv), w)),
+                st(kb, xs, &grow, &gh, mul(Expr::Var(xv), w)),
             ]
         });
         if let Some(e) = err {
@@ -341,10 +338,10 @@ impl Lowering<'_> {
         let pad = for_(&mut kb, qc.clone().sub(len.clone()), |kb, i| {
             let i = len.clone().add(i);
             let rows = [b.clone(), c.clone(), h.clone(), i.clone(), p.clone()];
-            let cols = [b.clone(), c.clone(), h.clone(), p.clone(), i];
+            let grow = [b.clone(), c.clone(), s.group(&h), i, s.in_group(&h, p.clone())];
             vec![
                 st(kb, xc, &rows, &hr, Expr::Const(0.0)),
-                st(kb, xw, &cols, &hc, Expr::Const(0.0)),
+                st(kb, xs, &grow, &gh, Expr::Const(0.0)),
             ]
         });
         kb.body.push(pad);
@@ -393,8 +390,8 @@ impl Lowering<'_> {
         kb.finish(grid_bc, node);
 
         // CB = C Bᵀ per group; each chunk's own end state (w ⊙ X)ᵀ B, a group's heads at once.
-        self.gemm(node, (cc, bc, cb), s.batch(&s.g), (&s.qd, &s.n, &s.qd), true);
-        self.gemm(node, (xw, bc, sin), s.batch(&s.g), (&s.hp, &s.qd, &s.n), false);
+        self.gemm(node, (cc, bc, cb), s.batch(&s.g), (&s.qd, &s.n, &s.qd), (false, true));
+        self.gemm(node, (xs, bc, sin), s.batch(&s.g), (&s.hp, &s.qd, &s.n), (true, false));
 
         // The states entering each chunk, in order from s0, per (batch, head, p, n).
         let mut kb = KB::new(self, &format!("{name}_carry"));
@@ -436,7 +433,7 @@ impl Lowering<'_> {
             dtc,
             acs,
             xc,
-            xw,
+            xs,
             bc,
             cc,
             cb,
@@ -460,9 +457,9 @@ impl Lowering<'_> {
 
         // M = CB ⊙ exp(a_i - a_j) dt_j below the diagonal, per (batch, chunk, head, i).
         self.ssd_mask(node, &s, &format!("{name}_mask"), &pr, mm, false);
-        self.gemm(node, (mm, pr.xc, yd), s.batch(&s.h), (&s.qd, &s.qd, &s.p), false);
+        self.gemm(node, (mm, pr.xc, yd), s.batch(&s.h), (&s.qd, &s.qd, &s.p), (false, false));
         // C S_inᵀ, a group's heads at once.
-        self.gemm(node, (pr.cc, pr.sin, yo), s.batch(&s.g), (&s.qd, &s.n, &s.hp), true);
+        self.gemm(node, (pr.cc, pr.sin, yo), s.batch(&s.g), (&s.qd, &s.n, &s.hp), (false, true));
 
         // y = Y_diag + exp(a) C S_inᵀ, per (batch, step, head, p).
         let mut kb = KB::new(self, &name);
@@ -497,8 +494,10 @@ impl Lowering<'_> {
         Ok(())
     }
 
-    /// The masked decay matrix `M_ij = CB_ij exp(a_i - a_j) dt_j` (`j <= i`, else 0) per
-    /// (batch, chunk, head, row); stored transposed (`[j, i]`) when `transposed`.
+    /// The masked decay matrix `M_ij = CB_ij exp(a_i - a_j) dt_j` (`j <= i`, else 0), an
+    /// element per grid point (stored transposed, `[j, i]`, when `transposed`). Without
+    /// branches: `exp(min(a_i - a_j, 0))` is finite everywhere and exact below the
+    /// diagonal, and the exact 0/1 indicator `(i - j + Q) / Q` masks the rest.
     fn ssd_mask(
         &mut self,
         node: NodeId,
@@ -510,55 +509,31 @@ impl Lowering<'_> {
     ) {
         let (ps, sqg, sqh) = (s.per_step(), s.square(&s.g), s.square(&s.h));
         let mut kb = KB::new(self, name);
-        let (b, c, h, r) = (grid(0), grid(1), grid(2), grid(3));
-        let gi = s.group(&h);
-        let ar = ld(&mut kb, pr.acs, &[b.clone(), c.clone(), h.clone(), r.clone()], &ps);
-        let (arv, decl) = var(&mut kb, ar);
-        kb.body.push(decl);
-        let qc = IExpr::c(s.q);
-        // Row r of M: columns 0..=r; row r of Mᵀ: columns r..Q.
-        let (first, count) = if transposed {
-            (r.clone(), qc.clone().sub(r.clone()))
+        let (b, c, h, r, o) = (grid(0), grid(1), grid(2), grid(3), grid(4));
+        let (i, j) = if transposed {
+            (o.clone(), r.clone())
         } else {
-            (IExpr::c(0), r.clone().add(IExpr::c(1)))
+            (r.clone(), o.clone())
         };
-        let body = for_(&mut kb, count.clone(), |kb, k| {
-            let o = first.clone().add(k);
-            let (i, j) = if transposed {
-                (o.clone(), r.clone())
-            } else {
-                (r.clone(), o.clone())
-            };
-            let cbv = ld(kb, pr.cb, &[b.clone(), c.clone(), gi.clone(), i.clone(), j.clone()], &sqg);
-            let aj = ld(kb, pr.acs, &[b.clone(), c.clone(), h.clone(), j.clone()], &ps);
-            let ai = if transposed {
-                ld(kb, pr.acs, &[b.clone(), c.clone(), h.clone(), i.clone()], &ps)
-            } else {
-                Expr::Var(arv)
-            };
-            let aj = if transposed { Expr::Var(arv) } else { aj };
-            let dtj = ld(kb, pr.dtc, &[b.clone(), c.clone(), h.clone(), j], &ps);
-            let v = mul(mul(cbv, exp(sub(ai, aj))), dtj);
-            vec![st(kb, out, &[b.clone(), c.clone(), h.clone(), r.clone(), o], &sqh, v)]
-        });
-        kb.body.push(body);
-        // The other side of the diagonal: zeros.
-        let zeros_first = if transposed { IExpr::c(0) } else { r.clone().add(IExpr::c(1)) };
-        let zeros = for_(&mut kb, qc.sub(count), |kb, k| {
-            let o = zeros_first.clone().add(k);
-            vec![st(
-                kb,
-                out,
-                &[b.clone(), c.clone(), h.clone(), r.clone(), o],
-                &sqh,
-                Expr::Const(0.0),
-            )]
-        });
-        kb.body.push(zeros);
+        let at = |k: &IExpr| [b.clone(), c.clone(), h.clone(), k.clone()];
+        let cbv = ld(
+            &mut kb,
+            pr.cb,
+            &[b.clone(), c.clone(), s.group(&h), i.clone(), j.clone()],
+            &sqg,
+        );
+        let (ai, aj) = (ld(&mut kb, pr.acs, &at(&i), &ps), ld(&mut kb, pr.acs, &at(&j), &ps));
+        let dtj = ld(&mut kb, pr.dtc, &at(&j), &ps);
+        let decay = exp(Expr::bin(BinaryOp::Min, sub(ai, aj), Expr::Const(0.0)));
+        let below = i.sub(j).add(IExpr::c(s.q)).div(IExpr::c(s.q));
+        let v = mul(mul(mul(cbv, decay), dtj), Expr::FromIndex(below));
+        let store = st(&mut kb, out, &[b, c, h, r, o], &sqh, v);
+        kb.body.push(store);
         let grid_m = vec![
             kb.l.dim(&s.b),
             s.ch.count.clone(),
             kb.l.dim(&s.h),
+            IExpr::c(s.q),
             IExpr::c(s.q),
         ];
         kb.finish(grid_m, node);
@@ -593,43 +568,34 @@ impl Lowering<'_> {
             .map(|r| self.new_buf(Value::new(node, r), BufKind::Temp))
             .collect();
         let pr = self.ssd_prep(node, &s, &name, None)?;
-        let (ps, pc, hr, hc, gr, gh, sts) = (
+        let (ps, pc, hr, gr, gh, sts) = (
             s.per_step(),
             s.per_chunk(),
             s.head_rows(),
-            s.head_cols(),
             s.group_rows(),
             s.group_heads(),
             s.states(),
         );
         let (sqh, sqg) = (s.square(&s.h), s.square(&s.g));
         let dyc = self.scratch(node, hr.clone());
-        let dyw = self.scratch(node, hc.clone());
         let dye = self.scratch(node, gh.clone());
-        let xs = self.scratch(node, gh.clone());
         let dst = self.scratch(node, sts.clone());
         let ch = &s.ch;
         let qc = IExpr::c(s.q);
         let len = ch.len(&grid(1));
         let t0 = ch.start(&grid(1));
 
-        // dy as rows; exp(a) dy as columns and group rows; w ⊙ x as group rows.
+        // dy as rows; exp(a) dy as group rows.
         let mut kb = KB::new(self, &format!("{name}_dy"));
         let (b, c, h, p) = (grid(0), grid(1), grid(2), grid(3));
         let (gi, col) = (s.group(&h), s.in_group(&h, p.clone()));
         let stores = |kb: &mut KB, i: IExpr, dv: Expr| {
             let rows = [b.clone(), c.clone(), h.clone(), i.clone(), p.clone()];
-            let cols = [b.clone(), c.clone(), h.clone(), p.clone(), i.clone()];
             let grow = [b.clone(), c.clone(), gi.clone(), i.clone(), col.clone()];
             let e = exp(ld(kb, pr.acs, &[b.clone(), c.clone(), h.clone(), i], &ps));
-            let (ev, decl) = var(kb, mul(e, dv.clone()));
-            let xwv = ld(kb, pr.xw, &cols, &hc);
             vec![
-                decl,
-                st(kb, dyc, &rows, &hr, dv),
-                st(kb, dyw, &cols, &hc, Expr::Var(ev)),
-                st(kb, dye, &grow, &gh, Expr::Var(ev)),
-                st(kb, xs, &grow, &gh, xwv),
+                st(kb, dyc, &rows, &hr, dv.clone()),
+                st(kb, dye, &grow, &gh, mul(e, dv)),
             ]
         };
         let mut err = None;
@@ -661,7 +627,7 @@ impl Lowering<'_> {
         kb.finish(grid_x, node);
 
         // dS_in's own part Σ_i exp(a_i) dy_iᵀ C_i, then carried from the last chunk.
-        self.gemm(node, (dyw, pr.cc, dst), s.batch(&s.g), (&s.hp, &s.qd, &s.n), false);
+        self.gemm(node, (dye, pr.cc, dst), s.batch(&s.g), (&s.hp, &s.qd, &s.n), (true, false));
         let mut kb = KB::new(self, &format!("{name}_carry_back"));
         let (b, h, p, nn) = (grid(0), grid(1), grid(2), grid(3));
         let sidx = [b.clone(), h.clone(), p.clone(), nn.clone()];
@@ -700,11 +666,11 @@ impl Lowering<'_> {
         let mmt = self.scratch(node, sqh.clone());
         self.ssd_mask(node, &s, &format!("{name}_mask"), &pr, mmt, true);
         let dxd = self.scratch(node, hr.clone());
-        self.gemm(node, (mmt, dyc, dxd), s.batch(&s.h), (&s.qd, &s.qd, &s.p), false);
+        self.gemm(node, (mmt, dyc, dxd), s.batch(&s.h), (&s.qd, &s.qd, &s.p), (false, false));
         let dxsu = self.scratch(node, gh.clone());
-        self.gemm(node, (pr.bc, dst, dxsu), s.batch(&s.g), (&s.qd, &s.n, &s.hp), true);
+        self.gemm(node, (pr.bc, dst, dxsu), s.batch(&s.g), (&s.qd, &s.n, &s.hp), (false, true));
         let dmm = self.scratch(node, sqh.clone());
-        self.gemm(node, (dyc, pr.xc, dmm), s.batch(&s.h), (&s.qd, &s.p, &s.qd), true);
+        self.gemm(node, (dyc, pr.xc, dmm), s.batch(&s.h), (&s.qd, &s.p, &s.qd), (false, true));
 
         // dCB and its transpose, per (batch, chunk, group, i), summed over the group's heads.
         let dcb = self.scratch(node, sqg.clone());
@@ -808,12 +774,12 @@ impl Lowering<'_> {
 
         // C S_inᵀ again; dC's and dB's two parts each.
         let yo = self.scratch(node, gh.clone());
-        self.gemm(node, (pr.cc, pr.sin, yo), s.batch(&s.g), (&s.qd, &s.n, &s.hp), true);
+        self.gemm(node, (pr.cc, pr.sin, yo), s.batch(&s.g), (&s.qd, &s.n, &s.hp), (false, true));
         let [dcd, dco, dbd, dbs] = [0; 4].map(|_| self.scratch(node, gr.clone()));
-        self.gemm(node, (dcb, pr.bc, dcd), s.batch(&s.g), (&s.qd, &s.qd, &s.n), false);
-        self.gemm(node, (dye, pr.sin, dco), s.batch(&s.g), (&s.qd, &s.hp, &s.n), false);
-        self.gemm(node, (dcbt, pr.cc, dbd), s.batch(&s.g), (&s.qd, &s.qd, &s.n), false);
-        self.gemm(node, (xs, dst, dbs), s.batch(&s.g), (&s.qd, &s.hp, &s.n), false);
+        self.gemm(node, (dcb, pr.bc, dcd), s.batch(&s.g), (&s.qd, &s.qd, &s.n), (false, false));
+        self.gemm(node, (dye, pr.sin, dco), s.batch(&s.g), (&s.qd, &s.hp, &s.n), (false, false));
+        self.gemm(node, (dcbt, pr.cc, dbd), s.batch(&s.g), (&s.qd, &s.qd, &s.n), (false, false));
+        self.gemm(node, (pr.xs, dst, dbs), s.batch(&s.g), (&s.qd, &s.hp, &s.n), (false, false));
 
         // dx, per (batch, step, head, p).
         let mut kb = KB::new(self, &format!("{name}_dx"));
