@@ -129,6 +129,16 @@ impl Ssd {
             .mul(IExpr::c(self.pw))
             .add(p)
     }
+    /// Step `i` of chunk `c` clamped into the sequence, and 1 (0) where it does (does not)
+    /// lie in it: the copies into chunks read a real step everywhere and multiply by it.
+    fn clamped(&self, c: &IExpr, i: &IExpr) -> (IExpr, Expr) {
+        let t = self.ch.start(c).add(i.clone());
+        (
+            t.min(self.ch.l.clone().sub(IExpr::c(1))),
+            Expr::FromIndex(self.valid(c, i)),
+        )
+    }
+
     /// 1 if step `j` of chunk `c` lies in the sequence, else 0.
     fn valid(&self, c: &IExpr, j: &IExpr) -> IExpr {
         self.ch
@@ -194,9 +204,11 @@ struct Prep {
     /// `dt` and the running sum `a` of `dt·A` (`[B, nc, H, Q]`).
     dtc: BufId,
     acs: BufId,
-    /// `x` as rows (`[B, nc, H, Q, P]`) and `w ⊙ x` as group rows (`[B, nc, G, Q, hpg·P]`).
+    /// `x` as rows (`[B, nc, H, Q, P]`) and `w ⊙ x` as group rows (`[B, nc, G, Q, hpg·P]`);
+    /// for the gradient, `dt ⊙ x` as rows.
     xc: BufId,
     xs: BufId,
+    xdt: Option<BufId>,
     /// `B` and `C` rows (`[B, nc, G, Q, N]`).
     bc: BufId,
     cc: BufId,
@@ -239,6 +251,7 @@ impl Lowering<'_> {
         s: &Ssd,
         name: &str,
         s1: Option<BufId>,
+        with_xdt: bool,
     ) -> Result<Prep, LowerError> {
         let g = self.g;
         let ops = g.operands(node);
@@ -248,6 +261,7 @@ impl Lowering<'_> {
         let acs = self.scratch(node, ps.clone());
         let xc = self.scratch(node, hr.clone());
         let xs = self.scratch(node, gh.clone());
+        let xdt = with_xdt.then(|| self.scratch(node, hr.clone()));
         let bc = self.scratch(node, gr.clone());
         let cc = self.scratch(node, gr.clone());
         let cb = self.scratch(node, s.square(&s.g));
@@ -299,92 +313,50 @@ impl Lowering<'_> {
         let grid_d = vec![kb.l.dim(&s.b), ch.count.clone(), kb.l.dim(&s.h)];
         kb.finish(grid_d, node);
 
-        // x as rows, and w ⊙ x as group rows, per (batch, chunk, head, p).
+        // x as rows, and w ⊙ x as group rows, per (batch, chunk, head, step, p).
         let mut kb = KB::new(self, &format!("{name}_x"));
-        let (b, c, h, p) = (grid(0), grid(1), grid(2), grid(3));
-        let last = ld(
-            &mut kb,
-            acs,
-            &[b.clone(), c.clone(), h.clone(), IExpr::c(s.q - 1)],
-            &ps,
-        );
-        let (lastv, decl) = var(&mut kb, last);
+        let (b, c, h, i, p) = (grid(0), grid(1), grid(2), grid(3), grid(4));
+        let (tc, ok) = s.clamped(&c, &i);
+        let xv = kb.value(x, &[b.clone(), tc, h.clone(), p.clone()])?;
+        let (xv, decl) = var(&mut kb, mul(xv, ok));
         kb.body.push(decl);
-        let mut err = None;
-        let valid = for_(&mut kb, len.clone(), |kb, i| {
-            let xi = [b.clone(), t0.clone().add(i.clone()), h.clone(), p.clone()];
-            let xv = kb.value(x, &xi).unwrap_or_else(|e| {
-                err = Some(e);
-                Expr::Const(0.0)
-            });
-            let (xv, decl) = var(kb, xv);
-            let si = [b.clone(), c.clone(), h.clone(), i.clone()];
-            let w = mul(
-                ld(kb, dtc, &si, &ps),
-                exp(sub(Expr::Var(lastv), ld(kb, acs, &si, &ps))),
-            );
-            let rows = [b.clone(), c.clone(), h.clone(), i.clone(), p.clone()];
-            let grow = [b.clone(), c.clone(), s.group(&h), i, s.in_group(&h, p.clone())];
-            vec![
-                decl,
-                st(kb, xc, &rows, &hr, Expr::Var(xv)),
-                st(kb, xs, &grow, &gh, mul(Expr::Var(xv), w)),
-            ]
-        });
-        if let Some(e) = err {
-            return Err(e);
+        let at = [b.clone(), c.clone(), h.clone(), i.clone()];
+        let w = ssd_weight_at(&mut kb, s, (dtc, acs), &at);
+        let rows = [b.clone(), c.clone(), h.clone(), i.clone(), p.clone()];
+        let grow = [b, c, s.group(&h), i, s.in_group(&h, p)];
+        let rows_store = st(&mut kb, xc, &rows, &hr, Expr::Var(xv));
+        let group_store = st(&mut kb, xs, &grow, &gh, mul(Expr::Var(xv), w));
+        kb.body.extend([rows_store, group_store]);
+        if let Some(xdt) = xdt {
+            let dtv = ld(&mut kb, dtc, &at, &ps);
+            let store = st(&mut kb, xdt, &rows, &hr, mul(Expr::Var(xv), dtv));
+            kb.body.push(store);
         }
-        kb.body.push(valid);
-        let pad = for_(&mut kb, qc.clone().sub(len.clone()), |kb, i| {
-            let i = len.clone().add(i);
-            let rows = [b.clone(), c.clone(), h.clone(), i.clone(), p.clone()];
-            let grow = [b.clone(), c.clone(), s.group(&h), i, s.in_group(&h, p.clone())];
-            vec![
-                st(kb, xc, &rows, &hr, Expr::Const(0.0)),
-                st(kb, xs, &grow, &gh, Expr::Const(0.0)),
-            ]
-        });
-        kb.body.push(pad);
         let grid_x = vec![
             kb.l.dim(&s.b),
             ch.count.clone(),
             kb.l.dim(&s.h),
+            qc.clone(),
             kb.l.dim(&s.p),
         ];
         kb.finish(grid_x, node);
 
-        // B and C rows, per (batch, chunk, group, n).
+        // B and C rows, per (batch, chunk, group, step, n).
         let mut kb = KB::new(self, &format!("{name}_bc"));
-        let (b, c, gg, nn) = (grid(0), grid(1), grid(2), grid(3));
-        let mut err = None;
-        let valid = for_(&mut kb, len.clone(), |kb, i| {
-            let src = [b.clone(), t0.clone().add(i.clone()), gg.clone(), nn.clone()];
-            let at = [b.clone(), c.clone(), gg.clone(), i, nn.clone()];
-            let mut out = Vec::new();
-            for (v, dst) in [(bm, bc), (cm, cc)] {
-                match kb.value(v, &src) {
-                    Ok(e) => out.push(st(kb, dst, &at, &gr, e)),
-                    Err(e) => err = Some(e),
-                }
-            }
-            out
-        });
-        if let Some(e) = err {
-            return Err(e);
+        let (b, c, gg, i, nn) = (grid(0), grid(1), grid(2), grid(3), grid(4));
+        let (tc, ok) = s.clamped(&c, &i);
+        let src = [b.clone(), tc, gg.clone(), nn.clone()];
+        let at = [b, c, gg, i, nn];
+        for (v, dst) in [(bm, bc), (cm, cc)] {
+            let e = kb.value(v, &src)?;
+            let store = st(&mut kb, dst, &at, &gr, mul(e, ok.clone()));
+            kb.body.push(store);
         }
-        kb.body.push(valid);
-        let pad = for_(&mut kb, qc.clone().sub(len.clone()), |kb, i| {
-            let at = [b.clone(), c.clone(), gg.clone(), len.clone().add(i), nn.clone()];
-            vec![
-                st(kb, bc, &at, &gr, Expr::Const(0.0)),
-                st(kb, cc, &at, &gr, Expr::Const(0.0)),
-            ]
-        });
-        kb.body.push(pad);
         let grid_bc = vec![
             kb.l.dim(&s.b),
             ch.count.clone(),
             kb.l.dim(&s.g),
+            qc.clone(),
             kb.l.dim(&s.n),
         ];
         kb.finish(grid_bc, node);
@@ -434,6 +406,7 @@ impl Lowering<'_> {
             acs,
             xc,
             xs,
+            xdt,
             bc,
             cc,
             cb,
@@ -447,7 +420,7 @@ impl Lowering<'_> {
         let name = format!("ssd_scan_{}", node.index());
         let y = self.new_buf(Value::new(node, 0), BufKind::Temp);
         let s1 = self.new_buf(Value::new(node, 1), BufKind::Temp);
-        let pr = self.ssd_prep(node, &s, &name, Some(s1))?;
+        let pr = self.ssd_prep(node, &s, &name, Some(s1), false)?;
         let (ps, hr) = (s.per_step(), s.head_rows());
         let sq = s.square(&s.h);
         let mm = self.scratch(node, sq.clone());
@@ -456,7 +429,7 @@ impl Lowering<'_> {
         let yo = self.scratch(node, gh.clone());
 
         // M = CB ⊙ exp(a_i - a_j) dt_j below the diagonal, per (batch, chunk, head, i).
-        self.ssd_mask(node, &s, &format!("{name}_mask"), &pr, mm, false);
+        self.ssd_mask(node, &s, &format!("{name}_mask"), &pr, mm, (false, true));
         self.gemm(node, (mm, pr.xc, yd), s.batch(&s.h), (&s.qd, &s.qd, &s.p), (false, false));
         // C S_inᵀ, a group's heads at once.
         self.gemm(node, (pr.cc, pr.sin, yo), s.batch(&s.g), (&s.qd, &s.n, &s.hp), (false, true));
@@ -495,7 +468,8 @@ impl Lowering<'_> {
     }
 
     /// The masked decay matrix `M_ij = CB_ij exp(a_i - a_j) dt_j` (`j <= i`, else 0), an
-    /// element per grid point (stored transposed, `[j, i]`, when `transposed`). Without
+    /// element per grid point (stored transposed, `[j, i]`, when `transposed`; without the
+    /// factor `dt_j` unless `with_dt`). Without
     /// branches: `exp(min(a_i - a_j, 0))` is finite everywhere and exact below the
     /// diagonal, and the exact 0/1 indicator `(i - j + Q) / Q` masks the rest.
     fn ssd_mask(
@@ -505,7 +479,7 @@ impl Lowering<'_> {
         name: &str,
         pr: &Prep,
         out: BufId,
-        transposed: bool,
+        (transposed, with_dt): (bool, bool),
     ) {
         let (ps, sqg, sqh) = (s.per_step(), s.square(&s.g), s.square(&s.h));
         let mut kb = KB::new(self, name);
@@ -526,7 +500,8 @@ impl Lowering<'_> {
         let dtj = ld(&mut kb, pr.dtc, &at(&j), &ps);
         let decay = exp(Expr::bin(BinaryOp::Min, sub(ai, aj), Expr::Const(0.0)));
         let below = i.sub(j).add(IExpr::c(s.q)).div(IExpr::c(s.q));
-        let v = mul(mul(mul(cbv, decay), dtj), Expr::FromIndex(below));
+        let v = mul(mul(cbv, decay), Expr::FromIndex(below));
+        let v = if with_dt { mul(v, dtj) } else { v };
         let store = st(&mut kb, out, &[b, c, h, r, o], &sqh, v);
         kb.body.push(store);
         let grid_m = vec![
@@ -556,8 +531,11 @@ impl Lowering<'_> {
     /// dA    = Σ dt_j Σ_{i>=j} da_i
     /// ```
     ///
-    /// Nine products and eleven kernels after the prep's four kernels and two products; sums
-    /// over heads, steps and chunks run in kernels in a fixed order.
+    /// The row and column sums of `T` come from products too: with `M = M' diag(dt)`,
+    /// `Σ_k T_jk = dy_j · Y_diag,j` (`Y_diag = M'(dt ⊙ X)`) and `Σ_i T_ij = dt_j x_j · D'_j`
+    /// (`D' = M'ᵀ dY`, and `(Mᵀ dY)_j = dt_j D'_j`), whose `x_j · D'_j` is also `ddt`'s first
+    /// term. Ten products and ten kernels after the prep's four kernels and two products;
+    /// sums over heads, steps and chunks run in kernels in a fixed order.
     pub(super) fn ssd_matmul_grad(&mut self, node: NodeId, chunk: u64) -> Result<(), LowerError> {
         let s = Ssd::new(self, node, chunk)?;
         let g = self.g;
@@ -567,7 +545,7 @@ impl Lowering<'_> {
         let outs: Vec<BufId> = (0..6)
             .map(|r| self.new_buf(Value::new(node, r), BufKind::Temp))
             .collect();
-        let pr = self.ssd_prep(node, &s, &name, None)?;
+        let pr = self.ssd_prep(node, &s, &name, None, true)?;
         let (ps, pc, hr, gr, gh, sts) = (
             s.per_step(),
             s.per_chunk(),
@@ -582,46 +560,25 @@ impl Lowering<'_> {
         let dst = self.scratch(node, sts.clone());
         let ch = &s.ch;
         let qc = IExpr::c(s.q);
-        let len = ch.len(&grid(1));
-        let t0 = ch.start(&grid(1));
 
-        // dy as rows; exp(a) dy as group rows.
+        // dy as rows; exp(a) dy as group rows; per (batch, chunk, head, step, p).
         let mut kb = KB::new(self, &format!("{name}_dy"));
-        let (b, c, h, p) = (grid(0), grid(1), grid(2), grid(3));
-        let (gi, col) = (s.group(&h), s.in_group(&h, p.clone()));
-        let stores = |kb: &mut KB, i: IExpr, dv: Expr| {
-            let rows = [b.clone(), c.clone(), h.clone(), i.clone(), p.clone()];
-            let grow = [b.clone(), c.clone(), gi.clone(), i.clone(), col.clone()];
-            let e = exp(ld(kb, pr.acs, &[b.clone(), c.clone(), h.clone(), i], &ps));
-            vec![
-                st(kb, dyc, &rows, &hr, dv.clone()),
-                st(kb, dye, &grow, &gh, mul(e, dv)),
-            ]
-        };
-        let mut err = None;
-        let valid = for_(&mut kb, len.clone(), |kb, i| {
-            let src = [b.clone(), t0.clone().add(i.clone()), h.clone(), p.clone()];
-            let dv = kb.value(dy, &src).unwrap_or_else(|e| {
-                err = Some(e);
-                Expr::Const(0.0)
-            });
-            let (dv, decl) = var(kb, dv);
-            let mut out = vec![decl];
-            out.extend(stores(kb, i, Expr::Var(dv)));
-            out
-        });
-        if let Some(e) = err {
-            return Err(e);
-        }
-        kb.body.push(valid);
-        let pad = for_(&mut kb, qc.clone().sub(len.clone()), |kb, i| {
-            stores(kb, len.clone().add(i), Expr::Const(0.0))
-        });
-        kb.body.push(pad);
+        let (b, c, h, i, p) = (grid(0), grid(1), grid(2), grid(3), grid(4));
+        let (tc, ok) = s.clamped(&c, &i);
+        let dv = kb.value(dy, &[b.clone(), tc, h.clone(), p.clone()])?;
+        let (dv, decl) = var(&mut kb, mul(dv, ok));
+        kb.body.push(decl);
+        let e = exp(ld(&mut kb, pr.acs, &[b.clone(), c.clone(), h.clone(), i.clone()], &ps));
+        let rows = [b.clone(), c.clone(), h.clone(), i.clone(), p.clone()];
+        let grow = [b, c, s.group(&h), i, s.in_group(&h, p)];
+        let s1 = st(&mut kb, dyc, &rows, &hr, Expr::Var(dv));
+        let s2 = st(&mut kb, dye, &grow, &gh, mul(e, Expr::Var(dv)));
+        kb.body.extend([s1, s2]);
         let grid_x = vec![
             kb.l.dim(&s.b),
             ch.count.clone(),
             kb.l.dim(&s.h),
+            qc.clone(),
             kb.l.dim(&s.p),
         ];
         kb.finish(grid_x, node);
@@ -664,9 +621,18 @@ impl Lowering<'_> {
 
         // Mᵀ dY, dS_out B, dY Xᵀ.
         let mmt = self.scratch(node, sqh.clone());
-        self.ssd_mask(node, &s, &format!("{name}_mask"), &pr, mmt, true);
+        // M' = M without its dt_j column factor, transposed: D' = M'ᵀ dY, and Y_diag again as
+        // M'(dt ⊙ X).
+        self.ssd_mask(node, &s, &format!("{name}_mask"), &pr, mmt, (true, false));
         let dxd = self.scratch(node, hr.clone());
         self.gemm(node, (mmt, dyc, dxd), s.batch(&s.h), (&s.qd, &s.qd, &s.p), (false, false));
+        let ydg = self.scratch(node, hr.clone());
+        let xdt = pr.xdt.ok_or_else(|| LowerError::Unsupported {
+            node,
+            op: "ssd_scan_grad",
+            message: "internal: no dt ⊙ x rows".into(),
+        })?;
+        self.gemm(node, (mmt, xdt, ydg), s.batch(&s.h), (&s.qd, &s.qd, &s.p), (true, false));
         let dxsu = self.scratch(node, gh.clone());
         self.gemm(node, (pr.bc, dst, dxsu), s.batch(&s.g), (&s.qd, &s.n, &s.hp), (false, true));
         let dmm = self.scratch(node, sqh.clone());
@@ -730,48 +696,6 @@ impl Lowering<'_> {
         let gq = grid_q(&kb, &s.g);
         kb.finish(gq, node);
 
-        // Per (batch, chunk, head, r): Σ_j T_rj (row r of T) and Σ_i dM_ir CB_ir exp(a_i - a_r).
-        let rowt = self.scratch(node, ps.clone());
-        let ddt1 = self.scratch(node, ps.clone());
-        let mut kb = KB::new(self, &format!("{name}_rows"));
-        let (b, c, h, r) = (grid(0), grid(1), grid(2), grid(3));
-        let gi = s.group(&h);
-        let ar = ld(&mut kb, pr.acs, &[b.clone(), c.clone(), h.clone(), r.clone()], &ps);
-        let (arv, decl) = var(&mut kb, ar);
-        let (rs, decl_r) = var(&mut kb, Expr::Const(0.0));
-        let (cs, decl_c) = var(&mut kb, Expr::Const(0.0));
-        kb.body.extend([decl, decl_r, decl_c]);
-        let row = for_(&mut kb, r.clone().add(IExpr::c(1)), |kb, j| {
-            let aj = ld(kb, pr.acs, &[b.clone(), c.clone(), h.clone(), j.clone()], &ps);
-            let dtj = ld(kb, pr.dtc, &[b.clone(), c.clone(), h.clone(), j.clone()], &ps);
-            let cbv = ld(kb, pr.cb, &[b.clone(), c.clone(), gi.clone(), r.clone(), j.clone()], &sqg);
-            let dm = ld(kb, dmm, &[b.clone(), c.clone(), h.clone(), r.clone(), j], &sqh);
-            let t = mul(mul(mul(dm, cbv), exp(sub(Expr::Var(arv), aj))), dtj);
-            vec![Stmt::Set {
-                var: rs,
-                value: add(Expr::Var(rs), t),
-            }]
-        });
-        kb.body.push(row);
-        let column = for_(&mut kb, qc.clone().sub(r.clone()), |kb, k| {
-            let i = r.clone().add(k);
-            let ai = ld(kb, pr.acs, &[b.clone(), c.clone(), h.clone(), i.clone()], &ps);
-            let cbv = ld(kb, pr.cb, &[b.clone(), c.clone(), gi.clone(), i.clone(), r.clone()], &sqg);
-            let dm = ld(kb, dmm, &[b.clone(), c.clone(), h.clone(), i, r.clone()], &sqh);
-            let t = mul(mul(dm, cbv), exp(sub(ai, Expr::Var(arv))));
-            vec![Stmt::Set {
-                var: cs,
-                value: add(Expr::Var(cs), t),
-            }]
-        });
-        kb.body.push(column);
-        let at = [b, c, h, r];
-        let s1 = st(&mut kb, rowt, &at, &ps, Expr::Var(rs));
-        let s2 = st(&mut kb, ddt1, &at, &ps, Expr::Var(cs));
-        kb.body.extend([s1, s2]);
-        let gq = grid_q(&kb, &s.h);
-        kb.finish(gq, node);
-
         // C S_inᵀ again; dC's and dB's two parts each.
         let yo = self.scratch(node, gh.clone());
         self.gemm(node, (pr.cc, pr.sin, yo), s.batch(&s.g), (&s.qd, &s.n, &s.hp), (false, true));
@@ -786,6 +710,7 @@ impl Lowering<'_> {
         let (b, t, h, p) = (grid(0), grid(1), grid(2), grid(3));
         let (c, j) = (t.clone().div(qc.clone()), t.clone().rem(qc.clone()));
         let at = [b.clone(), c.clone(), h.clone()];
+        let (c_dt, j_dt) = (c.clone(), j.clone());
         let w = ssd_weight(&mut kb, &s, &pr, &at, &j);
         let d = ld(
             &mut kb,
@@ -799,20 +724,24 @@ impl Lowering<'_> {
             &[b.clone(), c, s.group(&h), j, s.in_group(&h, p.clone())],
             &gh,
         );
+        let dtj = ld(&mut kb, pr.dtc, &[b.clone(), c_dt, h.clone(), j_dt], &ps);
         let xsh = kb.l.shape(ops[0]);
-        let store = st(&mut kb, outs[0], &[b, t, h, p], &xsh, add(d, mul(w, su)));
+        let store = st(&mut kb, outs[0], &[b, t, h, p], &xsh, add(mul(dtj, d), mul(w, su)));
         kb.body.push(store);
         let grid_x = xsh.iter().map(|d| kb.l.dim(d)).collect();
         kb.finish(grid_x, node);
 
-        // u_j = x_j · (dS_out B_j) and dy_j · (C_j S_inᵀ), per (batch, chunk, head, j).
-        let u = self.scratch(node, ps.clone());
-        let yod = self.scratch(node, ps.clone());
+        // Per (batch, chunk, head, j): u_j = x_j · (dS_out B_j), dy_j · (C_j S_inᵀ),
+        // Σ_i dM_ij M'_ij = x_j · D'_j (so Σ_i T_ij = dt_j x_j · D'_j) and
+        // Σ_k T_jk = dy_j · Y_diag,j.
+        let [u, yod, ddt1, rowt] = [0; 4].map(|_| self.scratch(node, ps.clone()));
         let mut kb = KB::new(self, &format!("{name}_dots"));
         let (b, c, h, j) = (grid(0), grid(1), grid(2), grid(3));
         let (uv, d1) = var(&mut kb, Expr::Const(0.0));
         let (yv, d2) = var(&mut kb, Expr::Const(0.0));
-        kb.body.extend([d1, d2]);
+        let (cv, d3) = var(&mut kb, Expr::Const(0.0));
+        let (rv, d4) = var(&mut kb, Expr::Const(0.0));
+        kb.body.extend([d1, d2, d3, d4]);
         let dots = for_(&mut kb, IExpr::c(s.pw), |kb, p| {
             let rows = [b.clone(), c.clone(), h.clone(), j.clone(), p.clone()];
             let grow = [
@@ -822,11 +751,26 @@ impl Lowering<'_> {
                 j.clone(),
                 s.in_group(&h, p),
             ];
-            let xv = ld(kb, pr.xc, &rows, &hr);
+            let xe = ld(kb, pr.xc, &rows, &hr);
+            let (xv, d1) = var(kb, xe);
             let dsu = ld(kb, dxsu, &grow, &gh);
-            let dv = ld(kb, dyc, &rows, &hr);
+            let de = ld(kb, dyc, &rows, &hr);
+            let (dv, d2) = var(kb, de);
             let ov = ld(kb, yo, &grow, &gh);
+            let dd = ld(kb, dxd, &rows, &hr);
+            let yd = ld(kb, ydg, &rows, &hr);
+            let (xv, dv) = (Expr::Var(xv), Expr::Var(dv));
             vec![
+                d1,
+                d2,
+                Stmt::Set {
+                    var: cv,
+                    value: add(Expr::Var(cv), mul(xv.clone(), dd)),
+                },
+                Stmt::Set {
+                    var: rv,
+                    value: add(Expr::Var(rv), mul(dv.clone(), yd)),
+                },
                 Stmt::Set {
                     var: uv,
                     value: add(Expr::Var(uv), mul(xv, dsu)),
@@ -839,9 +783,10 @@ impl Lowering<'_> {
         });
         kb.body.push(dots);
         let at = [b, c, h, j];
-        let s1 = st(&mut kb, u, &at, &ps, Expr::Var(uv));
-        let s2 = st(&mut kb, yod, &at, &ps, Expr::Var(yv));
-        kb.body.extend([s1, s2]);
+        for (buf, v) in [(u, uv), (yod, yv), (ddt1, cv), (rowt, rv)] {
+            let store = st(&mut kb, buf, &at, &ps, Expr::Var(v));
+            kb.body.push(store);
+        }
         let gq = grid_q(&kb, &s.h);
         kb.finish(gq, node);
 
@@ -987,10 +932,17 @@ impl Lowering<'_> {
 
 /// `w_j = dt_j exp(a_last - a_j)` of step `j` at (batch, chunk, head) `at`.
 fn ssd_weight(kb: &mut KB, s: &Ssd, pr: &Prep, at: &[IExpr; 3], j: &IExpr) -> Expr {
+    let idx = [at[0].clone(), at[1].clone(), at[2].clone(), j.clone()];
+    ssd_weight_at(kb, s, (pr.dtc, pr.acs), &idx)
+}
+
+/// `w` at (batch, chunk, head, step) `at`, from the `dt` and running-sum buffers.
+fn ssd_weight_at(kb: &mut KB, s: &Ssd, (dtc, acs): (BufId, BufId), at: &[IExpr; 4]) -> Expr {
     let ps = s.per_step();
-    let idx = |i: IExpr| [at[0].clone(), at[1].clone(), at[2].clone(), i];
-    let last = ld(kb, pr.acs, &idx(IExpr::c(s.q - 1)), &ps);
-    let aj = ld(kb, pr.acs, &idx(j.clone()), &ps);
-    let dtj = ld(kb, pr.dtc, &idx(j.clone()), &ps);
+    let mut last = at.clone();
+    last[3] = IExpr::c(s.q - 1);
+    let last = ld(kb, acs, &last, &ps);
+    let aj = ld(kb, acs, at, &ps);
+    let dtj = ld(kb, dtc, at, &ps);
     mul(dtj, exp(sub(last, aj)))
 }
