@@ -4,7 +4,8 @@
 #   scripts/gpu-test.sh build   # here: release test binary (LLVM linked in), stripped and
 #                               # xz-compressed into gpubin/ (git-ignored), with this script
 #   bash gpubin/gpu-test.sh run # there: unpacks it, runs tests/gpu.rs with the GPU required,
-#                               # then compute-sanitizer memcheck on the tiny models;
+#                               # then compute-sanitizer memcheck on the tiny models and
+#                               # the SSD op;
 #                               # logs under $OUT (or /tmp)
 #
 # `build` needs llvm-19-dev (LLVM_SYS_191_PREFIX=/usr/lib/llvm-19) as .ci/run installs it.
@@ -44,7 +45,7 @@ run)
   if [ "${SANITIZE:-1}" = 1 ] && command -v compute-sanitizer >/dev/null; then
     start=$(date +%s)
     mrc=0
-    timeout 120 compute-sanitizer --tool memcheck --print-limit 20 /tmp/gpu-test tiny \
+    timeout 120 compute-sanitizer --tool memcheck --print-limit 20 /tmp/gpu-test tiny ssd_ \
       --test-threads=1 >"$out/memcheck.log" 2>&1 || mrc=$?
     echo "memcheck: rc=$mrc in $(($(date +%s) - start)) s"
     grep -E "ERROR SUMMARY|Invalid|test result" "$out/memcheck.log" | head -20 || true

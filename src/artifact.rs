@@ -281,6 +281,7 @@ pub fn build(
             );
             // The GPU hands outputs over in their own buffers.
             r.copy_outputs = false;
+            r.lower = passes::LowerOptions::gpu();
             let mut planner = passes::remat::Planner::new(forward, r, IGNORE_INDEX)
                 .map_err(|e| err(e.to_string()))?;
             let p = planner.plan().map_err(|e| err(e.to_string()))?;

@@ -172,15 +172,19 @@ impl CheckpointedStep {
     ) -> Result<CheckpointedStep, Error> {
         let stages = stage::split(model, &plan.groups).map_err(|e| Error::Input(e.to_string()))?;
         let plan_err = |e: passes::remat::PlanError| Error::Input(e.to_string());
+        let opts = match device {
+            Device::Cpu => LowerOptions::default(),
+            Device::Cuda => LowerOptions::gpu(),
+        };
         let embed_st = &stages[0];
         let head_st = &stages[stages.len() - 1];
         let embed = Compiled::new(
-            &passes::remat::variant(embed_st, Keep::Nothing, IGNORE_INDEX, false)
+            &passes::remat::variant(embed_st, Keep::Nothing, IGNORE_INDEX, false, &opts)
                 .map_err(plan_err)?,
             device,
         )?;
         let head = Compiled::new(
-            &passes::remat::variant(head_st, Keep::Nothing, IGNORE_INDEX, plan.logits)
+            &passes::remat::variant(head_st, Keep::Nothing, IGNORE_INDEX, plan.logits, &opts)
                 .map_err(plan_err)?,
             device,
         )?;
@@ -192,7 +196,8 @@ impl CheckpointedStep {
             keeps.dedup();
             let mut by_keep = HashMap::new();
             for k in keeps {
-                let v = passes::remat::variant(st, k, IGNORE_INDEX, false).map_err(plan_err)?;
+                let v = passes::remat::variant(st, k, IGNORE_INDEX, false, &opts)
+                    .map_err(plan_err)?;
                 by_keep.insert(k, Compiled::new(&v, device)?);
             }
             let states = st

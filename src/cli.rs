@@ -288,6 +288,10 @@ pub struct TrainArgs {
     /// with --budget the checkpointed stages; needs a build with `--features cuda`).
     #[arg(long, default_value = "cpu")]
     pub device: DeviceArg,
+    /// With --device cuda: f32 matrix products on TF32 tensor cores (inputs rounded to a
+    /// 10-bit mantissa, f32 accumulation).
+    #[arg(long)]
+    pub tf32: bool,
 }
 
 #[derive(clap::Args, Debug)]
@@ -1641,6 +1645,13 @@ fn train(a: &TrainArgs, out: &mut Outcome) {
     if a.device == DeviceArg::Cuda && cfg!(not(feature = "cuda")) {
         return fail(out, format!("error: {}", crate::model::NO_CUDA));
     }
+    if a.tf32 {
+        if a.device != DeviceArg::Cuda {
+            return fail(out, "error: --tf32 is for --device cuda".into());
+        }
+        #[cfg(feature = "cuda")]
+        runtime::cuda::set_tf32_default(true);
+    }
     if a.seq_len == 0 || a.batch == 0 {
         return fail(
             out,
@@ -2017,6 +2028,11 @@ fn plan_cmd(p: &PlanArgs, g: &Graph, out: &mut Outcome) {
         quantum,
         logits: false,
         copy_outputs: p.device == "cpu",
+        lower: if p.device == "cpu" {
+            passes::LowerOptions::default()
+        } else {
+            passes::LowerOptions::gpu()
+        },
     };
     let report = match crate::plan::make(g, req.clone()) {
         Ok(r) => r,

@@ -223,6 +223,9 @@ impl Trainer {
                     let mut req = request_for(forward, Some(*budget), batch, seq);
                     // The GPU hands outputs over in their own buffers.
                     req.copy_outputs = *device == Device::Cpu;
+                    if *device == Device::Cuda {
+                        req.lower = LowerOptions::gpu();
+                    }
                     let plan = Planner::new(forward, req, IGNORE_INDEX)
                         .and_then(|mut p| p.plan())
                         .map_err(|e| Error::Input(e.to_string()))?;
@@ -361,6 +364,7 @@ pub fn request_for(forward: &Graph, budget: Option<u64>, batch: usize, seq: usiz
         quantum: crate::cli::default_quantum(forward).min(seq as u64).max(1),
         logits: true,
         copy_outputs: true,
+        lower: LowerOptions::default(),
     }
 }
 

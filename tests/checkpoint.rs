@@ -82,6 +82,7 @@ fn request(b: usize, l: usize, quantum: u64) -> Request {
         quantum,
         logits: false,
         copy_outputs: true,
+        lower: passes::LowerOptions::default(),
     }
 }
 

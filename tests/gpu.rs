@@ -946,6 +946,7 @@ fn checkpointed_training_on_the_gpu_matches() {
             quantum: 1,
             logits: false,
             copy_outputs: false,
+            lower: LowerOptions::gpu(),
         };
         let mut planner = Planner::new(&g, req, -100).expect("planner");
         planner.exact_groups = u32::MAX;

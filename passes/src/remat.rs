@@ -89,6 +89,8 @@ pub struct Request {
     /// so both are alive at the end of the run) or hands over buffers of their own (a GPU
     /// runtime).
     pub copy_outputs: bool,
+    /// How the runtime lowers the stages (the GPU's form of the SSD has more scratch).
+    pub lower: LowerOptions,
 }
 
 /// Where the bytes of a plan's peak go (at the moment of the peak).
@@ -246,6 +248,7 @@ pub fn variant(
     keep: Keep,
     ignore_index: i64,
     logits: bool,
+    opts: &LowerOptions,
 ) -> Result<Variant, PlanError> {
     let head = matches!(st.kind, StageKind::Head).then_some("logits");
     let tg = autodiff::stage_training_graph(&st.graph, head, ignore_index, &st.boundary_inputs)?;
@@ -312,12 +315,11 @@ pub fn variant(
         fwd_graph.add_output(name.clone(), *v);
         names.push(name);
     }
-    let opts = LowerOptions::default();
     Ok(Variant {
         keep,
-        fwd: lower(&fwd_graph, &opts)?,
+        fwd: lower(&fwd_graph, opts)?,
         fwd_graph,
-        train: lower(&train_graph, &opts)?,
+        train: lower(&train_graph, opts)?,
         train_graph,
         saved: names,
         recompute_nodes,
@@ -538,8 +540,9 @@ impl Planner {
         }
         let whole: Range<u32> = 0..layers;
         let stages = stage::split(model, std::slice::from_ref(&whole))?;
-        let embed = variant(&stages[0], Keep::Nothing, ignore_index, false)?;
-        let head = variant(&stages[2], Keep::Nothing, ignore_index, request.logits)?;
+        let opts = &request.lower;
+        let embed = variant(&stages[0], Keep::Nothing, ignore_index, false, opts)?;
+        let head = variant(&stages[2], Keep::Nothing, ignore_index, request.logits, opts)?;
         let params = model
             .params()
             .filter_map(|n| match model.op(n) {
@@ -573,7 +576,7 @@ impl Planner {
                 ranges.push(size..self.layers);
             }
             let stages = stage::split(&self.model, &ranges)?;
-            let v = variant(&stages[1], keep, self.ignore_index, false)?;
+            let v = variant(&stages[1], keep, self.ignore_index, false, &self.request.lower)?;
             self.groups.insert((size, keep), v);
         }
         Ok(&self.groups[&(size, keep)])

@@ -116,6 +116,16 @@ pub struct CudaExecutor {
     tf32: std::sync::atomic::AtomicBool,
 }
 
+/// What [`CudaExecutor::set_tf32`] starts as in executors created from now on
+/// ([`set_tf32_default`]).
+static TF32_DEFAULT: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Whether executors created from now on run f32 matrix products on TF32 tensor cores (a
+/// program-wide choice, such as a command line's `--tf32`).
+pub fn set_tf32_default(on: bool) {
+    TF32_DEFAULT.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
 /// Bytes of cuBLAS's workspace (the size NVIDIA recommends for Hopper).
 const CUBLAS_WORKSPACE: u64 = 32 << 20;
 
@@ -283,7 +293,9 @@ impl CudaExecutor {
             _module: module,
             funcs,
             to_bf16,
-            tf32: std::sync::atomic::AtomicBool::new(false),
+            tf32: std::sync::atomic::AtomicBool::new(
+                TF32_DEFAULT.load(std::sync::atomic::Ordering::Relaxed),
+            ),
         })
     }
 
