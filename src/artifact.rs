@@ -117,6 +117,9 @@ pub enum StepInfo {
         lhs_t: bool,
         rhs_t: bool,
         rhs_batched: bool,
+        /// Never on reduced-precision tensor cores.
+        #[serde(default)]
+        exact: bool,
         node: String,
         /// `batch`, `m`, `k`, `n` at the artifact's symbol values.
         dims: [u64; 4],
@@ -400,6 +403,7 @@ fn step_info(s: &Step, bind: &dyn Fn(&str) -> Option<u64>) -> Result<StepInfo, S
             lhs_t,
             rhs_t,
             rhs_batched,
+            exact,
             node,
         } => {
             let ev = |d: &ir::Dim| {
@@ -417,6 +421,7 @@ fn step_info(s: &Step, bind: &dyn Fn(&str) -> Option<u64>) -> Result<StepInfo, S
                 lhs_t: *lhs_t,
                 rhs_t: *rhs_t,
                 rhs_batched: *rhs_batched,
+                exact: *exact,
                 node: node.to_string(),
                 dims: [
                     batch.eval(bind).ok_or_else(|| {
@@ -666,6 +671,7 @@ impl Artifact {
                     lhs_t,
                     rhs_t,
                     rhs_batched,
+                    exact,
                     node: n,
                     dims,
                     ..
@@ -680,6 +686,7 @@ impl Artifact {
                     lhs_t: *lhs_t,
                     rhs_t: *rhs_t,
                     rhs_batched: *rhs_batched,
+                    exact: *exact,
                     node: node(n)?,
                 },
             });

@@ -103,6 +103,9 @@ pub enum Step {
         lhs_t: bool,
         rhs_t: bool,
         rhs_batched: bool,
+        /// Full f32 even where the runtime may round products' inputs (TF32): the result
+        /// feeds a sum that cancels (a gradient's difference of row and column sums).
+        exact: bool,
         node: NodeId,
     },
 }

@@ -649,6 +649,7 @@ impl<'g> Lowering<'g> {
                     lhs_t: false,
                     rhs_t: *rhs_t,
                     rhs_batched,
+                    exact: false,
                     node: n,
                 });
             }

@@ -904,6 +904,7 @@ impl CudaExecutor {
             lhs_t,
             rhs_t,
             rhs_batched,
+            exact,
             node,
         } = step
         else {
@@ -993,7 +994,7 @@ impl CudaExecutor {
             .map_err(|e| fail(e.to_string()))?;
             return Ok(());
         }
-        if self.tf32.load(std::sync::atomic::Ordering::Relaxed) {
+        if !*exact && self.tf32.load(std::sync::atomic::Ordering::Relaxed) {
             use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cudaDataType};
             let f32t = cudaDataType::CUDA_R_32F;
             // SAFETY: as for sgemm below (the same f32 buffers and strides).

@@ -227,6 +227,20 @@ impl Lowering<'_> {
         (m, k, n): (&Dim, &Dim, &Dim),
         (lhs_t, rhs_t): (bool, bool),
     ) {
+        self.gemm_with(node, (lhs, rhs, out), batch, (m, k, n), (lhs_t, rhs_t), false);
+    }
+
+    /// [`Self::gemm`], `exact` as in [`Step::MatMul`].
+    #[allow(clippy::too_many_arguments)]
+    fn gemm_with(
+        &mut self,
+        node: NodeId,
+        (lhs, rhs, out): (BufId, BufId, BufId),
+        batch: Product,
+        (m, k, n): (&Dim, &Dim, &Dim),
+        (lhs_t, rhs_t): (bool, bool),
+        exact: bool,
+    ) {
         self.out.steps.push(Step::MatMul {
             lhs,
             rhs,
@@ -238,6 +252,7 @@ impl Lowering<'_> {
             lhs_t,
             rhs_t,
             rhs_batched: true,
+            exact,
             node,
         });
     }
@@ -625,14 +640,16 @@ impl Lowering<'_> {
         // M'(dt ⊙ X).
         self.ssd_mask(node, &s, &format!("{name}_mask"), &pr, mmt, (true, false));
         let dxd = self.scratch(node, hr.clone());
-        self.gemm(node, (mmt, dyc, dxd), s.batch(&s.h), (&s.qd, &s.qd, &s.p), (false, false));
+        // Both feed row and column sums of T whose difference (in da) cancels: exact.
+        let sq = (&s.qd, &s.qd, &s.p);
+        self.gemm_with(node, (mmt, dyc, dxd), s.batch(&s.h), sq, (false, false), true);
         let ydg = self.scratch(node, hr.clone());
         let xdt = pr.xdt.ok_or_else(|| LowerError::Unsupported {
             node,
             op: "ssd_scan_grad",
             message: "internal: no dt ⊙ x rows".into(),
         })?;
-        self.gemm(node, (mmt, xdt, ydg), s.batch(&s.h), (&s.qd, &s.qd, &s.p), (true, false));
+        self.gemm_with(node, (mmt, xdt, ydg), s.batch(&s.h), sq, (true, false), true);
         let dxsu = self.scratch(node, gh.clone());
         self.gemm(node, (pr.bc, dst, dxsu), s.batch(&s.g), (&s.qd, &s.n, &s.hp), (false, true));
         let dmm = self.scratch(node, sqh.clone());
