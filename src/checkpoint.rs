@@ -40,7 +40,13 @@ enum StageGraph {
 enum Params<'a> {
     Host(&'a HashMap<String, Vec<f32>>),
     #[cfg(feature = "cuda")]
-    Device(&'a runtime::cuda::DeviceParams),
+    /// On the GPU: the parameters, and the device sums their gradients go to (a parameter
+    /// gradient never leaves the device until the step's end).
+    Device {
+        params: &'a runtime::cuda::DeviceParams,
+        grads: &'a std::cell::RefCell<runtime::cuda::DeviceSums>,
+        names: &'a HashMap<String, Vec<f32>>,
+    },
 }
 
 impl StageGraph {
@@ -84,9 +90,27 @@ impl StageGraph {
                 Ok((outs, prof.arena_bytes))
             }
             #[cfg(feature = "cuda")]
-            (StageGraph::Gpu(g), Params::Device(p)) => g
-                .run_measured(syms, data, p, states, runtime::cuda::ExecOptions::default())
-                .map_err(|e| Error::Gpu(e.to_string())),
+            (
+                StageGraph::Gpu(g),
+                Params::Device {
+                    params,
+                    grads,
+                    names,
+                },
+            ) => {
+                let is_param_grad =
+                    |n: &str| n.strip_prefix("grad.").is_some_and(|p| names.contains_key(p));
+                let mut sums = grads.borrow_mut();
+                g.run_summing(
+                    syms,
+                    data,
+                    params,
+                    states,
+                    runtime::cuda::ExecOptions::default(),
+                    Some((&mut sums, &is_param_grad)),
+                )
+                .map_err(|e| Error::Gpu(e.to_string()))
+            }
             #[cfg(feature = "cuda")]
             _ => Err(Error::Input(
                 "a stage and its parameters are on different devices".into(),
@@ -249,7 +273,28 @@ impl CheckpointedStep {
                 let dev = g
                     .upload_params(params)
                     .map_err(|e| Error::Gpu(e.to_string()))?;
-                self.run_with(&Params::Device(&dev), params, ids, targets, states)
+                let grads = std::cell::RefCell::new(runtime::cuda::DeviceSums::default());
+                let run = Params::Device {
+                    params: &dev,
+                    grads: &grads,
+                    names: params,
+                };
+                let mut out = self.run_with(&run, params, ids, targets, states)?;
+                let sums = g
+                    .exec()
+                    .read_sums(&grads.borrow())
+                    .map_err(|e| Error::Gpu(e.to_string()))?;
+                let scale = 1.0 / valid_targets(targets) as f32;
+                for (name, mut v) in sums {
+                    let Some(param) = name.strip_prefix("grad.") else {
+                        continue;
+                    };
+                    for x in &mut v {
+                        *x *= scale;
+                    }
+                    out.grads.insert(param.to_string(), v);
+                }
+                Ok(out)
             }
         }
     }
@@ -477,10 +522,7 @@ impl CheckpointedStep {
             }
             accumulate(&mut grads, outs.into_iter().collect());
         }
-        let valid = targets
-            .iter()
-            .filter(|&&t| t as i64 != IGNORE_INDEX)
-            .count();
+        let valid = valid_targets(targets);
         let scale = 1.0 / valid as f32;
         let mut mean_grads = HashMap::with_capacity(grads.len());
         for (name, mut v) in grads {
@@ -553,6 +595,14 @@ fn bytes_of(m: &HashMap<String, Vec<f32>>) -> u64 {
 
 /// Adds every `grad.*` output into the accumulators (in a fixed order: the outputs' names
 /// sorted, so the result does not depend on hash order).
+/// The targets the mean loss averages over.
+fn valid_targets(targets: &[i32]) -> usize {
+    targets
+        .iter()
+        .filter(|&&t| t as i64 != IGNORE_INDEX)
+        .count()
+}
+
 fn accumulate(acc: &mut HashMap<String, Vec<f32>>, outs: HashMap<String, Vec<f32>>) {
     let mut outs: Vec<(String, Vec<f32>)> = outs
         .into_iter()

@@ -158,6 +158,20 @@ impl GpuGraph {
         states: &HashMap<String, Vec<f32>>,
         opts: ExecOptions,
     ) -> Result<(Outputs, u64), GpuError> {
+        self.run_summing(syms, data, params, states, opts, None)
+    }
+
+    /// [`GpuGraph::run_measured`], adding the outputs `sum` picks into device sums
+    /// (`CudaExecutor::execute_summing`) instead of returning them.
+    pub fn run_summing(
+        &self,
+        syms: &[(&str, i64)],
+        data: &HashMap<String, HostData>,
+        params: &DeviceParams,
+        states: &HashMap<String, Vec<f32>>,
+        opts: ExecOptions,
+        sum: Option<(&mut runtime::cuda::DeviceSums, &dyn Fn(&str) -> bool)>,
+    ) -> Result<(Outputs, u64), GpuError> {
         let sizes = self.sizes(syms)?;
         let plan = self.plan_sizes(&sizes)?;
         let no_params = HashMap::new();
@@ -169,7 +183,7 @@ impl GpuGraph {
         };
         let outs = self
             .exec
-            .execute_with(&self.lowered, &plan, &inp, params, opts)?;
+            .execute_summing(&self.lowered, &plan, &inp, params, opts, sum)?;
         Ok((outs, plan.peak))
     }
 }

@@ -152,6 +152,20 @@ impl DeviceParams {
     }
 }
 
+/// Running sums on the device, by name (a checkpointed step's parameter gradients, summed
+/// over the stage runs that produce them without leaving the device).
+#[derive(Default)]
+pub struct DeviceSums {
+    bufs: HashMap<String, (DevBuf, usize)>,
+}
+
+impl DeviceSums {
+    /// Device bytes held.
+    pub fn bytes(&self) -> u64 {
+        self.bufs.values().map(|(_, n)| 4 * *n as u64).sum()
+    }
+}
+
 /// A schedule bound to fixed symbol values on the device: the arena, the inputs and the
 /// states are allocated once, so the schedule can run again and again (and be captured as a
 /// CUDA graph and replayed) while inputs and states are rewritten between runs.
@@ -1079,6 +1093,21 @@ impl CudaExecutor {
         params: &DeviceParams,
         opts: ExecOptions,
     ) -> Result<Outputs, CudaError> {
+        self.execute_summing(l, plan, inp, params, opts, None)
+    }
+
+    /// [`CudaExecutor::execute_with`], where the outputs `sum` selects are added into
+    /// `sums` on the device (a zero buffer the first time a name comes) instead of being
+    /// returned; the run waits for the sums.
+    pub fn execute_summing(
+        &self,
+        l: &Lowered,
+        plan: &MemoryPlan,
+        inp: &Inputs<'_>,
+        params: &DeviceParams,
+        opts: ExecOptions,
+        mut sum: Option<(&mut DeviceSums, &dyn Fn(&str) -> bool)>,
+    ) -> Result<Outputs, CudaError> {
         let mut b = self.bind(l, inp.sizes, plan.clone(), params, opts.poison)?;
         for buf in &l.buffers {
             match &buf.kind {
@@ -1104,11 +1133,82 @@ impl CudaExecutor {
         };
         self.run(l, &mut b, plain)?;
         let mut outs = Vec::with_capacity(l.outputs.len());
-        for (i, (name, _)) in l.outputs.iter().enumerate() {
-            let o = l.outputs[i].1;
-            outs.push((name.clone(), self.read_buf(&b, o, name, None)?));
+        for (name, o) in &l.outputs {
+            if let Some((sums, pick)) = sum.as_mut()
+                && pick(name)
+            {
+                self.add_into(sums, name, b.ptrs[*o], (b.plan.bytes[*o] / 4) as usize)?;
+                continue;
+            }
+            outs.push((name.clone(), self.read_buf(&b, *o, name, None)?));
         }
+        // The sums read the arena, which goes with `b`.
+        self.stream.synchronize().map_err(drv)?;
         Ok(outs)
+    }
+
+    /// `sums[name] += x` (`n` f32 values at `x`) on the stream.
+    fn add_into(
+        &self,
+        sums: &mut DeviceSums,
+        name: &str,
+        x: u64,
+        n: usize,
+    ) -> Result<(), CudaError> {
+        if !sums.bufs.contains_key(name) {
+            let d = self.alloc(&format!("the sum of `{name}`"), 4 * n as u64)?;
+            if n > 0 {
+                // SAFETY: `d` holds n f32 values.
+                unsafe { result::memset_d8_async(d.ptr, 0, 4 * n, self.stream.cu_stream()) }
+                    .map_err(drv)?;
+            }
+            sums.bufs.insert(name.to_string(), (d, n));
+        }
+        let (d, len) = &sums.bufs[name];
+        check_len(name, n, *len)?;
+        if n == 0 || x == 0 {
+            return Ok(());
+        }
+        let count = i32::try_from(n).map_err(|_| {
+            CudaError::Gemm {
+                node: name.to_string(),
+                message: format!("{n} values exceed i32"),
+            }
+        })?;
+        let one = 1.0f32;
+        // SAFETY: `x` and the sum hold n f32 values each; both are device memory of this
+        // context and the add is ordered on the executor's stream.
+        unsafe {
+            cudarc::cublas::sys::cublasSaxpy_v2(
+                *self.blas.handle(),
+                count,
+                &one,
+                x as *const f32,
+                1,
+                d.ptr as *mut f32,
+                1,
+            )
+        }
+        .result()
+        .map_err(|e| CudaError::Gemm {
+            node: name.to_string(),
+            message: e.to_string(),
+        })
+    }
+
+    /// Downloads every sum (waits for the stream).
+    pub fn read_sums(&self, sums: &DeviceSums) -> Result<HashMap<String, Vec<f32>>, CudaError> {
+        self.stream.synchronize().map_err(drv)?;
+        let mut out = HashMap::with_capacity(sums.bufs.len());
+        for (name, (d, n)) in &sums.bufs {
+            let mut v = vec![0f32; *n];
+            if *n > 0 {
+                // SAFETY: the sum holds n f32 values.
+                unsafe { result::memcpy_dtoh_sync(&mut v, d.ptr) }.map_err(drv)?;
+            }
+            out.insert(name.clone(), v);
+        }
+        Ok(out)
     }
 }
 
