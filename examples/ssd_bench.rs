@@ -47,13 +47,18 @@ fn graph(h: u64, backward: bool) -> Graph {
     let mut g = Graph::new("ssd");
     let (b, l, k) = (Dim::sym("B"), Dim::sym("L"), Dim::known);
     let data = InputKind::Data;
-    let x = leaf(&mut g, "x", data.clone(), vec![b.clone(), l.clone(), k(h), k(P)]);
-    let dt = leaf(&mut g, "dt", data.clone(), vec![b.clone(), l.clone(), k(h)]);
-    let a = leaf(&mut g, "A", data.clone(), vec![k(h)]);
+    let x = leaf(&mut g, "x", data, vec![b.clone(), l.clone(), k(h), k(P)]);
+    let dt = leaf(&mut g, "dt", data, vec![b.clone(), l.clone(), k(h)]);
+    let a = leaf(&mut g, "A", data, vec![k(h)]);
     let bsh = vec![b.clone(), l.clone(), k(1), k(N)];
-    let bm = leaf(&mut g, "Bm", data.clone(), bsh.clone());
-    let cm = leaf(&mut g, "Cm", data.clone(), bsh);
-    let s0 = leaf(&mut g, "s0", InputKind::State, vec![b.clone(), k(h), k(P), k(N)]);
+    let bm = leaf(&mut g, "Bm", data, bsh.clone());
+    let cm = leaf(&mut g, "Cm", data, bsh);
+    let s0 = leaf(
+        &mut g,
+        "s0",
+        InputKind::State,
+        vec![b.clone(), k(h), k(P), k(N)],
+    );
     let ops = [x, dt, a, bm, cm, s0];
     let s = g
         .add(Op::SsdScan { chunk: CHUNK }, &ops, Span::default(), None)
@@ -65,7 +70,12 @@ fn graph(h: u64, backward: bool) -> Graph {
         let mut gops = ops.to_vec();
         gops.extend([dy, ds1]);
         let gr = g
-            .add(Op::SsdScanGrad { chunk: CHUNK }, &gops, Span::default(), None)
+            .add(
+                Op::SsdScanGrad { chunk: CHUNK },
+                &gops,
+                Span::default(),
+                None,
+            )
             .expect("well-typed");
         for (i, name) in ["dx", "ddt", "dA", "dB", "dC"].iter().enumerate() {
             g.add_output(*name, Value::new(gr, i as u16));
@@ -91,7 +101,10 @@ fn inputs(h: u64, b: u64, l: u64, backward: bool) -> HashMap<String, HostData> {
     ]);
     if backward {
         m.insert("dy".into(), HostData::F32(fill(t * h * P, -1.0, 1.0)));
-        m.insert("ds1".into(), HostData::F32(vec![0.0; (b * h * P * N) as usize]));
+        m.insert(
+            "ds1".into(),
+            HostData::F32(vec![0.0; (b * h * P * N) as usize]),
+        );
     }
     m
 }

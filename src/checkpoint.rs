@@ -98,8 +98,10 @@ impl StageGraph {
                     names,
                 },
             ) => {
-                let is_param_grad =
-                    |n: &str| n.strip_prefix("grad.").is_some_and(|p| names.contains_key(p));
+                let is_param_grad = |n: &str| {
+                    n.strip_prefix("grad.")
+                        .is_some_and(|p| names.contains_key(p))
+                };
                 let mut sums = grads.borrow_mut();
                 g.run_summing(
                     syms,
@@ -220,8 +222,8 @@ impl CheckpointedStep {
             keeps.dedup();
             let mut by_keep = HashMap::new();
             for k in keeps {
-                let v = passes::remat::variant(st, k, IGNORE_INDEX, false, &opts)
-                    .map_err(plan_err)?;
+                let v =
+                    passes::remat::variant(st, k, IGNORE_INDEX, false, &opts).map_err(plan_err)?;
                 by_keep.insert(k, Compiled::new(&v, device)?);
             }
             let states = st

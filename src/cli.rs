@@ -1645,11 +1645,11 @@ fn train(a: &TrainArgs, out: &mut Outcome) {
     if a.device == DeviceArg::Cuda && cfg!(not(feature = "cuda")) {
         return fail(out, format!("error: {}", crate::model::NO_CUDA));
     }
+    if a.tf32 && a.device != DeviceArg::Cuda {
+        return fail(out, "error: --tf32 is for --device cuda".into());
+    }
+    #[cfg(feature = "cuda")]
     if a.tf32 {
-        if a.device != DeviceArg::Cuda {
-            return fail(out, "error: --tf32 is for --device cuda".into());
-        }
-        #[cfg(feature = "cuda")]
         runtime::cuda::set_tf32_default(true);
     }
     if a.seq_len == 0 || a.batch == 0 {

@@ -170,7 +170,7 @@ impl GpuGraph {
         params: &DeviceParams,
         states: &HashMap<String, Vec<f32>>,
         opts: ExecOptions,
-        sum: Option<(&mut runtime::cuda::DeviceSums, &dyn Fn(&str) -> bool)>,
+        sum: Option<runtime::cuda::SumInto<'_>>,
     ) -> Result<(Outputs, u64), GpuError> {
         let sizes = self.sizes(syms)?;
         let plan = self.plan_sizes(&sizes)?;

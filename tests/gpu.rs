@@ -447,18 +447,18 @@ fn ssd_graph((hpg, groups, p, n): (u64, u64, u64, u64), chunk: u64) -> Graph {
     };
     let data = InputKind::Data;
     let xsh = vec![bd.clone(), ld.clone(), k(h), k(p)];
-    let x = input(&mut g, "x", data.clone(), xsh.clone());
-    let dt_raw = input(&mut g, "dt", data.clone(), vec![bd.clone(), ld.clone(), k(h)]);
+    let x = input(&mut g, "x", data, xsh.clone());
+    let dt_raw = input(&mut g, "dt", data, vec![bd.clone(), ld.clone(), k(h)]);
     let dt = add(&mut g, Op::Unary(UnaryOp::Softplus), &[dt_raw]);
-    let a_log = input(&mut g, "A_log", data.clone(), vec![k(h)]);
+    let a_log = input(&mut g, "A_log", data, vec![k(h)]);
     let a = add(&mut g, Op::Unary(UnaryOp::Exp), &[a_log]);
     let a = add(&mut g, Op::Unary(UnaryOp::Neg), &[a]);
     let bsh = vec![bd.clone(), ld.clone(), k(groups), k(n)];
-    let bm = input(&mut g, "Bm", data.clone(), bsh.clone());
-    let cm = input(&mut g, "Cm", data.clone(), bsh);
+    let bm = input(&mut g, "Bm", data, bsh.clone());
+    let cm = input(&mut g, "Cm", data, bsh);
     let ssh = vec![bd, k(h), k(p), k(n)];
     let s0 = input(&mut g, "s0", InputKind::State, ssh.clone());
-    let dy = input(&mut g, "dy", data.clone(), xsh);
+    let dy = input(&mut g, "dy", data, xsh);
     let ds1 = input(&mut g, "ds1", data, ssh);
     let ops = [x, dt, a, bm, cm, s0];
     let y = add(&mut g, Op::SsdScan { chunk }, &ops);
@@ -477,10 +477,7 @@ fn ssd_graph((hpg, groups, p, n): (u64, u64, u64, u64), chunk: u64) -> Graph {
 fn ssd_matmul_form_matches_the_cpu() {
     // Grouped heads at awkward sizes over three chunks (the last partial), then
     // mamba2-2.7b's head and state sizes over a chunk and one step.
-    for (dims, b, l, chunk) in [
-        ((3, 2, 5, 7), 2, 300, 256),
-        ((2, 1, 64, 128), 1, 129, 128),
-    ] {
+    for (dims, b, l, chunk) in [((3, 2, 5, 7), 2, 300, 256), ((2, 1, 64, 128), 1, 129, 128)] {
         let g = ssd_graph(dims, chunk);
         let what = format!("ssd (hpg, G, P, N) = {dims:?} B={b} L={l} chunk {chunk}");
         let Some(dev) = gpu(&what, &g) else {

@@ -342,7 +342,10 @@ fn build_kernel<'ctx>(
     // `noalias` LLVM may move loads across stores to other buffers and keep several in
     // flight; read-only buffers may go through the non-coherent cache (`ld.global.nc`).
     let attr = |name: &str| {
-        ctx.create_enum_attribute(inkwell::attributes::Attribute::get_named_enum_kind_id(name), 0)
+        ctx.create_enum_attribute(
+            inkwell::attributes::Attribute::get_named_enum_kind_id(name),
+            0,
+        )
     };
     for (i, kb) in k.bufs.iter().enumerate() {
         let at = inkwell::attributes::AttributeLoc::Param(i as u32);

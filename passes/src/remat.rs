@@ -542,7 +542,13 @@ impl Planner {
         let stages = stage::split(model, std::slice::from_ref(&whole))?;
         let opts = &request.lower;
         let embed = variant(&stages[0], Keep::Nothing, ignore_index, false, opts)?;
-        let head = variant(&stages[2], Keep::Nothing, ignore_index, request.logits, opts)?;
+        let head = variant(
+            &stages[2],
+            Keep::Nothing,
+            ignore_index,
+            request.logits,
+            opts,
+        )?;
         let params = model
             .params()
             .filter_map(|n| match model.op(n) {
@@ -576,7 +582,13 @@ impl Planner {
                 ranges.push(size..self.layers);
             }
             let stages = stage::split(&self.model, &ranges)?;
-            let v = variant(&stages[1], keep, self.ignore_index, false, &self.request.lower)?;
+            let v = variant(
+                &stages[1],
+                keep,
+                self.ignore_index,
+                false,
+                &self.request.lower,
+            )?;
             self.groups.insert((size, keep), v);
         }
         Ok(&self.groups[&(size, keep)])

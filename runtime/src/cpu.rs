@@ -234,7 +234,8 @@ pub fn execute_in(
                         .map(|i| inp.sizes[i] as u64)
                 };
                 let ev = |d: &ir::Dim| d.eval(&bind).unwrap_or(0) as usize;
-                let (batch, m, k, n) = (batch.eval(&bind).unwrap_or(0) as usize, ev(m), ev(k), ev(n));
+                let (batch, m, k, n) =
+                    (batch.eval(&bind).unwrap_or(0) as usize, ev(m), ev(k), ev(n));
                 let (a, b, c) = (
                     ptrs[*lhs] as *const f32,
                     ptrs[*rhs] as *const f32,

@@ -159,6 +159,10 @@ pub struct DeviceSums {
     bufs: HashMap<String, (DevBuf, usize)>,
 }
 
+/// Where a run's selected outputs go instead of the host: the sums, and which output names
+/// are added into them.
+pub type SumInto<'a> = (&'a mut DeviceSums, &'a dyn Fn(&str) -> bool);
+
 impl DeviceSums {
     /// Device bytes held.
     pub fn bytes(&self) -> u64 {
@@ -1106,7 +1110,7 @@ impl CudaExecutor {
         inp: &Inputs<'_>,
         params: &DeviceParams,
         opts: ExecOptions,
-        mut sum: Option<(&mut DeviceSums, &dyn Fn(&str) -> bool)>,
+        mut sum: Option<SumInto<'_>>,
     ) -> Result<Outputs, CudaError> {
         let mut b = self.bind(l, inp.sizes, plan.clone(), params, opts.poison)?;
         for buf in &l.buffers {
@@ -1169,11 +1173,9 @@ impl CudaExecutor {
         if n == 0 || x == 0 {
             return Ok(());
         }
-        let count = i32::try_from(n).map_err(|_| {
-            CudaError::Gemm {
-                node: name.to_string(),
-                message: format!("{n} values exceed i32"),
-            }
+        let count = i32::try_from(n).map_err(|_| CudaError::Gemm {
+            node: name.to_string(),
+            message: format!("{n} values exceed i32"),
         })?;
         let one = 1.0f32;
         // SAFETY: `x` and the sum hold n f32 values each; both are device memory of this

@@ -227,7 +227,14 @@ impl Lowering<'_> {
         (m, k, n): (&Dim, &Dim, &Dim),
         (lhs_t, rhs_t): (bool, bool),
     ) {
-        self.gemm_with(node, (lhs, rhs, out), batch, (m, k, n), (lhs_t, rhs_t), false);
+        self.gemm_with(
+            node,
+            (lhs, rhs, out),
+            batch,
+            (m, k, n),
+            (lhs_t, rhs_t),
+            false,
+        );
     }
 
     /// [`Self::gemm`], `exact` as in [`Step::MatMul`].
@@ -377,8 +384,20 @@ impl Lowering<'_> {
         kb.finish(grid_bc, node);
 
         // CB = C Bᵀ per group; each chunk's own end state (w ⊙ X)ᵀ B, a group's heads at once.
-        self.gemm(node, (cc, bc, cb), s.batch(&s.g), (&s.qd, &s.n, &s.qd), (false, true));
-        self.gemm(node, (xs, bc, sin), s.batch(&s.g), (&s.hp, &s.qd, &s.n), (true, false));
+        self.gemm(
+            node,
+            (cc, bc, cb),
+            s.batch(&s.g),
+            (&s.qd, &s.n, &s.qd),
+            (false, true),
+        );
+        self.gemm(
+            node,
+            (xs, bc, sin),
+            s.batch(&s.g),
+            (&s.hp, &s.qd, &s.n),
+            (true, false),
+        );
 
         // The states entering each chunk, in order from s0, per (batch, head, p, n).
         let mut kb = KB::new(self, &format!("{name}_carry"));
@@ -396,10 +415,9 @@ impl Lowering<'_> {
         let decay = |kb: &KB, c: &IExpr| {
             exp(Expr::Load {
                 buf: acs_slot,
-                index: kb.l.linear(
-                    &[b.clone(), c.clone(), h.clone(), IExpr::c(s.q - 1)],
-                    &ps,
-                ),
+                index: kb
+                    .l
+                    .linear(&[b.clone(), c.clone(), h.clone(), IExpr::c(s.q - 1)], &ps),
             })
         };
         let (stmts, sv) = carry(&mut kb, s0v, (&ch.count, false), slot, &at, &decay);
@@ -445,9 +463,21 @@ impl Lowering<'_> {
 
         // M = CB ⊙ exp(a_i - a_j) dt_j below the diagonal, per (batch, chunk, head, i).
         self.ssd_mask(node, &s, &format!("{name}_mask"), &pr, mm, (false, true));
-        self.gemm(node, (mm, pr.xc, yd), s.batch(&s.h), (&s.qd, &s.qd, &s.p), (false, false));
+        self.gemm(
+            node,
+            (mm, pr.xc, yd),
+            s.batch(&s.h),
+            (&s.qd, &s.qd, &s.p),
+            (false, false),
+        );
         // C S_inᵀ, a group's heads at once.
-        self.gemm(node, (pr.cc, pr.sin, yo), s.batch(&s.g), (&s.qd, &s.n, &s.hp), (false, true));
+        self.gemm(
+            node,
+            (pr.cc, pr.sin, yo),
+            s.batch(&s.g),
+            (&s.qd, &s.n, &s.hp),
+            (false, true),
+        );
 
         // y = Y_diag + exp(a) C S_inᵀ, per (batch, step, head, p).
         let mut kb = KB::new(self, &name);
@@ -511,7 +541,10 @@ impl Lowering<'_> {
             &[b.clone(), c.clone(), s.group(&h), i.clone(), j.clone()],
             &sqg,
         );
-        let (ai, aj) = (ld(&mut kb, pr.acs, &at(&i), &ps), ld(&mut kb, pr.acs, &at(&j), &ps));
+        let (ai, aj) = (
+            ld(&mut kb, pr.acs, &at(&i), &ps),
+            ld(&mut kb, pr.acs, &at(&j), &ps),
+        );
         let dtj = ld(&mut kb, pr.dtc, &at(&j), &ps);
         let decay = exp(Expr::bin(BinaryOp::Min, sub(ai, aj), Expr::Const(0.0)));
         let below = i.sub(j).add(IExpr::c(s.q)).div(IExpr::c(s.q));
@@ -583,7 +616,12 @@ impl Lowering<'_> {
         let dv = kb.value(dy, &[b.clone(), tc, h.clone(), p.clone()])?;
         let (dv, decl) = var(&mut kb, mul(dv, ok));
         kb.body.push(decl);
-        let e = exp(ld(&mut kb, pr.acs, &[b.clone(), c.clone(), h.clone(), i.clone()], &ps));
+        let e = exp(ld(
+            &mut kb,
+            pr.acs,
+            &[b.clone(), c.clone(), h.clone(), i.clone()],
+            &ps,
+        ));
         let rows = [b.clone(), c.clone(), h.clone(), i.clone(), p.clone()];
         let grow = [b, c, s.group(&h), i, s.in_group(&h, p)];
         let s1 = st(&mut kb, dyc, &rows, &hr, Expr::Var(dv));
@@ -599,7 +637,13 @@ impl Lowering<'_> {
         kb.finish(grid_x, node);
 
         // dS_in's own part Σ_i exp(a_i) dy_iᵀ C_i, then carried from the last chunk.
-        self.gemm(node, (dye, pr.cc, dst), s.batch(&s.g), (&s.hp, &s.qd, &s.n), (true, false));
+        self.gemm(
+            node,
+            (dye, pr.cc, dst),
+            s.batch(&s.g),
+            (&s.hp, &s.qd, &s.n),
+            (true, false),
+        );
         let mut kb = KB::new(self, &format!("{name}_carry_back"));
         let (b, h, p, nn) = (grid(0), grid(1), grid(2), grid(3));
         let sidx = [b.clone(), h.clone(), p.clone(), nn.clone()];
@@ -615,10 +659,9 @@ impl Lowering<'_> {
         let decay = |kb: &KB, c: &IExpr| {
             exp(Expr::Load {
                 buf: acs_slot,
-                index: kb.l.linear(
-                    &[b.clone(), c.clone(), h.clone(), IExpr::c(s.q - 1)],
-                    &ps,
-                ),
+                index: kb
+                    .l
+                    .linear(&[b.clone(), c.clone(), h.clone(), IExpr::c(s.q - 1)], &ps),
             })
         };
         let (stmts, gv) = carry(&mut kb, init, (&ch.count, true), slot, &at, &decay);
@@ -642,18 +685,44 @@ impl Lowering<'_> {
         let dxd = self.scratch(node, hr.clone());
         // Both feed row and column sums of T whose difference (in da) cancels: exact.
         let sq = (&s.qd, &s.qd, &s.p);
-        self.gemm_with(node, (mmt, dyc, dxd), s.batch(&s.h), sq, (false, false), true);
+        self.gemm_with(
+            node,
+            (mmt, dyc, dxd),
+            s.batch(&s.h),
+            sq,
+            (false, false),
+            true,
+        );
         let ydg = self.scratch(node, hr.clone());
         let xdt = pr.xdt.ok_or_else(|| LowerError::Unsupported {
             node,
             op: "ssd_scan_grad",
             message: "internal: no dt ⊙ x rows".into(),
         })?;
-        self.gemm_with(node, (mmt, xdt, ydg), s.batch(&s.h), sq, (true, false), true);
+        self.gemm_with(
+            node,
+            (mmt, xdt, ydg),
+            s.batch(&s.h),
+            sq,
+            (true, false),
+            true,
+        );
         let dxsu = self.scratch(node, gh.clone());
-        self.gemm(node, (pr.bc, dst, dxsu), s.batch(&s.g), (&s.qd, &s.n, &s.hp), (false, true));
+        self.gemm(
+            node,
+            (pr.bc, dst, dxsu),
+            s.batch(&s.g),
+            (&s.qd, &s.n, &s.hp),
+            (false, true),
+        );
         let dmm = self.scratch(node, sqh.clone());
-        self.gemm(node, (dyc, pr.xc, dmm), s.batch(&s.h), (&s.qd, &s.p, &s.qd), (false, true));
+        self.gemm(
+            node,
+            (dyc, pr.xc, dmm),
+            s.batch(&s.h),
+            (&s.qd, &s.p, &s.qd),
+            (false, true),
+        );
 
         // dCB and its transpose, per (batch, chunk, group, i), summed over the group's heads.
         let dcb = self.scratch(node, sqg.clone());
@@ -664,9 +733,24 @@ impl Lowering<'_> {
             let (sum, decl) = var(kb, Expr::Const(0.0));
             let heads = for_(kb, IExpr::c(s.hpg), |kb, hl| {
                 let h = gg.clone().mul(IExpr::c(s.hpg)).add(hl);
-                let ai = ld(kb, pr.acs, &[b.clone(), c.clone(), h.clone(), i.clone()], &ps);
-                let aj = ld(kb, pr.acs, &[b.clone(), c.clone(), h.clone(), j.clone()], &ps);
-                let dtj = ld(kb, pr.dtc, &[b.clone(), c.clone(), h.clone(), j.clone()], &ps);
+                let ai = ld(
+                    kb,
+                    pr.acs,
+                    &[b.clone(), c.clone(), h.clone(), i.clone()],
+                    &ps,
+                );
+                let aj = ld(
+                    kb,
+                    pr.acs,
+                    &[b.clone(), c.clone(), h.clone(), j.clone()],
+                    &ps,
+                );
+                let dtj = ld(
+                    kb,
+                    pr.dtc,
+                    &[b.clone(), c.clone(), h.clone(), j.clone()],
+                    &ps,
+                );
                 let dm = ld(
                     kb,
                     dmm,
@@ -715,12 +799,42 @@ impl Lowering<'_> {
 
         // C S_inᵀ again; dC's and dB's two parts each.
         let yo = self.scratch(node, gh.clone());
-        self.gemm(node, (pr.cc, pr.sin, yo), s.batch(&s.g), (&s.qd, &s.n, &s.hp), (false, true));
+        self.gemm(
+            node,
+            (pr.cc, pr.sin, yo),
+            s.batch(&s.g),
+            (&s.qd, &s.n, &s.hp),
+            (false, true),
+        );
         let [dcd, dco, dbd, dbs] = [0; 4].map(|_| self.scratch(node, gr.clone()));
-        self.gemm(node, (dcb, pr.bc, dcd), s.batch(&s.g), (&s.qd, &s.qd, &s.n), (false, false));
-        self.gemm(node, (dye, pr.sin, dco), s.batch(&s.g), (&s.qd, &s.hp, &s.n), (false, false));
-        self.gemm(node, (dcbt, pr.cc, dbd), s.batch(&s.g), (&s.qd, &s.qd, &s.n), (false, false));
-        self.gemm(node, (pr.xs, dst, dbs), s.batch(&s.g), (&s.qd, &s.hp, &s.n), (false, false));
+        self.gemm(
+            node,
+            (dcb, pr.bc, dcd),
+            s.batch(&s.g),
+            (&s.qd, &s.qd, &s.n),
+            (false, false),
+        );
+        self.gemm(
+            node,
+            (dye, pr.sin, dco),
+            s.batch(&s.g),
+            (&s.qd, &s.hp, &s.n),
+            (false, false),
+        );
+        self.gemm(
+            node,
+            (dcbt, pr.cc, dbd),
+            s.batch(&s.g),
+            (&s.qd, &s.qd, &s.n),
+            (false, false),
+        );
+        self.gemm(
+            node,
+            (pr.xs, dst, dbs),
+            s.batch(&s.g),
+            (&s.qd, &s.hp, &s.n),
+            (false, false),
+        );
 
         // dx, per (batch, step, head, p).
         let mut kb = KB::new(self, &format!("{name}_dx"));
@@ -743,7 +857,13 @@ impl Lowering<'_> {
         );
         let dtj = ld(&mut kb, pr.dtc, &[b.clone(), c_dt, h.clone(), j_dt], &ps);
         let xsh = kb.l.shape(ops[0]);
-        let store = st(&mut kb, outs[0], &[b, t, h, p], &xsh, add(mul(dtj, d), mul(w, su)));
+        let store = st(
+            &mut kb,
+            outs[0],
+            &[b, t, h, p],
+            &xsh,
+            add(mul(dtj, d), mul(w, su)),
+        );
         kb.body.push(store);
         let grid_x = xsh.iter().map(|d| kb.l.dim(d)).collect();
         kb.finish(grid_x, node);
@@ -923,7 +1043,13 @@ impl Lowering<'_> {
         });
         kb.body.push(sum_b);
         let ash = kb.l.shape(ops[2]);
-        let store = st(&mut kb, outs[2], std::slice::from_ref(&h), &ash, Expr::Var(sum));
+        let store = st(
+            &mut kb,
+            outs[2],
+            std::slice::from_ref(&h),
+            &ash,
+            Expr::Var(sum),
+        );
         kb.body.push(store);
         let grid_h = vec![kb.l.dim(&s.h)];
         kb.finish(grid_h, node);
@@ -937,7 +1063,10 @@ impl Lowering<'_> {
         let out_at = [b, t, gg, nn];
         let mut stores = Vec::new();
         for (out, parts) in [(outs[3], [dbd, dbs]), (outs[4], [dcd, dco])] {
-            let v = add(ld(&mut kb, parts[0], &at, &gr), ld(&mut kb, parts[1], &at, &gr));
+            let v = add(
+                ld(&mut kb, parts[0], &at, &gr),
+                ld(&mut kb, parts[1], &at, &gr),
+            );
             stores.push(st(&mut kb, out, &out_at, &bsh, v));
         }
         kb.body.extend(stores);
