@@ -168,3 +168,47 @@ fn row_reductions_and_state_loops_run_a_warp_per_point() {
         assemble(&format!("mamba2-130m {what} warp kernels"), &ptx);
     }
 }
+
+/// The GPU's form of the Mamba-2 SSD (`LowerOptions::gpu`): the carries across chunks and the
+/// elementwise kernels keep a thread per point; the gradient's dot products over a head's
+/// `P` values and the `<dS_out, S_in>` sums over `P·N` share their loops among lanes.
+#[test]
+fn ssd_matrix_form_kernels_share_only_their_sums() {
+    let graph = common::compile_name("mamba2-130m").graph;
+    let tg = passes::training_graph(&graph, "logits", -100).expect("training graph");
+    let l = passes::lower(&tg.graph, &LowerOptions::gpu()).expect("lowers");
+    let (distinct, _) = ma2mba::artifact::dedupe(&l.kernels);
+    let lanes = |suffix: &str| -> Vec<u32> {
+        distinct
+            .iter()
+            .filter(|k| k.name.starts_with("ssd_scan") && k.name.ends_with(suffix))
+            .map(ir::lanes::threads_per_point)
+            .collect()
+    };
+    for suffix in [
+        "_carry",
+        "_carry_back",
+        "_x",
+        "_bc",
+        "_dy",
+        "_mask",
+        "_dx",
+        "_dbc",
+    ] {
+        let t = lanes(suffix);
+        assert!(!t.is_empty(), "no `{suffix}` kernel");
+        assert!(
+            t.iter().all(|&t| t == 1),
+            "`{suffix}`: {t:?} threads per point"
+        );
+    }
+    for suffix in ["_dots", "_dlast"] {
+        let t = lanes(suffix);
+        assert!(
+            !t.is_empty() && t.iter().all(|&t| t > 1),
+            "`{suffix}`: {t:?}"
+        );
+    }
+    let ptx = compile_lowered(&l, Target::Sm90).expect("ptx");
+    assemble("mamba2-130m training, the SSD's matrix form", &ptx);
+}
