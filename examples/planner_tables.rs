@@ -36,7 +36,7 @@ fn request(seq: u64, budget: Option<u64>) -> Request {
         quantum: 256,
         logits: false,
         copy_outputs: false,
-        lower: passes::LowerOptions::gpu(),
+        lower: passes::LowerOptions::default(),
     }
 }
 

@@ -261,7 +261,7 @@ pub fn build(
         forward.clone()
     };
     let lowered =
-        passes::lower(&graph, &passes::LowerOptions::gpu()).map_err(|e| err(e.to_string()))?;
+        passes::lower(&graph, &passes::LowerOptions::default()).map_err(|e| err(e.to_string()))?;
     let mut symbols = Vec::new();
     for s in &lowered.syms {
         let v = match s.as_str() {
@@ -284,7 +284,6 @@ pub fn build(
             );
             // The GPU hands outputs over in their own buffers.
             r.copy_outputs = false;
-            r.lower = passes::LowerOptions::gpu();
             let mut planner = passes::remat::Planner::new(forward, r, IGNORE_INDEX)
                 .map_err(|e| err(e.to_string()))?;
             let p = planner.plan().map_err(|e| err(e.to_string()))?;

@@ -51,14 +51,11 @@ enum Params<'a> {
 
 impl StageGraph {
     fn compile(g: &Graph, device: Device) -> Result<StageGraph, Error> {
+        let opts = LowerOptions::default();
         match device {
-            Device::Cpu => Ok(StageGraph::Cpu(Box::new(CpuGraph::compile(
-                g,
-                &LowerOptions::default(),
-            )?))),
+            Device::Cpu => Ok(StageGraph::Cpu(Box::new(CpuGraph::compile(g, &opts)?))),
             #[cfg(feature = "cuda")]
             Device::Cuda => {
-                let opts = LowerOptions::gpu();
                 crate::gpu::GpuGraph::compile(g, &opts, codegen::nvptx::Target::Sm90, 0)
                     .map(|g| StageGraph::Gpu(Box::new(g)))
                     .map_err(|e| Error::Gpu(format!("--device cuda: {e}")))
@@ -198,10 +195,7 @@ impl CheckpointedStep {
     ) -> Result<CheckpointedStep, Error> {
         let stages = stage::split(model, &plan.groups).map_err(|e| Error::Input(e.to_string()))?;
         let plan_err = |e: passes::remat::PlanError| Error::Input(e.to_string());
-        let opts = match device {
-            Device::Cpu => LowerOptions::default(),
-            Device::Cuda => LowerOptions::gpu(),
-        };
+        let opts = LowerOptions::default();
         let embed_st = &stages[0];
         let head_st = &stages[stages.len() - 1];
         let embed = Compiled::new(

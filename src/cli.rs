@@ -2028,11 +2028,7 @@ fn plan_cmd(p: &PlanArgs, g: &Graph, out: &mut Outcome) {
         quantum,
         logits: false,
         copy_outputs: p.device == "cpu",
-        lower: if p.device == "cpu" {
-            passes::LowerOptions::default()
-        } else {
-            passes::LowerOptions::gpu()
-        },
+        lower: passes::LowerOptions::default(),
     };
     let report = match crate::plan::make(g, req.clone()) {
         Ok(r) => r,

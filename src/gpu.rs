@@ -218,7 +218,7 @@ const STEP_RUN: ExecOptions = ExecOptions {
 impl GpuModel {
     /// Compiles `graph` for GPU 0 (sm_90) and uploads `params`.
     pub fn new(graph: &Graph, params: &HashMap<String, Vec<f32>>) -> Result<GpuModel, GpuError> {
-        let forward = GpuGraph::compile(graph, &LowerOptions::gpu(), Target::Sm90, 0)?;
+        let forward = GpuGraph::compile(graph, &LowerOptions::default(), Target::Sm90, 0)?;
         let params = forward.upload_params(params)?;
         Ok(GpuModel {
             forward,
@@ -267,7 +267,7 @@ impl GpuModel {
         if self.step.is_none() {
             self.step = Some(GpuGraph::compile(
                 step_graph,
-                &LowerOptions::gpu(),
+                &LowerOptions::default(),
                 Target::Sm90,
                 0,
             )?);
@@ -473,7 +473,7 @@ pub fn time_graph(
     repeat: usize,
 ) -> Result<GraphTiming, GpuError> {
     let t0 = std::time::Instant::now();
-    let gpu = GpuGraph::compile(g, &LowerOptions::gpu(), Target::Sm90, 0)?;
+    let gpu = GpuGraph::compile(g, &LowerOptions::default(), Target::Sm90, 0)?;
     let compile = t0.elapsed();
     let dev = gpu.upload_params(params)?;
     let mut bound = gpu.bind(syms, &dev, false)?;

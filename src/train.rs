@@ -223,9 +223,6 @@ impl Trainer {
                     let mut req = request_for(forward, Some(*budget), batch, seq);
                     // The GPU hands outputs over in their own buffers.
                     req.copy_outputs = *device == Device::Cpu;
-                    if *device == Device::Cuda {
-                        req.lower = LowerOptions::gpu();
-                    }
                     let plan = Planner::new(forward, req, IGNORE_INDEX)
                         .and_then(|mut p| p.plan())
                         .map_err(|e| Error::Input(e.to_string()))?;
@@ -417,7 +414,7 @@ impl Trainer {
             let tg = passes::training_graph(forward, logits, IGNORE_INDEX)?;
             let g = crate::gpu::GpuGraph::compile(
                 &tg.graph,
-                &LowerOptions::gpu(),
+                &LowerOptions::default(),
                 codegen::nvptx::Target::Sm90,
                 0,
             )

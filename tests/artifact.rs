@@ -363,7 +363,7 @@ fn the_schedule_rebuilt_from_the_manifest_matches_the_compilers() {
         } else {
             g
         };
-        let want = passes::lower(&g, &passes::LowerOptions::gpu()).unwrap();
+        let want = passes::lower(&g, &passes::LowerOptions::default()).unwrap();
         let bind = |s: &str| match s {
             "B" => Some(2),
             "L" => Some(16),

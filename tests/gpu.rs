@@ -33,7 +33,7 @@ const NORMWISE: f64 = 1e-3;
 
 /// Compiles for the GPU, or says why the test is skipped (`None`).
 fn gpu(what: &str, g: &Graph) -> Option<GpuGraph> {
-    match GpuGraph::compile(g, &LowerOptions::gpu(), Target::Sm90, 0) {
+    match GpuGraph::compile(g, &LowerOptions::default(), Target::Sm90, 0) {
         Ok(x) => Some(x),
         Err(GpuError::Cuda(e @ (CudaError::NoDevice(_) | CudaError::NoCublas(_))))
             if std::env::var("MA2MBA_REQUIRE_GPU").as_deref() != Ok("1") =>
@@ -943,7 +943,7 @@ fn checkpointed_training_on_the_gpu_matches() {
             quantum: 1,
             logits: false,
             copy_outputs: false,
-            lower: LowerOptions::gpu(),
+            lower: LowerOptions::default(),
         };
         let mut planner = Planner::new(&g, req, -100).expect("planner");
         planner.exact_groups = u32::MAX;

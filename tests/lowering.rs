@@ -232,22 +232,30 @@ fn loss_ops_lower_to_checked_kernels() {
     }
 }
 
-/// The CPU's whole-sequence form (`LowerOptions::cpu`): forward scans are one sequential
-/// kernel each with no scratch, and the results match the interpreter like the default
-/// (chunk-parallel) form's, over lengths spanning several chunks.
+/// Sequential forward scans (`LowerOptions::sequential_scans`, as `LowerOptions::cpu` runs
+/// Mamba-1; for Mamba-2 with `ssd_scans`) are one kernel each with no scratch, and the results
+/// match the interpreter like the chunk-parallel scans' and (Mamba-2) the matrix form's, over
+/// lengths spanning several chunks.
 #[test]
 fn sequential_scans_match_the_interpreter_without_scratch() {
+    let sequential = LowerOptions {
+        sequential_scans: true,
+        ..LowerOptions::ssd_scans()
+    };
     for (name, b, l) in [("tiny-mamba", 2, 150), ("tiny-mamba2", 2, 150)] {
         let c = case(name, b, l, 7);
         let want = reference(&c);
-        let got = lowered_run(&c, &LowerOptions::cpu());
-        let par = lowered_run(&c, &LowerOptions::default());
-        for (((gn, gv), (_, wv)), (_, pv)) in got.iter().zip(&want).zip(&par) {
+        let got = lowered_run(&c, &sequential);
+        let par = lowered_run(&c, &LowerOptions::ssd_scans());
+        let cpu = lowered_run(&c, &LowerOptions::cpu());
+        for ((((gn, gv), (_, wv)), (_, pv)), (_, cv)) in got.iter().zip(&want).zip(&par).zip(&cpu)
+        {
             assert_close(&format!("{name} {gn} sequential"), gv, wv, 6e-4, 2e-3);
             assert_close(&format!("{name} {gn} chunk-parallel"), pv, wv, 6e-4, 2e-3);
+            assert_close(&format!("{name} {gn} cpu form"), cv, wv, 6e-4, 2e-3);
         }
-        let seq = lower(&c.graph, &LowerOptions::cpu()).unwrap();
-        let chunked = lower(&c.graph, &LowerOptions::default()).unwrap();
+        let seq = lower(&c.graph, &sequential).unwrap();
+        let chunked = lower(&c.graph, &LowerOptions::ssd_scans()).unwrap();
         let scratch = |l: &passes::Lowered| {
             l.buffers
                 .iter()

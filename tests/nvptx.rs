@@ -56,7 +56,7 @@ fn assemble(what: &str, ptx: &Ptx) {
 
 /// Lowers `graph`, compiles every kernel to PTX and checks each is an `.entry`.
 fn compile_graph(what: &str, graph: &ir::Graph, target: Target) -> Ptx {
-    let l = passes::lower(graph, &LowerOptions::gpu())
+    let l = passes::lower(graph, &LowerOptions::default())
         .unwrap_or_else(|e| panic!("{what}: lowering: {e}"));
     let started = std::time::Instant::now();
     let ptx = compile_lowered(&l, target).unwrap_or_else(|e| panic!("{what}: {e}"));
@@ -126,7 +126,8 @@ fn sm_80_fallback_assembles() {
 }
 
 /// Which kernels run a warp per grid point (`ir::lanes`): the row reductions (norms, the
-/// loss over the vocabulary, gradient sums) and the Mamba-2 scan's state loop; elementwise
+/// loss over the vocabulary, gradient sums) and the Mamba-2 scan's state loop (the SSD
+/// lowered as scans, `LowerOptions::ssd_scans`, as the decode step always is); elementwise
 /// kernels keep a thread per point. Warp kernels carry the shuffle and the warp barrier.
 #[test]
 fn row_reductions_and_state_loops_run_a_warp_per_point() {
@@ -138,7 +139,7 @@ fn row_reductions_and_state_loops_run_a_warp_per_point() {
         ("training", &tg.graph),
         ("step", &step),
     ] {
-        let l = passes::lower(g, &LowerOptions::default()).expect("lowers");
+        let l = passes::lower(g, &LowerOptions::ssd_scans()).expect("lowers");
         let (distinct, _) = ma2mba::artifact::dedupe(&l.kernels);
         let warp: Vec<String> = distinct
             .iter()
@@ -169,14 +170,14 @@ fn row_reductions_and_state_loops_run_a_warp_per_point() {
     }
 }
 
-/// The GPU's form of the Mamba-2 SSD (`LowerOptions::gpu`): the carries across chunks and the
+/// The matrix form of the Mamba-2 SSD (the default): the carries across chunks and the
 /// elementwise kernels keep a thread per point; the gradient's dot products over a head's
 /// `P` values and the `<dS_out, S_in>` sums over `P·N` share their loops among lanes.
 #[test]
 fn ssd_matrix_form_kernels_share_only_their_sums() {
     let graph = common::compile_name("mamba2-130m").graph;
     let tg = passes::training_graph(&graph, "logits", -100).expect("training graph");
-    let l = passes::lower(&tg.graph, &LowerOptions::gpu()).expect("lowers");
+    let l = passes::lower(&tg.graph, &LowerOptions::default()).expect("lowers");
     let (distinct, _) = ma2mba::artifact::dedupe(&l.kernels);
     let lanes = |suffix: &str| -> Vec<u32> {
         distinct

@@ -1,9 +1,11 @@
 //! The scans and their gradients at sequence lengths around their chunks: one step, a chunk
-//! less one, a chunk, a chunk plus one, several chunks and a partial one. The forward scans
-//! run chunk-parallel (Mamba-1 in chunks of `SELECTIVE_SCAN_CHUNK`, Mamba-2 of its op's
-//! `chunk` at most `MAX_SSD_SCAN_CHUNK`); Mamba-1's gradient checkpoints every
-//! `SELECTIVE_GRAD_CHUNK` steps, Mamba-2's every `chunk` steps of its op (tiny-mamba2: 8).
-//! Batches of one and two, with and without initial states.
+//! less one, a chunk, a chunk plus one, several chunks and a partial one. The Mamba-2 SSD in
+//! both of its forms: the matrix form (the default, chunks of the op's `chunk` at most
+//! `MAX_SSD_MATMUL_CHUNK`) and as scans (`LowerOptions::ssd_scans`: the forward chunk-parallel
+//! in chunks of at most `MAX_SSD_SCAN_CHUNK`, the gradient checkpointing every `chunk` steps,
+//! tiny-mamba2: 8). Mamba-1's forward scans run chunk-parallel (`SELECTIVE_SCAN_CHUNK`), its
+//! gradient checkpoints every `SELECTIVE_GRAD_CHUNK` steps. Batches of one and two, with and
+//! without initial states.
 //!
 //! Each case runs the Cranelift kernels (inline `exp`) against the f64 reference interpreter
 //! within the f32 tolerances of the other tests, and Cranelift with `exact_math` against the
@@ -529,16 +531,17 @@ fn ssd_scan_around_the_chunk() {
         for (i, l) in lengths(q).into_iter().chain([0]).enumerate() {
             for (v, &(b, with_state)) in VARIANTS.iter().enumerate() {
                 let c = ssd_forward_case(b, l, (2, 2, 3, 5), chunk, 90 + (3 * i + v) as u64);
-                check(
+                check_with(
                     &states(c, with_state),
                     Tolerance::Elementwise(REDUCTION.0, REDUCTION.1),
+                    &LowerOptions::ssd_scans(),
                 );
             }
         }
     }
 }
 
-/// The SSD as matrix products (`LowerOptions::gpu`): chunks of 1, 4 and the op's 256 capped
+/// The SSD as matrix products (the default): chunks of 1, 4 and the op's 256 capped
 /// at `MAX_SSD_MATMUL_CHUNK`, partial last chunks, grouped heads, given or zero states.
 #[test]
 fn ssd_matmul_around_the_chunk() {
@@ -547,12 +550,12 @@ fn ssd_matmul_around_the_chunk() {
             for (v, &(b, with_state)) in VARIANTS.iter().enumerate() {
                 let seed = 190 + (3 * i + v) as u64;
                 let c = ssd_forward_case(b, l, (2, 2, 3, 5), chunk, seed);
-                assert_eq!(gemms(&c, &LowerOptions::gpu()), 4, "{}", c.what);
-                assert_eq!(gemms(&c, &LowerOptions::default()), 0, "{}", c.what);
+                assert_eq!(gemms(&c, &LowerOptions::default()), 4, "{}", c.what);
+                assert_eq!(gemms(&c, &LowerOptions::ssd_scans()), 0, "{}", c.what);
                 check_with(
                     &states(c, with_state),
                     Tolerance::Elementwise(REDUCTION.0, REDUCTION.1),
-                    &LowerOptions::gpu(),
+                    &LowerOptions::default(),
                 );
             }
         }
@@ -575,23 +578,23 @@ fn ssd_matmul_grad_around_the_chunk() {
         for (i, l) in lengths(q).into_iter().chain([0]).enumerate() {
             for (v, &(b, with_state)) in VARIANTS.iter().enumerate() {
                 let c = ssd_case(b, l, (2, 2, 3, 5), chunk, 170 + (3 * i + v) as u64);
-                assert_eq!(gemms(&c, &LowerOptions::gpu()), 12, "{}", c.what);
+                assert_eq!(gemms(&c, &LowerOptions::default()), 12, "{}", c.what);
                 check_with(
                     &states(c, with_state),
                     Tolerance::Elementwise(REDUCTION.0, REDUCTION.1),
-                    &LowerOptions::gpu(),
+                    &LowerOptions::default(),
                 );
             }
         }
     }
 }
 
-/// A whole tiny-mamba2 training graph with the matrix-form SSD.
+/// A whole tiny-mamba2 training graph with the SSD as scans over time.
 #[test]
-fn tiny_mamba2_gradients_in_the_matrix_form() {
+fn tiny_mamba2_gradients_with_ssd_scans() {
     for (i, l) in lengths(TINY_MAMBA2_CHUNK).into_iter().enumerate() {
         let c = training_case("tiny-mamba2", 2, l, 150 + i as u64);
-        check_with(&c, Tolerance::Normwise(NORMWISE), &LowerOptions::gpu());
+        check_with(&c, Tolerance::Normwise(NORMWISE), &LowerOptions::ssd_scans());
     }
 }
 
@@ -616,18 +619,20 @@ fn ssd_scan_grad_around_the_chunk() {
         for (i, l) in lengths(q).into_iter().chain([0]).enumerate() {
             for (v, &(b, with_state)) in VARIANTS.iter().enumerate() {
                 let c = ssd_case(b, l, (2, 2, 3, 5), chunk, 70 + (3 * i + v) as u64);
-                check(
+                check_with(
                     &states(c, with_state),
                     Tolerance::Elementwise(REDUCTION.0, REDUCTION.1),
+                    &LowerOptions::ssd_scans(),
                 );
             }
         }
     }
 }
 
-/// Scratch bytes of one scan gradient at B = 1, L = 8192, by the lowered buffers.
+/// Scratch bytes of one scan gradient (the SSD's as a scan) at B = 1, L = 8192, by the
+/// lowered buffers.
 fn scratch_bytes(c: &Case) -> Vec<u64> {
-    let l = passes::lower(&c.graph, &LowerOptions::default()).expect("lowers");
+    let l = passes::lower(&c.graph, &LowerOptions::ssd_scans()).expect("lowers");
     let bind = |s: &str| Some(if s == "B" { 1 } else { 8192 });
     let bytes = passes::memory::buffer_bytes(&l, &bind).expect("sizes");
     l.buffers
@@ -664,9 +669,10 @@ fn forward_scan_scratch_is_a_state_per_chunk() {
     assert_eq!(scratch_bytes(&sel), [ck, ck]);
 }
 
-/// The grid points of every kernel of `c`'s lowered graph at `B = 1`, `L = l`, by name.
+/// The grid points of every kernel of `c`'s lowered graph (the SSD as a scan) at `B = 1`,
+/// `L = l`, by name.
 fn grids(c: &Case, l: i64) -> Vec<(String, i64)> {
-    let lw = passes::lower(&c.graph, &LowerOptions::default()).expect("lowers");
+    let lw = passes::lower(&c.graph, &LowerOptions::ssd_scans()).expect("lowers");
     let sizes: Vec<i64> = lw
         .syms
         .iter()

@@ -1,10 +1,12 @@
 //! Any layer stack runs over a time segment with carried states: running a sequence in
 //! segments, feeding each segment's final conv/ssm states to the next, gives the logits of
-//! one run over the whole sequence (compiled CPU path). Exactly while the whole run's scans
-//! have at most two chunks from a zero state (each chunk's start state is then the
-//! sequential one, and every segment scans from its start state sequentially); with more
-//! chunks, the chunk-parallel scans sum the states across chunks in another grouping, and
-//! the results agree to f32 rounding.
+//! one run over the whole sequence (compiled CPU path). Exactly for Mamba-1 while the whole
+//! run's scans have at most two chunks from a zero state (each chunk's start state is then
+//! the sequential one, and every segment scans from its start state sequentially), and for
+//! the Mamba-2 SSD's matrix form where the cuts follow its chunks (a segment then computes
+//! what the whole run computes for those chunks); otherwise the sums group differently
+//! (across chunks, or a cut inside a chunk moves earlier steps from the intra-chunk product
+//! into the carried state) and the results agree to f32 rounding.
 
 mod common;
 
@@ -81,18 +83,20 @@ fn segments_equal_whole(name: &str, cuts: &[usize], l: usize, exact: bool) {
 
 #[test]
 fn segmented_forward_is_bit_identical_to_whole() {
-    // One chunk of Mamba-1's 64 steps; two of tiny-mamba2's 8.
+    // One chunk of Mamba-1's 64 steps; tiny-mamba2 cut at its chunks of 8.
     segments_equal_whole("tiny-mamba", &[5], 13, true);
     segments_equal_whole("tiny-mamba", &[1, 2, 3, 9], 13, true);
     segments_equal_whole("tiny-mamba2", &[8], 13, true);
-    segments_equal_whole("tiny-mamba2", &[2, 7, 12], 13, true);
+    segments_equal_whole("tiny-mamba2", &[8, 16, 24], 29, true);
 }
 
 #[test]
 fn segmented_forward_matches_whole_across_many_chunks() {
-    // Three chunks of Mamba-1, five of tiny-mamba2, segments across chunk boundaries.
+    // Three chunks of Mamba-1, five of tiny-mamba2, segments across chunk boundaries; and
+    // cuts inside tiny-mamba2's chunks.
     segments_equal_whole("tiny-mamba", &[40, 100], 150, false);
     segments_equal_whole("tiny-mamba2", &[5, 17, 30], 40, false);
+    segments_equal_whole("tiny-mamba2", &[2, 7, 12], 13, false);
 }
 
 /// The summed-loss training graph of a sequence equals that of two time segments: the later

@@ -89,7 +89,7 @@ pub struct Request {
     /// so both are alive at the end of the run) or hands over buffers of their own (a GPU
     /// runtime).
     pub copy_outputs: bool,
-    /// How the runtime lowers the stages (the GPU's form of the SSD has more scratch).
+    /// How the stages are lowered (their kernels' scratch depends on it).
     pub lower: LowerOptions,
 }
 

@@ -1,7 +1,7 @@
-//! The Mamba-2 SSD as matrix products ([`LowerOptions::ssd_matmul`], the GPU's form): the
-//! chunked "state space dual" of the Mamba-2 paper, so that all but a small part of its work
-//! runs as batched GEMMs (on tensor cores where the runtime uses them) instead of a warp
-//! reduction per step.
+//! The Mamba-2 SSD as matrix products (the default on both devices; the other form is
+//! [`super::LowerOptions::ssd_scans`]): the chunked "state space dual" of the Mamba-2 paper,
+//! so that all but a small part of its work runs as batched GEMMs (on tensor cores where the
+//! runtime uses them) instead of a per-step recurrence.
 //!
 //! Per chunk of `Q` steps (`c`), head `h` (group `g`), with `a_i` the running sum of
 //! `dt·A` inside the chunk and `w_j = dt_j·exp(a_last - a_j)`:
