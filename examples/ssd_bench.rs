@@ -133,7 +133,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     for &(h, b, l) in &shapes {
         for backward in [false, true] {
             let g = graph(h, backward);
-            let gpu = GpuGraph::compile(&g, &LowerOptions::default(), codegen::nvptx::Target::Sm90, 0)?;
+            let gpu = GpuGraph::compile(
+                &g,
+                &LowerOptions::default(),
+                codegen::nvptx::Target::Sm90,
+                0,
+            )?;
             let dev = gpu.upload_params(&HashMap::new())?;
             let syms = [("B", b as i64), ("L", l as i64)];
             let mut bound = gpu.bind(&syms, &dev, false)?;

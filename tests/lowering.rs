@@ -248,8 +248,7 @@ fn sequential_scans_match_the_interpreter_without_scratch() {
         let got = lowered_run(&c, &sequential);
         let par = lowered_run(&c, &LowerOptions::ssd_scans());
         let cpu = lowered_run(&c, &LowerOptions::cpu());
-        for ((((gn, gv), (_, wv)), (_, pv)), (_, cv)) in got.iter().zip(&want).zip(&par).zip(&cpu)
-        {
+        for ((((gn, gv), (_, wv)), (_, pv)), (_, cv)) in got.iter().zip(&want).zip(&par).zip(&cpu) {
             assert_close(&format!("{name} {gn} sequential"), gv, wv, 6e-4, 2e-3);
             assert_close(&format!("{name} {gn} chunk-parallel"), pv, wv, 6e-4, 2e-3);
             assert_close(&format!("{name} {gn} cpu form"), cv, wv, 6e-4, 2e-3);

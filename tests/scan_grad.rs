@@ -594,7 +594,11 @@ fn ssd_matmul_grad_around_the_chunk() {
 fn tiny_mamba2_gradients_with_ssd_scans() {
     for (i, l) in lengths(TINY_MAMBA2_CHUNK).into_iter().enumerate() {
         let c = training_case("tiny-mamba2", 2, l, 150 + i as u64);
-        check_with(&c, Tolerance::Normwise(NORMWISE), &LowerOptions::ssd_scans());
+        check_with(
+            &c,
+            Tolerance::Normwise(NORMWISE),
+            &LowerOptions::ssd_scans(),
+        );
     }
 }
 
