@@ -152,12 +152,13 @@ fn every_feature_lowers_to_an_entry() {
             "fused multiply-add in:\n{}",
             ptx.text
         );
-        // f16 and bf16 storage, IEEE division and square root.
+        // f16 and bf16 storage, IEEE division and square root; read-only buffers through the
+        // non-coherent cache (the parameters are `noalias` and `readonly`).
         for needle in [
             "cvt.rn.f16.f32",
             "div.rn.f32",
             "sqrt.rn.f64",
-            "ld.global.u16",
+            "ld.global.nc.u16",
         ] {
             assert!(ptx.text.contains(needle), "no `{needle}` in:\n{}", ptx.text);
         }

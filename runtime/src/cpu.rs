@@ -22,6 +22,10 @@ pub trait Launcher: Sync {
 }
 
 /// A host tensor given to or returned by the executor.
+
+/// Output elements of a product up to which the products of a batch run in parallel (each
+/// on one thread) rather than one after another.
+const SMALL_GEMM: usize = 256 * 256;
 #[derive(Clone, Debug, PartialEq)]
 pub enum HostData {
     F32(Vec<f32>),
@@ -253,9 +257,14 @@ pub fn execute_in(
                 } else {
                     (k as isize, 1)
                 };
-                for bi in 0..batch {
+                let gemv = *rhs_t && !*lhs_t && m <= opts.gemv_max_rows;
+                // One product of the batch. Addresses travel as integers so that the batches
+                // can run on rayon's threads.
+                let (ap, bp, cp) = (a as usize, b as usize, c as usize);
+                let one = move |bi: usize| {
+                    let (a, b, c) = (ap as *const f32, bp as *const f32, cp as *mut f32);
                     let boff = if *rhs_batched { bi * k * n } else { 0 };
-                    if *rhs_t && !*lhs_t && m <= opts.gemv_max_rows {
+                    if gemv {
                         // SAFETY: as below.
                         let (a, w, c) = unsafe {
                             (
@@ -265,10 +274,11 @@ pub fn execute_in(
                             )
                         };
                         gemm_rows_wt(m, k, n, a, w, c);
-                        continue;
+                        return;
                     }
                     // SAFETY: the buffers hold batch*m*k, k*n (per batch if batched) and
-                    // batch*m*n f32 values by construction of the schedule and the plan.
+                    // batch*m*n f32 values by construction of the schedule and the plan, and
+                    // batch `bi` writes only its own `m*n` outputs.
                     unsafe {
                         matrixmultiply::sgemm(
                             m,
@@ -287,6 +297,14 @@ pub fn execute_in(
                             1,
                         );
                     }
+                };
+                // Many small products (the SSD's per-chunk matrices) in parallel; a few large
+                // ones are threaded inside the GEMM.
+                if batch > 1 && m * n <= SMALL_GEMM {
+                    use rayon::prelude::*;
+                    (0..batch).into_par_iter().for_each(one);
+                } else {
+                    (0..batch).for_each(one);
                 }
             }
         }
