@@ -21,11 +21,11 @@ pub trait Launcher: Sync {
     ) -> Result<(), String>;
 }
 
-/// A host tensor given to or returned by the executor.
-
 /// Output elements of a product up to which the products of a batch run in parallel (each
 /// on one thread) rather than one after another.
 const SMALL_GEMM: usize = 256 * 256;
+
+/// A host tensor given to or returned by the executor.
 #[derive(Clone, Debug, PartialEq)]
 pub enum HostData {
     F32(Vec<f32>),
