@@ -399,41 +399,15 @@ impl Lowering<'_> {
             (true, false),
         );
 
-        // The states entering each chunk, in order from s0, per (batch, head, p, n).
-        let mut kb = KB::new(self, &format!("{name}_carry"));
-        let (b, h, p, nn) = (grid(0), grid(1), grid(2), grid(3));
-        let s0v = kb.value(s0, &[b.clone(), h.clone(), p.clone(), nn.clone()])?;
-        let slot = kb.buf(sin, true);
-        let acs_slot = kb.buf(acs, false);
-        let sts = s.states();
-        let at = |kb: &KB, c: &IExpr| {
-            kb.l.linear(
-                &[b.clone(), c.clone(), h.clone(), p.clone(), nn.clone()],
-                &sts,
-            )
-        };
-        let decay = |kb: &KB, c: &IExpr| {
-            exp(Expr::Load {
-                buf: acs_slot,
-                index: kb
-                    .l
-                    .linear(&[b.clone(), c.clone(), h.clone(), IExpr::c(s.q - 1)], &ps),
-            })
-        };
-        let (stmts, sv) = carry(&mut kb, s0v, (&ch.count, false), slot, &at, &decay);
-        kb.body.extend(stmts);
-        if let Some(s1) = s1 {
-            let ss = kb.l.shape(Value::new(node, 1));
-            let store = st(&mut kb, s1, &[b, h, p, nn], &ss, Expr::Var(sv));
-            kb.body.push(store);
-        }
-        let grid_s = vec![
-            kb.l.dim(&s.b),
-            kb.l.dim(&s.h),
-            kb.l.dim(&s.p),
-            kb.l.dim(&s.n),
-        ];
-        kb.finish(grid_s, node);
+        // The states entering each chunk, in order from s0.
+        self.ssd_carry(
+            node,
+            s,
+            &format!("{name}_carry"),
+            (sin, acs),
+            (s0, false),
+            s1,
+        )?;
         Ok(Prep {
             dtc,
             acs,
@@ -509,6 +483,57 @@ impl Lowering<'_> {
         kb.body.extend(stores);
         let grid_y = xs.iter().map(|d| kb.l.dim(d)).collect();
         kb.finish(grid_y, node);
+        Ok(())
+    }
+
+    /// The carry of per-chunk states `slot` (`[B, nc, H, P, N]`, each chunk's own part) across
+    /// the chunks, per (batch, head, p, n): from `init` (`[B, H, P, N]`), in order or from the
+    /// last chunk (`reverse`), with each chunk's decay `exp(a_last)`; every slot becomes the
+    /// value entering its chunk, and the value after the last one is stored in `out`.
+    fn ssd_carry(
+        &mut self,
+        node: NodeId,
+        s: &Ssd,
+        name: &str,
+        (slot, acs): (BufId, BufId),
+        (init, reverse): (Value, bool),
+        out: Option<BufId>,
+    ) -> Result<(), LowerError> {
+        let (ps, sts) = (s.per_step(), s.states());
+        let mut kb = KB::new(self, name);
+        let (b, h, p, nn) = (grid(0), grid(1), grid(2), grid(3));
+        let sidx = [b.clone(), h.clone(), p.clone(), nn.clone()];
+        let init_v = kb.value(init, &sidx)?;
+        let slot = kb.buf(slot, true);
+        let acs_slot = kb.buf(acs, false);
+        let at = |kb: &KB, c: &IExpr| {
+            kb.l.linear(
+                &[b.clone(), c.clone(), h.clone(), p.clone(), nn.clone()],
+                &sts,
+            )
+        };
+        let decay = |kb: &KB, c: &IExpr| {
+            exp(Expr::Load {
+                buf: acs_slot,
+                index: kb
+                    .l
+                    .linear(&[b.clone(), c.clone(), h.clone(), IExpr::c(s.q - 1)], &ps),
+            })
+        };
+        let (stmts, v) = carry(&mut kb, init_v, (&s.ch.count, reverse), slot, &at, &decay);
+        kb.body.extend(stmts);
+        if let Some(out) = out {
+            let shape = kb.l.shape(init);
+            let store = st(&mut kb, out, &sidx, &shape, Expr::Var(v));
+            kb.body.push(store);
+        }
+        let grid_s = vec![
+            kb.l.dim(&s.b),
+            kb.l.dim(&s.h),
+            kb.l.dim(&s.p),
+            kb.l.dim(&s.n),
+        ];
+        kb.finish(grid_s, node);
         Ok(())
     }
 
@@ -644,38 +669,15 @@ impl Lowering<'_> {
             (&s.hp, &s.qd, &s.n),
             (true, false),
         );
-        let mut kb = KB::new(self, &format!("{name}_carry_back"));
-        let (b, h, p, nn) = (grid(0), grid(1), grid(2), grid(3));
-        let sidx = [b.clone(), h.clone(), p.clone(), nn.clone()];
-        let init = kb.value(ds1, &sidx)?;
-        let slot = kb.buf(dst, true);
-        let acs_slot = kb.buf(pr.acs, false);
-        let at = |kb: &KB, c: &IExpr| {
-            kb.l.linear(
-                &[b.clone(), c.clone(), h.clone(), p.clone(), nn.clone()],
-                &sts,
-            )
-        };
-        let decay = |kb: &KB, c: &IExpr| {
-            exp(Expr::Load {
-                buf: acs_slot,
-                index: kb
-                    .l
-                    .linear(&[b.clone(), c.clone(), h.clone(), IExpr::c(s.q - 1)], &ps),
-            })
-        };
-        let (stmts, gv) = carry(&mut kb, init, (&ch.count, true), slot, &at, &decay);
-        kb.body.extend(stmts);
-        let s0s = kb.l.shape(ops[5]);
-        let store = st(&mut kb, outs[5], &sidx, &s0s, Expr::Var(gv));
-        kb.body.push(store);
-        let grid_s = vec![
-            kb.l.dim(&s.b),
-            kb.l.dim(&s.h),
-            kb.l.dim(&s.p),
-            kb.l.dim(&s.n),
-        ];
-        kb.finish(grid_s, node);
+        let carry_out = Some(outs[5]);
+        self.ssd_carry(
+            node,
+            &s,
+            &format!("{name}_carry_back"),
+            (dst, pr.acs),
+            (ds1, true),
+            carry_out,
+        )?;
 
         // Mᵀ dY, dS_out B, dY Xᵀ.
         let mmt = self.scratch(node, sqh.clone());
