@@ -975,13 +975,30 @@ impl CudaExecutor {
             (cublasOperation_t::CUBLAS_OP_N, ki)
         };
         let (alpha, beta) = (1.0f32, 0.0f32);
-        if let (Some(w), Some(cvt)) = (half_rhs, &self.to_bf16) {
-            use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cudaDataType};
-            self.convert(cvt, ptrs[*lhs], b.half_lhs, bt * m * k)
-                .map_err(|e| fail(e.to_string()))?;
-            let bf16 = cudaDataType::CUDA_R_16BF;
-            // SAFETY: as for sgemm below, with bf16 weights (`w`, k*n values) and the bf16
-            // copy of the input (`half_lhs`, sized for the largest such product at bind).
+        // GemmEx for bf16 weights (the input converted to bf16 first) and for TF32 tensor
+        // cores; plain sgemm otherwise. Accumulation is f32 either way.
+        use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cudaDataType};
+        let tf32 = !*exact && self.tf32.load(std::sync::atomic::Ordering::Relaxed);
+        let ex = match (half_rhs, &self.to_bf16) {
+            (Some(w), Some(cvt)) => {
+                self.convert(cvt, ptrs[*lhs], b.half_lhs, bt * m * k)
+                    .map_err(|e| fail(e.to_string()))?;
+                let bf16 = cudaDataType::CUDA_R_16BF;
+                Some((w, b.half_lhs, bf16, cublasComputeType_t::CUBLAS_COMPUTE_32F))
+            }
+            _ if tf32 => Some((
+                ptrs[*rhs],
+                ptrs[*lhs],
+                cudaDataType::CUDA_R_32F,
+                cublasComputeType_t::CUBLAS_COMPUTE_32F_FAST_TF32,
+            )),
+            _ => None,
+        };
+        if let Some((rhs_ptr, lhs_ptr, in_type, compute)) = ex {
+            // SAFETY: as for sgemm below: the operands hold k*n (per batch if batched) and
+            // batch*m*k values of `in_type` (bf16 weights and the bf16 copy of the input,
+            // sized for the largest such product at bind, or the f32 buffers), the output
+            // batch*m*n f32 values.
             unsafe {
                 cudarc::cublas::result::gemm_strided_batched_ex(
                     *self.blas.handle(),
@@ -991,12 +1008,12 @@ impl CudaExecutor {
                     mi,
                     ki,
                     (&alpha as *const f32).cast(),
-                    w as *const std::ffi::c_void,
-                    bf16,
+                    rhs_ptr as *const std::ffi::c_void,
+                    in_type,
                     ldb,
                     stride_b,
-                    b.half_lhs as *const std::ffi::c_void,
-                    bf16,
+                    lhs_ptr as *const std::ffi::c_void,
+                    in_type,
                     lda,
                     (m * k) as i64,
                     (&beta as *const f32).cast(),
@@ -1005,41 +1022,7 @@ impl CudaExecutor {
                     ni,
                     (m * n) as i64,
                     bi,
-                    cublasComputeType_t::CUBLAS_COMPUTE_32F,
-                    cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
-                )
-            }
-            .map_err(|e| fail(e.to_string()))?;
-            return Ok(());
-        }
-        if !*exact && self.tf32.load(std::sync::atomic::Ordering::Relaxed) {
-            use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cudaDataType};
-            let f32t = cudaDataType::CUDA_R_32F;
-            // SAFETY: as for sgemm below (the same f32 buffers and strides).
-            unsafe {
-                cudarc::cublas::result::gemm_strided_batched_ex(
-                    *self.blas.handle(),
-                    op_b,
-                    op_a,
-                    ni,
-                    mi,
-                    ki,
-                    (&alpha as *const f32).cast(),
-                    ptrs[*rhs] as *const std::ffi::c_void,
-                    f32t,
-                    ldb,
-                    stride_b,
-                    ptrs[*lhs] as *const std::ffi::c_void,
-                    f32t,
-                    lda,
-                    (m * k) as i64,
-                    (&beta as *const f32).cast(),
-                    ptrs[*out] as *mut std::ffi::c_void,
-                    f32t,
-                    ni,
-                    (m * n) as i64,
-                    bi,
-                    cublasComputeType_t::CUBLAS_COMPUTE_32F_FAST_TF32,
+                    compute,
                     cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
                 )
             }
