@@ -275,22 +275,7 @@ impl CheckpointedStep {
                     grads: &grads,
                     names: params,
                 };
-                let mut out = self.run_with(&run, params, ids, targets, states)?;
-                let sums = g
-                    .exec()
-                    .read_sums(&grads.borrow())
-                    .map_err(|e| Error::Gpu(e.to_string()))?;
-                let scale = 1.0 / valid_targets(targets) as f32;
-                for (name, mut v) in sums {
-                    let Some(param) = name.strip_prefix("grad.") else {
-                        continue;
-                    };
-                    for x in &mut v {
-                        *x *= scale;
-                    }
-                    out.grads.insert(param.to_string(), v);
-                }
-                Ok(out)
+                self.run_with(&run, params, ids, targets, states)
             }
         }
     }
@@ -517,6 +502,17 @@ impl CheckpointedStep {
                 ledger.release(4 * v.len() as u64);
             }
             accumulate(&mut grads, outs.into_iter().collect());
+        }
+        // On the GPU the parameter gradients were summed on the device: the host map has none.
+        #[cfg(feature = "cuda")]
+        if let (Params::Device { grads: sums, .. }, StageGraph::Gpu(g)) =
+            (run_params, &self.embed.fwd)
+        {
+            let summed = g
+                .exec()
+                .read_sums(&sums.borrow())
+                .map_err(|e| Error::Gpu(e.to_string()))?;
+            grads.extend(summed);
         }
         let valid = valid_targets(targets);
         let scale = 1.0 / valid as f32;
