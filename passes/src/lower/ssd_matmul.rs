@@ -291,49 +291,45 @@ impl Lowering<'_> {
         let ch = &s.ch;
         let qc = IExpr::c(s.q);
 
-        // dt and its running sum times A, per (batch, chunk, head).
+        // dt and dt·A per (batch, chunk, head, step); their running sums inside each chunk
+        // as one product with the lower-triangular ones (exact: they are the exponents of
+        // every decay).
+        let dta = self.scratch(node, ps.clone());
         let mut kb = KB::new(self, &format!("{name}_decay"));
-        let (b, c, h) = (grid(0), grid(1), grid(2));
+        let (b, c, h, i) = (grid(0), grid(1), grid(2), grid(3));
+        let (tc, ok) = s.clamped(&c, &i);
+        let dv = kb.value(dt, &[b.clone(), tc, h.clone()])?;
+        let (d, decl) = var(&mut kb, mul(dv, ok));
         let av = kb.value(a, std::slice::from_ref(&h))?;
-        let (acc, decl) = var(&mut kb, Expr::Const(0.0));
-        kb.body.push(decl);
-        let len = ch.len(&c);
-        let t0 = ch.start(&c);
-        let mut err = None;
-        let valid = for_(&mut kb, len.clone(), |kb, i| {
-            let dv = match kb.value(dt, &[b.clone(), t0.clone().add(i.clone()), h.clone()]) {
-                Ok(v) => v,
-                Err(e) => {
-                    err = Some(e);
-                    Expr::Const(0.0)
-                }
-            };
-            let (d, decl) = var(kb, dv);
-            let at = [b.clone(), c.clone(), h.clone(), i];
-            vec![
-                decl,
-                Stmt::Set {
-                    var: acc,
-                    value: add(Expr::Var(acc), mul(Expr::Var(d), av.clone())),
-                },
-                st(kb, dtc, &at, &ps, Expr::Var(d)),
-                st(kb, acs, &at, &ps, Expr::Var(acc)),
-            ]
-        });
-        if let Some(e) = err {
-            return Err(e);
-        }
-        kb.body.push(valid);
-        let pad = for_(&mut kb, qc.clone().sub(len.clone()), |kb, i| {
-            let at = [b.clone(), c.clone(), h.clone(), len.clone().add(i)];
-            vec![
-                st(kb, dtc, &at, &ps, Expr::Const(0.0)),
-                st(kb, acs, &at, &ps, Expr::Var(acc)),
-            ]
-        });
-        kb.body.push(pad);
-        let grid_d = vec![kb.l.dim(&s.b), ch.count.clone(), kb.l.dim(&s.h)];
+        let at = [b, c, h, i];
+        let dt_store = st(&mut kb, dtc, &at, &ps, Expr::Var(d));
+        let dta_store = st(&mut kb, dta, &at, &ps, mul(Expr::Var(d), av));
+        kb.body.extend([decl, dt_store, dta_store]);
+        let grid_d = vec![kb.l.dim(&s.b), ch.count.clone(), kb.l.dim(&s.h), qc.clone()];
         kb.finish(grid_d, node);
+        let sq = vec![s.qd.clone(), s.qd.clone()];
+        let tri = self.scratch(node, sq.clone());
+        let mut kb = KB::new(self, &format!("{name}_tri"));
+        let (i, j) = (grid(0), grid(1));
+        let below = i.clone().sub(j.clone()).add(qc.clone()).div(qc.clone());
+        let store = st(&mut kb, tri, &[i, j], &sq, Expr::FromIndex(below));
+        kb.body.push(store);
+        kb.finish(vec![qc.clone(), qc.clone()], node);
+        let one = Dim::known(1);
+        self.out.steps.push(Step::MatMul {
+            lhs: dta,
+            rhs: tri,
+            out: acs,
+            batch: s.batch(&s.h),
+            m: one,
+            k: s.qd.clone(),
+            n: s.qd.clone(),
+            lhs_t: false,
+            rhs_t: true,
+            rhs_batched: false,
+            exact: true,
+            node,
+        });
 
         // x as rows, and w ⊙ x as group rows, per (batch, chunk, head, step, p).
         let mut kb = KB::new(self, &format!("{name}_x"));
@@ -421,7 +417,7 @@ impl Lowering<'_> {
         })
     }
 
-    /// `SsdScan` in the matrix form (module doc): six kernels and four products.
+    /// `SsdScan` in the matrix form (module doc): seven kernels and five products (the running sums of `dt·A` are one too).
     pub(super) fn ssd_matmul(&mut self, node: NodeId, chunk: u64) -> Result<(), LowerError> {
         let s = Ssd::new(self, node, chunk)?;
         let name = format!("ssd_scan_{}", node.index());
@@ -607,7 +603,7 @@ impl Lowering<'_> {
     /// The row and column sums of `T` come from products too: with `M = M' diag(dt)`,
     /// `Σ_k T_jk = dy_j · Y_diag,j` (`Y_diag = M'(dt ⊙ X)`) and `Σ_i T_ij = dt_j x_j · D'_j`
     /// (`D' = M'ᵀ dY`, and `(Mᵀ dY)_j = dt_j D'_j`), whose `x_j · D'_j` is also `ddt`'s first
-    /// term. Ten products and ten kernels after the prep's four kernels and two products;
+    /// term. Ten products and ten kernels after the prep's five kernels and three products;
     /// sums over heads, steps and chunks run in kernels in a fixed order.
     pub(super) fn ssd_matmul_grad(&mut self, node: NodeId, chunk: u64) -> Result<(), LowerError> {
         let s = Ssd::new(self, node, chunk)?;
