@@ -417,7 +417,8 @@ impl Lowering<'_> {
         })
     }
 
-    /// `SsdScan` in the matrix form (module doc): seven kernels and five products (the running sums of `dt·A` are one too).
+    /// `SsdScan` in the matrix form (module doc): seven kernels and five products (the
+    /// running sums of `dt·A` are one too).
     pub(super) fn ssd_matmul(&mut self, node: NodeId, chunk: u64) -> Result<(), LowerError> {
         let s = Ssd::new(self, node, chunk)?;
         let name = format!("ssd_scan_{}", node.index());
