@@ -184,6 +184,63 @@ fn sizes() -> impl Strategy<Value = usize> {
     prop::sample::select(vec![1usize, 2, 3, 5, 7, 13, 31])
 }
 
+/// `causal_conv1d` with a state, a SiLU epilogue on `y`, over `c` channels of width `kw`.
+fn conv_graph(c: usize, kw: usize) -> Graph {
+    let mut g = G::new();
+    let (bd, ld) = (Dim::sym("B"), Dim::sym("L"));
+    let x = g.input("x", &[bd.clone(), ld.clone(), k(c)]);
+    let w = g.param("w", &[k(c), k(kw)]);
+    let bias = g.param("bias", &[k(c)]);
+    let s0 = g.state("s0", &[bd.clone(), k(c), k(kw - 1)]);
+    let conv =
+        g.g.add(Op::CausalConv1d, &[x, w, bias, s0], Span::default(), None)
+            .unwrap();
+    let y = g.un(UnaryOp::Silu, Value::new(conv, 0));
+    g.g.add_output("y", y);
+    g.g.add_output("s1", Value::new(conv, 1));
+    g.g
+}
+
+/// `causal_conv1d_grad` with every output, `dy` computed by a prologue (a SiLU).
+fn conv_grad_graph(c: usize, kw: usize) -> Graph {
+    let mut g = G::new();
+    let (bd, ld) = (Dim::sym("B"), Dim::sym("L"));
+    let x = g.input("x", &[bd.clone(), ld.clone(), k(c)]);
+    let w = g.param("w", &[k(c), k(kw)]);
+    let bias = g.param("bias", &[k(c)]);
+    let s0 = g.state("s0", &[bd.clone(), k(c), k(kw - 1)]);
+    let dy_raw = g.input("dy", &[bd.clone(), ld.clone(), k(c)]);
+    let dy = g.un(UnaryOp::Silu, dy_raw);
+    let ds1 = g.input("ds1", &[bd.clone(), k(c), k(kw - 1)]);
+    let cg =
+        g.g.add(
+            Op::CausalConv1dGrad,
+            &[x, w, bias, s0, dy, ds1],
+            Span::default(),
+            None,
+        )
+        .unwrap();
+    for (r, name) in ["dx", "dw", "db", "ds0"].iter().enumerate() {
+        g.g.add_output(*name, Value::new(cg, r as u16));
+    }
+    g.g
+}
+
+/// The conv and its gradient at lengths around the weight gradient's chunks of 64 steps
+/// and shorter than the window (where `s1` and `ds0` mix the state and the sequence),
+/// `L = 0` included.
+#[test]
+fn causal_conv_and_grad_around_chunks_and_short_sequences() {
+    for (i, l) in [0i64, 1, 2, 3, 63, 64, 65, 130].into_iter().enumerate() {
+        for kw in [1usize, 2, 4] {
+            let syms = [("B", 2), ("L", l)];
+            let seed = 400 + (i * 8 + kw) as u64;
+            compare(&conv_graph(3, kw), &syms, seed, REDUCTION, &[]);
+            compare(&conv_grad_graph(5, kw), &syms, seed, REDUCTION, &[]);
+        }
+    }
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(12))]
 
@@ -282,17 +339,7 @@ proptest! {
 
     #[test]
     fn causal_conv_with_state(b in 1usize..3, l in sizes(), c in sizes(), kw in 1usize..6, seed in any::<u64>()) {
-        let mut g = G::new();
-        let (bd, ld) = (Dim::sym("B"), Dim::sym("L"));
-        let x = g.input("x", &[bd.clone(), ld.clone(), k(c)]);
-        let w = g.param("w", &[k(c), k(kw)]);
-        let bias = g.param("bias", &[k(c)]);
-        let s0 = g.state("s0", &[bd.clone(), k(c), k(kw - 1)]);
-        let conv = g.g.add(Op::CausalConv1d, &[x, w, bias, s0], Span::default(), None).unwrap();
-        let y = g.un(UnaryOp::Silu, Value::new(conv, 0));
-        g.g.add_output("y", y);
-        g.g.add_output("s1", Value::new(conv, 1));
-        compare(&g.g, &[("B", b as i64), ("L", l as i64)], seed, REDUCTION, &[]);
+        compare(&conv_graph(c, kw), &[("B", b as i64), ("L", l as i64)], seed, REDUCTION, &[]);
     }
 
     #[test]
@@ -406,20 +453,7 @@ proptest! {
 
     #[test]
     fn causal_conv_grad(b in 1usize..3, l in sizes(), c in sizes(), kw in 1usize..6, seed in any::<u64>()) {
-        let mut g = G::new();
-        let (bd, ld) = (Dim::sym("B"), Dim::sym("L"));
-        let x = g.input("x", &[bd.clone(), ld.clone(), k(c)]);
-        let w = g.param("w", &[k(c), k(kw)]);
-        let bias = g.param("bias", &[k(c)]);
-        let s0 = g.state("s0", &[bd.clone(), k(c), k(kw - 1)]);
-        let dy_raw = g.input("dy", &[bd.clone(), ld.clone(), k(c)]);
-        let dy = g.un(UnaryOp::Silu, dy_raw);
-        let ds1 = g.input("ds1", &[bd.clone(), k(c), k(kw - 1)]);
-        let cg = g.g.add(Op::CausalConv1dGrad, &[x, w, bias, s0, dy, ds1], Span::default(), None).unwrap();
-        for (r, name) in ["dx", "dw", "db", "ds0"].iter().enumerate() {
-            g.g.add_output(*name, Value::new(cg, r as u16));
-        }
-        compare(&g.g, &[("B", b as i64), ("L", l as i64)], seed, REDUCTION, &[]);
+        compare(&conv_grad_graph(c, kw), &[("B", b as i64), ("L", l as i64)], seed, REDUCTION, &[]);
     }
 
     #[test]
