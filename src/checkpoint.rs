@@ -3,9 +3,12 @@
 //! recomputing what was not kept), with a ledger of the bytes it holds.
 //!
 //! Stages run on the CPU (Cranelift) or, with the `cuda` feature, on the GPU: there the
-//! parameters are uploaded once per step and shared by every stage run, and the values
-//! between runs (checkpoints, boundary values, states) are held on the host and move in and
-//! out with each run. The ledger counts them as the planner does, wherever they are held.
+//! parameters are uploaded once per step and shared by every stage run, the values between
+//! runs (checkpoints, boundary values, saved values, states and their cotangents) stay in
+//! device memory, every run borrows one arena grown to the largest stage's, and the
+//! parameter gradients are summed on the device; only the loss (and logits when asked for)
+//! come back per run. The ledger counts the values as the planner does, wherever they are
+//! held.
 //!
 //! The ledger counts what the schedule holds, as the planner prices it: token ids and
 //! targets, carried states and state gradients, layer and sequence checkpoints, saved values,
@@ -40,13 +43,76 @@ enum StageGraph {
 enum Params<'a> {
     Host(&'a HashMap<String, Vec<f32>>),
     #[cfg(feature = "cuda")]
-    /// On the GPU: the parameters, and the device sums their gradients go to (a parameter
-    /// gradient never leaves the device until the step's end).
+    /// On the GPU: the parameters, the device sums their gradients go to (a parameter
+    /// gradient never leaves the device until the step's end), and the arena every run
+    /// borrows.
     Device {
         params: &'a runtime::cuda::DeviceParams,
         grads: &'a std::cell::RefCell<runtime::cuda::DeviceSums>,
+        arena: &'a std::cell::RefCell<runtime::cuda::DeviceArena>,
         names: &'a HashMap<String, Vec<f32>>,
+        /// The most device memory in use at the end of a run so far.
+        used: &'a std::cell::Cell<u64>,
     },
+}
+
+/// A value between stage runs: token ids, f32 values on the host, or (GPU) f32 values in
+/// device memory.
+enum Val {
+    Ids(Vec<i32>),
+    F32(Vec<f32>),
+    #[cfg(feature = "cuda")]
+    Dev(runtime::cuda::DeviceValue),
+}
+
+impl Val {
+    fn bytes(&self) -> u64 {
+        4 * match self {
+            Val::Ids(v) => v.len(),
+            Val::F32(v) => v.len(),
+            #[cfg(feature = "cuda")]
+            Val::Dev(v) => v.len(),
+        } as u64
+    }
+}
+
+type Vals = HashMap<String, Val>;
+
+/// Outputs read on the host after every run; all others stay where the run left them.
+#[cfg(feature = "cuda")]
+fn to_host(name: &str) -> bool {
+    name == "loss" || name == "logits"
+}
+
+/// The CPU executor's inputs and states.
+type HostMaps = (HashMap<String, HostData>, HashMap<String, Vec<f32>>);
+
+/// Host values into the CPU executor's maps (moved, not copied).
+fn host_maps(data: &mut Vals, states: &mut Vals) -> Result<HostMaps, Error> {
+    let mut d = HashMap::with_capacity(data.len());
+    for (k, v) in data.drain() {
+        d.insert(
+            k,
+            match v {
+                Val::Ids(x) => HostData::I32(x),
+                Val::F32(x) => HostData::F32(x),
+                #[cfg(feature = "cuda")]
+                Val::Dev(_) => return Err(on_device()),
+            },
+        );
+    }
+    let mut st = HashMap::with_capacity(states.len());
+    for (k, v) in states.drain() {
+        match v {
+            Val::F32(x) => st.insert(k, x),
+            _ => return Err(on_device()),
+        };
+    }
+    Ok((d, st))
+}
+
+fn on_device() -> Error {
+    Error::Input("a stage and its values are on different devices".into())
 }
 
 impl StageGraph {
@@ -73,17 +139,29 @@ impl StageGraph {
         }
     }
 
-    /// Runs the stage; returns its outputs and the bytes of its arena.
+    /// Runs the stage on `data` and `states` (left as they were); returns its outputs and
+    /// the bytes of its arena.
     fn run(
         &self,
         syms: &[(&str, i64)],
-        data: &HashMap<String, HostData>,
+        data: &mut Vals,
         params: &Params<'_>,
-        states: &HashMap<String, Vec<f32>>,
-    ) -> Result<(runtime::cpu::Outputs, u64), Error> {
+        states: &mut Vals,
+    ) -> Result<(Vals, u64), Error> {
         match (self, params) {
             (StageGraph::Cpu(c), Params::Host(p)) => {
-                let (outs, prof) = c.run(syms, data, p, states)?;
+                let (d, st) = host_maps(data, states)?;
+                let run = c.run(syms, &d, p, &st);
+                data.extend(d.into_iter().map(|(k, v)| {
+                    let v = match v {
+                        HostData::I32(x) => Val::Ids(x),
+                        HostData::F32(x) => Val::F32(x),
+                    };
+                    (k, v)
+                }));
+                states.extend(st.into_iter().map(|(k, v)| (k, Val::F32(v))));
+                let (outs, prof) = run?;
+                let outs = outs.into_iter().map(|(k, v)| (k, Val::F32(v))).collect();
                 Ok((outs, prof.arena_bytes))
             }
             #[cfg(feature = "cuda")]
@@ -92,28 +170,66 @@ impl StageGraph {
                 Params::Device {
                     params,
                     grads,
+                    arena,
                     names,
+                    used,
                 },
             ) => {
                 let is_param_grad = |n: &str| {
                     n.strip_prefix("grad.")
                         .is_some_and(|p| names.contains_key(p))
                 };
+                let mut host = HashMap::new();
+                let mut device = HashMap::new();
+                for (k, v) in data.iter().chain(states.iter()) {
+                    match v {
+                        Val::Ids(x) => host.insert(k.clone(), HostData::I32(x.clone())),
+                        Val::F32(x) => host.insert(k.clone(), HostData::F32(x.clone())),
+                        Val::Dev(x) => {
+                            device.insert(k.clone(), x);
+                            None
+                        }
+                    };
+                }
                 let mut sums = grads.borrow_mut();
-                g.run_summing(
-                    syms,
-                    data,
-                    params,
-                    states,
-                    runtime::cuda::ExecOptions::default(),
-                    Some((&mut sums, &is_param_grad)),
-                )
-                .map_err(|e| Error::Gpu(e.to_string()))
+                let mut arena = arena.borrow_mut();
+                let (outs, peak) = g
+                    .run_resident(
+                        syms,
+                        &host,
+                        &device,
+                        params,
+                        &mut arena,
+                        Some((&mut sums, &is_param_grad)),
+                        &to_host,
+                    )
+                    .map_err(|e| Error::Gpu(e.to_string()))?;
+                used.set(used.get().max(outs.device_used));
+                let mut vals: Vals = outs
+                    .host
+                    .into_iter()
+                    .map(|(k, v)| (k, Val::F32(v)))
+                    .collect();
+                vals.extend(outs.device.into_iter().map(|(k, v)| (k, Val::Dev(v))));
+                Ok((vals, peak))
             }
             #[cfg(feature = "cuda")]
-            _ => Err(Error::Input(
-                "a stage and its parameters are on different devices".into(),
-            )),
+            _ => Err(on_device()),
+        }
+    }
+
+    /// `v` on the host.
+    fn download(&self, v: Val) -> Result<Vec<f32>, Error> {
+        match (v, self) {
+            (Val::F32(x), _) => Ok(x),
+            (Val::Ids(_), _) => Err(Error::Input("token ids where values were expected".into())),
+            #[cfg(feature = "cuda")]
+            (Val::Dev(x), StageGraph::Gpu(g)) => g
+                .exec()
+                .download_value(&x)
+                .map_err(|e| Error::Gpu(e.to_string())),
+            #[cfg(feature = "cuda")]
+            (Val::Dev(_), _) => Err(on_device()),
         }
     }
 }
@@ -168,6 +284,9 @@ pub struct StepOutput {
     pub peak_bytes: u64,
     /// `[B, L, V]` logits when the plan asks for them ([`Plan::logits`]), else empty.
     pub logits: Vec<f32>,
+    /// On the GPU: the most device memory in use at the end of a stage run (`cuMemGetInfo`:
+    /// everything on the GPU, parameters and gradient sums included).
+    pub device_peak_bytes: Option<u64>,
 }
 
 fn one_boundary(names: &[String], what: &str) -> Result<String, Error> {
@@ -270,12 +389,18 @@ impl CheckpointedStep {
                     .upload_params(params)
                     .map_err(|e| Error::Gpu(e.to_string()))?;
                 let grads = std::cell::RefCell::new(runtime::cuda::DeviceSums::default());
+                let arena = std::cell::RefCell::new(runtime::cuda::DeviceArena::default());
+                let used = std::cell::Cell::new(0);
                 let run = Params::Device {
                     params: &dev,
                     grads: &grads,
+                    arena: &arena,
                     names: params,
+                    used: &used,
                 };
-                self.run_with(&run, params, ids, targets, states)
+                let mut out = self.run_with(&run, params, ids, targets, states)?;
+                out.device_peak_bytes = Some(used.get());
+                Ok(out)
             }
         }
     }
@@ -300,15 +425,16 @@ impl CheckpointedStep {
         let mut ledger = Ledger::default();
         ledger.hold(2 * 4 * (b * seq) as u64);
         let ranges = p.segment_ranges();
-        let slice_tokens = |v: &[i32], r: &std::ops::Range<u64>| -> Vec<i32> {
+        let slice_tokens = |v: &[i32], r: &std::ops::Range<u64>| -> Val {
             let mut out = Vec::with_capacity(b * (r.end - r.start) as usize);
             for bi in 0..b {
                 out.extend_from_slice(&v[bi * seq + r.start as usize..bi * seq + r.end as usize]);
             }
-            out
+            Val::Ids(out)
         };
         // Running states: zeros or the caller's, one copy each, and their gradients.
-        let mut running: HashMap<String, Vec<f32>> = HashMap::new();
+        let mut running = Vals::new();
+        let mut state_cot = Vals::new();
         for g in &self.groups {
             for name in &g.states {
                 let v = match states.get(name) {
@@ -319,156 +445,147 @@ impl CheckpointedStep {
                     }
                 };
                 ledger.hold(4 * 2 * v.len() as u64);
-                running.insert(name.clone(), v);
+                state_cot.insert(format!("cotangent.{name}"), Val::F32(vec![0.0; v.len()]));
+                running.insert(name.clone(), Val::F32(v));
             }
         }
-        let empty: HashMap<String, Vec<f32>> = HashMap::new();
+        let mut empty = Vals::new();
         let ng = self.groups.len();
         let nseg = ranges.len();
         // Checkpoints: [segment][group] -> (states at its start, its output, saved values).
-        let mut seq_ckpt: Vec<Vec<HashMap<String, Vec<f32>>>> =
-            vec![vec![HashMap::new(); ng]; nseg];
-        let mut layer_ckpt: Vec<Vec<Option<Vec<f32>>>> = vec![vec![None; ng]; nseg];
-        let mut saved: Vec<Vec<HashMap<String, Vec<f32>>>> = vec![vec![HashMap::new(); ng]; nseg];
+        let mut seq_ckpt: Vec<Vec<Vals>> = (0..nseg)
+            .map(|_| (0..ng).map(|_| Vals::new()).collect())
+            .collect();
+        let mut layer_ckpt: Vec<Vec<Option<Val>>> =
+            (0..nseg).map(|_| (0..ng).map(|_| None).collect()).collect();
+        let mut saved: Vec<Vec<Vals>> = (0..nseg)
+            .map(|_| (0..ng).map(|_| Vals::new()).collect())
+            .collect();
 
         // Forward.
         for (t, r) in ranges.iter().enumerate() {
             let syms = [("B", b as i64), ("L", (r.end - r.start) as i64)];
-            let seg_ids = slice_tokens(ids, r);
-            let mut data = HashMap::from([("input_ids".to_string(), HostData::I32(seg_ids))]);
-            let (outs, arena) = self.embed.fwd.run(&syms, &data, run_params, &empty)?;
+            let mut data = Vals::from([("input_ids".to_string(), slice_tokens(ids, r))]);
+            let (outs, arena) = self
+                .embed
+                .fwd
+                .run(&syms, &mut data, run_params, &mut empty)?;
             ledger.run(arena, &outs);
             let mut h = take(outs, &self.embed_out)?;
-            ledger.hold(4 * h.len() as u64);
+            ledger.hold(h.bytes());
             let mut h_is_ckpt = false;
             for (g, grp) in self.groups.iter().enumerate() {
-                let k = p.keep(t as u64, g);
-                let c = grp
-                    .by_keep
-                    .get(&k)
-                    .ok_or_else(|| Error::Input(format!("cell ({t}, {g}) was not compiled")))?;
-                let start: HashMap<String, Vec<f32>> = grp
-                    .states
-                    .iter()
-                    .map(|n| {
-                        let v = running.get(n).ok_or_else(|| missing(n))?;
-                        Ok((n.clone(), v.clone()))
-                    })
-                    .collect::<Result<_, Error>>()?;
-                ledger.hold(bytes_of(&start));
+                let c = self.cell(t, g)?;
+                // The states entering the cell are its sequence checkpoint.
+                let mut start = Vals::new();
+                for n in &grp.states {
+                    let v = running.remove(n).ok_or_else(|| missing(n))?;
+                    start.insert(n.clone(), v);
+                }
+                ledger.hold(vals_bytes(&start));
                 data.clear();
-                data.insert(grp.input.clone(), HostData::F32(h));
-                let (outs, arena) = c.fwd.run(&syms, &data, run_params, &start)?;
+                data.insert(grp.input.clone(), h);
+                let (mut outs, arena) = c.fwd.run(&syms, &mut data, run_params, &mut start)?;
                 ledger.run(arena, &outs);
-                let HostData::F32(h_in) =
-                    data.remove(&grp.input).unwrap_or(HostData::F32(Vec::new()))
-                else {
-                    return Err(Error::Input("a boundary value changed type".into()));
-                };
+                let h_in = data.remove(&grp.input).ok_or_else(|| missing(&grp.input))?;
                 if h_is_ckpt {
                     layer_ckpt[t][g - 1] = Some(h_in);
                 } else {
                     // The embedding's output: recomputed in the backward pass.
-                    ledger.release(4 * h_in.len() as u64);
+                    ledger.release(h_in.bytes());
                     drop(h_in);
                 }
                 seq_ckpt[t][g] = start;
-                let mut outs: HashMap<String, Vec<f32>> = outs.into_iter().collect();
                 for name in &grp.states {
-                    if let Some(v) = outs.remove(name) {
-                        running.insert(name.clone(), v);
-                    }
+                    let v = outs.remove(name).ok_or_else(|| missing(name))?;
+                    running.insert(name.clone(), v);
                 }
                 for name in &c.saved {
                     let v = outs.remove(name).ok_or_else(|| missing(name))?;
-                    ledger.hold(4 * v.len() as u64);
+                    ledger.hold(v.bytes());
                     saved[t][g].insert(name.clone(), v);
                 }
                 h = outs
                     .remove(&grp.output)
                     .ok_or_else(|| missing(&grp.output))?;
-                ledger.hold(4 * h.len() as u64);
+                ledger.hold(h.bytes());
                 h_is_ckpt = true;
             }
             layer_ckpt[t][ng - 1] = Some(h);
         }
-        let final_states = running.clone();
+        let mut final_states = HashMap::with_capacity(running.len());
+        for (name, v) in running {
+            final_states.insert(name, self.embed.fwd.download(v)?);
+        }
 
         // Backward.
         let mut grads: HashMap<String, Vec<f32>> = HashMap::new();
-        let mut state_cot: HashMap<String, Vec<f32>> = running
-            .iter()
-            .map(|(k, v)| (format!("cotangent.{k}"), vec![0.0; v.len()]))
-            .collect();
         let mut loss_sum = 0f64;
         let mut logits: Vec<Vec<f32>> = vec![Vec::new(); nseg];
         for t in (0..nseg).rev() {
             let r = &ranges[t];
             let syms = [("B", b as i64), ("L", (r.end - r.start) as i64)];
-            let seg_targets = slice_tokens(targets, r);
             let top = layer_ckpt[t][ng - 1]
                 .take()
                 .ok_or_else(|| missing(&self.head_in))?;
-            let mut data = HashMap::from([
-                (self.head_in.clone(), HostData::F32(top)),
-                ("targets".to_string(), HostData::I32(seg_targets)),
+            let mut data = Vals::from([
+                (self.head_in.clone(), top),
+                ("targets".to_string(), slice_tokens(targets, r)),
             ]);
-            let (outs, arena) = self.head.train.run(&syms, &data, run_params, &empty)?;
+            let (mut outs, arena) = self
+                .head
+                .train
+                .run(&syms, &mut data, run_params, &mut empty)?;
             ledger.run(arena, &outs);
-            if let Some(HostData::F32(v)) = data.remove(&self.head_in) {
-                ledger.release(4 * v.len() as u64);
+            if let Some(v) = data.remove(&self.head_in) {
+                ledger.release(v.bytes());
             }
-            let mut outs: HashMap<String, Vec<f32>> = outs.into_iter().collect();
             if let Some(v) = outs.remove("logits") {
-                logits[t] = v;
+                logits[t] = self.head.train.download(v)?;
             }
-            loss_sum += outs
-                .get("loss")
-                .and_then(|v| v.first())
+            let loss = outs.remove("loss").ok_or_else(|| missing("loss"))?;
+            loss_sum += self
+                .head
+                .train
+                .download(loss)?
+                .first()
                 .copied()
                 .unwrap_or(f32::NAN) as f64;
             let mut cot = outs
                 .remove(&format!("grad.{}", self.head_in))
                 .ok_or_else(|| missing(&self.head_in))?;
-            ledger.hold(4 * cot.len() as u64);
-            accumulate(&mut grads, outs);
+            ledger.hold(cot.bytes());
+            accumulate(&mut grads, outs, params)?;
             for g in (0..ng).rev() {
                 let grp = &self.groups[g];
-                let k = p.keep(t as u64, g);
-                let c = grp
-                    .by_keep
-                    .get(&k)
-                    .ok_or_else(|| Error::Input(format!("cell ({t}, {g}) was not compiled")))?;
+                let c = self.cell(t, g)?;
                 let input = if g == 0 {
-                    let ids_t = slice_tokens(ids, r);
-                    let d = HashMap::from([("input_ids".to_string(), HostData::I32(ids_t))]);
-                    let (outs, arena) = self.embed.fwd.run(&syms, &d, run_params, &empty)?;
+                    let mut d = Vals::from([("input_ids".to_string(), slice_tokens(ids, r))]);
+                    let (outs, arena) =
+                        self.embed.fwd.run(&syms, &mut d, run_params, &mut empty)?;
                     ledger.run(arena, &outs);
                     let h0 = take(outs, &self.embed_out)?;
-                    ledger.hold(4 * h0.len() as u64);
+                    ledger.hold(h0.bytes());
                     h0
                 } else {
                     layer_ckpt[t][g - 1]
                         .take()
                         .ok_or_else(|| missing(&grp.input))?
                 };
-                let mut data: HashMap<String, HostData> = HashMap::new();
-                data.insert(grp.input.clone(), HostData::F32(input));
-                data.insert(format!("cotangent.{}", grp.output), HostData::F32(cot));
+                let mut data = Vals::new();
+                data.insert(grp.input.clone(), input);
+                data.insert(format!("cotangent.{}", grp.output), cot);
                 for name in &grp.states {
                     let key = format!("cotangent.{name}");
                     let v = state_cot.remove(&key).ok_or_else(|| missing(&key))?;
-                    data.insert(key, HostData::F32(v));
+                    data.insert(key, v);
                 }
-                for (name, v) in saved[t][g].drain() {
-                    data.insert(name, HostData::F32(v));
-                }
-                let start = std::mem::take(&mut seq_ckpt[t][g]);
-                let (outs, arena) = c.train.run(&syms, &data, run_params, &start)?;
+                data.extend(saved[t][g].drain());
+                let mut start = std::mem::take(&mut seq_ckpt[t][g]);
+                let (mut outs, arena) = c.train.run(&syms, &mut data, run_params, &mut start)?;
                 ledger.run(arena, &outs);
-                ledger.release(bytes_of(&start));
+                ledger.release(vals_bytes(&start));
                 for (name, v) in data {
-                    let HostData::F32(v) = v else { continue };
                     if grp
                         .states
                         .iter()
@@ -476,32 +593,33 @@ impl CheckpointedStep {
                     {
                         continue; // replaced below; part of the carried states' gradients
                     }
-                    ledger.release(4 * v.len() as u64);
+                    ledger.release(v.bytes());
                 }
-                let mut outs: HashMap<String, Vec<f32>> = outs.into_iter().collect();
                 cot = outs
                     .remove(&format!("grad.{}", grp.input))
                     .ok_or_else(|| missing(&grp.input))?;
-                ledger.hold(4 * cot.len() as u64);
+                ledger.hold(cot.bytes());
                 for name in &grp.states {
                     let v = outs
                         .remove(&format!("grad.{name}"))
                         .ok_or_else(|| missing(name))?;
                     state_cot.insert(format!("cotangent.{name}"), v);
                 }
-                accumulate(&mut grads, outs);
+                accumulate(&mut grads, outs, params)?;
             }
-            let ids_t = slice_tokens(ids, r);
-            let mut data = HashMap::from([
-                ("input_ids".to_string(), HostData::I32(ids_t)),
-                (format!("cotangent.{}", self.embed_out), HostData::F32(cot)),
+            let mut data = Vals::from([
+                ("input_ids".to_string(), slice_tokens(ids, r)),
+                (format!("cotangent.{}", self.embed_out), cot),
             ]);
-            let (outs, arena) = self.embed.train.run(&syms, &data, run_params, &empty)?;
+            let (outs, arena) = self
+                .embed
+                .train
+                .run(&syms, &mut data, run_params, &mut empty)?;
             ledger.run(arena, &outs);
-            if let Some(HostData::F32(v)) = data.remove(&format!("cotangent.{}", self.embed_out)) {
-                ledger.release(4 * v.len() as u64);
+            if let Some(v) = data.remove(&format!("cotangent.{}", self.embed_out)) {
+                ledger.release(v.bytes());
             }
-            accumulate(&mut grads, outs.into_iter().collect());
+            accumulate(&mut grads, outs, params)?;
         }
         // On the GPU the parameter gradients were summed on the device: the host map has none.
         #[cfg(feature = "cuda")]
@@ -551,7 +669,17 @@ impl CheckpointedStep {
             grads: mean_grads,
             final_states,
             peak_bytes: ledger.peak,
+            device_peak_bytes: None,
         })
+    }
+
+    /// The compiled variant of cell (segment `t`, group `g`).
+    fn cell(&self, t: usize, g: usize) -> Result<&Compiled, Error> {
+        let k = self.plan.keep(t as u64, g);
+        self.groups[g]
+            .by_keep
+            .get(&k)
+            .ok_or_else(|| Error::Input(format!("cell ({t}, {g}) was not compiled")))
     }
 
     fn state_len(&self, g: &Group, name: &str, b: usize) -> Result<usize, Error> {
@@ -574,19 +702,14 @@ fn missing(name: &str) -> Error {
     Error::Input(format!("a stage did not produce `{name}`"))
 }
 
-fn take(outs: runtime::cpu::Outputs, name: &str) -> Result<Vec<f32>, Error> {
-    outs.into_iter()
-        .find(|(n, _)| n == name)
-        .map(|(_, v)| v)
-        .ok_or_else(|| missing(name))
+fn take(mut outs: Vals, name: &str) -> Result<Val, Error> {
+    outs.remove(name).ok_or_else(|| missing(name))
 }
 
-fn bytes_of(m: &HashMap<String, Vec<f32>>) -> u64 {
-    m.values().map(|v| 4 * v.len() as u64).sum()
+fn vals_bytes(m: &Vals) -> u64 {
+    m.values().map(Val::bytes).sum()
 }
 
-/// Adds every `grad.*` output into the accumulators (in a fixed order: the outputs' names
-/// sorted, so the result does not depend on hash order).
 /// The targets the mean loss averages over.
 fn valid_targets(targets: &[i32]) -> usize {
     targets
@@ -595,13 +718,28 @@ fn valid_targets(targets: &[i32]) -> usize {
         .count()
 }
 
-fn accumulate(acc: &mut HashMap<String, Vec<f32>>, outs: HashMap<String, Vec<f32>>) {
-    let mut outs: Vec<(String, Vec<f32>)> = outs
+/// Adds every parameter's `grad.*` output into the accumulators (in a fixed order: the
+/// outputs' names sorted, so the result does not depend on hash order). On the GPU they
+/// went to device sums instead and none is left here.
+fn accumulate(
+    acc: &mut HashMap<String, Vec<f32>>,
+    outs: Vals,
+    params: &HashMap<String, Vec<f32>>,
+) -> Result<(), Error> {
+    let mut outs: Vec<(String, Val)> = outs
         .into_iter()
-        .filter(|(n, _)| n.starts_with("grad."))
+        .filter(|(n, _)| {
+            n.strip_prefix("grad.")
+                .is_some_and(|p| params.contains_key(p))
+        })
         .collect();
     outs.sort_by(|a, b| a.0.cmp(&b.0));
     for (name, v) in outs {
+        let Val::F32(v) = v else {
+            return Err(Error::Input(format!(
+                "`{name}` stayed on the device instead of reaching its sum"
+            )));
+        };
         match acc.get_mut(&name) {
             Some(a) => {
                 for (x, y) in a.iter_mut().zip(&v) {
@@ -613,6 +751,7 @@ fn accumulate(acc: &mut HashMap<String, Vec<f32>>, outs: HashMap<String, Vec<f32
             }
         }
     }
+    Ok(())
 }
 
 /// Bytes held by the schedule, and the most at any time.
@@ -633,8 +772,7 @@ impl Ledger {
     }
 
     /// A stage run: its arena and outputs were held on top of everything else.
-    fn run(&mut self, arena: u64, outs: &runtime::cpu::Outputs) {
-        let out: u64 = outs.iter().map(|(_, v)| 4 * v.len() as u64).sum();
-        self.peak = self.peak.max(self.live + arena + out);
+    fn run(&mut self, arena: u64, outs: &Vals) {
+        self.peak = self.peak.max(self.live + arena + vals_bytes(outs));
     }
 }

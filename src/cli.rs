@@ -1306,7 +1306,7 @@ fn grad_checkpointed(
         targets.extend(s[1..].iter().map(|&t| t as i32));
         targets.push(IGNORE_INDEX as i32);
     }
-    let plan = crate::train::plan_for(graph, budget, b, l)?;
+    let plan = crate::train::plan_for(graph, budget, b, l, true)?;
     let _ = writeln!(
         out.stdout,
         "checkpoint plan: {}; planned peak {}, recompute {:.1}% of a step",
@@ -1744,7 +1744,7 @@ fn train(a: &TrainArgs, out: &mut Outcome) {
     let built = match budget {
         Some(b) => {
             // Plan before reading data: an infeasible budget fails at once.
-            if let Err(e) = crate::train::plan_for(&graph, b, a.batch, a.seq_len) {
+            if let Err(e) = crate::train::plan_for(&graph, b, a.batch, a.seq_len, false) {
                 return fail(out, format!("error: {e}"));
             }
             let device = match a.device {
@@ -1766,6 +1766,8 @@ fn train(a: &TrainArgs, out: &mut Outcome) {
         return fail(out, format!("error: {e}"));
     }
     trainer.carry_state = a.carry_state;
+    // The logits are not shown; under a checkpoint plan they would be returned per segment.
+    trainer.return_logits = false;
     // The schedule spans this run's steps, continuing from a resumed step count.
     trainer.config.total_steps = trainer.step + a.steps;
     let start_step = trainer.step;
@@ -1832,8 +1834,12 @@ fn train(a: &TrainArgs, out: &mut Outcome) {
         let done = i + 1 == a.steps;
         if (i + 1) % a.log_every.max(1) == 0 || done {
             let rate = ((i + 1) * b * l) as f64 / started.elapsed().as_secs_f64();
+            let device = match stats.device_bytes {
+                Some(d) => format!("  device peak {}", crate::plan::human(d)),
+                None => String::new(),
+            };
             let line = format!(
-                "step {:>6}  loss {:.4}  lr {:.2e}  |grad| {:.3}  {rate:.0} tokens/s  {} {:.1} MiB\n",
+                "step {:>6}  loss {:.4}  lr {:.2e}  |grad| {:.3}  {rate:.0} tokens/s  {} {:.1} MiB{device}  (gradients {:.1} s, update {:.1} s)\n",
                 trainer.step,
                 loss_sum / n_loss as f64,
                 stats.lr,
@@ -1843,7 +1849,9 @@ fn train(a: &TrainArgs, out: &mut Outcome) {
                 } else {
                     "arena"
                 },
-                stats.arena_bytes as f64 / (1 << 20) as f64
+                stats.arena_bytes as f64 / (1 << 20) as f64,
+                stats.grad_secs,
+                stats.update_secs
             );
             bar.suspend(|| print!("{line}"));
             (loss_sum, n_loss) = (0.0, 0);

@@ -6,8 +6,12 @@ use codegen::nvptx::{Target, compile_ptx};
 use ir::Graph;
 use passes::{LowerOptions, Lowered};
 use runtime::cpu::{HostData, Inputs, Outputs};
-use runtime::cuda::{Bound, CudaExecutor, DeviceParams, ExecOptions, StepTime};
+use runtime::cuda::{
+    Bound, CudaExecutor, DeviceArena, DeviceParams, DeviceValue, ExecOptions, ResidentOutputs,
+    StepTime,
+};
 use std::collections::HashMap;
+use std::sync::Mutex;
 
 pub use runtime::cuda::CudaError;
 
@@ -16,6 +20,9 @@ pub use runtime::cuda::CudaError;
 pub struct GpuGraph {
     pub lowered: Lowered,
     exec: CudaExecutor,
+    /// Memory plans by symbol values (a checkpointed step runs a stage at one or two
+    /// segment lengths, many times).
+    plans: Mutex<HashMap<Vec<i64>, passes::MemoryPlan>>,
 }
 
 /// Why a graph could not be compiled for or run on the GPU.
@@ -57,7 +64,11 @@ impl GpuGraph {
             .collect::<Option<_>>()
             .ok_or_else(|| Error::Codegen("a deduplicated kernel has no PTX entry".into()))?;
         let exec = CudaExecutor::new(ordinal, &ptx.text, &entries, to_bf16.as_deref())?;
-        Ok(GpuGraph { lowered, exec })
+        Ok(GpuGraph {
+            lowered,
+            exec,
+            plans: Mutex::new(HashMap::new()),
+        })
     }
 
     /// The GPU's name.
@@ -89,6 +100,9 @@ impl GpuGraph {
     }
 
     fn plan_sizes(&self, sizes: &[i64]) -> Result<passes::MemoryPlan, GpuError> {
+        if let Some(p) = self.plans.lock().ok().and_then(|m| m.get(sizes).cloned()) {
+            return Ok(p);
+        }
         let bind = |s: &str| {
             self.lowered
                 .syms
@@ -96,8 +110,12 @@ impl GpuGraph {
                 .position(|x| x == s)
                 .map(|i| sizes[i] as u64)
         };
-        passes::plan_memory(&self.lowered, &bind)
-            .map_err(|e| GpuError::Model(Error::Input(e.to_string())))
+        let plan = passes::plan_memory(&self.lowered, &bind)
+            .map_err(|e| GpuError::Model(Error::Input(e.to_string())))?;
+        if let Ok(mut m) = self.plans.lock() {
+            m.insert(sizes.to_vec(), plan.clone());
+        }
+        Ok(plan)
     }
 
     /// Uploads parameters once (shared by every graph on the same GPU).
@@ -184,6 +202,37 @@ impl GpuGraph {
         let outs = self
             .exec
             .execute_summing(&self.lowered, &plan, &inp, params, opts, sum)?;
+        Ok((outs, plan.peak))
+    }
+
+    /// Runs once with values kept on the device between runs
+    /// ([`CudaExecutor::run_resident`]): inputs and states in `device` are read in place,
+    /// outputs stay on the device unless `to_host` picks them. Returns them and the bytes
+    /// of the arena the run used.
+    #[allow(clippy::too_many_arguments)]
+    pub fn run_resident(
+        &self,
+        syms: &[(&str, i64)],
+        host: &HashMap<String, HostData>,
+        device: &HashMap<String, &DeviceValue>,
+        params: &DeviceParams,
+        arena: &mut DeviceArena,
+        sum: Option<runtime::cuda::SumInto<'_>>,
+        to_host: &dyn Fn(&str) -> bool,
+    ) -> Result<(ResidentOutputs, u64), GpuError> {
+        let sizes = self.sizes(syms)?;
+        let plan = self.plan_sizes(&sizes)?;
+        let outs = self.exec.run_resident(
+            &self.lowered,
+            &sizes,
+            &plan,
+            host,
+            device,
+            params,
+            arena,
+            sum,
+            to_host,
+        )?;
         Ok((outs, plan.peak))
     }
 }

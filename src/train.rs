@@ -79,6 +79,13 @@ pub struct StepStats {
     /// The bytes of intermediates: the arena (whole graph), or the checkpoint schedule's
     /// measured peak (with a budget; weights, gradients and optimizer state not included).
     pub arena_bytes: u64,
+    /// Checkpointed on the GPU: the most device memory in use during the step, as the
+    /// driver reports it (everything on the GPU).
+    pub device_bytes: Option<u64>,
+    /// Seconds computing the loss and gradients (on the device and moving them), and
+    /// seconds of the host's AdamW update.
+    pub grad_secs: f64,
+    pub update_secs: f64,
 }
 
 /// A model being trained: the compiled training graph, parameters and AdamW moments.
@@ -112,6 +119,10 @@ pub struct Trainer {
     pub carried: HashMap<String, Vec<f32>>,
     /// Whether to carry the final states into the next step.
     pub carry_state: bool,
+    /// Whether steps under a checkpoint plan return the logits (`TrainStats::logits`);
+    /// `[B, L, V]` f32 is 105 GB for mamba2-2.7b at L = 2^19, so a plain training run
+    /// leaves it off. Read when a batch shape is first planned.
+    pub return_logits: bool,
 }
 
 impl Trainer {
@@ -169,6 +180,7 @@ impl Trainer {
             state_names,
             carried: HashMap::new(),
             carry_state: false,
+            return_logits: true,
         })
     }
 
@@ -186,6 +198,8 @@ impl Trainer {
         } else {
             &empty
         };
+        let grad_started = std::time::Instant::now();
+        let mut device_bytes = None;
         let (loss, logits, grads, finals, arena_bytes) = match &mut self.engine {
             Engine::Whole(compiled) => {
                 let (data, syms) = step_inputs(ids, targets, batch, seq);
@@ -221,8 +235,7 @@ impl Trainer {
             } => {
                 if let std::collections::hash_map::Entry::Vacant(e) = steps.entry((batch, seq)) {
                     let mut req = request_for(forward, Some(*budget), batch, seq);
-                    // The GPU hands outputs over in their own buffers.
-                    req.copy_outputs = *device == Device::Cpu;
+                    req.logits = self.return_logits;
                     let plan = Planner::new(forward, req, IGNORE_INDEX)
                         .and_then(|mut p| p.plan())
                         .map_err(|e| Error::Input(e.to_string()))?;
@@ -230,6 +243,7 @@ impl Trainer {
                 }
                 let step = &steps[&(batch, seq)];
                 let out = step.run(&self.params, ids, targets, states)?;
+                device_bytes = out.device_peak_bytes;
                 (
                     out.loss,
                     out.logits,
@@ -239,6 +253,7 @@ impl Trainer {
                 )
             }
         };
+        let grad_secs = grad_started.elapsed().as_secs_f64();
         if self.carry_state {
             // The final states start the next batch of the same streams; no gradient flows
             // back across the boundary (truncated BPTT).
@@ -248,10 +263,20 @@ impl Trainer {
             .into_iter()
             .map(|(n, v)| (format!("grad.{n}"), v))
             .collect();
+        // The update is elementwise and the norm a sum per tensor (in fixed-size pieces):
+        // both run on every core, with the same result whatever their number (mamba2-2.7b:
+        // 2.7e9 parameters).
+        use rayon::prelude::*;
+        const PIECE: usize = 1 << 16;
+        let update_started = std::time::Instant::now();
         let mut norm2 = 0f64;
         for name in self.params.keys() {
             if let Some(g) = outs.get(&format!("grad.{name}")) {
-                norm2 += g.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>();
+                let pieces: Vec<f64> = g
+                    .par_chunks(PIECE)
+                    .map(|c| c.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>())
+                    .collect();
+                norm2 += pieces.iter().sum::<f64>();
             }
         }
         let grad_norm = norm2.sqrt();
@@ -277,16 +302,23 @@ impl Trainer {
             } else {
                 c.weight_decay
             };
-            for i in 0..p.len() {
-                let gi = g[i] as f64 * scale;
-                let mi = b1 * m[i] as f64 + (1.0 - b1) * gi;
-                let vi = b2 * v[i] as f64 + (1.0 - b2) * gi * gi;
-                m[i] = mi as f32;
-                v[i] = vi as f32;
-                let update = (mi / bc1) / ((vi / bc2).sqrt() + c.eps) + wd * p[i] as f64;
-                p[i] = (p[i] as f64 - lr * update) as f32;
-            }
+            p.par_chunks_mut(PIECE)
+                .zip(m.par_chunks_mut(PIECE))
+                .zip(v.par_chunks_mut(PIECE))
+                .zip(g.par_chunks(PIECE))
+                .for_each(|(((p, m), v), g)| {
+                    for i in 0..p.len() {
+                        let gi = g[i] as f64 * scale;
+                        let mi = b1 * m[i] as f64 + (1.0 - b1) * gi;
+                        let vi = b2 * v[i] as f64 + (1.0 - b2) * gi * gi;
+                        m[i] = mi as f32;
+                        v[i] = vi as f32;
+                        let update = (mi / bc1) / ((vi / bc2).sqrt() + c.eps) + wd * p[i] as f64;
+                        p[i] = (p[i] as f64 - lr * update) as f32;
+                    }
+                });
         }
+        let update_secs = update_started.elapsed().as_secs_f64();
         self.step += 1;
         Ok(StepStats {
             loss,
@@ -294,6 +326,9 @@ impl Trainer {
             lr,
             logits,
             arena_bytes,
+            device_bytes,
+            grad_secs,
+            update_secs,
         })
     }
 }
@@ -339,14 +374,19 @@ fn split_outputs(
 }
 
 /// The checkpoint plan for training `forward` on `[batch, seq]` batches within `budget` bytes
-/// (weights, gradients and AdamW state included; f32 activations, as the CPU runs them).
-pub fn plan_for(forward: &Graph, budget: u64, batch: usize, seq: usize) -> Result<Plan, Error> {
-    let mut planner = Planner::new(
-        forward,
-        request_for(forward, Some(budget), batch, seq),
-        IGNORE_INDEX,
-    )
-    .map_err(|e| Error::Input(e.to_string()))?;
+/// (weights, gradients and AdamW state included; f32 activations, as the CPU runs them),
+/// returning the logits or not.
+pub fn plan_for(
+    forward: &Graph,
+    budget: u64,
+    batch: usize,
+    seq: usize,
+    logits: bool,
+) -> Result<Plan, Error> {
+    let mut req = request_for(forward, Some(budget), batch, seq);
+    req.logits = logits;
+    let mut planner =
+        Planner::new(forward, req, IGNORE_INDEX).map_err(|e| Error::Input(e.to_string()))?;
     planner.plan().map_err(|e| Error::Input(e.to_string()))
 }
 

@@ -114,6 +114,10 @@ pub struct CudaExecutor {
     to_bf16: Option<CudaFunction>,
     /// f32 matrix products on tensor cores with TF32 inputs ([`CudaExecutor::set_tf32`]).
     tf32: std::sync::atomic::AtomicBool,
+    /// Threads per grid point of each kernel of the schedule it runs, worked out at the
+    /// first bind (an analysis of every kernel body; binds are frequent in checkpointed
+    /// training).
+    lanes: std::sync::OnceLock<Vec<u32>>,
 }
 
 /// What [`CudaExecutor::set_tf32`] starts as in executors created from now on
@@ -170,6 +174,49 @@ impl DeviceSums {
     }
 }
 
+/// An f32 value kept in device memory between runs (a checkpointed step's boundary values,
+/// saved values, states and cotangents), freed on drop.
+pub struct DeviceValue {
+    buf: DevBuf,
+    len: usize,
+}
+
+impl DeviceValue {
+    /// Its number of f32 elements.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+/// Device memory that runs borrow as their arena ([`CudaExecutor::run_resident`]), grown
+/// to the largest arena asked for, so that a sequence of runs allocates it once.
+#[derive(Default)]
+pub struct DeviceArena {
+    buf: Option<DevBuf>,
+    bytes: u64,
+}
+
+impl DeviceArena {
+    /// Device bytes held.
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+}
+
+/// What [`CudaExecutor::run_resident`] returned: outputs downloaded to the host, and outputs
+/// kept on the device.
+pub struct ResidentOutputs {
+    pub host: Outputs,
+    pub device: Vec<(String, DeviceValue)>,
+    /// Device memory in use (total minus free, all of the GPU's users) at the end of the
+    /// run, while its arena and outputs were both held.
+    pub device_used: u64,
+}
+
 /// A schedule bound to fixed symbol values on the device: the arena, the inputs and the
 /// states are allocated once, so the schedule can run again and again (and be captured as a
 /// CUDA graph and replayed) while inputs and states are rewritten between runs.
@@ -187,7 +234,8 @@ pub struct Bound {
     /// Threads per grid point of each kernel (a warp where lanes share loops).
     lanes: Vec<u32>,
     graph: Option<CudaGraph>,
-    _arena: DevBuf,
+    /// Its own arena; `None` when it runs in a [`DeviceArena`] it borrows.
+    _arena: Option<DevBuf>,
     _owned: Vec<DevBuf>,
 }
 
@@ -314,7 +362,15 @@ impl CudaExecutor {
             tf32: std::sync::atomic::AtomicBool::new(
                 TF32_DEFAULT.load(std::sync::atomic::Ordering::Relaxed),
             ),
+            lanes: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Threads per grid point of each of `l`'s kernels (the executor runs one schedule).
+    fn lanes(&self, l: &Lowered) -> Vec<u32> {
+        self.lanes
+            .get_or_init(|| l.kernels.iter().map(ir::lanes::threads_per_point).collect())
+            .clone()
     }
 
     /// Whether f32 matrix products run on tensor cores with their inputs rounded to TF32
@@ -456,6 +512,23 @@ impl CudaExecutor {
         params: &DeviceParams,
         poison: bool,
     ) -> Result<Bound, CudaError> {
+        self.bind_in(l, sizes, plan, params, poison, None, &|_| None)
+    }
+
+    /// [`CudaExecutor::bind`], in `arena` when given (at least `plan.peak` bytes) instead
+    /// of an arena of its own, and with the inputs and states `ext` names read from device
+    /// memory in place (address and f32 count) instead of buffers of their own.
+    #[allow(clippy::too_many_arguments)]
+    fn bind_in(
+        &self,
+        l: &Lowered,
+        sizes: &[i64],
+        plan: MemoryPlan,
+        params: &DeviceParams,
+        poison: bool,
+        arena: Option<u64>,
+        ext: &dyn Fn(&str) -> Option<(u64, usize)>,
+    ) -> Result<Bound, CudaError> {
         self.ctx.bind_to_thread().map_err(drv)?;
         if plan.offsets.len() != l.buffers.len() || plan.bytes.len() != l.buffers.len() {
             return Err(ExecError::Plan(format!(
@@ -480,12 +553,19 @@ impl CudaExecutor {
             ))
             .into());
         }
-        let arena = self.alloc("the arena", plan.peak)?;
+        let own = match arena {
+            Some(_) => None,
+            None => Some(self.alloc("the arena", plan.peak)?),
+        };
+        let base = match (&own, arena) {
+            (Some(a), _) => a.ptr,
+            (None, Some(p)) => p,
+            (None, None) => 0,
+        };
         let cu = self.stream.cu_stream();
         if poison && plan.peak > 0 {
-            // SAFETY: the arena holds `peak` bytes; 0xFF bytes are f32 NaNs.
-            unsafe { result::memset_d8_async(arena.ptr, 0xFF, plan.peak as usize, cu) }
-                .map_err(drv)?;
+            // SAFETY: the arena holds at least `peak` bytes; 0xFF bytes are f32 NaNs.
+            unsafe { result::memset_d8_async(base, 0xFF, plan.peak as usize, cu) }.map_err(drv)?;
         }
         let mut owned: Vec<DevBuf> = Vec::new();
         let mut ptrs: Vec<u64> = vec![0; l.buffers.len()];
@@ -493,7 +573,7 @@ impl CudaExecutor {
             let bytes = plan.bytes[i];
             ptrs[i] = match &b.kind {
                 BufKind::Temp | BufKind::Scratch => match plan.offsets[i] {
-                    Some(off) => arena.ptr + off,
+                    Some(off) => base + off,
                     None => 0,
                 },
                 BufKind::Param(name) => {
@@ -503,6 +583,17 @@ impl CudaExecutor {
                     })?;
                     check_len(name, *n, (bytes / b.dtype.size()) as usize)?;
                     d.ptr
+                }
+                BufKind::Input(name) | BufKind::State(name) if let Some((ptr, n)) = ext(name) => {
+                    if b.dtype != ir::DType::F32 {
+                        return Err(ExecError::Plan(format!(
+                            "`{name}` is {} on the device; a device value is f32",
+                            b.dtype
+                        ))
+                        .into());
+                    }
+                    check_len(name, n, (bytes / 4) as usize)?;
+                    ptr
                 }
                 BufKind::Input(name) | BufKind::State(name) => {
                     let what = match b.kind {
@@ -555,9 +646,9 @@ impl CudaExecutor {
             carry: Vec::new(),
             half_rhs,
             half_lhs,
-            lanes: l.kernels.iter().map(ir::lanes::threads_per_point).collect(),
+            lanes: self.lanes(l),
             graph: None,
-            _arena: arena,
+            _arena: own,
             _owned: owned,
         })
     }
@@ -1179,6 +1270,114 @@ impl CudaExecutor {
             node: name.to_string(),
             message: e.to_string(),
         })
+    }
+
+    /// Runs schedule `l` once at `sizes` with memory plan `plan`, in `arena` (grown if
+    /// needed): inputs and states named in `device` are read in place, the others are
+    /// uploaded from `host` (states missing from both start at zero); outputs `sum` picks
+    /// are added into device sums, those `to_host` picks are downloaded, and the rest stay
+    /// on the device, copied out of the arena. Waits for the run.
+    #[allow(clippy::too_many_arguments)]
+    pub fn run_resident(
+        &self,
+        l: &Lowered,
+        sizes: &[i64],
+        plan: &MemoryPlan,
+        host: &HashMap<String, HostData>,
+        device: &HashMap<String, &DeviceValue>,
+        params: &DeviceParams,
+        arena: &mut DeviceArena,
+        mut sum: Option<SumInto<'_>>,
+        to_host: &dyn Fn(&str) -> bool,
+    ) -> Result<ResidentOutputs, CudaError> {
+        self.ctx.bind_to_thread().map_err(drv)?;
+        if arena.bytes < plan.peak || arena.buf.is_none() {
+            arena.buf = None;
+            arena.buf = Some(self.alloc("the arena", plan.peak)?);
+            arena.bytes = plan.peak;
+        }
+        let base = arena.buf.as_ref().map_or(0, |b| b.ptr);
+        let ext = |name: &str| device.get(name).map(|v| (v.buf.ptr, v.len));
+        let mut b = self.bind_in(l, sizes, plan.clone(), params, false, Some(base), &ext)?;
+        for buf in &l.buffers {
+            let (BufKind::Input(name) | BufKind::State(name)) = &buf.kind else {
+                continue;
+            };
+            if device.contains_key(name) {
+                continue;
+            }
+            match (host.get(name), &buf.kind) {
+                (Some(d), _) => self.write(l, &b, name, d)?,
+                (None, BufKind::Input(_)) => {
+                    return Err(ExecError::Missing {
+                        what: "input",
+                        name: name.clone(),
+                    }
+                    .into());
+                }
+                (None, _) => {}
+            }
+        }
+        let plain = ExecOptions {
+            poison: false,
+            sync_each_step: false,
+            graph: false,
+            profile: false,
+        };
+        self.run(l, &mut b, plain)?;
+        let mut out = ResidentOutputs {
+            host: Vec::new(),
+            device: Vec::new(),
+            device_used: 0,
+        };
+        for (name, o) in &l.outputs {
+            let (ptr, n) = (b.ptrs[*o], (b.plan.bytes[*o] / 4) as usize);
+            if let Some((sums, pick)) = sum.as_mut()
+                && pick(name)
+            {
+                self.add_into(sums, name, ptr, n)?;
+            } else if to_host(name) {
+                out.host
+                    .push((name.clone(), self.read_buf(&b, *o, name, None)?));
+            } else {
+                let d = self.alloc(&format!("the value `{name}`"), 4 * n as u64)?;
+                if n > 0 && ptr != 0 {
+                    // SAFETY: both hold n f32 values; the copy is ordered after the run on
+                    // the executor's stream.
+                    unsafe {
+                        result::memcpy_dtod_async(d.ptr, ptr, 4 * n, self.stream.cu_stream())
+                    }
+                    .map_err(drv)?;
+                }
+                out.device
+                    .push((name.clone(), DeviceValue { buf: d, len: n }));
+            }
+        }
+        // The copies and sums read the arena, which the next run reuses.
+        self.stream.synchronize().map_err(drv)?;
+        let (free, total) = self.memory_info()?;
+        out.device_used = total.saturating_sub(free);
+        Ok(out)
+    }
+
+    /// A device value holding `v`.
+    pub fn upload_value(&self, v: &[f32]) -> Result<DeviceValue, CudaError> {
+        self.ctx.bind_to_thread().map_err(drv)?;
+        let buf = self.upload("a device value", v)?;
+        self.stream.synchronize().map_err(drv)?;
+        Ok(DeviceValue { buf, len: v.len() })
+    }
+
+    /// The elements of a device value (waits for the stream).
+    pub fn download_value(&self, v: &DeviceValue) -> Result<Vec<f32>, CudaError> {
+        self.ctx.bind_to_thread().map_err(drv)?;
+        self.stream.synchronize().map_err(drv)?;
+        let mut out = vec![0f32; v.len];
+        if v.len > 0 {
+            // SAFETY: the value holds `len` f32 values.
+            unsafe { result::memcpy_dtoh_sync(&mut out, v.buf.ptr) }.map_err(drv)?;
+        }
+        Ok(out)
     }
 
     /// Downloads every sum (waits for the stream).
