@@ -160,8 +160,8 @@ fn row_reductions_and_state_loops_run_a_warp_per_point() {
             if k.name.starts_with("reduce_mean") || forward_scan {
                 assert!(w, "{what}: `{}` should run a warp per point", k.name);
             }
-            if k.name.starts_with("causal_conv1d_") && !k.name.contains("grad") {
-                assert!(!w, "{what}: `{}` has no long loop", k.name);
+            if k.name.starts_with("causal_conv1d_") {
+                assert!(!w, "{what}: `{}` has no loop lanes could share", k.name);
             }
         }
         let ptx = compile_lowered(&l, Target::Sm90).expect("ptx");

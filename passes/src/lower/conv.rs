@@ -218,6 +218,13 @@ impl Lowering<'_> {
                 let v = kb.value(ds1, &[b.clone(), c.clone(), j])?;
                 out.push(when(kb, tail, vec![Stmt::Set { var: acc, value: v }]));
             }
+            // Each term is loaded inside its 0-or-1 loop and added after it: an add inside
+            // the loop would read as a reduction that warp lanes share (a warp per point).
+            let g = kb.var();
+            out.push(Stmt::Var {
+                var: g,
+                init: Expr::Const(0.0),
+            });
             for kk in 0..k {
                 let a = m.clone().sub(IExpr::c(kk as i64));
                 let mut exists = IExpr::c(1);
@@ -226,9 +233,14 @@ impl Lowering<'_> {
                     exists = positive(a.clone().add(IExpr::c(1)), hist)
                         .mul(positive(l.clone().sub(a.clone()), hist));
                 }
+                let gv = kb.value(dy, &[b.clone(), a, c.clone()])?;
+                out.push(Stmt::Set {
+                    var: g,
+                    value: Expr::Const(0.0),
+                });
+                out.push(when(kb, exists, vec![Stmt::Set { var: g, value: gv }]));
                 let wv = cv.weight(kb, c, kk)?;
-                let g = kb.value(dy, &[b.clone(), a, c.clone()])?;
-                out.push(when(kb, exists, vec![accumulate(acc, wv, g)]));
+                out.push(accumulate(acc, wv, Expr::Var(g)));
             }
             Ok((out, acc))
         };
