@@ -96,6 +96,27 @@ fn compare_ids(
     positive: &[&str],
     classes: u64,
 ) {
+    compare_lowered(
+        g,
+        syms,
+        seed,
+        tol,
+        positive,
+        classes,
+        &LowerOptions::default(),
+    );
+}
+
+/// As [`compare_ids`], lowered with `opts`.
+fn compare_lowered(
+    g: &Graph,
+    syms: &[(&str, i64)],
+    seed: u64,
+    tol: (f64, f64),
+    positive: &[&str],
+    classes: u64,
+    opts: &LowerOptions,
+) {
     let mut rng = Rng::new(seed);
     let bind = |s: &str| syms.iter().find(|(n, _)| *n == s).map(|(_, v)| *v as u64);
     let mut b = Bindings::default();
@@ -155,7 +176,7 @@ fn compare_ids(
         }
     }
     let want = interp::run(g, &b).expect("interpreter");
-    let cpu = CpuGraph::compile(g, &LowerOptions::default()).expect("compiles");
+    let cpu = CpuGraph::compile(g, opts).expect("compiles");
     let (got, _) = cpu.run(syms, &data, &params, &states).expect("runs");
     assert_eq!(got.len(), want.values.len());
     assert!(!got.is_empty());
@@ -226,16 +247,22 @@ fn conv_grad_graph(c: usize, kw: usize) -> Graph {
     g.g
 }
 
-/// The conv and its gradient at lengths around the weight gradient's chunks of 64 steps
-/// and shorter than the window (where `s1` and `ds0` mix the state and the sequence),
-/// `L = 0` included.
+/// The conv and its gradient at lengths around their chunks (16 steps for the forward, 64
+/// for the weight gradient) and shorter than the window (where `s1` and `ds0` mix the state
+/// and the sequence), `L = 0` included; the forward also as the CPU's whole-sequence runs
+/// lower it (a point walks the whole sequence).
 #[test]
 fn causal_conv_and_grad_around_chunks_and_short_sequences() {
-    for (i, l) in [0i64, 1, 2, 3, 63, 64, 65, 130].into_iter().enumerate() {
+    for (i, l) in [0i64, 1, 2, 3, 15, 17, 63, 64, 65, 130]
+        .into_iter()
+        .enumerate()
+    {
         for kw in [1usize, 2, 4] {
             let syms = [("B", 2), ("L", l)];
             let seed = 400 + (i * 8 + kw) as u64;
             compare(&conv_graph(3, kw), &syms, seed, REDUCTION, &[]);
+            let cpu = LowerOptions::cpu();
+            compare_lowered(&conv_graph(3, kw), &syms, seed, REDUCTION, &[], 1, &cpu);
             compare(&conv_grad_graph(5, kw), &syms, seed, REDUCTION, &[]);
         }
     }

@@ -11,30 +11,36 @@
 //! dw[k]   = sum_{b,t} dy[t] · xin[t + k],   db = sum_{b,t} dy[t]
 //! ```
 //!
-//! `y`, `s1`, `dx` and `ds0` are one grid point per element, each summing its `K` terms in
-//! the order above, so a value does not depend on how the sequence is cut into segments.
-//! `dw`/`db` are sums over batch and time: one point per (batch, chunk of
-//! [`CONV_GRAD_CHUNK`] steps, channel) sums its chunk into scratch, and one point per
-//! channel adds the chunks in order. The kernel IR has no branches: a term that exists
-//! only for some positions is a loop of extent 0 or 1 (an exact integer indicator), so
-//! no load ever leaves its buffer, whatever `L` is (0 included).
+//! `y` is one grid point per (batch row, chunk of [`CONV_CHUNK`] steps, channel) with the
+//! last inputs in a sliding window (the whole sequence per point in the CPU's
+//! whole-sequence runs); `s1`, `dx` and `ds0` one point per element. Every output sums its
+//! `K` terms in the order above, so a value does not depend on how the sequence is cut
+//! into chunks or segments. `dw`/`db` are sums over batch and time: one point per (batch,
+//! chunk of [`CONV_GRAD_CHUNK`] steps, channel) sums its chunk into scratch, and one point
+//! per channel adds the chunks in order. The kernel IR has no branches: a term that exists
+//! only for some positions is a loop of extent 0 or 1 (an exact integer indicator), so no
+//! load ever leaves its buffer, whatever `L` is (0 included).
 
 use super::{KB, LowerError, Lowering};
-use ir::kernel::{Expr, IExpr, Stmt, VarId};
+use ir::kernel::{ArrId, Expr, IExpr, Stmt, VarId};
 use ir::schedule::BufKind;
 use ir::{BinaryOp, Dim, NodeId, Value};
 
 use BinaryOp::{Add, Mul};
 
+/// Time steps per grid point of the forward conv (outside the CPU's whole-sequence runs):
+/// the window of the last inputs is loaded once per chunk, and `B·ceil(L/16)·C` points
+/// (1.8M at mamba2-130m, B = 8, L = 2048) still fill a GPU.
+pub const CONV_CHUNK: u64 = 16;
+
 /// Time steps per grid point of the weight gradient's first pass: enough work per point to
 /// hide the loads, and `B·ceil(L/64)·C` points (458k at mamba2-130m, B = 8, L = 2048).
 pub const CONV_GRAD_CHUNK: u64 = 64;
 
-/// 1 where `d >= 1`, else 0, for an integer `d` known to be at least `1 - hist` (`hist >= 1`).
-fn positive(d: IExpr, hist: i64) -> IExpr {
-    d.add(IExpr::c(hist - 1))
-        .div(IExpr::c(hist))
-        .min(IExpr::c(1))
+/// 1 where `d >= 1`, else 0: `min(max(d, 0), 1)`, with `max(d, 0) = d - min(d, 0)` (no
+/// division: these indicators are evaluated per tap of every element).
+fn positive(d: IExpr) -> IExpr {
+    d.clone().sub(d.min(IExpr::c(0))).min(IExpr::c(1))
 }
 
 /// `1 - v` for an indicator `v`.
@@ -57,6 +63,24 @@ fn accumulate(var: VarId, a: Expr, b: Expr) -> Stmt {
         var,
         value: Expr::bin(Add, Expr::Var(var), Expr::bin(Mul, a, b)),
     }
+}
+
+/// Statements that slide the window `win` of the last `hist` inputs one step on, `xt`
+/// entering it.
+fn slide(win: ArrId, hist: i64, xt: VarId) -> Vec<Stmt> {
+    (0..hist)
+        .map(|i| Stmt::ArrSet {
+            arr: win,
+            index: IExpr::c(i),
+            value: match i + 1 < hist {
+                true => Expr::ArrLoad {
+                    arr: win,
+                    index: IExpr::c(i + 1),
+                },
+                false => Expr::Var(xt),
+            },
+        })
+        .collect()
 }
 
 /// The operands every kernel of one conv node shares.
@@ -93,8 +117,7 @@ impl Conv {
         if hist == 0 {
             return Ok(vec![from_x(kb, a)?]);
         }
-        // a < hist exactly when a div hist is 0.
-        let in_state = not(a.clone().div(IExpr::c(hist)).min(IExpr::c(1)));
+        let in_state = positive(IExpr::c(hist).sub(a.clone()));
         let sv = kb.value(
             self.s0,
             &[b.clone(), c.clone(), a.clone().min(IExpr::c(hist - 1))],
@@ -103,6 +126,40 @@ impl Conv {
         let xv = from_x(kb, a.sub(IExpr::c(hist)))?;
         let input = when(kb, not(in_state), vec![xv]);
         Ok(vec![state, input])
+    }
+
+    /// Declares the local array `win` and loads it with the `hist` inputs before step
+    /// `start` of batch row `b`, channel `c` (`xin[start..start + hist]`).
+    fn load_window(
+        &self,
+        kb: &mut KB,
+        win: ArrId,
+        (b, start, c): (&IExpr, &IExpr, &IExpr),
+    ) -> Result<(), LowerError> {
+        let hist = self.hist();
+        if hist == 0 {
+            return Ok(());
+        }
+        kb.body.push(Stmt::Array {
+            arr: win,
+            len: hist as usize,
+            init: 0.0,
+        });
+        let v = kb.var();
+        kb.body.push(Stmt::Var {
+            var: v,
+            init: Expr::Const(0.0),
+        });
+        for i in 0..hist {
+            let set = self.xin(kb, v, (b, start.clone().add(IExpr::c(i)), c))?;
+            kb.body.extend(set);
+            kb.body.push(Stmt::ArrSet {
+                arr: win,
+                index: IExpr::c(i),
+                value: Expr::Var(v),
+            });
+        }
+        Ok(())
     }
 
     fn weight(&self, kb: &mut KB, c: &IExpr, k: usize) -> Result<Expr, LowerError> {
@@ -129,35 +186,70 @@ impl Lowering<'_> {
         })
     }
 
-    /// `CausalConv1d(x, w, bias, s0) -> (y, s1)`: `y` one point per element (with the
-    /// epilogues of the conv, such as the SiLU after it), `s1` one point per state element.
+    /// `CausalConv1d(x, w, bias, s0) -> (y, s1)`. `y`: one point per (batch row, chunk of
+    /// [`CONV_CHUNK`] steps, channel) walks its chunk with the last `hist` inputs in a local
+    /// window (loaded from `xin` at the chunk's start), computing the conv's epilogues (the
+    /// SiLU after it) from the value in registers; with `sequential_scans` (the CPU's
+    /// whole-sequence runs, where a few cores want few long points) the chunk is the whole
+    /// sequence. Every output sums its terms in the same order either way. `s1`: one point
+    /// per state element.
     pub(super) fn conv(&mut self, n: NodeId) -> Result<(), LowerError> {
         let ops = self.g.operands(n);
         let (bias, cv) = (ops[2], self.conv_operands(n, ops[0], ops[1], ops[3])?);
+        let chunks = match self.sequential_scans {
+            true => None,
+            false => Some(self.chunks(n, &cv.xs[1], CONV_CHUNK)?),
+        };
         let y = self.new_buf(Value::new(n, 0), BufKind::Temp);
         let s1 = self.new_buf(Value::new(n, 1), BufKind::Temp);
         let mut kb = KB::new(self, &format!("causal_conv1d_{}", n.index()));
-        let (b, t, c) = (IExpr::Grid(0), IExpr::Grid(1), IExpr::Grid(2));
-        let (acc, input) = (kb.var(), kb.var());
+        let (b, c) = (
+            IExpr::Grid(0),
+            IExpr::Grid(chunks.as_ref().map_or(1, |_| 2)),
+        );
+        let (start, len) = match &chunks {
+            Some((ch, _)) => (ch.start(&IExpr::Grid(1)), ch.len(&IExpr::Grid(1))),
+            None => (IExpr::c(0), kb.l.dim(&cv.xs[1])),
+        };
+        let hist = cv.hist();
+        let win = kb.arr();
+        cv.load_window(&mut kb, win, (&b, &start, &c))?;
+        let step = kb.counter();
+        let t = start.add(IExpr::Loop(step));
+        let (xt, acc) = (kb.var(), kb.var());
         let mut body = vec![
+            Stmt::Var {
+                var: xt,
+                init: kb.value(cv.x, &[b.clone(), t.clone(), c.clone()])?,
+            },
             Stmt::Var {
                 var: acc,
                 init: kb.value(bias, std::slice::from_ref(&c))?,
             },
-            Stmt::Var {
-                var: input,
-                init: Expr::Const(0.0),
-            },
         ];
         for k in 0..cv.k {
-            body.extend(cv.xin(&mut kb, input, (&b, t.clone().add(IExpr::c(k as i64)), &c))?);
+            let input = match k < hist as usize {
+                true => Expr::ArrLoad {
+                    arr: win,
+                    index: IExpr::c(k as i64),
+                },
+                false => Expr::Var(xt),
+            };
             let wv = cv.weight(&mut kb, &c, k)?;
-            body.push(accumulate(acc, wv, Expr::Var(input)));
+            body.push(accumulate(acc, wv, input));
         }
         let at = kb.l.linear(&[b, t, c], &cv.xs);
         body.extend(kb.store_with_epilogues(Value::new(n, 0), y, at, acc)?);
-        kb.body = body;
-        let grid = cv.xs.iter().map(|d| kb.l.dim(d)).collect();
+        body.extend(slide(win, hist, xt));
+        kb.body.push(Stmt::For {
+            counter: step,
+            extent: len,
+            body,
+        });
+        let grid = match &chunks {
+            Some((_, count)) => vec![kb.l.dim(&cv.xs[0]), kb.l.dim(count), kb.l.dim(&cv.xs[2])],
+            None => vec![kb.l.dim(&cv.xs[0]), kb.l.dim(&cv.xs[2])],
+        };
         kb.finish(grid, n);
         if cv.hist() > 0 {
             let mut kb = KB::new(self, &format!("causal_conv1d_{}_state", n.index()));
@@ -213,7 +305,7 @@ impl Lowering<'_> {
             }];
             if hist > 0 {
                 // m >= L, and m - L < hist there.
-                let tail = not(positive(l.clone().sub(m.clone()), hist));
+                let tail = not(positive(l.clone().sub(m.clone())));
                 let j = m.clone().sub(l.clone()).min(IExpr::c(hist - 1));
                 let v = kb.value(ds1, &[b.clone(), c.clone(), j])?;
                 out.push(when(kb, tail, vec![Stmt::Set { var: acc, value: v }]));
@@ -229,9 +321,9 @@ impl Lowering<'_> {
                 let a = m.clone().sub(IExpr::c(kk as i64));
                 let mut exists = IExpr::c(1);
                 if hist > 0 {
-                    // 0 <= a (a >= -hist) and a < L (L - a >= 1 - hist).
-                    exists = positive(a.clone().add(IExpr::c(1)), hist)
-                        .mul(positive(l.clone().sub(a.clone()), hist));
+                    // 0 <= a and a < L.
+                    exists = positive(a.clone().add(IExpr::c(1)))
+                        .mul(positive(l.clone().sub(a.clone())));
                 }
                 let gv = kb.value(dy, &[b.clone(), a, c.clone()])?;
                 out.push(Stmt::Set {
@@ -291,27 +383,7 @@ impl Lowering<'_> {
             arr,
             index: IExpr::c(j),
         };
-        if hist > 0 {
-            kb.body.push(Stmt::Array {
-                arr: win,
-                len: hist as usize,
-                init: 0.0,
-            });
-            let v = kb.var();
-            kb.body.push(Stmt::Var {
-                var: v,
-                init: Expr::Const(0.0),
-            });
-            for i in 0..hist {
-                let set = cv.xin(&mut kb, v, (&b, chunks.start(&ch).add(IExpr::c(i)), &c))?;
-                kb.body.extend(set);
-                kb.body.push(Stmt::ArrSet {
-                    arr: win,
-                    index: IExpr::c(i),
-                    value: Expr::Var(v),
-                });
-            }
-        }
+        cv.load_window(&mut kb, win, (&b, &chunks.start(&ch), &c))?;
         let step = kb.counter();
         let tt = chunks.start(&ch).add(IExpr::Loop(step));
         let (xt, g) = (kb.var(), kb.var());
@@ -339,18 +411,7 @@ impl Lowering<'_> {
                 value: Expr::bin(Add, al(sums, j), Expr::bin(Mul, Expr::Var(g), input)),
             });
         }
-        for j in 0..hist {
-            let next = if j + 1 < hist {
-                al(win, j + 1)
-            } else {
-                Expr::Var(xt)
-            };
-            body.push(Stmt::ArrSet {
-                arr: win,
-                index: IExpr::c(j),
-                value: next,
-            });
-        }
+        body.extend(slide(win, hist, xt));
         kb.body.push(Stmt::For {
             counter: step,
             extent: chunks.len(&ch),
