@@ -205,6 +205,37 @@ fn sizes() -> impl Strategy<Value = usize> {
     prop::sample::select(vec![1usize, 2, 3, 5, 7, 13, 31])
 }
 
+/// Reductions in two passes (keeping the last axis, or into few outputs): over batch and
+/// time, over time only, over the batch only, of an inlined product, at counts around the
+/// chunks of 64 elements (`L = 0`: means of nothing are NaN in both); max keeps the general
+/// form.
+#[test]
+fn column_reductions_around_chunks() {
+    for (i, l) in [0i64, 1, 31, 32, 33, 64, 100].into_iter().enumerate() {
+        for (j, op) in [ReduceOp::Sum, ReduceOp::Mean, ReduceOp::Max]
+            .into_iter()
+            .enumerate()
+        {
+            let mut g = G::new();
+            let x = g.input("x", &[Dim::sym("B"), Dim::sym("L"), k(5)]);
+            let y = g.input("y", &[Dim::sym("B"), Dim::sym("L"), k(5)]);
+            let xy = g.bin(BinaryOp::Mul, x, y);
+            for (name, axes) in [("bt", vec![0, 1]), ("t", vec![1]), ("b", vec![0])] {
+                let r = g.add(Op::Reduce { op, axes }, &[xy]);
+                g.g.add_output(name, r);
+            }
+            // Few outputs, the last axis reduced too (mamba2's `dD`), and everything.
+            let z = g.input("z", &[Dim::sym("B"), Dim::sym("L"), k(5), k(3)]);
+            for (name, axes) in [("btp", vec![0, 1, 3]), ("all", vec![0, 1, 2, 3])] {
+                let r = g.add(Op::Reduce { op, axes }, &[z]);
+                g.g.add_output(name, r);
+            }
+            let syms = [("B", 2), ("L", l)];
+            compare(&g.g, &syms, 500 + (i * 3 + j) as u64, REDUCTION, &[]);
+        }
+    }
+}
+
 /// `causal_conv1d` with a state, a SiLU epilogue on `y`, over `c` channels of width `kw`.
 fn conv_graph(c: usize, kw: usize) -> Graph {
     let mut g = G::new();

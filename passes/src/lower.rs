@@ -85,6 +85,7 @@ impl LowerOptions {
 }
 
 mod conv;
+mod reduce;
 mod ssd_matmul;
 pub use ssd_matmul::MAX_SSD_MATMUL_CHUNK;
 
@@ -683,6 +684,9 @@ impl<'g> Lowering<'g> {
                     kb.finish(grid, n);
                     offset += s[*axis].as_known().unwrap_or(0);
                 }
+            }
+            Op::Reduce { .. } if let Some(count) = self.column_reduction(n) => {
+                self.reduce_columns(n, count)?;
             }
             Op::Reduce { op: rop, axes } => {
                 let out = self.new_buf(v0, BufKind::Temp);
