@@ -263,6 +263,8 @@ struct Group {
 pub struct CheckpointedStep {
     pub plan: Plan,
     pub device: Device,
+    /// On the GPU: fill the shared arena with NaN before every stage run (tests).
+    pub poison: bool,
     embed: Compiled,
     head: Compiled,
     groups: Vec<Group>,
@@ -361,6 +363,7 @@ impl CheckpointedStep {
         Ok(CheckpointedStep {
             plan: plan.clone(),
             device,
+            poison: false,
             embed,
             head,
             embed_out: one_boundary(&embed_st.boundary_outputs, "the embedding")?,
@@ -389,7 +392,9 @@ impl CheckpointedStep {
                     .upload_params(params)
                     .map_err(|e| Error::Gpu(e.to_string()))?;
                 let grads = std::cell::RefCell::new(runtime::cuda::DeviceSums::default());
-                let arena = std::cell::RefCell::new(runtime::cuda::DeviceArena::default());
+                let mut arena = runtime::cuda::DeviceArena::default();
+                arena.poison = self.poison;
+                let arena = std::cell::RefCell::new(arena);
                 let used = std::cell::Cell::new(0);
                 let run = Params::Device {
                     params: &dev,

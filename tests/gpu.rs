@@ -951,9 +951,10 @@ fn checkpointed_training_on_the_gpu_matches() {
         let kept = planner.grid_plan(gsize, seg, u64::MAX, 0).expect("plan");
         let what = format!("{name} B{b} L{l}: {}", passes::remat::describe(&plan));
         let run = |p: &passes::remat::Plan, d: Device| {
-            CheckpointedStep::compile_for(&g, p, d)
-                .expect("compiles")
-                .run(&params, &ids, &targets, &HashMap::new())
+            let mut step = CheckpointedStep::compile_for(&g, p, d).expect("compiles");
+            // Every stage run starts from a NaN arena: a read before a write shows.
+            step.poison = true;
+            step.run(&params, &ids, &targets, &HashMap::new())
                 .expect("runs")
         };
         let out = run(&plan, Device::Cuda);

@@ -198,6 +198,9 @@ impl DeviceValue {
 pub struct DeviceArena {
     buf: Option<DevBuf>,
     bytes: u64,
+    /// Fill the arena with NaN before every run (tests: elements a run reads before it
+    /// writes them show up).
+    pub poison: bool,
 }
 
 impl DeviceArena {
@@ -1298,7 +1301,15 @@ impl CudaExecutor {
         }
         let base = arena.buf.as_ref().map_or(0, |b| b.ptr);
         let ext = |name: &str| device.get(name).map(|v| (v.buf.ptr, v.len));
-        let mut b = self.bind_in(l, sizes, plan.clone(), params, false, Some(base), &ext)?;
+        let mut b = self.bind_in(
+            l,
+            sizes,
+            plan.clone(),
+            params,
+            arena.poison,
+            Some(base),
+            &ext,
+        )?;
         for buf in &l.buffers {
             let (BufKind::Input(name) | BufKind::State(name)) = &buf.kind else {
                 continue;
