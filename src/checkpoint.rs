@@ -427,6 +427,11 @@ impl CheckpointedStep {
                 targets.len()
             )));
         }
+        if self.groups.is_empty() {
+            return Err(Error::Input(
+                "the plan has no layer group between the embedding and the head".into(),
+            ));
+        }
         let mut ledger = Ledger::default();
         ledger.hold(2 * 4 * (b * seq) as u64);
         let ranges = p.segment_ranges();

@@ -157,10 +157,6 @@ pub struct PlanArgs {
     /// Write memory over the schedule of every strategy to this SVG file.
     #[arg(long)]
     pub svg: Option<PathBuf>,
-    /// The runtime the plan is for: `cuda` (outputs handed over in their own buffers) or
-    /// `cpu` (the CPU executor copies outputs out of each run's arena).
-    #[arg(long, default_value = "cuda", value_parser = ["cuda", "cpu"])]
-    pub device: String,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
@@ -2035,7 +2031,8 @@ fn plan_cmd(p: &PlanArgs, g: &Graph, out: &mut Outcome) {
         count_weights: !p.activations_only,
         quantum,
         logits: false,
-        copy_outputs: p.device == "cpu",
+        // Both executors copy a run's outputs out of its arena.
+        copy_outputs: true,
         lower: passes::LowerOptions::default(),
     };
     let report = match crate::plan::make(g, req.clone()) {

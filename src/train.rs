@@ -285,6 +285,21 @@ impl Trainer {
         } else {
             1.0
         };
+        // Checked before anything changes, so a bad gradient leaves the model as it was.
+        for (name, p) in &self.params {
+            let len = |x: Option<&Vec<f32>>| x.map_or(p.len(), Vec::len);
+            let (g, m, v) = (
+                len(outs.get(&format!("grad.{name}"))),
+                len(self.m.get(name)),
+                len(self.v.get(name)),
+            );
+            if (g, m, v) != (p.len(), p.len(), p.len()) {
+                return Err(Error::Input(format!(
+                    "`{name}`: {} values, a gradient of {g} and moments of {m} and {v}",
+                    p.len()
+                )));
+            }
+        }
         let c = &self.config;
         let lr = c.lr_at(self.step);
         let t = (self.step + 1) as i32;

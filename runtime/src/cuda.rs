@@ -369,11 +369,15 @@ impl CudaExecutor {
         })
     }
 
-    /// Threads per grid point of each of `l`'s kernels (the executor runs one schedule).
+    /// Threads per grid point of each of `l`'s kernels (the executor runs one schedule; a
+    /// schedule of another kernel count is analysed afresh).
     fn lanes(&self, l: &Lowered) -> Vec<u32> {
-        self.lanes
-            .get_or_init(|| l.kernels.iter().map(ir::lanes::threads_per_point).collect())
-            .clone()
+        let analyse = || l.kernels.iter().map(ir::lanes::threads_per_point).collect();
+        let cached = self.lanes.get_or_init(analyse);
+        match cached.len() == l.kernels.len() {
+            true => cached.clone(),
+            false => analyse(),
+        }
     }
 
     /// Whether f32 matrix products run on tensor cores with their inputs rounded to TF32
@@ -1212,20 +1216,32 @@ impl CudaExecutor {
             profile: false,
             ..opts
         };
-        self.run(l, &mut b, plain)?;
-        let mut outs = Vec::with_capacity(l.outputs.len());
-        for (name, o) in &l.outputs {
-            if let Some((sums, pick)) = sum.as_mut()
-                && pick(name)
-            {
-                self.add_into(sums, name, b.ptrs[*o], (b.plan.bytes[*o] / 4) as usize)?;
-                continue;
+        let result = (|| {
+            self.run(l, &mut b, plain)?;
+            let mut outs = Vec::with_capacity(l.outputs.len());
+            for (name, o) in &l.outputs {
+                if let Some((sums, pick)) = sum.as_mut()
+                    && pick(name)
+                {
+                    self.add_into(sums, name, b.ptrs[*o], (b.plan.bytes[*o] / 4) as usize)?;
+                    continue;
+                }
+                outs.push((name.clone(), self.read_buf(&b, *o, name, None)?));
             }
-            outs.push((name.clone(), self.read_buf(&b, *o, name, None)?));
-        }
-        // The sums read the arena, which goes with `b`.
-        self.stream.synchronize().map_err(drv)?;
-        Ok(outs)
+            Ok(outs)
+        })();
+        // The sums read the arena, which goes with `b`: wait, on success and on failure.
+        self.settle(result)
+    }
+
+    /// `result` once everything enqueued has finished, so that no buffer freed on the way
+    /// out (an arena, inputs, values) is still in use by the device, whether the run
+    /// succeeded or failed part way.
+    fn settle<T>(&self, result: Result<T, CudaError>) -> Result<T, CudaError> {
+        let synced = self.stream.synchronize().map_err(drv);
+        let value = result?;
+        synced?;
+        Ok(value)
     }
 
     /// `sums[name] += x` (`n` f32 values at `x`) on the stream.
@@ -1295,7 +1311,7 @@ impl CudaExecutor {
     ) -> Result<ResidentOutputs, CudaError> {
         self.ctx.bind_to_thread().map_err(drv)?;
         if arena.bytes < plan.peak || arena.buf.is_none() {
-            arena.buf = None;
+            (arena.buf, arena.bytes) = (None, 0);
             arena.buf = Some(self.alloc("the arena", plan.peak)?);
             arena.bytes = plan.peak;
         }
@@ -1335,37 +1351,43 @@ impl CudaExecutor {
             graph: false,
             profile: false,
         };
-        self.run(l, &mut b, plain)?;
-        let mut out = ResidentOutputs {
-            host: Vec::new(),
-            device: Vec::new(),
-            device_used: 0,
-        };
-        for (name, o) in &l.outputs {
-            let (ptr, n) = (b.ptrs[*o], (b.plan.bytes[*o] / 4) as usize);
-            if let Some((sums, pick)) = sum.as_mut()
-                && pick(name)
-            {
-                self.add_into(sums, name, ptr, n)?;
-            } else if to_host(name) {
-                out.host
-                    .push((name.clone(), self.read_buf(&b, *o, name, None)?));
-            } else {
-                let d = self.alloc(&format!("the value `{name}`"), 4 * n as u64)?;
-                if n > 0 && ptr != 0 {
-                    // SAFETY: both hold n f32 values; the copy is ordered after the run on
-                    // the executor's stream.
+        let result = (|| {
+            self.run(l, &mut b, plain)?;
+            let mut out = ResidentOutputs {
+                host: Vec::new(),
+                device: Vec::new(),
+                device_used: 0,
+            };
+            let cu = self.stream.cu_stream();
+            for (name, o) in &l.outputs {
+                let (ptr, n) = (b.ptrs[*o], (b.plan.bytes[*o] / 4) as usize);
+                if let Some((sums, pick)) = sum.as_mut()
+                    && pick(name)
+                {
+                    self.add_into(sums, name, ptr, n)?;
+                } else if to_host(name) {
+                    out.host
+                        .push((name.clone(), self.read_buf(&b, *o, name, None)?));
+                } else {
+                    let d = self.alloc(&format!("the value `{name}`"), 4 * n as u64)?;
+                    // SAFETY: `d` holds n f32 values, as does the output where it has a
+                    // buffer (one without is all zeros, as `read` returns it); both are
+                    // ordered after the run on the executor's stream.
                     unsafe {
-                        result::memcpy_dtod_async(d.ptr, ptr, 4 * n, self.stream.cu_stream())
+                        match ptr {
+                            0 => result::memset_d8_async(d.ptr, 0, 4 * n, cu),
+                            _ => result::memcpy_dtod_async(d.ptr, ptr, 4 * n, cu),
+                        }
                     }
                     .map_err(drv)?;
+                    out.device
+                        .push((name.clone(), DeviceValue { buf: d, len: n }));
                 }
-                out.device
-                    .push((name.clone(), DeviceValue { buf: d, len: n }));
             }
-        }
+            Ok(out)
+        })();
         // The copies and sums read the arena, which the next run reuses.
-        self.stream.synchronize().map_err(drv)?;
+        let mut out = self.settle(result)?;
         let (free, total) = self.memory_info()?;
         out.device_used = total.saturating_sub(free);
         Ok(out)

@@ -11,9 +11,10 @@
 //! 1. one point per (chunk of [`REDUCE_ROWS`] reduced elements, output) sums its chunk in
 //!    order into scratch `[ceil(R/64), K]`; neighbouring points are neighbouring outputs,
 //!    so each step reads a contiguous run of memory;
-//! 2. one point per output adds the chunks in order (and divides a mean by `R`).
+//! 2. one point per output adds the chunks (and divides a mean by `R`): in order on the
+//!    CPU; on the GPU a block's lanes share that walk and combine their sums in a tree.
 //!
-//! The sum runs in a fixed order, chunk by chunk, whatever the device.
+//! Either way a device sums in one fixed order, run after run.
 
 use super::{KB, LowerError, Lowering};
 use ir::kernel::{Expr, IExpr, Stmt};
@@ -126,7 +127,8 @@ impl Lowering<'_> {
         let grid = vec![kb.l.dim(&nch), kb.l.dim(&outs)];
         kb.finish(grid, n);
 
-        // 2. One output per point: the chunks in order.
+        // 2. One output per point: the chunks (lanes may share them; few outputs of many
+        //    chunks want that).
         let mut kb = KB::new(self, &format!("{name}_{}", n.index()));
         let o = IExpr::Grid(0);
         let acc = kb.var();
