@@ -2,7 +2,7 @@
 //! the CPU: a graph lowered once, its kernels compiled to PTX and loaded on a GPU.
 
 use crate::model::Error;
-use codegen::nvptx::{Target, compile_ptx};
+use codegen::nvptx::{Target, compile_ptx_shared};
 use ir::Graph;
 use passes::{LowerOptions, Lowered};
 use runtime::cpu::{HostData, Inputs, Outputs};
@@ -56,7 +56,9 @@ impl GpuGraph {
             ir::DType::F32,
             ir::DType::BF16,
         ));
-        let ptx = compile_ptx(&distinct, target).map_err(|e| Error::Codegen(e.to_string()))?;
+        // Shared by graphs of equal kernels (a checkpointed step's layer groups).
+        let ptx =
+            compile_ptx_shared(&distinct, target).map_err(|e| Error::Codegen(e.to_string()))?;
         let to_bf16 = ptx.entries.last().cloned();
         let entries: Vec<String> = map
             .iter()

@@ -198,3 +198,21 @@ fn entry_names_are_identifiers_and_unique() {
     let names = entry_names(&[a, b, c]);
     assert_eq!(names, vec!["k7up", "x_y", "x_y_2"]);
 }
+
+/// Equal kernel sets share one compiled module; another set or target compiles anew, and
+/// the shared module is what `compile_ptx` gives.
+#[test]
+fn equal_kernel_sets_share_their_ptx() {
+    use codegen::nvptx::compile_ptx_shared;
+    let set = vec![everything(), Kernel::convert("to_bf16", DType::F32, DType::BF16)];
+    let first = compile_ptx_shared(&set, Target::Sm90).expect("ptx");
+    let again = compile_ptx_shared(&set.clone(), Target::Sm90).expect("ptx");
+    assert!(std::sync::Arc::ptr_eq(&first, &again), "an equal set compiled again");
+    assert_eq!(first.text, compile_ptx(&set, Target::Sm90).expect("ptx").text);
+    let other = compile_ptx_shared(&set[..1], Target::Sm90).expect("ptx");
+    assert!(!std::sync::Arc::ptr_eq(&first, &other));
+    assert_ne!(first.entries.len(), other.entries.len());
+    let sm80 = compile_ptx_shared(&set, Target::Sm80).expect("ptx");
+    assert_eq!(sm80.target, Target::Sm80);
+    assert!(!std::sync::Arc::ptr_eq(&first, &sm80));
+}

@@ -336,9 +336,7 @@ impl CudaExecutor {
         }
         .result()
         .map_err(|e| CudaError::NoCublas(e.to_string()))?;
-        let module = ctx
-            .load_module(cudarc::nvrtc::Ptx::from_src(ptx))
-            .map_err(|e| CudaError::Module(e.to_string()))?;
+        let module = module_for(&ctx, ordinal, ptx)?;
         let mut funcs = Vec::with_capacity(entries.len());
         for e in entries {
             let f = module
@@ -1427,6 +1425,42 @@ impl CudaExecutor {
         }
         Ok(out)
     }
+}
+
+/// Modules loaded so far, by GPU and PTX text (at most [`MODULE_CACHE_ENTRIES`], oldest
+/// dropped first): executors of equal kernels (a checkpointed step's layer groups) share one
+/// load, where the driver compiles the PTX to machine code.
+static MODULES: std::sync::Mutex<Vec<(usize, String, Arc<CudaModule>)>> =
+    std::sync::Mutex::new(Vec::new());
+
+/// How many modules [`module_for`] keeps loaded.
+pub const MODULE_CACHE_ENTRIES: usize = 32;
+
+/// The module of `ptx` on GPU `ordinal`, loaded once. Every executor on a GPU uses its
+/// primary context, so a module loaded for one serves the others.
+fn module_for(
+    ctx: &Arc<CudaContext>,
+    ordinal: usize,
+    ptx: &str,
+) -> Result<Arc<CudaModule>, CudaError> {
+    let hit = |c: &Vec<(usize, String, Arc<CudaModule>)>| {
+        c.iter()
+            .find(|(o, text, _)| *o == ordinal && text == ptx)
+            .map(|(_, _, m)| m.clone())
+    };
+    if let Some(m) = MODULES.lock().ok().and_then(|c| hit(&c)) {
+        return Ok(m);
+    }
+    let m = ctx
+        .load_module(cudarc::nvrtc::Ptx::from_src(ptx))
+        .map_err(|e| CudaError::Module(e.to_string()))?;
+    if let Ok(mut c) = MODULES.lock() {
+        if c.len() >= MODULE_CACHE_ENTRIES {
+            c.remove(0);
+        }
+        c.push((ordinal, ptx.to_string(), m.clone()));
+    }
+    Ok(m)
 }
 
 fn drv(e: impl std::fmt::Display) -> CudaError {
