@@ -1779,6 +1779,7 @@ fn train(a: &TrainArgs, out: &mut Outcome) {
     let mut rng = runtime::init::Rng::new(a.seed ^ 0x7a11);
     let stream_len = tokens.len() / a.batch;
     let started = std::time::Instant::now();
+    let mut after_first: Option<std::time::Instant> = None;
     let (mut loss_sum, mut n_loss) = (0.0, 0usize);
     for i in 0..a.steps {
         let (l, b) = (a.seq_len, a.batch);
@@ -1820,6 +1821,10 @@ fn train(a: &TrainArgs, out: &mut Outcome) {
         loss_sum += stats.loss;
         n_loss += 1;
         peak_bytes = peak_bytes.max(stats.arena_bytes);
+        if i == 0 {
+            // The first step compiles (and plans); the rate after it is the steady one.
+            after_first = Some(std::time::Instant::now());
+        }
         bar.inc(1);
         bar.set_message(format!(
             "loss {:.4}  {:.0} tokens/s  peak {}",
@@ -1861,9 +1866,16 @@ fn train(a: &TrainArgs, out: &mut Outcome) {
         }
     }
     bar.finish_and_clear();
+    let steady = match after_first {
+        Some(t) if a.steps > 1 => format!(
+            "; after the first step {:.0} tokens/s",
+            ((a.steps - 1) * a.batch * a.seq_len) as f64 / t.elapsed().as_secs_f64()
+        ),
+        _ => String::new(),
+    };
     let _ = writeln!(
         out.stdout,
-        "trained steps {}..{} in {:.1?}{}",
+        "trained steps {}..{} in {:.1?}{steady}{}",
         start_step,
         trainer.step,
         started.elapsed(),

@@ -69,6 +69,13 @@ fn train_learns_saves_and_resumes() {
     ]);
     let losses = loss_lines(&first);
     assert_eq!(losses.len(), 8, "{first}");
+    // The summary gives the rate without the first step (which compiles).
+    let steady = first
+        .lines()
+        .find_map(|l| l.split("after the first step ").nth(1))
+        .and_then(|r| r.split(' ').next())
+        .and_then(|n| n.parse::<f64>().ok());
+    assert!(steady.is_some_and(|r| r > 0.0), "{first}");
     assert!(losses[7] < 0.5 * losses[0], "loss did not fall: {losses:?}");
     assert!(ck.exists() && d.join("ck.safetensors.adam.safetensors").exists());
     assert!(

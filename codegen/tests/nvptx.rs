@@ -204,11 +204,20 @@ fn entry_names_are_identifiers_and_unique() {
 #[test]
 fn equal_kernel_sets_share_their_ptx() {
     use codegen::nvptx::compile_ptx_shared;
-    let set = vec![everything(), Kernel::convert("to_bf16", DType::F32, DType::BF16)];
+    let set = vec![
+        everything(),
+        Kernel::convert("to_bf16", DType::F32, DType::BF16),
+    ];
     let first = compile_ptx_shared(&set, Target::Sm90).expect("ptx");
     let again = compile_ptx_shared(&set.clone(), Target::Sm90).expect("ptx");
-    assert!(std::sync::Arc::ptr_eq(&first, &again), "an equal set compiled again");
-    assert_eq!(first.text, compile_ptx(&set, Target::Sm90).expect("ptx").text);
+    assert!(
+        std::sync::Arc::ptr_eq(&first, &again),
+        "an equal set compiled again"
+    );
+    assert_eq!(
+        first.text,
+        compile_ptx(&set, Target::Sm90).expect("ptx").text
+    );
     let other = compile_ptx_shared(&set[..1], Target::Sm90).expect("ptx");
     assert!(!std::sync::Arc::ptr_eq(&first, &other));
     assert_ne!(first.entries.len(), other.entries.len());
