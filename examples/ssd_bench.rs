@@ -14,7 +14,7 @@ use ma2mba::gpu::GpuGraph;
 use passes::LowerOptions;
 use runtime::cpu::HostData;
 use runtime::cuda::ExecOptions;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 
 const P: u64 = 64;
 const N: u64 = 128;
@@ -178,24 +178,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                         ..ExecOptions::default()
                     },
                 )?;
-                let mut kinds: BTreeMap<String, (f64, u64, u64)> = BTreeMap::new();
-                for s in &prof {
-                    let kind = s
-                        .name
-                        .trim_start_matches("ssd_scan_grad_")
-                        .trim_start_matches("ssd_scan_")
-                        .trim_start_matches(|c: char| c.is_ascii_digit())
-                        .to_string();
-                    let e = kinds.entry(kind).or_default();
-                    e.0 += f64::from(s.ms);
-                    e.1 += s.bytes;
-                    e.2 += s.flops;
-                }
-                for (k, (ms, bytes, flops)) in kinds {
+                // By kernel name without node numbers: the forward's and the gradient's
+                // kernels stay apart (`ssd_scan_mask`, `ssd_scan_grad_mask`).
+                for k in ma2mba::gpu::by_kind(&prof) {
                     eprintln!(
-                        "    {k:<14} {ms:>8.3} ms  {:>7.1} GB/s floor  {:>7.1} TFLOP/s",
-                        bytes as f64 / ms / 1e6,
-                        flops as f64 / ms / 1e9
+                        "    {:<26} {:>8.3} ms  {:>7.1} GB/s floor  {:>7.1} TFLOP/s",
+                        k.kind,
+                        k.ms,
+                        k.bytes as f64 / k.ms / 1e6,
+                        k.flops as f64 / k.ms / 1e9
                     );
                 }
             }
