@@ -53,6 +53,8 @@ enum Params<'a> {
         names: &'a HashMap<String, Vec<f32>>,
         /// The most device memory in use at the end of a run so far.
         used: &'a std::cell::Cell<u64>,
+        /// Every run starts from a NaN arena (tests).
+        poison: bool,
     },
 }
 
@@ -173,33 +175,53 @@ impl StageGraph {
                     arena,
                     names,
                     used,
+                    poison,
                 },
             ) => {
                 let is_param_grad = |n: &str| {
                     n.strip_prefix("grad.")
                         .is_some_and(|p| names.contains_key(p))
                 };
-                let mut host = HashMap::new();
+                // Device values are read in place; the few host ones (token ids, the
+                // first segment's states) are uploaded by the run.
+                let (mut host, mut host_states) = (HashMap::new(), HashMap::new());
                 let mut device = HashMap::new();
-                for (k, v) in data.iter().chain(states.iter()) {
-                    match v {
-                        Val::Ids(x) => host.insert(k.clone(), HostData::I32(x.clone())),
-                        Val::F32(x) => host.insert(k.clone(), HostData::F32(x.clone())),
+                for (k, v) in data.iter() {
+                    let d = match v {
+                        Val::Ids(x) => HostData::I32(x.clone()),
+                        Val::F32(x) => HostData::F32(x.clone()),
                         Val::Dev(x) => {
                             device.insert(k.clone(), x);
-                            None
+                            continue;
                         }
                     };
+                    host.insert(k.clone(), d);
+                }
+                for (k, v) in states.iter() {
+                    match v {
+                        Val::F32(x) => {
+                            host_states.insert(k.clone(), x.clone());
+                        }
+                        Val::Dev(x) => {
+                            device.insert(k.clone(), x);
+                        }
+                        Val::Ids(_) => return Err(Error::Input(format!("state `{k}` holds ids"))),
+                    }
                 }
                 let mut sums = grads.borrow_mut();
                 let mut arena = arena.borrow_mut();
+                let opts = runtime::cuda::ExecOptions {
+                    poison: *poison,
+                    ..Default::default()
+                };
                 let (outs, peak) = g
                     .run_resident(
                         syms,
-                        &host,
+                        (&host, &host_states),
                         &device,
                         params,
                         &mut arena,
+                        opts,
                         Some((&mut sums, &is_param_grad)),
                         &to_host,
                     )
@@ -392,9 +414,7 @@ impl CheckpointedStep {
                     .upload_params(params)
                     .map_err(|e| Error::Gpu(e.to_string()))?;
                 let grads = std::cell::RefCell::new(runtime::cuda::DeviceSums::default());
-                let mut arena = runtime::cuda::DeviceArena::default();
-                arena.poison = self.poison;
-                let arena = std::cell::RefCell::new(arena);
+                let arena = std::cell::RefCell::new(runtime::cuda::DeviceArena::default());
                 let used = std::cell::Cell::new(0);
                 let run = Params::Device {
                     params: &dev,
@@ -402,6 +422,7 @@ impl CheckpointedStep {
                     arena: &arena,
                     names: params,
                     used: &used,
+                    poison: self.poison,
                 };
                 let mut out = self.run_with(&run, params, ids, targets, states)?;
                 out.device_peak_bytes = Some(used.get());

@@ -80,8 +80,14 @@ impl GpuGraph {
 
     /// The memory plan for symbol values `syms` (`peak`: the arena's bytes).
     pub fn memory_plan(&self, syms: &[(&str, i64)]) -> Result<passes::MemoryPlan, GpuError> {
+        Ok(self.sized_plan(syms)?.1)
+    }
+
+    /// The symbol values in the schedule's order and the memory plan for them.
+    fn sized_plan(&self, syms: &[(&str, i64)]) -> Result<(Vec<i64>, passes::MemoryPlan), GpuError> {
         let sizes = self.sizes(syms)?;
-        self.plan_sizes(&sizes)
+        let plan = self.plan_sizes(&sizes)?;
+        Ok((sizes, plan))
     }
 
     /// The executor (bound schedules, reads and writes go through it).
@@ -136,8 +142,7 @@ impl GpuGraph {
         params: &DeviceParams,
         poison: bool,
     ) -> Result<Bound, GpuError> {
-        let sizes = self.sizes(syms)?;
-        let plan = self.plan_sizes(&sizes)?;
+        let (sizes, plan) = self.sized_plan(syms)?;
         Ok(self
             .exec
             .bind(&self.lowered, &sizes, plan, params, poison)?)
@@ -178,33 +183,19 @@ impl GpuGraph {
         states: &HashMap<String, Vec<f32>>,
         opts: ExecOptions,
     ) -> Result<(Outputs, u64), GpuError> {
-        self.run_summing(syms, data, params, states, opts, None)
-    }
-
-    /// [`GpuGraph::run_measured`], adding the outputs `sum` picks into device sums
-    /// (`CudaExecutor::execute_summing`) instead of returning them.
-    pub fn run_summing(
-        &self,
-        syms: &[(&str, i64)],
-        data: &HashMap<String, HostData>,
-        params: &DeviceParams,
-        states: &HashMap<String, Vec<f32>>,
-        opts: ExecOptions,
-        sum: Option<runtime::cuda::SumInto<'_>>,
-    ) -> Result<(Outputs, u64), GpuError> {
-        let sizes = self.sizes(syms)?;
-        let plan = self.plan_sizes(&sizes)?;
-        let no_params = HashMap::new();
-        let inp = Inputs {
-            sizes: &sizes,
-            data,
-            params: &no_params,
-            states,
-        };
-        let outs = self
-            .exec
-            .execute_summing(&self.lowered, &plan, &inp, params, opts, sum)?;
-        Ok((outs, plan.peak))
+        let mut arena = DeviceArena::default();
+        let device = HashMap::new();
+        let (outs, peak) = self.run_resident(
+            syms,
+            (data, states),
+            &device,
+            params,
+            &mut arena,
+            opts,
+            None,
+            &|_| true,
+        )?;
+        Ok((outs.host, peak))
     }
 
     /// Runs once with values kept on the device between runs
@@ -215,23 +206,30 @@ impl GpuGraph {
     pub fn run_resident(
         &self,
         syms: &[(&str, i64)],
-        host: &HashMap<String, HostData>,
+        (data, states): (&HashMap<String, HostData>, &HashMap<String, Vec<f32>>),
         device: &HashMap<String, &DeviceValue>,
         params: &DeviceParams,
         arena: &mut DeviceArena,
+        opts: ExecOptions,
         sum: Option<runtime::cuda::SumInto<'_>>,
         to_host: &dyn Fn(&str) -> bool,
     ) -> Result<(ResidentOutputs, u64), GpuError> {
-        let sizes = self.sizes(syms)?;
-        let plan = self.plan_sizes(&sizes)?;
+        let (sizes, plan) = self.sized_plan(syms)?;
+        let no_params = HashMap::new();
+        let inp = Inputs {
+            sizes: &sizes,
+            data,
+            params: &no_params,
+            states,
+        };
         let outs = self.exec.run_resident(
             &self.lowered,
-            &sizes,
             &plan,
-            host,
+            &inp,
             device,
             params,
             arena,
+            opts,
             sum,
             to_host,
         )?;

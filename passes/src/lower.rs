@@ -751,14 +751,7 @@ impl<'g> Lowering<'g> {
                     extent: count.clone(),
                     body,
                 });
-                let result = match rop {
-                    ReduceOp::Mean => Expr::bin(
-                        BinaryOp::Div,
-                        Expr::Var(acc),
-                        Expr::FromIndex(count.clone()),
-                    ),
-                    ReduceOp::Sum | ReduceOp::Max => Expr::Var(acc),
-                };
+                let result = reduced(*rop, acc, count.clone());
                 let res = kb.var();
                 kb.body.push(Stmt::Var {
                     var: res,
@@ -2770,6 +2763,14 @@ fn scan_update(
                 ),
             },
         ],
+    }
+}
+
+/// A reduction's result from its accumulator `acc` over `count` elements (a mean divides).
+fn reduced(rop: ReduceOp, acc: VarId, count: IExpr) -> Expr {
+    match rop {
+        ReduceOp::Mean => Expr::bin(BinaryOp::Div, Expr::Var(acc), Expr::FromIndex(count)),
+        ReduceOp::Sum | ReduceOp::Max => Expr::Var(acc),
     }
 }
 

@@ -198,9 +198,6 @@ impl DeviceValue {
 pub struct DeviceArena {
     buf: Option<DevBuf>,
     bytes: u64,
-    /// Fill the arena with NaN before every run (tests: elements a run reads before it
-    /// writes them show up).
-    pub poison: bool,
 }
 
 impl DeviceArena {
@@ -1167,7 +1164,8 @@ impl CudaExecutor {
     }
 
     /// [`CudaExecutor::execute`] with parameters already on the device (`inp.params` is
-    /// not read).
+    /// not read): [`CudaExecutor::run_resident`] in an arena of its own, every output
+    /// downloaded.
     pub fn execute_with(
         &self,
         l: &Lowered,
@@ -1176,60 +1174,19 @@ impl CudaExecutor {
         params: &DeviceParams,
         opts: ExecOptions,
     ) -> Result<Outputs, CudaError> {
-        self.execute_summing(l, plan, inp, params, opts, None)
-    }
-
-    /// [`CudaExecutor::execute_with`], where the outputs `sum` selects are added into
-    /// `sums` on the device (a zero buffer the first time a name comes) instead of being
-    /// returned; the run waits for the sums.
-    pub fn execute_summing(
-        &self,
-        l: &Lowered,
-        plan: &MemoryPlan,
-        inp: &Inputs<'_>,
-        params: &DeviceParams,
-        opts: ExecOptions,
-        mut sum: Option<SumInto<'_>>,
-    ) -> Result<Outputs, CudaError> {
-        let mut b = self.bind(l, inp.sizes, plan.clone(), params, opts.poison)?;
-        for buf in &l.buffers {
-            match &buf.kind {
-                BufKind::Input(name) => {
-                    let d = inp.data.get(name).ok_or_else(|| ExecError::Missing {
-                        what: "input",
-                        name: name.clone(),
-                    })?;
-                    self.write(l, &b, name, d)?;
-                }
-                BufKind::State(name) => {
-                    if let Some(v) = inp.states.get(name) {
-                        self.write_f32(l, &b, name, v)?;
-                    }
-                }
-                _ => {}
-            }
-        }
-        let plain = ExecOptions {
-            graph: false,
-            profile: false,
-            ..opts
-        };
-        let result = (|| {
-            self.run(l, &mut b, plain)?;
-            let mut outs = Vec::with_capacity(l.outputs.len());
-            for (name, o) in &l.outputs {
-                if let Some((sums, pick)) = sum.as_mut()
-                    && pick(name)
-                {
-                    self.add_into(sums, name, b.ptrs[*o], (b.plan.bytes[*o] / 4) as usize)?;
-                    continue;
-                }
-                outs.push((name.clone(), self.read_buf(&b, *o, name, None)?));
-            }
-            Ok(outs)
-        })();
-        // The sums read the arena, which goes with `b`: wait, on success and on failure.
-        self.settle(result)
+        let mut arena = DeviceArena::default();
+        let outs = self.run_resident(
+            l,
+            plan,
+            inp,
+            &HashMap::new(),
+            params,
+            &mut arena,
+            opts,
+            None,
+            &|_| true,
+        )?;
+        Ok(outs.host)
     }
 
     /// `result` once everything enqueued has finished, so that no buffer freed on the way
@@ -1289,21 +1246,23 @@ impl CudaExecutor {
         })
     }
 
-    /// Runs schedule `l` once at `sizes` with memory plan `plan`, in `arena` (grown if
-    /// needed): inputs and states named in `device` are read in place, the others are
-    /// uploaded from `host` (states missing from both start at zero); outputs `sum` picks
-    /// are added into device sums, those `to_host` picks are downloaded, and the rest stay
-    /// on the device, copied out of the arena. Waits for the run.
+    /// Runs schedule `l` once at `inp.sizes` with memory plan `plan`, in `arena` (grown if
+    /// needed; with `opts.poison` filled with NaN first): inputs and states named in
+    /// `device` are read in place, the others are uploaded from `inp.data` and
+    /// `inp.states` (`inp.params` is not read; states missing everywhere start at zero);
+    /// outputs `sum` picks are added into device sums (a zero buffer the first time a name
+    /// comes), those `to_host` picks are downloaded, and the rest stay on the device,
+    /// copied out of the arena. Waits for the run, whether it succeeds or fails.
     #[allow(clippy::too_many_arguments)]
     pub fn run_resident(
         &self,
         l: &Lowered,
-        sizes: &[i64],
         plan: &MemoryPlan,
-        host: &HashMap<String, HostData>,
+        inp: &Inputs<'_>,
         device: &HashMap<String, &DeviceValue>,
         params: &DeviceParams,
         arena: &mut DeviceArena,
+        opts: ExecOptions,
         mut sum: Option<SumInto<'_>>,
         to_host: &dyn Fn(&str) -> bool,
     ) -> Result<ResidentOutputs, CudaError> {
@@ -1317,10 +1276,10 @@ impl CudaExecutor {
         let ext = |name: &str| device.get(name).map(|v| (v.buf.ptr, v.len));
         let mut b = self.bind_in(
             l,
-            sizes,
+            inp.sizes,
             plan.clone(),
             params,
-            arena.poison,
+            opts.poison,
             Some(base),
             &ext,
         )?;
@@ -1331,23 +1290,20 @@ impl CudaExecutor {
             if device.contains_key(name) {
                 continue;
             }
-            match (host.get(name), &buf.kind) {
-                (Some(d), _) => self.write(l, &b, name, d)?,
-                (None, BufKind::Input(_)) => {
-                    return Err(ExecError::Missing {
-                        what: "input",
-                        name: name.clone(),
-                    }
-                    .into());
-                }
-                (None, _) => {}
+            if let BufKind::Input(_) = buf.kind {
+                let d = inp.data.get(name).ok_or_else(|| ExecError::Missing {
+                    what: "input",
+                    name: name.clone(),
+                })?;
+                self.write(l, &b, name, d)?;
+            } else if let Some(v) = inp.states.get(name) {
+                self.write_f32(l, &b, name, v)?;
             }
         }
         let plain = ExecOptions {
-            poison: false,
-            sync_each_step: false,
             graph: false,
             profile: false,
+            ..opts
         };
         let result = (|| {
             self.run(l, &mut b, plain)?;
@@ -1389,14 +1345,6 @@ impl CudaExecutor {
         let (free, total) = self.memory_info()?;
         out.device_used = total.saturating_sub(free);
         Ok(out)
-    }
-
-    /// A device value holding `v`.
-    pub fn upload_value(&self, v: &[f32]) -> Result<DeviceValue, CudaError> {
-        self.ctx.bind_to_thread().map_err(drv)?;
-        let buf = self.upload("a device value", v)?;
-        self.stream.synchronize().map_err(drv)?;
-        Ok(DeviceValue { buf, len: v.len() })
     }
 
     /// The elements of a device value (waits for the stream).

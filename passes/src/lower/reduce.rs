@@ -16,7 +16,7 @@
 //!
 //! Either way a device sums in one fixed order, run after run.
 
-use super::{KB, LowerError, Lowering};
+use super::{KB, LowerError, Lowering, reduced};
 use ir::kernel::{Expr, IExpr, Stmt};
 use ir::schedule::BufKind;
 use ir::types::numel;
@@ -151,14 +151,7 @@ impl Lowering<'_> {
                 ),
             }],
         });
-        let result = match rop {
-            ReduceOp::Mean => Expr::bin(
-                BinaryOp::Div,
-                Expr::Var(acc),
-                Expr::FromIndex(kb.l.dim(&count)),
-            ),
-            ReduceOp::Sum | ReduceOp::Max => Expr::Var(acc),
-        };
+        let result = reduced(rop, acc, kb.l.dim(&count));
         if !kb.l.unstored.contains(&v0) {
             let ob = kb.buf(out, true);
             kb.body.push(Stmt::Store {
