@@ -1,12 +1,14 @@
-//! GPU timings of forward passes and whole training steps of presets with random weights,
-//! f32, through [`ma2mba::gpu::time_graph`] (parameters resident, the schedule bound once),
-//! followed by one profiled run: device time per kernel kind. `ma2mba bench --device cuda
+//! GPU timings of forward passes and whole training steps of presets with random weights, f32
+//! or bf16 activations, through [`ma2mba::gpu::time_graph`] (parameters resident, the
+//! schedule bound once), followed by one profiled run: device time per kernel kind. `ma2mba bench --device cuda
 //! [--train]` prints the same with achieved bandwidth and FLOP rates.
 //!
 //! ```sh
 //! cargo build --release --features cuda --example gpu_bench   # here (LLVM 19)
-//! ./gpu_bench [models, comma-separated] [forward|train|both] [B] [L]   # on the GPU machine
+//! ./gpu_bench [models, comma-separated] [forward|train|both] [B] [L] [f32|bf16]   # on the GPU
 //! ```
+//!
+//! `bf16`: activations stored as bf16, matrix products on bf16 operands (f32 accumulation).
 
 use ma2mba::model::IGNORE_INDEX;
 use runtime::cpu::HostData;
@@ -21,6 +23,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let passes = args.get(1).cloned().unwrap_or_else(|| "both".into());
     let b: usize = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(8);
     let l: usize = args.get(3).and_then(|s| s.parse().ok()).unwrap_or(2048);
+    let act = args.get(4).cloned().unwrap_or_else(|| "f32".into());
+    let lower = passes::LowerOptions {
+        bf16_activations: act == "bf16",
+        ..passes::LowerOptions::default()
+    };
     let mut rows = Vec::new();
     for name in &models {
         let spec = frontend::ModelSpec {
@@ -55,7 +62,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 data.insert("targets".to_string(), HostData::I32(targets.clone()));
             }
             let syms = [("B", b as i64), ("L", l as i64)];
-            let t = ma2mba::gpu::time_graph(g, &params, &syms, &data, 3)?;
+            let t = ma2mba::gpu::time_graph(g, &lower, &params, &syms, &data, 3)?;
             let total: f64 = t.profile.iter().map(|s| f64::from(s.ms)).sum();
             eprintln!(
                 "{name} {pass} B={b} L={l}: {} launches, {total:.1} ms device time, arena {:.2} GB",
@@ -72,7 +79,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 );
             }
             rows.push(format!(
-                "| {name} | {pass} | {b} | {l} | {:.1?} | {:.1?} | {:.0} |",
+                "| {name} | {pass} {act} | {b} | {l} | {:.1?} | {:.1?} | {:.0} |",
                 t.compile,
                 t.median,
                 (b * l) as f64 / t.median.as_secs_f64()

@@ -131,14 +131,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("| H | b | L | pass | products | ms | reference ms | ratio | arena |");
     println!("|---|---|---|---|---|---|---|---|---|");
     for &(h, b, l) in &shapes {
-        for backward in [false, true] {
+        for (backward, bf16) in [(false, false), (true, false), (false, true), (true, true)] {
             let g = graph(h, backward);
-            let gpu = GpuGraph::compile(
-                &g,
-                &LowerOptions::default(),
-                codegen::nvptx::Target::Sm90,
-                0,
-            )?;
+            let lower = LowerOptions {
+                bf16_activations: bf16,
+                ..LowerOptions::default()
+            };
+            let gpu = GpuGraph::compile(&g, &lower, codegen::nvptx::Target::Sm90, 0)?;
             let dev = gpu.upload_params(&HashMap::new())?;
             let syms = [("B", b as i64), ("L", l as i64)];
             let mut bound = gpu.bind(&syms, &dev, false)?;
@@ -146,7 +145,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             for (name, d) in inputs(h, b, l, backward) {
                 ex.write(&gpu.lowered, &bound, &name, &d)?;
             }
-            for tf32 in [false, true] {
+            // bf16 activations: every product on bf16 operands (TF32 does not apply).
+            let modes: &[bool] = if bf16 { &[false] } else { &[false, true] };
+            for &tf32 in modes {
                 ex.set_tf32(tf32);
                 let mut times = Vec::new();
                 for i in 0..6 {
@@ -167,7 +168,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 println!(
                     "| {h} | {b} | {l} | {} | {} | {ms:.2} | {rs} | {ratio} | {:.2} GB |",
                     if backward { "fwd+bwd" } else { "fwd" },
-                    if tf32 { "tf32" } else { "f32" },
+                    match (bf16, tf32) {
+                        (true, _) => "bf16",
+                        (false, true) => "tf32",
+                        (false, false) => "f32",
+                    },
                     bound.plan().peak as f64 / 1e9,
                 );
                 let prof = ex.run(

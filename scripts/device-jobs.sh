@@ -12,9 +12,11 @@
 #   tests   the GPU tests and compute-sanitizer memcheck (gpu-test.sh run)
 #   ssd     the SSD alone at PERFORMANCE.md's shapes against the reference (ssd_bench)
 #   fb      mamba2-130m forward and training step, B = 8, L = 2048, per kernel kind
+#   fb16    the same with bf16 activations
 #   big16   mamba2-2.7b training with the planner at L = 2^16 (budget 90GB, TF32), $STEPS
 #           steps (default 2); nvidia-smi and host RSS sampled alongside
 #   big19   the same at L = 2^19 (budget 110GB), $STEPS steps (default 1)
+# $ACT (f32 or bf16, default f32) is how the big jobs store activations.
 # $LIMIT caps a training job's seconds (defaults 380 and 560: one device call is 600 s).
 set -uo pipefail
 
@@ -59,8 +61,8 @@ big() { # seq budget steps limit
   local start
   start=$(date +%s)
   timeout "$4" /tmp/ma2mba train mamba2-2.7b --data /tmp/tok.u32 --seq-len "$1" --batch 1 \
-    --budget "$2" --device cuda --tf32 --steps "$3" --log-every 1 2>&1 |
-    tee "$out/train-$1.log" | tail -20
+    --budget "$2" --device cuda --tf32 --activations "${ACT:-f32}" --steps "$3" --log-every 1 2>&1 |
+    tee "$out/train-$1-${ACT:-f32}.log" | tail -20
   echo "train $1: rc=${PIPESTATUS[0]} in $(($(date +%s) - start)) s"
   kill "$smi" "$host" 2>/dev/null
   awk -F, '{gsub(/ MiB/, "", $2); if ($2 + 0 > m) m = $2 + 0} END {print "nvidia-smi peak MiB", m}' \
@@ -73,8 +75,9 @@ for job in "$@"; do
   tests) bash gpu-test.sh run ;;
   ssd) unpack ssd_bench && timeout 200 /tmp/ssd_bench 2>&1 | tee "$out/ssd.log" | grep "^|" ;;
   fb) unpack gpu_bench && timeout 200 /tmp/gpu_bench mamba2-130m both 8 2048 2>&1 | tee "$out/fb.log" | tail -40 ;;
+  fb16) unpack gpu_bench && timeout 200 /tmp/gpu_bench mamba2-130m both 8 2048 bf16 2>&1 | tee "$out/fb16.log" | tail -40 ;;
   big16) big 65536 90GB "${STEPS:-2}" "${LIMIT:-380}" ;;
   big19) big 524288 110GB "${STEPS:-1}" "${LIMIT:-560}" ;;
-  *) echo "unknown job $job (tests, ssd, fb, big16, big19)" ;;
+  *) echo "unknown job $job (tests, ssd, fb, fb16, big16, big19)" ;;
   esac
 done

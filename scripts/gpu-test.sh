@@ -40,12 +40,12 @@ run)
   rc=0
   timeout 420 /tmp/gpu-test --test-threads=1 --nocapture >"$out/gpu-test.log" 2>&1 || rc=$?
   echo "gpu tests: rc=$rc in $(($(date +%s) - start)) s"
-  grep -E "skipped|bit-identical|kernels, |logits|loss|gradients; |panicked|test result" \
+  grep -E "skipped|bit-identical|kernels, |logits|loss|gradients; |bf16|panicked|test result" \
     "$out/gpu-test.log" | grep -v "layers\." | cut -c1-200 || true
   if [ "${SANITIZE:-1}" = 1 ] && command -v compute-sanitizer >/dev/null; then
     start=$(date +%s)
     mrc=0
-    timeout 120 compute-sanitizer --tool memcheck --print-limit 20 /tmp/gpu-test tiny ssd_ \
+    timeout 120 compute-sanitizer --tool memcheck --print-limit 20 /tmp/gpu-test tiny ssd_ checkpointed_bf16 \
       --test-threads=1 >"$out/memcheck.log" 2>&1 || mrc=$?
     echo "memcheck: rc=$mrc in $(($(date +%s) - start)) s"
     grep -E "ERROR SUMMARY|Invalid|test result" "$out/memcheck.log" | head -20 || true

@@ -58,8 +58,8 @@ enum Params<'a> {
     },
 }
 
-/// A value between stage runs: token ids, f32 values on the host, or (GPU) f32 values in
-/// device memory.
+/// A value between stage runs: token ids, f32 values on the host, or (GPU) values in device
+/// memory (f32, or bf16 activations).
 enum Val {
     Ids(Vec<i32>),
     F32(Vec<f32>),
@@ -68,13 +68,14 @@ enum Val {
 }
 
 impl Val {
+    /// Bytes held (a CPU value is f32 on the host even where the schedule stores bf16).
     fn bytes(&self) -> u64 {
-        4 * match self {
-            Val::Ids(v) => v.len(),
-            Val::F32(v) => v.len(),
+        match self {
+            Val::Ids(v) => 4 * v.len() as u64,
+            Val::F32(v) => 4 * v.len() as u64,
             #[cfg(feature = "cuda")]
-            Val::Dev(v) => v.len(),
-        } as u64
+            Val::Dev(v) => v.len() as u64 * v.dtype().size(),
+        }
     }
 }
 
@@ -118,16 +119,13 @@ fn on_device() -> Error {
 }
 
 impl StageGraph {
-    fn compile(g: &Graph, device: Device) -> Result<StageGraph, Error> {
-        let opts = LowerOptions::default();
+    fn compile(g: &Graph, opts: &LowerOptions, device: Device) -> Result<StageGraph, Error> {
         match device {
-            Device::Cpu => Ok(StageGraph::Cpu(Box::new(CpuGraph::compile(g, &opts)?))),
+            Device::Cpu => Ok(StageGraph::Cpu(Box::new(CpuGraph::compile(g, opts)?))),
             #[cfg(feature = "cuda")]
-            Device::Cuda => {
-                crate::gpu::GpuGraph::compile(g, &opts, codegen::nvptx::Target::Sm90, 0)
-                    .map(|g| StageGraph::Gpu(Box::new(g)))
-                    .map_err(|e| Error::Gpu(format!("--device cuda: {e}")))
-            }
+            Device::Cuda => crate::gpu::GpuGraph::compile(g, opts, codegen::nvptx::Target::Sm90, 0)
+                .map(|g| StageGraph::Gpu(Box::new(g)))
+                .map_err(|e| Error::Gpu(format!("--device cuda: {e}"))),
             #[cfg(not(feature = "cuda"))]
             Device::Cuda => Err(Error::Gpu(crate::model::NO_CUDA.into())),
         }
@@ -264,10 +262,10 @@ struct Compiled {
 }
 
 impl Compiled {
-    fn new(v: &Variant, device: Device) -> Result<Compiled, Error> {
+    fn new(v: &Variant, opts: &LowerOptions, device: Device) -> Result<Compiled, Error> {
         Ok(Compiled {
-            fwd: StageGraph::compile(&v.fwd_graph, device)?,
-            train: StageGraph::compile(&v.train_graph, device)?,
+            fwd: StageGraph::compile(&v.fwd_graph, opts, device)?,
+            train: StageGraph::compile(&v.train_graph, opts, device)?,
             saved: v.saved.clone(),
         })
     }
@@ -338,17 +336,23 @@ impl CheckpointedStep {
     ) -> Result<CheckpointedStep, Error> {
         let stages = stage::split(model, &plan.groups).map_err(|e| Error::Input(e.to_string()))?;
         let plan_err = |e: passes::remat::PlanError| Error::Input(e.to_string());
-        let opts = LowerOptions::default();
+        // Lowered as the plan was priced: activations stored in its dtype.
+        let opts = LowerOptions {
+            bf16_activations: plan.act_dtype == ir::DType::BF16,
+            ..LowerOptions::default()
+        };
         let embed_st = &stages[0];
         let head_st = &stages[stages.len() - 1];
         let embed = Compiled::new(
             &passes::remat::variant(embed_st, Keep::Nothing, IGNORE_INDEX, false, &opts)
                 .map_err(plan_err)?,
+            &opts,
             device,
         )?;
         let head = Compiled::new(
             &passes::remat::variant(head_st, Keep::Nothing, IGNORE_INDEX, plan.logits, &opts)
                 .map_err(plan_err)?,
+            &opts,
             device,
         )?;
         let mut groups = Vec::new();
@@ -361,7 +365,7 @@ impl CheckpointedStep {
             for k in keeps {
                 let v =
                     passes::remat::variant(st, k, IGNORE_INDEX, false, &opts).map_err(plan_err)?;
-                by_keep.insert(k, Compiled::new(&v, device)?);
+                by_keep.insert(k, Compiled::new(&v, &opts, device)?);
             }
             let states = st
                 .graph

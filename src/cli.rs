@@ -165,6 +165,24 @@ pub enum DeviceArg {
     Cuda,
 }
 
+/// How activations are stored while training.
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+pub enum ActArg {
+    F32,
+    /// bf16 activations and matrix-product operands (f32 accumulation); parameters, states,
+    /// gradients and the loss stay f32.
+    Bf16,
+}
+
+impl ActArg {
+    pub fn dtype(self) -> ir::DType {
+        match self {
+            ActArg::F32 => ir::DType::F32,
+            ActArg::Bf16 => ir::DType::BF16,
+        }
+    }
+}
+
 #[derive(clap::Args, Debug)]
 pub struct GenerateArgs {
     /// A preset (random weights), a directory with config.json + safetensors (and
@@ -288,6 +306,9 @@ pub struct TrainArgs {
     /// 10-bit mantissa, f32 accumulation).
     #[arg(long)]
     pub tf32: bool,
+    /// How activations are stored (with bf16 the matrix products run on bf16 operands).
+    #[arg(long, value_enum, default_value = "f32")]
+    pub activations: ActArg,
 }
 
 #[derive(clap::Args, Debug)]
@@ -1302,7 +1323,7 @@ fn grad_checkpointed(
         targets.extend(s[1..].iter().map(|&t| t as i32));
         targets.push(IGNORE_INDEX as i32);
     }
-    let plan = crate::train::plan_for(graph, budget, b, l, true)?;
+    let plan = crate::train::plan_for(graph, budget, b, l, true, ir::DType::F32)?;
     let _ = writeln!(
         out.stdout,
         "checkpoint plan: {}; planned peak {}, recompute {:.1}% of a step",
@@ -1735,12 +1756,14 @@ fn train(a: &TrainArgs, out: &mut Outcome) {
         weight_decay: a.weight_decay,
         warmup_steps: a.warmup,
         total_steps: a.steps,
+        activations: a.activations.dtype(),
         ..TrainConfig::default()
     };
     let built = match budget {
         Some(b) => {
             // Plan before reading data: an infeasible budget fails at once.
-            if let Err(e) = crate::train::plan_for(&graph, b, a.batch, a.seq_len, false) {
+            let act = a.activations.dtype();
+            if let Err(e) = crate::train::plan_for(&graph, b, a.batch, a.seq_len, false, act) {
                 return fail(out, format!("error: {e}"));
             }
             let device = match a.device {
@@ -1808,8 +1831,9 @@ fn train(a: &TrainArgs, out: &mut Outcome) {
             && let Some(p) = trainer.plan(b, l)
         {
             println!(
-                "checkpoint plan for {} bytes: {}; planned peak {} (weights, gradients, AdamW {}), recompute {:.1}% of a step",
+                "checkpoint plan for {} bytes, {} activations: {}; planned peak {} (weights, gradients, AdamW {}), recompute {:.1}% of a step",
                 budget.unwrap_or(0),
+                p.act_dtype.name(),
                 passes::remat::describe(p),
                 crate::plan::human(p.peak),
                 crate::plan::human(
@@ -2390,7 +2414,14 @@ fn bench_gpu(b: &BenchArgs, out: &mut Outcome) {
                     data.insert("targets".to_string(), HostData::I32(targets.clone()));
                 }
                 let syms = [("B", bs as i64), ("L", l as i64)];
-                let t = match crate::gpu::time_graph(g, m.params_f32(), &syms, &data, b.repeat) {
+                let t = match crate::gpu::time_graph(
+                    g,
+                    &passes::LowerOptions::default(),
+                    m.params_f32(),
+                    &syms,
+                    &data,
+                    b.repeat,
+                ) {
                     Ok(t) => t,
                     Err(e) => return fail(out, format!("error: {name} {pass}: {e}")),
                 };

@@ -512,17 +512,18 @@ pub struct GraphTiming {
     pub profile: Vec<StepTime>,
 }
 
-/// Compiles `g`, uploads `params`, binds it at `syms` with `data`, runs it once to warm
-/// up, then `repeat` times (the median is reported), then once profiled.
+/// Compiles `g` (lowered with `opts`), uploads `params`, binds it at `syms` with `data`,
+/// runs it once to warm up, then `repeat` times (the median is reported), then once profiled.
 pub fn time_graph(
     g: &Graph,
+    opts: &LowerOptions,
     params: &HashMap<String, Vec<f32>>,
     syms: &[(&str, i64)],
     data: &HashMap<String, HostData>,
     repeat: usize,
 ) -> Result<GraphTiming, GpuError> {
     let t0 = std::time::Instant::now();
-    let gpu = GpuGraph::compile(g, &LowerOptions::default(), Target::Sm90, 0)?;
+    let gpu = GpuGraph::compile(g, opts, Target::Sm90, 0)?;
     let compile = t0.elapsed();
     let dev = gpu.upload_params(params)?;
     let mut bound = gpu.bind(syms, &dev, false)?;

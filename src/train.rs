@@ -28,6 +28,9 @@ pub struct TrainConfig {
     pub total_steps: usize,
     /// The final learning rate as a fraction of `lr`.
     pub min_lr_ratio: f64,
+    /// How activations are stored: f32, or bf16 (matrix products on bf16 operands with f32
+    /// accumulation; parameters, states, gradients and the loss stay f32).
+    pub activations: ir::DType,
 }
 
 impl Default for TrainConfig {
@@ -41,6 +44,17 @@ impl Default for TrainConfig {
             warmup_steps: 100,
             total_steps: 1000,
             min_lr_ratio: 0.1,
+            activations: ir::DType::F32,
+        }
+    }
+}
+
+impl TrainConfig {
+    /// How training graphs are lowered for this configuration.
+    pub fn lower_options(&self) -> LowerOptions {
+        LowerOptions {
+            bf16_activations: self.activations == ir::DType::BF16,
+            ..LowerOptions::default()
         }
     }
 }
@@ -156,7 +170,7 @@ impl Trainer {
             })
             .collect();
         let compiled = match training {
-            Some(tg) => Engine::Whole(Box::new(CpuGraph::compile(tg, &LowerOptions::default())?)),
+            Some(tg) => Engine::Whole(Box::new(CpuGraph::compile(tg, &config.lower_options())?)),
             None => Engine::Checkpointed {
                 forward: Box::new(forward.clone()),
                 budget: u64::MAX,
@@ -236,6 +250,7 @@ impl Trainer {
                 if let std::collections::hash_map::Entry::Vacant(e) = steps.entry((batch, seq)) {
                     let mut req = request_for(forward, Some(*budget), batch, seq);
                     req.logits = self.return_logits;
+                    req.act_dtype = self.config.activations;
                     let plan = Planner::new(forward, req, IGNORE_INDEX)
                         .and_then(|mut p| p.plan())
                         .map_err(|e| Error::Input(e.to_string()))?;
@@ -389,23 +404,25 @@ fn split_outputs(
 }
 
 /// The checkpoint plan for training `forward` on `[batch, seq]` batches within `budget` bytes
-/// (weights, gradients and AdamW state included; f32 activations, as the CPU runs them),
-/// returning the logits or not.
+/// (weights, gradients and AdamW state included; activations stored as `act`), returning the
+/// logits or not.
 pub fn plan_for(
     forward: &Graph,
     budget: u64,
     batch: usize,
     seq: usize,
     logits: bool,
+    act: ir::DType,
 ) -> Result<Plan, Error> {
     let mut req = request_for(forward, Some(budget), batch, seq);
     req.logits = logits;
+    req.act_dtype = act;
     let mut planner =
         Planner::new(forward, req, IGNORE_INDEX).map_err(|e| Error::Input(e.to_string()))?;
     planner.plan().map_err(|e| Error::Input(e.to_string()))
 }
 
-/// What the CPU trainer plans for: f32 activations, everything counted, logits returned.
+/// What a trainer plans for by default: f32 activations, everything counted, logits returned.
 pub fn request_for(forward: &Graph, budget: Option<u64>, batch: usize, seq: usize) -> Request {
     Request {
         batch: batch as u64,
@@ -469,7 +486,7 @@ impl Trainer {
             let tg = passes::training_graph(forward, logits, IGNORE_INDEX)?;
             let g = crate::gpu::GpuGraph::compile(
                 &tg.graph,
-                &LowerOptions::default(),
+                &config.lower_options(),
                 codegen::nvptx::Target::Sm90,
                 0,
             )

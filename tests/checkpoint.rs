@@ -96,8 +96,29 @@ fn whole(
     b: usize,
     l: usize,
 ) -> (f64, HashMap<String, Vec<f32>>) {
+    whole_with(
+        g,
+        states,
+        params,
+        ids,
+        targets,
+        (b, l),
+        &LowerOptions::default(),
+    )
+}
+
+/// [`whole`] lowered with `lo`.
+fn whole_with(
+    g: &Graph,
+    states: &HashMap<String, Vec<f32>>,
+    params: &HashMap<String, Vec<f32>>,
+    ids: &[i32],
+    targets: &[i32],
+    (b, l): (usize, usize),
+    lo: &LowerOptions,
+) -> (f64, HashMap<String, Vec<f32>>) {
     let tg = passes::training_graph(g, "logits", IGNORE_INDEX).expect("training graph");
-    let cpu = CpuGraph::compile(&tg.graph, &LowerOptions::default()).expect("compiles");
+    let cpu = CpuGraph::compile(&tg.graph, lo).expect("compiles");
     let data = HashMap::from([
         ("input_ids".to_string(), HostData::I32(ids.to_vec())),
         ("targets".to_string(), HostData::I32(targets.to_vec())),
@@ -429,5 +450,73 @@ fn carried_initial_states_flow_through_the_schedule() {
                 "final state {n}: {err} (scale {scale})"
             );
         }
+    }
+}
+
+/// bf16 activations under a checkpoint plan (boundary values, saved values and cotangents
+/// between stages rounded to bf16). Not bit-identical to keeping everything: a saved value is
+/// rounded where the forward stage stores it, while a recomputing cell may compute it inside
+/// a fused kernel, unrounded. So a plan's gradients differ from keeping everything by about
+/// bf16's own error (each against f32), which reaches 0.2 normwise for the cancelling sum of
+/// a tiny model's first `A_log` gradient.
+#[test]
+fn checkpointed_bf16_steps_match_keeping_everything() {
+    for (mamba2, b, l, gsize, seg) in [
+        (true, 2usize, 14usize, 1u32, 4u64),
+        (true, 2, 14, 3, 14),
+        (false, 1, 11, 2, 3),
+    ] {
+        let g = tiny(mamba2, 3, true);
+        let params = params_of(&g, 5);
+        let (ids, targets) = tokens(b, l, 11);
+        let mut req = request(b, l, 1);
+        req.act_dtype = DType::BF16;
+        let mut planner = Planner::new(&g, req, IGNORE_INDEX).expect("planner");
+        planner.exact_groups = u32::MAX;
+        // Recomputing cells of both kinds (one keeps the products' results).
+        let plan = planner.grid_plan(gsize, seg, 0, 1).expect("plan");
+        let kept = planner.grid_plan(gsize, seg, u64::MAX, 0).expect("plan");
+        let what = format!(
+            "mamba2 {mamba2} B{b} L{l} bf16: {}",
+            passes::remat::describe(&plan)
+        );
+        let run = |p: &passes::remat::Plan| {
+            CheckpointedStep::compile(&g, p)
+                .expect("compiles")
+                .run(&params, &ids, &targets, &HashMap::new())
+                .expect("runs")
+        };
+        let (out, kept_out) = (run(&plan), run(&kept));
+        let (f32_loss, f32_grads) = whole(&g, &HashMap::new(), &params, &ids, &targets, b, l);
+        assert_ne!(out.loss, f32_loss, "{what}: bf16 changed nothing");
+        assert!(
+            (out.loss - kept_out.loss).abs() <= 1e-3 * kept_out.loss.abs(),
+            "{what}: loss {} vs keeping everything {}",
+            out.loss,
+            kept_out.loss
+        );
+        let rel = |a: &[f32], b: &[f32]| {
+            let d: f64 = a.iter().zip(b).map(|(x, y)| f64::from(x - y).powi(2)).sum();
+            let n: f64 = b.iter().map(|y| f64::from(*y).powi(2)).sum();
+            (d / n.max(1e-30)).sqrt()
+        };
+        let mut worst = (0f64, String::new());
+        for (name, f) in &f32_grads {
+            let (p, k) = (&out.grads[name], &kept_out.grads[name]);
+            let noise = rel(k, f).max(1e-2);
+            let (between, off) = (rel(p, k), rel(p, f));
+            assert!(
+                between <= 3.0 * noise && off <= 3.0 * noise,
+                "{what}: gradient of {name}: {between:.3e} from keeping everything, {off:.3e} \
+                 from f32, where keeping everything is {noise:.3e} from f32"
+            );
+            if between > worst.0 {
+                worst = (between, name.clone());
+            }
+        }
+        eprintln!(
+            "{what}: loss {} (keeping everything {}, f32 {f32_loss}); worst normwise {:.2e} ({})",
+            out.loss, kept_out.loss, worst.0, worst.1
+        );
     }
 }

@@ -33,7 +33,12 @@ const NORMWISE: f64 = 1e-3;
 
 /// Compiles for the GPU, or says why the test is skipped (`None`).
 fn gpu(what: &str, g: &Graph) -> Option<GpuGraph> {
-    match GpuGraph::compile(g, &LowerOptions::default(), Target::Sm90, 0) {
+    gpu_with(what, g, &LowerOptions::default())
+}
+
+/// [`gpu`] lowered with `lo`.
+fn gpu_with(what: &str, g: &Graph, lo: &LowerOptions) -> Option<GpuGraph> {
+    match GpuGraph::compile(g, lo, Target::Sm90, 0) {
         Ok(x) => Some(x),
         Err(GpuError::Cuda(e @ (CudaError::NoDevice(_) | CudaError::NoCublas(_))))
             if std::env::var("MA2MBA_REQUIRE_GPU").as_deref() != Ok("1") =>
@@ -1030,4 +1035,149 @@ fn checkpointed_training_on_the_gpu_matches() {
             out.grads.len()
         );
     }
+}
+
+/// Normwise relative error allowed between the GPU and the CPU with bf16 activations: both
+/// round the same values to bf16, but where their products sum in different orders a value
+/// can round to the neighbouring bf16 (2^-8 relative), and that difference propagates. A
+/// cancelling sum (an `A_log` gradient) amplifies it, so the bound is the larger of this and
+/// three times the CPU's own bf16 error against f32.
+const BF16_CPU_GPU: f64 = 1e-2;
+
+/// Normwise relative difference of `a` from `b`.
+fn normwise(a: &[f32], b: &[f32]) -> f64 {
+    let d: f64 = a.iter().zip(b).map(|(x, y)| f64::from(x - y).powi(2)).sum();
+    let n: f64 = b.iter().map(|y| f64::from(*y).powi(2)).sum();
+    (d / n.max(1e-30)).sqrt()
+}
+
+/// Asserts `gpu` is within [`BF16_CPU_GPU`] (or three times bf16's own error, `cpu` against
+/// `cpu_f32`) of `cpu`; returns the difference.
+fn assert_bf16_close(what: &str, gpu: &[f32], cpu: &[f32], cpu_f32: &[f32]) -> f64 {
+    assert_eq!(gpu.len(), cpu.len(), "{what}: length");
+    assert!(gpu.iter().all(|x| x.is_finite()), "{what}: not finite");
+    let (d, noise) = (normwise(gpu, cpu), normwise(cpu, cpu_f32));
+    assert!(
+        d <= BF16_CPU_GPU.max(3.0 * noise) || d == 0.0,
+        "{what}: normwise {d:.3e} from the CPU in bf16 (which is {noise:.3e} from f32)"
+    );
+    d
+}
+
+/// bf16 activations on the GPU (cuBLAS on bf16 operands, f32 accumulation) against the CPU
+/// with bf16 activations.
+#[test]
+fn bf16_activations_match_the_cpu() {
+    let bf16 = LowerOptions {
+        bf16_activations: true,
+        ..LowerOptions::default()
+    };
+    for (name, b, l, vocab) in [("tiny-mamba2", 3, 37, 61), ("mamba2-130m", 1, 80, 50000)] {
+        let model = common::compile_name(name).graph;
+        let tg = passes::training_graph(&model, "logits", -100).expect("training graph");
+        let what = format!("{name} training B={b} L={l} bf16");
+        let Some(dev) = gpu_with(&what, &tg.graph, &bf16) else {
+            return;
+        };
+        let l_ = &dev.lowered;
+        let bf16_products = l_
+            .steps
+            .iter()
+            .filter(|s| matches!(s, passes::Step::MatMul { lhs, .. } if l_.buffers[*lhs].dtype == DType::BF16))
+            .count();
+        assert!(bf16_products > 0, "{what}: no product on bf16 operands");
+        let c = case(&model, &tg.graph, b, l, vocab, 29);
+        let run_cpu = |lo: &LowerOptions| {
+            CpuGraph::compile(&tg.graph, lo)
+                .expect("cpu compile")
+                .run(&c.syms, &c.data, &c.params, &c.states)
+                .unwrap_or_else(|e| panic!("{what}: cpu: {e}"))
+                .0
+        };
+        let (cpu_h, cpu_f) = (run_cpu(&bf16), run_cpu(&LowerOptions::default()));
+        let got = dev
+            .run(&c.syms, &c.data, &c.params, &c.states, opts())
+            .unwrap_or_else(|e| panic!("{what}: gpu: {e}"));
+        let mut worst = (0f64, String::new());
+        for (((n, g), (_, h)), (_, f)) in got.iter().zip(&cpu_h).zip(&cpu_f) {
+            let d = assert_bf16_close(&format!("{what} {n}"), g, h, f);
+            if d > worst.0 {
+                worst = (d, n.clone());
+            }
+        }
+        eprintln!(
+            "{what}: {bf16_products} bf16 products; {} outputs, worst normwise {:.2e} vs the CPU in bf16 ({})",
+            got.len(),
+            worst.0,
+            worst.1
+        );
+    }
+}
+
+/// Checkpointed training with bf16 activations on the GPU (bf16 boundary values, saved values
+/// and cotangents kept on the device) against the CPU running the same plan.
+#[test]
+fn checkpointed_bf16_training_on_the_gpu_matches() {
+    use ma2mba::checkpoint::{CheckpointedStep, Device};
+    use passes::remat::{Planner, Request};
+    let (name, b, l) = ("tiny-mamba2", 2usize, 24usize);
+    let g = common::compile_name(name).graph;
+    if gpu(&format!("{name} checkpointed bf16"), &g).is_none() {
+        return;
+    }
+    let params: HashMap<String, Vec<f32>> = runtime::init::init_params(&g, 5)
+        .into_iter()
+        .map(|(k, v)| (k, v.data.iter().map(|&x| x as f32).collect()))
+        .collect();
+    let mut rng = Rng::new(19);
+    let ids: Vec<i32> = (0..b * l).map(|_| (rng.next_u64() % 64) as i32).collect();
+    let mut targets = ids[1..].to_vec();
+    targets.push(-100);
+    let plan_in = |act: DType| {
+        let req = Request {
+            batch: b as u64,
+            seq: l as u64,
+            budget: None,
+            act_dtype: act,
+            count_weights: false,
+            quantum: 1,
+            logits: false,
+            copy_outputs: false,
+            lower: LowerOptions::default(),
+        };
+        let mut planner = Planner::new(&g, req, -100).expect("planner");
+        planner.exact_groups = u32::MAX;
+        planner.grid_plan(1, 8, 1, 1).expect("plan")
+    };
+    let (plan, plan_f32) = (plan_in(DType::BF16), plan_in(DType::F32));
+    let what = format!("{name} B{b} L{l} bf16: {}", passes::remat::describe(&plan));
+    let run = |p: &passes::remat::Plan, d: Device| {
+        let mut step = CheckpointedStep::compile_for(&g, p, d).expect("compiles");
+        step.poison = true;
+        step.run(&params, &ids, &targets, &HashMap::new())
+            .expect("runs")
+    };
+    let out = run(&plan, Device::Cuda);
+    let cpu = run(&plan, Device::Cpu);
+    let cpu_f32 = run(&plan_f32, Device::Cpu);
+    assert_ne!(cpu.loss, cpu_f32.loss, "{what}: bf16 changed nothing");
+    assert!(
+        (out.loss - cpu.loss).abs() <= 1e-3 * cpu.loss.abs().max(1.0),
+        "{what}: loss {} vs CPU {}",
+        out.loss,
+        cpu.loss
+    );
+    let mut worst = 0f64;
+    for (n, v) in &cpu.grads {
+        worst = worst.max(assert_bf16_close(
+            &format!("{what}: grad {n}"),
+            &out.grads[n],
+            v,
+            &cpu_f32.grads[n],
+        ));
+    }
+    eprintln!(
+        "{what}: loss {:.6} (CPU {:.6}, f32 {:.6}); worst normwise {worst:.2e} vs the CPU",
+        out.loss, cpu.loss, cpu_f32.loss
+    );
 }

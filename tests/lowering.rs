@@ -269,3 +269,91 @@ fn sequential_scans_match_the_interpreter_without_scratch() {
         assert!(seq.kernels.len() < chunked.kernels.len());
     }
 }
+
+/// What bf16 activations keep in f32, on every schedule a training run lowers (the whole
+/// training graph and each checkpointed stage variant): parameters, states, the loss and
+/// parameter gradients; every product reads operands of one dtype (bf16, or f32 when
+/// `exact`); every kernel's buffers have their buffers' dtypes; the memory plan is sound.
+#[test]
+fn bf16_schedules_keep_states_parameters_and_gradients_f32() {
+    use ir::DType;
+    use passes::remat::{Keep, variant};
+    use passes::{BufKind, Step};
+    let bf16 = LowerOptions {
+        bf16_activations: true,
+        ..LowerOptions::default()
+    };
+    for name in ["tiny-mamba", "tiny-mamba2"] {
+        let g = common::compile_name(name).graph;
+        let mut graphs = vec![(
+            "whole".to_string(),
+            passes::training_graph(&g, "logits", -100)
+                .expect("training graph")
+                .graph,
+        )];
+        let stages = passes::stage::split(&g, &[0..1, 1..2]).expect("stages");
+        for (i, st) in stages.iter().enumerate() {
+            for keep in [Keep::Nothing, Keep::Gemm, Keep::All] {
+                let v = variant(st, keep, -100, i + 1 == stages.len(), &bf16).expect("variant");
+                graphs.push((format!("stage {i} {}", keep.name()), v.fwd_graph));
+                graphs.push((format!("stage {i} {} training", keep.name()), v.train_graph));
+            }
+        }
+        for (what, tg) in &graphs {
+            let what = format!("{name} {what}");
+            let l = lower(tg, &bf16).expect("lowers");
+            let f32_names = passes::lower::bf16::f32_names(tg);
+            let mut narrow = 0;
+            for b in &l.buffers {
+                narrow += usize::from(b.dtype == DType::BF16);
+                if matches!(b.kind, BufKind::Param(_) | BufKind::State(_)) {
+                    assert_eq!(b.dtype, DType::F32, "{what}: {:?}", b.kind);
+                }
+            }
+            assert!(narrow > 0, "{what}: nothing stored as bf16");
+            for (out, b) in &l.outputs {
+                let keep = out == "loss"
+                    || f32_names.contains(out)
+                    || out.strip_prefix("grad.").is_some_and(|p| {
+                        g.params()
+                            .any(|n| matches!(g.op(n), ir::Op::Param { name, .. } if name == p))
+                    });
+                if keep {
+                    assert_eq!(l.buffers[*b].dtype, DType::F32, "{what}: output {out}");
+                }
+            }
+            for step in &l.steps {
+                match step {
+                    Step::MatMul {
+                        lhs,
+                        rhs,
+                        out,
+                        exact,
+                        ..
+                    } => {
+                        let want = if *exact { DType::F32 } else { DType::BF16 };
+                        assert_eq!(l.buffers[*lhs].dtype, want, "{what}: product operand");
+                        assert_eq!(l.buffers[*rhs].dtype, want, "{what}: product operand");
+                        if *exact {
+                            assert_eq!(l.buffers[*out].dtype, DType::F32, "{what}: exact result");
+                        }
+                    }
+                    Step::Kernel { kernel, bufs, .. } => {
+                        let k = &l.kernels[*kernel];
+                        k.check().expect("kernel invariants");
+                        for (kb, b) in k.bufs.iter().zip(bufs) {
+                            assert_eq!(kb.dtype, l.buffers[*b].dtype, "{what}: {}", k.name);
+                        }
+                    }
+                }
+            }
+            let bind = |s: &str| match s {
+                "B" => Some(2),
+                "L" => Some(37),
+                _ => None,
+            };
+            let plan = passes::plan_memory(&l, &bind).expect("plan");
+            passes::check_memory(&plan).expect("memory plan is sound");
+        }
+    }
+}

@@ -457,6 +457,70 @@ impl fmt::Display for Kernel {
 }
 
 impl Kernel {
+    /// Per buffer slot: whether the body loads from it (as a value or an index). A writable
+    /// buffer that is never loaded is only written.
+    pub fn loaded(&self) -> Vec<bool> {
+        fn iexpr(e: &IExpr, out: &mut [bool]) {
+            match e {
+                IExpr::Const(_) | IExpr::Size(_) | IExpr::Grid(_) | IExpr::Loop(_) => {}
+                IExpr::Add(a, b)
+                | IExpr::Sub(a, b)
+                | IExpr::Mul(a, b)
+                | IExpr::Div(a, b)
+                | IExpr::Rem(a, b)
+                | IExpr::Min(a, b) => {
+                    iexpr(a, out);
+                    iexpr(b, out);
+                }
+                IExpr::LoadIndex { buf, index } => {
+                    if let Some(o) = out.get_mut(*buf) {
+                        *o = true;
+                    }
+                    iexpr(index, out);
+                }
+            }
+        }
+        fn expr(e: &Expr, out: &mut [bool]) {
+            match e {
+                Expr::Const(_) | Expr::Var(_) => {}
+                Expr::Load { buf, index } => {
+                    if let Some(o) = out.get_mut(*buf) {
+                        *o = true;
+                    }
+                    iexpr(index, out);
+                }
+                Expr::ArrLoad { index, .. } | Expr::FromIndex(index) => iexpr(index, out),
+                Expr::Unary(_, a) => expr(a, out),
+                Expr::Binary(_, a, b) => {
+                    expr(a, out);
+                    expr(b, out);
+                }
+            }
+        }
+        fn stmts(body: &[Stmt], out: &mut [bool]) {
+            for s in body {
+                match s {
+                    Stmt::Var { init: value, .. } | Stmt::Set { value, .. } => expr(value, out),
+                    Stmt::Array { .. } => {}
+                    Stmt::ArrSet { index, value, .. } | Stmt::Store { index, value, .. } => {
+                        iexpr(index, out);
+                        expr(value, out);
+                    }
+                    Stmt::For { extent, body, .. } => {
+                        iexpr(extent, out);
+                        stmts(body, out);
+                    }
+                }
+            }
+        }
+        let mut out = vec![false; self.bufs.len()];
+        for g in &self.grid {
+            iexpr(g, &mut out);
+        }
+        stmts(&self.body, &mut out);
+        out
+    }
+
     /// `dst[i] = src[i]` for `i < n` (the one size), converting between storage dtypes: what
     /// a runtime uses to make bf16 copies of f32 values (matrix-product inputs).
     pub fn convert(name: &str, from: DType, to: DType) -> Kernel {

@@ -62,6 +62,9 @@ pub struct LowerOptions {
     /// and 4.3x for its training step on the CPU, and what the GPU needs. The decode step
     /// (`L = 1`) is one sequential kernel either way.
     pub ssd_scans: bool,
+    /// Activations stored as bf16 and matrix products on bf16 operands with f32 accumulation
+    /// ([`bf16`] says which values stay f32: parameters, states, gradients, the loss).
+    pub bf16_activations: bool,
 }
 
 impl LowerOptions {
@@ -84,6 +87,7 @@ impl LowerOptions {
     }
 }
 
+pub mod bf16;
 mod conv;
 mod reduce;
 mod ssd_matmul;
@@ -117,7 +121,8 @@ pub const MAX_SSD_SCAN_CHUNK: u64 = 64;
 /// per kernel, 28 KiB at 1024).
 pub const MAX_SSD_GRAD_CHUNK: u64 = 1024;
 
-/// Lowers `g` for f32 compute (parameters and activations stored as f32).
+/// Lowers `g` for f32 compute (parameters and activations stored as f32, or activations as
+/// bf16 with [`LowerOptions::bf16_activations`]).
 pub fn lower(g: &Graph, opts: &LowerOptions) -> Result<Lowered, LowerError> {
     let mut syms: Vec<String> = Vec::new();
     for n in g.nodes() {
@@ -171,7 +176,11 @@ pub fn lower(g: &Graph, opts: &LowerOptions) -> Result<Lowered, LowerError> {
         l.out.outputs.push((name.clone(), b));
     }
     l.out.syms = l.syms.clone();
-    Ok(l.out)
+    let mut out = l.out;
+    if opts.bf16_activations {
+        bf16::store_bf16(&mut out, g);
+    }
+    Ok(out)
 }
 
 struct Lowering<'g> {
@@ -544,14 +553,7 @@ impl<'g> Lowering<'g> {
     }
 
     fn dim(&self, d: &Dim) -> IExpr {
-        let mut e = IExpr::c(d.coeff() as i64);
-        for s in d.syms() {
-            let i = self.syms.iter().position(|x| x == s).unwrap_or(0);
-            e = e.mul(IExpr::Size(i));
-        }
-        // A chunk count: ceil(e / div).
-        let div = d.div() as i64;
-        e.add(IExpr::c(div - 1)).div(IExpr::c(div))
+        dim_index(&self.syms, d)
     }
 
     fn numel(&self, shape: &[Dim]) -> IExpr {
@@ -2767,6 +2769,18 @@ fn scan_update(
 }
 
 /// A reduction's result from its accumulator `acc` over `count` elements (a mean divides).
+/// `d` as an index expression over the runtime sizes named `syms`.
+fn dim_index(syms: &[String], d: &Dim) -> IExpr {
+    let mut e = IExpr::c(d.coeff() as i64);
+    for s in d.syms() {
+        let i = syms.iter().position(|x| x == s).unwrap_or(0);
+        e = e.mul(IExpr::Size(i));
+    }
+    // A chunk count: ceil(e / div).
+    let div = d.div() as i64;
+    e.add(IExpr::c(div - 1)).div(IExpr::c(div))
+}
+
 fn reduced(rop: ReduceOp, acc: VarId, count: IExpr) -> Expr {
     match rop {
         ReduceOp::Mean => Expr::bin(BinaryOp::Div, Expr::Var(acc), Expr::FromIndex(count)),

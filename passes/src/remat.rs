@@ -41,10 +41,10 @@
 
 use crate::autodiff::{self, AdError};
 use crate::cost;
-use crate::lower::{LowerError, LowerOptions, lower};
+use crate::lower::{LowerError, LowerOptions, bf16, lower};
 use crate::memory::{self, MemoryError};
 use crate::stage::{self, Stage, StageError, StageKind};
-use ir::schedule::{BufKind, Lowered};
+use ir::schedule::Lowered;
 use ir::{DType, Graph, InputKind, NodeId, Op, Value};
 use std::collections::HashMap;
 use std::ops::Range;
@@ -77,7 +77,8 @@ pub struct Request {
     pub seq: u64,
     /// Bytes available for everything the step holds (see `count_weights`).
     pub budget: Option<u64>,
-    /// How activations are stored (checkpoints, saved values, arenas): f32 or bf16.
+    /// How activations are stored (checkpoints, saved values, arenas): f32 or bf16. It sets
+    /// `lower.bf16_activations`, so the stages are priced as they run.
     pub act_dtype: DType,
     /// Whether weights (f32 master), gradients and AdamW moments count against the budget.
     pub count_weights: bool,
@@ -132,6 +133,8 @@ pub struct Plan {
     pub batch: u64,
     /// Whether the head returns the logits ([`Request::logits`]).
     pub logits: bool,
+    /// How activations are stored ([`Request::act_dtype`]): the stages run lowered so.
+    pub act_dtype: DType,
     /// Cells (in backward order) that keep everything, then cells that keep GEMM results.
     pub keep_all: u64,
     pub keep_gemm: u64,
@@ -340,55 +343,19 @@ fn depends_on_time(g: &Graph) -> Vec<bool> {
     dep
 }
 
-/// Element size of a buffer when activations are stored as `act`: recurrent states (inputs,
-/// final states, their cotangents and gradients), scan scratch, parameter gradients and the
-/// loss stay f32. `f32_names` are the names of such inputs and outputs ([`f32_names`]).
+/// Element size of a buffer when activations are stored as `act` (what
+/// [`crate::lower::bf16::keeps_f32`] keeps stays f32; a schedule lowered with bf16 activations
+/// already has its dtypes).
 fn elem_bytes(l: &Lowered, graph: &Graph, buf: usize, act: DType, f32_names: &[String]) -> u64 {
     let b = &l.buffers[buf];
     if !b.dtype.is_float() || b.dtype.size() <= act.size() {
         return b.dtype.size();
     }
-    let f32_kept = match &b.kind {
-        BufKind::Scratch | BufKind::State(_) | BufKind::Param(_) => true,
-        BufKind::Input(name) => f32_names.contains(name),
-        BufKind::Temp => {
-            let named = l
-                .outputs
-                .iter()
-                .any(|(n, id)| *id == buf && f32_names.contains(n));
-            // Final states of the stateful ops (result 1).
-            let state_result = graph.contains(b.value.node)
-                && matches!(
-                    graph.op(b.value.node),
-                    Op::CausalConv1d | Op::SelectiveScan | Op::SsdScan { .. }
-                )
-                && b.value.result == 1;
-            named || state_result
-        }
-    };
-    if f32_kept { b.dtype.size() } else { act.size() }
-}
-
-/// Input and output names that hold f32 whatever the activation dtype: `loss`, every state
-/// `S` (final state), `cotangent.S`, and `grad.P` / `grad.S` for parameters and states.
-fn f32_names(graph: &Graph) -> Vec<String> {
-    let mut v = vec!["loss".to_string()];
-    for n in graph.nodes() {
-        match graph.op(n) {
-            Op::Input {
-                name,
-                kind: InputKind::State,
-                ..
-            } => {
-                v.push(name.clone());
-                v.push(format!("cotangent.{name}"));
-                v.push(format!("grad.{name}"));
-            }
-            Op::Param { name, .. } => v.push(format!("grad.{name}")),
-            _ => {}
-        }
+    if bf16::keeps_f32(l, graph, buf, f32_names) {
+        b.dtype.size()
+    } else {
+        act.size()
     }
-    v
 }
 
 /// Buffer bytes of `l` at batch `batch`, sequence `seq`, activations in `act`.
@@ -405,7 +372,7 @@ fn sized(
         _ => None,
     };
     let mut bytes = memory::buffer_bytes(l, &bind)?;
-    let names = f32_names(graph);
+    let names = bf16::f32_names(graph);
     for (i, b) in bytes.iter_mut().enumerate() {
         let f = l.buffers[i].dtype.size();
         *b = *b / f * elem_bytes(l, graph, i, act, &names);
@@ -528,7 +495,13 @@ const HEAD: u8 = 1;
 const GROUP: u8 = 2;
 
 impl Planner {
-    pub fn new(model: &Graph, request: Request, ignore_index: i64) -> Result<Planner, PlanError> {
+    pub fn new(
+        model: &Graph,
+        mut request: Request,
+        ignore_index: i64,
+    ) -> Result<Planner, PlanError> {
+        // The stages are lowered as they will run: activations stored in `act_dtype`.
+        request.lower.bf16_activations = request.act_dtype == DType::BF16;
         let layers = model.num_layers();
         if layers == 0 {
             return Err(PlanError::NoLayers);
@@ -652,6 +625,7 @@ impl Planner {
             seq: self.request.seq,
             batch: self.request.batch,
             logits: self.request.logits,
+            act_dtype: self.request.act_dtype,
             keep_all: 0,
             keep_gemm: 0,
             peak: 0,

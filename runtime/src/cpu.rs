@@ -150,6 +150,8 @@ pub fn execute_in(
     let mut ptrs: Vec<*mut u8> = vec![std::ptr::null_mut(); l.buffers.len()];
     // Inputs and parameters are read-only for the schedule; pointers to them are only read.
     let mut owned_ids: Vec<Vec<i32>> = Vec::new();
+    // bf16 copies of f32 host inputs stored as bf16 (activations between checkpointed stages).
+    let mut owned_half: Vec<Vec<u16>> = Vec::new();
     for (i, b) in l.buffers.iter().enumerate() {
         let want = (plan.bytes[i] / b.dtype.size()) as usize;
         ptrs[i] = match &b.kind {
@@ -170,6 +172,13 @@ pub fn execute_in(
                     check_len(name, v.len(), want)?;
                     owned_ids.push(v.clone());
                     owned_ids
+                        .last_mut()
+                        .map_or(std::ptr::null_mut(), |v| v.as_mut_ptr().cast())
+                }
+                Some(HostData::F32(v)) if b.dtype == ir::DType::BF16 => {
+                    check_len(name, v.len(), want)?;
+                    owned_half.push(to_bf16_bits(v));
+                    owned_half
                         .last_mut()
                         .map_or(std::ptr::null_mut(), |v| v.as_mut_ptr().cast())
                 }
@@ -240,10 +249,30 @@ pub fn execute_in(
                 let ev = |d: &ir::Dim| d.eval(&bind).unwrap_or(0) as usize;
                 let (batch, m, k, n) =
                     (batch.eval(&bind).unwrap_or(0) as usize, ev(m), ev(k), ev(n));
+                // bf16 operands (bf16 activations) are widened into f32 copies, a bf16
+                // result is computed in f32 and rounded: the products of bf16 values are
+                // exact in f32, so only the summation order differs from the GPU's.
+                let rhs_len = if *rhs_batched { batch * k * n } else { k * n };
+                let wide_lhs = widened(&l.buffers[*lhs], ptrs[*lhs], batch * m * k);
+                let wide_rhs = widened(&l.buffers[*rhs], ptrs[*rhs], rhs_len);
+                let half_out = l.buffers[*out].dtype == ir::DType::BF16;
+                let mut wide_out = if half_out {
+                    vec![0f32; batch * m * n]
+                } else {
+                    Vec::new()
+                };
                 let (a, b, c) = (
-                    ptrs[*lhs] as *const f32,
-                    ptrs[*rhs] as *const f32,
-                    ptrs[*out] as *mut f32,
+                    wide_lhs
+                        .as_ref()
+                        .map_or(ptrs[*lhs] as *const f32, |v| v.as_ptr()),
+                    wide_rhs
+                        .as_ref()
+                        .map_or(ptrs[*rhs] as *const f32, |v| v.as_ptr()),
+                    if half_out {
+                        wide_out.as_mut_ptr()
+                    } else {
+                        ptrs[*out] as *mut f32
+                    },
                 );
                 // rhs [K, N] row-major: strides (N, 1); stored [N, K] (transposed): (1, K).
                 let (rsb, csb) = if *rhs_t {
@@ -306,27 +335,61 @@ pub fn execute_in(
                 } else {
                     (0..batch).for_each(one);
                 }
+                if half_out {
+                    // SAFETY: a bf16 output holds batch*m*n values (the plan sizes it).
+                    let dst = unsafe {
+                        std::slice::from_raw_parts_mut(ptrs[*out] as *mut u16, batch * m * n)
+                    };
+                    for (d, &x) in dst.iter_mut().zip(&wide_out) {
+                        *d = half::bf16::from_f32(x).to_bits();
+                    }
+                }
             }
         }
         profile.steps.push((name, started.elapsed()));
     }
     let mut old: HashMap<String, Vec<f32>> = std::mem::take(outs).into_iter().collect();
     for (name, b) in &l.outputs {
-        let len = (plan.bytes[*b] / 4) as usize;
-        let p = ptrs[*b] as *const f32;
+        let info = &l.buffers[*b];
+        let len = (plan.bytes[*b] / info.dtype.size()) as usize;
         let mut v = old.remove(name).unwrap_or_default();
         v.clear();
-        if p.is_null() {
-            v.resize(len, 0.0);
-        } else {
-            // SAFETY: output buffers are f32 and `len` elements long (plan.bytes).
-            v.extend_from_slice(unsafe { std::slice::from_raw_parts(p, len) });
+        match widened(info, ptrs[*b], len) {
+            _ if ptrs[*b].is_null() => v.resize(len, 0.0),
+            Some(wide) => v.extend_from_slice(&wide),
+            // SAFETY: an output buffer that is not bf16 is f32 (the lowering stores float
+            // values as f32 or bf16) and `len` elements long (plan.bytes).
+            None => v.extend_from_slice(unsafe {
+                std::slice::from_raw_parts(ptrs[*b] as *const f32, len)
+            }),
         }
         outs.push((name.clone(), v));
     }
     drop(zeros);
     drop(owned_ids);
+    drop(owned_half);
     Ok(profile)
+}
+
+/// The bits of `v` rounded to bf16 (nearest even).
+fn to_bf16_bits(v: &[f32]) -> Vec<u16> {
+    v.iter()
+        .map(|&x| half::bf16::from_f32(x).to_bits())
+        .collect()
+}
+
+/// An f32 copy of the first `len` values of a bf16 buffer at `p`; `None` for other dtypes.
+fn widened(info: &ir::schedule::BufInfo, p: *mut u8, len: usize) -> Option<Vec<f32>> {
+    if info.dtype != ir::DType::BF16 || p.is_null() {
+        return None;
+    }
+    // SAFETY: callers pass a bf16 buffer's pointer and at most its planned element count.
+    let bits = unsafe { std::slice::from_raw_parts(p as *const u16, len) };
+    Some(
+        bits.iter()
+            .map(|&b| half::bf16::from_bits(b).to_f32())
+            .collect(),
+    )
 }
 
 /// `c [m, n] = a [m, k] @ w^T` for a weight stored `[n, k]` and few rows (the decode step):
@@ -442,6 +505,12 @@ impl Launcher for EvalLauncher<'_> {
         let mut vals: Vec<Vec<f64>> = Vec::new();
         for (slot, &b) in ids.iter().enumerate() {
             let info = &self.lowered.buffers[b];
+            if !matches!(info.dtype, ir::DType::F32 | ir::DType::I32) {
+                return Err(format!(
+                    "the evaluator runs f32 and i32 buffers, not {}",
+                    info.dtype
+                ));
+            }
             let n = (self.bytes[b] / info.dtype.size()) as usize;
             // SAFETY: per the trait contract each pointer holds `n` elements of its dtype.
             let v: Vec<f64> = unsafe {

@@ -174,23 +174,32 @@ impl DeviceSums {
     }
 }
 
-/// An f32 value kept in device memory between runs (a checkpointed step's boundary values,
-/// saved values, states and cotangents), freed on drop.
+/// A value kept in device memory between runs (a checkpointed step's boundary values, saved
+/// values, states and cotangents), f32 or bf16 (bf16 activations), freed on drop.
 pub struct DeviceValue {
     buf: DevBuf,
     len: usize,
+    dtype: ir::DType,
 }
 
 impl DeviceValue {
-    /// Its number of f32 elements.
+    /// Its number of elements.
     pub fn len(&self) -> usize {
         self.len
+    }
+
+    /// How its elements are stored.
+    pub fn dtype(&self) -> ir::DType {
+        self.dtype
     }
 
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
 }
+
+/// A value in device memory a run reads in place: address, element count, dtype.
+type ExtValue = (u64, usize, ir::DType);
 
 /// Device memory that runs borrow as their arena ([`CudaExecutor::run_resident`]), grown
 /// to the largest arena asked for, so that a sequence of runs allocates it once.
@@ -519,7 +528,7 @@ impl CudaExecutor {
 
     /// [`CudaExecutor::bind`], in `arena` when given (at least `plan.peak` bytes) instead
     /// of an arena of its own, and with the inputs and states `ext` names read from device
-    /// memory in place (address and f32 count) instead of buffers of their own.
+    /// memory in place (address, element count and dtype) instead of buffers of their own.
     #[allow(clippy::too_many_arguments)]
     fn bind_in(
         &self,
@@ -529,7 +538,7 @@ impl CudaExecutor {
         params: &DeviceParams,
         poison: bool,
         arena: Option<u64>,
-        ext: &dyn Fn(&str) -> Option<(u64, usize)>,
+        ext: &dyn Fn(&str) -> Option<ExtValue>,
     ) -> Result<Bound, CudaError> {
         self.ctx.bind_to_thread().map_err(drv)?;
         if plan.offsets.len() != l.buffers.len() || plan.bytes.len() != l.buffers.len() {
@@ -586,15 +595,17 @@ impl CudaExecutor {
                     check_len(name, *n, (bytes / b.dtype.size()) as usize)?;
                     d.ptr
                 }
-                BufKind::Input(name) | BufKind::State(name) if let Some((ptr, n)) = ext(name) => {
-                    if b.dtype != ir::DType::F32 {
+                BufKind::Input(name) | BufKind::State(name)
+                    if let Some((ptr, n, dtype)) = ext(name) =>
+                {
+                    if b.dtype != dtype {
                         return Err(ExecError::Plan(format!(
-                            "`{name}` is {} on the device; a device value is f32",
+                            "`{name}` is {} in the schedule; the device value is {dtype}",
                             b.dtype
                         ))
                         .into());
                     }
-                    check_len(name, n, (bytes / 4) as usize)?;
+                    check_len(name, n, (bytes / b.dtype.size()) as usize)?;
                     ptr
                 }
                 BufKind::Input(name) | BufKind::State(name) => {
@@ -701,6 +712,16 @@ impl CudaExecutor {
         }
         let want = (b.plan.bytes[i] / l.buffers[i].dtype.size()) as usize;
         check_len(name, data.len(), want)?;
+        if l.buffers[i].dtype == ir::DType::BF16 {
+            // An f32 activation from the host into a bf16 buffer: rounded here.
+            // SAFETY: a bf16 buffer is written only from f32 data (`int` is false).
+            let f = unsafe { std::slice::from_raw_parts(data.as_ptr().cast::<f32>(), data.len()) };
+            let bits: Vec<u16> = f
+                .iter()
+                .map(|&x| half::bf16::from_f32(x).to_bits())
+                .collect();
+            return self.copy_in(b.ptrs[i], &bits);
+        }
         self.copy_in(b.ptrs[i], data)
     }
 
@@ -830,7 +851,7 @@ impl CudaExecutor {
             what: "output",
             name: name.to_string(),
         })?;
-        self.read_buf(b, o, name, range)
+        self.read_buf(l, b, o, name, range)
     }
 
     /// The current value of state `name` of a bound schedule (waits for the last run).
@@ -839,18 +860,20 @@ impl CudaExecutor {
             what: "state",
             name: name.to_string(),
         })?;
-        self.read_buf(b, i, name, None)
+        self.read_buf(l, b, i, name, None)
     }
 
     fn read_buf(
         &self,
+        l: &Lowered,
         b: &Bound,
         i: usize,
         name: &str,
         range: Option<std::ops::Range<usize>>,
     ) -> Result<Vec<f32>, CudaError> {
         self.stream.synchronize().map_err(drv)?;
-        let len = (b.plan.bytes[i] / 4) as usize;
+        let dtype = l.buffers[i].dtype;
+        let len = (b.plan.bytes[i] / dtype.size()) as usize;
         let r = range.unwrap_or(0..len);
         if r.start > r.end || r.end > len {
             return Err(ExecError::Size {
@@ -860,13 +883,10 @@ impl CudaExecutor {
             }
             .into());
         }
-        let mut v = vec![0f32; r.len()];
-        if b.ptrs[i] != 0 && !v.is_empty() {
-            // SAFETY: the buffer holds `len` f32 values and `r` lies inside it.
-            unsafe { result::memcpy_dtoh_sync(&mut v, b.ptrs[i] + 4 * r.start as u64) }
-                .map_err(drv)?;
+        if b.ptrs[i] == 0 || r.is_empty() {
+            return Ok(vec![0f32; r.len()]);
         }
-        Ok(v)
+        download(b.ptrs[i] + dtype.size() * r.start as u64, r.len(), dtype)
     }
 
     /// Enqueues every step of `l` on the stream, then the state carries.
@@ -1037,13 +1057,18 @@ impl CudaExecutor {
         if bt == 0 || m == 0 || n == 0 {
             return Ok(());
         }
+        let types = (
+            l.buffers[*lhs].dtype,
+            l.buffers[*rhs].dtype,
+            l.buffers[*out].dtype,
+        );
         if k == 0 {
-            // SAFETY: `out` holds batch*m*n f32 values.
+            // SAFETY: `out` holds batch*m*n values of its dtype.
             unsafe {
                 result::memset_d8_async(
                     ptrs[*out],
                     0,
-                    (bt * m * n * 4) as usize,
+                    (bt * m * n * types.2.size()) as usize,
                     self.stream.cu_stream(),
                 )
             }
@@ -1068,30 +1093,46 @@ impl CudaExecutor {
             (cublasOperation_t::CUBLAS_OP_N, ki)
         };
         let (alpha, beta) = (1.0f32, 0.0f32);
-        // GemmEx for bf16 weights (the input converted to bf16 first) and for TF32 tensor
-        // cores; plain sgemm otherwise. Accumulation is f32 either way.
+        // GemmEx for bf16 operands (bf16 activations), for bf16 weights (the input converted
+        // to bf16 first) and for TF32 tensor cores; plain sgemm otherwise. Accumulation is
+        // f32 in every case.
         use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cudaDataType};
+        use ir::DType::{BF16, F32};
         let tf32 = !*exact && self.tf32.load(std::sync::atomic::Ordering::Relaxed);
-        let ex = match (half_rhs, &self.to_bf16) {
-            (Some(w), Some(cvt)) => {
-                self.convert(cvt, ptrs[*lhs], b.half_lhs, bt * m * k)
-                    .map_err(|e| fail(e.to_string()))?;
-                let bf16 = cudaDataType::CUDA_R_16BF;
-                Some((w, b.half_lhs, bf16, cublasComputeType_t::CUBLAS_COMPUTE_32F))
-            }
-            _ if tf32 => Some((
+        let (bf16, f32) = (cudaDataType::CUDA_R_16BF, cudaDataType::CUDA_R_32F);
+        let out_type = match types.2 {
+            F32 => f32,
+            BF16 => bf16,
+            d => return Err(fail(format!("a {d} product result"))),
+        };
+        let ex = match (types, half_rhs, &self.to_bf16) {
+            ((BF16, BF16, _), _, _) => Some((
                 ptrs[*rhs],
                 ptrs[*lhs],
-                cudaDataType::CUDA_R_32F,
+                bf16,
+                cublasComputeType_t::CUBLAS_COMPUTE_32F,
+            )),
+            ((F32, F32, F32), Some(w), Some(cvt)) => {
+                self.convert(cvt, ptrs[*lhs], b.half_lhs, bt * m * k)
+                    .map_err(|e| fail(e.to_string()))?;
+                Some((w, b.half_lhs, bf16, cublasComputeType_t::CUBLAS_COMPUTE_32F))
+            }
+            ((F32, F32, F32), _, _) if tf32 => Some((
+                ptrs[*rhs],
+                ptrs[*lhs],
+                f32,
                 cublasComputeType_t::CUBLAS_COMPUTE_32F_FAST_TF32,
             )),
-            _ => None,
+            ((F32, F32, F32), _, _) => None,
+            ((a, r, o), _, _) => {
+                return Err(fail(format!("no product of {a} and {r} into {o}")));
+            }
         };
         if let Some((rhs_ptr, lhs_ptr, in_type, compute)) = ex {
             // SAFETY: as for sgemm below: the operands hold k*n (per batch if batched) and
-            // batch*m*k values of `in_type` (bf16 weights and the bf16 copy of the input,
-            // sized for the largest such product at bind, or the f32 buffers), the output
-            // batch*m*n f32 values.
+            // batch*m*k values of `in_type` (bf16 buffers, bf16 weights and the bf16 copy of
+            // the input, sized for the largest such product at bind, or the f32 buffers),
+            // the output batch*m*n values of `out_type`.
             unsafe {
                 cudarc::cublas::result::gemm_strided_batched_ex(
                     *self.blas.handle(),
@@ -1111,7 +1152,7 @@ impl CudaExecutor {
                     (m * k) as i64,
                     (&beta as *const f32).cast(),
                     ptrs[*out] as *mut std::ffi::c_void,
-                    cudaDataType::CUDA_R_32F,
+                    out_type,
                     ni,
                     (m * n) as i64,
                     bi,
@@ -1273,7 +1314,7 @@ impl CudaExecutor {
             arena.bytes = plan.peak;
         }
         let base = arena.buf.as_ref().map_or(0, |b| b.ptr);
-        let ext = |name: &str| device.get(name).map(|v| (v.buf.ptr, v.len));
+        let ext = |name: &str| device.get(name).map(|v| (v.buf.ptr, v.len, v.dtype));
         let mut b = self.bind_in(
             l,
             inp.sizes,
@@ -1314,28 +1355,41 @@ impl CudaExecutor {
             };
             let cu = self.stream.cu_stream();
             for (name, o) in &l.outputs {
-                let (ptr, n) = (b.ptrs[*o], (b.plan.bytes[*o] / 4) as usize);
+                let dtype = l.buffers[*o].dtype;
+                let bytes = b.plan.bytes[*o] as usize;
+                let (ptr, n) = (b.ptrs[*o], bytes / dtype.size() as usize);
                 if let Some((sums, pick)) = sum.as_mut()
                     && pick(name)
                 {
+                    if dtype != ir::DType::F32 {
+                        return Err(
+                            ExecError::Plan(format!("`{name}` is {dtype}; sums are f32")).into(),
+                        );
+                    }
                     self.add_into(sums, name, ptr, n)?;
                 } else if to_host(name) {
                     out.host
-                        .push((name.clone(), self.read_buf(&b, *o, name, None)?));
+                        .push((name.clone(), self.read_buf(l, &b, *o, name, None)?));
                 } else {
-                    let d = self.alloc(&format!("the value `{name}`"), 4 * n as u64)?;
-                    // SAFETY: `d` holds n f32 values, as does the output where it has a
-                    // buffer (one without is all zeros, as `read` returns it); both are
+                    let d = self.alloc(&format!("the value `{name}`"), bytes as u64)?;
+                    // SAFETY: `d` holds the output's bytes, as does the output where it has
+                    // a buffer (one without is all zeros, as `read` returns it); both are
                     // ordered after the run on the executor's stream.
                     unsafe {
                         match ptr {
-                            0 => result::memset_d8_async(d.ptr, 0, 4 * n, cu),
-                            _ => result::memcpy_dtod_async(d.ptr, ptr, 4 * n, cu),
+                            0 => result::memset_d8_async(d.ptr, 0, bytes, cu),
+                            _ => result::memcpy_dtod_async(d.ptr, ptr, bytes, cu),
                         }
                     }
                     .map_err(drv)?;
-                    out.device
-                        .push((name.clone(), DeviceValue { buf: d, len: n }));
+                    out.device.push((
+                        name.clone(),
+                        DeviceValue {
+                            buf: d,
+                            len: n,
+                            dtype,
+                        },
+                    ));
                 }
             }
             Ok(out)
@@ -1351,12 +1405,10 @@ impl CudaExecutor {
     pub fn download_value(&self, v: &DeviceValue) -> Result<Vec<f32>, CudaError> {
         self.ctx.bind_to_thread().map_err(drv)?;
         self.stream.synchronize().map_err(drv)?;
-        let mut out = vec![0f32; v.len];
-        if v.len > 0 {
-            // SAFETY: the value holds `len` f32 values.
-            unsafe { result::memcpy_dtoh_sync(&mut out, v.buf.ptr) }.map_err(drv)?;
+        if v.len == 0 {
+            return Ok(Vec::new());
         }
-        Ok(out)
+        download(v.buf.ptr, v.len, v.dtype)
     }
 
     /// Downloads every sum (waits for the stream).
@@ -1409,6 +1461,29 @@ fn module_for(
         c.push((ordinal, ptx.to_string(), m.clone()));
     }
     Ok(m)
+}
+
+/// `n` values of `dtype` (f32 or bf16) at device address `ptr`, as f32 (after everything
+/// enqueued: the caller synchronized).
+fn download(ptr: u64, n: usize, dtype: ir::DType) -> Result<Vec<f32>, CudaError> {
+    match dtype {
+        ir::DType::F32 => {
+            let mut v = vec![0f32; n];
+            // SAFETY: the caller's buffer holds `n` f32 values at `ptr`.
+            unsafe { result::memcpy_dtoh_sync(&mut v, ptr) }.map_err(drv)?;
+            Ok(v)
+        }
+        ir::DType::BF16 => {
+            let mut bits = vec![0u16; n];
+            // SAFETY: the caller's buffer holds `n` bf16 values at `ptr`.
+            unsafe { result::memcpy_dtoh_sync(&mut bits, ptr) }.map_err(drv)?;
+            Ok(bits
+                .into_iter()
+                .map(|x| half::bf16::from_bits(x).to_f32())
+                .collect())
+        }
+        d => Err(ExecError::Plan(format!("cannot read {d} values as f32")).into()),
+    }
 }
 
 fn drv(e: impl std::fmt::Display) -> CudaError {

@@ -1,0 +1,236 @@
+//! bf16 activations ([`super::LowerOptions::bf16_activations`]): after lowering, the values
+//! stored between steps become bf16 where training in mixed precision keeps them so, and every
+//! matrix product reads bf16 operands (f32 accumulation).
+//!
+//! - **Stay f32:** parameters (the master weights), recurrent states (inputs, final states,
+//!   their cotangents and gradients), parameter gradients, the loss, values that do not grow
+//!   with the sequence (sums over tokens) ([`keeps_f32`]), scratch
+//!   that kernels read (scan carries, chunk states), and the operands and results of `exact`
+//!   products (the running sums that are the exponents of every decay).
+//! - **Become bf16:** every other float intermediate and activation input (boundary values,
+//!   saved values and their cotangents between checkpointed stages), and scratch that only
+//!   matrix products read (the SSD's chunk copies and masked decay matrices).
+//! - Kernels compute in f32 as before: loads widen, stores round to nearest even.
+//! - A product whose operand is not in its dtype (an f32 parameter or state into a bf16
+//!   product, a bf16 activation into an `exact` one) reads a converted copy, made by a
+//!   conversion kernel just before it. The copy serves later products until its source is
+//!   written again; a weight's is made at each use (2 bytes per parameter while its product
+//!   runs, not for the whole step).
+
+use super::{BufId, BufInfo, BufKind, Lowered, Step, dim_index};
+use ir::kernel::{Expr, IExpr, KBuf, Kernel, Stmt};
+use ir::{DType, Graph, InputKind, Op};
+use std::collections::HashMap;
+
+/// Input and output names that hold f32 whatever the activation dtype: `loss`, every state
+/// `S` (final state), `cotangent.S`, and every gradient output `grad.X` but those of
+/// activation inputs (a parameter's gradient is f32 even where the graph no longer reads
+/// the parameter: a stage that saved `dt + dt_bias` needs no `dt_bias`).
+pub fn f32_names(graph: &Graph) -> Vec<String> {
+    let mut v = vec!["loss".to_string()];
+    let mut activations = Vec::new();
+    for n in graph.nodes() {
+        match graph.op(n) {
+            Op::Input {
+                name,
+                kind: InputKind::State,
+                ..
+            } => {
+                v.push(name.clone());
+                v.push(format!("cotangent.{name}"));
+                v.push(format!("grad.{name}"));
+            }
+            Op::Input { name, .. } => activations.push(name.as_str()),
+            Op::Param { name, .. } => v.push(format!("grad.{name}")),
+            _ => {}
+        }
+    }
+    for (name, _) in graph.outputs() {
+        if let Some(x) = name.strip_prefix("grad.")
+            && !activations.contains(&x)
+            && !v.contains(name)
+        {
+            v.push(name.clone());
+        }
+    }
+    v
+}
+
+/// Whether buffer `buf` of `l` (lowered from `graph`) stays f32 when activations are stored
+/// in a narrower dtype, by what it holds: parameters, states, scratch, the inputs and outputs
+/// `f32_names` names ([`f32_names`]), the final states of the stateful ops, and values whose
+/// size does not depend on the sequence length `L`.
+pub fn keeps_f32(l: &Lowered, graph: &Graph, buf: BufId, f32_names: &[String]) -> bool {
+    let b = &l.buffers[buf];
+    match &b.kind {
+        BufKind::Scratch | BufKind::State(_) | BufKind::Param(_) => true,
+        BufKind::Input(name) => f32_names.contains(name),
+        // What does not grow with the sequence (sums over tokens: the loss's, parameter
+        // gradients') costs nothing to keep exact.
+        BufKind::Temp if !b.shape.iter().any(|d| d.syms().iter().any(|s| s == "L")) => true,
+        BufKind::Temp => {
+            let named = l
+                .outputs
+                .iter()
+                .any(|(n, id)| *id == buf && f32_names.contains(n));
+            // Final states of the stateful ops (result 1).
+            let state_result = graph.contains(b.value.node)
+                && matches!(
+                    graph.op(b.value.node),
+                    Op::CausalConv1d | Op::SelectiveScan | Op::SsdScan { .. }
+                )
+                && b.value.result == 1;
+            named || state_result
+        }
+    }
+}
+
+/// Stores `l`'s activations as bf16 (the module doc says which).
+pub(super) fn store_bf16(l: &mut Lowered, graph: &Graph) {
+    let n = l.buffers.len();
+    // What the steps do with each buffer.
+    let mut product_in = vec![false; n];
+    let mut product_out = vec![false; n];
+    let mut exact = vec![false; n];
+    let mut kernel_reads = vec![false; n];
+    for step in &l.steps {
+        match step {
+            Step::MatMul {
+                lhs,
+                rhs,
+                out,
+                exact: e,
+                ..
+            } => {
+                for b in [*lhs, *rhs] {
+                    product_in[b] = true;
+                    exact[b] |= *e;
+                }
+                product_out[*out] = true;
+                exact[*out] |= *e;
+            }
+            Step::Kernel { kernel, bufs, .. } => {
+                for (slot, read) in l.kernels[*kernel].loaded().into_iter().enumerate() {
+                    if read && let Some(&b) = bufs.get(slot) {
+                        kernel_reads[b] = true;
+                    }
+                }
+            }
+        }
+    }
+    let names = f32_names(graph);
+    for b in 0..n {
+        if l.buffers[b].dtype != DType::F32 || exact[b] {
+            continue;
+        }
+        let narrow = match &l.buffers[b].kind {
+            BufKind::Scratch => product_in[b] && !product_out[b] && !kernel_reads[b],
+            BufKind::Temp | BufKind::Input(_) => !keeps_f32(l, graph, b, &names),
+            BufKind::State(_) | BufKind::Param(_) => false,
+        };
+        if narrow {
+            l.buffers[b].dtype = DType::BF16;
+        }
+    }
+    // Kernels take their buffers' dtypes (one kernel per step; a shared one is copied).
+    let mut typed = vec![false; l.kernels.len()];
+    for step in &mut l.steps {
+        let Step::Kernel { kernel, bufs, .. } = step else {
+            continue;
+        };
+        let want: Vec<DType> = bufs.iter().map(|&b| l.buffers[b].dtype).collect();
+        let have: Vec<DType> = l.kernels[*kernel].bufs.iter().map(|k| k.dtype).collect();
+        if typed[*kernel] && have != want {
+            let copy = l.kernels[*kernel].clone();
+            l.kernels.push(copy);
+            typed.push(false);
+            *kernel = l.kernels.len() - 1;
+        }
+        typed[*kernel] = true;
+        for (k, d) in l.kernels[*kernel].bufs.iter_mut().zip(want) {
+            k.dtype = d;
+        }
+    }
+    // Products read operands in their dtype: bf16, or f32 when exact. A copy serves every
+    // product until its source is written again (the SSD's chunk states feed two products),
+    // except a parameter's, made at each use so that no bf16 weight outlives its product.
+    let steps = std::mem::take(&mut l.steps);
+    let mut copies: HashMap<BufId, BufId> = HashMap::new();
+    for mut step in steps {
+        if let Step::MatMul {
+            lhs,
+            rhs,
+            exact,
+            node,
+            ..
+        } = &mut step
+        {
+            let want = if *exact { DType::F32 } else { DType::BF16 };
+            for operand in [lhs, rhs] {
+                let src = *operand;
+                if l.buffers[src].dtype == want {
+                    continue;
+                }
+                *operand = match copies.get(&src) {
+                    Some(&c) if l.buffers[c].dtype == want => c,
+                    _ => {
+                        let c = converted(l, src, want, *node);
+                        if !matches!(l.buffers[src].kind, BufKind::Param(_)) {
+                            copies.insert(src, c);
+                        }
+                        c
+                    }
+                };
+            }
+        }
+        let (_, written) = step.buffers(&l.kernels);
+        copies.retain(|src, _| !written.contains(src));
+        l.steps.push(step);
+    }
+}
+
+/// A copy of buffer `src` in `to`, written by a conversion kernel appended to the steps.
+fn converted(l: &mut Lowered, src: BufId, to: DType, node: ir::NodeId) -> BufId {
+    let info = &l.buffers[src];
+    let from = info.dtype;
+    let numel = info
+        .shape
+        .iter()
+        .fold(IExpr::c(1), |acc, d| acc.mul(dim_index(&l.syms, d)));
+    let dst = l.buffers.len();
+    l.buffers.push(BufInfo {
+        kind: BufKind::Temp,
+        dtype: to,
+        shape: info.shape.clone(),
+        value: info.value,
+    });
+    let i = IExpr::Grid(0);
+    l.kernels.push(Kernel {
+        name: format!("to_{}", to.name()),
+        bufs: vec![
+            KBuf {
+                name: format!("buf{src}"),
+                dtype: from,
+                writable: false,
+            },
+            KBuf {
+                name: format!("buf{dst}"),
+                dtype: to,
+                writable: true,
+            },
+        ],
+        sizes: l.syms.clone(),
+        grid: vec![numel],
+        body: vec![Stmt::Store {
+            buf: 1,
+            index: i.clone(),
+            value: Expr::Load { buf: 0, index: i },
+        }],
+    });
+    l.steps.push(Step::Kernel {
+        kernel: l.kernels.len() - 1,
+        bufs: vec![src, dst],
+        node,
+    });
+    dst
+}
