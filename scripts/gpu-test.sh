@@ -45,7 +45,7 @@ run)
   if [ "${SANITIZE:-1}" = 1 ] && command -v compute-sanitizer >/dev/null; then
     start=$(date +%s)
     mrc=0
-    timeout 120 compute-sanitizer --tool memcheck --print-limit 20 /tmp/gpu-test tiny ssd_ checkpointed_bf16 \
+    timeout 120 compute-sanitizer --tool memcheck --print-limit 20 /tmp/gpu-test tiny ssd_ checkpointed_bf16 updates_on \
       --test-threads=1 >"$out/memcheck.log" 2>&1 || mrc=$?
     echo "memcheck: rc=$mrc in $(($(date +%s) - start)) s"
     grep -E "ERROR SUMMARY|Invalid|test result" "$out/memcheck.log" | head -20 || true

@@ -55,6 +55,9 @@ enum Params<'a> {
         used: &'a std::cell::Cell<u64>,
         /// Every run starts from a NaN arena (tests).
         poison: bool,
+        /// Whether the step ends by downloading the gradient sums (else they stay for an
+        /// optimizer on the device).
+        download: bool,
     },
 }
 
@@ -174,6 +177,7 @@ impl StageGraph {
                     names,
                     used,
                     poison,
+                    ..
                 },
             ) => {
                 let is_param_grad = |n: &str| {
@@ -417,22 +421,56 @@ impl CheckpointedStep {
                 let dev = g
                     .upload_params(params)
                     .map_err(|e| Error::Gpu(e.to_string()))?;
-                let grads = std::cell::RefCell::new(runtime::cuda::DeviceSums::default());
-                let arena = std::cell::RefCell::new(runtime::cuda::DeviceArena::default());
-                let used = std::cell::Cell::new(0);
-                let run = Params::Device {
-                    params: &dev,
-                    grads: &grads,
-                    arena: &arena,
-                    names: params,
-                    used: &used,
-                    poison: self.poison,
-                };
-                let mut out = self.run_with(&run, params, ids, targets, states)?;
-                out.device_peak_bytes = Some(used.get());
+                let (out, _) = self.run_device(&dev, params, ids, targets, states, true)?;
                 Ok(out)
             }
         }
+    }
+
+    /// [`CheckpointedStep::run`] on the GPU with the parameters already there (`names`: the
+    /// host map of the same parameters, read for their names only), the gradients left
+    /// there too: `StepOutput::grads` is empty and the sums returned are of the total loss
+    /// (the mean's gradients times the number of valid targets).
+    #[cfg(feature = "cuda")]
+    pub fn run_on_device(
+        &self,
+        params: &runtime::cuda::DeviceParams,
+        names: &HashMap<String, Vec<f32>>,
+        ids: &[i32],
+        targets: &[i32],
+        states: &HashMap<String, Vec<f32>>,
+    ) -> Result<(StepOutput, runtime::cuda::DeviceSums), Error> {
+        match &self.embed.fwd {
+            StageGraph::Gpu(_) => self.run_device(params, names, ids, targets, states, false),
+            StageGraph::Cpu(_) => Err(on_device()),
+        }
+    }
+
+    #[cfg(feature = "cuda")]
+    fn run_device(
+        &self,
+        params: &runtime::cuda::DeviceParams,
+        names: &HashMap<String, Vec<f32>>,
+        ids: &[i32],
+        targets: &[i32],
+        states: &HashMap<String, Vec<f32>>,
+        download: bool,
+    ) -> Result<(StepOutput, runtime::cuda::DeviceSums), Error> {
+        let grads = std::cell::RefCell::new(runtime::cuda::DeviceSums::default());
+        let arena = std::cell::RefCell::new(runtime::cuda::DeviceArena::default());
+        let used = std::cell::Cell::new(0);
+        let run = Params::Device {
+            params,
+            grads: &grads,
+            arena: &arena,
+            names,
+            used: &used,
+            poison: self.poison,
+            download,
+        };
+        let mut out = self.run_with(&run, names, ids, targets, states)?;
+        out.device_peak_bytes = Some(used.get());
+        Ok((out, grads.into_inner()))
     }
 
     fn run_with(
@@ -658,8 +696,14 @@ impl CheckpointedStep {
         }
         // On the GPU the parameter gradients were summed on the device: the host map has none.
         #[cfg(feature = "cuda")]
-        if let (Params::Device { grads: sums, .. }, StageGraph::Gpu(g)) =
-            (run_params, &self.embed.fwd)
+        if let (
+            Params::Device {
+                grads: sums,
+                download: true,
+                ..
+            },
+            StageGraph::Gpu(g),
+        ) = (run_params, &self.embed.fwd)
         {
             let summed = g
                 .exec()
@@ -746,7 +790,7 @@ fn vals_bytes(m: &Vals) -> u64 {
 }
 
 /// The targets the mean loss averages over.
-fn valid_targets(targets: &[i32]) -> usize {
+pub(crate) fn valid_targets(targets: &[i32]) -> usize {
     targets
         .iter()
         .filter(|&&t| t as i64 != IGNORE_INDEX)

@@ -1884,9 +1884,15 @@ fn train(a: &TrainArgs, out: &mut Outcome) {
         let periodic = a.save_every > 0 && (i + 1) % a.save_every == 0;
         if let Some(path) = &a.save
             && (periodic || done)
-            && let Err(e) = save_checkpoint(path, &trainer, &shapes)
         {
-            return fail(out, format!("error: {e}"));
+            // Parameters and moments the GPU holds come back to the host first.
+            let saved = trainer
+                .sync_host()
+                .map_err(|e| e.to_string())
+                .and_then(|()| save_checkpoint(path, &trainer, &shapes));
+            if let Err(e) = saved {
+                return fail(out, format!("error: {e}"));
+            }
         }
     }
     bar.finish_and_clear();

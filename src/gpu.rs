@@ -7,8 +7,8 @@ use ir::Graph;
 use passes::{LowerOptions, Lowered};
 use runtime::cpu::{HostData, Inputs, Outputs};
 use runtime::cuda::{
-    Bound, CudaExecutor, DeviceArena, DeviceParams, DeviceValue, ExecOptions, ResidentOutputs,
-    StepTime,
+    Bound, CudaExecutor, DeviceArena, DeviceParams, DeviceSums, DeviceValue, ExecOptions,
+    ResidentOutputs, StepTime,
 };
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -234,6 +234,72 @@ impl GpuGraph {
             to_host,
         )?;
         Ok((outs, plan.peak))
+    }
+}
+
+/// AdamW on the GPU: parameters and moments resident between steps, updated in place by the
+/// kernel-IR AdamW kernel ([`ir::kernel::Kernel::adamw`]) from gradient sums that never leave
+/// the device (a checkpointed step's).
+pub struct GpuOptimizer {
+    exec: CudaExecutor,
+    pub params: DeviceParams,
+    m: DeviceParams,
+    v: DeviceParams,
+}
+
+impl GpuOptimizer {
+    /// Uploads `params` and the moments `m`, `v` to GPU `ordinal`.
+    pub fn new(
+        ordinal: usize,
+        params: &HashMap<String, Vec<f32>>,
+        m: &HashMap<String, Vec<f32>>,
+        v: &HashMap<String, Vec<f32>>,
+    ) -> Result<GpuOptimizer, GpuError> {
+        let kernel = ir::kernel::Kernel::adamw("ma2mba_adamw");
+        let ptx = compile_ptx_shared(std::slice::from_ref(&kernel), Target::Sm90)
+            .map_err(|e| Error::Codegen(e.to_string()))?;
+        let exec = CudaExecutor::new(ordinal, &ptx.text, &ptx.entries, None)?;
+        Ok(GpuOptimizer {
+            params: exec.upload_params(params)?,
+            m: exec.upload_params(m)?,
+            v: exec.upload_params(v)?,
+            exec,
+        })
+    }
+
+    /// The 2-norm of each gradient sum.
+    pub fn norms(&self, grads: &DeviceSums) -> Result<HashMap<String, f64>, GpuError> {
+        Ok(self.exec.norms(grads)?)
+    }
+
+    /// One AdamW step of every parameter that has a row (its hyperparameters).
+    pub fn step(
+        &mut self,
+        grads: &DeviceSums,
+        rows: &[(String, [f32; ir::kernel::ADAMW_HYPER])],
+    ) -> Result<(), GpuError> {
+        Ok(self
+            .exec
+            .adamw(0, &self.params, grads, &self.m, &self.v, rows)?)
+    }
+
+    /// Parameters and moments on the host.
+    #[allow(clippy::type_complexity)]
+    pub fn download(
+        &self,
+    ) -> Result<
+        (
+            HashMap<String, Vec<f32>>,
+            HashMap<String, Vec<f32>>,
+            HashMap<String, Vec<f32>>,
+        ),
+        GpuError,
+    > {
+        Ok((
+            self.exec.download_params(&self.params)?,
+            self.exec.download_params(&self.m)?,
+            self.exec.download_params(&self.v)?,
+        ))
     }
 }
 

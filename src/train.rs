@@ -72,6 +72,74 @@ impl TrainConfig {
     }
 }
 
+/// One parameter's AdamW update at one step: what the host applies ([`AdamW::apply`]) and
+/// the GPU's kernel reads ([`AdamW::row`], for [`ir::kernel::Kernel::adamw`]).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AdamW {
+    /// Multiplies the gradient (the mean's factor, clipping).
+    pub scale: f64,
+    pub lr: f64,
+    pub betas: (f64, f64),
+    /// `1 - b1^t`, `1 - b2^t` for step `t` (1-based).
+    pub corrections: (f64, f64),
+    pub eps: f64,
+    pub weight_decay: f64,
+}
+
+impl AdamW {
+    /// The update of parameter `name` at 0-based step `step` under `c`, gradients times
+    /// `scale`.
+    pub fn of(c: &TrainConfig, step: usize, name: &str, scale: f64) -> AdamW {
+        let t = (step + 1) as i32;
+        let (b1, b2) = c.betas;
+        AdamW {
+            scale,
+            lr: c.lr_at(step),
+            betas: c.betas,
+            corrections: (1.0 - b1.powi(t), 1.0 - b2.powi(t)),
+            eps: c.eps,
+            weight_decay: if no_weight_decay(name) {
+                0.0
+            } else {
+                c.weight_decay
+            },
+        }
+    }
+
+    /// The update in place, in f64 per element.
+    pub fn apply(&self, p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32]) {
+        let ((b1, b2), (bc1, bc2)) = (self.betas, self.corrections);
+        for i in 0..p.len() {
+            let gi = g[i] as f64 * self.scale;
+            let mi = b1 * m[i] as f64 + (1.0 - b1) * gi;
+            let vi = b2 * v[i] as f64 + (1.0 - b2) * gi * gi;
+            m[i] = mi as f32;
+            v[i] = vi as f32;
+            let update =
+                (mi / bc1) / ((vi / bc2).sqrt() + self.eps) + self.weight_decay * p[i] as f64;
+            p[i] = (p[i] as f64 - self.lr * update) as f32;
+        }
+    }
+
+    /// The row of [`ir::kernel::Kernel::adamw`]'s table (layout: [`ir::kernel::ADAMW_HYPER`]).
+    pub fn row(&self) -> [f32; ir::kernel::ADAMW_HYPER] {
+        let ((b1, b2), (bc1, bc2)) = (self.betas, self.corrections);
+        [
+            self.scale,
+            b1,
+            1.0 - b1,
+            b2,
+            1.0 - b2,
+            1.0 / bc1,
+            1.0 / bc2,
+            self.eps,
+            self.weight_decay,
+            self.lr,
+        ]
+        .map(|x| x as f32)
+    }
+}
+
 /// Whether a parameter is exempt from weight decay (REFERENCE.md: A_log, D, dt bias, norms).
 pub fn no_weight_decay(name: &str) -> bool {
     name.ends_with("A_log")
@@ -121,6 +189,7 @@ enum Engine {
 
 pub struct Trainer {
     engine: Engine,
+    /// The parameters (where the GPU updates them, as of the last [`Trainer::sync_host`]).
     pub params: HashMap<String, Vec<f32>>,
     m: HashMap<String, Vec<f32>>,
     v: HashMap<String, Vec<f32>>,
@@ -137,6 +206,18 @@ pub struct Trainer {
     /// `[B, L, V]` f32 is 105 GB for mamba2-2.7b at L = 2^19, so a plain training run
     /// leaves it off. Read when a batch shape is first planned.
     pub return_logits: bool,
+    /// Checkpointed on the GPU: the parameters and moments on the device, updated there
+    /// (`params`, `m`, `v` on the host are current after [`Trainer::sync_host`]).
+    #[cfg(feature = "cuda")]
+    optimizer: Option<Box<crate::gpu::GpuOptimizer>>,
+}
+
+/// A step's parameter gradients: on the host, or (checkpointed on the GPU) device sums of
+/// the total loss's gradients with the factor that makes them the mean's.
+enum Grads {
+    Host(Tensors),
+    #[cfg(feature = "cuda")]
+    Device(runtime::cuda::DeviceSums, f64),
 }
 
 impl Trainer {
@@ -195,6 +276,8 @@ impl Trainer {
             carried: HashMap::new(),
             carry_state: false,
             return_logits: true,
+            #[cfg(feature = "cuda")]
+            optimizer: None,
         })
     }
 
@@ -257,6 +340,28 @@ impl Trainer {
                     e.insert(CheckpointedStep::compile_for(forward, &plan, *device)?);
                 }
                 let step = &steps[&(batch, seq)];
+                #[cfg(feature = "cuda")]
+                if *device == Device::Cuda {
+                    let gpu = |e: crate::gpu::GpuError| Error::Gpu(e.to_string());
+                    if self.optimizer.is_none() {
+                        let opt = crate::gpu::GpuOptimizer::new(0, &self.params, &self.m, &self.v)
+                            .map_err(gpu)?;
+                        self.optimizer = Some(Box::new(opt));
+                    }
+                    let opt = self.optimizer.as_ref().ok_or_else(|| {
+                        Error::Gpu("the optimizer's parameters are not on the device".into())
+                    })?;
+                    let (out, sums) =
+                        step.run_on_device(&opt.params, &self.params, ids, targets, states)?;
+                    device_bytes = out.device_peak_bytes;
+                    let valid = crate::checkpoint::valid_targets(targets).max(1);
+                    let grads = Grads::Device(sums, 1.0 / valid as f64);
+                    return self.finish_step(
+                        (out.loss, out.logits, grads, out.final_states),
+                        (out.peak_bytes, device_bytes),
+                        grad_started,
+                    );
+                }
                 let out = step.run(&self.params, ids, targets, states)?;
                 device_bytes = out.device_peak_bytes;
                 (
@@ -268,12 +373,42 @@ impl Trainer {
                 )
             }
         };
+        self.finish_step(
+            (loss, logits, Grads::Host(grads), finals),
+            (arena_bytes, device_bytes),
+            grad_started,
+        )
+    }
+
+    /// The update after a step's gradients: the global norm, clipping, AdamW.
+    fn finish_step(
+        &mut self,
+        (loss, logits, grads, finals): (f64, Vec<f32>, Grads, Tensors),
+        (arena_bytes, device_bytes): (u64, Option<u64>),
+        grad_started: std::time::Instant,
+    ) -> Result<StepStats, Error> {
         let grad_secs = grad_started.elapsed().as_secs_f64();
         if self.carry_state {
             // The final states start the next batch of the same streams; no gradient flows
             // back across the boundary (truncated BPTT).
             self.carried = finals;
         }
+        // One variant without the `cuda` feature.
+        #[allow(clippy::infallible_destructuring_match)]
+        let grads = match grads {
+            Grads::Host(g) => g,
+            #[cfg(feature = "cuda")]
+            Grads::Device(sums, mean) => {
+                return self.device_update(
+                    &sums,
+                    mean,
+                    (loss, logits),
+                    arena_bytes,
+                    device_bytes,
+                    grad_secs,
+                );
+            }
+        };
         let outs: HashMap<String, Vec<f32>> = grads
             .into_iter()
             .map(|(n, v)| (format!("grad.{n}"), v))
@@ -315,11 +450,7 @@ impl Trainer {
                 )));
             }
         }
-        let c = &self.config;
-        let lr = c.lr_at(self.step);
-        let t = (self.step + 1) as i32;
-        let (b1, b2) = c.betas;
-        let (bc1, bc2) = (1.0 - b1.powi(t), 1.0 - b2.powi(t));
+        let lr = self.config.lr_at(self.step);
         for (name, p) in self.params.iter_mut() {
             let Some(g) = outs.get(&format!("grad.{name}")) else {
                 continue;
@@ -327,30 +458,88 @@ impl Trainer {
             let (Some(m), Some(v)) = (self.m.get_mut(name), self.v.get_mut(name)) else {
                 continue;
             };
-            let wd = if no_weight_decay(name) {
-                0.0
-            } else {
-                c.weight_decay
-            };
+            let h = AdamW::of(&self.config, self.step, name, scale);
             p.par_chunks_mut(PIECE)
                 .zip(m.par_chunks_mut(PIECE))
                 .zip(v.par_chunks_mut(PIECE))
                 .zip(g.par_chunks(PIECE))
-                .for_each(|(((p, m), v), g)| {
-                    for i in 0..p.len() {
-                        let gi = g[i] as f64 * scale;
-                        let mi = b1 * m[i] as f64 + (1.0 - b1) * gi;
-                        let vi = b2 * v[i] as f64 + (1.0 - b2) * gi * gi;
-                        m[i] = mi as f32;
-                        v[i] = vi as f32;
-                        let update = (mi / bc1) / ((vi / bc2).sqrt() + c.eps) + wd * p[i] as f64;
-                        p[i] = (p[i] as f64 - lr * update) as f32;
-                    }
-                });
+                .for_each(|(((p, m), v), g)| h.apply(p, g, m, v));
         }
-        let update_secs = update_started.elapsed().as_secs_f64();
+        Ok(self.advance(
+            (loss, grad_norm, lr, logits),
+            (arena_bytes, device_bytes),
+            (grad_secs, update_started),
+        ))
+    }
+
+    /// The update on the GPU: the global norm from each sum's (cuBLAS), then the AdamW
+    /// kernel per parameter with the mean's factor and the clipping folded into its scale.
+    /// The host's parameters and moments go stale until [`Trainer::sync_host`].
+    #[cfg(feature = "cuda")]
+    fn device_update(
+        &mut self,
+        sums: &runtime::cuda::DeviceSums,
+        mean: f64,
+        (loss, logits): (f64, Vec<f32>),
+        arena_bytes: u64,
+        device_bytes: Option<u64>,
+        grad_secs: f64,
+    ) -> Result<StepStats, Error> {
+        let gpu = |e: crate::gpu::GpuError| Error::Gpu(e.to_string());
+        let update_started = std::time::Instant::now();
+        let opt = self
+            .optimizer
+            .as_mut()
+            .ok_or_else(|| Error::Gpu("no optimizer on the device".into()))?;
+        // The sums are named as the stage outputs: `grad.{parameter}`.
+        let norms: HashMap<String, f64> = opt
+            .norms(sums)
+            .map_err(gpu)?
+            .into_iter()
+            .filter_map(|(n, x)| Some((n.strip_prefix("grad.")?.to_string(), x)))
+            .collect();
+        // Summed in name order: the same norm whatever the map's order.
+        let mut names: Vec<&String> = self
+            .params
+            .keys()
+            .filter(|n| norms.contains_key(*n))
+            .collect();
+        names.sort();
+        if names.is_empty() {
+            return Err(Error::Gpu("the step produced no parameter gradient".into()));
+        }
+        let norm2: f64 = names.iter().map(|n| (norms[*n] * mean).powi(2)).sum();
+        let grad_norm = norm2.sqrt();
+        let clip = if grad_norm > self.config.clip {
+            self.config.clip / grad_norm
+        } else {
+            1.0
+        };
+        let lr = self.config.lr_at(self.step);
+        let rows: Vec<(String, [f32; ir::kernel::ADAMW_HYPER])> = names
+            .iter()
+            .map(|name| {
+                let h = AdamW::of(&self.config, self.step, name, mean * clip);
+                ((*name).clone(), h.row())
+            })
+            .collect();
+        opt.step(sums, &rows).map_err(gpu)?;
+        Ok(self.advance(
+            (loss, grad_norm, lr, logits),
+            (arena_bytes, device_bytes),
+            (grad_secs, update_started),
+        ))
+    }
+
+    /// Counts the step done and reports it.
+    fn advance(
+        &mut self,
+        (loss, grad_norm, lr, logits): (f64, f64, f64, Vec<f32>),
+        (arena_bytes, device_bytes): (u64, Option<u64>),
+        (grad_secs, update_started): (f64, std::time::Instant),
+    ) -> StepStats {
         self.step += 1;
-        Ok(StepStats {
+        StepStats {
             loss,
             grad_norm,
             lr,
@@ -358,8 +547,19 @@ impl Trainer {
             arena_bytes,
             device_bytes,
             grad_secs,
-            update_secs,
-        })
+            update_secs: update_started.elapsed().as_secs_f64(),
+        }
+    }
+
+    /// Makes `params` and the moments on the host current: downloads them where they live on
+    /// the GPU (checkpointed training on the GPU); nothing to do elsewhere.
+    pub fn sync_host(&mut self) -> Result<(), Error> {
+        #[cfg(feature = "cuda")]
+        if let Some(opt) = &self.optimizer {
+            let (p, m, v) = opt.download().map_err(|e| Error::Gpu(e.to_string()))?;
+            (self.params, self.m, self.v) = (p, m, v);
+        }
+        Ok(())
     }
 }
 
@@ -450,8 +650,9 @@ impl Trainer {
         Trainer::with_budget_on(forward, logits, params, config, budget, Device::Cpu)
     }
 
-    /// [`Trainer::with_budget`] with the stages on `device` (the GPU: parameters uploaded
-    /// once per step, checkpoints held on the host between stage runs).
+    /// [`Trainer::with_budget`] with the stages on `device` (the GPU: every value between
+    /// stage runs, the parameters, their gradients and the AdamW moments stay on the device,
+    /// and the update runs there; [`Trainer::sync_host`] brings them back).
     pub fn with_budget_on(
         forward: &Graph,
         logits: &str,
@@ -512,7 +713,8 @@ impl Trainer {
         }
     }
 
-    /// The AdamW first and second moments, by parameter name.
+    /// The AdamW first and second moments, by parameter name (where the GPU updates them,
+    /// as of the last [`Trainer::sync_host`]).
     pub fn moments(&self) -> (&Tensors, &Tensors) {
         (&self.m, &self.v)
     }

@@ -192,3 +192,57 @@ fn tiny_models_train_with_bf16_activations() {
         assert_ne!(loss_h, loss_f, "{name}: bf16 activations changed nothing");
     }
 }
+
+/// The GPU's AdamW kernel (evaluated in f32, as the backends compute) against the host's
+/// update in f64, for decayed and undecayed parameters at the first and a later step.
+#[test]
+fn adamw_kernel_matches_the_host_update() {
+    use ma2mba::train::{AdamW, TrainConfig};
+    let c = TrainConfig {
+        lr: 3e-3,
+        warmup_steps: 2,
+        ..TrainConfig::default()
+    };
+    let k = ir::kernel::Kernel::adamw("adamw");
+    k.check().expect("kernel invariants");
+    let mut rng = Rng::new(3);
+    let n = 1000;
+    for (step, name, scale) in [
+        (0, "x.weight", 0.5),
+        (7, "x.A_log", 0.01),
+        (40, "y.weight", 2.0),
+    ] {
+        let h = AdamW::of(&c, step, name, scale);
+        let r = |rng: &mut Rng, s: f64| -> Vec<f32> {
+            (0..n).map(|_| (rng.normal() * s) as f32).collect()
+        };
+        let (p, g, m) = (r(&mut rng, 1.0), r(&mut rng, 1.0), r(&mut rng, 0.1));
+        let v: Vec<f32> = r(&mut rng, 0.1).iter().map(|x| x * x).collect();
+        let (mut hp, mut hm, mut hv) = (p.clone(), m.clone(), v.clone());
+        h.apply(&mut hp, &g, &mut hm, &mut hv);
+        // Row 1 of a two-row table: the kernel indexes rows by its size argument.
+        let table: Vec<f64> = [[0f32; ir::kernel::ADAMW_HYPER], h.row()]
+            .iter()
+            .flatten()
+            .map(|&x| x as f64)
+            .collect();
+        let wide = |x: &[f32]| x.iter().map(|&y| y as f64).collect::<Vec<f64>>();
+        let mut bufs = vec![wide(&p), wide(&g), wide(&m), wide(&v), table];
+        ir::kernel::eval::run(&k, &[n as i64, 1], &mut bufs, true).expect("evaluates");
+        for (what, host, dev) in [
+            ("param", &hp, &bufs[0]),
+            ("m", &hm, &bufs[2]),
+            ("v", &hv, &bufs[3]),
+        ] {
+            for (i, (a, b)) in host.iter().zip(dev).enumerate() {
+                let (a, b) = (*a as f64, *b);
+                // f32 rounding of terms of order 1 (the moments' sums cancel).
+                assert!(
+                    (a - b).abs() <= 1e-6 * a.abs() + 1e-7,
+                    "step {step} {name} {what}[{i}]: host {a} kernel {b}"
+                );
+            }
+        }
+        assert_ne!(hp, p, "{name}: the update changed nothing");
+    }
+}

@@ -550,6 +550,97 @@ impl Kernel {
     }
 }
 
+/// Values per row of the AdamW kernel's hyperparameter table ([`Kernel::adamw`]):
+/// `[gradient scale, b1, 1 - b1, b2, 1 - b2, 1 / (1 - b1^t), 1 / (1 - b2^t), eps, weight
+/// decay, lr]`.
+pub const ADAMW_HYPER: usize = 10;
+
+impl Kernel {
+    /// One AdamW step of a parameter, in place, for `i < n` (size 0); size 1 is the row of
+    /// the hyperparameter table `h` ([`ADAMW_HYPER`] values per row) this parameter uses:
+    ///
+    /// ```text
+    /// g = grad[i] * scale (mean and clipping)    m = b1 m + (1 - b1) g    v = b2 v + (1 - b2) g^2
+    /// p -= lr * ((m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps) + wd * p)
+    /// ```
+    ///
+    /// The optimizer on the GPU: parameters and moments stay resident between steps.
+    pub fn adamw(name: &str) -> Kernel {
+        let i = IExpr::Grid(0);
+        let row = IExpr::Size(1).mul(IExpr::c(ADAMW_HYPER as i64));
+        let h = |k: i64| Expr::Load {
+            buf: 4,
+            index: row.clone().add(IExpr::c(k)),
+        };
+        let at = |buf: usize| Expr::Load {
+            buf,
+            index: i.clone(),
+        };
+        let (p, g, m, v) = (VarId(0), VarId(1), VarId(2), VarId(3));
+        let mul = |a: Expr, b: Expr| Expr::bin(BinaryOp::Mul, a, b);
+        let add = |a: Expr, b: Expr| Expr::bin(BinaryOp::Add, a, b);
+        let var = Expr::Var;
+        let buf = |name: &str, writable: bool| KBuf {
+            name: name.into(),
+            dtype: DType::F32,
+            writable,
+        };
+        let step = add(
+            Expr::bin(
+                BinaryOp::Div,
+                mul(var(m), h(5)),
+                add(Expr::un(UnaryOp::Sqrt, mul(var(v), h(6))), h(7)),
+            ),
+            mul(h(8), var(p)),
+        );
+        Kernel {
+            name: name.to_string(),
+            bufs: vec![
+                buf("param", true),
+                buf("grad", false),
+                buf("m", true),
+                buf("v", true),
+                buf("hyper", false),
+            ],
+            sizes: vec!["n".into(), "row".into()],
+            grid: vec![IExpr::Size(0)],
+            body: vec![
+                Stmt::Var {
+                    var: p,
+                    init: at(0),
+                },
+                Stmt::Var {
+                    var: g,
+                    init: mul(at(1), h(0)),
+                },
+                Stmt::Var {
+                    var: m,
+                    init: add(mul(h(1), at(2)), mul(h(2), var(g))),
+                },
+                Stmt::Var {
+                    var: v,
+                    init: add(mul(h(3), at(3)), mul(h(4), mul(var(g), var(g)))),
+                },
+                Stmt::Store {
+                    buf: 2,
+                    index: i.clone(),
+                    value: var(m),
+                },
+                Stmt::Store {
+                    buf: 3,
+                    index: i.clone(),
+                    value: var(v),
+                },
+                Stmt::Store {
+                    buf: 0,
+                    index: i.clone(),
+                    value: Expr::bin(BinaryOp::Sub, var(p), mul(h(9), step)),
+                },
+            ],
+        }
+    }
+}
+
 /// A reference evaluator of the kernel IR, in f64 or rounding every value to f32 as the
 /// compiled backends do: the oracle for backend tests. `bufs` are the kernel's buffers as f64
 /// values (stores round to the buffer's dtype).

@@ -103,11 +103,10 @@ impl Drop for DevBuf {
 /// A context on one GPU with the schedule's kernels loaded.
 pub struct CudaExecutor {
     ctx: Arc<CudaContext>,
+    /// The thread's stream and cuBLAS handle on this GPU ([`Queue`]).
     stream: Arc<CudaStream>,
-    blas: CudaBlas,
-    /// cuBLAS's workspace, set explicitly so that matrix products can be captured in a CUDA
-    /// graph (cuBLAS must not allocate while a stream is being captured).
-    _workspace: DevBuf,
+    blas: Arc<CudaBlas>,
+    _queue: Arc<Queue>,
     _module: Arc<CudaModule>,
     funcs: Vec<CudaFunction>,
     /// `Kernel::convert(f32 -> bf16)`, for matrix products with bf16 weights.
@@ -132,6 +131,61 @@ pub fn set_tf32_default(on: bool) {
 
 /// Bytes of cuBLAS's workspace (the size NVIDIA recommends for Hopper).
 const CUBLAS_WORKSPACE: u64 = 32 << 20;
+
+/// The stream every executor of one GPU enqueues on from one thread, with its cuBLAS handle
+/// and workspace: a checkpointed step compiles hundreds of stage executors, which one
+/// handle each (and 32 MiB of workspace each) made cost gigabytes; sharing the stream also
+/// orders their work without waits between them. Per thread, since a cuBLAS handle must not
+/// be used from two threads at once.
+struct Queue {
+    stream: Arc<CudaStream>,
+    /// Dropped before the workspace it uses.
+    blas: Arc<CudaBlas>,
+    /// cuBLAS's workspace, set explicitly so that matrix products can be captured in a CUDA
+    /// graph (cuBLAS must not allocate while a stream is being captured).
+    _workspace: DevBuf,
+}
+
+thread_local! {
+    static QUEUES: std::cell::RefCell<Vec<(usize, Arc<Queue>)>> =
+        const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// This thread's queue on GPU `ordinal`, made at first use.
+fn queue_for(ctx: &Arc<CudaContext>, ordinal: usize) -> Result<Arc<Queue>, CudaError> {
+    let found = QUEUES.with(|q| {
+        q.borrow()
+            .iter()
+            .find(|(o, _)| *o == ordinal)
+            .map(|(_, x)| x.clone())
+    });
+    if let Some(q) = found {
+        return Ok(q);
+    }
+    // Not the legacy default stream: that one cannot be captured as a graph.
+    let stream = ctx.new_stream().map_err(drv)?;
+    ensure_cublas()?;
+    let blas = CudaBlas::new(stream.clone()).map_err(|e| CudaError::NoCublas(e.to_string()))?;
+    let workspace = alloc_on(ctx, "cuBLAS's workspace", CUBLAS_WORKSPACE)?;
+    // SAFETY: the workspace is a live allocation of CUBLAS_WORKSPACE bytes that lives as
+    // long as the handle (both are fields of the queue, the handle dropped first).
+    unsafe {
+        cudarc::cublas::sys::cublasSetWorkspace_v2(
+            *blas.handle(),
+            workspace.ptr as *mut std::ffi::c_void,
+            CUBLAS_WORKSPACE as usize,
+        )
+    }
+    .result()
+    .map_err(|e| CudaError::NoCublas(e.to_string()))?;
+    let q = Arc::new(Queue {
+        stream,
+        blas: Arc::new(blas),
+        _workspace: workspace,
+    });
+    QUEUES.with(|qs| qs.borrow_mut().push((ordinal, q.clone())));
+    Ok(q)
+}
 
 /// Parameters on the device, uploaded once and read by every run that binds them (one
 /// CUDA context per device, so schedules of different executors on it can share them).
@@ -326,22 +380,7 @@ impl CudaExecutor {
             ));
         }
         let ctx = CudaContext::new(ordinal).map_err(|e| CudaError::NoDevice(e.to_string()))?;
-        // Not the legacy default stream: that one cannot be captured as a graph.
-        let stream = ctx.new_stream().map_err(drv)?;
-        ensure_cublas()?;
-        let blas = CudaBlas::new(stream.clone()).map_err(|e| CudaError::NoCublas(e.to_string()))?;
-        let workspace = alloc_on(&ctx, "cuBLAS's workspace", CUBLAS_WORKSPACE)?;
-        // SAFETY: the workspace is a live allocation of CUBLAS_WORKSPACE bytes that lives as
-        // long as the handle (both are fields of the executor).
-        unsafe {
-            cudarc::cublas::sys::cublasSetWorkspace_v2(
-                *blas.handle(),
-                workspace.ptr as *mut std::ffi::c_void,
-                CUBLAS_WORKSPACE as usize,
-            )
-        }
-        .result()
-        .map_err(|e| CudaError::NoCublas(e.to_string()))?;
+        let queue = queue_for(&ctx, ordinal)?;
         let module = module_for(&ctx, ordinal, ptx)?;
         let mut funcs = Vec::with_capacity(entries.len());
         for e in entries {
@@ -360,9 +399,9 @@ impl CudaExecutor {
         };
         Ok(CudaExecutor {
             ctx,
-            stream,
-            blas,
-            _workspace: workspace,
+            stream: queue.stream.clone(),
+            blas: queue.blas.clone(),
+            _queue: queue,
             _module: module,
             funcs,
             to_bf16,
@@ -1409,6 +1448,130 @@ impl CudaExecutor {
             return Ok(Vec::new());
         }
         download(v.buf.ptr, v.len, v.dtype)
+    }
+
+    /// Every parameter on the host (waits for the stream).
+    pub fn download_params(
+        &self,
+        params: &DeviceParams,
+    ) -> Result<HashMap<String, Vec<f32>>, CudaError> {
+        self.ctx.bind_to_thread().map_err(drv)?;
+        self.stream.synchronize().map_err(drv)?;
+        let mut out = HashMap::with_capacity(params.bufs.len());
+        for (name, (d, n)) in &params.bufs {
+            let v = if *n == 0 {
+                Vec::new()
+            } else {
+                download(d.ptr, *n, ir::DType::F32)?
+            };
+            out.insert(name.clone(), v);
+        }
+        Ok(out)
+    }
+
+    /// The 2-norm of every sum (cuBLAS `snrm2`, which scales as it sums; waits).
+    pub fn norms(&self, sums: &DeviceSums) -> Result<HashMap<String, f64>, CudaError> {
+        self.ctx.bind_to_thread().map_err(drv)?;
+        let mut out = HashMap::with_capacity(sums.bufs.len());
+        for (name, (d, n)) in &sums.bufs {
+            let fail = |message: String| CudaError::Gemm {
+                node: name.clone(),
+                message,
+            };
+            let count = i32::try_from(*n).map_err(|_| fail(format!("{n} values exceed i32")))?;
+            let mut norm = 0f32;
+            if count > 0 {
+                // SAFETY: the sum holds n f32 values on this context's device; the result is
+                // written to host memory (cuBLAS's default pointer mode) before it returns.
+                unsafe {
+                    cudarc::cublas::sys::cublasSnrm2_v2(
+                        *self.blas.handle(),
+                        count,
+                        d.ptr as *const f32,
+                        1,
+                        &mut norm,
+                    )
+                }
+                .result()
+                .map_err(|e| fail(e.to_string()))?;
+            }
+            out.insert(name.clone(), f64::from(norm));
+        }
+        self.stream.synchronize().map_err(drv)?;
+        Ok(out)
+    }
+
+    /// One AdamW step of each parameter in `rows` (in place, on the device): `entry` is this
+    /// executor's entry of [`ir::kernel::Kernel::adamw`], `grads` the parameters' gradient
+    /// sums (named `grad.{parameter}`), `m` and `v` the moments, and each row the hyperparameters of one parameter
+    /// ([`ir::kernel::ADAMW_HYPER`] values). Every length is checked before anything
+    /// changes. Waits for the update.
+    pub fn adamw(
+        &self,
+        entry: usize,
+        params: &DeviceParams,
+        grads: &DeviceSums,
+        m: &DeviceParams,
+        v: &DeviceParams,
+        rows: &[(String, [f32; ir::kernel::ADAMW_HYPER])],
+    ) -> Result<(), CudaError> {
+        self.ctx.bind_to_thread().map_err(drv)?;
+        let func = self
+            .funcs
+            .get(entry)
+            .ok_or_else(|| CudaError::Module(format!("no entry {entry} for the AdamW kernel")))?;
+        let mut ptrs = Vec::with_capacity(rows.len());
+        for (name, _) in rows {
+            let get = |what: &'static str, t: &HashMap<String, (DevBuf, usize)>, key: &str| {
+                t.get(key)
+                    .map(|(d, n)| (d.ptr, *n))
+                    .ok_or_else(|| ExecError::Missing {
+                        what,
+                        name: key.to_string(),
+                    })
+            };
+            let (p, n) = get("parameter", &params.bufs, name)?;
+            let parts = [
+                get("gradient", &grads.bufs, &format!("grad.{name}"))?,
+                get("first moment", &m.bufs, name)?,
+                get("second moment", &v.bufs, name)?,
+            ];
+            for (_, len) in parts {
+                check_len(name, len, n)?;
+            }
+            ptrs.push((p, parts[0].0, parts[1].0, parts[2].0, n));
+        }
+        let table: Vec<f32> = rows.iter().flat_map(|(_, r)| r.iter().copied()).collect();
+        let hyper = self.upload("the AdamW hyperparameters", &table)?;
+        for (row, &(p, g, mm, vv, n)) in ptrs.iter().enumerate() {
+            if n == 0 {
+                continue;
+            }
+            let blocks = (n as u64).div_ceil(u64::from(BLOCK)).clamp(1, MAX_BLOCKS) as u32;
+            let sizes = [n as i64, row as i64];
+            let mut lb = self.stream.launch_builder(func);
+            for a in [&p, &g, &mm, &vv, &hyper.ptr] {
+                lb.arg(a);
+            }
+            for s in &sizes {
+                lb.arg(s);
+            }
+            let cfg = LaunchConfig {
+                grid_dim: (blocks, 1, 1),
+                block_dim: (BLOCK, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: the entry is `Kernel::adamw` (param, grad, m, v, hyper; n, row): the four
+            // tensors hold n f32 values each (checked above) and the table a row per
+            // parameter; everything is ordered on the executor's stream.
+            unsafe { lb.launch(cfg) }.map_err(|e| CudaError::Kernel {
+                kernel: "adamw".into(),
+                node: rows[row].0.clone(),
+                message: e.to_string(),
+            })?;
+        }
+        // The table is freed on return: wait for the kernels that read it.
+        self.stream.synchronize().map_err(drv)
     }
 
     /// Downloads every sum (waits for the stream).
