@@ -84,8 +84,9 @@ pub struct KernelInfo {
     pub bufs: Vec<KBufInfo>,
     /// Threads that share each grid point (`ir::lanes`: 1, a warp or a block).
     pub threads_per_point: u32,
-    /// Threads to launch at the artifact's symbol values (grid points x threads per point);
-    /// `None` where an extent is read from a device buffer (the kernel loops over its grid).
+    /// Threads to launch at the artifact's symbol values (grid points / points per thread x
+    /// threads per point); `None` where an extent is read from a device buffer (the kernel
+    /// loops over its grid).
     pub threads: Option<u64>,
 }
 
@@ -370,7 +371,10 @@ fn kernel_info(k: &Kernel, entry: &str, symbols: &[(String, i64)]) -> KernelInfo
         entry: entry.to_string(),
         sizes: k.sizes.clone(),
         threads_per_point: tpp,
-        threads: points.and_then(|p| p.checked_mul(u64::from(tpp))),
+        threads: points.and_then(|p| {
+            p.div_ceil(u64::from(ir::lanes::points_per_thread(k)))
+                .checked_mul(u64::from(tpp))
+        }),
         grid: k.grid.iter().map(|g| g.to_string()).collect(),
         bufs: k
             .bufs

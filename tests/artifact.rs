@@ -394,9 +394,10 @@ fn the_schedule_rebuilt_from_the_manifest_matches_the_compilers() {
                         .map(|e| ir::kernel::eval::extent(e, &sizes).unwrap().unwrap())
                         .product();
                     let tpp = i64::from(ir::lanes::threads_per_point(k));
+                    let per = i64::from(ir::lanes::points_per_thread(k));
                     assert_eq!(
                         l.kernels[*kernel].grid,
-                        vec![ir::kernel::IExpr::Const(points * tpp)]
+                        vec![ir::kernel::IExpr::Const((points + per - 1) / per * tpp)]
                     );
                     assert_eq!(l.kernels[*kernel].name, a.manifest.kernels[*wk].entry);
                     assert_eq!(l.kernels[*kernel].bufs, k.bufs);

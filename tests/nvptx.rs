@@ -212,6 +212,21 @@ fn ssd_matrix_form_kernels_share_only_their_sums() {
             "`{suffix}`: {t:?}"
         );
     }
+    // The masks over `[B, chunks, H, Q, Q]` are straight-line: four points per thread share
+    // the split into coordinates. Kernels with loops keep one.
+    for k in &distinct {
+        let per = ir::lanes::points_per_thread(k);
+        if k.name.starts_with("ssd_scan") && k.name.ends_with("_mask") {
+            assert_eq!(per, ir::lanes::POINTS_PER_THREAD, "`{}`", k.name);
+        }
+        let loops = k
+            .body
+            .iter()
+            .any(|s| matches!(s, ir::kernel::Stmt::For { .. }));
+        if loops || ir::lanes::threads_per_point(k) > 1 {
+            assert_eq!(per, 1, "`{}` has loops", k.name);
+        }
+    }
     let ptx = compile_lowered(&l, Target::Sm90).expect("ptx");
     assemble("mamba2-130m training, the SSD's matrix form", &ptx);
 }

@@ -13,7 +13,9 @@
 //! sizes (i64). The grid extents are computed inside from the sizes, and every thread runs a
 //! grid-stride loop over the flattened, row-major grid (`flat = ctaid.x * ntid.x + tid.x`,
 //! step `nctaid.x * ntid.x`), splitting `flat` into coordinates: any 1-d launch computes every
-//! point exactly once, so the launch shape is only a performance choice.
+//! point exactly once, so the launch shape is only a performance choice. A straight-line
+//! kernel whose last extent is a constant multiple of 4 walks groups of 4 neighbouring
+//! points instead (`ir::lanes::points_per_thread`): one split into coordinates, four bodies.
 //!
 //! # Lanes sharing a point
 //!
@@ -542,6 +544,14 @@ impl<'ctx> Gen<'_, 'ctx> {
             g.set_initializer(&ty.get_undef());
             self.partials = Some(g.as_pointer_value());
         }
+        // Points per thread (consecutive along the last axis, whose constant extent they
+        // divide): the loop below walks groups of them.
+        let per = ir::lanes::points_per_thread(k);
+        if per > 1 {
+            total = self
+                .b
+                .build_int_unsigned_div(total, self.i64c(i64::from(per)), "groups")?;
+        }
         let flat = self.alloca(self.t.i64, "flat")?;
         self.b.build_store(flat, first)?;
         let head = self.ctx.append_basic_block(self.f, "points");
@@ -559,7 +569,11 @@ impl<'ctx> Gen<'_, 'ctx> {
         self.b.position_at_end(body);
         let dims = extents.len();
         let mut coords = vec![self.i64c(0); dims];
-        let mut rest = p;
+        let mut rest = if per > 1 {
+            self.b.build_int_mul(p, self.i64c(i64::from(per)), "")?
+        } else {
+            p
+        };
         for d in (0..dims).rev() {
             if d > 0 {
                 coords[d] = self.b.build_int_unsigned_rem(rest, extents[d], "")?;
@@ -568,8 +582,18 @@ impl<'ctx> Gen<'_, 'ctx> {
                 coords[d] = rest;
             }
         }
-        self.grid = coords;
-        self.block(&k.body)?;
+        // The body once per point of the group (straight-line code: no loop, no array).
+        for u in 0..per {
+            let mut at = coords.clone();
+            if u > 0 {
+                let last = dims - 1;
+                at[last] = self
+                    .b
+                    .build_int_add(coords[last], self.i64c(i64::from(u)), "")?;
+            }
+            self.grid = at;
+            self.block(&k.body)?;
+        }
         let p1 = self.b.build_int_add(p, stride, "")?;
         self.b.build_store(flat, p1)?;
         self.b.build_unconditional_branch(head)?;

@@ -66,6 +66,30 @@ pub fn threads_per_point(k: &Kernel) -> u32 {
     lane_split(k).threads_per_point()
 }
 
+/// Grid points one GPU thread runs in turn: consecutive along the last grid axis.
+pub const POINTS_PER_THREAD: u32 = 4;
+
+/// Grid points per GPU thread of kernel `k`: [`POINTS_PER_THREAD`] for a straight-line body
+/// (no loop, no local array; a point is one thread) whose last grid extent is a constant
+/// multiple of it, else 1. Elementwise kernels over the SSD's `[B, chunks, H, Q, Q]` grids
+/// spend more on working out a point's coordinates (divisions by runtime extents) than on
+/// its few loads and stores; four neighbours share that work.
+pub fn points_per_thread(k: &Kernel) -> u32 {
+    let n = i64::from(POINTS_PER_THREAD);
+    let straight = k.body.iter().all(|s| {
+        !matches!(
+            s,
+            Stmt::For { .. } | Stmt::Array { .. } | Stmt::ArrSet { .. }
+        )
+    });
+    match k.grid.last() {
+        Some(IExpr::Const(e)) if straight && *e >= n && e % n == 0 && k.grid.len() > 1 => {
+            POINTS_PER_THREAD
+        }
+        _ => 1,
+    }
+}
+
 /// Chooses the loops to split (see the module doc).
 pub fn lane_split(k: &Kernel) -> LaneSplit {
     let mut banned: HashSet<LoopId> = HashSet::new();

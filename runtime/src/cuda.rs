@@ -116,7 +116,7 @@ pub struct CudaExecutor {
     /// Threads per grid point of each kernel of the schedule it runs, worked out at the
     /// first bind (an analysis of every kernel body; binds are frequent in checkpointed
     /// training).
-    lanes: std::sync::OnceLock<Vec<u32>>,
+    lanes: std::sync::OnceLock<Vec<(u32, u32)>>,
 }
 
 /// What [`CudaExecutor::set_tf32`] starts as in executors created from now on
@@ -294,8 +294,9 @@ pub struct Bound {
     half_rhs: Vec<Option<u64>>,
     /// Where a bf16 product's input is converted to bf16 (the largest one's size).
     half_lhs: u64,
-    /// Threads per grid point of each kernel (a warp where lanes share loops).
-    lanes: Vec<u32>,
+    /// Threads per grid point of each kernel (a warp where lanes share loops), and grid
+    /// points per thread (`ir::lanes::points_per_thread`).
+    lanes: Vec<(u32, u32)>,
     graph: Option<CudaGraph>,
     /// Its own arena; `None` when it runs in a [`DeviceArena`] it borrows.
     _arena: Option<DevBuf>,
@@ -414,8 +415,18 @@ impl CudaExecutor {
 
     /// Threads per grid point of each of `l`'s kernels (the executor runs one schedule; a
     /// schedule of another kernel count is analysed afresh).
-    fn lanes(&self, l: &Lowered) -> Vec<u32> {
-        let analyse = || l.kernels.iter().map(ir::lanes::threads_per_point).collect();
+    fn lanes(&self, l: &Lowered) -> Vec<(u32, u32)> {
+        let analyse = || {
+            l.kernels
+                .iter()
+                .map(|k| {
+                    (
+                        ir::lanes::threads_per_point(k),
+                        ir::lanes::points_per_thread(k),
+                    )
+                })
+                .collect()
+        };
         let cached = self.lanes.get_or_init(analyse);
         match cached.len() == l.kernels.len() {
             true => cached.clone(),
@@ -1012,7 +1023,7 @@ impl CudaExecutor {
     ) -> Result<(), CudaError> {
         let (k, func) = (&l.kernels[kernel], &self.funcs[kernel]);
         let (ptrs, sizes) = (&b.ptrs, &b.sizes);
-        let lanes = b.lanes.get(kernel).copied().unwrap_or(1);
+        let (lanes, per) = b.lanes.get(kernel).copied().unwrap_or((1, 1));
         let fail = |message: String| CudaError::Kernel {
             kernel: k.name.clone(),
             node: node.to_string(),
@@ -1029,7 +1040,7 @@ impl CudaExecutor {
         }
         let total = match grid_points(&k.grid, sizes) {
             Ok(Some(0)) => return Ok(()),
-            Ok(Some(n)) => n.saturating_mul(u64::from(lanes)),
+            Ok(Some(n)) => n.div_ceil(u64::from(per)).saturating_mul(u64::from(lanes)),
             // Extents read from device buffers: the kernel loops over its grid.
             Ok(None) => MAX_BLOCKS * u64::from(BLOCK),
             Err(m) => return Err(fail(m)),
