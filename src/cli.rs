@@ -395,6 +395,10 @@ pub struct BenchArgs {
     /// With --device cuda (not --generate): also time a whole training step.
     #[arg(long)]
     pub train: bool,
+    /// With --device cuda (not --generate): how activations are stored (bf16: products on
+    /// bf16 operands).
+    #[arg(long, value_enum, default_value = "f32")]
+    pub activations: ActArg,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
@@ -1103,6 +1107,14 @@ fn time_forward(
 
 fn bench(b: &BenchArgs, out: &mut Outcome) {
     use crate::model::{Backend, LoadOptions, Model};
+    if b.activations != ActArg::F32 && (b.generate || b.device != DeviceArg::Cuda) {
+        return fail(
+            out,
+            "error: --activations is for timing forward passes and training steps with \
+             --device cuda"
+                .into(),
+        );
+    }
     if b.generate {
         return bench_generate(b, out);
     }
@@ -2420,17 +2432,16 @@ fn bench_gpu(b: &BenchArgs, out: &mut Outcome) {
                     data.insert("targets".to_string(), HostData::I32(targets.clone()));
                 }
                 let syms = [("B", bs as i64), ("L", l as i64)];
-                let t = match crate::gpu::time_graph(
-                    g,
-                    &passes::LowerOptions::default(),
-                    m.params_f32(),
-                    &syms,
-                    &data,
-                    b.repeat,
-                ) {
-                    Ok(t) => t,
-                    Err(e) => return fail(out, format!("error: {name} {pass}: {e}")),
+                let lower = passes::LowerOptions {
+                    bf16_activations: b.activations == ActArg::Bf16,
+                    ..passes::LowerOptions::default()
                 };
+                let t =
+                    match crate::gpu::time_graph(g, &lower, m.params_f32(), &syms, &data, b.repeat)
+                    {
+                        Ok(t) => t,
+                        Err(e) => return fail(out, format!("error: {name} {pass}: {e}")),
+                    };
                 let total: f64 = t.profile.iter().map(|s| f64::from(s.ms)).sum();
                 let _ = writeln!(
                     out.stderr,

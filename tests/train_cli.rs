@@ -245,3 +245,60 @@ fn grad_with_a_budget_matches_the_interpreter() {
         );
     }
 }
+
+/// `train --activations bf16` learns the periodic stream on the CPU too (bf16 activations,
+/// f32 parameters and update), checkpointed under a budget; `bench` refuses the flag where it
+/// does not apply.
+#[test]
+fn bf16_activations_train_and_bench_refuses_them_on_the_cpu() {
+    let d = dir();
+    let pattern = [5u16, 17, 3, 42, 9, 28, 11];
+    let toks: Vec<u8> = pattern
+        .iter()
+        .cycle()
+        .take(5000)
+        .flat_map(|t| t.to_le_bytes())
+        .collect();
+    let data = d.join("bf16.u16");
+    std::fs::write(&data, toks).unwrap();
+    let bin = env!("CARGO_BIN_EXE_ma2mba");
+    let out = std::process::Command::new(bin)
+        .args([
+            "train",
+            "tiny-mamba2",
+            "--data",
+            data.to_str().unwrap(),
+            "--seq-len",
+            "24",
+            "--batch",
+            "4",
+            "--steps",
+            "60",
+            "--lr",
+            "1e-2",
+            "--log-every",
+            "20",
+            "--activations",
+            "bf16",
+            "--budget",
+            "50MB",
+        ])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("bf16 activations"), "{stdout}");
+    let losses = loss_lines(&stdout);
+    assert!(losses.len() >= 3, "{stdout}");
+    assert!(
+        losses.iter().all(|l| l.is_finite()) && losses[losses.len() - 1] < 0.5 * losses[0],
+        "the loss did not fall: {losses:?}"
+    );
+    let o = common::cli(&["bench", "--activations", "bf16", "--models", "tiny-mamba"]);
+    assert_eq!(o.code, 1);
+    assert!(o.stderr.contains("--activations is for"), "{}", o.stderr);
+}
