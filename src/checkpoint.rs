@@ -61,21 +61,25 @@ enum Params<'a> {
     },
 }
 
-/// A value between stage runs: token ids, f32 values on the host, or (GPU) values in device
-/// memory (f32, or bf16 activations).
+/// A value between stage runs: token ids, f32 or bf16 (bf16 activations) values on the host,
+/// or (GPU) values in device memory (f32 or bf16).
 enum Val {
     Ids(Vec<i32>),
     F32(Vec<f32>),
+    /// The bits of bf16 values: a CPU stage's bf16 output, held at 2 bytes per value as the
+    /// planner prices it (the CPU executor reads and returns f32, rounded exactly back).
+    Bf16(Vec<u16>),
     #[cfg(feature = "cuda")]
     Dev(runtime::cuda::DeviceValue),
 }
 
 impl Val {
-    /// Bytes held (a CPU value is f32 on the host even where the schedule stores bf16).
+    /// Bytes held.
     fn bytes(&self) -> u64 {
         match self {
             Val::Ids(v) => 4 * v.len() as u64,
             Val::F32(v) => 4 * v.len() as u64,
+            Val::Bf16(v) => 2 * v.len() as u64,
             #[cfg(feature = "cuda")]
             Val::Dev(v) => v.len() as u64 * v.dtype().size(),
         }
@@ -93,15 +97,21 @@ fn to_host(name: &str) -> bool {
 /// The CPU executor's inputs and states.
 type HostMaps = (HashMap<String, HostData>, HashMap<String, Vec<f32>>);
 
-/// Host values into the CPU executor's maps (moved, not copied).
-fn host_maps(data: &mut Vals, states: &mut Vals) -> Result<HostMaps, Error> {
+/// Host values into the CPU executor's maps (moved, not copied; bf16 values widened, their
+/// names returned so they go back narrowed).
+fn host_maps(data: &mut Vals, states: &mut Vals) -> Result<(HostMaps, Vec<String>), Error> {
     let mut d = HashMap::with_capacity(data.len());
+    let mut halves = Vec::new();
     for (k, v) in data.drain() {
+        if matches!(v, Val::Bf16(_)) {
+            halves.push(k.clone());
+        }
         d.insert(
             k,
             match v {
                 Val::Ids(x) => HostData::I32(x),
                 Val::F32(x) => HostData::F32(x),
+                Val::Bf16(x) => HostData::F32(runtime::cpu::from_bf16_bits(&x)),
                 #[cfg(feature = "cuda")]
                 Val::Dev(_) => return Err(on_device()),
             },
@@ -114,7 +124,7 @@ fn host_maps(data: &mut Vals, states: &mut Vals) -> Result<HostMaps, Error> {
             _ => return Err(on_device()),
         };
     }
-    Ok((d, st))
+    Ok(((d, st), halves))
 }
 
 fn on_device() -> Error {
@@ -153,18 +163,37 @@ impl StageGraph {
     ) -> Result<(Vals, u64), Error> {
         match (self, params) {
             (StageGraph::Cpu(c), Params::Host(p)) => {
-                let (d, st) = host_maps(data, states)?;
+                let ((d, st), halves) = host_maps(data, states)?;
                 let run = c.run(syms, &d, p, &st);
                 data.extend(d.into_iter().map(|(k, v)| {
                     let v = match v {
                         HostData::I32(x) => Val::Ids(x),
+                        HostData::F32(x) if halves.contains(&k) => {
+                            Val::Bf16(runtime::cpu::to_bf16_bits(&x))
+                        }
                         HostData::F32(x) => Val::F32(x),
                     };
                     (k, v)
                 }));
                 states.extend(st.into_iter().map(|(k, v)| (k, Val::F32(v))));
                 let (outs, prof) = run?;
-                let outs = outs.into_iter().map(|(k, v)| (k, Val::F32(v))).collect();
+                let l = &c.lowered;
+                let bf16 = |name: &str| {
+                    l.outputs
+                        .iter()
+                        .any(|(n, b)| n == name && l.buffers[*b].dtype == ir::DType::BF16)
+                };
+                let outs = outs
+                    .into_iter()
+                    .map(|(k, v)| {
+                        let v = if bf16(&k) {
+                            Val::Bf16(runtime::cpu::to_bf16_bits(&v))
+                        } else {
+                            Val::F32(v)
+                        };
+                        (k, v)
+                    })
+                    .collect();
                 Ok((outs, prof.arena_bytes))
             }
             #[cfg(feature = "cuda")]
@@ -192,6 +221,7 @@ impl StageGraph {
                     let d = match v {
                         Val::Ids(x) => HostData::I32(x.clone()),
                         Val::F32(x) => HostData::F32(x.clone()),
+                        Val::Bf16(x) => HostData::F32(runtime::cpu::from_bf16_bits(x)),
                         Val::Dev(x) => {
                             device.insert(k.clone(), x);
                             continue;
@@ -207,7 +237,9 @@ impl StageGraph {
                         Val::Dev(x) => {
                             device.insert(k.clone(), x);
                         }
-                        Val::Ids(_) => return Err(Error::Input(format!("state `{k}` holds ids"))),
+                        Val::Ids(_) | Val::Bf16(_) => {
+                            return Err(Error::Input(format!("state `{k}` is not f32")));
+                        }
                     }
                 }
                 let mut sums = grads.borrow_mut();
@@ -246,6 +278,7 @@ impl StageGraph {
     fn download(&self, v: Val) -> Result<Vec<f32>, Error> {
         match (v, self) {
             (Val::F32(x), _) => Ok(x),
+            (Val::Bf16(x), _) => Ok(runtime::cpu::from_bf16_bits(&x)),
             (Val::Ids(_), _) => Err(Error::Input("token ids where values were expected".into())),
             #[cfg(feature = "cuda")]
             (Val::Dev(x), StageGraph::Gpu(g)) => g

@@ -487,6 +487,15 @@ fn checkpointed_bf16_steps_match_keeping_everything() {
                 .expect("runs")
         };
         let (out, kept_out) = (run(&plan), run(&kept));
+        // The planner priced bf16 activations at 2 bytes; the executor held them so.
+        assert_eq!(
+            out.peak_bytes, plan.peak,
+            "{what}: planned vs measured peak"
+        );
+        assert_eq!(
+            kept_out.peak_bytes, kept.peak,
+            "{what}: planned vs measured peak"
+        );
         let (f32_loss, f32_grads) = whole(&g, &HashMap::new(), &params, &ids, &targets, b, l);
         assert_ne!(out.loss, f32_loss, "{what}: bf16 changed nothing");
         assert!(

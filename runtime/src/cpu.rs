@@ -372,9 +372,16 @@ pub fn execute_in(
 }
 
 /// The bits of `v` rounded to bf16 (nearest even).
-fn to_bf16_bits(v: &[f32]) -> Vec<u16> {
+pub fn to_bf16_bits(v: &[f32]) -> Vec<u16> {
     v.iter()
         .map(|&x| half::bf16::from_f32(x).to_bits())
+        .collect()
+}
+
+/// bf16 bits as f32 values (exact).
+pub fn from_bf16_bits(bits: &[u16]) -> Vec<f32> {
+    bits.iter()
+        .map(|&b| half::bf16::from_bits(b).to_f32())
         .collect()
 }
 
@@ -385,11 +392,7 @@ fn widened(info: &ir::schedule::BufInfo, p: *mut u8, len: usize) -> Option<Vec<f
     }
     // SAFETY: callers pass a bf16 buffer's pointer and at most its planned element count.
     let bits = unsafe { std::slice::from_raw_parts(p as *const u16, len) };
-    Some(
-        bits.iter()
-            .map(|&b| half::bf16::from_bits(b).to_f32())
-            .collect(),
-    )
+    Some(from_bf16_bits(bits))
 }
 
 /// `c [m, n] = a [m, k] @ w^T` for a weight stored `[n, k]` and few rows (the decode step):

@@ -766,11 +766,7 @@ impl CudaExecutor {
             // An f32 activation from the host into a bf16 buffer: rounded here.
             // SAFETY: a bf16 buffer is written only from f32 data (`int` is false).
             let f = unsafe { std::slice::from_raw_parts(data.as_ptr().cast::<f32>(), data.len()) };
-            let bits: Vec<u16> = f
-                .iter()
-                .map(|&x| half::bf16::from_f32(x).to_bits())
-                .collect();
-            return self.copy_in(b.ptrs[i], &bits);
+            return self.copy_in(b.ptrs[i], &crate::cpu::to_bf16_bits(f));
         }
         self.copy_in(b.ptrs[i], data)
     }
@@ -1651,10 +1647,7 @@ fn download(ptr: u64, n: usize, dtype: ir::DType) -> Result<Vec<f32>, CudaError>
             let mut bits = vec![0u16; n];
             // SAFETY: the caller's buffer holds `n` bf16 values at `ptr`.
             unsafe { result::memcpy_dtoh_sync(&mut bits, ptr) }.map_err(drv)?;
-            Ok(bits
-                .into_iter()
-                .map(|x| half::bf16::from_bits(x).to_f32())
-                .collect())
+            Ok(crate::cpu::from_bf16_bits(&bits))
         }
         d => Err(ExecError::Plan(format!("cannot read {d} values as f32")).into()),
     }
