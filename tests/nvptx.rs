@@ -230,3 +230,17 @@ fn ssd_matrix_form_kernels_share_only_their_sums() {
     let ptx = compile_lowered(&l, Target::Sm90).expect("ptx");
     assemble("mamba2-130m training, the SSD's matrix form", &ptx);
 }
+
+/// The optimizer's kernel (`Kernel::adamw`, run by checkpointed GPU training) compiles for
+/// both targets and ptxas accepts it: one point per thread, no lanes.
+#[test]
+fn the_adamw_kernel_assembles() {
+    let k = ir::kernel::Kernel::adamw("ma2mba_adamw");
+    assert_eq!(ir::lanes::threads_per_point(&k), 1);
+    assert_eq!(ir::lanes::points_per_thread(&k), 1);
+    for target in [Target::Sm90, Target::Sm80] {
+        let ptx = codegen::nvptx::compile_ptx(std::slice::from_ref(&k), target).expect("ptx");
+        assert_eq!(ptx.entries.len(), 1);
+        assemble(&format!("adamw {target:?}"), &ptx);
+    }
+}
