@@ -9,6 +9,20 @@ fn dir() -> std::path::PathBuf {
     d
 }
 
+/// A periodic stream of 5000 u16 tokens in `d/name` (next-token prediction is learnable).
+fn periodic(d: &std::path::Path, name: &str) -> std::path::PathBuf {
+    let pattern = [5u16, 17, 3, 42, 9, 28, 11];
+    let toks: Vec<u8> = pattern
+        .iter()
+        .cycle()
+        .take(5000)
+        .flat_map(|t| t.to_le_bytes())
+        .collect();
+    let data = d.join(name);
+    std::fs::write(&data, toks).unwrap();
+    data
+}
+
 fn loss_lines(stdout: &str) -> Vec<f64> {
     stdout
         .lines()
@@ -26,16 +40,7 @@ fn loss_lines(stdout: &str) -> Vec<f64> {
 #[test]
 fn train_learns_saves_and_resumes() {
     let d = dir();
-    // A periodic stream: next-token prediction is learnable.
-    let pattern = [5u16, 17, 3, 42, 9, 28, 11];
-    let toks: Vec<u8> = pattern
-        .iter()
-        .cycle()
-        .take(5000)
-        .flat_map(|t| t.to_le_bytes())
-        .collect();
-    let data = d.join("data.u16");
-    std::fs::write(&data, toks).unwrap();
+    let data = periodic(&d, "data.u16");
     let ck = d.join("ck.safetensors");
     let bin = env!("CARGO_BIN_EXE_ma2mba");
     let run = |args: &[&str]| {
@@ -252,15 +257,7 @@ fn grad_with_a_budget_matches_the_interpreter() {
 #[test]
 fn bf16_activations_train_and_bench_refuses_them_on_the_cpu() {
     let d = dir();
-    let pattern = [5u16, 17, 3, 42, 9, 28, 11];
-    let toks: Vec<u8> = pattern
-        .iter()
-        .cycle()
-        .take(5000)
-        .flat_map(|t| t.to_le_bytes())
-        .collect();
-    let data = d.join("bf16.u16");
-    std::fs::write(&data, toks).unwrap();
+    let data = periodic(&d, "bf16.u16");
     let bin = env!("CARGO_BIN_EXE_ma2mba");
     let out = std::process::Command::new(bin)
         .args([

@@ -18,7 +18,7 @@
 //!   runs, not for the whole step).
 
 use super::{BufId, BufInfo, BufKind, Lowered, Step, dim_index};
-use ir::kernel::{Expr, IExpr, KBuf, Kernel, Stmt};
+use ir::kernel::{IExpr, Kernel};
 use ir::{DType, Graph, InputKind, Op};
 use std::collections::HashMap;
 
@@ -204,29 +204,11 @@ fn converted(l: &mut Lowered, src: BufId, to: DType, node: ir::NodeId) -> BufId 
         shape: info.shape.clone(),
         value: info.value,
     });
-    let i = IExpr::Grid(0);
-    l.kernels.push(Kernel {
-        name: format!("to_{}", to.name()),
-        bufs: vec![
-            KBuf {
-                name: format!("buf{src}"),
-                dtype: from,
-                writable: false,
-            },
-            KBuf {
-                name: format!("buf{dst}"),
-                dtype: to,
-                writable: true,
-            },
-        ],
-        sizes: l.syms.clone(),
-        grid: vec![numel],
-        body: vec![Stmt::Store {
-            buf: 1,
-            index: i.clone(),
-            value: Expr::Load { buf: 0, index: i },
-        }],
-    });
+    // The runtime's conversion kernel, over the buffer's elements at the schedule's sizes.
+    let mut k = Kernel::convert(&format!("to_{}", to.name()), from, to);
+    k.sizes = l.syms.clone();
+    k.grid = vec![numel];
+    l.kernels.push(k);
     l.steps.push(Step::Kernel {
         kernel: l.kernels.len() - 1,
         bufs: vec![src, dst],
