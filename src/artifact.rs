@@ -88,6 +88,9 @@ pub struct KernelInfo {
     /// threads per point); `None` where an extent is read from a device buffer (the kernel
     /// loops over its grid).
     pub threads: Option<u64>,
+    /// Dynamic shared memory per block of a tiled kernel (`ir::tile::shared_bytes`).
+    #[serde(default)]
+    pub shared_bytes: u32,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -371,6 +374,7 @@ fn kernel_info(k: &Kernel, entry: &str, symbols: &[(String, i64)]) -> KernelInfo
         entry: entry.to_string(),
         sizes: k.sizes.clone(),
         threads_per_point: tpp,
+        shared_bytes: ir::tile::shared_bytes(k) as u32,
         threads: points.and_then(|p| {
             p.div_ceil(u64::from(ir::lanes::points_per_thread(k)))
                 .checked_mul(u64::from(tpp))
@@ -638,13 +642,32 @@ impl Artifact {
                 })
                 .collect::<Result<_, String>>()?;
             // A grid read from device buffers: launch the most the runtime launches.
-            let threads = k.threads.unwrap_or(i64::MAX as u64);
+            let mut threads = k.threads.unwrap_or(i64::MAX as u64);
+            let mut body = Vec::new();
+            if k.shared_bytes > 0 {
+                // A tiled kernel: a block per point, and one tile standing for its shared
+                // memory (`ir::tile::layout` pads a row by 16 bytes).
+                threads /= u64::from(ir::tile::TILE_THREADS);
+                let pad = ir::tile::ROW_PAD_BYTES as u32;
+                if k.shared_bytes % 16 != 0 || k.shared_bytes <= pad {
+                    return Err(format!(
+                        "manifest: kernel `{}` has {} bytes of shared memory",
+                        k.name, k.shared_bytes
+                    ));
+                }
+                body.push(ir::kernel::Stmt::Tile {
+                    tile: ir::kernel::TileId(0),
+                    dtype: ir::DType::BF16,
+                    rows: 1,
+                    cols: ((k.shared_bytes - pad) / 2) as usize,
+                });
+            }
             kernels.push(Kernel {
                 name: k.entry.clone(),
                 bufs,
                 sizes: k.sizes.clone(),
                 grid: vec![IExpr::Const(i64::try_from(threads).unwrap_or(i64::MAX))],
-                body: Vec::new(),
+                body,
             });
         }
         let node = |s: &str| {

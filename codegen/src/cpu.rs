@@ -58,7 +58,7 @@ use cranelift_codegen::settings::{self, Configurable};
 use cranelift_frontend::{FunctionBuilder, FunctionBuilderContext, Variable};
 use cranelift_jit::{JITBuilder, JITModule};
 use cranelift_module::{FuncId, Linkage, Module, ModuleError, default_libcall_names};
-use ir::kernel::{ArrId, Expr, IExpr, Kernel, KernelError, LoopId, Stmt, VarId};
+use ir::kernel::{ArrId, Expr, IExpr, Kernel, KernelError, LoopId, Stmt, TileId, VarId};
 use ir::{BinaryOp, DType, UnaryOp};
 use rayon::prelude::*;
 
@@ -420,6 +420,7 @@ impl CpuModule {
             vars: HashMap::new(),
             loops: HashMap::new(),
             arrs: HashMap::new(),
+            tiles: HashMap::new(),
             helpers,
             local_bytes: 0,
             exact: self.opts.exact_math,
@@ -456,6 +457,7 @@ fn module_err(k: &Kernel, func: &cranelift_codegen::ir::Function, e: ModuleError
 const FAIL_BUF: i64 = 1;
 const FAIL_ARR: i64 = 2;
 const FAIL_DIV: i64 = 3;
+const FAIL_TILE: i64 = 4;
 
 struct Lower<'a> {
     k: &'a Kernel,
@@ -471,6 +473,8 @@ struct Lower<'a> {
     vars: HashMap<VarId, Variable>,
     loops: HashMap<LoopId, Variable>,
     arrs: HashMap<ArrId, (StackSlot, usize)>,
+    /// Tiles as stack slots (row-major, unpadded): slot, dtype, rows, cols.
+    tiles: HashMap<TileId, (StackSlot, DType, usize, usize)>,
     helpers: HashMap<Helper, FuncRef>,
     local_bytes: usize,
     /// Transcendentals through the evaluator's f64 formulas (`CpuOptions::exact_math`).
@@ -637,18 +641,7 @@ impl Lower<'_> {
                     self.b.def_var(x, v);
                 }
                 Stmt::Array { arr, len, init } => {
-                    let bytes = len
-                        .checked_mul(4)
-                        .filter(|b| {
-                            self.local_bytes.saturating_add(*b) <= MAX_LOCAL_BYTES
-                                && u32::try_from(*b).is_ok()
-                        })
-                        .ok_or_else(|| {
-                            self.unsupported(format!(
-                                "local arrays larger than {MAX_LOCAL_BYTES} bytes in all"
-                            ))
-                        })?;
-                    self.local_bytes += bytes;
+                    let bytes = self.local(len.saturating_mul(4))? as usize;
                     let slot = self.b.create_sized_stack_slot(StackSlotData::new(
                         StackSlotKind::ExplicitSlot,
                         bytes as u32,
@@ -726,9 +719,103 @@ impl Lower<'_> {
                     let v = self.expr(value)?;
                     self.store(dtype, v, addr)?;
                 }
+                Stmt::Tile {
+                    tile,
+                    dtype,
+                    rows,
+                    cols,
+                } => {
+                    let bytes = self.local(rows * cols * elem_bytes(*dtype))?;
+                    let slot = self.b.create_sized_stack_slot(StackSlotData::new(
+                        StackSlotKind::ExplicitSlot,
+                        bytes,
+                        4,
+                    ));
+                    self.tiles.insert(*tile, (slot, *dtype, *rows, *cols));
+                }
+                // One thread runs the point: the iterations in order.
+                Stmt::Each {
+                    counters,
+                    extents,
+                    body,
+                } => {
+                    let mut nest = body.clone();
+                    for (c, e) in counters.iter().zip(extents).rev() {
+                        nest = vec![Stmt::For {
+                            counter: *c,
+                            extent: e.clone(),
+                            body: nest,
+                        }];
+                    }
+                    self.block(&nest)?;
+                }
+                Stmt::TileSet {
+                    tile,
+                    row,
+                    col,
+                    value,
+                } => {
+                    let (addr, dtype) = self.tile_addr(*tile, row, col)?;
+                    let v = self.expr(value)?;
+                    self.store(dtype, v, addr)?;
+                }
+                Stmt::Mma {
+                    acc,
+                    a,
+                    b,
+                    accumulate,
+                } => {
+                    let loops = ir::tile::mma_as_loops(self.k, (*acc, *a, *b), *accumulate);
+                    self.block(&loops)?;
+                }
             }
         }
         Ok(())
+    }
+
+    /// Claims `bytes` of the kernel's stack for local arrays and tiles.
+    fn local(&mut self, bytes: usize) -> Result<u32, CodegenError> {
+        let fits = self.local_bytes.saturating_add(bytes) <= MAX_LOCAL_BYTES;
+        match u32::try_from(bytes) {
+            Ok(b) if fits => {
+                self.local_bytes += bytes;
+                Ok(b)
+            }
+            _ => Err(self.unsupported(format!(
+                "local arrays and tiles larger than {MAX_LOCAL_BYTES} bytes in all"
+            ))),
+        }
+    }
+
+    /// The address of tile element `[row, col]`, and the tile's dtype.
+    fn tile_addr(
+        &mut self,
+        tile: TileId,
+        row: &IExpr,
+        col: &IExpr,
+    ) -> Result<(Value, DType), CodegenError> {
+        let (slot, dtype, rows, cols) = *self
+            .tiles
+            .get(&tile)
+            .ok_or_else(|| self.unsupported(format!("tile t{} undeclared", tile.0)))?;
+        let r = self.iexpr(row)?;
+        let c = self.iexpr(col)?;
+        let at = self.b.ins().imul_imm_s(r, cols as i64);
+        let i = self.b.ins().iadd(at, c);
+        if self.fail.is_some() {
+            let n = self.b.ins().iconst(types::I64, (rows * cols) as i64);
+            let bad_c = self
+                .b
+                .ins()
+                .icmp_imm_s(IntCC::UnsignedGreaterThanOrEqual, c, cols as i64);
+            let bad_i = self.b.ins().icmp(IntCC::UnsignedGreaterThanOrEqual, i, n);
+            let bad = self.b.ins().bor(bad_c, bad_i);
+            self.check(bad, FAIL_TILE, i64::from(tile.0), i, n);
+        }
+        let base = self.b.ins().stack_addr(self.ptr, slot, 0);
+        let off = self.b.ins().ishl_imm_s(i, elem_shift(dtype));
+        let off = self.index_to_ptr(off);
+        Ok((self.b.ins().iadd(base, off), dtype))
     }
 
     fn dtype(&self, buf: usize) -> Result<DType, CodegenError> {
@@ -893,6 +980,10 @@ impl Lower<'_> {
             Expr::FromIndex(i) => {
                 let i = self.iexpr(i)?;
                 self.b.ins().fcvt_from_sint(types::F32, i)
+            }
+            Expr::TileLoad { tile, row, col } => {
+                let (addr, dtype) = self.tile_addr(*tile, row, col)?;
+                self.load(dtype, addr)?
             }
         })
     }
@@ -1272,6 +1363,7 @@ impl CpuKernel {
             }
             FAIL_ARR => format!("access to local array a{which} out of bounds"),
             FAIL_DIV => "division by a divisor that is not positive".into(),
+            FAIL_TILE => format!("access to tile t{which} out of bounds"),
             _ => format!("unknown violation {kind}"),
         };
         CodegenError::OutOfBounds {
@@ -1564,6 +1656,19 @@ impl StaticEval<'_> {
                     let n = self.extent_estimate(extent);
                     n * (2.0 + self.block_cost(body))
                 }
+                Stmt::Each { extents, body, .. } => {
+                    let n: f64 = extents.iter().map(|e| self.extent_estimate(e)).product();
+                    n * (2.0 + self.block_cost(body))
+                }
+                Stmt::Tile { .. } => 0.0,
+                Stmt::TileSet { value, .. } => 2.0 + expr_cost(value),
+                Stmt::Mma { acc, a, .. } => {
+                    let (slots, _) = ir::tile::layout(self.k);
+                    match (slots.get(acc), slots.get(a)) {
+                        (Some(c), Some(a)) => 3.0 * (c.rows * c.cols * a.cols) as f64,
+                        _ => 0.0,
+                    }
+                }
             })
             .sum()
     }
@@ -1577,7 +1682,9 @@ fn ceil_div(a: i64, b: i64) -> i64 {
 fn expr_cost(e: &Expr) -> f64 {
     match e {
         Expr::Const(_) | Expr::Var(_) => 0.0,
-        Expr::Load { .. } | Expr::ArrLoad { .. } | Expr::FromIndex(_) => 2.0,
+        Expr::Load { .. } | Expr::ArrLoad { .. } | Expr::FromIndex(_) | Expr::TileLoad { .. } => {
+            2.0
+        }
         Expr::Unary(op, a) => {
             let c = match op {
                 UnaryOp::Neg | UnaryOp::Recip | UnaryOp::Sqrt => 1.0,

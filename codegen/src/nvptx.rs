@@ -72,9 +72,10 @@ use inkwell::values::{
 };
 use inkwell::{AddressSpace, FloatPredicate, IntPredicate};
 
-use ir::kernel::{ArrId, Expr, IExpr, Kernel, KernelError, LoopId, Stmt, VarId};
+use ir::kernel::{ArrId, Expr, IExpr, Kernel, KernelError, LoopId, Stmt, TileId, VarId};
 use ir::lanes::{LaneSplit, WARP, lane_split};
 use ir::schedule::Lowered;
+use ir::tile::TileSlot;
 use ir::{BinaryOp, DType, UnaryOp};
 
 use crate::math;
@@ -363,6 +364,9 @@ struct Gen<'a, 'ctx> {
     lane: Option<IntValue<'ctx>>,
     /// Shared memory for combining reductions across the warps of a block.
     partials: Option<PointerValue<'ctx>>,
+    /// A tiled kernel's tiles in its dynamic shared memory (`smem`).
+    tiles: HashMap<TileId, TileSlot>,
+    smem: Option<PointerValue<'ctx>>,
 }
 
 fn build_kernel<'ctx>(
@@ -448,6 +452,8 @@ fn build_kernel<'ctx>(
         split: lane_split(k),
         lane: None,
         partials: None,
+        tiles: HashMap::new(),
+        smem: None,
     };
     g.function()?;
     g.ab.build_unconditional_branch(start)?;
@@ -533,7 +539,25 @@ impl<'ctx> Gen<'_, 'ctx> {
             first = self.b.build_int_unsigned_div(first, lanes, "")?;
             stride = self.b.build_int_unsigned_div(stride, lanes, "")?;
         }
-        if threads > WARP {
+        if ir::tile::is_tiled(k) {
+            // Dynamic shared memory (`extern __shared__`), sized at launch by
+            // `ir::tile::shared_bytes`; every kernel's tiles start at its beginning.
+            let name = "ma2mba_tiles";
+            let g = match self.module.get_global(name) {
+                Some(g) => g,
+                None => {
+                    let ty = self.ctx.i8_type().array_type(0);
+                    let g = self
+                        .module
+                        .add_global(ty, Some(AddressSpace::from(3u16)), name);
+                    g.set_linkage(inkwell::module::Linkage::External);
+                    g.set_alignment(16);
+                    g
+                }
+            };
+            self.smem = Some(g.as_pointer_value());
+            self.tiles = ir::tile::layout(k).0;
+        } else if threads > WARP {
             let ty = self.t.f32.array_type(threads / WARP);
             let g = self.module.add_global(
                 ty,
@@ -717,9 +741,311 @@ impl<'ctx> Gen<'_, 'ctx> {
                     let v = self.expr(value)?;
                     self.store(dtype, v, a)?;
                 }
+                // Laid out once for the whole kernel (`function`).
+                Stmt::Tile { .. } => {}
+                Stmt::Each {
+                    counters,
+                    extents,
+                    body,
+                } => self.each(counters, extents, body)?,
+                Stmt::TileSet {
+                    tile,
+                    row,
+                    col,
+                    value,
+                } => {
+                    let (a, dtype) = self.tile_addr(*tile, row, col)?;
+                    let v = self.expr(value)?;
+                    self.store(dtype, v, a)?;
+                }
+                Stmt::Mma {
+                    acc,
+                    a,
+                    b,
+                    accumulate,
+                } => self.mma((*acc, *a, *b), *accumulate)?,
             }
         }
         Ok(())
+    }
+
+    fn tile_slot(&self, tile: TileId) -> G<TileSlot> {
+        match self.tiles.get(&tile) {
+            Some(s) => Ok(*s),
+            None => self.unsupported(format!("tile t{} undeclared", tile.0)),
+        }
+    }
+
+    /// The shared-memory address of element `[r, c]` of a tile.
+    fn tile_elem(
+        &self,
+        s: TileSlot,
+        r: IntValue<'ctx>,
+        c: IntValue<'ctx>,
+    ) -> G<PointerValue<'ctx>> {
+        let Some(smem) = self.smem else {
+            return self.unsupported("a tile in a kernel without shared memory".into());
+        };
+        let elem = self.i64c(s.dtype.size() as i64);
+        let i = self
+            .b
+            .build_int_mul(r, self.i64c(s.row_stride as i64), "")?;
+        let i = self.b.build_int_add(i, c, "")?;
+        let bytes = self.b.build_int_mul(i, elem, "")?;
+        let bytes = self
+            .b
+            .build_int_add(bytes, self.i64c(s.offset as i64), "")?;
+        // SAFETY: an address inside the kernel's dynamic shared memory (indices in bounds
+        // are the kernel IR's contract; the launch gives `ir::tile::shared_bytes`).
+        Ok(unsafe {
+            self.b
+                .build_in_bounds_gep(self.ctx.i8_type(), smem, &[bytes], "")?
+        })
+    }
+
+    fn tile_addr(
+        &mut self,
+        tile: TileId,
+        row: &IExpr,
+        col: &IExpr,
+    ) -> G<(PointerValue<'ctx>, DType)> {
+        let s = self.tile_slot(tile)?;
+        let r = self.iexpr(row)?;
+        let c = self.iexpr(col)?;
+        Ok((self.tile_elem(s, r, c)?, s.dtype))
+    }
+
+    /// `Each`: the block's threads take the flattened iterations in turn (thread `l` runs
+    /// `l, l + 256, ...`, the last counter fastest, so neighbouring threads touch
+    /// neighbouring elements), then wait at a barrier.
+    fn each(&mut self, counters: &[LoopId], extents: &[IExpr], body: &[Stmt]) -> G<()> {
+        let Some(lane) = self.lane else {
+            return self.unsupported("an Each outside a tiled kernel".into());
+        };
+        let mut ext = Vec::with_capacity(extents.len());
+        for e in extents {
+            ext.push(self.iexpr(e)?);
+        }
+        let mut total = self.i64c(1);
+        for e in &ext {
+            total = self.b.build_int_mul(total, *e, "")?;
+        }
+        let flat = self.alloca(self.t.i64, "each")?;
+        self.b.build_store(flat, lane)?;
+        let slots: Vec<PointerValue<'ctx>> = counters
+            .iter()
+            .map(|c| self.alloca(self.t.i64, &format!("i{}", c.0)))
+            .collect::<G<_>>()?;
+        let head = self.ctx.append_basic_block(self.f, "each");
+        let next = self.ctx.append_basic_block(self.f, "each_body");
+        let done = self.ctx.append_basic_block(self.f, "each_done");
+        self.b.build_unconditional_branch(head)?;
+        self.b.position_at_end(head);
+        let f = self.b.build_load(self.t.i64, flat, "")?.into_int_value();
+        let more = self.b.build_int_compare(IntPredicate::SLT, f, total, "")?;
+        self.b.build_conditional_branch(more, next, done)?;
+        self.b.position_at_end(next);
+        let mut rest = f;
+        for d in (0..ext.len()).rev() {
+            let v = if d > 0 {
+                let v = self.b.build_int_unsigned_rem(rest, ext[d], "")?;
+                rest = self.b.build_int_unsigned_div(rest, ext[d], "")?;
+                v
+            } else {
+                rest
+            };
+            self.b.build_store(slots[d], v)?;
+        }
+        let outer: Vec<_> = counters
+            .iter()
+            .zip(&slots)
+            .map(|(c, p)| self.loops.insert(*c, *p))
+            .collect();
+        self.block(body)?;
+        for (c, o) in counters.iter().zip(outer) {
+            match o {
+                Some(o) => self.loops.insert(*c, o),
+                None => self.loops.remove(c),
+            };
+        }
+        let f1 = self
+            .b
+            .build_int_add(f, self.i64c(i64::from(ir::tile::TILE_THREADS)), "")?;
+        self.b.build_store(flat, f1)?;
+        self.b.build_unconditional_branch(head)?;
+        self.b.position_at_end(done);
+        self.barrier()
+    }
+
+    /// `acc (+)= a bᵀ` on the tensor cores (`mma.sync.m16n8k16`, bf16 in, f32 accumulate).
+    /// Each warp takes output blocks of `16·mt x 8·nt` in turn and keeps them in registers
+    /// over the whole depth; operand fragments are 32-bit shared loads of two neighbouring
+    /// `k` elements (both tiles are `k`-contiguous, as the instruction's `row.col` wants).
+    /// Fragment layout (PTX ISA, `m16n8k16` bf16): lane `l`, `g = l / 4`, `t = l % 4`; A
+    /// registers hold rows `g`, `g + 8` at columns `2t`, `2t + 8` (pairs); B registers hold
+    /// columns `2t`, `2t + 8` (pairs along `k`) of output column `g`; C/D hold row `g`
+    /// (then `g + 8`), columns `2t, 2t + 1`.
+    fn mma(&mut self, (acc, a, b): (TileId, TileId, TileId), accumulate: bool) -> G<()> {
+        let Some(lane) = self.lane else {
+            return self.unsupported("a tile product outside a tiled kernel".into());
+        };
+        let (cs, as_, bs) = (self.tile_slot(acc)?, self.tile_slot(a)?, self.tile_slot(b)?);
+        let (m, n, depth) = (cs.rows as i64, cs.cols as i64, as_.cols as i64);
+        let mt: i64 = if m % 32 == 0 { 2 } else { 1 };
+        let nt: i64 = [4, 2, 1]
+            .into_iter()
+            .find(|x| n % (8 * x) == 0)
+            .unwrap_or(1);
+        let tiles_n = n / (8 * nt);
+        let blocks = (m / (16 * mt)) * tiles_n;
+        let warps = i64::from(ir::tile::TILE_THREADS / WARP);
+        let c = |v: i64| self.i64c(v);
+        let b = &self.b;
+        let warp = b.build_int_unsigned_div(lane, c(i64::from(WARP)), "warp")?;
+        let l = b.build_int_unsigned_rem(lane, c(i64::from(WARP)), "")?;
+        let g = b.build_int_unsigned_div(l, c(4), "g")?;
+        let t2 = b.build_int_mul(b.build_int_unsigned_rem(l, c(4), "")?, c(2), "t2")?;
+
+        let f32t = self.t.f32;
+        let i32t = self.t.i32;
+        let ret = self
+            .ctx
+            .struct_type(&[f32t.into(), f32t.into(), f32t.into(), f32t.into()], false);
+        let mut args: Vec<BasicTypeEnum> = vec![i32t.into(); 6];
+        args.extend([BasicTypeEnum::from(f32t); 4]);
+        let intr = self.intrinsic("llvm.nvvm.mma.m16n8k16.row.col.bf16", ret.into(), &args);
+        let regs = (mt * nt * 4) as usize;
+        let accs: Vec<PointerValue<'ctx>> = (0..regs)
+            .map(|i| self.alloca(f32t, &format!("acc{i}")))
+            .collect::<G<_>>()?;
+
+        // for (bi = warp; bi < blocks; bi += warps)
+        let bi = self.alloca(self.t.i64, "mma_block")?;
+        self.b.build_store(bi, warp)?;
+        let head = self.ctx.append_basic_block(self.f, "mma");
+        let body = self.ctx.append_basic_block(self.f, "mma_block");
+        let done = self.ctx.append_basic_block(self.f, "mma_done");
+        self.b.build_unconditional_branch(head)?;
+        self.b.position_at_end(head);
+        let blk = self.b.build_load(self.t.i64, bi, "")?.into_int_value();
+        let more = self
+            .b
+            .build_int_compare(IntPredicate::SLT, blk, c(blocks), "")?;
+        self.b.build_conditional_branch(more, body, done)?;
+        self.b.position_at_end(body);
+        let row0 = self.b.build_int_unsigned_div(blk, c(tiles_n), "")?;
+        let row0 = self.b.build_int_mul(row0, c(16 * mt), "row0")?;
+        let col0 = self.b.build_int_unsigned_rem(blk, c(tiles_n), "")?;
+        let col0 = self.b.build_int_mul(col0, c(8 * nt), "col0")?;
+        // The accumulator registers: acc[(mi * nt + ni) * 4 + r].
+        let at = |i: i64, j: i64| -> G<(IntValue<'ctx>, IntValue<'ctx>)> {
+            let r = self
+                .b
+                .build_int_add(row0, self.b.build_int_add(g, c(i), "")?, "")?;
+            let cc = self
+                .b
+                .build_int_add(col0, self.b.build_int_add(t2, c(j), "")?, "")?;
+            Ok((r, cc))
+        };
+        for mi in 0..mt {
+            for ni in 0..nt {
+                for r in 0..4 {
+                    let v = if accumulate {
+                        let (row, col) = at(16 * mi + 8 * (r / 2), 8 * ni + (r % 2))?;
+                        let p = self.tile_elem(cs, row, col)?;
+                        self.b.build_load(f32t, p, "")?.into_float_value()
+                    } else {
+                        self.f32c(0.0)
+                    };
+                    self.b
+                        .build_store(accs[((mi * nt + ni) * 4 + r) as usize], v)?;
+                }
+            }
+        }
+        // for (k0 = 0; k0 < depth; k0 += 16)
+        let kc = self.alloca(self.t.i64, "mma_k")?;
+        self.b.build_store(kc, c(0))?;
+        let kloop = self.ctx.append_basic_block(self.f, "mma_k");
+        let kdone = self.ctx.append_basic_block(self.f, "mma_k_done");
+        self.b.build_unconditional_branch(kloop)?;
+        self.b.position_at_end(kloop);
+        let k0 = self.b.build_load(self.t.i64, kc, "")?.into_int_value();
+        let word = |s: TileSlot, r: IntValue<'ctx>, kk: i64| -> G<IntValue<'ctx>> {
+            let col = self
+                .b
+                .build_int_add(k0, self.b.build_int_add(t2, c(kk), "")?, "")?;
+            let p = self.tile_elem(s, r, col)?;
+            Ok(self.b.build_load(i32t, p, "")?.into_int_value())
+        };
+        let mut afr = Vec::new();
+        for mi in 0..mt {
+            let r0 = self
+                .b
+                .build_int_add(row0, self.b.build_int_add(g, c(16 * mi), "")?, "")?;
+            let r8 = self.b.build_int_add(r0, c(8), "")?;
+            afr.push([
+                word(as_, r0, 0)?,
+                word(as_, r8, 0)?,
+                word(as_, r0, 8)?,
+                word(as_, r8, 8)?,
+            ]);
+        }
+        let mut bfr = Vec::new();
+        for ni in 0..nt {
+            let col = self
+                .b
+                .build_int_add(col0, self.b.build_int_add(g, c(8 * ni), "")?, "")?;
+            bfr.push([word(bs, col, 0)?, word(bs, col, 8)?]);
+        }
+        for mi in 0..mt {
+            for ni in 0..nt {
+                let base = ((mi * nt + ni) * 4) as usize;
+                let mut call: Vec<BasicMetadataValueEnum> = Vec::with_capacity(10);
+                call.extend(
+                    afr[mi as usize]
+                        .iter()
+                        .map(|v| BasicMetadataValueEnum::from(*v)),
+                );
+                call.extend(
+                    bfr[ni as usize]
+                        .iter()
+                        .map(|v| BasicMetadataValueEnum::from(*v)),
+                );
+                for r in 0..4 {
+                    let v = self.b.build_load(f32t, accs[base + r], "")?;
+                    call.push(v.into());
+                }
+                let d = self.call(intr, &call)?.into_struct_value();
+                for r in 0..4 {
+                    let v = self.b.build_extract_value(d, r as u32, "")?;
+                    self.b.build_store(accs[base + r], v)?;
+                }
+            }
+        }
+        let k1 = self.b.build_int_add(k0, c(16), "")?;
+        self.b.build_store(kc, k1)?;
+        let kmore = self
+            .b
+            .build_int_compare(IntPredicate::SLT, k1, c(depth), "")?;
+        self.b.build_conditional_branch(kmore, kloop, kdone)?;
+        self.b.position_at_end(kdone);
+        for mi in 0..mt {
+            for ni in 0..nt {
+                for r in 0..4 {
+                    let (row, col) = at(16 * mi + 8 * (r / 2), 8 * ni + (r % 2))?;
+                    let p = self.tile_elem(cs, row, col)?;
+                    let v = self
+                        .b
+                        .build_load(f32t, accs[((mi * nt + ni) * 4 + r) as usize], "")?;
+                    self.b.build_store(p, v)?;
+                }
+            }
+        }
+        let blk1 = self.b.build_int_add(blk, c(warps), "")?;
+        self.b.build_store(bi, blk1)?;
+        self.b.build_unconditional_branch(head)?;
+        self.b.position_at_end(done);
+        self.barrier()
     }
 
     /// A loop the `T` lanes of a point share (a warp or a block): lane `l` runs iterations
@@ -1043,6 +1369,10 @@ impl<'ctx> Gen<'_, 'ctx> {
                 let x = self.expr(a)?;
                 let y = self.expr(c)?;
                 self.binary(*op, x, y)?
+            }
+            Expr::TileLoad { tile, row, col } => {
+                let (a, dtype) = self.tile_addr(*tile, row, col)?;
+                self.load(dtype, a)?
             }
             Expr::FromIndex(i) => {
                 let i = self.iexpr(i)?;

@@ -9,6 +9,8 @@ use ir::{BinaryOp, DType, UnaryOp};
 use proptest::prelude::*;
 use std::time::Instant;
 
+mod common;
+
 // ---------- building kernels ----------
 
 fn kb(name: &str, dtype: DType, writable: bool) -> KBuf {
@@ -1380,4 +1382,87 @@ proptest! {
             }
         }
     }
+}
+
+/// Tiled kernels (`ir::tile`): shared tiles filled by `Each`, two tile products (one
+/// overwriting, one accumulating), and a partial store whose row count is a runtime size;
+/// against the evaluator (bit for bit with exact math) and against the product computed
+/// here from bf16-rounded operands. Rows past `R` keep what the output held.
+#[test]
+fn tiled_products_match_the_evaluator_and_a_direct_product() {
+    for (m, n, k, count, rows) in [(32, 24, 48, 3, 32), (16, 8, 16, 2, 5), (48, 40, 32, 2, 100)] {
+        let kern = common::tile_product(m, n, k);
+        kern.check().unwrap_or_else(|e| panic!("{e}"));
+        let a = values(1, count * m * k, -1.0, 1.0);
+        let b = values(2, count * n * k, -1.0, 1.0);
+        let init = values(3, count * m * n, -1.0, 1.0);
+        let sizes = [count as i64, rows as i64];
+        let got = check(&kern, &sizes, &[a.clone(), b.clone(), init.clone()]);
+        let r = |x: f64| bf16::from_f32(x as f32).to_f64();
+        for p in 0..count {
+            for i in 0..m {
+                for j in 0..n {
+                    let at = (p * m + i) * n + j;
+                    let want = if i < rows.min(m) {
+                        let dot: f64 = (0..k)
+                            .map(|l| r(a[(p * m + i) * k + l]) * r(b[(p * n + j) * k + l]))
+                            .sum();
+                        dot + 1.0
+                    } else {
+                        init[at] as f32 as f64
+                    };
+                    assert!(
+                        close(got[2][at], want, 1e-5, 1e-5),
+                        "[{m}, {n}, {k}] out[{p}, {i}, {j}] = {} vs {want}",
+                        got[2][at]
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// What `Kernel::check` refuses in tiled kernels.
+#[test]
+fn tile_rules_are_checked() {
+    let ok = common::tile_product(32, 24, 48);
+    let refuse = |k: &Kernel, what: &str| {
+        let e = k.check().expect_err(what).to_string();
+        assert!(e.contains(what), "{e}");
+    };
+    // A product whose shapes do not line up, or are not multiples of the mma shape.
+    refuse(
+        &common::tile_product(24, 24, 48),
+        "m must be a multiple of 16",
+    );
+    let mut k = ok.clone();
+    if let Stmt::Tile { rows, .. } = &mut k.body[1] {
+        *rows = 16;
+    }
+    refuse(&k, "tile product t2 [32, 24]");
+    // A tile store outside an Each; a tile declared in a loop; an Each in an Each.
+    let mut k = ok.clone();
+    k.body.push(Stmt::TileSet {
+        tile: ir::kernel::TileId(0),
+        row: c(0),
+        col: c(0),
+        value: fc(1.0),
+    });
+    refuse(&k, "outside an Each");
+    let mut k = ok.clone();
+    let decl = k.body.remove(0);
+    k.body.insert(0, for_(90, c(1), vec![decl]));
+    refuse(&k, "declared inside a loop");
+    let mut k = ok.clone();
+    let inner = k.body[3].clone();
+    if let Stmt::Each { body, .. } = &mut k.body[4] {
+        body.push(inner);
+    }
+    refuse(&k, "an Each inside an Each");
+    // An f32 operand.
+    let mut k = ok;
+    if let Stmt::Tile { dtype, .. } = &mut k.body[0] {
+        *dtype = DType::F32;
+    }
+    refuse(&k, "bf16 operands");
 }

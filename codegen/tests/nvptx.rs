@@ -3,6 +3,8 @@
 //! valid PTX identifiers and unique. (Whole models and ptxas: the root's tests/nvptx.rs.)
 #![cfg(feature = "nvptx")]
 
+mod common;
+
 use codegen::nvptx::{PtxError, Target, compile_ptx, entry_names, llvm_ir};
 use ir::kernel::{ArrId, Expr, IExpr, KBuf, Kernel, LoopId, Stmt, VarId};
 use ir::{BinaryOp, DType, UnaryOp};
@@ -224,4 +226,27 @@ fn equal_kernel_sets_share_their_ptx() {
     let sm80 = compile_ptx_shared(&set, Target::Sm80).expect("ptx");
     assert_eq!(sm80.target, Target::Sm80);
     assert!(!std::sync::Arc::ptr_eq(&first, &sm80));
+}
+
+/// A tiled kernel: its tiles in dynamic shared memory, its products on the tensor cores
+/// (`mma.sync` with bf16 operands read as 32-bit shared loads), barriers after each `Each`
+/// and product; for both targets.
+#[test]
+fn tile_products_use_the_tensor_cores() {
+    let k = common::tile_product(32, 24, 48);
+    for target in [Target::Sm90, Target::Sm80] {
+        let ptx = compile_ptx(std::slice::from_ref(&k), target).expect("compiles");
+        for needle in [
+            "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32",
+            ".extern .shared .align 16 .b8 ma2mba_tiles[]",
+            "ld.shared.u32",
+            "bar.sync",
+        ] {
+            assert!(ptx.text.contains(needle), "no `{needle}` in:\n{}", ptx.text);
+        }
+    }
+    assert_eq!(
+        ir::tile::shared_bytes(&k),
+        (32 * (48 + 8) * 2) + (24 * (48 + 8) * 2) + 32 * (24 + 4) * 4
+    );
 }

@@ -119,6 +119,10 @@ pub struct LoopId(pub u32);
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct ArrId(pub u32);
 
+/// A 2-D tile a grid point's threads share (shared memory on the GPU): see [`crate::tile`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct TileId(pub u32);
+
 /// An f32 value expression.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Expr {
@@ -138,6 +142,12 @@ pub enum Expr {
     Binary(BinaryOp, Box<Expr>, Box<Expr>),
     /// An index value converted to f32 (counts for means, positions).
     FromIndex(IExpr),
+    /// Element `[row, col]` of a tile, converted to f32.
+    TileLoad {
+        tile: TileId,
+        row: IExpr,
+        col: IExpr,
+    },
 }
 
 impl Expr {
@@ -174,6 +184,39 @@ pub enum Stmt {
         index: IExpr,
         value: Expr,
     },
+    /// Declares a `rows x cols` tile of `dtype` (f32 or bf16), contents undefined; only in
+    /// the kernel's top-level body. A kernel with tiles is *tiled* ([`crate::tile`]).
+    Tile {
+        tile: TileId,
+        dtype: DType,
+        rows: usize,
+        cols: usize,
+    },
+    /// The body once for every point of `0..extents[0] x 0..extents[1] x ...`, the
+    /// point's threads sharing the iterations; what it writes is visible after it.
+    /// Iterations must not write what another reads or writes.
+    Each {
+        counters: Vec<LoopId>,
+        extents: Vec<IExpr>,
+        body: Vec<Stmt>,
+    },
+    /// Converts `value` to the tile's dtype and writes it at `[row, col]`; only in an
+    /// `Each`.
+    TileSet {
+        tile: TileId,
+        row: IExpr,
+        col: IExpr,
+        value: Expr,
+    },
+    /// The matrix product `acc (+)= a bᵀ` over tiles: `acc` f32 `[m, n]`, `a` bf16 `[m, k]`,
+    /// `b` bf16 `[n, k]` (both `k`-contiguous, as tensor cores read them), with `m` a
+    /// multiple of 16, `n` of 8, `k` of 16. Without `accumulate`, `acc` is overwritten.
+    Mma {
+        acc: TileId,
+        a: TileId,
+        b: TileId,
+        accumulate: bool,
+    },
 }
 
 /// One kernel.
@@ -209,6 +252,22 @@ struct Scope {
     vars: Vec<VarId>,
     loops: Vec<LoopId>,
     arrs: Vec<(ArrId, usize)>,
+    /// Declared tiles: (id, dtype, rows, cols).
+    tiles: Vec<(TileId, DType, usize, usize)>,
+    /// Inside a `For` or an `Each` (tiles are declared outside both).
+    nested: bool,
+    /// Inside an `Each`.
+    each: bool,
+}
+
+impl Scope {
+    fn tile(&self, t: TileId) -> Result<(DType, usize, usize), String> {
+        self.tiles
+            .iter()
+            .find(|(id, ..)| *id == t)
+            .map(|&(_, d, r, c)| (d, r, c))
+            .ok_or_else(|| format!("use of undeclared tile t{}", t.0))
+    }
 }
 
 impl Kernel {
@@ -227,6 +286,7 @@ impl Kernel {
 
     fn check_block(&self, body: &[Stmt], scope: &mut Scope, seen: &mut Seen) -> Result<(), String> {
         let mark = (scope.vars.len(), scope.loops.len(), scope.arrs.len());
+
         for s in body {
             match s {
                 Stmt::Var { var, init } => {
@@ -268,8 +328,97 @@ impl Kernel {
                         return Err(format!("loop counter i{} is declared twice", counter.0));
                     }
                     scope.loops.push(*counter);
+                    let nested = std::mem::replace(&mut scope.nested, true);
                     self.check_block(body, scope, seen)?;
+                    scope.nested = nested;
                     scope.loops.pop();
+                }
+                Stmt::Tile {
+                    tile,
+                    dtype,
+                    rows,
+                    cols,
+                } => {
+                    if scope.nested {
+                        return Err(format!("tile t{} declared inside a loop", tile.0));
+                    }
+                    if scope.tiles.iter().any(|(t, ..)| t == tile) {
+                        return Err(format!("t{} is declared twice", tile.0));
+                    }
+                    if !matches!(dtype, DType::F32 | DType::BF16) || *rows == 0 || *cols == 0 {
+                        return Err(format!(
+                            "tile t{} must be a non-empty f32 or bf16 tile",
+                            tile.0
+                        ));
+                    }
+                    scope.tiles.push((*tile, *dtype, *rows, *cols));
+                }
+                Stmt::Each {
+                    counters,
+                    extents,
+                    body,
+                } => {
+                    if scope.each {
+                        return Err("an Each inside an Each".into());
+                    }
+                    if counters.is_empty() || counters.len() != extents.len() {
+                        return Err("an Each needs one extent per counter".into());
+                    }
+                    for e in extents {
+                        self.check_iexpr(e, scope, false)?;
+                    }
+                    for c in counters {
+                        if !seen.loops.insert(*c) {
+                            return Err(format!("loop counter i{} is declared twice", c.0));
+                        }
+                        scope.loops.push(*c);
+                    }
+                    let outer = (scope.nested, scope.each);
+                    (scope.nested, scope.each) = (true, true);
+                    self.check_block(body, scope, seen)?;
+                    (scope.nested, scope.each) = outer;
+                    scope.loops.truncate(scope.loops.len() - counters.len());
+                }
+                Stmt::TileSet {
+                    tile,
+                    row,
+                    col,
+                    value,
+                } => {
+                    if !scope.each {
+                        return Err(format!("a store to tile t{} outside an Each", tile.0));
+                    }
+                    scope.tile(*tile)?;
+                    self.check_iexpr(row, scope, false)?;
+                    self.check_iexpr(col, scope, false)?;
+                    self.check_expr(value, scope)?;
+                }
+                Stmt::Mma {
+                    acc,
+                    a,
+                    b,
+                    accumulate: _,
+                } => {
+                    if scope.each {
+                        return Err("a tile product inside an Each".into());
+                    }
+                    let (ct, m, n) = scope.tile(*acc)?;
+                    let (at, am, k) = scope.tile(*a)?;
+                    let (bt, bn, bk) = scope.tile(*b)?;
+                    if ct != DType::F32 || at != DType::BF16 || bt != DType::BF16 {
+                        return Err("a tile product takes bf16 operands into an f32 tile".into());
+                    }
+                    if am != m || bn != n || bk != k {
+                        return Err(format!(
+                            "tile product t{} [{m}, {n}] of t{} [{am}, {k}] and t{} [{bn}, {bk}]ᵀ",
+                            acc.0, a.0, b.0
+                        ));
+                    }
+                    if m % 16 != 0 || n % 8 != 0 || k % 16 != 0 {
+                        return Err(format!(
+                            "tile product [{m}, {n}] over {k}: m must be a multiple of 16, n of 8, k of 16"
+                        ));
+                    }
                 }
                 Stmt::Store { buf, index, value } => {
                     match self.bufs.get(*buf) {
@@ -319,6 +468,11 @@ impl Kernel {
                 self.check_expr(b, scope)
             }
             Expr::FromIndex(i) => self.check_iexpr(i, scope, false),
+            Expr::TileLoad { tile, row, col } => {
+                scope.tile(*tile)?;
+                self.check_iexpr(row, scope, false)?;
+                self.check_iexpr(col, scope, false)
+            }
         }
     }
 
@@ -402,6 +556,7 @@ impl fmt::Display for Expr {
             Expr::Unary(op, a) => write!(f, "{}({a})", op.name()),
             Expr::Binary(op, a, b) => write!(f, "{}({a}, {b})", op.name()),
             Expr::FromIndex(i) => write!(f, "f32({i})"),
+            Expr::TileLoad { tile, row, col } => write!(f, "t{}[{row}, {col}]", tile.0),
         }
     }
 }
@@ -428,6 +583,38 @@ fn write_block(f: &mut fmt::Formatter<'_>, body: &[Stmt], depth: usize) -> fmt::
                 writeln!(f, "{pad}}}")?;
             }
             Stmt::Store { buf, index, value } => writeln!(f, "{pad}b{buf}[{index}] = {value}")?,
+            Stmt::Tile {
+                tile,
+                dtype,
+                rows,
+                cols,
+            } => writeln!(f, "{pad}tile t{}: {dtype} [{rows}, {cols}]", tile.0)?,
+            Stmt::Each {
+                counters,
+                extents,
+                body,
+            } => {
+                let c: Vec<String> = counters.iter().map(|c| format!("i{}", c.0)).collect();
+                let e: Vec<String> = extents.iter().map(|e| format!("0..{e}")).collect();
+                writeln!(f, "{pad}each ({}) in ({}) {{", c.join(", "), e.join(", "))?;
+                write_block(f, body, depth + 1)?;
+                writeln!(f, "{pad}}}")?;
+            }
+            Stmt::TileSet {
+                tile,
+                row,
+                col,
+                value,
+            } => writeln!(f, "{pad}t{}[{row}, {col}] = {value}", tile.0)?,
+            Stmt::Mma {
+                acc,
+                a,
+                b,
+                accumulate,
+            } => {
+                let op = if *accumulate { "+=" } else { "=" };
+                writeln!(f, "{pad}t{} {op} t{} t{}ᵀ", acc.0, a.0, b.0)?
+            }
         }
     }
     Ok(())
@@ -490,6 +677,10 @@ impl Kernel {
                     iexpr(index, out);
                 }
                 Expr::ArrLoad { index, .. } | Expr::FromIndex(index) => iexpr(index, out),
+                Expr::TileLoad { row, col, .. } => {
+                    iexpr(row, out);
+                    iexpr(col, out);
+                }
                 Expr::Unary(_, a) => expr(a, out),
                 Expr::Binary(_, a, b) => {
                     expr(a, out);
@@ -509,6 +700,20 @@ impl Kernel {
                     Stmt::For { extent, body, .. } => {
                         iexpr(extent, out);
                         stmts(body, out);
+                    }
+                    Stmt::Tile { .. } | Stmt::Mma { .. } => {}
+                    Stmt::Each { extents, body, .. } => {
+                        for e in extents {
+                            iexpr(e, out);
+                        }
+                        stmts(body, out);
+                    }
+                    Stmt::TileSet {
+                        row, col, value, ..
+                    } => {
+                        iexpr(row, out);
+                        iexpr(col, out);
+                        expr(value, out);
                     }
                 }
             }
@@ -661,6 +866,20 @@ pub mod eval {
         vars: HashMap<VarId, f64>,
         loops: HashMap<LoopId, i64>,
         arrs: HashMap<ArrId, Vec<f64>>,
+        /// Per tile: dtype, rows, cols and the elements, row-major.
+        tiles: HashMap<TileId, (DType, usize, usize, Vec<f64>)>,
+    }
+
+    impl Frame {
+        fn new(grid: Vec<i64>) -> Frame {
+            Frame {
+                grid,
+                vars: HashMap::new(),
+                loops: HashMap::new(),
+                arrs: HashMap::new(),
+                tiles: HashMap::new(),
+            }
+        }
     }
 
     /// Runs `k` over its whole grid. `f32` rounds every intermediate to f32.
@@ -677,12 +896,7 @@ pub mod eval {
         if sizes.len() != k.sizes.len() || bufs.len() != k.bufs.len() {
             return Err(err("wrong number of sizes or buffers".into()));
         }
-        let empty = Frame {
-            grid: vec![],
-            vars: HashMap::new(),
-            loops: HashMap::new(),
-            arrs: HashMap::new(),
-        };
+        let empty = Frame::new(vec![]);
         let ev = Ev { k, sizes, f32 };
         let extents: Vec<i64> = k
             .grid
@@ -698,12 +912,7 @@ pub mod eval {
                 grid[i] = rest % e;
                 rest /= e;
             }
-            let mut frame = Frame {
-                grid,
-                vars: HashMap::new(),
-                loops: HashMap::new(),
-                arrs: HashMap::new(),
-            };
+            let mut frame = Frame::new(grid);
             ev.block(&k.body, &mut frame, bufs).map_err(err)?;
         }
         Ok(())
@@ -824,7 +1033,32 @@ pub mod eval {
                     self.round(binary(*op, x, y))
                 }
                 Expr::FromIndex(i) => self.round(self.index(i, fr, bufs)? as f64),
+                Expr::TileLoad { tile, row, col } => {
+                    let (r, c) = (self.index(row, fr, bufs)?, self.index(col, fr, bufs)?);
+                    let (_, rows, cols, v) = fr.tiles.get(tile).ok_or("unknown tile")?;
+                    v[tile_slot(r, c, *rows, *cols)
+                        .ok_or_else(|| format!("tile t{}[{r}, {c}] out of bounds", tile.0))?]
+                }
             })
+        }
+
+        /// Every point of `extents` (the last fastest), in order.
+        fn each(
+            &self,
+            (counters, extents, body): (&[LoopId], &[IExpr], &[Stmt]),
+            fr: &mut Frame,
+            bufs: &mut [Vec<f64>],
+        ) -> Result<(), String> {
+            let Some((&c, rest)) = counters.split_first() else {
+                return self.block(body, fr, bufs);
+            };
+            let n = self.index(&extents[0], fr, bufs)?;
+            for i in 0..n.max(0) {
+                fr.loops.insert(c, i);
+                self.each((rest, &extents[1..], body), fr, bufs)?;
+            }
+            fr.loops.remove(&c);
+            Ok(())
         }
 
         fn block(
@@ -878,10 +1112,68 @@ pub mod eval {
                             })?;
                         *slot = round_store(dtype, x);
                     }
+                    Stmt::Tile {
+                        tile,
+                        dtype,
+                        rows,
+                        cols,
+                    } => {
+                        let v = vec![0.0; rows * cols];
+                        fr.tiles.insert(*tile, (*dtype, *rows, *cols, v));
+                    }
+                    Stmt::Each {
+                        counters,
+                        extents,
+                        body,
+                    } => self.each((counters, extents, body), fr, bufs)?,
+                    Stmt::TileSet {
+                        tile,
+                        row,
+                        col,
+                        value,
+                    } => {
+                        let (r, c) = (self.index(row, fr, bufs)?, self.index(col, fr, bufs)?);
+                        let x = self.expr(value, fr, bufs)?;
+                        let (dtype, rows, cols, v) =
+                            fr.tiles.get_mut(tile).ok_or("unknown tile")?;
+                        let i = tile_slot(r, c, *rows, *cols)
+                            .ok_or_else(|| format!("tile t{}[{r}, {c}] out of bounds", tile.0))?;
+                        v[i] = match dtype {
+                            DType::BF16 => crate::tile::round_bf16(x as f32) as f64,
+                            _ => round_store(*dtype, x),
+                        };
+                    }
+                    Stmt::Mma {
+                        acc,
+                        a,
+                        b,
+                        accumulate,
+                    } => {
+                        let get = |t: &TileId| fr.tiles.get(t).ok_or("unknown tile");
+                        let ((_, _, k, av), (_, _, _, bv)) = (get(a)?, get(b)?);
+                        let (k, av, bv) = (*k, av.clone(), bv.clone());
+                        let (_, m, n, cv) = fr.tiles.get_mut(acc).ok_or("unknown tile")?;
+                        for i in 0..*m {
+                            for j in 0..*n {
+                                // In order, rounding each operation (as the CPU backend).
+                                let mut s = if *accumulate { cv[i * *n + j] } else { 0.0 };
+                                for l in 0..k {
+                                    s = self.round(s + self.round(av[i * k + l] * bv[j * k + l]));
+                                }
+                                cv[i * *n + j] = s;
+                            }
+                        }
+                    }
                 }
             }
             Ok(())
         }
+    }
+
+    /// The row-major slot of `[r, c]` in a `rows x cols` tile, if inside it.
+    fn tile_slot(r: i64, c: i64, rows: usize, cols: usize) -> Option<usize> {
+        let (r, c) = (usize::try_from(r).ok()?, usize::try_from(c).ok()?);
+        (r < rows && c < cols).then_some(r * cols + c)
     }
 
     fn round_store(dtype: DType, x: f64) -> f64 {

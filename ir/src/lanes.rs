@@ -79,7 +79,12 @@ pub fn points_per_thread(k: &Kernel) -> u32 {
     let straight = k.body.iter().all(|s| {
         !matches!(
             s,
-            Stmt::For { .. } | Stmt::Array { .. } | Stmt::ArrSet { .. }
+            Stmt::For { .. }
+                | Stmt::Array { .. }
+                | Stmt::ArrSet { .. }
+                | Stmt::Tile { .. }
+                | Stmt::Each { .. }
+                | Stmt::Mma { .. }
         )
     });
     match k.grid.last() {
@@ -92,6 +97,13 @@ pub fn points_per_thread(k: &Kernel) -> u32 {
 
 /// Chooses the loops to split (see the module doc).
 pub fn lane_split(k: &Kernel) -> LaneSplit {
+    if crate::tile::is_tiled(k) {
+        // A block per point; its `Each` statements deal out their own iterations.
+        return LaneSplit {
+            threads: crate::tile::TILE_THREADS,
+            ..LaneSplit::default()
+        };
+    }
     let mut banned: HashSet<LoopId> = HashSet::new();
     loop {
         let mut split = LaneSplit::default();
@@ -203,7 +215,11 @@ fn arr_uses(
             Stmt::Var { init: e, .. } | Stmt::Set { value: e, .. } => {
                 expr_arrs(e, &mut |a| note(a, uses));
             }
-            Stmt::Store { value, .. } => expr_arrs(value, &mut |a| note(a, uses)),
+            Stmt::Store { value, .. } | Stmt::TileSet { value, .. } => {
+                expr_arrs(value, &mut |a| note(a, uses))
+            }
+            Stmt::Tile { .. } | Stmt::Mma { .. } => {}
+            Stmt::Each { body, .. } => arr_uses(body, in_split, split, uses),
             Stmt::For { counter, body, .. } => {
                 let inner = match in_split {
                     Some(l) => Some(l),
@@ -224,7 +240,11 @@ fn expr_arrs(e: &Expr, f: &mut dyn FnMut(ArrId)) {
             expr_arrs(a, f);
             expr_arrs(b, f);
         }
-        Expr::Const(_) | Expr::Var(_) | Expr::Load { .. } | Expr::FromIndex(_) => {}
+        Expr::Const(_)
+        | Expr::Var(_)
+        | Expr::Load { .. }
+        | Expr::FromIndex(_)
+        | Expr::TileLoad { .. } => {}
     }
 }
 
@@ -305,6 +325,10 @@ fn scan_block(c: LoopId, body: &[Stmt], s: &mut Scan) {
                 scan_expr(c, value, s);
             }
             Stmt::For { body, .. } => scan_block(c, body, s),
+            // Only tiled kernels have these, and their loops are never split.
+            Stmt::Tile { .. } | Stmt::Each { .. } | Stmt::TileSet { .. } | Stmt::Mma { .. } => {
+                s.ok = false;
+            }
             Stmt::Store { buf, index, value } => {
                 if !indexes_by(index, c) {
                     s.ok = false;
@@ -339,7 +363,11 @@ fn reads_var(e: &Expr, v: VarId) -> bool {
         Expr::Var(x) => *x == v,
         Expr::Unary(_, a) => reads_var(a, v),
         Expr::Binary(_, a, b) => reads_var(a, v) || reads_var(b, v),
-        Expr::Const(_) | Expr::Load { .. } | Expr::ArrLoad { .. } | Expr::FromIndex(_) => false,
+        Expr::Const(_)
+        | Expr::Load { .. }
+        | Expr::ArrLoad { .. }
+        | Expr::FromIndex(_)
+        | Expr::TileLoad { .. } => false,
     }
 }
 
@@ -364,6 +392,7 @@ fn scan_expr(c: LoopId, e: &Expr, s: &mut Scan) {
             scan_expr(c, b, s);
         }
         Expr::Const(_) | Expr::FromIndex(_) => {}
+        Expr::TileLoad { .. } => s.ok = false,
     }
 }
 

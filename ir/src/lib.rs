@@ -12,6 +12,7 @@
 //! - [`dot`]: Graphviz output for looking at graphs
 //! - [`kernel`]: the loop-level kernel IR both backends lower from, and its evaluator
 //! - [`lanes`]: which kernel loops a GPU warp's lanes share
+//! - [`tile`]: tiled kernels (shared tiles, tensor-core products) and their memory layout
 //! - [`schedule`]: kernels + matrix products in launch order, buffers, the memory plan
 //! - [`verify`](mod@verify): the structural and typing invariants of a graph
 
@@ -23,6 +24,7 @@ pub mod lanes;
 pub mod op;
 pub mod schedule;
 pub mod text;
+pub mod tile;
 pub mod types;
 pub mod verify;
 

@@ -116,7 +116,7 @@ pub struct CudaExecutor {
     /// Threads per grid point of each kernel of the schedule it runs, worked out at the
     /// first bind (an analysis of every kernel body; binds are frequent in checkpointed
     /// training).
-    lanes: std::sync::OnceLock<Vec<(u32, u32)>>,
+    lanes: std::sync::OnceLock<Vec<Launch>>,
 }
 
 /// What [`CudaExecutor::set_tf32`] starts as in executors created from now on
@@ -280,6 +280,26 @@ pub struct ResidentOutputs {
     pub device_used: u64,
 }
 
+/// How a kernel launches: threads per grid point (a warp or block where lanes share loops
+/// or tiles), grid points per thread (`ir::lanes::points_per_thread`) and dynamic shared
+/// memory bytes (`ir::tile::shared_bytes`).
+#[derive(Clone, Copy, Debug)]
+struct Launch {
+    threads: u32,
+    per: u32,
+    shared: u32,
+}
+
+impl Default for Launch {
+    fn default() -> Launch {
+        Launch {
+            threads: 1,
+            per: 1,
+            shared: 0,
+        }
+    }
+}
+
 /// A schedule bound to fixed symbol values on the device: the arena, the inputs and the
 /// states are allocated once, so the schedule can run again and again (and be captured as a
 /// CUDA graph and replayed) while inputs and states are rewritten between runs.
@@ -294,9 +314,8 @@ pub struct Bound {
     half_rhs: Vec<Option<u64>>,
     /// Where a bf16 product's input is converted to bf16 (the largest one's size).
     half_lhs: u64,
-    /// Threads per grid point of each kernel (a warp where lanes share loops), and grid
-    /// points per thread (`ir::lanes::points_per_thread`).
-    lanes: Vec<(u32, u32)>,
+    /// How each kernel launches.
+    lanes: Vec<Launch>,
     graph: Option<CudaGraph>,
     /// Its own arena; `None` when it runs in a [`DeviceArena`] it borrows.
     _arena: Option<DevBuf>,
@@ -413,25 +432,43 @@ impl CudaExecutor {
         })
     }
 
-    /// Threads per grid point of each of `l`'s kernels (the executor runs one schedule; a
-    /// schedule of another kernel count is analysed afresh).
-    fn lanes(&self, l: &Lowered) -> Vec<(u32, u32)> {
+    /// How each of `l`'s kernels launches (the executor runs one schedule; a schedule of
+    /// another kernel count is analysed afresh). Tiled kernels get their dynamic shared
+    /// memory allowed here (beyond the default 48 KB, up to the device's limit).
+    fn lanes(&self, l: &Lowered) -> Result<Vec<Launch>, CudaError> {
         let analyse = || {
             l.kernels
                 .iter()
-                .map(|k| {
-                    (
-                        ir::lanes::threads_per_point(k),
-                        ir::lanes::points_per_thread(k),
-                    )
+                .map(|k| Launch {
+                    threads: ir::lanes::threads_per_point(k),
+                    per: ir::lanes::points_per_thread(k),
+                    shared: ir::tile::shared_bytes(k) as u32,
                 })
                 .collect()
         };
         let cached = self.lanes.get_or_init(analyse);
-        match cached.len() == l.kernels.len() {
+        let lanes: Vec<Launch> = match cached.len() == l.kernels.len() {
             true => cached.clone(),
             false => analyse(),
+        };
+        for (i, la) in lanes.iter().enumerate() {
+            if la.shared == 0 {
+                continue;
+            }
+            use cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES as MAX_SHARED;
+            let fail = |message: String| CudaError::Kernel {
+                kernel: l.kernels[i].name.clone(),
+                node: String::new(),
+                message,
+            };
+            let f = self
+                .funcs
+                .get(i)
+                .ok_or_else(|| fail("no entry for this kernel in the module".into()))?;
+            f.set_attribute(MAX_SHARED, la.shared as i32)
+                .map_err(|e| fail(format!("{} bytes of shared memory: {e}", la.shared)))?;
         }
+        Ok(lanes)
     }
 
     /// Whether f32 matrix products run on tensor cores with their inputs rounded to TF32
@@ -709,7 +746,7 @@ impl CudaExecutor {
             carry: Vec::new(),
             half_rhs,
             half_lhs,
-            lanes: self.lanes(l),
+            lanes: self.lanes(l)?,
             graph: None,
             _arena: own,
             _owned: owned,
@@ -1019,7 +1056,11 @@ impl CudaExecutor {
     ) -> Result<(), CudaError> {
         let (k, func) = (&l.kernels[kernel], &self.funcs[kernel]);
         let (ptrs, sizes) = (&b.ptrs, &b.sizes);
-        let (lanes, per) = b.lanes.get(kernel).copied().unwrap_or((1, 1));
+        let Launch {
+            threads: lanes,
+            per,
+            shared,
+        } = b.lanes.get(kernel).copied().unwrap_or_default();
         let fail = |message: String| CudaError::Kernel {
             kernel: k.name.clone(),
             node: node.to_string(),
@@ -1053,7 +1094,7 @@ impl CudaExecutor {
         let cfg = LaunchConfig {
             grid_dim: (blocks, 1, 1),
             block_dim: (BLOCK, 1, 1),
-            shared_mem_bytes: 0,
+            shared_mem_bytes: shared,
         };
         // SAFETY: the arguments are the entry's parameters in order (a device address per
         // buffer, then the i64 sizes); every address is a live allocation sized by the
