@@ -1,8 +1,9 @@
 //! The Mamba-2 SSD alone on the GPU, forward and forward+backward, at the shapes of
 //! PERFORMANCE.md's table (P = 64, N = 128, one group, chunk 256), with random inputs:
 //! median device time over runs of the bound schedule, the ratio to the reference
-//! implementation's time on the H200, and a profile by kernel kind. Products in f32 and
-//! with TF32 tensor cores.
+//! implementation's time on the H200, and a profile by kernel kind. Products in f32, with
+//! TF32 tensor cores, and with bf16 activations with and without the tiled forward
+//! (`LowerOptions::ssd_tiles`).
 //!
 //! ```sh
 //! cargo build --release --features cuda --example ssd_bench   # here (LLVM 19)
@@ -131,13 +132,21 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("| H | b | L | pass | products | ms | reference ms | ratio | arena |");
     println!("|---|---|---|---|---|---|---|---|---|");
     for &(h, b, l) in &shapes {
-        for (backward, bf16) in [(false, false), (true, false), (false, true), (true, true)] {
+        for (backward, bf16, tiles) in [
+            (false, false, false),
+            (true, false, false),
+            (false, true, false),
+            (false, true, true),
+            (true, true, false),
+            (true, true, true),
+        ] {
             let g = graph(h, backward);
             let lower = LowerOptions {
                 bf16_activations: bf16,
+                ssd_tiles: tiles,
                 ..LowerOptions::default()
             };
-            let gpu = GpuGraph::compile(&g, &lower, codegen::nvptx::Target::Sm90, 0)?;
+            let gpu = GpuGraph::compile_exactly(&g, &lower, codegen::nvptx::Target::Sm90, 0)?;
             let dev = gpu.upload_params(&HashMap::new())?;
             let syms = [("B", b as i64), ("L", l as i64)];
             let mut bound = gpu.bind(&syms, &dev, false)?;
@@ -168,10 +177,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 println!(
                     "| {h} | {b} | {l} | {} | {} | {ms:.2} | {rs} | {ratio} | {:.2} GB |",
                     if backward { "fwd+bwd" } else { "fwd" },
-                    match (bf16, tf32) {
-                        (true, _) => "bf16",
-                        (false, true) => "tf32",
-                        (false, false) => "f32",
+                    match (bf16, tf32, tiles) {
+                        (true, _, true) => "bf16, tiled fwd",
+                        (true, _, false) => "bf16",
+                        (false, true, _) => "tf32",
+                        (false, false, _) => "f32",
                     },
                     bound.plan().peak as f64 / 1e9,
                 );

@@ -264,8 +264,9 @@ pub fn build(
     } else {
         forward.clone()
     };
-    let lowered =
-        passes::lower(&graph, &passes::LowerOptions::default()).map_err(|e| err(e.to_string()))?;
+    // What the GPU runs (`GpuGraph::compile`).
+    let opts = passes::LowerOptions::default().on_gpu();
+    let lowered = passes::lower(&graph, &opts).map_err(|e| err(e.to_string()))?;
     let mut symbols = Vec::new();
     for s in &lowered.syms {
         let v = match s.as_str() {

@@ -35,7 +35,20 @@ pub enum GpuError {
 }
 
 impl GpuGraph {
+    /// Lowers `graph` for the GPU (`opts.on_gpu()`: the tiled SSD forward with bf16
+    /// activations), compiles its kernels to PTX for `target` and loads them on GPU
+    /// `ordinal`.
     pub fn compile(
+        graph: &Graph,
+        opts: &LowerOptions,
+        target: Target,
+        ordinal: usize,
+    ) -> Result<GpuGraph, GpuError> {
+        GpuGraph::compile_exactly(graph, &opts.on_gpu(), target, ordinal)
+    }
+
+    /// [`GpuGraph::compile`] with `opts` as given (benchmarks compare lowering choices).
+    pub fn compile_exactly(
         graph: &Graph,
         opts: &LowerOptions,
         target: Target,

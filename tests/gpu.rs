@@ -179,8 +179,19 @@ fn case(model: &Graph, g: &Graph, b: usize, l: usize, vocab: u64, seed: u64) -> 
 /// Runs `g` on the CPU and (compiled as `gpu`) on the GPU; returns (name, cpu, gpu) for every
 /// output.
 fn both(what: &str, gpu: &GpuGraph, g: &Graph, c: &Case) -> Vec<(String, Vec<f32>, Vec<f32>)> {
+    both_with(what, gpu, g, c, &LowerOptions::default())
+}
+
+/// [`both`] with the CPU lowering `g` with `lo`.
+fn both_with(
+    what: &str,
+    gpu: &GpuGraph,
+    g: &Graph,
+    c: &Case,
+    lo: &LowerOptions,
+) -> Vec<(String, Vec<f32>, Vec<f32>)> {
     let t = std::time::Instant::now();
-    let cpu = CpuGraph::compile(g, &LowerOptions::default()).expect("cpu compile");
+    let cpu = CpuGraph::compile(g, lo).expect("cpu compile");
     let (want, _) = cpu
         .run(&c.syms, &c.data, &c.params, &c.states)
         .unwrap_or_else(|e| panic!("{what}: cpu: {e}"));
@@ -502,6 +513,33 @@ fn ssd_matmul_form_matches_the_cpu() {
         for ((out, g), (_, cpu, _)) in got.iter().zip(&outs) {
             let r = assert_normwise(&format!("{what} {out} tf32"), g, cpu, 5e-3);
             eprintln!("{what} {out}: tf32 normwise {r:.2e}");
+        }
+    }
+}
+
+/// The tiled SSD forward (`LowerOptions::ssd_tiles`: `mma.sync` on bf16 tiles in shared
+/// memory) against the CPU running the same tiled kernel as loops: the same bf16 operands,
+/// sums in another order. Grouped heads, partial last chunks, mamba2-2.7b's head and state
+/// sizes.
+#[test]
+fn tiled_ssd_forward_matches_the_cpu() {
+    let tiled = LowerOptions {
+        ssd_tiles: true,
+        ..LowerOptions::default()
+    };
+    for (dims, b, l, chunk) in [((2, 2, 16, 32), 2, 70, 32), ((2, 1, 64, 128), 1, 300, 128)] {
+        let g = ssd_graph(dims, chunk);
+        let what = format!("tiled ssd (hpg, G, P, N) = {dims:?} B={b} L={l} chunk {chunk}");
+        let Some(dev) = gpu_with(&what, &g, &tiled) else {
+            return;
+        };
+        let tiles = dev.lowered.kernels.iter().filter(|k| ir::tile::is_tiled(k));
+        assert_eq!(tiles.count(), 1, "{what}: one tiled kernel");
+        let c = case(&g, &g, b as usize, l, 1, 31);
+        for (out, cpu, gpu) in &both_with(&what, &dev, &g, &c, &tiled) {
+            assert_close(&format!("{what} {out}"), gpu, cpu, CPU_GPU);
+            let r = assert_normwise(&format!("{what} {out}"), gpu, cpu, 1e-5);
+            eprintln!("{what} {out}: normwise {r:.2e}");
         }
     }
 }

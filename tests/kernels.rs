@@ -107,16 +107,24 @@ fn compare_ids(
     );
 }
 
-/// As [`compare_ids`], lowered with `opts`.
-fn compare_lowered(
+/// Random values for every input, parameter and state of `g` at `syms`: normal with
+/// standard deviation 0.8 (positive for the names in `positive`); integer inputs get ids in
+/// `0..classes`, about one in `classes + 1` of them the ignore index -100. As interpreter
+/// bindings and as the compiled graph's host data, parameters and states.
+type Random = (
+    Bindings,
+    HashMap<String, HostData>,
+    HashMap<String, Vec<f32>>,
+    HashMap<String, Vec<f32>>,
+);
+
+fn random_values(
     g: &Graph,
     syms: &[(&str, i64)],
     seed: u64,
-    tol: (f64, f64),
     positive: &[&str],
     classes: u64,
-    opts: &LowerOptions,
-) {
+) -> Random {
     let mut rng = Rng::new(seed);
     let bind = |s: &str| syms.iter().find(|(n, _)| *n == s).map(|(_, v)| *v as u64);
     let mut b = Bindings::default();
@@ -175,6 +183,20 @@ fn compare_lowered(
             }
         }
     }
+    (b, data, params, states)
+}
+
+/// As [`compare_ids`], lowered with `opts`.
+fn compare_lowered(
+    g: &Graph,
+    syms: &[(&str, i64)],
+    seed: u64,
+    tol: (f64, f64),
+    positive: &[&str],
+    classes: u64,
+    opts: &LowerOptions,
+) {
+    let (b, data, params, states) = random_values(g, syms, seed, positive, classes);
     let want = interp::run(g, &b).expect("interpreter");
     let cpu = CpuGraph::compile(g, opts).expect("compiles");
     let (got, _) = cpu.run(syms, &data, &params, &states).expect("runs");
@@ -586,4 +608,84 @@ fn long_sequence_scan() {
         .unwrap();
     g.g.add_output("y", Value::new(s, 0));
     compare(&g.g, &[("B", 1), ("L", 4099)], 3, REDUCTION, &["A"]);
+}
+
+/// The SSD forward as one tiled kernel (`LowerOptions::ssd_tiles`: tensor-core tile products
+/// on bf16 operands, run as loops on the CPU) against the matrix form: partial last chunks,
+/// grouped heads, a fused producer of `x` (read inside the kernel) and an epilogue of `y`.
+/// The output agrees to bf16 operand rounding (normwise); the final state does not go
+/// through tiles and is the same bits. Shapes the tile products cannot take (`P` not a
+/// multiple of 8) keep the matrix form.
+#[test]
+fn tiled_ssd_forward_matches_the_matrix_form() {
+    let graph = |p: usize, n: usize| {
+        let mut g = G::new();
+        let (bd, ld) = (Dim::sym("B"), Dim::sym("L"));
+        let x_raw = g.input("x", &[bd.clone(), ld.clone(), k(4), k(p)]);
+        let x = g.un(UnaryOp::Silu, x_raw);
+        let dt_raw = g.input("dt", &[bd.clone(), ld.clone(), k(4)]);
+        let dt = g.un(UnaryOp::Softplus, dt_raw);
+        let a_log = g.param("A_log", &[k(4)]);
+        let ea = g.un(UnaryOp::Exp, a_log);
+        let a = g.un(UnaryOp::Neg, ea);
+        let bm = g.input("Bm", &[bd.clone(), ld.clone(), k(2), k(n)]);
+        let cm = g.input("Cm", &[bd.clone(), ld.clone(), k(2), k(n)]);
+        let s0 = g.state("s0", &[bd.clone(), k(4), k(p), k(n)]);
+        let s =
+            g.g.add(
+                Op::SsdScan { chunk: 32 },
+                &[x, dt, a, bm, cm, s0],
+                Span::default(),
+                None,
+            )
+            .unwrap();
+        let y = Value::new(s, 0);
+        let y2 = g.bin(BinaryOp::Mul, y, y);
+        g.g.add_output("y", y);
+        g.g.add_output("y2", y2);
+        g.g.add_output("s1", Value::new(s, 1));
+        g.g
+    };
+    let tiled = LowerOptions {
+        ssd_tiles: true,
+        ..LowerOptions::default()
+    };
+    for (p, n, l, fits) in [
+        (16, 32, 70, true),
+        (8, 16, 96, true),
+        (16, 32, 5, true),
+        (3, 16, 40, false),
+    ] {
+        let g = graph(p, n);
+        let syms = [("B", 2), ("L", l)];
+        let (_, data, params, states) = random_values(&g, &syms, 7, &[], 1);
+        let run = |opts: &LowerOptions| {
+            let cpu = CpuGraph::compile(&g, opts).expect("compiles");
+            let tiles = cpu.lowered.kernels.iter().any(ir::tile::is_tiled);
+            let (out, _) = cpu.run(&syms, &data, &params, &states).expect("runs");
+            (out, tiles)
+        };
+        let (want, plain) = run(&LowerOptions::default());
+        let (got, with_tiles) = run(&tiled);
+        assert!(!plain);
+        assert_eq!(with_tiles, fits, "P = {p}, N = {n}");
+        for ((name, a), (_, b)) in got.iter().zip(&want) {
+            if name == "s1" {
+                assert_eq!(a, b, "the final state");
+                continue;
+            }
+            let diff: f64 = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
+            let norm: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
+            let rel = (diff / norm).sqrt();
+            let tol = if fits { 1e-2 } else { 0.0 };
+            eprintln!("{name} (P = {p}, N = {n}, L = {l}): normwise {rel:.3e}");
+            assert!(
+                rel <= tol,
+                "{name} (P = {p}, N = {n}, L = {l}): normwise {rel:.3e}"
+            );
+            if fits {
+                assert!(rel > 0.0, "{name}: bf16 operands must show");
+            }
+        }
+    }
 }

@@ -56,8 +56,12 @@ fn assemble(what: &str, ptx: &Ptx) {
 
 /// Lowers `graph`, compiles every kernel to PTX and checks each is an `.entry`.
 fn compile_graph(what: &str, graph: &ir::Graph, target: Target) -> Ptx {
-    let l = passes::lower(graph, &LowerOptions::default())
-        .unwrap_or_else(|e| panic!("{what}: lowering: {e}"));
+    compile_graph_with(what, graph, target, &LowerOptions::default())
+}
+
+/// [`compile_graph`] lowered with `opts`.
+fn compile_graph_with(what: &str, graph: &ir::Graph, target: Target, opts: &LowerOptions) -> Ptx {
+    let l = passes::lower(graph, opts).unwrap_or_else(|e| panic!("{what}: lowering: {e}"));
     let started = std::time::Instant::now();
     let ptx = compile_lowered(&l, target).unwrap_or_else(|e| panic!("{what}: {e}"));
     eprintln!(
@@ -114,6 +118,31 @@ fn mamba_130m_compiles_to_ptx() {
 #[test]
 fn mamba2_130m_compiles_to_ptx() {
     forward_and_training("mamba2-130m");
+}
+
+/// With bf16 activations the GPU runs the SSD forward's output as a tiled kernel per layer
+/// (`LowerOptions::on_gpu`): tensor-core products from shared memory; ptxas takes it for
+/// both targets.
+#[test]
+fn mamba2_tiled_ssd_forward_assembles() {
+    let graph = common::compile_name("mamba2-130m").graph;
+    let opts = LowerOptions {
+        bf16_activations: true,
+        ..LowerOptions::default()
+    }
+    .on_gpu();
+    let l = passes::lower(&graph, &opts).expect("lowers");
+    let tiled = l.kernels.iter().filter(|k| ir::tile::is_tiled(k)).count();
+    assert_eq!(tiled, 24, "one tiled SSD kernel per layer");
+    for target in [Target::Sm90, Target::Sm80] {
+        let what = format!("mamba2-130m bf16 forward {}", target.arch());
+        let ptx = compile_graph_with(&what, &graph, target, &opts);
+        assert!(
+            ptx.text
+                .contains("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32")
+        );
+        assemble(&what, &ptx);
+    }
 }
 
 #[test]

@@ -83,6 +83,9 @@ use crate::math;
 /// Copies of a split loop's body per trip of its main loop.
 const SPLIT_UNROLL: i64 = 4;
 
+/// Iterations per thread and trip of an `Each` with a constant count (`Gen::each`).
+const EACH_UNROLL: i64 = 4;
+
 /// The PTX kernel calling convention (LLVM's `ptx_kernel`): functions with it are `.entry`.
 const PTX_KERNEL_CC: u32 = 71;
 const TRIPLE: &str = "nvptx64-nvidia-cuda";
@@ -817,10 +820,24 @@ impl<'ctx> Gen<'_, 'ctx> {
 
     /// `Each`: the block's threads take the flattened iterations in turn (thread `l` runs
     /// `l, l + 256, ...`, the last counter fastest, so neighbouring threads touch
-    /// neighbouring elements), then wait at a barrier.
+    /// neighbouring elements), then wait at a barrier. A constant iteration count that
+    /// divides evenly runs [`EACH_UNROLL`] iterations per trip, so that each thread has that
+    /// many independent loads in flight.
     fn each(&mut self, counters: &[LoopId], extents: &[IExpr], body: &[Stmt]) -> G<()> {
         let Some(lane) = self.lane else {
             return self.unsupported("an Each outside a tiled kernel".into());
+        };
+        let threads = i64::from(ir::tile::TILE_THREADS);
+        let constant: Option<i64> = extents
+            .iter()
+            .map(|e| match e {
+                IExpr::Const(n) => Some(*n),
+                _ => None,
+            })
+            .product();
+        let unroll = match constant {
+            Some(n) if n % (threads * EACH_UNROLL) == 0 => EACH_UNROLL,
+            _ => 1,
         };
         let mut ext = Vec::with_capacity(extents.len());
         for e in extents {
@@ -845,32 +862,32 @@ impl<'ctx> Gen<'_, 'ctx> {
         let more = self.b.build_int_compare(IntPredicate::SLT, f, total, "")?;
         self.b.build_conditional_branch(more, next, done)?;
         self.b.position_at_end(next);
-        let mut rest = f;
-        for d in (0..ext.len()).rev() {
-            let v = if d > 0 {
-                let v = self.b.build_int_unsigned_rem(rest, ext[d], "")?;
-                rest = self.b.build_int_unsigned_div(rest, ext[d], "")?;
-                v
-            } else {
-                rest
-            };
-            self.b.build_store(slots[d], v)?;
-        }
         let outer: Vec<_> = counters
             .iter()
             .zip(&slots)
             .map(|(c, p)| self.loops.insert(*c, *p))
             .collect();
-        self.block(body)?;
+        for u in 0..unroll {
+            let mut rest = self.b.build_int_add(f, self.i64c(u * threads), "")?;
+            for d in (0..ext.len()).rev() {
+                let v = if d > 0 {
+                    let v = self.b.build_int_unsigned_rem(rest, ext[d], "")?;
+                    rest = self.b.build_int_unsigned_div(rest, ext[d], "")?;
+                    v
+                } else {
+                    rest
+                };
+                self.b.build_store(slots[d], v)?;
+            }
+            self.block(body)?;
+        }
         for (c, o) in counters.iter().zip(outer) {
             match o {
                 Some(o) => self.loops.insert(*c, o),
                 None => self.loops.remove(c),
             };
         }
-        let f1 = self
-            .b
-            .build_int_add(f, self.i64c(i64::from(ir::tile::TILE_THREADS)), "")?;
+        let f1 = self.b.build_int_add(f, self.i64c(unroll * threads), "")?;
         self.b.build_store(flat, f1)?;
         self.b.build_unconditional_branch(head)?;
         self.b.position_at_end(done);

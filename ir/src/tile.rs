@@ -39,34 +39,111 @@ pub fn is_tiled(k: &Kernel) -> bool {
     k.body.iter().any(|s| matches!(s, Stmt::Tile { .. }))
 }
 
-/// The shared-memory slots of `k`'s tiles, in declaration order, and the bytes they take.
+/// The shared-memory slots of `k`'s tiles and the bytes they take. Tiles whose live ranges
+/// (from the first top-level statement that uses one to the last) do not overlap may share
+/// bytes: first fit, in declaration order.
 pub fn layout(k: &Kernel) -> (HashMap<TileId, TileSlot>, usize) {
-    let mut slots = HashMap::new();
-    let mut offset = 0;
+    let live = live_ranges(&k.body);
+    let mut slots: HashMap<TileId, TileSlot> = HashMap::new();
+    // Placed tiles: (byte range, live range).
+    let mut placed: Vec<((usize, usize), (usize, usize))> = Vec::new();
+    let mut total = 0;
     for s in &k.body {
-        if let Stmt::Tile {
+        let Stmt::Tile {
             tile,
             dtype,
             rows,
             cols,
         } = s
-        {
-            let elem = dtype.size() as usize;
-            let row_stride = cols + ROW_PAD_BYTES / elem;
-            slots.insert(
-                *tile,
-                TileSlot {
-                    dtype: *dtype,
-                    rows: *rows,
-                    cols: *cols,
-                    offset,
-                    row_stride,
-                },
-            );
-            offset += (rows * row_stride * elem).next_multiple_of(16);
+        else {
+            continue;
+        };
+        let elem = dtype.size() as usize;
+        let row_stride = cols + ROW_PAD_BYTES / elem;
+        let bytes = (rows * row_stride * elem).next_multiple_of(16);
+        let range = live.get(tile).copied().unwrap_or((0, 0));
+        let mut clashes: Vec<(usize, usize)> = placed
+            .iter()
+            .filter(|(_, r)| r.0 <= range.1 && range.0 <= r.1)
+            .map(|(b, _)| *b)
+            .collect();
+        clashes.sort_unstable();
+        let mut offset = 0;
+        for (start, end) in clashes {
+            if offset + bytes <= start {
+                break;
+            }
+            offset = offset.max(end);
         }
+        placed.push(((offset, offset + bytes), range));
+        total = total.max(offset + bytes);
+        slots.insert(
+            *tile,
+            TileSlot {
+                dtype: *dtype,
+                rows: *rows,
+                cols: *cols,
+                offset,
+                row_stride,
+            },
+        );
     }
-    (slots, offset)
+    (slots, total)
+}
+
+/// Per tile: the first and last top-level statement that uses it.
+fn live_ranges(body: &[Stmt]) -> HashMap<TileId, (usize, usize)> {
+    let mut live: HashMap<TileId, (usize, usize)> = HashMap::new();
+    for (at, s) in body.iter().enumerate() {
+        let mut note = |t: TileId| {
+            let r = live.entry(t).or_insert((at, at));
+            r.1 = at;
+        };
+        stmt_tiles(s, &mut note);
+    }
+    live
+}
+
+fn stmt_tiles(s: &Stmt, f: &mut dyn FnMut(TileId)) {
+    match s {
+        // A declaration is not a use: every tile is declared first.
+        Stmt::Tile { .. } => {}
+        Stmt::Mma { acc, a, b, .. } => {
+            f(*acc);
+            f(*a);
+            f(*b);
+        }
+        Stmt::TileSet { tile, value, .. } => {
+            f(*tile);
+            expr_tiles(value, f);
+        }
+        Stmt::Var { init: e, .. }
+        | Stmt::Set { value: e, .. }
+        | Stmt::ArrSet { value: e, .. }
+        | Stmt::Store { value: e, .. } => expr_tiles(e, f),
+        Stmt::For { body, .. } | Stmt::Each { body, .. } => {
+            for s in body {
+                stmt_tiles(s, f);
+            }
+        }
+        Stmt::Array { .. } => {}
+    }
+}
+
+fn expr_tiles(e: &Expr, f: &mut dyn FnMut(TileId)) {
+    match e {
+        Expr::TileLoad { tile, .. } => f(*tile),
+        Expr::Unary(_, a) => expr_tiles(a, f),
+        Expr::Binary(_, a, b) => {
+            expr_tiles(a, f);
+            expr_tiles(b, f);
+        }
+        Expr::Const(_)
+        | Expr::Var(_)
+        | Expr::Load { .. }
+        | Expr::ArrLoad { .. }
+        | Expr::FromIndex(_) => {}
+    }
 }
 
 /// Shared-memory bytes a tiled kernel's block needs (0 for other kernels).
@@ -163,4 +240,70 @@ fn max_ids(body: &[Stmt]) -> (u32, u32) {
         }
     }
     (l, v)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tile(id: u32, rows: usize) -> Stmt {
+        Stmt::Tile {
+            tile: TileId(id),
+            dtype: DType::F32,
+            rows,
+            cols: 4,
+        }
+    }
+    fn fill(id: u32) -> Stmt {
+        Stmt::Each {
+            counters: vec![LoopId(id)],
+            extents: vec![IExpr::c(1)],
+            body: vec![Stmt::TileSet {
+                tile: TileId(id),
+                row: IExpr::c(0),
+                col: IExpr::c(0),
+                value: Expr::Const(1.0),
+            }],
+        }
+    }
+
+    /// Tiles used one after the other share bytes; tiles used together do not.
+    #[test]
+    fn tiles_share_memory_when_their_lives_do_not_overlap() {
+        let k = Kernel {
+            name: "t".into(),
+            bufs: vec![],
+            sizes: vec![],
+            grid: vec![IExpr::c(1)],
+            body: vec![
+                tile(0, 2),
+                tile(1, 1),
+                tile(2, 3),
+                fill(0),
+                fill(1),
+                fill(2),
+            ],
+        };
+        // Rows of 4 f32 + 16 bytes of padding = 32 bytes.
+        let (slots, bytes) = layout(&k);
+        assert_eq!(
+            [0, 1, 2].map(|t| slots[&TileId(t)].offset),
+            [0, 0, 0],
+            "{slots:?}"
+        );
+        assert_eq!(bytes, 96);
+        let mut k = k;
+        // Tile 0 now lives until the end: the others go after it.
+        k.body.push(fill(0));
+        if let Some(Stmt::Each { counters, .. }) = k.body.last_mut() {
+            counters[0] = LoopId(9);
+        }
+        let (slots, bytes) = layout(&k);
+        assert_eq!(
+            [0, 1, 2].map(|t| slots[&TileId(t)].offset),
+            [0, 64, 64],
+            "{slots:?}"
+        );
+        assert_eq!(bytes, 160);
+    }
 }

@@ -65,6 +65,11 @@ pub struct LowerOptions {
     /// Activations stored as bf16 and matrix products on bf16 operands with f32 accumulation
     /// ([`bf16`] says which values stay f32: parameters, states, gradients, the loss).
     pub bf16_activations: bool,
+    /// The SSD forward's output as one tiled kernel (tensor-core tile products on bf16
+    /// operands in shared memory, [`ir::tile`]) where the sizes allow: what the GPU runs with
+    /// bf16 activations ([`LowerOptions::on_gpu`]). The CPU runs tile products as scalar
+    /// loops, slower than its GEMMs, so it keeps the products.
+    pub ssd_tiles: bool,
 }
 
 impl LowerOptions {
@@ -74,6 +79,16 @@ impl LowerOptions {
         LowerOptions {
             sequential_scans: true,
             ..LowerOptions::default()
+        }
+    }
+
+    /// What the GPU runs: these options with the tiled SSD forward (`ssd_tiles`) where
+    /// activations are bf16 (its tile products take bf16 operands; f32 activations keep
+    /// f32 or TF32 products).
+    pub fn on_gpu(&self) -> LowerOptions {
+        LowerOptions {
+            ssd_tiles: self.ssd_tiles || self.bf16_activations,
+            ..self.clone()
         }
     }
 
@@ -154,6 +169,7 @@ pub fn lower(g: &Graph, opts: &LowerOptions) -> Result<Lowered, LowerError> {
         row_prologues: HashMap::new(),
         sequential_scans: opts.sequential_scans,
         ssd_scans: opts.ssd_scans,
+        ssd_tiles: opts.ssd_tiles,
     };
     l.decide(opts);
     if !opts.no_fusion {
@@ -189,6 +205,8 @@ struct Lowering<'g> {
     sequential_scans: bool,
     /// [`LowerOptions::ssd_scans`].
     ssd_scans: bool,
+    /// [`LowerOptions::ssd_tiles`].
+    ssd_tiles: bool,
     syms: Vec<String>,
     buf_of: HashMap<Value, BufId>,
     out: Lowered,

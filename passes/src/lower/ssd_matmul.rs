@@ -39,6 +39,19 @@ use BinaryOp::{Add, Mul, Sub};
 /// `[Q, Q]` matrices.
 pub const MAX_SSD_MATMUL_CHUNK: u64 = 128;
 
+/// Shared memory the tiled forward may use per block: two blocks fit an H100/H200 SM
+/// (228 KB) at `Q = 128`, `P = 64`, `N = 128` (87 KB).
+const MAX_TILE_BYTES: i64 = 112 * 1024;
+
+/// An internal inconsistency of this lowering.
+fn internal(node: NodeId, what: &str) -> LowerError {
+    LowerError::Unsupported {
+        node,
+        op: "ssd_scan",
+        message: format!("internal: {what}"),
+    }
+}
+
 /// Sizes and scratch shapes of one SSD op.
 struct Ssd {
     ch: Chunks,
@@ -52,9 +65,10 @@ struct Ssd {
     n: Dim,
     qd: Dim,
     hp: Dim,
-    /// Heads per group and the head width `P`.
+    /// Heads per group, the head width `P` and the state width `N`.
     hpg: i64,
     pw: i64,
+    nw: i64,
 }
 
 impl Ssd {
@@ -64,7 +78,7 @@ impl Ssd {
         let heads = l.known(node, &xs[2], "the head count")?;
         let groups = l.known(node, &bs[2], "the group count")?.max(1);
         let pw = l.known(node, &xs[3], "the head width")? as i64;
-        l.known(node, &bs[3], "d_state")?;
+        let nw = l.known(node, &bs[3], "d_state")? as i64;
         let hpg = (heads / groups).max(1) as i64;
         let q = chunk.clamp(1, MAX_SSD_MATMUL_CHUNK);
         let (ch, count) = l.chunks(node, &xs[1], q)?;
@@ -81,7 +95,18 @@ impl Ssd {
             hp: Dim::known((hpg * pw) as u64),
             hpg,
             pw,
+            nw,
         })
+    }
+
+    /// Whether the tiled forward ([`Lowering::ssd_tiled_output`]) can run this op: tile
+    /// products need `Q` and `N` in multiples of 16 and `P` of 8, and its tiles must fit a
+    /// block's shared memory.
+    fn tiles_fit(&self) -> bool {
+        let (q, p, n) = (self.q, self.pw, self.nw);
+        let bf16 = |r: i64, c: i64| r * (c + 8) * 2;
+        let bytes = (bf16(q, q) + bf16(p, q)).max(bf16(q, n) + bf16(p, n)) + q * (p + 4) * 4;
+        q % 16 == 0 && n % 16 == 0 && p % 8 == 0 && bytes <= MAX_TILE_BYTES
     }
 
     fn shape(&self, dims: &[&Dim]) -> Shape {
@@ -204,9 +229,9 @@ struct Prep {
     /// `dt` and the running sum `a` of `dt·A` (`[B, nc, H, Q]`).
     dtc: BufId,
     acs: BufId,
-    /// `x` as rows (`[B, nc, H, Q, P]`) and `w ⊙ x` as group rows (`[B, nc, G, Q, hpg·P]`);
-    /// for the gradient, `dt ⊙ x` as rows.
-    xc: BufId,
+    /// `x` as rows (`[B, nc, H, Q, P]`; not for the tiled forward, which reads `x`) and
+    /// `w ⊙ x` as group rows (`[B, nc, G, Q, hpg·P]`); for the gradient, `dt ⊙ x` as rows.
+    xc: Option<BufId>,
     xs: BufId,
     xdt: Option<BufId>,
     /// `B` and `C` rows (`[B, nc, G, Q, N]`).
@@ -273,7 +298,7 @@ impl Lowering<'_> {
         s: &Ssd,
         name: &str,
         s1: Option<BufId>,
-        with_xdt: bool,
+        (with_rows, with_xdt): (bool, bool),
     ) -> Result<Prep, LowerError> {
         let g = self.g;
         let ops = g.operands(node);
@@ -281,7 +306,7 @@ impl Lowering<'_> {
         let (ps, hr, gh, gr) = (s.per_step(), s.head_rows(), s.group_heads(), s.group_rows());
         let dtc = self.scratch(node, ps.clone());
         let acs = self.scratch(node, ps.clone());
-        let xc = self.scratch(node, hr.clone());
+        let xc = with_rows.then(|| self.scratch(node, hr.clone()));
         let xs = self.scratch(node, gh.clone());
         let xdt = with_xdt.then(|| self.scratch(node, hr.clone()));
         let bc = self.scratch(node, gr.clone());
@@ -342,9 +367,12 @@ impl Lowering<'_> {
         let w = ssd_weight_at(&mut kb, s, (dtc, acs), &at);
         let rows = [b.clone(), c.clone(), h.clone(), i.clone(), p.clone()];
         let grow = [b, c, s.group(&h), i, s.in_group(&h, p)];
-        let rows_store = st(&mut kb, xc, &rows, &hr, Expr::Var(xv));
+        if let Some(xc) = xc {
+            let rows_store = st(&mut kb, xc, &rows, &hr, Expr::Var(xv));
+            kb.body.push(rows_store);
+        }
         let group_store = st(&mut kb, xs, &grow, &gh, mul(Expr::Var(xv), w));
-        kb.body.extend([rows_store, group_store]);
+        kb.body.push(group_store);
         if let Some(xdt) = xdt {
             let dtv = ld(&mut kb, dtc, &at, &ps);
             let store = st(&mut kb, xdt, &rows, &hr, mul(Expr::Var(xv), dtv));
@@ -424,7 +452,12 @@ impl Lowering<'_> {
         let name = format!("ssd_scan_{}", node.index());
         let y = self.new_buf(Value::new(node, 0), BufKind::Temp);
         let s1 = self.new_buf(Value::new(node, 1), BufKind::Temp);
-        let pr = self.ssd_prep(node, &s, &name, Some(s1), false)?;
+        if self.ssd_tiles && s.tiles_fit() {
+            let pr = self.ssd_prep(node, &s, &name, Some(s1), (false, false))?;
+            return self.ssd_tiled_output(node, &s, &name, &pr, y);
+        }
+        let pr = self.ssd_prep(node, &s, &name, Some(s1), (true, false))?;
+        let xc = pr.xc.ok_or_else(|| internal(node, "no x rows"))?;
         let (ps, hr) = (s.per_step(), s.head_rows());
         let sq = s.square(&s.h);
         let mm = self.scratch(node, sq.clone());
@@ -436,7 +469,7 @@ impl Lowering<'_> {
         self.ssd_mask(node, &s, &format!("{name}_mask"), &pr, mm, (false, true));
         self.gemm(
             node,
-            (mm, pr.xc, yd),
+            (mm, xc, yd),
             s.batch(&s.h),
             (&s.qd, &s.qd, &s.p),
             (false, false),
@@ -586,6 +619,169 @@ impl Lowering<'_> {
 }
 
 impl Lowering<'_> {
+    /// The forward's output in one tiled kernel ([`ir::tile`]) per (batch, chunk, head),
+    /// instead of the `[Q, Q]` mask per head in memory, two products and an output kernel:
+    ///
+    /// ```text
+    /// M  (bf16 [Q, Q]) = CB ⊙ exp(a_i - a_j) dt_j, j <= i      from CB (per group) and a, dt
+    /// Xᵀ (bf16 [P, Q]) = x of the chunk, zero past the end    read from x itself
+    /// Y  (f32 [Q, P])  = M X                                  tensor cores
+    /// C' (bf16 [Q, N]) = exp(a_i) C_i;  S (bf16 [P, N]) = S_in
+    /// Y += C' Sᵀ;  y = Y for the chunk's steps                (and the epilogues of y)
+    /// ```
+    ///
+    /// `M` and `Xᵀ` die before `C'` and `S` are filled, so the layout gives them the same
+    /// shared memory.
+    fn ssd_tiled_output(
+        &mut self,
+        node: NodeId,
+        s: &Ssd,
+        name: &str,
+        pr: &Prep,
+        y: BufId,
+    ) -> Result<(), LowerError> {
+        use ir::DType::{BF16, F32};
+        use ir::kernel::TileId;
+        let x = self.g.operands(node)[0];
+        let (ps, gr, sqg, sts) = (s.per_step(), s.group_rows(), s.square(&s.g), s.states());
+        let (q, pw, nw) = (s.q as usize, s.pw as usize, s.nw as usize);
+        let mut kb = KB::new(self, name);
+        let (b, c, h) = (grid(0), grid(1), grid(2));
+        let gg = s.group(&h);
+        let [tm, tx, tc, ts, ty] = [0, 1, 2, 3, 4].map(TileId);
+        for (tile, dtype, rows, cols) in [
+            (tm, BF16, q, q),
+            (tx, BF16, pw, q),
+            (tc, BF16, q, nw),
+            (ts, BF16, pw, nw),
+            (ty, F32, q, pw),
+        ] {
+            kb.body.push(Stmt::Tile {
+                tile,
+                dtype,
+                rows,
+                cols,
+            });
+        }
+        let step = |k: &IExpr| [b.clone(), c.clone(), h.clone(), k.clone()];
+        let set = |tile, row: &IExpr, col: &IExpr, value| Stmt::TileSet {
+            tile,
+            row: row.clone(),
+            col: col.clone(),
+            value,
+        };
+
+        // M, as the mask kernel computes it (`ssd_mask`).
+        let (ci, cj) = (kb.counter(), kb.counter());
+        let (i, j) = (IExpr::Loop(ci), IExpr::Loop(cj));
+        let cbv = ld(
+            &mut kb,
+            pr.cb,
+            &[b.clone(), c.clone(), gg.clone(), i.clone(), j.clone()],
+            &sqg,
+        );
+        let (ai, aj) = (
+            ld(&mut kb, pr.acs, &step(&i), &ps),
+            ld(&mut kb, pr.acs, &step(&j), &ps),
+        );
+        let dtj = ld(&mut kb, pr.dtc, &step(&j), &ps);
+        let decay = exp(Expr::bin(BinaryOp::Min, sub(ai, aj), Expr::Const(0.0)));
+        let below = i
+            .clone()
+            .sub(j.clone())
+            .add(IExpr::c(s.q))
+            .div(IExpr::c(s.q));
+        let m = mul(mul(mul(cbv, decay), Expr::FromIndex(below)), dtj);
+        kb.body
+            .push(each(&[ci, cj], &[q, q], vec![set(tm, &i, &j, m)]));
+
+        // Xᵀ, a step's row of x per `p` (consecutive threads read consecutive `p`).
+        let (cj, cp) = (kb.counter(), kb.counter());
+        let (j, p) = (IExpr::Loop(cj), IExpr::Loop(cp));
+        let (tcl, ok) = s.clamped(&c, &j);
+        let xv = kb.value(x, &[b.clone(), tcl, h.clone(), p.clone()])?;
+        kb.body.push(each(
+            &[cj, cp],
+            &[q, pw],
+            vec![set(tx, &p, &j, mul(xv, ok))],
+        ));
+        kb.body.push(Stmt::Mma {
+            acc: ty,
+            a: tm,
+            b: tx,
+            accumulate: false,
+        });
+
+        // C' and S.
+        let (ci, cn) = (kb.counter(), kb.counter());
+        let (i, n) = (IExpr::Loop(ci), IExpr::Loop(cn));
+        let cv = ld(
+            &mut kb,
+            pr.cc,
+            &[b.clone(), c.clone(), gg, i.clone(), n.clone()],
+            &gr,
+        );
+        let ea = exp(ld(&mut kb, pr.acs, &step(&i), &ps));
+        kb.body.push(each(
+            &[ci, cn],
+            &[q, nw],
+            vec![set(tc, &i, &n, mul(cv, ea))],
+        ));
+        let (cp, cn) = (kb.counter(), kb.counter());
+        let (p, n) = (IExpr::Loop(cp), IExpr::Loop(cn));
+        let sv = ld(
+            &mut kb,
+            pr.sin,
+            &[b.clone(), c.clone(), h.clone(), p.clone(), n.clone()],
+            &sts,
+        );
+        kb.body
+            .push(each(&[cp, cn], &[pw, nw], vec![set(ts, &p, &n, sv)]));
+        kb.body.push(Stmt::Mma {
+            acc: ty,
+            a: tc,
+            b: ts,
+            accumulate: true,
+        });
+
+        // y for the chunk's steps.
+        let (ci, cp) = (kb.counter(), kb.counter());
+        let (i, p) = (IExpr::Loop(ci), IExpr::Loop(cp));
+        let (yv, decl) = var(
+            &mut kb,
+            Expr::TileLoad {
+                tile: ty,
+                row: i.clone(),
+                col: p.clone(),
+            },
+        );
+        let xs = kb.l.shape(Value::new(node, 0));
+        let t = s.ch.start(&c).add(i);
+        let yi = kb.l.linear(&[b, t, h, p], &xs);
+        let mut body = vec![decl];
+        body.extend(kb.store_with_epilogues(Value::new(node, 0), y, yi, yv)?);
+        let len = s.ch.len(&grid(1));
+        kb.body.push(Stmt::Each {
+            counters: vec![ci, cp],
+            extents: vec![len, IExpr::c(s.pw)],
+            body,
+        });
+        let grid_t = vec![kb.l.dim(&s.b), s.ch.count.clone(), kb.l.dim(&s.h)];
+        kb.finish(grid_t, node);
+        Ok(())
+    }
+}
+
+/// `Each` over constant extents.
+fn each(counters: &[ir::kernel::LoopId], extents: &[usize], body: Vec<Stmt>) -> Stmt {
+    Stmt::Each {
+        counters: counters.to_vec(),
+        extents: extents.iter().map(|&e| IExpr::c(e as i64)).collect(),
+        body,
+    }
+}
+
+impl Lowering<'_> {
     /// `SsdScanGrad` in the matrix form. With `dy`, `ds1` the cotangents and, per chunk,
     /// `dS_out` the cotangent of the state leaving it (`ds1` for the last, else the next
     /// chunk's `dS_in`), where `dS_in = exp(a_last) dS_out + Σ_i exp(a_i) dy_iᵀ C_i`:
@@ -615,7 +811,8 @@ impl Lowering<'_> {
         let outs: Vec<BufId> = (0..6)
             .map(|r| self.new_buf(Value::new(node, r), BufKind::Temp))
             .collect();
-        let pr = self.ssd_prep(node, &s, &name, None, true)?;
+        let pr = self.ssd_prep(node, &s, &name, None, (true, true))?;
+        let xc = pr.xc.ok_or_else(|| internal(node, "no x rows"))?;
         let (ps, pc, hr, gr, gh, sts) = (
             s.per_step(),
             s.per_chunk(),
@@ -693,11 +890,7 @@ impl Lowering<'_> {
             true,
         );
         let ydg = self.scratch(node, hr.clone());
-        let xdt = pr.xdt.ok_or_else(|| LowerError::Unsupported {
-            node,
-            op: "ssd_scan_grad",
-            message: "internal: no dt ⊙ x rows".into(),
-        })?;
+        let xdt = pr.xdt.ok_or_else(|| internal(node, "no dt ⊙ x rows"))?;
         self.gemm_with(
             node,
             (mmt, xdt, ydg),
@@ -717,7 +910,7 @@ impl Lowering<'_> {
         let dmm = self.scratch(node, sqh.clone());
         self.gemm(
             node,
-            (dyc, pr.xc, dmm),
+            (dyc, xc, dmm),
             s.batch(&s.h),
             (&s.qd, &s.p, &s.qd),
             (false, true),
@@ -887,7 +1080,7 @@ impl Lowering<'_> {
                 j.clone(),
                 s.in_group(&h, p),
             ];
-            let xe = ld(kb, pr.xc, &rows, &hr);
+            let xe = ld(kb, xc, &rows, &hr);
             let (xv, d1) = var(kb, xe);
             let dsu = ld(kb, dxsu, &grow, &gh);
             let de = ld(kb, dyc, &rows, &hr);
