@@ -520,7 +520,10 @@ fn ssd_matmul_form_matches_the_cpu() {
 /// The tiled SSD forward (`LowerOptions::ssd_tiles`: `mma.sync` on bf16 tiles in shared
 /// memory) against the CPU running the same tiled kernel as loops: the same bf16 operands,
 /// sums in another order. Grouped heads, partial last chunks, mamba2-2.7b's head and state
-/// sizes.
+/// sizes. Normwise within 1e-3: an operand whose f32 value differs in its last bit (the
+/// running sums of `dt·A` are products, summed in another order) may round to the
+/// neighbouring bf16, which moves a few outputs by one bf16 step of one term (the bf16
+/// rounding itself is 2e-3 to 3e-3 normwise, `tests/kernels.rs`).
 #[test]
 fn tiled_ssd_forward_matches_the_cpu() {
     let tiled = LowerOptions {
@@ -537,8 +540,7 @@ fn tiled_ssd_forward_matches_the_cpu() {
         assert_eq!(tiles.count(), 1, "{what}: one tiled kernel");
         let c = case(&g, &g, b as usize, l, 1, 31);
         for (out, cpu, gpu) in &both_with(&what, &dev, &g, &c, &tiled) {
-            assert_close(&format!("{what} {out}"), gpu, cpu, CPU_GPU);
-            let r = assert_normwise(&format!("{what} {out}"), gpu, cpu, 1e-5);
+            let r = assert_normwise(&format!("{what} {out}"), gpu, cpu, 1e-3);
             eprintln!("{what} {out}: normwise {r:.2e}");
         }
     }

@@ -83,8 +83,8 @@ use crate::math;
 /// Copies of a split loop's body per trip of its main loop.
 const SPLIT_UNROLL: i64 = 4;
 
-/// Iterations per thread and trip of an `Each` with a constant count (`Gen::each`).
-const EACH_UNROLL: i64 = 4;
+/// Iterations per thread and trip of an `Each`'s main loop (`Gen::each`).
+const EACH_UNROLL: i64 = 8;
 
 /// The PTX kernel calling convention (LLVM's `ptx_kernel`): functions with it are `.entry`.
 const PTX_KERNEL_CC: u32 = 71;
@@ -820,25 +820,15 @@ impl<'ctx> Gen<'_, 'ctx> {
 
     /// `Each`: the block's threads take the flattened iterations in turn (thread `l` runs
     /// `l, l + 256, ...`, the last counter fastest, so neighbouring threads touch
-    /// neighbouring elements), then wait at a barrier. A constant iteration count that
-    /// divides evenly runs [`EACH_UNROLL`] iterations per trip, so that each thread has that
-    /// many independent loads in flight.
+    /// neighbouring elements), then wait at a barrier. A main loop runs [`EACH_UNROLL`]
+    /// iterations per trip while all of them exist, so that each thread has that many
+    /// independent loads in flight (a block per point leaves few warps per SM to hide
+    /// latency); a remainder loop runs the rest one by one.
     fn each(&mut self, counters: &[LoopId], extents: &[IExpr], body: &[Stmt]) -> G<()> {
         let Some(lane) = self.lane else {
             return self.unsupported("an Each outside a tiled kernel".into());
         };
         let threads = i64::from(ir::tile::TILE_THREADS);
-        let constant: Option<i64> = extents
-            .iter()
-            .map(|e| match e {
-                IExpr::Const(n) => Some(*n),
-                _ => None,
-            })
-            .product();
-        let unroll = match constant {
-            Some(n) if n % (threads * EACH_UNROLL) == 0 => EACH_UNROLL,
-            _ => 1,
-        };
         let mut ext = Vec::with_capacity(extents.len());
         for e in extents {
             ext.push(self.iexpr(e)?);
@@ -853,33 +843,40 @@ impl<'ctx> Gen<'_, 'ctx> {
             .iter()
             .map(|c| self.alloca(self.t.i64, &format!("i{}", c.0)))
             .collect::<G<_>>()?;
-        let head = self.ctx.append_basic_block(self.f, "each");
-        let next = self.ctx.append_basic_block(self.f, "each_body");
-        let done = self.ctx.append_basic_block(self.f, "each_done");
-        self.b.build_unconditional_branch(head)?;
-        self.b.position_at_end(head);
-        let f = self.b.build_load(self.t.i64, flat, "")?.into_int_value();
-        let more = self.b.build_int_compare(IntPredicate::SLT, f, total, "")?;
-        self.b.build_conditional_branch(more, next, done)?;
-        self.b.position_at_end(next);
         let outer: Vec<_> = counters
             .iter()
             .zip(&slots)
             .map(|(c, p)| self.loops.insert(*c, *p))
             .collect();
-        for u in 0..unroll {
-            let mut rest = self.b.build_int_add(f, self.i64c(u * threads), "")?;
-            for d in (0..ext.len()).rev() {
-                let v = if d > 0 {
-                    let v = self.b.build_int_unsigned_rem(rest, ext[d], "")?;
-                    rest = self.b.build_int_unsigned_div(rest, ext[d], "")?;
-                    v
-                } else {
-                    rest
-                };
-                self.b.build_store(slots[d], v)?;
+        for unroll in [EACH_UNROLL, 1] {
+            let head = self.ctx.append_basic_block(self.f, "each");
+            let next = self.ctx.append_basic_block(self.f, "each_body");
+            let done = self.ctx.append_basic_block(self.f, "each_done");
+            self.b.build_unconditional_branch(head)?;
+            self.b.position_at_end(head);
+            let f = self.b.build_load(self.t.i64, flat, "")?.into_int_value();
+            let last = self.b.build_int_add(f, self.i64c((unroll - 1) * threads), "")?;
+            let more = self.b.build_int_compare(IntPredicate::SLT, last, total, "")?;
+            self.b.build_conditional_branch(more, next, done)?;
+            self.b.position_at_end(next);
+            for u in 0..unroll {
+                let mut rest = self.b.build_int_add(f, self.i64c(u * threads), "")?;
+                for d in (0..ext.len()).rev() {
+                    let v = if d > 0 {
+                        let v = self.b.build_int_unsigned_rem(rest, ext[d], "")?;
+                        rest = self.b.build_int_unsigned_div(rest, ext[d], "")?;
+                        v
+                    } else {
+                        rest
+                    };
+                    self.b.build_store(slots[d], v)?;
+                }
+                self.block(body)?;
             }
-            self.block(body)?;
+            let f1 = self.b.build_int_add(f, self.i64c(unroll * threads), "")?;
+            self.b.build_store(flat, f1)?;
+            self.b.build_unconditional_branch(head)?;
+            self.b.position_at_end(done);
         }
         for (c, o) in counters.iter().zip(outer) {
             match o {
@@ -887,10 +884,6 @@ impl<'ctx> Gen<'_, 'ctx> {
                 None => self.loops.remove(c),
             };
         }
-        let f1 = self.b.build_int_add(f, self.i64c(unroll * threads), "")?;
-        self.b.build_store(flat, f1)?;
-        self.b.build_unconditional_branch(head)?;
-        self.b.position_at_end(done);
         self.barrier()
     }
 

@@ -40,7 +40,7 @@ use BinaryOp::{Add, Mul, Sub};
 pub const MAX_SSD_MATMUL_CHUNK: u64 = 128;
 
 /// Shared memory the tiled forward may use per block: two blocks fit an H100/H200 SM
-/// (228 KB) at `Q = 128`, `P = 64`, `N = 128` (87 KB).
+/// (228 KB); at `Q = 128`, `P = 64` it takes 90 KB.
 const MAX_TILE_BYTES: i64 = 112 * 1024;
 
 /// An internal inconsistency of this lowering.
@@ -65,10 +65,9 @@ struct Ssd {
     n: Dim,
     qd: Dim,
     hp: Dim,
-    /// Heads per group, the head width `P` and the state width `N`.
+    /// Heads per group and the head width `P`.
     hpg: i64,
     pw: i64,
-    nw: i64,
 }
 
 impl Ssd {
@@ -78,7 +77,7 @@ impl Ssd {
         let heads = l.known(node, &xs[2], "the head count")?;
         let groups = l.known(node, &bs[2], "the group count")?.max(1);
         let pw = l.known(node, &xs[3], "the head width")? as i64;
-        let nw = l.known(node, &bs[3], "d_state")? as i64;
+        l.known(node, &bs[3], "d_state")?;
         let hpg = (heads / groups).max(1) as i64;
         let q = chunk.clamp(1, MAX_SSD_MATMUL_CHUNK);
         let (ch, count) = l.chunks(node, &xs[1], q)?;
@@ -95,18 +94,16 @@ impl Ssd {
             hp: Dim::known((hpg * pw) as u64),
             hpg,
             pw,
-            nw,
         })
     }
 
-    /// Whether the tiled forward ([`Lowering::ssd_tiled_output`]) can run this op: tile
-    /// products need `Q` and `N` in multiples of 16 and `P` of 8, and its tiles must fit a
-    /// block's shared memory.
+    /// Whether the tiled forward ([`Lowering::ssd_tiled_output`]) can run this op: its tile
+    /// product needs `Q` in multiples of 16 and `P` of 8, and its tiles must fit a block's
+    /// shared memory.
     fn tiles_fit(&self) -> bool {
-        let (q, p, n) = (self.q, self.pw, self.nw);
-        let bf16 = |r: i64, c: i64| r * (c + 8) * 2;
-        let bytes = (bf16(q, q) + bf16(p, q)).max(bf16(q, n) + bf16(p, n)) + q * (p + 4) * 4;
-        q % 16 == 0 && n % 16 == 0 && p % 8 == 0 && bytes <= MAX_TILE_BYTES
+        let (q, p) = (self.q, self.pw);
+        let bytes = q * (q + 8) * 2 + p * (q + 8) * 2 + q * (p + 4) * 4 + q * 5 * 4;
+        q % 16 == 0 && p % 8 == 0 && bytes <= MAX_TILE_BYTES
     }
 
     fn shape(&self, dims: &[&Dim]) -> Shape {
@@ -620,18 +617,17 @@ impl Lowering<'_> {
 
 impl Lowering<'_> {
     /// The forward's output in one tiled kernel ([`ir::tile`]) per (batch, chunk, head),
-    /// instead of the `[Q, Q]` mask per head in memory, two products and an output kernel:
+    /// instead of the `[Q, Q]` mask per head in memory, its product and an output kernel:
     ///
     /// ```text
     /// M  (bf16 [Q, Q]) = CB ⊙ exp(a_i - a_j) dt_j, j <= i      from CB (per group) and a, dt
     /// Xᵀ (bf16 [P, Q]) = x of the chunk, zero past the end    read from x itself
     /// Y  (f32 [Q, P])  = M X                                  tensor cores
-    /// C' (bf16 [Q, N]) = exp(a_i) C_i;  S (bf16 [P, N]) = S_in
-    /// Y += C' Sᵀ;  y = Y for the chunk's steps                (and the epilogues of y)
+    /// y  = Y + exp(a_i) (C S_inᵀ)_i for the chunk's steps     (and the epilogues of y)
     /// ```
     ///
-    /// `M` and `Xᵀ` die before `C'` and `S` are filled, so the layout gives them the same
-    /// shared memory.
+    /// `C S_inᵀ` stays one product per group (its heads stacked), as in the matrix form:
+    /// per head in the kernel it would convert and scale the group's `C` once per head.
     fn ssd_tiled_output(
         &mut self,
         node: NodeId,
@@ -643,18 +639,24 @@ impl Lowering<'_> {
         use ir::DType::{BF16, F32};
         use ir::kernel::TileId;
         let x = self.g.operands(node)[0];
-        let (ps, gr, sqg, sts) = (s.per_step(), s.group_rows(), s.square(&s.g), s.states());
-        let (q, pw, nw) = (s.q as usize, s.pw as usize, s.nw as usize);
+        let (ps, sqg, gh) = (s.per_step(), s.square(&s.g), s.group_heads());
+        let yo = self.scratch(node, gh.clone());
+        self.gemm(
+            node,
+            (pr.cc, pr.sin, yo),
+            s.batch(&s.g),
+            (&s.qd, &s.n, &s.hp),
+            (false, true),
+        );
+        let (q, pw) = (s.q as usize, s.pw as usize);
         let mut kb = KB::new(self, name);
         let (b, c, h) = (grid(0), grid(1), grid(2));
-        let gg = s.group(&h);
-        let [tm, tx, tc, ts, ty] = [0, 1, 2, 3, 4].map(TileId);
+        let [tm, tx, ty, te] = [0, 1, 2, 3].map(TileId);
         for (tile, dtype, rows, cols) in [
             (tm, BF16, q, q),
             (tx, BF16, pw, q),
-            (tc, BF16, q, nw),
-            (ts, BF16, pw, nw),
             (ty, F32, q, pw),
+            (te, F32, q, 1),
         ] {
             kb.body.push(Stmt::Tile {
                 tile,
@@ -674,16 +676,10 @@ impl Lowering<'_> {
         // M, as the mask kernel computes it (`ssd_mask`).
         let (ci, cj) = (kb.counter(), kb.counter());
         let (i, j) = (IExpr::Loop(ci), IExpr::Loop(cj));
-        let cbv = ld(
-            &mut kb,
-            pr.cb,
-            &[b.clone(), c.clone(), gg.clone(), i.clone(), j.clone()],
-            &sqg,
-        );
-        let (ai, aj) = (
-            ld(&mut kb, pr.acs, &step(&i), &ps),
-            ld(&mut kb, pr.acs, &step(&j), &ps),
-        );
+        let at = [b.clone(), c.clone(), s.group(&h), i.clone(), j.clone()];
+        let cbv = ld(&mut kb, pr.cb, &at, &sqg);
+        let ai = ld(&mut kb, pr.acs, &step(&i), &ps);
+        let aj = ld(&mut kb, pr.acs, &step(&j), &ps);
         let dtj = ld(&mut kb, pr.dtc, &step(&j), &ps);
         let decay = exp(Expr::bin(BinaryOp::Min, sub(ai, aj), Expr::Const(0.0)));
         let below = i
@@ -695,7 +691,8 @@ impl Lowering<'_> {
         kb.body
             .push(each(&[ci, cj], &[q, q], vec![set(tm, &i, &j, m)]));
 
-        // Xᵀ, a step's row of x per `p` (consecutive threads read consecutive `p`).
+        // Xᵀ, a step's row of x per `p` (consecutive threads read consecutive `p`), and
+        // exp(a_i) per step.
         let (cj, cp) = (kb.counter(), kb.counter());
         let (j, p) = (IExpr::Loop(cj), IExpr::Loop(cp));
         let (tcl, ok) = s.clamped(&c, &j);
@@ -705,6 +702,11 @@ impl Lowering<'_> {
             &[q, pw],
             vec![set(tx, &p, &j, mul(xv, ok))],
         ));
+        let ci = kb.counter();
+        let i = IExpr::Loop(ci);
+        let ea = exp(ld(&mut kb, pr.acs, &step(&i), &ps));
+        kb.body
+            .push(each(&[ci], &[q], vec![set(te, &i, &IExpr::c(0), ea)]));
         kb.body.push(Stmt::Mma {
             acc: ty,
             a: tm,
@@ -712,49 +714,28 @@ impl Lowering<'_> {
             accumulate: false,
         });
 
-        // C' and S.
-        let (ci, cn) = (kb.counter(), kb.counter());
-        let (i, n) = (IExpr::Loop(ci), IExpr::Loop(cn));
-        let cv = ld(
-            &mut kb,
-            pr.cc,
-            &[b.clone(), c.clone(), gg, i.clone(), n.clone()],
-            &gr,
-        );
-        let ea = exp(ld(&mut kb, pr.acs, &step(&i), &ps));
-        kb.body.push(each(
-            &[ci, cn],
-            &[q, nw],
-            vec![set(tc, &i, &n, mul(cv, ea))],
-        ));
-        let (cp, cn) = (kb.counter(), kb.counter());
-        let (p, n) = (IExpr::Loop(cp), IExpr::Loop(cn));
-        let sv = ld(
-            &mut kb,
-            pr.sin,
-            &[b.clone(), c.clone(), h.clone(), p.clone(), n.clone()],
-            &sts,
-        );
-        kb.body
-            .push(each(&[cp, cn], &[pw, nw], vec![set(ts, &p, &n, sv)]));
-        kb.body.push(Stmt::Mma {
-            acc: ty,
-            a: tc,
-            b: ts,
-            accumulate: true,
-        });
-
         // y for the chunk's steps.
         let (ci, cp) = (kb.counter(), kb.counter());
         let (i, p) = (IExpr::Loop(ci), IExpr::Loop(cp));
-        let (yv, decl) = var(
+        let tl = |tile, col: &IExpr| Expr::TileLoad {
+            tile,
+            row: i.clone(),
+            col: col.clone(),
+        };
+        let o = ld(
             &mut kb,
-            Expr::TileLoad {
-                tile: ty,
-                row: i.clone(),
-                col: p.clone(),
-            },
+            yo,
+            &[
+                b.clone(),
+                c.clone(),
+                s.group(&h),
+                i.clone(),
+                s.in_group(&h, p.clone()),
+            ],
+            &gh,
         );
+        let v = add(tl(ty, &p), mul(tl(te, &IExpr::c(0)), o));
+        let (yv, decl) = var(&mut kb, v);
         let xs = kb.l.shape(Value::new(node, 0));
         let t = s.ch.start(&c).add(i);
         let yi = kb.l.linear(&[b, t, h, p], &xs);
