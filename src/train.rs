@@ -334,6 +334,11 @@ impl Trainer {
                     let mut req = request_for(forward, Some(*budget), batch, seq);
                     req.logits = self.return_logits;
                     req.act_dtype = self.config.activations;
+                    if *device == Device::Cuda {
+                        // Priced as the GPU lowers the stages (`GpuGraph::compile`).
+                        req.lower.bf16_activations = req.act_dtype == ir::DType::BF16;
+                        req.lower = req.lower.on_gpu();
+                    }
                     let plan = Planner::new(forward, req, IGNORE_INDEX)
                         .and_then(|mut p| p.plan())
                         .map_err(|e| Error::Input(e.to_string()))?;

@@ -855,8 +855,12 @@ impl<'ctx> Gen<'_, 'ctx> {
             self.b.build_unconditional_branch(head)?;
             self.b.position_at_end(head);
             let f = self.b.build_load(self.t.i64, flat, "")?.into_int_value();
-            let last = self.b.build_int_add(f, self.i64c((unroll - 1) * threads), "")?;
-            let more = self.b.build_int_compare(IntPredicate::SLT, last, total, "")?;
+            let last = self
+                .b
+                .build_int_add(f, self.i64c((unroll - 1) * threads), "")?;
+            let more = self
+                .b
+                .build_int_compare(IntPredicate::SLT, last, total, "")?;
             self.b.build_conditional_branch(more, next, done)?;
             self.b.position_at_end(next);
             for u in 0..unroll {
