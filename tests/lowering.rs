@@ -273,7 +273,8 @@ fn sequential_scans_match_the_interpreter_without_scratch() {
 /// What bf16 activations keep in f32, on every schedule a training run lowers (the whole
 /// training graph and each checkpointed stage variant): parameters, states, the loss and
 /// parameter gradients; every product reads operands of one dtype (bf16, or f32 when
-/// `exact`); every kernel's buffers have their buffers' dtypes; the memory plan is sound.
+/// `exact`); every kernel's buffers have their buffers' dtypes; scratch gets its bf16 copies
+/// from the kernels that write it; the memory plan is sound.
 #[test]
 fn bf16_schedules_keep_states_parameters_and_gradients_f32() {
     use ir::DType;
@@ -347,6 +348,23 @@ fn bf16_schedules_keep_states_parameters_and_gradients_f32() {
                     }
                 }
             }
+            // Scratch (the SSD's chunk states and copies) gets its bf16 copies from the kernel
+            // that writes it, not from a conversion kernel.
+            let converted_scratch = l
+                .steps
+                .iter()
+                .filter(|s| match s {
+                    Step::Kernel { kernel, bufs, .. } => {
+                        l.kernels[*kernel].name.starts_with("to_")
+                            && matches!(l.buffers[bufs[0]].kind, BufKind::Scratch)
+                    }
+                    Step::MatMul { .. } => false,
+                })
+                .count();
+            assert_eq!(
+                converted_scratch, 0,
+                "{what}: scratch converted by its own kernel"
+            );
             let bind = |s: &str| match s {
                 "B" => Some(2),
                 "L" => Some(37),

@@ -15,10 +15,12 @@
 //!   product, a bf16 activation into an `exact` one) reads a converted copy, made by a
 //!   conversion kernel just before it. The copy serves later products until its source is
 //!   written again; a weight's is made at each use (2 bytes per parameter while its product
-//!   runs, not for the whole step).
+//!   runs, not for the whole step). Where the kernel that last wrote the source can, it
+//!   stores the copy as it stores the source ([`fused_copy`]): a write instead of a
+//!   conversion's read and write (the SSD's chunk states and chunk copies).
 
 use super::{BufId, BufInfo, BufKind, Lowered, Step, dim_index};
-use ir::kernel::{IExpr, Kernel};
+use ir::kernel::{Expr, IExpr, KBuf, Kernel, Stmt};
 use ir::{DType, Graph, InputKind, Op};
 use std::collections::HashMap;
 
@@ -174,7 +176,13 @@ pub(super) fn store_bf16(l: &mut Lowered, graph: &Graph) {
                 *operand = match copies.get(&src) {
                     Some(&c) if l.buffers[c].dtype == want => c,
                     _ => {
-                        let c = converted(l, src, want, *node);
+                        let param = matches!(l.buffers[src].kind, BufKind::Param(_));
+                        let fused = if param {
+                            None
+                        } else {
+                            fused_copy(l, src, want)
+                        };
+                        let c = fused.unwrap_or_else(|| converted(l, src, want, *node));
                         if !matches!(l.buffers[src].kind, BufKind::Param(_)) {
                             copies.insert(src, c);
                         }
@@ -186,6 +194,106 @@ pub(super) fn store_bf16(l: &mut Lowered, graph: &Graph) {
         let (_, written) = step.buffers(&l.kernels);
         copies.retain(|src, _| !written.contains(src));
         l.steps.push(step);
+    }
+}
+
+/// A copy of buffer `src` in `to`, stored by the kernel of the last step that wrote `src`
+/// (already in `l.steps`) beside each store to `src`: where that step is a kernel no other
+/// step runs, and no stored value reads `src` (so the second store sees what the first
+/// stored). `None` where it cannot.
+fn fused_copy(l: &mut Lowered, src: BufId, to: DType) -> Option<BufId> {
+    let at = l
+        .steps
+        .iter()
+        .rposition(|s| s.buffers(&l.kernels).1.contains(&src))?;
+    let Step::Kernel { kernel, bufs, .. } = &l.steps[at] else {
+        return None;
+    };
+    let (kernel, slot) = (*kernel, bufs.iter().position(|&b| b == src)?);
+    let runs = l
+        .steps
+        .iter()
+        .filter(|s| matches!(s, Step::Kernel { kernel: k, .. } if *k == kernel))
+        .count();
+    if runs != 1 {
+        return None;
+    }
+    let k = &l.kernels[kernel];
+    let copy_slot = k.bufs.len();
+    let body = with_copies(&k.body, slot, copy_slot)?;
+    let info = &l.buffers[src];
+    let dst = l.buffers.len();
+    l.buffers.push(BufInfo {
+        kind: BufKind::Temp,
+        dtype: to,
+        shape: info.shape.clone(),
+        value: info.value,
+    });
+    let k = &mut l.kernels[kernel];
+    k.body = body;
+    k.bufs.push(KBuf {
+        name: format!("buf{dst}"),
+        dtype: to,
+        writable: true,
+    });
+    if let Step::Kernel { bufs, .. } = &mut l.steps[at] {
+        bufs.push(dst);
+    }
+    Some(dst)
+}
+
+/// `body` with every store to buffer slot `from` followed by the same store to slot `to`;
+/// `None` where a stored value reads slot `from`.
+fn with_copies(body: &[Stmt], from: usize, to: usize) -> Option<Vec<Stmt>> {
+    let mut out = Vec::with_capacity(body.len());
+    for s in body {
+        match s {
+            Stmt::Store { buf, index, value } if *buf == from => {
+                if reads(value, from) {
+                    return None;
+                }
+                out.push(s.clone());
+                out.push(Stmt::Store {
+                    buf: to,
+                    index: index.clone(),
+                    value: value.clone(),
+                });
+            }
+            Stmt::For {
+                counter,
+                extent,
+                body,
+            } => out.push(Stmt::For {
+                counter: *counter,
+                extent: extent.clone(),
+                body: with_copies(body, from, to)?,
+            }),
+            Stmt::Each {
+                counters,
+                extents,
+                body,
+            } => out.push(Stmt::Each {
+                counters: counters.clone(),
+                extents: extents.clone(),
+                body: with_copies(body, from, to)?,
+            }),
+            _ => out.push(s.clone()),
+        }
+    }
+    Some(out)
+}
+
+/// Whether `e` loads from buffer slot `buf`.
+fn reads(e: &Expr, buf: usize) -> bool {
+    match e {
+        Expr::Load { buf: b, .. } => *b == buf,
+        Expr::Unary(_, a) => reads(a, buf),
+        Expr::Binary(_, a, b) => reads(a, buf) || reads(b, buf),
+        Expr::Const(_)
+        | Expr::Var(_)
+        | Expr::ArrLoad { .. }
+        | Expr::FromIndex(_)
+        | Expr::TileLoad { .. } => false,
     }
 }
 
