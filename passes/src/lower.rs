@@ -589,6 +589,28 @@ impl<'g> Lowering<'g> {
         e
     }
 
+    /// The index in shape `to` of element `idx` of shape `from` (of as many elements), in
+    /// row-major order. Leading and trailing dims the shapes share map one to one; only the
+    /// dims between go through a linear index (no division by `L` where a reshape merges or
+    /// splits the last axes, as `[B, L, H, P]` <-> `[B, L, H·P]`).
+    fn reshape_index(&self, idx: &[IExpr], from: &[Dim], to: &[Dim]) -> Vec<IExpr> {
+        let pre = from.iter().zip(to).take_while(|(a, b)| a == b).count();
+        let most = from.len().min(to.len()) - pre;
+        let suf = from
+            .iter()
+            .rev()
+            .zip(to.iter().rev())
+            .take(most)
+            .take_while(|(a, b)| a == b)
+            .count();
+        let (fe, te) = (from.len() - suf, to.len() - suf);
+        let flat = self.linear(&idx[pre..fe], &from[pre..fe]);
+        let mut out = idx[..pre].to_vec();
+        out.extend(self.delinear(flat, &to[pre..te]));
+        out.extend_from_slice(&idx[fe..]);
+        out
+    }
+
     /// Multi-index of the linear index `flat` in `shape`.
     fn delinear(&self, flat: IExpr, shape: &[Dim]) -> Vec<IExpr> {
         let mut idx = vec![IExpr::c(0); shape.len()];
@@ -3195,10 +3217,7 @@ impl<'a, 'g> KB<'a, 'g> {
                 sidx[*axis] = sidx[*axis].clone().add(IExpr::c(*start as i64));
                 sidx
             }
-            Op::Reshape { shape } => {
-                let flat = self.l.linear(idx, shape);
-                self.l.delinear(flat, &self.l.shape(src))
-            }
+            Op::Reshape { shape } => self.l.reshape_index(idx, shape, &self.l.shape(src)),
             Op::Permute { perm } => {
                 let mut sidx = vec![IExpr::c(0); perm.len()];
                 for (i, &p) in perm.iter().enumerate() {
@@ -3261,6 +3280,32 @@ impl<'a, 'g> KB<'a, 'g> {
         at: IExpr,
         var: VarId,
     ) -> Result<Vec<Stmt>, LowerError> {
+        self.stores_for(r, buf, (at, None), var)
+    }
+
+    /// [`KB::store_with_epilogues`] at the multi-index `idx` of `r`'s shape: epilogues read
+    /// their operands at `idx` (mapped into their shape by [`Lowering::reshape_index`])
+    /// instead of dividing the linear index back into coordinates (divisions by runtime
+    /// sizes are slow on the GPU).
+    fn store_with_epilogues_at(
+        &mut self,
+        r: Value,
+        buf: BufId,
+        idx: &[IExpr],
+        var: VarId,
+    ) -> Result<Vec<Stmt>, LowerError> {
+        let at = self.l.linear(idx, &self.l.shape(r));
+        self.stores_for(r, buf, (at, Some(idx)), var)
+    }
+
+    fn stores_for(
+        &mut self,
+        r: Value,
+        buf: BufId,
+        (at, multi): (IExpr, Option<&[IExpr]>),
+        var: VarId,
+    ) -> Result<Vec<Stmt>, LowerError> {
+        let rshape = self.l.shape(r);
         let mut stmts = Vec::new();
         if !self.l.unstored.contains(&r) {
             let slot = self.buf(buf, true);
@@ -3279,7 +3324,10 @@ impl<'a, 'g> KB<'a, 'g> {
             };
             let eslot = self.buf(buf, true);
             let eshape = self.l.shape(ev);
-            let idx = self.l.delinear(at.clone(), &eshape);
+            let idx = match multi {
+                Some(m) => self.l.reshape_index(m, &rshape, &eshape),
+                None => self.l.delinear(at.clone(), &eshape),
+            };
             self.overrides.insert(r, Expr::Var(var));
             let value = self.compute(e, &idx);
             self.overrides.remove(&r);

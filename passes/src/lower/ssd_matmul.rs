@@ -505,8 +505,7 @@ impl Lowering<'_> {
         let (yv, decl) = var(&mut kb, add(d, mul(e, o)));
         kb.body.push(decl);
         let xs = kb.l.shape(Value::new(node, 0));
-        let yi = kb.l.linear(&[b, t, h, p], &xs);
-        let stores = kb.store_with_epilogues(Value::new(node, 0), y, yi, yv)?;
+        let stores = kb.store_with_epilogues_at(Value::new(node, 0), y, &[b, t, h, p], yv)?;
         kb.body.extend(stores);
         let grid_y = xs.iter().map(|d| kb.l.dim(d)).collect();
         kb.finish(grid_y, node);
@@ -736,11 +735,9 @@ impl Lowering<'_> {
         );
         let v = add(tl(ty, &p), mul(tl(te, &IExpr::c(0)), o));
         let (yv, decl) = var(&mut kb, v);
-        let xs = kb.l.shape(Value::new(node, 0));
         let t = s.ch.start(&c).add(i);
-        let yi = kb.l.linear(&[b, t, h, p], &xs);
         let mut body = vec![decl];
-        body.extend(kb.store_with_epilogues(Value::new(node, 0), y, yi, yv)?);
+        body.extend(kb.store_with_epilogues_at(Value::new(node, 0), y, &[b, t, h, p], yv)?);
         let len = s.ch.len(&grid(1));
         kb.body.push(Stmt::Each {
             counters: vec![ci, cp],
