@@ -66,8 +66,28 @@ impl IExpr {
             (IExpr::Const(0), _) => o,
             (_, IExpr::Const(0)) => self,
             (IExpr::Const(a), IExpr::Const(b)) => IExpr::Const(a + b),
-            _ => IExpr::Add(Box::new(self), Box::new(o)),
+            _ => {
+                if let Some(a) = IExpr::undivided(&self, &o).or_else(|| IExpr::undivided(&o, &self))
+                {
+                    return a;
+                }
+                IExpr::Add(Box::new(self), Box::new(o))
+            }
         }
+    }
+
+    /// `a` where `q + r` is `(a / d)·d + a % d` (true for floor and Euclidean division
+    /// alike): what a linear index of a multi-index split from a linear index comes to
+    /// (elementwise kernels over a flat grid would otherwise divide by `L` and multiply
+    /// back at every point).
+    fn undivided(q: &IExpr, r: &IExpr) -> Option<IExpr> {
+        let (IExpr::Mul(x, d), IExpr::Rem(a2, d2)) = (q, r) else {
+            return None;
+        };
+        let IExpr::Div(a, d1) = &**x else {
+            return None;
+        };
+        (a == a2 && d1 == d && d == d2).then(|| (**a).clone())
     }
     pub fn sub(self, o: IExpr) -> IExpr {
         match (&self, &o) {
@@ -1227,5 +1247,31 @@ pub mod eval {
             BinaryOp::Max => x.max(y),
             BinaryOp::Min => x.min(y),
         }
+    }
+}
+
+#[cfg(test)]
+mod simplify_tests {
+    use super::IExpr;
+
+    /// A linear index of coordinates split from a linear index folds back into it, through
+    /// any number of levels; other sums stay as they are.
+    #[test]
+    fn split_and_joined_indices_fold() {
+        let (g, l) = (IExpr::Grid(0), IExpr::Size(1));
+        let row = g.clone().div(IExpr::c(768));
+        let (b, t, p) = (
+            row.clone().div(l.clone()),
+            row.clone().rem(l.clone()),
+            g.clone().rem(IExpr::c(768)),
+        );
+        let joined = b.mul(l.clone()).add(t).mul(IExpr::c(768)).add(p);
+        assert_eq!(joined, g);
+        // Reversed order of the terms, and a remainder of another value: unchanged.
+        let r = g.clone().rem(l.clone());
+        let q = g.clone().div(l.clone()).mul(l.clone());
+        assert_eq!(r.clone().add(q.clone()), g);
+        let other = IExpr::Grid(1).rem(l.clone());
+        assert!(matches!(q.add(other), IExpr::Add(..)));
     }
 }
