@@ -71,6 +71,15 @@ impl IExpr {
                 {
                     return a;
                 }
+                // (p + q)·c + r = p·c + (q·c + r) where the latter folds.
+                if let IExpr::Mul(sum, c) = &self
+                    && let (IExpr::Add(p, q), IExpr::Const(_)) = (&**sum, &**c)
+                {
+                    let inner = (**q).clone().mul((**c).clone());
+                    if let Some(folded) = IExpr::undivided(&inner, &o) {
+                        return (**p).clone().mul((**c).clone()).add(folded);
+                    }
+                }
                 IExpr::Add(Box::new(self), Box::new(o))
             }
         }
@@ -102,6 +111,10 @@ impl IExpr {
             (IExpr::Const(1), _) => o,
             (_, IExpr::Const(1)) => self,
             (IExpr::Const(a), IExpr::Const(b)) => IExpr::Const(a * b),
+            (IExpr::Mul(x, a), IExpr::Const(b)) => match **a {
+                IExpr::Const(a) => (**x).clone().mul(IExpr::Const(a * b)),
+                _ => IExpr::Mul(Box::new(self), Box::new(o)),
+            },
             _ => IExpr::Mul(Box::new(self), Box::new(o)),
         }
     }
@@ -1273,5 +1286,15 @@ mod simplify_tests {
         assert_eq!(r.clone().add(q.clone()), g);
         let other = IExpr::Grid(1).rem(l.clone());
         assert!(matches!(q.add(other), IExpr::Add(..)));
+        // Coordinates of a reshaped axis inside a linear index: ((x·24 + k / 64)·64 + k % 64)
+        // with x = g / 1536, k = g % 1536 is g.
+        let (x, k) = (g.clone().div(IExpr::c(1536)), g.clone().rem(IExpr::c(1536)));
+        let inner = k.clone().div(IExpr::c(64));
+        let joined = x
+            .mul(IExpr::c(24))
+            .add(inner)
+            .mul(IExpr::c(64))
+            .add(k.rem(IExpr::c(64)));
+        assert_eq!(joined, g);
     }
 }
