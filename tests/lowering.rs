@@ -375,3 +375,30 @@ fn bf16_schedules_keep_states_parameters_and_gradients_f32() {
         }
     }
 }
+
+/// The weight gradients `xᵀ dy` (and the head's `dlogitsᵀ h`) read their activations
+/// transposed in the product (`lhs_t`) instead of copying a transpose: a training graph
+/// lowers without permute kernels, and its gradients are checked against the interpreter
+/// in `tests/training.rs`.
+#[test]
+fn transposed_product_operands_are_not_copied() {
+    use passes::Step;
+    for name in ["tiny-mamba", "tiny-mamba2"] {
+        let g = common::compile_name(name).graph;
+        let tg = passes::training_graph(&g, "logits", -100)
+            .expect("training graph")
+            .graph;
+        let l = lower(&tg, &LowerOptions::default()).expect("lowers");
+        let permutes = l.kernels.iter().filter(|k| k.name.starts_with("permute"));
+        assert_eq!(permutes.count(), 0, "{name}: a transpose copied");
+        let transposed = l
+            .steps
+            .iter()
+            .filter(|s| matches!(s, Step::MatMul { lhs_t: true, .. }))
+            .count();
+        assert!(
+            transposed > 0,
+            "{name}: no product reads its lhs transposed"
+        );
+    }
+}

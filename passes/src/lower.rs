@@ -252,6 +252,15 @@ fn needs_own_kernel(op: &Op) -> bool {
     }
 }
 
+/// Whether `perm` swaps the last two axes and keeps the others: a matrix transpose.
+fn is_transpose(perm: &[usize]) -> bool {
+    let r = perm.len();
+    r >= 2
+        && perm[r - 2] == r - 1
+        && perm[r - 1] == r - 2
+        && perm[..r - 2].iter().enumerate().all(|(i, &p)| p == i)
+}
+
 fn is_view(op: &Op) -> bool {
     matches!(
         op,
@@ -260,6 +269,28 @@ fn is_view(op: &Op) -> bool {
 }
 
 impl<'g> Lowering<'g> {
+    /// The source of operand `i` of product `n` where that operand is a transpose
+    /// (`permute` of the last two axes) the product can read transposed instead: the lhs
+    /// when it is a single matrix or the rhs is batched (a transposed lhs cannot be merged
+    /// into the rows of one product with a shared weight), the rhs always. The weight
+    /// gradients `xᵀ dy` (the LM head's `[V, B·L]` above all) then copy nothing.
+    fn transposed_operand(&self, n: NodeId, i: usize) -> Option<Value> {
+        let g = self.g;
+        if !matches!(g.op(n), Op::MatMul { .. }) {
+            return None;
+        }
+        let ops = g.operands(n);
+        let v = *ops.get(i)?;
+        let Op::Permute { perm } = g.op(v.node) else {
+            return None;
+        };
+        if !is_transpose(perm) {
+            return None;
+        }
+        let rhs_batched = self.shape(ops[1]).len() > 2;
+        (i == 1 || perm.len() == 2 || rhs_batched).then(|| g.operands(v.node)[0])
+    }
+
     /// Which nodes get buffers (see the module doc).
     fn decide(&mut self, opts: &LowerOptions) {
         let g = self.g;
@@ -271,7 +302,13 @@ impl<'g> Lowering<'g> {
                 uses[v.node.index()] += 1;
             }
             if matches!(g.op(n), Op::MatMul { .. } | Op::Gather) {
-                for v in &operands {
+                for (i, v) in operands.iter().enumerate() {
+                    // A transposed operand of a product: the product reads its source
+                    // transposed instead (`transposed_operand`).
+                    let v = match self.transposed_operand(n, i) {
+                        Some(src) => src,
+                        None => *v,
+                    };
                     gemm_operand[v.node.index()] = true;
                 }
             }
@@ -664,7 +701,14 @@ impl<'g> Lowering<'g> {
             }
             Op::MatMul { rhs_t } => {
                 let ops = g.operands(n);
-                let (lhs, rhs) = (self.buffer_of(ops[0])?, self.buffer_of(ops[1])?);
+                // An operand that is a transpose without a buffer of its own: its source,
+                // read transposed.
+                let source = |l: &Self, i: usize| match l.transposed_operand(n, i) {
+                    Some(src) if !l.buf_of.contains_key(&ops[i]) => (src, true),
+                    _ => (ops[i], false),
+                };
+                let ((lv, lhs_t), (rv, flip)) = (source(self, 0), source(self, 1));
+                let (lhs, rhs) = (self.buffer_of(lv)?, self.buffer_of(rv)?);
                 let (ls, rs) = (self.shape(ops[0]), self.shape(ops[1]));
                 let out = self.new_buf(v0, BufKind::Temp);
                 let rl = ls.len();
@@ -696,8 +740,8 @@ impl<'g> Lowering<'g> {
                     m,
                     k,
                     n: nn,
-                    lhs_t: false,
-                    rhs_t: *rhs_t,
+                    lhs_t,
+                    rhs_t: *rhs_t != flip,
                     rhs_batched,
                     exact: false,
                     node: n,
