@@ -435,3 +435,23 @@ fn the_schedule_rebuilt_from_the_manifest_matches_the_compilers() {
         }
     }
 }
+
+/// A tiled kernel's stand-in in the rebuilt schedule launches as the compiled kernel does: a
+/// block per grid point (the manifest's thread count) with the manifest's shared memory.
+#[test]
+fn tiled_kernels_keep_their_shared_memory_in_the_rebuilt_schedule() {
+    let mut a = fake(false, None);
+    let k = &mut a.manifest.kernels[0];
+    let block = u64::from(ir::tile::TILE_THREADS);
+    k.threads_per_point = ir::tile::TILE_THREADS;
+    k.threads = Some(7 * block);
+    k.shared_bytes = 90_112;
+    let (l, _, _) = a.schedule().unwrap();
+    let stub = &l.kernels[0];
+    assert_eq!(ir::tile::shared_bytes(stub), 90_112);
+    assert_eq!(ir::lanes::threads_per_point(stub), ir::tile::TILE_THREADS);
+    assert_eq!(stub.grid, vec![ir::kernel::IExpr::Const(7)]);
+    // A damaged size is refused, not launched.
+    a.manifest.kernels[0].shared_bytes = 10;
+    assert!(a.schedule().unwrap_err().contains("shared memory"));
+}
