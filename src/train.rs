@@ -206,8 +206,9 @@ pub struct Trainer {
     /// `[B, L, V]` f32 is 105 GB for mamba2-2.7b at L = 2^19, so a plain training run
     /// leaves it off. Read when a batch shape is first planned.
     pub return_logits: bool,
-    /// Checkpointed on the GPU: the parameters and moments on the device, updated there
-    /// (`params`, `m`, `v` on the host are current after [`Trainer::sync_host`]).
+    /// Training on the GPU (whole graph or checkpointed): the parameters and moments on the
+    /// device, updated there (`params`, `m`, `v` on the host are current after
+    /// [`Trainer::sync_host`]).
     #[cfg(feature = "cuda")]
     optimizer: Option<Box<crate::gpu::GpuOptimizer>>,
 }
@@ -305,24 +306,48 @@ impl Trainer {
                     split_outputs(outs, &self.logits_name, &self.state_names);
                 (loss, logits, grads, finals, profile.arena_bytes)
             }
+            // The parameters and moments stay on the device and are updated there; the
+            // parameter gradients are summed on the device, not downloaded.
             #[cfg(feature = "cuda")]
             Engine::Gpu(g) => {
                 let (data, syms) = step_inputs(ids, targets, batch, seq);
                 let gpu = |e: crate::gpu::GpuError| Error::Gpu(e.to_string());
-                // The parameters changed in the last optimizer step: uploaded per step.
-                let dev = g.upload_params(&self.params).map_err(gpu)?;
-                let (outs, arena) = g
-                    .run_measured(
+                if self.optimizer.is_none() {
+                    let opt = crate::gpu::GpuOptimizer::new(0, &self.params, &self.m, &self.v)
+                        .map_err(gpu)?;
+                    self.optimizer = Some(Box::new(opt));
+                }
+                let opt = self.optimizer.as_ref().ok_or_else(|| {
+                    Error::Gpu("the optimizer's parameters are not on the device".into())
+                })?;
+                let params = &self.params;
+                let is_grad = |n: &str| {
+                    n.strip_prefix("grad.")
+                        .is_some_and(|p| params.contains_key(p))
+                };
+                let mut sums = runtime::cuda::DeviceSums::default();
+                let mut arena = runtime::cuda::DeviceArena::default();
+                let (outs, peak) = g
+                    .run_resident(
                         &syms,
-                        &data,
-                        &dev,
-                        states,
+                        (&data, states),
+                        &HashMap::new(),
+                        &opt.params,
+                        &mut arena,
                         runtime::cuda::ExecOptions::default(),
+                        Some((&mut sums, &is_grad)),
+                        &|n| !is_grad(n),
                     )
                     .map_err(gpu)?;
-                let (loss, logits, grads, finals) =
-                    split_outputs(outs, &self.logits_name, &self.state_names);
-                (loss, logits, grads, finals, arena)
+                drop(arena);
+                let (loss, logits, _, finals) =
+                    split_outputs(outs.host, &self.logits_name, &self.state_names);
+                // The whole graph's gradients are the mean loss's already.
+                return self.finish_step(
+                    (loss, logits, Grads::Device(sums, 1.0), finals),
+                    (peak, Some(outs.device_used)),
+                    grad_started,
+                );
             }
             Engine::Checkpointed {
                 forward,

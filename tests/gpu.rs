@@ -644,8 +644,8 @@ fn cli_run_and_train_on_cuda_match_the_cpu() {
     ]);
     assert_eq!(o.code, 0, "train --device cuda: {}", o.stderr);
     assert!(o.stdout.contains("trained steps 0..3"), "{}", o.stdout);
-    // ...and through the API: the same losses step by step (AdamW runs on the host either
-    // way).
+    // ...and through the API: the same losses step by step (AdamW on the host on the CPU,
+    // on the device on the GPU).
     let m =
         ma2mba::model::Model::load("tiny-mamba2", &opts(ma2mba::model::Backend::Interp)).unwrap();
     let (g, params) = m.into_parts();
@@ -669,6 +669,19 @@ fn cli_run_and_train_on_cuda_match_the_cpu() {
         );
         assert!((c.loss - x.loss).abs() <= 1e-3 * c.loss.abs().max(1.0));
         assert!((c.grad_norm - x.grad_norm).abs() <= 1e-3 * c.grad_norm.max(1.0));
+    }
+    // AdamW ran on the device: its parameters, brought back, are the CPU's.
+    gpu_t.sync_host().unwrap();
+    let mut names: Vec<&String> = cpu_t.params.keys().collect();
+    names.sort();
+    for name in names {
+        let r = assert_normwise(
+            &format!("parameter {name} after 4 steps"),
+            &gpu_t.params[name],
+            &cpu_t.params[name],
+            1e-4,
+        );
+        assert!(r.is_finite());
     }
 }
 
