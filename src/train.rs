@@ -312,14 +312,7 @@ impl Trainer {
             Engine::Gpu(g) => {
                 let (data, syms) = step_inputs(ids, targets, batch, seq);
                 let gpu = |e: crate::gpu::GpuError| Error::Gpu(e.to_string());
-                if self.optimizer.is_none() {
-                    let opt = crate::gpu::GpuOptimizer::new(0, &self.params, &self.m, &self.v)
-                        .map_err(gpu)?;
-                    self.optimizer = Some(Box::new(opt));
-                }
-                let opt = self.optimizer.as_ref().ok_or_else(|| {
-                    Error::Gpu("the optimizer's parameters are not on the device".into())
-                })?;
+                let opt = device_optimizer(&mut self.optimizer, (&self.params, &self.m, &self.v))?;
                 let params = &self.params;
                 let is_grad = |n: &str| {
                     n.strip_prefix("grad.")
@@ -372,15 +365,8 @@ impl Trainer {
                 let step = &steps[&(batch, seq)];
                 #[cfg(feature = "cuda")]
                 if *device == Device::Cuda {
-                    let gpu = |e: crate::gpu::GpuError| Error::Gpu(e.to_string());
-                    if self.optimizer.is_none() {
-                        let opt = crate::gpu::GpuOptimizer::new(0, &self.params, &self.m, &self.v)
-                            .map_err(gpu)?;
-                        self.optimizer = Some(Box::new(opt));
-                    }
-                    let opt = self.optimizer.as_ref().ok_or_else(|| {
-                        Error::Gpu("the optimizer's parameters are not on the device".into())
-                    })?;
+                    let opt =
+                        device_optimizer(&mut self.optimizer, (&self.params, &self.m, &self.v))?;
                     let (out, sums) =
                         step.run_on_device(&opt.params, &self.params, ids, targets, states)?;
                     device_bytes = out.device_peak_bytes;
@@ -591,6 +577,22 @@ impl Trainer {
         }
         Ok(())
     }
+}
+
+/// The optimizer on the GPU, made (the parameters and moments uploaded) at its first use.
+#[cfg(feature = "cuda")]
+fn device_optimizer<'a>(
+    optimizer: &'a mut Option<Box<crate::gpu::GpuOptimizer>>,
+    (params, m, v): (&Tensors, &Tensors, &Tensors),
+) -> Result<&'a crate::gpu::GpuOptimizer, Error> {
+    if optimizer.is_none() {
+        let opt = crate::gpu::GpuOptimizer::new(0, params, m, v)
+            .map_err(|e| Error::Gpu(e.to_string()))?;
+        *optimizer = Some(Box::new(opt));
+    }
+    optimizer
+        .as_deref()
+        .ok_or_else(|| Error::Gpu("the optimizer's parameters are not on the device".into()))
 }
 
 /// The inputs of a whole training graph: token ids, targets and the symbol values.

@@ -738,17 +738,7 @@ impl Lower<'_> {
                     counters,
                     extents,
                     body,
-                } => {
-                    let mut nest = body.clone();
-                    for (c, e) in counters.iter().zip(extents).rev() {
-                        nest = vec![Stmt::For {
-                            counter: *c,
-                            extent: e.clone(),
-                            body: nest,
-                        }];
-                    }
-                    self.block(&nest)?;
-                }
+                } => self.block(&ir::tile::each_as_loops(counters, extents, body))?,
                 Stmt::TileSet {
                     tile,
                     row,

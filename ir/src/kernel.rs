@@ -190,6 +190,25 @@ impl Expr {
     pub fn bin(op: BinaryOp, a: Expr, b: Expr) -> Expr {
         Expr::Binary(op, Box::new(a), Box::new(b))
     }
+
+    /// Calls `f` with this expression and every value subexpression of it (not the index
+    /// expressions inside loads).
+    pub fn walk(&self, f: &mut dyn FnMut(&Expr)) {
+        f(self);
+        match self {
+            Expr::Unary(_, a) => a.walk(f),
+            Expr::Binary(_, a, b) => {
+                a.walk(f);
+                b.walk(f);
+            }
+            Expr::Const(_)
+            | Expr::Var(_)
+            | Expr::Load { .. }
+            | Expr::ArrLoad { .. }
+            | Expr::FromIndex(_)
+            | Expr::TileLoad { .. } => {}
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -1075,25 +1094,6 @@ pub mod eval {
             })
         }
 
-        /// Every point of `extents` (the last fastest), in order.
-        fn each(
-            &self,
-            (counters, extents, body): (&[LoopId], &[IExpr], &[Stmt]),
-            fr: &mut Frame,
-            bufs: &mut [Vec<f64>],
-        ) -> Result<(), String> {
-            let Some((&c, rest)) = counters.split_first() else {
-                return self.block(body, fr, bufs);
-            };
-            let n = self.index(&extents[0], fr, bufs)?;
-            for i in 0..n.max(0) {
-                fr.loops.insert(c, i);
-                self.each((rest, &extents[1..], body), fr, bufs)?;
-            }
-            fr.loops.remove(&c);
-            Ok(())
-        }
-
         fn block(
             &self,
             body: &[Stmt],
@@ -1158,7 +1158,10 @@ pub mod eval {
                         counters,
                         extents,
                         body,
-                    } => self.each((counters, extents, body), fr, bufs)?,
+                    } => {
+                        let nest = crate::tile::each_as_loops(counters, extents, body);
+                        self.block(&nest, fr, bufs)?
+                    }
                     Stmt::TileSet {
                         tile,
                         row,
@@ -1182,20 +1185,9 @@ pub mod eval {
                         b,
                         accumulate,
                     } => {
-                        let get = |t: &TileId| fr.tiles.get(t).ok_or("unknown tile");
-                        let ((_, _, k, av), (_, _, _, bv)) = (get(a)?, get(b)?);
-                        let (k, av, bv) = (*k, av.clone(), bv.clone());
-                        let (_, m, n, cv) = fr.tiles.get_mut(acc).ok_or("unknown tile")?;
-                        for i in 0..*m {
-                            for j in 0..*n {
-                                // In order, rounding each operation (as the CPU backend).
-                                let mut s = if *accumulate { cv[i * *n + j] } else { 0.0 };
-                                for l in 0..k {
-                                    s = self.round(s + self.round(av[i * k + l] * bv[j * k + l]));
-                                }
-                                cv[i * *n + j] = s;
-                            }
-                        }
+                        // The loops the CPU backend runs (one definition of the product).
+                        let loops = crate::tile::mma_as_loops(self.k, (*acc, *a, *b), *accumulate);
+                        self.block(&loops, fr, bufs)?
                     }
                 }
             }

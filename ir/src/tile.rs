@@ -5,8 +5,8 @@
 //! the offsets of [`layout`], an [`Stmt::Each`] deals its iterations out over the block's
 //! threads and ends with a barrier, and an [`Stmt::Mma`] runs on the tensor cores (each warp
 //! takes some 16 x 8 output tiles; bf16 operands, f32 accumulation). Everything else in the
-//! body runs in every thread alike. On the CPU a point is one thread: an `Each` is a loop
-//! nest and a tile product is the loops of [`mma_as_loops`].
+//! body runs in every thread alike. On the CPU a point is one thread: an `Each` is the loop
+//! nest of [`each_as_loops`] and a tile product the loops of [`mma_as_loops`].
 //!
 //! What this buys is fusion: the Mamba-2 SSD's masked `[Q, Q]` decay matrix is built in a
 //! tile and multiplied where it is built, instead of going through device memory per head.
@@ -131,19 +131,11 @@ fn stmt_tiles(s: &Stmt, f: &mut dyn FnMut(TileId)) {
 }
 
 fn expr_tiles(e: &Expr, f: &mut dyn FnMut(TileId)) {
-    match e {
-        Expr::TileLoad { tile, .. } => f(*tile),
-        Expr::Unary(_, a) => expr_tiles(a, f),
-        Expr::Binary(_, a, b) => {
-            expr_tiles(a, f);
-            expr_tiles(b, f);
+    e.walk(&mut |x| {
+        if let Expr::TileLoad { tile, .. } = x {
+            f(*tile)
         }
-        Expr::Const(_)
-        | Expr::Var(_)
-        | Expr::Load { .. }
-        | Expr::ArrLoad { .. }
-        | Expr::FromIndex(_) => {}
-    }
+    });
 }
 
 /// Shared-memory bytes a tiled kernel's block needs (0 for other kernels).
@@ -159,6 +151,20 @@ pub fn round_bf16(x: f32) -> f32 {
     let b = x.to_bits();
     let r = b.wrapping_add(0x7FFF + ((b >> 16) & 1)) & 0xFFFF_0000;
     f32::from_bits(r)
+}
+
+/// An `Each` as the loop nest one thread runs it as (the iterations in order, the last
+/// counter fastest): for backends and evaluators where a point is one thread.
+pub fn each_as_loops(counters: &[LoopId], extents: &[IExpr], body: &[Stmt]) -> Vec<Stmt> {
+    let mut nest = body.to_vec();
+    for (c, e) in counters.iter().zip(extents).rev() {
+        nest = vec![Stmt::For {
+            counter: *c,
+            extent: e.clone(),
+            body: nest,
+        }];
+    }
+    nest
 }
 
 /// `acc (+)= a bᵀ` as loops over the tiles' elements, for backends without matrix units:

@@ -1422,8 +1422,7 @@ impl<'g> Lowering<'g> {
         let bv = kb.value(bm, &[b.clone(), t.clone(), IExpr::Loop(nn)])?;
         let cv = kb.value(cm, &[b.clone(), t, IExpr::Loop(nn)])?;
         body.push(scan_update(h, nn, dtv, xv, yv, decay, bv, cv, nst));
-        let yi = kb.l.linear(&bt, &xs);
-        body.extend(kb.store_with_epilogues(Value::new(n, 0), y, yi, yv)?);
+        body.extend(kb.store_with_epilogues(Value::new(n, 0), y, &bt, yv)?);
         kb.body.push(Stmt::For {
             counter: tl,
             extent: ch.len(&c),
@@ -1502,8 +1501,7 @@ impl<'g> Lowering<'g> {
         let bv = kb.value(bm, &[b.clone(), IExpr::Loop(t), IExpr::Loop(nn)])?;
         let cv = kb.value(cm, &[b.clone(), IExpr::Loop(t), IExpr::Loop(nn)])?;
         body.push(scan_update(h, nn, dtv, xv, yv, decay, bv, cv, nst));
-        let yi = kb.l.linear(&bt, &xs);
-        body.extend(kb.store_with_epilogues(Value::new(n, 0), y, yi, yv)?);
+        body.extend(kb.store_with_epilogues(Value::new(n, 0), y, &bt, yv)?);
         let l = kb.l.dim(&xs[1]);
         kb.body.push(Stmt::For {
             counter: t,
@@ -1704,8 +1702,7 @@ impl<'g> Lowering<'g> {
             cv,
             nst,
         ));
-        let yi = kb.l.linear(&xi, &xs);
-        body.extend(kb.store_with_epilogues(Value::new(n, 0), y, yi, yv)?);
+        body.extend(kb.store_with_epilogues(Value::new(n, 0), y, &xi, yv)?);
         kb.body.push(Stmt::For {
             counter: tl,
             extent: ch.len(&c),
@@ -1804,8 +1801,7 @@ impl<'g> Lowering<'g> {
             cv,
             nst,
         ));
-        let yi = kb.l.linear(&xi, &xs);
-        body.extend(kb.store_with_epilogues(Value::new(n, 0), y, yi, yv)?);
+        body.extend(kb.store_with_epilogues(Value::new(n, 0), y, &xi, yv)?);
         let l = kb.l.dim(&xs[1]);
         kb.body.push(Stmt::For {
             counter: t,
@@ -3315,41 +3311,20 @@ impl<'a, 'g> KB<'a, 'g> {
         })
     }
 
-    /// Stores for the producer result `r` (held in `var`) at linear index `at`: `r` itself
-    /// unless only epilogues read it, and every epilogue of `r`'s node at the same index.
+    /// Stores for the producer result `r` (held in `var`) at its multi-index `idx`: `r`
+    /// itself unless only epilogues read it, and every epilogue of `r`'s node at the same
+    /// element. Epilogues read their operands at `idx` mapped into their shape
+    /// ([`Lowering::reshape_index`]), not at coordinates divided back out of the linear
+    /// index (divisions by runtime sizes are slow on the GPU).
     fn store_with_epilogues(
-        &mut self,
-        r: Value,
-        buf: BufId,
-        at: IExpr,
-        var: VarId,
-    ) -> Result<Vec<Stmt>, LowerError> {
-        self.stores_for(r, buf, (at, None), var)
-    }
-
-    /// [`KB::store_with_epilogues`] at the multi-index `idx` of `r`'s shape: epilogues read
-    /// their operands at `idx` (mapped into their shape by [`Lowering::reshape_index`])
-    /// instead of dividing the linear index back into coordinates (divisions by runtime
-    /// sizes are slow on the GPU).
-    fn store_with_epilogues_at(
         &mut self,
         r: Value,
         buf: BufId,
         idx: &[IExpr],
         var: VarId,
     ) -> Result<Vec<Stmt>, LowerError> {
-        let at = self.l.linear(idx, &self.l.shape(r));
-        self.stores_for(r, buf, (at, Some(idx)), var)
-    }
-
-    fn stores_for(
-        &mut self,
-        r: Value,
-        buf: BufId,
-        (at, multi): (IExpr, Option<&[IExpr]>),
-        var: VarId,
-    ) -> Result<Vec<Stmt>, LowerError> {
         let rshape = self.l.shape(r);
+        let at = self.l.linear(idx, &rshape);
         let mut stmts = Vec::new();
         if !self.l.unstored.contains(&r) {
             let slot = self.buf(buf, true);
@@ -3368,12 +3343,9 @@ impl<'a, 'g> KB<'a, 'g> {
             };
             let eslot = self.buf(buf, true);
             let eshape = self.l.shape(ev);
-            let idx = match multi {
-                Some(m) => self.l.reshape_index(m, &rshape, &eshape),
-                None => self.l.delinear(at.clone(), &eshape),
-            };
+            let eidx = self.l.reshape_index(idx, &rshape, &eshape);
             self.overrides.insert(r, Expr::Var(var));
-            let value = self.compute(e, &idx);
+            let value = self.compute(e, &eidx);
             self.overrides.remove(&r);
             stmts.push(Stmt::Store {
                 buf: eslot,

@@ -221,14 +221,7 @@ fn fused_copy(l: &mut Lowered, src: BufId, to: DType) -> Option<BufId> {
     let k = &l.kernels[kernel];
     let copy_slot = k.bufs.len();
     let body = with_copies(&k.body, slot, copy_slot)?;
-    let info = &l.buffers[src];
-    let dst = l.buffers.len();
-    l.buffers.push(BufInfo {
-        kind: BufKind::Temp,
-        dtype: to,
-        shape: info.shape.clone(),
-        value: info.value,
-    });
+    let dst = copy_buffer(l, src, to);
     let k = &mut l.kernels[kernel];
     k.body = body;
     k.bufs.push(KBuf {
@@ -285,16 +278,22 @@ fn with_copies(body: &[Stmt], from: usize, to: usize) -> Option<Vec<Stmt>> {
 
 /// Whether `e` loads from buffer slot `buf`.
 fn reads(e: &Expr, buf: usize) -> bool {
-    match e {
-        Expr::Load { buf: b, .. } => *b == buf,
-        Expr::Unary(_, a) => reads(a, buf),
-        Expr::Binary(_, a, b) => reads(a, buf) || reads(b, buf),
-        Expr::Const(_)
-        | Expr::Var(_)
-        | Expr::ArrLoad { .. }
-        | Expr::FromIndex(_)
-        | Expr::TileLoad { .. } => false,
-    }
+    let mut found = false;
+    e.walk(&mut |x| found |= matches!(x, Expr::Load { buf: b, .. } if *b == buf));
+    found
+}
+
+/// A new buffer like `src` (shape, value) in dtype `to`, for a copy of it.
+fn copy_buffer(l: &mut Lowered, src: BufId, to: DType) -> BufId {
+    let info = &l.buffers[src];
+    let copy = BufInfo {
+        kind: BufKind::Temp,
+        dtype: to,
+        shape: info.shape.clone(),
+        value: info.value,
+    };
+    l.buffers.push(copy);
+    l.buffers.len() - 1
 }
 
 /// A copy of buffer `src` in `to`, written by a conversion kernel appended to the steps.
@@ -305,13 +304,7 @@ fn converted(l: &mut Lowered, src: BufId, to: DType, node: ir::NodeId) -> BufId 
         .shape
         .iter()
         .fold(IExpr::c(1), |acc, d| acc.mul(dim_index(&l.syms, d)));
-    let dst = l.buffers.len();
-    l.buffers.push(BufInfo {
-        kind: BufKind::Temp,
-        dtype: to,
-        shape: info.shape.clone(),
-        value: info.value,
-    });
+    let dst = copy_buffer(l, src, to);
     // The runtime's conversion kernel, over the buffer's elements at the schedule's sizes.
     let mut k = Kernel::convert(&format!("to_{}", to.name()), from, to);
     k.sizes = l.syms.clone();

@@ -238,8 +238,7 @@ impl Lowering<'_> {
             let wv = cv.weight(&mut kb, &c, k)?;
             body.push(accumulate(acc, wv, input));
         }
-        let at = kb.l.linear(&[b, t, c], &cv.xs);
-        body.extend(kb.store_with_epilogues(Value::new(n, 0), y, at, acc)?);
+        body.extend(kb.store_with_epilogues(Value::new(n, 0), y, &[b, t, c], acc)?);
         body.extend(slide(win, hist, xt));
         kb.body.push(Stmt::For {
             counter: step,

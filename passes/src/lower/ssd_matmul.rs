@@ -221,6 +221,39 @@ fn grid(i: usize) -> IExpr {
     IExpr::Grid(i)
 }
 
+/// Element `(i, j)` of the masked decay matrix of head `h` in chunk `c` of batch `b`:
+/// `CB_ij exp(a_i - a_j) [j <= i]`, times `dt_j` when `with_dt`. Without branches:
+/// `exp(min(a_i - a_j, 0))` is finite everywhere and exact below the diagonal, and the exact
+/// 0/1 indicator `(i - j + Q) / Q` masks the rest.
+fn mask_value(
+    kb: &mut KB,
+    s: &Ssd,
+    pr: &Prep,
+    [b, c, h]: [&IExpr; 3],
+    (i, j): (&IExpr, &IExpr),
+    with_dt: bool,
+) -> Expr {
+    let (ps, sqg) = (s.per_step(), s.square(&s.g));
+    let step = |k: &IExpr| [b.clone(), c.clone(), h.clone(), k.clone()];
+    let at = [b.clone(), c.clone(), s.group(h), i.clone(), j.clone()];
+    let cbv = ld(kb, pr.cb, &at, &sqg);
+    let ai = ld(kb, pr.acs, &step(i), &ps);
+    let aj = ld(kb, pr.acs, &step(j), &ps);
+    let decay = exp(Expr::bin(BinaryOp::Min, sub(ai, aj), Expr::Const(0.0)));
+    let below = i
+        .clone()
+        .sub(j.clone())
+        .add(IExpr::c(s.q))
+        .div(IExpr::c(s.q));
+    let v = mul(mul(cbv, decay), Expr::FromIndex(below));
+    if with_dt {
+        let dtj = ld(kb, pr.dtc, &step(j), &ps);
+        mul(v, dtj)
+    } else {
+        v
+    }
+}
+
 /// The scratch tensors both directions compute from the operands.
 struct Prep {
     /// `dt` and the running sum `a` of `dt·A` (`[B, nc, H, Q]`).
@@ -460,7 +493,6 @@ impl Lowering<'_> {
         let mm = self.scratch(node, sq.clone());
         let yd = self.scratch(node, hr.clone());
         let gh = s.group_heads();
-        let yo = self.scratch(node, gh.clone());
 
         // M = CB ⊙ exp(a_i - a_j) dt_j below the diagonal, per (batch, chunk, head, i).
         self.ssd_mask(node, &s, &format!("{name}_mask"), &pr, mm, (false, true));
@@ -471,14 +503,7 @@ impl Lowering<'_> {
             (&s.qd, &s.qd, &s.p),
             (false, false),
         );
-        // C S_inᵀ, a group's heads at once.
-        self.gemm(
-            node,
-            (pr.cc, pr.sin, yo),
-            s.batch(&s.g),
-            (&s.qd, &s.n, &s.hp),
-            (false, true),
-        );
+        let yo = self.ssd_c_sin(node, &s, &pr);
 
         // y = Y_diag + exp(a) C S_inᵀ, per (batch, step, head, p).
         let mut kb = KB::new(self, &name);
@@ -505,11 +530,25 @@ impl Lowering<'_> {
         let (yv, decl) = var(&mut kb, add(d, mul(e, o)));
         kb.body.push(decl);
         let xs = kb.l.shape(Value::new(node, 0));
-        let stores = kb.store_with_epilogues_at(Value::new(node, 0), y, &[b, t, h, p], yv)?;
+        let stores = kb.store_with_epilogues(Value::new(node, 0), y, &[b, t, h, p], yv)?;
         kb.body.extend(stores);
         let grid_y = xs.iter().map(|d| kb.l.dim(d)).collect();
         kb.finish(grid_y, node);
         Ok(())
+    }
+
+    /// `C S_inᵀ` per chunk, a group's heads at once (`[B, nc, G, Q, hpg·P]`): the part of
+    /// `y` that the states entering the chunks give, before the factor `exp(a_i)`.
+    fn ssd_c_sin(&mut self, node: NodeId, s: &Ssd, pr: &Prep) -> BufId {
+        let yo = self.scratch(node, s.group_heads());
+        self.gemm(
+            node,
+            (pr.cc, pr.sin, yo),
+            s.batch(&s.g),
+            (&s.qd, &s.n, &s.hp),
+            (false, true),
+        );
+        yo
     }
 
     /// The carry of per-chunk states `slot` (`[B, nc, H, P, N]`, each chunk's own part) across
@@ -565,9 +604,7 @@ impl Lowering<'_> {
 
     /// The masked decay matrix `M_ij = CB_ij exp(a_i - a_j) dt_j` (`j <= i`, else 0), an
     /// element per grid point (stored transposed, `[j, i]`, when `transposed`; without the
-    /// factor `dt_j` unless `with_dt`). Without
-    /// branches: `exp(min(a_i - a_j, 0))` is finite everywhere and exact below the
-    /// diagonal, and the exact 0/1 indicator `(i - j + Q) / Q` masks the rest.
+    /// factor `dt_j` unless `with_dt`); [`mask_value`] says how.
     fn ssd_mask(
         &mut self,
         node: NodeId,
@@ -577,30 +614,11 @@ impl Lowering<'_> {
         out: BufId,
         (transposed, with_dt): (bool, bool),
     ) {
-        let (ps, sqg, sqh) = (s.per_step(), s.square(&s.g), s.square(&s.h));
+        let sqh = s.square(&s.h);
         let mut kb = KB::new(self, name);
         let (b, c, h, r, o) = (grid(0), grid(1), grid(2), grid(3), grid(4));
-        let (i, j) = if transposed {
-            (o.clone(), r.clone())
-        } else {
-            (r.clone(), o.clone())
-        };
-        let at = |k: &IExpr| [b.clone(), c.clone(), h.clone(), k.clone()];
-        let cbv = ld(
-            &mut kb,
-            pr.cb,
-            &[b.clone(), c.clone(), s.group(&h), i.clone(), j.clone()],
-            &sqg,
-        );
-        let (ai, aj) = (
-            ld(&mut kb, pr.acs, &at(&i), &ps),
-            ld(&mut kb, pr.acs, &at(&j), &ps),
-        );
-        let dtj = ld(&mut kb, pr.dtc, &at(&j), &ps);
-        let decay = exp(Expr::bin(BinaryOp::Min, sub(ai, aj), Expr::Const(0.0)));
-        let below = i.sub(j).add(IExpr::c(s.q)).div(IExpr::c(s.q));
-        let v = mul(mul(cbv, decay), Expr::FromIndex(below));
-        let v = if with_dt { mul(v, dtj) } else { v };
+        let (i, j) = if transposed { (&o, &r) } else { (&r, &o) };
+        let v = mask_value(&mut kb, s, pr, [&b, &c, &h], (i, j), with_dt);
         let store = st(&mut kb, out, &[b, c, h, r, o], &sqh, v);
         kb.body.push(store);
         let grid_m = vec![
@@ -638,15 +656,8 @@ impl Lowering<'_> {
         use ir::DType::{BF16, F32};
         use ir::kernel::TileId;
         let x = self.g.operands(node)[0];
-        let (ps, sqg, gh) = (s.per_step(), s.square(&s.g), s.group_heads());
-        let yo = self.scratch(node, gh.clone());
-        self.gemm(
-            node,
-            (pr.cc, pr.sin, yo),
-            s.batch(&s.g),
-            (&s.qd, &s.n, &s.hp),
-            (false, true),
-        );
+        let (ps, gh) = (s.per_step(), s.group_heads());
+        let yo = self.ssd_c_sin(node, s, pr);
         let (q, pw) = (s.q as usize, s.pw as usize);
         let mut kb = KB::new(self, name);
         let (b, c, h) = (grid(0), grid(1), grid(2));
@@ -672,21 +683,10 @@ impl Lowering<'_> {
             value,
         };
 
-        // M, as the mask kernel computes it (`ssd_mask`).
+        // M, as the mask kernel computes it.
         let (ci, cj) = (kb.counter(), kb.counter());
         let (i, j) = (IExpr::Loop(ci), IExpr::Loop(cj));
-        let at = [b.clone(), c.clone(), s.group(&h), i.clone(), j.clone()];
-        let cbv = ld(&mut kb, pr.cb, &at, &sqg);
-        let ai = ld(&mut kb, pr.acs, &step(&i), &ps);
-        let aj = ld(&mut kb, pr.acs, &step(&j), &ps);
-        let dtj = ld(&mut kb, pr.dtc, &step(&j), &ps);
-        let decay = exp(Expr::bin(BinaryOp::Min, sub(ai, aj), Expr::Const(0.0)));
-        let below = i
-            .clone()
-            .sub(j.clone())
-            .add(IExpr::c(s.q))
-            .div(IExpr::c(s.q));
-        let m = mul(mul(mul(cbv, decay), Expr::FromIndex(below)), dtj);
+        let m = mask_value(&mut kb, s, pr, [&b, &c, &h], (&i, &j), true);
         kb.body
             .push(each(&[ci, cj], &[q, q], vec![set(tm, &i, &j, m)]));
 
@@ -737,7 +737,7 @@ impl Lowering<'_> {
         let (yv, decl) = var(&mut kb, v);
         let t = s.ch.start(&c).add(i);
         let mut body = vec![decl];
-        body.extend(kb.store_with_epilogues_at(Value::new(node, 0), y, &[b, t, h, p], yv)?);
+        body.extend(kb.store_with_epilogues(Value::new(node, 0), y, &[b, t, h, p], yv)?);
         let len = s.ch.len(&grid(1));
         kb.body.push(Stmt::Each {
             counters: vec![ci, cp],
@@ -968,14 +968,7 @@ impl Lowering<'_> {
         kb.finish(gq, node);
 
         // C S_inᵀ again; dC's and dB's two parts each.
-        let yo = self.scratch(node, gh.clone());
-        self.gemm(
-            node,
-            (pr.cc, pr.sin, yo),
-            s.batch(&s.g),
-            (&s.qd, &s.n, &s.hp),
-            (false, true),
-        );
+        let yo = self.ssd_c_sin(node, &s, &pr);
         let [dcd, dco, dbd, dbs] = [0; 4].map(|_| self.scratch(node, gr.clone()));
         self.gemm(
             node,
