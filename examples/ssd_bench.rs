@@ -2,12 +2,13 @@
 //! PERFORMANCE.md's table (P = 64, N = 128, one group, chunk 256), with random inputs:
 //! median device time over runs of the bound schedule, the ratio to the reference
 //! implementation's time on the H200, and a profile by kernel kind. Products in f32, with
-//! TF32 tensor cores, and with bf16 activations with and without the tiled forward
-//! (`LowerOptions::ssd_tiles`).
+//! TF32 tensor cores, and with bf16 activations with and without the tiled kernels
+//! (`LowerOptions::ssd_tiles`: the forward's output and the gradient's sums of `T`).
 //!
 //! ```sh
 //! cargo build --release --features cuda --example ssd_bench   # here (LLVM 19)
 //! ./ssd_bench [H,b,L ...]                                      # on the GPU machine
+//! SSD_BF16=1 ./ssd_bench 80,1,8192                             # only the bf16 variants
 //! ```
 
 use ir::{DType, Dim, Graph, InputKind, Op, Span, TensorType, Value};
@@ -129,6 +130,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             args.into_iter().map(|v| (v[0], v[1], v[2])).collect()
         }
     };
+    // SSD_BF16=1: only the bf16 variants (the GPU's default), e.g. under a profiler.
+    let bf16_only = std::env::var("SSD_BF16").is_ok_and(|v| v == "1");
     println!("| H | b | L | pass | products | ms | reference ms | ratio | arena |");
     println!("|---|---|---|---|---|---|---|---|---|");
     for &(h, b, l) in &shapes {
@@ -140,6 +143,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             (true, true, false),
             (true, true, true),
         ] {
+            if bf16_only && !bf16 {
+                continue;
+            }
             let g = graph(h, backward);
             let lower = LowerOptions {
                 bf16_activations: bf16,
@@ -178,7 +184,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                     "| {h} | {b} | {l} | {} | {} | {ms:.2} | {rs} | {ratio} | {:.2} GB |",
                     if backward { "fwd+bwd" } else { "fwd" },
                     match (bf16, tf32, tiles) {
-                        (true, _, true) => "bf16, tiled fwd",
+                        (true, _, true) => "bf16, tiled",
                         (true, _, false) => "bf16",
                         (false, true, _) => "tf32",
                         (false, false, _) => "f32",

@@ -517,15 +517,16 @@ fn ssd_matmul_form_matches_the_cpu() {
     }
 }
 
-/// The tiled SSD forward (`LowerOptions::ssd_tiles`: `mma.sync` on bf16 tiles in shared
-/// memory) against the CPU running the same tiled kernel as loops: the same bf16 operands,
-/// sums in another order. Grouped heads, partial last chunks, mamba2-2.7b's head and state
-/// sizes. Normwise within 1e-3: an operand whose f32 value differs in its last bit (the
-/// running sums of `dt·A` are products, summed in another order) may round to the
-/// neighbouring bf16, which moves a few outputs by one bf16 step of one term (the bf16
-/// rounding itself is 2e-3 to 3e-3 normwise, `tests/kernels.rs`).
+/// The tiled SSD (`LowerOptions::ssd_tiles`: the forward's `mma.sync` on bf16 tiles in
+/// shared memory, the gradient's f32 tile of `T = dM ⊙ M` and its row and column sums)
+/// against the CPU running the same tiled kernels as loops: the same bf16 operands, sums in
+/// another order. Grouped heads, partial last chunks, mamba2-2.7b's head and state sizes.
+/// Normwise within 1e-3: an operand whose f32 value differs in its last bit (the running
+/// sums of `dt·A` are products, summed in another order) may round to the neighbouring
+/// bf16, which moves a few outputs by one bf16 step of one term (the bf16 rounding itself is
+/// 2e-3 to 3e-3 normwise, `tests/kernels.rs`).
 #[test]
-fn tiled_ssd_forward_matches_the_cpu() {
+fn tiled_ssd_matches_the_cpu() {
     let tiled = LowerOptions {
         ssd_tiles: true,
         ..LowerOptions::default()
@@ -537,7 +538,7 @@ fn tiled_ssd_forward_matches_the_cpu() {
             return;
         };
         let tiles = dev.lowered.kernels.iter().filter(|k| ir::tile::is_tiled(k));
-        assert_eq!(tiles.count(), 1, "{what}: one tiled kernel");
+        assert_eq!(tiles.count(), 2, "{what}: the forward's and the gradient's");
         let c = case(&g, &g, b as usize, l, 1, 31);
         for (out, cpu, gpu) in &both_with(&what, &dev, &g, &c, &tiled) {
             let r = assert_normwise(&format!("{what} {out}"), gpu, cpu, 1e-3);

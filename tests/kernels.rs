@@ -562,26 +562,64 @@ proptest! {
     #[test]
     fn ssd_scan_grad(b in 1usize..3, l in sizes(), heads_per_group in 1usize..3, groups in 1usize..3,
                      p in prop::sample::select(vec![1usize, 3, 8]), n in prop::sample::select(vec![1usize, 5, 16]), seed in any::<u64>()) {
-        let h = heads_per_group * groups;
-        let mut g = G::new();
-        let (bd, ld) = (Dim::sym("B"), Dim::sym("L"));
-        let xsh = [bd.clone(), ld.clone(), k(h), k(p)];
-        let x = g.input("x", &xsh);
-        let dt_raw = g.input("dt", &[bd.clone(), ld.clone(), k(h)]);
-        let dt = g.un(UnaryOp::Softplus, dt_raw);
-        let a_log = g.param("A_log", &[k(h)]);
-        let ea = g.un(UnaryOp::Exp, a_log);
-        let a = g.un(UnaryOp::Neg, ea);
-        let bm = g.input("Bm", &[bd.clone(), ld.clone(), k(groups), k(n)]);
-        let cm = g.input("Cm", &[bd.clone(), ld.clone(), k(groups), k(n)]);
-        let s0 = g.state("s0", &[bd.clone(), k(h), k(p), k(n)]);
-        let dy = g.input("dy", &xsh);
-        let ds1 = g.input("ds1", &[bd.clone(), k(h), k(p), k(n)]);
-        let sg = g.g.add(Op::SsdScanGrad { chunk: 4 }, &[x, dt, a, bm, cm, s0, dy, ds1], Span::default(), None).unwrap();
-        for (r, name) in ["dx", "ddt", "dA", "dB", "dC", "ds0"].iter().enumerate() {
-            g.g.add_output(*name, Value::new(sg, r as u16));
-        }
-        compare(&g.g, &[("B", b as i64), ("L", l as i64)], seed, REDUCTION, &[]);
+        let g = ssd_grad_graph(heads_per_group * groups, groups, (p, n), 4);
+        compare(&g, &[("B", b as i64), ("L", l as i64)], seed, REDUCTION, &[]);
+    }
+}
+
+/// `ssd_scan_grad` of `h` heads in `groups` groups, head width `p`, state size `n`, chunk
+/// `chunk`, over inputs (`dt` through softplus, `A = -exp(A_log)`): every cotangent an output.
+fn ssd_grad_graph(h: usize, groups: usize, (p, n): (usize, usize), chunk: u64) -> Graph {
+    let mut g = G::new();
+    let (bd, ld) = (Dim::sym("B"), Dim::sym("L"));
+    let xsh = [bd.clone(), ld.clone(), k(h), k(p)];
+    let x = g.input("x", &xsh);
+    let dt_raw = g.input("dt", &[bd.clone(), ld.clone(), k(h)]);
+    let dt = g.un(UnaryOp::Softplus, dt_raw);
+    let a_log = g.param("A_log", &[k(h)]);
+    let ea = g.un(UnaryOp::Exp, a_log);
+    let a = g.un(UnaryOp::Neg, ea);
+    let bm = g.input("Bm", &[bd.clone(), ld.clone(), k(groups), k(n)]);
+    let cm = g.input("Cm", &[bd.clone(), ld.clone(), k(groups), k(n)]);
+    let s0 = g.state("s0", &[bd.clone(), k(h), k(p), k(n)]);
+    let dy = g.input("dy", &xsh);
+    let ds1 = g.input("ds1", &[bd.clone(), k(h), k(p), k(n)]);
+    let sg =
+        g.g.add(
+            Op::SsdScanGrad { chunk },
+            &[x, dt, a, bm, cm, s0, dy, ds1],
+            Span::default(),
+            None,
+        )
+        .unwrap();
+    for (r, name) in ["dx", "ddt", "dA", "dB", "dC", "ds0"].iter().enumerate() {
+        g.g.add_output(*name, Value::new(sg, r as u16));
+    }
+    g.g
+}
+
+/// The SSD gradient with its tiled kernel (`LowerOptions::ssd_tiles`: `M'` and the row and
+/// column sums of `T = dM ⊙ M` per (batch, chunk, head) in an f32 tile, instead of two f32
+/// products) against the interpreter: partial last chunks, grouped heads, a chunk of one
+/// step.
+#[test]
+fn tiled_ssd_gradient_matches_the_interpreter() {
+    let tiled = LowerOptions {
+        ssd_tiles: true,
+        ..LowerOptions::default()
+    };
+    for (h, groups, p, n, chunk, l) in [
+        (4, 2, 8, 16, 16, 37),
+        (3, 1, 5, 8, 32, 64),
+        (2, 2, 4, 4, 1, 9),
+    ] {
+        let g = ssd_grad_graph(h, groups, (p, n), chunk);
+        let cpu = CpuGraph::compile(&g, &tiled).expect("compiles");
+        assert!(
+            cpu.lowered.kernels.iter().any(ir::tile::is_tiled),
+            "the tiled gradient kernel (chunk {chunk})"
+        );
+        compare_lowered(&g, &[("B", 2), ("L", l)], 5, REDUCTION, &[], 1, &tiled);
     }
 }
 

@@ -106,6 +106,13 @@ impl Ssd {
         q % 16 == 0 && p % 8 == 0 && bytes <= MAX_TILE_BYTES
     }
 
+    /// Whether the gradient's tiled kernel ([`Lowering::ssd_grad_mask_tiled`]) fits: its
+    /// f32 `[Q, Q]` tile and a column of `dt`.
+    fn grad_tiles_fit(&self) -> bool {
+        let q = self.q;
+        q * (q + 4) * 4 + q * 5 * 4 <= MAX_TILE_BYTES
+    }
+
     fn shape(&self, dims: &[&Dim]) -> Shape {
         dims.iter().map(|d| (*d).clone()).collect()
     }
@@ -270,6 +277,8 @@ struct Prep {
     /// `C Bᵀ` per group and the state entering each chunk (`[B, nc, H, P, N]`).
     cb: BufId,
     sin: BufId,
+    /// Each chunk's decay `exp(a_last)` (`[B, nc, H]`).
+    decay: BufId,
 }
 
 impl Lowering<'_> {
@@ -453,12 +462,27 @@ impl Lowering<'_> {
             (true, false),
         );
 
-        // The states entering each chunk, in order from s0.
+        // Each chunk's decay once, not in the carry per state element (where its exp was
+        // half the instructions); then the states entering each chunk, in order from s0.
+        let pc = s.per_chunk();
+        let decay = self.scratch(node, pc.clone());
+        let mut kb = KB::new(self, &format!("{name}_chunk_decay"));
+        let (b, c, h) = (grid(0), grid(1), grid(2));
+        let last = ld(
+            &mut kb,
+            acs,
+            &[b.clone(), c.clone(), h.clone(), IExpr::c(s.q - 1)],
+            &ps,
+        );
+        let store = st(&mut kb, decay, &[b, c, h], &pc, exp(last));
+        kb.body.push(store);
+        let grid_c = vec![kb.l.dim(&s.b), ch.count.clone(), kb.l.dim(&s.h)];
+        kb.finish(grid_c, node);
         self.ssd_carry(
             node,
             s,
             &format!("{name}_carry"),
-            (sin, acs),
+            (sin, decay),
             (s0, false),
             s1,
         )?;
@@ -472,6 +496,7 @@ impl Lowering<'_> {
             cc,
             cb,
             sin,
+            decay,
         })
     }
 
@@ -560,30 +585,26 @@ impl Lowering<'_> {
         node: NodeId,
         s: &Ssd,
         name: &str,
-        (slot, acs): (BufId, BufId),
+        (slot, decay): (BufId, BufId),
         (init, reverse): (Value, bool),
         out: Option<BufId>,
     ) -> Result<(), LowerError> {
-        let (ps, sts) = (s.per_step(), s.states());
+        let (pc, sts) = (s.per_chunk(), s.states());
         let mut kb = KB::new(self, name);
         let (b, h, p, nn) = (grid(0), grid(1), grid(2), grid(3));
         let sidx = [b.clone(), h.clone(), p.clone(), nn.clone()];
         let init_v = kb.value(init, &sidx)?;
         let slot = kb.buf(slot, true);
-        let acs_slot = kb.buf(acs, false);
+        let decay_slot = kb.buf(decay, false);
         let at = |kb: &KB, c: &IExpr| {
             kb.l.linear(
                 &[b.clone(), c.clone(), h.clone(), p.clone(), nn.clone()],
                 &sts,
             )
         };
-        let decay = |kb: &KB, c: &IExpr| {
-            exp(Expr::Load {
-                buf: acs_slot,
-                index: kb
-                    .l
-                    .linear(&[b.clone(), c.clone(), h.clone(), IExpr::c(s.q - 1)], &ps),
-            })
+        let decay = |kb: &KB, c: &IExpr| Expr::Load {
+            buf: decay_slot,
+            index: kb.l.linear(&[b.clone(), c.clone(), h.clone()], &pc),
         };
         let (stmts, v) = carry(&mut kb, init_v, (&s.ch.count, reverse), slot, &at, &decay);
         kb.body.extend(stmts);
@@ -750,6 +771,99 @@ impl Lowering<'_> {
     }
 }
 
+impl Lowering<'_> {
+    /// The gradient's `M'` (`M` without its factor `dt_j`, `[i, j]` per head, for the
+    /// product `D' = M'ᵀ dY`) and the sums of `T = dM ⊙ M` that `da` takes the difference
+    /// of, in one tiled kernel per (batch, chunk, head):
+    ///
+    /// ```text
+    /// M'_ij  = CB_ij exp(a_i - a_j) [j <= i]          to memory
+    /// T'_ij  = dM_ij M'_ij                             f32 tile (T_ij = T'_ij dt_j)
+    /// cols_j = Σ_i T'_ij   (= x_j · D'_j)              rows_i = Σ_j T'_ij dt_j
+    /// ```
+    ///
+    /// Both sums add the same f32 elements, so their difference is as exact as the
+    /// elements; the matrix form gets them from two f32 products instead.
+    fn ssd_grad_mask_tiled(
+        &mut self,
+        node: NodeId,
+        s: &Ssd,
+        name: &str,
+        pr: &Prep,
+        (dmm, mp): (BufId, BufId),
+        (cols, rows): (BufId, BufId),
+    ) -> Result<(), LowerError> {
+        use ir::DType::F32;
+        use ir::kernel::TileId;
+        let (ps, sqh) = (s.per_step(), s.square(&s.h));
+        let q = s.q as usize;
+        let mut kb = KB::new(self, name);
+        let (b, c, h) = (grid(0), grid(1), grid(2));
+        let (tt, td) = (TileId(0), TileId(1));
+        for (tile, cols) in [(tt, q), (td, 1)] {
+            kb.body.push(Stmt::Tile {
+                tile,
+                dtype: F32,
+                rows: q,
+                cols,
+            });
+        }
+        let step = |k: &IExpr| [b.clone(), c.clone(), h.clone(), k.clone()];
+        let tl = |tile, row: &IExpr, col: &IExpr| Expr::TileLoad {
+            tile,
+            row: row.clone(),
+            col: col.clone(),
+        };
+        let set = |tile, row: &IExpr, col: &IExpr, value| Stmt::TileSet {
+            tile,
+            row: row.clone(),
+            col: col.clone(),
+            value,
+        };
+
+        // dt per step; M' to memory and T' to the tile, a row's elements on neighbouring
+        // threads.
+        let cj = kb.counter();
+        let j = IExpr::Loop(cj);
+        let dtj = ld(&mut kb, pr.dtc, &step(&j), &ps);
+        let zero = IExpr::c(0);
+        kb.body
+            .push(each(&[cj], &[q], vec![set(td, &j, &zero, dtj)]));
+        let (ci, cj) = (kb.counter(), kb.counter());
+        let (i, j) = (IExpr::Loop(ci), IExpr::Loop(cj));
+        let m = mask_value(&mut kb, s, pr, [&b, &c, &h], (&i, &j), false);
+        let (mv, decl) = var(&mut kb, m);
+        let at = [b.clone(), c.clone(), h.clone(), i.clone(), j.clone()];
+        let dm = ld(&mut kb, dmm, &at, &sqh);
+        let store = st(&mut kb, mp, &at, &sqh, Expr::Var(mv));
+        let t = set(tt, &i, &j, mul(dm, Expr::Var(mv)));
+        kb.body.push(each(&[ci, cj], &[q, q], vec![decl, store, t]));
+
+        // The sums, a row (column) per iteration.
+        for (out, by_row) in [(rows, true), (cols, false)] {
+            let ck = kb.counter();
+            let k = IExpr::Loop(ck);
+            let (sum, decl) = var(&mut kb, Expr::Const(0.0));
+            let lp = for_(&mut kb, IExpr::c(s.q), |_, l| {
+                let term = if by_row {
+                    mul(tl(tt, &k, &l), tl(td, &l, &zero))
+                } else {
+                    tl(tt, &l, &k)
+                };
+                vec![Stmt::Set {
+                    var: sum,
+                    value: add(Expr::Var(sum), term),
+                }]
+            });
+            let store = st(&mut kb, out, &step(&k), &ps, Expr::Var(sum));
+            kb.body.push(each(&[ck], &[q], vec![decl, lp, store]));
+        }
+        let grid_t = vec![kb.l.dim(&s.b), s.ch.count.clone(), kb.l.dim(&s.h)];
+        kb.finish(grid_t, node);
+        Ok(())
+    }
+}
+
 /// `Each` over constant extents.
 fn each(counters: &[ir::kernel::LoopId], extents: &[usize], body: Vec<Stmt>) -> Stmt {
     Stmt::Each {
@@ -789,7 +903,10 @@ impl Lowering<'_> {
         let outs: Vec<BufId> = (0..6)
             .map(|r| self.new_buf(Value::new(node, r), BufKind::Temp))
             .collect();
-        let pr = self.ssd_prep(node, &s, &name, None, (true, true))?;
+        // With tiles, the sums of T come from a tiled kernel ([`Self::ssd_grad_mask_tiled`])
+        // and `dt ⊙ x` is not needed.
+        let tiled = self.ssd_tiles && s.grad_tiles_fit();
+        let pr = self.ssd_prep(node, &s, &name, None, (true, !tiled))?;
         let xc = pr.xc.ok_or_else(|| internal(node, "no x rows"))?;
         let (ps, pc, hr, gr, gh, sts) = (
             s.per_step(),
@@ -846,51 +963,62 @@ impl Lowering<'_> {
             node,
             &s,
             &format!("{name}_carry_back"),
-            (dst, pr.acs),
+            (dst, pr.decay),
             (ds1, true),
             carry_out,
         )?;
 
-        // Mᵀ dY, dS_out B, dY Xᵀ.
-        let mmt = self.scratch(node, sqh.clone());
-        // M' = M without its dt_j column factor, transposed: D' = M'ᵀ dY, and Y_diag again as
-        // M'(dt ⊙ X).
-        self.ssd_mask(node, &s, &format!("{name}_mask"), &pr, mmt, (true, false));
-        let dxd = self.scratch(node, hr.clone());
-        // Both feed row and column sums of T whose difference (in da) cancels: exact.
-        let sq = (&s.qd, &s.qd, &s.p);
-        self.gemm_with(
-            node,
-            (mmt, dyc, dxd),
-            s.batch(&s.h),
-            sq,
-            (false, false),
-            true,
-        );
-        let ydg = self.scratch(node, hr.clone());
-        let xdt = pr.xdt.ok_or_else(|| internal(node, "no dt ⊙ x rows"))?;
-        self.gemm_with(
-            node,
-            (mmt, xdt, ydg),
-            s.batch(&s.h),
-            sq,
-            (true, false),
-            true,
-        );
-        let dxsu = self.scratch(node, gh.clone());
-        self.gemm(
-            node,
-            (pr.bc, dst, dxsu),
-            s.batch(&s.g),
-            (&s.qd, &s.n, &s.hp),
-            (false, true),
-        );
+        // dY Xᵀ, Mᵀ dY, dS_out B.
         let dmm = self.scratch(node, sqh.clone());
         self.gemm(
             node,
             (dyc, xc, dmm),
             s.batch(&s.h),
             (&s.qd, &s.p, &s.qd),
+            (false, true),
+        );
+        let dxd = self.scratch(node, hr.clone());
+        let sq = (&s.qd, &s.qd, &s.p);
+        // M' = M without its dt_j column factor: D' = M'ᵀ dY. The row and column sums of T
+        // come from a tiled kernel that forms T itself, or from two more products.
+        let sums = if tiled {
+            let mp = self.scratch(node, sqh.clone());
+            let [cols, rows] = [0; 2].map(|_| self.scratch(node, ps.clone()));
+            let mask = format!("{name}_mask");
+            self.ssd_grad_mask_tiled(node, &s, &mask, &pr, (dmm, mp), (cols, rows))?;
+            self.gemm(node, (mp, dyc, dxd), s.batch(&s.h), sq, (true, false));
+            Ok((cols, rows))
+        } else {
+            // M' transposed; both products feed row and column sums of T whose difference
+            // (in da) cancels: exact.
+            let mmt = self.scratch(node, sqh.clone());
+            self.ssd_mask(node, &s, &format!("{name}_mask"), &pr, mmt, (true, false));
+            self.gemm_with(
+                node,
+                (mmt, dyc, dxd),
+                s.batch(&s.h),
+                sq,
+                (false, false),
+                true,
+            );
+            let ydg = self.scratch(node, hr.clone());
+            let xdt = pr.xdt.ok_or_else(|| internal(node, "no dt ⊙ x rows"))?;
+            self.gemm_with(
+                node,
+                (mmt, xdt, ydg),
+                s.batch(&s.h),
+                sq,
+                (true, false),
+                true,
+            );
+            Err(ydg)
+        };
+        let dxsu = self.scratch(node, gh.clone());
+        self.gemm(
+            node,
+            (pr.bc, dst, dxsu),
+            s.batch(&s.g),
+            (&s.qd, &s.n, &s.hp),
             (false, true),
         );
 
@@ -1031,10 +1159,17 @@ impl Lowering<'_> {
         let grid_x = xsh.iter().map(|d| kb.l.dim(d)).collect();
         kb.finish(grid_x, node);
 
-        // Per (batch, chunk, head, j): u_j = x_j · (dS_out B_j), dy_j · (C_j S_inᵀ),
-        // Σ_i dM_ij M'_ij = x_j · D'_j (so Σ_i T_ij = dt_j x_j · D'_j) and
-        // Σ_k T_jk = dy_j · Y_diag,j.
-        let [u, yod, ddt1, rowt] = [0; 4].map(|_| self.scratch(node, ps.clone()));
+        // Per (batch, chunk, head, j): u_j = x_j · (dS_out B_j), dy_j · (C_j S_inᵀ), and
+        // unless the tiled kernel summed them, Σ_i dM_ij M'_ij = x_j · D'_j (so
+        // Σ_i T_ij = dt_j x_j · D'_j) and Σ_k T_jk = dy_j · Y_diag,j.
+        let [u, yod] = [0; 2].map(|_| self.scratch(node, ps.clone()));
+        let (ddt1, rowt) = match sums {
+            Ok(sums) => sums,
+            Err(_) => (
+                self.scratch(node, ps.clone()),
+                self.scratch(node, ps.clone()),
+            ),
+        };
         let mut kb = KB::new(self, &format!("{name}_dots"));
         let (b, c, h, j) = (grid(0), grid(1), grid(2), grid(3));
         let (uv, d1) = var(&mut kb, Expr::Const(0.0));
@@ -1057,33 +1192,42 @@ impl Lowering<'_> {
             let de = ld(kb, dyc, &rows, &hr);
             let (dv, d2) = var(kb, de);
             let ov = ld(kb, yo, &grow, &gh);
-            let dd = ld(kb, dxd, &rows, &hr);
-            let yd = ld(kb, ydg, &rows, &hr);
             let (xv, dv) = (Expr::Var(xv), Expr::Var(dv));
-            vec![
+            let mut body = vec![
                 d1,
                 d2,
                 Stmt::Set {
-                    var: cv,
-                    value: add(Expr::Var(cv), mul(xv.clone(), dd)),
-                },
-                Stmt::Set {
-                    var: rv,
-                    value: add(Expr::Var(rv), mul(dv.clone(), yd)),
-                },
-                Stmt::Set {
                     var: uv,
-                    value: add(Expr::Var(uv), mul(xv, dsu)),
+                    value: add(Expr::Var(uv), mul(xv.clone(), dsu)),
                 },
                 Stmt::Set {
                     var: yv,
-                    value: add(Expr::Var(yv), mul(dv, ov)),
+                    value: add(Expr::Var(yv), mul(dv.clone(), ov)),
                 },
-            ]
+            ];
+            if let Err(ydg) = sums {
+                let dd = ld(kb, dxd, &rows, &hr);
+                let yd = ld(kb, ydg, &rows, &hr);
+                body.extend([
+                    Stmt::Set {
+                        var: cv,
+                        value: add(Expr::Var(cv), mul(xv, dd)),
+                    },
+                    Stmt::Set {
+                        var: rv,
+                        value: add(Expr::Var(rv), mul(dv, yd)),
+                    },
+                ]);
+            }
+            body
         });
         kb.body.push(dots);
         let at = [b, c, h, j];
-        for (buf, v) in [(u, uv), (yod, yv), (ddt1, cv), (rowt, rv)] {
+        let mut results = vec![(u, uv), (yod, yv)];
+        if sums.is_err() {
+            results.extend([(ddt1, cv), (rowt, rv)]);
+        }
+        for (buf, v) in results {
             let store = st(&mut kb, buf, &at, &ps, Expr::Var(v));
             kb.body.push(store);
         }
