@@ -106,11 +106,12 @@ impl Ssd {
         q % 16 == 0 && p % 8 == 0 && bytes <= MAX_TILE_BYTES
     }
 
-    /// Whether the gradient's tiled kernel ([`Lowering::ssd_grad_mask_tiled`]) fits: its
-    /// f32 `[Q, Q]` tile and a column of `dt`.
+    /// Whether the gradient's tiled kernel ([`Lowering::ssd_grad_mask_tiled`]) can run this
+    /// op: its f32 `[Q, Q]` tile and a column of `dt` must fit, and its triangles fold
+    /// ([`tri_fold`]) for even `Q`.
     fn grad_tiles_fit(&self) -> bool {
         let q = self.q;
-        q * (q + 4) * 4 + q * 5 * 4 <= MAX_TILE_BYTES
+        q % 2 == 0 && q * (q + 4) * 4 + q * 5 * 4 <= MAX_TILE_BYTES
     }
 
     fn shape(&self, dims: &[&Dim]) -> Shape {
@@ -231,14 +232,15 @@ fn grid(i: usize) -> IExpr {
 /// Element `(i, j)` of the masked decay matrix of head `h` in chunk `c` of batch `b`:
 /// `CB_ij exp(a_i - a_j) [j <= i]`, times `dt_j` when `with_dt`. Without branches:
 /// `exp(min(a_i - a_j, 0))` is finite everywhere and exact below the diagonal, and the exact
-/// 0/1 indicator `(i - j + Q) / Q` masks the rest.
+/// 0/1 indicator `(i - j + Q) / Q` masks the rest. With `lower` the caller promises
+/// `j <= i` (see [`tri_fold`]), and neither is needed.
 fn mask_value(
     kb: &mut KB,
     s: &Ssd,
     pr: &Prep,
     [b, c, h]: [&IExpr; 3],
     (i, j): (&IExpr, &IExpr),
-    with_dt: bool,
+    (with_dt, lower): (bool, bool),
 ) -> Expr {
     let (ps, sqg) = (s.per_step(), s.square(&s.g));
     let step = |k: &IExpr| [b.clone(), c.clone(), h.clone(), k.clone()];
@@ -246,13 +248,17 @@ fn mask_value(
     let cbv = ld(kb, pr.cb, &at, &sqg);
     let ai = ld(kb, pr.acs, &step(i), &ps);
     let aj = ld(kb, pr.acs, &step(j), &ps);
-    let decay = exp(Expr::bin(BinaryOp::Min, sub(ai, aj), Expr::Const(0.0)));
-    let below = i
-        .clone()
-        .sub(j.clone())
-        .add(IExpr::c(s.q))
-        .div(IExpr::c(s.q));
-    let v = mul(mul(cbv, decay), Expr::FromIndex(below));
+    let v = if lower {
+        mul(cbv, exp(sub(ai, aj)))
+    } else {
+        let decay = exp(Expr::bin(BinaryOp::Min, sub(ai, aj), Expr::Const(0.0)));
+        let below = i
+            .clone()
+            .sub(j.clone())
+            .add(IExpr::c(s.q))
+            .div(IExpr::c(s.q));
+        mul(mul(cbv, decay), Expr::FromIndex(below))
+    };
     if with_dt {
         let dtj = ld(kb, pr.dtc, &step(j), &ps);
         mul(v, dtj)
@@ -639,7 +645,7 @@ impl Lowering<'_> {
         let mut kb = KB::new(self, name);
         let (b, c, h, r, o) = (grid(0), grid(1), grid(2), grid(3), grid(4));
         let (i, j) = if transposed { (&o, &r) } else { (&r, &o) };
-        let v = mask_value(&mut kb, s, pr, [&b, &c, &h], (i, j), with_dt);
+        let v = mask_value(&mut kb, s, pr, [&b, &c, &h], (i, j), (with_dt, false));
         let store = st(&mut kb, out, &[b, c, h, r, o], &sqh, v);
         kb.body.push(store);
         let grid_m = vec![
@@ -707,7 +713,7 @@ impl Lowering<'_> {
         // M, as the mask kernel computes it.
         let (ci, cj) = (kb.counter(), kb.counter());
         let (i, j) = (IExpr::Loop(ci), IExpr::Loop(cj));
-        let m = mask_value(&mut kb, s, pr, [&b, &c, &h], (&i, &j), true);
+        let m = mask_value(&mut kb, s, pr, [&b, &c, &h], (&i, &j), (true, false));
         kb.body
             .push(each(&[ci, cj], &[q, q], vec![set(tm, &i, &j, m)]));
 
@@ -821,34 +827,46 @@ impl Lowering<'_> {
             value,
         };
 
-        // dt per step; M' to memory and T' to the tile, a row's elements on neighbouring
-        // threads.
+        // dt per step; M' to memory and T' to the tile below the diagonal (the loads and
+        // exponentials, folded so that no iteration idles: [`tri_fold`]), zeros of M' above.
         let cj = kb.counter();
         let j = IExpr::Loop(cj);
         let dtj = ld(&mut kb, pr.dtc, &step(&j), &ps);
         let zero = IExpr::c(0);
         kb.body
             .push(each(&[cj], &[q], vec![set(td, &j, &zero, dtj)]));
-        let (ci, cj) = (kb.counter(), kb.counter());
-        let (i, j) = (IExpr::Loop(ci), IExpr::Loop(cj));
-        let m = mask_value(&mut kb, s, pr, [&b, &c, &h], (&i, &j), false);
+        let (cr, ct) = (kb.counter(), kb.counter());
+        let (i, j) = tri_fold(s.q, &IExpr::Loop(cr), &IExpr::Loop(ct), false);
+        let m = mask_value(&mut kb, s, pr, [&b, &c, &h], (&i, &j), (false, true));
         let (mv, decl) = var(&mut kb, m);
         let at = [b.clone(), c.clone(), h.clone(), i.clone(), j.clone()];
         let dm = ld(&mut kb, dmm, &at, &sqh);
         let store = st(&mut kb, mp, &at, &sqh, Expr::Var(mv));
         let t = set(tt, &i, &j, mul(dm, Expr::Var(mv)));
-        kb.body.push(each(&[ci, cj], &[q, q], vec![decl, store, t]));
+        kb.body
+            .push(each(&[cr, ct], &[q / 2, q + 1], vec![decl, store, t]));
+        let (cr, ct) = (kb.counter(), kb.counter());
+        let (i, j) = tri_fold(s.q, &IExpr::Loop(cr), &IExpr::Loop(ct), true);
+        let at = [b.clone(), c.clone(), h.clone(), i, j];
+        let store = st(&mut kb, mp, &at, &sqh, Expr::Const(0.0));
+        kb.body.push(each(&[cr, ct], &[q / 2, q - 1], vec![store]));
 
-        // The sums, a row (column) per iteration.
+        // The sums over the triangle, a row (column) per iteration.
         for (out, by_row) in [(rows, true), (cols, false)] {
             let ck = kb.counter();
             let k = IExpr::Loop(ck);
             let (sum, decl) = var(&mut kb, Expr::Const(0.0));
-            let lp = for_(&mut kb, IExpr::c(s.q), |_, l| {
+            // Row k: columns 0..=k; column k: rows k..Q.
+            let len = if by_row {
+                k.clone().add(IExpr::c(1))
+            } else {
+                IExpr::c(s.q).sub(k.clone())
+            };
+            let lp = for_(&mut kb, len, |_, l| {
                 let term = if by_row {
                     mul(tl(tt, &k, &l), tl(td, &l, &zero))
                 } else {
-                    tl(tt, &l, &k)
+                    tl(tt, &l.clone().add(k.clone()), &k)
                 };
                 vec![Stmt::Set {
                     var: sum,
@@ -862,6 +880,36 @@ impl Lowering<'_> {
         kb.finish(grid_t, node);
         Ok(())
     }
+}
+
+/// The elements of a `Q x Q` matrix's lower triangle (`j <= i`; with `upper`, the strict
+/// upper one, `j > i`) as the points `(r, t)` of a rectangle, `Q` even: row `r < Q/2` and row
+/// `Q - 1 - r` together have `Q + 1` of them (`Q - 1` above the diagonal), so the rectangle
+/// is `Q/2 x (Q + 1)` (`Q/2 x (Q - 1)`) and covers each element once. Returns `(i, j)`.
+fn tri_fold(q: i64, r: &IExpr, t: &IExpr, upper: bool) -> (IExpr, IExpr) {
+    // 1 where `t` has passed row `r`'s elements, so that (r, t) lies in row Q - 1 - r.
+    let second = if upper {
+        t.clone().add(r.clone()).add(IExpr::c(1)).div(IExpr::c(q))
+    } else {
+        t.clone()
+            .add(IExpr::c(q - 1))
+            .sub(r.clone())
+            .div(IExpr::c(q))
+    };
+    let i = r.clone().add(
+        second
+            .clone()
+            .mul(IExpr::c(q - 1).sub(r.clone().mul(IExpr::c(2)))),
+    );
+    let j = if upper {
+        r.clone()
+            .add(IExpr::c(1))
+            .add(t.clone())
+            .sub(second.mul(r.clone()))
+    } else {
+        t.clone().sub(second.mul(r.clone().add(IExpr::c(1))))
+    };
+    (i, j)
 }
 
 /// `Each` over constant extents.
@@ -1398,4 +1446,38 @@ fn ssd_weight_at(kb: &mut KB, s: &Ssd, (dtc, acs): (BufId, BufId), at: &[IExpr; 
     let aj = ld(kb, acs, at, &ps);
     let dtj = ld(kb, dtc, at, &ps);
     mul(dtj, exp(sub(last, aj)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::tri_fold;
+    use ir::kernel::IExpr;
+    use ir::kernel::eval::extent;
+
+    /// The folded rectangles cover each element of their triangle exactly once.
+    #[test]
+    fn tri_fold_covers_each_element_once() {
+        for q in [2i64, 4, 16, 64, 128] {
+            for upper in [false, true] {
+                let (i, j) = tri_fold(q, &IExpr::Size(0), &IExpr::Size(1), upper);
+                let cols = if upper { q - 1 } else { q + 1 };
+                let mut seen = vec![0u32; (q * q) as usize];
+                for r in 0..q / 2 {
+                    for t in 0..cols {
+                        let at = |e: &IExpr| extent(e, &[r, t]).unwrap().unwrap();
+                        let (i, j) = (at(&i), at(&j));
+                        assert!((0..q).contains(&i) && (0..q).contains(&j), "{q} {r} {t}");
+                        assert_eq!(j > i, upper, "q {q}, (r, t) = ({r}, {t}) -> ({i}, {j})");
+                        seen[(i * q + j) as usize] += 1;
+                    }
+                }
+                for i in 0..q {
+                    for j in 0..q {
+                        let want = u32::from((j > i) == upper);
+                        assert_eq!(seen[(i * q + j) as usize], want, "q {q} ({i}, {j})");
+                    }
+                }
+            }
+        }
+    }
 }
