@@ -285,6 +285,10 @@ struct Prep {
     sin: BufId,
     /// Each chunk's decay `exp(a_last)` (`[B, nc, H]`).
     decay: BufId,
+    /// `exp(a_i)` and `exp(a_last - a_i)` per step (`[B, nc, H, Q]`): computed once, not
+    /// per element of the kernels that scale by them.
+    ea: BufId,
+    el: BufId,
 }
 
 impl Lowering<'_> {
@@ -401,6 +405,23 @@ impl Lowering<'_> {
             node,
         });
 
+        // exp(a_i) and exp(a_last - a_i) per (batch, chunk, head, step).
+        let (ea, el) = (
+            self.scratch(node, ps.clone()),
+            self.scratch(node, ps.clone()),
+        );
+        let mut kb = KB::new(self, &format!("{name}_exps"));
+        let (b, c, h, i) = (grid(0), grid(1), grid(2), grid(3));
+        let at = [b.clone(), c.clone(), h.clone(), i];
+        let ai = ld(&mut kb, acs, &at, &ps);
+        let (aiv, decl) = var(&mut kb, ai);
+        let last = ld(&mut kb, acs, &[b, c, h, IExpr::c(s.q - 1)], &ps);
+        let e1 = st(&mut kb, ea, &at, &ps, exp(Expr::Var(aiv)));
+        let e2 = st(&mut kb, el, &at, &ps, exp(sub(last, Expr::Var(aiv))));
+        kb.body.extend([decl, e1, e2]);
+        let grid_e = vec![kb.l.dim(&s.b), ch.count.clone(), kb.l.dim(&s.h), qc.clone()];
+        kb.finish(grid_e, node);
+
         // x as rows, and w ⊙ x as group rows, per (batch, chunk, head, step, p).
         let mut kb = KB::new(self, &format!("{name}_x"));
         let (b, c, h, i, p) = (grid(0), grid(1), grid(2), grid(3), grid(4));
@@ -409,7 +430,7 @@ impl Lowering<'_> {
         let (xv, decl) = var(&mut kb, mul(xv, ok));
         kb.body.push(decl);
         let at = [b.clone(), c.clone(), h.clone(), i.clone()];
-        let w = ssd_weight_at(&mut kb, s, (dtc, acs), &at);
+        let w = ssd_weight_at(&mut kb, s, (dtc, el), &at);
         let rows = [b.clone(), c.clone(), h.clone(), i.clone(), p.clone()];
         let grow = [b, c, s.group(&h), i, s.in_group(&h, p)];
         if let Some(xc) = xc {
@@ -503,6 +524,8 @@ impl Lowering<'_> {
             cb,
             sin,
             decay,
+            ea,
+            el,
         })
     }
 
@@ -546,12 +569,12 @@ impl Lowering<'_> {
             &[b.clone(), c.clone(), h.clone(), i.clone(), p.clone()],
             &hr,
         );
-        let e = exp(ld(
+        let e = ld(
             &mut kb,
-            pr.acs,
+            pr.ea,
             &[b.clone(), c.clone(), h.clone(), i.clone()],
             &ps,
-        ));
+        );
         let o = ld(
             &mut kb,
             yo,
@@ -730,7 +753,7 @@ impl Lowering<'_> {
         ));
         let ci = kb.counter();
         let i = IExpr::Loop(ci);
-        let ea = exp(ld(&mut kb, pr.acs, &step(&i), &ps));
+        let ea = ld(&mut kb, pr.ea, &step(&i), &ps);
         kb.body
             .push(each(&[ci], &[q], vec![set(te, &i, &IExpr::c(0), ea)]));
         kb.body.push(Stmt::Mma {
@@ -978,12 +1001,12 @@ impl Lowering<'_> {
         let dv = kb.value(dy, &[b.clone(), tc, h.clone(), p.clone()])?;
         let (dv, decl) = var(&mut kb, mul(dv, ok));
         kb.body.push(decl);
-        let e = exp(ld(
+        let e = ld(
             &mut kb,
-            pr.acs,
+            pr.ea,
             &[b.clone(), c.clone(), h.clone(), i.clone()],
             &ps,
-        ));
+        );
         let rows = [b.clone(), c.clone(), h.clone(), i.clone(), p.clone()];
         let grow = [b, c, s.group(&h), i, s.in_group(&h, p)];
         let s1 = st(&mut kb, dyc, &rows, &hr, Expr::Var(dv));
@@ -1337,17 +1360,18 @@ impl Lowering<'_> {
         let dts = kb.l.shape(ops[1]);
         let back = for_(&mut kb, qc.clone(), |kb, k| {
             let i = IExpr::c(s.q - 1).sub(k);
-            let (ai, dti) = (step(kb, pr.acs, &i), step(kb, pr.dtc, &i));
-            let (aiv, d1) = var(kb, ai);
+            let (ei, dti) = (step(kb, pr.ea, &i), step(kb, pr.dtc, &i));
+            let (eiv, d1) = var(kb, ei);
             let (dtv, d2) = var(kb, dti);
             let (d1e, ue) = (step(kb, ddt1, &i), step(kb, u, &i));
             let (d1v, d3) = var(kb, d1e);
             let (uv, d4) = var(kb, ue);
-            let (lv, d5) = var(kb, exp(sub(Expr::Var(alv), Expr::Var(aiv))));
+            let le = step(kb, pr.el, &i);
+            let (lv, d5) = var(kb, le);
             let da = sub(
                 add(
                     sub(step(kb, rowt, &i), mul(Expr::Var(d1v), Expr::Var(dtv))),
-                    mul(exp(Expr::Var(aiv)), step(kb, yod, &i)),
+                    mul(Expr::Var(eiv), step(kb, yod, &i)),
                 ),
                 mul(mul(Expr::Var(dtv), Expr::Var(lv)), Expr::Var(uv)),
             );
@@ -1434,18 +1458,14 @@ impl Lowering<'_> {
 /// `w_j = dt_j exp(a_last - a_j)` of step `j` at (batch, chunk, head) `at`.
 fn ssd_weight(kb: &mut KB, s: &Ssd, pr: &Prep, at: &[IExpr; 3], j: &IExpr) -> Expr {
     let idx = [at[0].clone(), at[1].clone(), at[2].clone(), j.clone()];
-    ssd_weight_at(kb, s, (pr.dtc, pr.acs), &idx)
+    ssd_weight_at(kb, s, (pr.dtc, pr.el), &idx)
 }
 
-/// `w` at (batch, chunk, head, step) `at`, from the `dt` and running-sum buffers.
-fn ssd_weight_at(kb: &mut KB, s: &Ssd, (dtc, acs): (BufId, BufId), at: &[IExpr; 4]) -> Expr {
+/// `w` at (batch, chunk, head, step) `at`, from the `dt` and `exp(a_last - a)` buffers.
+fn ssd_weight_at(kb: &mut KB, s: &Ssd, (dtc, el): (BufId, BufId), at: &[IExpr; 4]) -> Expr {
     let ps = s.per_step();
-    let mut last = at.clone();
-    last[3] = IExpr::c(s.q - 1);
-    let last = ld(kb, acs, &last, &ps);
-    let aj = ld(kb, acs, at, &ps);
     let dtj = ld(kb, dtc, at, &ps);
-    mul(dtj, exp(sub(last, aj)))
+    mul(dtj, ld(kb, el, at, &ps))
 }
 
 #[cfg(test)]
