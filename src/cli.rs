@@ -3,6 +3,7 @@
 //! [`run`] takes the arguments and returns the exit code with everything printed, so tests
 //! drive the CLI in-process; `main` only forwards to it.
 
+use crate::checkpoint::Device;
 use clap::{Parser, Subcommand, ValueEnum};
 use frontend::{Compiled, ModelSpec, Sources};
 use ir::{DType, Graph, Op, shape_to_string, types::numel};
@@ -157,12 +158,25 @@ pub struct PlanArgs {
     /// Write memory over the schedule of every strategy to this SVG file.
     #[arg(long)]
     pub svg: Option<PathBuf>,
+    /// Price the stages as this device lowers them (`train --device`): on `cuda`, bf16
+    /// buffers and the tiled SSD kernels. No GPU is needed to plan.
+    #[arg(long, value_enum, default_value = "cpu")]
+    pub device: DeviceArg,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
 pub enum DeviceArg {
     Cpu,
     Cuda,
+}
+
+impl From<DeviceArg> for Device {
+    fn from(d: DeviceArg) -> Device {
+        match d {
+            DeviceArg::Cpu => Device::Cpu,
+            DeviceArg::Cuda => Device::Cuda,
+        }
+    }
 }
 
 /// How activations are stored while training.
@@ -1335,7 +1349,7 @@ fn grad_checkpointed(
         targets.extend(s[1..].iter().map(|&t| t as i32));
         targets.push(IGNORE_INDEX as i32);
     }
-    let plan = crate::train::plan_for(graph, budget, b, l, true, ir::DType::F32)?;
+    let plan = crate::train::plan_for(graph, budget, (b, l), true, (DType::F32, Device::Cpu))?;
     let _ = writeln!(
         out.stdout,
         "checkpoint plan: {}; planned peak {}, recompute {:.1}% of a step",
@@ -1775,13 +1789,11 @@ fn train(a: &TrainArgs, out: &mut Outcome) {
         Some(b) => {
             // Plan before reading data: an infeasible budget fails at once.
             let act = a.activations.dtype();
-            if let Err(e) = crate::train::plan_for(&graph, b, a.batch, a.seq_len, false, act) {
+            let device = a.device.into();
+            let shape = (a.batch, a.seq_len);
+            if let Err(e) = crate::train::plan_for(&graph, b, shape, false, (act, device)) {
                 return fail(out, format!("error: {e}"));
             }
-            let device = match a.device {
-                DeviceArg::Cpu => crate::checkpoint::Device::Cpu,
-                DeviceArg::Cuda => crate::checkpoint::Device::Cuda,
-            };
             Trainer::with_budget_on(&graph, "logits", params, config, b, device)
         }
         None if a.device == DeviceArg::Cuda => Trainer::new_gpu(&graph, "logits", params, config),
@@ -2087,7 +2099,7 @@ fn plan_cmd(p: &PlanArgs, g: &Graph, out: &mut Outcome) {
         logits: false,
         // Both executors copy a run's outputs out of its arena.
         copy_outputs: true,
-        lower: passes::LowerOptions::default(),
+        lower: crate::train::lowering_for(p.device.into(), act_dtype),
     };
     let report = match crate::plan::make(g, req.clone()) {
         Ok(r) => r,
@@ -2108,9 +2120,13 @@ fn plan_cmd(p: &PlanArgs, g: &Graph, out: &mut Outcome) {
             .push_str(&format!("{}\n", crate::plan::json(&report, &req)));
     } else {
         out.stdout.push_str(&format!(
-            "{} at batch {batch}, {seq} tokens, {} activations{}\n",
+            "{} at batch {batch}, {seq} tokens, {} activations, as {} lowers it{}\n",
             g.name,
             act_dtype.name(),
+            match p.device {
+                DeviceArg::Cpu => "the CPU",
+                DeviceArg::Cuda => "the GPU",
+            },
             if p.activations_only {
                 " (activations only: weights, gradients and optimizer state left out)"
             } else {

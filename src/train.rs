@@ -352,11 +352,7 @@ impl Trainer {
                     let mut req = request_for(forward, Some(*budget), batch, seq);
                     req.logits = self.return_logits;
                     req.act_dtype = self.config.activations;
-                    if *device == Device::Cuda {
-                        // Priced as the GPU lowers the stages (`GpuGraph::compile`).
-                        req.lower.bf16_activations = req.act_dtype == ir::DType::BF16;
-                        req.lower = req.lower.on_gpu();
-                    }
+                    req.lower = lowering_for(*device, req.act_dtype);
                     let plan = Planner::new(forward, req, IGNORE_INDEX)
                         .and_then(|mut p| p.plan())
                         .map_err(|e| Error::Input(e.to_string()))?;
@@ -636,22 +632,35 @@ fn split_outputs(
 }
 
 /// The checkpoint plan for training `forward` on `[batch, seq]` batches within `budget` bytes
-/// (weights, gradients and AdamW state included; activations stored as `act`), returning the
-/// logits or not.
+/// (weights, gradients and AdamW state included; activations stored as `act`) on `device`
+/// ([`lowering_for`]), returning the logits or not.
 pub fn plan_for(
     forward: &Graph,
     budget: u64,
-    batch: usize,
-    seq: usize,
+    (batch, seq): (usize, usize),
     logits: bool,
-    act: ir::DType,
+    (act, device): (ir::DType, Device),
 ) -> Result<Plan, Error> {
     let mut req = request_for(forward, Some(budget), batch, seq);
     req.logits = logits;
     req.act_dtype = act;
+    req.lower = lowering_for(device, act);
     let mut planner =
         Planner::new(forward, req, IGNORE_INDEX).map_err(|e| Error::Input(e.to_string()))?;
     planner.plan().map_err(|e| Error::Input(e.to_string()))
+}
+
+/// How `device` lowers a stage whose activations are stored as `act`: what the planner must
+/// price with. The GPU lowers as `GpuGraph::compile` does (bf16 buffers, the tiled SSD).
+pub fn lowering_for(device: Device, act: ir::DType) -> LowerOptions {
+    match device {
+        Device::Cpu => LowerOptions::default(),
+        Device::Cuda => LowerOptions {
+            bf16_activations: act == ir::DType::BF16,
+            ..LowerOptions::default()
+        }
+        .on_gpu(),
+    }
 }
 
 /// What a trainer plans for by default: f32 activations, everything counted, logits returned.

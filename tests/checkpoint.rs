@@ -387,6 +387,31 @@ fn plan_cli_prints_the_grid_and_json() {
     );
 }
 
+/// `plan --device cuda` prices the stages as the GPU lowers them (bf16 buffers, the tiled
+/// SSD kernels): the plan `train --device cuda --budget` makes, which is not the CPU's.
+#[test]
+fn plan_cli_prices_the_training_device() {
+    use ma2mba::checkpoint::Device;
+    let json = |device: &str| {
+        let args = ["plan", "mamba2-2.7b", "--seq", "2^16", "--budget", "90GB"];
+        let out = common::cli(&[&args[..], &["--device", device, "--json"]].concat());
+        assert_eq!(out.code, 0, "{}", out.stderr);
+        let v: serde_json::Value = serde_json::from_str(&out.stdout).expect("json");
+        v["plan"]["peak_bytes"].as_u64().expect("a peak")
+    };
+    let (cpu, cuda) = (json("cpu"), json("cuda"));
+    let g = common::compile_name("mamba2-2.7b").graph;
+    let on = |device| {
+        let act = (DType::BF16, device);
+        ma2mba::train::plan_for(&g, 90_000_000_000, (1, 65536), false, act)
+            .expect("plan")
+            .peak
+    };
+    assert_eq!(cuda, on(Device::Cuda));
+    assert_eq!(cpu, on(Device::Cpu));
+    assert_ne!(cpu, cuda, "the GPU's tiled SSD prices differently");
+}
+
 #[test]
 fn carried_initial_states_flow_through_the_schedule() {
     // Truncated BPTT: a step starting from non-zero states (the previous batch's final ones)
