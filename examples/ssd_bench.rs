@@ -9,6 +9,7 @@
 //! cargo build --release --features cuda --example ssd_bench   # here (LLVM 19)
 //! ./ssd_bench [H,b,L ...]                                      # on the GPU machine
 //! SSD_BF16=1 ./ssd_bench 80,1,8192                             # only the bf16 variants
+//! SSD_PRODUCTS=1 ./ssd_bench ...                               # and each product's time
 //! ```
 
 use ir::{DType, Dim, Graph, InputKind, Op, Span, TensorType, Value};
@@ -199,6 +200,17 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                         ..ExecOptions::default()
                     },
                 )?;
+                // SSD_PRODUCTS=1: each product in schedule order (its FLOPs tell which).
+                if std::env::var("SSD_PRODUCTS").is_ok_and(|v| v == "1") {
+                    for t in prof.iter().filter(|t| t.flops > 0) {
+                        eprintln!(
+                            "      product {:>9.3} GFLOP {:>8.3} ms {:>7.1} TFLOP/s",
+                            t.flops as f64 / 1e9,
+                            t.ms,
+                            t.flops as f64 / f64::from(t.ms) / 1e9
+                        );
+                    }
+                }
                 // By kernel name without node numbers: the forward's and the gradient's
                 // kernels stay apart (`ssd_scan_mask`, `ssd_scan_grad_mask`).
                 for k in ma2mba::gpu::by_kind(&prof) {

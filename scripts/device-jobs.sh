@@ -16,6 +16,11 @@
 #   big16   mamba2-2.7b training with the planner at L = 2^16 (budget 90GB, TF32), $STEPS
 #           steps (default 2); nvidia-smi and host RSS sampled alongside
 #   big19   the same at L = 2^19 (budget 110GB), $STEPS steps (default 1)
+#   ncu     Nsight Compute on one launch of the SSD kernel whose name matches $NCU_KERNEL
+#           (a regex, e.g. 'grad_[0-9]+_mask$'), skipping $NCU_SKIP matching launches first
+#           (default 0), in `ssd_bench $NCU_SHAPE` (default 80,1,8192) with only the bf16
+#           variants: $OUT/ncu.txt (the full set of sections) and $OUT/ncu-sass.csv (per SASS
+#           instruction), summarized by ncu-summary.py (stall reasons, instruction mix)
 # $ACT (f32 or bf16, default f32) is how the big jobs store activations.
 # $LIMIT caps a training job's seconds (defaults 380 and 560: one device call is 600 s).
 set -uo pipefail
@@ -31,7 +36,7 @@ build)
     strip -o "gpubin/$(basename "$b")" "$dir/$b"
     xz -T2 -f "gpubin/$(basename "$b")"
   done
-  cp scripts/device-jobs.sh gpubin/device-jobs.sh
+  cp scripts/device-jobs.sh scripts/ncu-summary.py gpubin/
   ls -l gpubin
   exit 0
   ;;
@@ -78,6 +83,18 @@ for job in "$@"; do
   fb16) unpack gpu_bench && timeout 200 /tmp/gpu_bench mamba2-130m both 8 2048 bf16 2>&1 | tee "$out/fb16.log" | tail -40 ;;
   big16) big 65536 90GB "${STEPS:-2}" "${LIMIT:-380}" ;;
   big19) big 524288 110GB "${STEPS:-1}" "${LIMIT:-560}" ;;
-  *) echo "unknown job $job (tests, ssd, fb, fb16, big16, big19)" ;;
+  ncu)
+    unpack ssd_bench
+    sel=(--clock-control none -k "regex:${NCU_KERNEL:?set NCU_KERNEL}" --launch-skip "${NCU_SKIP:-0}" -c 1)
+    SSD_BF16=1 timeout 150 ncu "${sel[@]}" --set full /tmp/ssd_bench "${NCU_SHAPE:-80,1,8192}" \
+      >"$out/ncu.txt" 2>&1
+    grep -E "^  [a-z_0-9]+ \(|Duration|DRAM Throughput|Registers Per|Achieved Occ|Warp Cycles Per Issued" \
+      "$out/ncu.txt" | head -8
+    SSD_BF16=1 timeout 150 ncu "${sel[@]}" --section SourceCounters --section WarpStateStats \
+      --page source --print-source sass --csv /tmp/ssd_bench "${NCU_SHAPE:-80,1,8192}" \
+      >"$out/ncu-sass.csv" 2>&1
+    python3 ncu-summary.py "$out/ncu-sass.csv" 12
+    ;;
+  *) echo "unknown job $job (tests, ssd, fb, fb16, big16, big19, ncu)" ;;
   esac
 done
