@@ -17,7 +17,7 @@
 #           steps (default 2); nvidia-smi and host RSS sampled alongside
 #   big19   the same at L = 2^19 (budget 110GB), $STEPS steps (default 1)
 #   ncu     Nsight Compute on one launch of the SSD kernel whose name matches $NCU_KERNEL
-#           (a regex, e.g. 'grad_[0-9]+_mask$'), skipping $NCU_SKIP matching launches first
+#           (a regex, e.g. 'grad_[0-9]+_mask_tiled$'), skipping $NCU_SKIP matching launches first
 #           (default 0), in `ssd_bench $NCU_SHAPE` (default 80,1,8192) with only the bf16
 #           variants: $OUT/ncu.txt (the full set of sections) and $OUT/ncu-sass.csv (per SASS
 #           instruction), summarized by ncu-summary.py (stall reasons, instruction mix)

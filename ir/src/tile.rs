@@ -58,9 +58,8 @@ pub fn layout(k: &Kernel) -> (HashMap<TileId, TileSlot>, usize) {
         else {
             continue;
         };
-        let elem = dtype.size() as usize;
-        let row_stride = cols + ROW_PAD_BYTES / elem;
-        let bytes = (rows * row_stride * elem).next_multiple_of(16);
+        let row_stride = row_stride(*dtype, *cols);
+        let bytes = tile_bytes(*dtype, *rows, *cols);
         let range = live.get(tile).copied().unwrap_or((0, 0));
         let mut clashes: Vec<(usize, usize)> = placed
             .iter()
@@ -136,6 +135,18 @@ fn expr_tiles(e: &Expr, f: &mut dyn FnMut(TileId)) {
             f(*tile)
         }
     });
+}
+
+/// Elements from one row of a tile of `dtype` with `cols` columns to the next: padded by
+/// [`ROW_PAD_BYTES`].
+fn row_stride(dtype: DType, cols: usize) -> usize {
+    cols + ROW_PAD_BYTES / dtype.size() as usize
+}
+
+/// Shared-memory bytes of a `rows x cols` tile of `dtype` (padded rows, 16-byte multiple):
+/// what [`layout`] gives it, for a lowering that checks what fits before it declares tiles.
+pub fn tile_bytes(dtype: DType, rows: usize, cols: usize) -> usize {
+    (rows * row_stride(dtype, cols) * dtype.size() as usize).next_multiple_of(16)
 }
 
 /// Shared-memory bytes a tiled kernel's block needs (0 for other kernels).

@@ -66,9 +66,10 @@ pub struct LowerOptions {
     /// ([`bf16`] says which values stay f32: parameters, states, gradients, the loss).
     pub bf16_activations: bool,
     /// The SSD forward's output as one tiled kernel (tensor-core tile products on bf16
-    /// operands in shared memory, [`ir::tile`]) where the sizes allow: what the GPU runs with
-    /// bf16 activations ([`LowerOptions::on_gpu`]). The CPU runs tile products as scalar
-    /// loops, slower than its GEMMs, so it keeps the products.
+    /// operands in shared memory, [`ir::tile`]), and the gradient's masked decay matrix with
+    /// the sums of `dM ⊙ M` as another, where the sizes allow: what the GPU runs with bf16
+    /// activations ([`LowerOptions::on_gpu`]). The CPU runs tile products as scalar loops,
+    /// slower than its GEMMs, so it keeps the products.
     pub ssd_tiles: bool,
 }
 
@@ -82,9 +83,9 @@ impl LowerOptions {
         }
     }
 
-    /// What the GPU runs: these options with the tiled SSD forward (`ssd_tiles`) where
-    /// activations are bf16 (its tile products take bf16 operands; f32 activations keep
-    /// f32 or TF32 products).
+    /// What the GPU runs: these options with the tiled SSD kernels (`ssd_tiles`) where
+    /// activations are bf16 (the forward's tile products take bf16 operands; f32
+    /// activations keep f32 or TF32 products).
     pub fn on_gpu(&self) -> LowerOptions {
         LowerOptions {
             ssd_tiles: self.ssd_tiles || self.bf16_activations,
@@ -110,7 +111,8 @@ pub use ssd_matmul::MAX_SSD_MATMUL_CHUNK;
 
 /// Chunks whose values a carry across chunks ([`carry`]) loads before it updates them. The
 /// carries are bound by loads in flight: the SSD's at H = 80, L = 65536 took 3.2 ms with 8
-/// and 2.0 ms with 16 on the H200.
+/// and 2.0 ms with 16 on the H200 (the Mamba-1 and `ssd_scans` carries use it too; they
+/// were not timed with it).
 const CARRY_BATCH: i64 = 16;
 
 /// Steps per checkpoint of the Mamba-1 scan gradient. Its scratch is a state, a state

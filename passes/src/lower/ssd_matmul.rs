@@ -23,11 +23,12 @@
 //! one strided-batched GEMM over `B·ceil(L/Q)·(H or G)` matrices.
 //!
 //! The gradient ([`Lowering::ssd_matmul_grad`]) recomputes `CB`, `S_own` and `S_in` the
-//! same way and derives everything else from ten more products; its derivation is at
-//! the function.
+//! same way and derives everything else from ten more products (nine with the tiled
+//! kernel, [`super::LowerOptions::ssd_tiles`]); its derivation is at the function.
 
 use super::{Chunks, KB, LowerError, Lowering, carry};
-use ir::kernel::{Expr, IExpr, Stmt, VarId};
+use ir::DType::{self, BF16, F32};
+use ir::kernel::{Expr, IExpr, Stmt, TileId, VarId};
 use ir::schedule::{BufId, BufKind, Product, Step};
 use ir::{BinaryOp, Dim, NodeId, Shape, UnaryOp, Value};
 
@@ -39,9 +40,52 @@ use BinaryOp::{Add, Mul, Sub};
 /// `[Q, Q]` matrices.
 pub const MAX_SSD_MATMUL_CHUNK: u64 = 128;
 
-/// Shared memory the tiled forward may use per block: two blocks fit an H100/H200 SM
-/// (228 KB); at `Q = 128`, `P = 64` it takes 90 KB.
-const MAX_TILE_BYTES: i64 = 112 * 1024;
+/// Shared memory a tiled kernel may use per block: two blocks fit an H100/H200 SM (228 KB);
+/// at `Q = 128`, `P = 64` the forward takes 90 KB, the gradient 70 KB.
+const MAX_TILE_BYTES: usize = 112 * 1024;
+
+/// A tile a kernel declares: its number (`TileId`), dtype, rows and columns.
+type TileDecl = (u32, DType, usize, usize);
+
+/// Whether `tiles` fit [`MAX_TILE_BYTES`] even where none share bytes.
+fn fits(tiles: &[TileDecl]) -> bool {
+    let bytes: usize = tiles
+        .iter()
+        .map(|&(_, dtype, rows, cols)| ir::tile::tile_bytes(dtype, rows, cols))
+        .sum();
+    bytes <= MAX_TILE_BYTES
+}
+
+/// Declares `tiles` at the top of the kernel being built.
+fn declare_tiles(kb: &mut KB, tiles: &[TileDecl]) {
+    for &(id, dtype, rows, cols) in tiles {
+        kb.body.push(Stmt::Tile {
+            tile: TileId(id),
+            dtype,
+            rows,
+            cols,
+        });
+    }
+}
+
+/// Stores `value` into element `[row, col]` of `tile`.
+fn tile_set(tile: TileId, row: &IExpr, col: &IExpr, value: Expr) -> Stmt {
+    Stmt::TileSet {
+        tile,
+        row: row.clone(),
+        col: col.clone(),
+        value,
+    }
+}
+
+/// Element `[row, col]` of `tile`.
+fn tile_ld(tile: TileId, row: &IExpr, col: &IExpr) -> Expr {
+    Expr::TileLoad {
+        tile,
+        row: row.clone(),
+        col: col.clone(),
+    }
+}
 
 /// An internal inconsistency of this lowering.
 fn internal(node: NodeId, what: &str) -> LowerError {
@@ -102,16 +146,31 @@ impl Ssd {
     /// shared memory.
     fn tiles_fit(&self) -> bool {
         let (q, p) = (self.q, self.pw);
-        let bytes = q * (q + 8) * 2 + p * (q + 8) * 2 + q * (p + 4) * 4 + q * 5 * 4;
-        q % 16 == 0 && p % 8 == 0 && bytes <= MAX_TILE_BYTES
+        q % 16 == 0 && p % 8 == 0 && fits(&self.forward_tiles())
+    }
+
+    /// The forward's tiles: `M` (bf16 `[Q, Q]`), `Xᵀ` (bf16 `[P, Q]`), `Y` (f32 `[Q, P]`) and
+    /// `exp(a)` (f32 `[Q, 1]`).
+    fn forward_tiles(&self) -> [TileDecl; 4] {
+        let (q, p) = (self.q as usize, self.pw as usize);
+        [
+            (0, BF16, q, q),
+            (1, BF16, p, q),
+            (2, F32, q, p),
+            (3, F32, q, 1),
+        ]
     }
 
     /// Whether the gradient's tiled kernel ([`Lowering::ssd_grad_mask_tiled`]) can run this
-    /// op: its f32 `[Q, Q]` tile and a column of `dt` must fit, and its triangles fold
-    /// ([`tri_fold`]) for even `Q`.
+    /// op: its tiles must fit, and its triangles fold ([`tri_fold`]) for even `Q`.
     fn grad_tiles_fit(&self) -> bool {
-        let q = self.q;
-        q % 2 == 0 && q * (q + 4) * 4 + q * 5 * 4 <= MAX_TILE_BYTES
+        self.q % 2 == 0 && fits(&self.grad_tiles())
+    }
+
+    /// The gradient's tiles: `T'` (f32 `[Q, Q]`) and `dt` (f32 `[Q, 1]`).
+    fn grad_tiles(&self) -> [TileDecl; 2] {
+        let q = self.q as usize;
+        [(0, F32, q, q), (1, F32, q, 1)]
     }
 
     fn shape(&self, dims: &[&Dim]) -> Shape {
@@ -233,7 +292,7 @@ fn grid(i: usize) -> IExpr {
 /// `CB_ij exp(a_i - a_j) [j <= i]`, times `dt_j` when `with_dt`. Without branches:
 /// `exp(min(a_i - a_j, 0))` is finite everywhere and exact below the diagonal, and the exact
 /// 0/1 indicator `(i - j + Q) / Q` masks the rest. With `lower` the caller promises
-/// `j <= i` (see [`tri_fold`]), and neither is needed.
+/// `j <= i` (see [`tri_fold`]), and the indicator is left out.
 fn mask_value(
     kb: &mut KB,
     s: &Ssd,
@@ -248,10 +307,10 @@ fn mask_value(
     let cbv = ld(kb, pr.cb, &at, &sqg);
     let ai = ld(kb, pr.acs, &step(i), &ps);
     let aj = ld(kb, pr.acs, &step(j), &ps);
+    let decay = exp(Expr::bin(BinaryOp::Min, sub(ai, aj), Expr::Const(0.0)));
     let v = if lower {
-        mul(cbv, exp(sub(ai, aj)))
+        mul(cbv, decay)
     } else {
-        let decay = exp(Expr::bin(BinaryOp::Min, sub(ai, aj), Expr::Const(0.0)));
         let below = i
             .clone()
             .sub(j.clone())
@@ -273,7 +332,8 @@ struct Prep {
     dtc: BufId,
     acs: BufId,
     /// `x` as rows (`[B, nc, H, Q, P]`; not for the tiled forward, which reads `x`) and
-    /// `w ⊙ x` as group rows (`[B, nc, G, Q, hpg·P]`); for the gradient, `dt ⊙ x` as rows.
+    /// `w ⊙ x` as group rows (`[B, nc, G, Q, hpg·P]`); for the gradient without tiles,
+    /// `dt ⊙ x` as rows.
     xc: Option<BufId>,
     xs: BufId,
     xdt: Option<BufId>,
@@ -283,10 +343,8 @@ struct Prep {
     /// `C Bᵀ` per group and the state entering each chunk (`[B, nc, H, P, N]`).
     cb: BufId,
     sin: BufId,
-    /// Each chunk's decay `exp(a_last)` (`[B, nc, H]`).
-    decay: BufId,
     /// `exp(a_i)` and `exp(a_last - a_i)` per step (`[B, nc, H, Q]`): computed once, not
-    /// per element of the kernels that scale by them.
+    /// per element of the kernels that scale by them. `exp(a_last)` is each chunk's decay.
     ea: BufId,
     el: BufId,
 }
@@ -489,27 +547,12 @@ impl Lowering<'_> {
             (true, false),
         );
 
-        // Each chunk's decay once, not in the carry per state element (where its exp was
-        // half the instructions); then the states entering each chunk, in order from s0.
-        let pc = s.per_chunk();
-        let decay = self.scratch(node, pc.clone());
-        let mut kb = KB::new(self, &format!("{name}_chunk_decay"));
-        let (b, c, h) = (grid(0), grid(1), grid(2));
-        let last = ld(
-            &mut kb,
-            acs,
-            &[b.clone(), c.clone(), h.clone(), IExpr::c(s.q - 1)],
-            &ps,
-        );
-        let store = st(&mut kb, decay, &[b, c, h], &pc, exp(last));
-        kb.body.push(store);
-        let grid_c = vec![kb.l.dim(&s.b), ch.count.clone(), kb.l.dim(&s.h)];
-        kb.finish(grid_c, node);
+        // The states entering each chunk, in order from s0.
         self.ssd_carry(
             node,
             s,
             &format!("{name}_carry"),
-            (sin, decay),
+            (sin, ea),
             (s0, false),
             s1,
         )?;
@@ -523,14 +566,14 @@ impl Lowering<'_> {
             cc,
             cb,
             sin,
-            decay,
             ea,
             el,
         })
     }
 
-    /// `SsdScan` in the matrix form (module doc): seven kernels and five products (the
-    /// running sums of `dt·A` are one too).
+    /// `SsdScan` in the matrix form (module doc): eight kernels and five products (the
+    /// running sums of `dt·A` are one too), or with tiles four products and the tiled
+    /// output kernel in place of the mask, `M X` and the output kernel.
     pub(super) fn ssd_matmul(&mut self, node: NodeId, chunk: u64) -> Result<(), LowerError> {
         let s = Ssd::new(self, node, chunk)?;
         let name = format!("ssd_scan_{}", node.index());
@@ -607,24 +650,26 @@ impl Lowering<'_> {
 
     /// The carry of per-chunk states `slot` (`[B, nc, H, P, N]`, each chunk's own part) across
     /// the chunks, per (batch, head, p, n): from `init` (`[B, H, P, N]`), in order or from the
-    /// last chunk (`reverse`), with each chunk's decay `exp(a_last)`; every slot becomes the
-    /// value entering its chunk, and the value after the last one is stored in `out`.
+    /// last chunk (`reverse`), with each chunk's decay `exp(a_last)`, read from `ea` (`exp(a)`
+    /// per step: one load per chunk, where an `exp` per state element was half the carry's
+    /// instructions); every slot becomes the value entering its chunk, and the value after
+    /// the last one is stored in `out`.
     fn ssd_carry(
         &mut self,
         node: NodeId,
         s: &Ssd,
         name: &str,
-        (slot, decay): (BufId, BufId),
+        (slot, ea): (BufId, BufId),
         (init, reverse): (Value, bool),
         out: Option<BufId>,
     ) -> Result<(), LowerError> {
-        let (pc, sts) = (s.per_chunk(), s.states());
+        let (ps, sts) = (s.per_step(), s.states());
         let mut kb = KB::new(self, name);
         let (b, h, p, nn) = (grid(0), grid(1), grid(2), grid(3));
         let sidx = [b.clone(), h.clone(), p.clone(), nn.clone()];
         let init_v = kb.value(init, &sidx)?;
         let slot = kb.buf(slot, true);
-        let decay_slot = kb.buf(decay, false);
+        let ea_slot = kb.buf(ea, false);
         let at = |kb: &KB, c: &IExpr| {
             kb.l.linear(
                 &[b.clone(), c.clone(), h.clone(), p.clone(), nn.clone()],
@@ -632,8 +677,10 @@ impl Lowering<'_> {
             )
         };
         let decay = |kb: &KB, c: &IExpr| Expr::Load {
-            buf: decay_slot,
-            index: kb.l.linear(&[b.clone(), c.clone(), h.clone()], &pc),
+            buf: ea_slot,
+            index: kb
+                .l
+                .linear(&[b.clone(), c.clone(), h.clone(), IExpr::c(s.q - 1)], &ps),
         };
         let (stmts, v) = carry(&mut kb, init_v, (&s.ch.count, reverse), slot, &at, &decay);
         kb.body.extend(stmts);
@@ -703,8 +750,6 @@ impl Lowering<'_> {
         pr: &Prep,
         y: BufId,
     ) -> Result<(), LowerError> {
-        use ir::DType::{BF16, F32};
-        use ir::kernel::TileId;
         let x = self.g.operands(node)[0];
         let (ps, gh) = (s.per_step(), s.group_heads());
         let yo = self.ssd_c_sin(node, s, pr);
@@ -712,26 +757,9 @@ impl Lowering<'_> {
         let mut kb = KB::new(self, name);
         let (b, c, h) = (grid(0), grid(1), grid(2));
         let [tm, tx, ty, te] = [0, 1, 2, 3].map(TileId);
-        for (tile, dtype, rows, cols) in [
-            (tm, BF16, q, q),
-            (tx, BF16, pw, q),
-            (ty, F32, q, pw),
-            (te, F32, q, 1),
-        ] {
-            kb.body.push(Stmt::Tile {
-                tile,
-                dtype,
-                rows,
-                cols,
-            });
-        }
+        declare_tiles(&mut kb, &s.forward_tiles());
         let step = |k: &IExpr| [b.clone(), c.clone(), h.clone(), k.clone()];
-        let set = |tile, row: &IExpr, col: &IExpr, value| Stmt::TileSet {
-            tile,
-            row: row.clone(),
-            col: col.clone(),
-            value,
-        };
+        let set = tile_set;
 
         // M, as the mask kernel computes it.
         let (ci, cj) = (kb.counter(), kb.counter());
@@ -766,11 +794,7 @@ impl Lowering<'_> {
         // y for the chunk's steps.
         let (ci, cp) = (kb.counter(), kb.counter());
         let (i, p) = (IExpr::Loop(ci), IExpr::Loop(cp));
-        let tl = |tile, col: &IExpr| Expr::TileLoad {
-            tile,
-            row: i.clone(),
-            col: col.clone(),
-        };
+        let tl = |tile, col: &IExpr| tile_ld(tile, &i, col);
         let o = ld(
             &mut kb,
             yo,
@@ -808,10 +832,10 @@ impl Lowering<'_> {
     /// ```text
     /// M'_ij  = CB_ij exp(a_i - a_j) [j <= i]          to memory
     /// T'_ij  = dM_ij M'_ij                             f32 tile (T_ij = T'_ij dt_j)
-    /// cols_j = Σ_i T'_ij   (= x_j · D'_j)              rows_i = Σ_j T'_ij dt_j
+    /// colt_j = Σ_i T'_ij   (= x_j · D'_j)              rowt_i = Σ_j T'_ij dt_j
     /// ```
     ///
-    /// Both sums add the same f32 elements, so their difference is as exact as the
+    /// Both sums come from the same f32 tile, so their difference is as exact as its
     /// elements; the matrix form gets them from two f32 products instead.
     fn ssd_grad_mask_tiled(
         &mut self,
@@ -820,35 +844,16 @@ impl Lowering<'_> {
         name: &str,
         pr: &Prep,
         (dmm, mp): (BufId, BufId),
-        (cols, rows): (BufId, BufId),
+        (colt, rowt): (BufId, BufId),
     ) -> Result<(), LowerError> {
-        use ir::DType::F32;
-        use ir::kernel::TileId;
         let (ps, sqh) = (s.per_step(), s.square(&s.h));
         let q = s.q as usize;
         let mut kb = KB::new(self, name);
         let (b, c, h) = (grid(0), grid(1), grid(2));
-        let (tt, td) = (TileId(0), TileId(1));
-        for (tile, cols) in [(tt, q), (td, 1)] {
-            kb.body.push(Stmt::Tile {
-                tile,
-                dtype: F32,
-                rows: q,
-                cols,
-            });
-        }
+        let [tt, td] = [0, 1].map(TileId);
+        declare_tiles(&mut kb, &s.grad_tiles());
         let step = |k: &IExpr| [b.clone(), c.clone(), h.clone(), k.clone()];
-        let tl = |tile, row: &IExpr, col: &IExpr| Expr::TileLoad {
-            tile,
-            row: row.clone(),
-            col: col.clone(),
-        };
-        let set = |tile, row: &IExpr, col: &IExpr, value| Stmt::TileSet {
-            tile,
-            row: row.clone(),
-            col: col.clone(),
-            value,
-        };
+        let (tl, set) = (tile_ld, tile_set);
 
         // dt per step; M' to memory and T' to the tile below the diagonal (the loads and
         // exponentials, folded so that no iteration idles: [`tri_fold`]), zeros of M' above.
@@ -875,7 +880,7 @@ impl Lowering<'_> {
         kb.body.push(each(&[cr, ct], &[q / 2, q - 1], vec![store]));
 
         // The sums over the triangle, a row (column) per iteration.
-        for (out, by_row) in [(rows, true), (cols, false)] {
+        for (out, by_row) in [(rowt, true), (colt, false)] {
             let ck = kb.counter();
             let k = IExpr::Loop(ck);
             let (sum, decl) = var(&mut kb, Expr::Const(0.0));
@@ -960,11 +965,14 @@ impl Lowering<'_> {
     /// dA    = Σ dt_j Σ_{i>=j} da_i
     /// ```
     ///
-    /// The row and column sums of `T` come from products too: with `M = M' diag(dt)`,
-    /// `Σ_k T_jk = dy_j · Y_diag,j` (`Y_diag = M'(dt ⊙ X)`) and `Σ_i T_ij = dt_j x_j · D'_j`
-    /// (`D' = M'ᵀ dY`, and `(Mᵀ dY)_j = dt_j D'_j`), whose `x_j · D'_j` is also `ddt`'s first
-    /// term. Ten products and ten kernels after the prep's five kernels and three products;
-    /// sums over heads, steps and chunks run in kernels in a fixed order.
+    /// Without tiles the row and column sums of `T` come from products too: with
+    /// `M = M' diag(dt)`, `Σ_k T_jk = dy_j · Y_diag,j` (`Y_diag = M'(dt ⊙ X)`) and
+    /// `Σ_i T_ij = dt_j x_j · D'_j` (`D' = M'ᵀ dY`, and `(Mᵀ dY)_j = dt_j D'_j`), whose
+    /// `x_j · D'_j` is also `ddt`'s first term; both products are exact (f32), since `da`
+    /// takes the difference of sums that nearly cancel. With tiles
+    /// ([`Self::ssd_grad_mask_tiled`]) the sums come from `T` itself and `D'` is an ordinary
+    /// product. Ten products (nine) and ten kernels after the prep's six kernels and three
+    /// products; sums over heads, steps and chunks run in kernels in a fixed order.
     pub(super) fn ssd_matmul_grad(&mut self, node: NodeId, chunk: u64) -> Result<(), LowerError> {
         let s = Ssd::new(self, node, chunk)?;
         let g = self.g;
@@ -1034,7 +1042,7 @@ impl Lowering<'_> {
             node,
             &s,
             &format!("{name}_carry_back"),
-            (dst, pr.decay),
+            (dst, pr.ea),
             (ds1, true),
             carry_out,
         )?;
@@ -1050,15 +1058,16 @@ impl Lowering<'_> {
         );
         let dxd = self.scratch(node, hr.clone());
         let sq = (&s.qd, &s.qd, &s.p);
-        // M' = M without its dt_j column factor: D' = M'ᵀ dY. The row and column sums of T
-        // come from a tiled kernel that forms T itself, or from two more products.
-        let sums = if tiled {
+        // M' = M without its dt_j column factor: D' = M'ᵀ dY. The column and row sums of T
+        // (`colt_j = Σ_i dM_ij M'_ij`, `rowt_i = Σ_j T_ij`) come from a tiled kernel that
+        // forms T itself, or from the dots kernel below and one more product, Y_diag.
+        let [colt, rowt] = [0; 2].map(|_| self.scratch(node, ps.clone()));
+        let ydg = if tiled {
             let mp = self.scratch(node, sqh.clone());
-            let [cols, rows] = [0; 2].map(|_| self.scratch(node, ps.clone()));
-            let mask = format!("{name}_mask");
-            self.ssd_grad_mask_tiled(node, &s, &mask, &pr, (dmm, mp), (cols, rows))?;
+            let mask = format!("{name}_mask_tiled");
+            self.ssd_grad_mask_tiled(node, &s, &mask, &pr, (dmm, mp), (colt, rowt))?;
             self.gemm(node, (mp, dyc, dxd), s.batch(&s.h), sq, (true, false));
-            Ok((cols, rows))
+            None
         } else {
             // M' transposed; both products feed row and column sums of T whose difference
             // (in da) cancels: exact.
@@ -1082,7 +1091,7 @@ impl Lowering<'_> {
                 (true, false),
                 true,
             );
-            Err(ydg)
+            Some(ydg)
         };
         let dxsu = self.scratch(node, gh.clone());
         self.gemm(
@@ -1231,23 +1240,20 @@ impl Lowering<'_> {
         kb.finish(grid_x, node);
 
         // Per (batch, chunk, head, j): u_j = x_j · (dS_out B_j), dy_j · (C_j S_inᵀ), and
-        // unless the tiled kernel summed them, Σ_i dM_ij M'_ij = x_j · D'_j (so
-        // Σ_i T_ij = dt_j x_j · D'_j) and Σ_k T_jk = dy_j · Y_diag,j.
+        // unless the tiled kernel summed them, colt_j = x_j · D'_j (so
+        // Σ_i T_ij = dt_j x_j · D'_j) and rowt_j = dy_j · Y_diag,j.
         let [u, yod] = [0; 2].map(|_| self.scratch(node, ps.clone()));
-        let (ddt1, rowt) = match sums {
-            Ok(sums) => sums,
-            Err(_) => (
-                self.scratch(node, ps.clone()),
-                self.scratch(node, ps.clone()),
-            ),
-        };
         let mut kb = KB::new(self, &format!("{name}_dots"));
         let (b, c, h, j) = (grid(0), grid(1), grid(2), grid(3));
         let (uv, d1) = var(&mut kb, Expr::Const(0.0));
         let (yv, d2) = var(&mut kb, Expr::Const(0.0));
-        let (cv, d3) = var(&mut kb, Expr::Const(0.0));
-        let (rv, d4) = var(&mut kb, Expr::Const(0.0));
-        kb.body.extend([d1, d2, d3, d4]);
+        kb.body.extend([d1, d2]);
+        let sums = ydg.map(|ydg| {
+            let (cv, d3) = var(&mut kb, Expr::Const(0.0));
+            let (rv, d4) = var(&mut kb, Expr::Const(0.0));
+            kb.body.extend([d3, d4]);
+            (ydg, cv, rv)
+        });
         let dots = for_(&mut kb, IExpr::c(s.pw), |kb, p| {
             let rows = [b.clone(), c.clone(), h.clone(), j.clone(), p.clone()];
             let grow = [
@@ -1276,7 +1282,7 @@ impl Lowering<'_> {
                     value: add(Expr::Var(yv), mul(dv.clone(), ov)),
                 },
             ];
-            if let Err(ydg) = sums {
+            if let Some((ydg, cv, rv)) = sums {
                 let dd = ld(kb, dxd, &rows, &hr);
                 let yd = ld(kb, ydg, &rows, &hr);
                 body.extend([
@@ -1295,8 +1301,8 @@ impl Lowering<'_> {
         kb.body.push(dots);
         let at = [b, c, h, j];
         let mut results = vec![(u, uv), (yod, yv)];
-        if sums.is_err() {
-            results.extend([(ddt1, cv), (rowt, rv)]);
+        if let Some((_, cv, rv)) = sums {
+            results.extend([(colt, cv), (rowt, rv)]);
         }
         for (buf, v) in results {
             let store = st(&mut kb, buf, &at, &ps, Expr::Var(v));
@@ -1342,12 +1348,11 @@ impl Lowering<'_> {
         let step = |kb: &mut KB, buf: BufId, i: &IExpr| {
             ld(kb, buf, &[b.clone(), c.clone(), h.clone(), i.clone()], &ps)
         };
-        let al = step(&mut kb, pr.acs, &IExpr::c(s.q - 1));
-        let (alv, d1) = var(&mut kb, al);
+        let decay = step(&mut kb, pr.ea, &IExpr::c(s.q - 1));
         let dlv = ld(&mut kb, dl, &at, &pc);
-        let (rv, d2) = var(&mut kb, mul(exp(Expr::Var(alv)), dlv));
+        let (rv, d2) = var(&mut kb, mul(decay, dlv));
         let (dav, d3) = var(&mut kb, Expr::Const(0.0));
-        kb.body.extend([d1, d2, d3]);
+        kb.body.extend([d2, d3]);
         let ext = for_(&mut kb, qc.clone(), |kb, j| {
             let w = ssd_weight(kb, &s, &pr, &at, &j);
             let uj = step(kb, u, &j);
@@ -1363,7 +1368,7 @@ impl Lowering<'_> {
             let (ei, dti) = (step(kb, pr.ea, &i), step(kb, pr.dtc, &i));
             let (eiv, d1) = var(kb, ei);
             let (dtv, d2) = var(kb, dti);
-            let (d1e, ue) = (step(kb, ddt1, &i), step(kb, u, &i));
+            let (d1e, ue) = (step(kb, colt, &i), step(kb, u, &i));
             let (d1v, d3) = var(kb, d1e);
             let (uv, d4) = var(kb, ue);
             let le = step(kb, pr.el, &i);
