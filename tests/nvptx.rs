@@ -145,6 +145,34 @@ fn mamba2_tiled_ssd_forward_assembles() {
     }
 }
 
+/// The training graph with bf16 activations on the GPU: the gradient's tiled kernel per
+/// layer (`M'` and the sums of `dM ⊙ M` in an f32 tile) beside the forward's; ptxas takes
+/// both for both targets.
+#[test]
+fn tiled_ssd_gradient_assembles() {
+    let graph = common::compile_name("tiny-mamba2").graph;
+    let tg = passes::training_graph(&graph, "logits", -100).expect("training graph");
+    let opts = LowerOptions {
+        bf16_activations: true,
+        ..LowerOptions::default()
+    }
+    .on_gpu();
+    let l = passes::lower(&tg.graph, &opts).expect("lowers");
+    let tiled: Vec<&str> = l
+        .kernels
+        .iter()
+        .filter(|k| ir::tile::is_tiled(k))
+        .map(|k| k.name.as_str())
+        .collect();
+    let grads = tiled.iter().filter(|n| n.ends_with("_mask_tiled")).count();
+    assert!(grads > 0, "no tiled gradient kernel among {tiled:?}");
+    for target in [Target::Sm90, Target::Sm80] {
+        let what = format!("tiny-mamba2 bf16 training {}", target.arch());
+        let ptx = compile_graph_with(&what, &tg.graph, target, &opts);
+        assemble(&what, &ptx);
+    }
+}
+
 #[test]
 fn sm_80_fallback_assembles() {
     let graph = common::compile_name("tiny-mamba2").graph;
