@@ -447,19 +447,9 @@ proptest! {
     #[test]
     fn ssd_scan_grouped(b in 1usize..3, l in sizes(), heads_per_group in 1usize..3, groups in 1usize..3,
                         p in prop::sample::select(vec![1usize, 3, 8]), n in prop::sample::select(vec![1usize, 5, 16]), seed in any::<u64>()) {
-        let h = heads_per_group * groups;
         let mut g = G::new();
-        let (bd, ld) = (Dim::sym("B"), Dim::sym("L"));
-        let x = g.input("x", &[bd.clone(), ld.clone(), k(h), k(p)]);
-        let dt_raw = g.input("dt", &[bd.clone(), ld.clone(), k(h)]);
-        let dt = g.un(UnaryOp::Softplus, dt_raw);
-        let a_log = g.param("A_log", &[k(h)]);
-        let ea = g.un(UnaryOp::Exp, a_log);
-        let a = g.un(UnaryOp::Neg, ea);
-        let bm = g.input("Bm", &[bd.clone(), ld.clone(), k(groups), k(n)]);
-        let cm = g.input("Cm", &[bd.clone(), ld.clone(), k(groups), k(n)]);
-        let s0 = g.state("s0", &[bd.clone(), k(h), k(p), k(n)]);
-        let s = g.g.add(Op::SsdScan { chunk: 4 }, &[x, dt, a, bm, cm, s0], Span::default(), None).unwrap();
+        let ops = ssd_operands(&mut g, heads_per_group * groups, groups, (p, n));
+        let s = g.g.add(Op::SsdScan { chunk: 4 }, &ops, Span::default(), None).unwrap();
         g.g.add_output("y", Value::new(s, 0));
         g.g.add_output("s1", Value::new(s, 1));
         compare(&g.g, &[("B", b as i64), ("L", l as i64)], seed, REDUCTION, &[]);
@@ -567,13 +557,11 @@ proptest! {
     }
 }
 
-/// `ssd_scan_grad` of `h` heads in `groups` groups, head width `p`, state size `n`, chunk
-/// `chunk`, over inputs (`dt` through softplus, `A = -exp(A_log)`): every cotangent an output.
-fn ssd_grad_graph(h: usize, groups: usize, (p, n): (usize, usize), chunk: u64) -> Graph {
-    let mut g = G::new();
+/// The operands of an SSD of `h` heads in `groups` groups, head width `p`, state size `n`:
+/// `x`, `dt` (through softplus), `A = -exp(A_log)`, `B`, `C` and the state `s0`.
+fn ssd_operands(g: &mut G, h: usize, groups: usize, (p, n): (usize, usize)) -> [Value; 6] {
     let (bd, ld) = (Dim::sym("B"), Dim::sym("L"));
-    let xsh = [bd.clone(), ld.clone(), k(h), k(p)];
-    let x = g.input("x", &xsh);
+    let x = g.input("x", &[bd.clone(), ld.clone(), k(h), k(p)]);
     let dt_raw = g.input("dt", &[bd.clone(), ld.clone(), k(h)]);
     let dt = g.un(UnaryOp::Softplus, dt_raw);
     let a_log = g.param("A_log", &[k(h)]);
@@ -581,17 +569,21 @@ fn ssd_grad_graph(h: usize, groups: usize, (p, n): (usize, usize), chunk: u64) -
     let a = g.un(UnaryOp::Neg, ea);
     let bm = g.input("Bm", &[bd.clone(), ld.clone(), k(groups), k(n)]);
     let cm = g.input("Cm", &[bd.clone(), ld.clone(), k(groups), k(n)]);
-    let s0 = g.state("s0", &[bd.clone(), k(h), k(p), k(n)]);
-    let dy = g.input("dy", &xsh);
-    let ds1 = g.input("ds1", &[bd.clone(), k(h), k(p), k(n)]);
+    let s0 = g.state("s0", &[bd, k(h), k(p), k(n)]);
+    [x, dt, a, bm, cm, s0]
+}
+
+/// `ssd_scan_grad` of `h` heads in `groups` groups, head width `p`, state size `n`, chunk
+/// `chunk`, over [`ssd_operands`] and cotangent inputs: every cotangent an output.
+fn ssd_grad_graph(h: usize, groups: usize, (p, n): (usize, usize), chunk: u64) -> Graph {
+    let mut g = G::new();
+    let mut ops = ssd_operands(&mut g, h, groups, (p, n)).to_vec();
+    let (bd, ld) = (Dim::sym("B"), Dim::sym("L"));
+    ops.push(g.input("dy", &[bd.clone(), ld, k(h), k(p)]));
+    ops.push(g.input("ds1", &[bd, k(h), k(p), k(n)]));
     let sg =
-        g.g.add(
-            Op::SsdScanGrad { chunk },
-            &[x, dt, a, bm, cm, s0, dy, ds1],
-            Span::default(),
-            None,
-        )
-        .unwrap();
+        g.g.add(Op::SsdScanGrad { chunk }, &ops, Span::default(), None)
+            .unwrap();
     for (r, name) in ["dx", "ddt", "dA", "dB", "dC", "ds0"].iter().enumerate() {
         g.g.add_output(*name, Value::new(sg, r as u16));
     }

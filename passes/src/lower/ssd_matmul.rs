@@ -759,14 +759,13 @@ impl Lowering<'_> {
         let [tm, tx, ty, te] = [0, 1, 2, 3].map(TileId);
         declare_tiles(&mut kb, &s.forward_tiles());
         let step = |k: &IExpr| [b.clone(), c.clone(), h.clone(), k.clone()];
-        let set = tile_set;
 
         // M, as the mask kernel computes it.
         let (ci, cj) = (kb.counter(), kb.counter());
         let (i, j) = (IExpr::Loop(ci), IExpr::Loop(cj));
         let m = mask_value(&mut kb, s, pr, [&b, &c, &h], (&i, &j), (true, false));
         kb.body
-            .push(each(&[ci, cj], &[q, q], vec![set(tm, &i, &j, m)]));
+            .push(each(&[ci, cj], &[q, q], vec![tile_set(tm, &i, &j, m)]));
 
         // Xᵀ, a step's row of x per `p` (consecutive threads read consecutive `p`), and
         // exp(a_i) per step.
@@ -777,13 +776,13 @@ impl Lowering<'_> {
         kb.body.push(each(
             &[cj, cp],
             &[q, pw],
-            vec![set(tx, &p, &j, mul(xv, ok))],
+            vec![tile_set(tx, &p, &j, mul(xv, ok))],
         ));
         let ci = kb.counter();
         let i = IExpr::Loop(ci);
         let ea = ld(&mut kb, pr.ea, &step(&i), &ps);
         kb.body
-            .push(each(&[ci], &[q], vec![set(te, &i, &IExpr::c(0), ea)]));
+            .push(each(&[ci], &[q], vec![tile_set(te, &i, &IExpr::c(0), ea)]));
         kb.body.push(Stmt::Mma {
             acc: ty,
             a: tm,
@@ -853,7 +852,6 @@ impl Lowering<'_> {
         let [tt, td] = [0, 1].map(TileId);
         declare_tiles(&mut kb, &s.grad_tiles());
         let step = |k: &IExpr| [b.clone(), c.clone(), h.clone(), k.clone()];
-        let (tl, set) = (tile_ld, tile_set);
 
         // dt per step; M' to memory and T' to the tile below the diagonal (the loads and
         // exponentials, folded so that no iteration idles: [`tri_fold`]), zeros of M' above.
@@ -862,7 +860,7 @@ impl Lowering<'_> {
         let dtj = ld(&mut kb, pr.dtc, &step(&j), &ps);
         let zero = IExpr::c(0);
         kb.body
-            .push(each(&[cj], &[q], vec![set(td, &j, &zero, dtj)]));
+            .push(each(&[cj], &[q], vec![tile_set(td, &j, &zero, dtj)]));
         let (cr, ct) = (kb.counter(), kb.counter());
         let (i, j) = tri_fold(s.q, &IExpr::Loop(cr), &IExpr::Loop(ct), false);
         let m = mask_value(&mut kb, s, pr, [&b, &c, &h], (&i, &j), (false, true));
@@ -870,7 +868,7 @@ impl Lowering<'_> {
         let at = [b.clone(), c.clone(), h.clone(), i.clone(), j.clone()];
         let dm = ld(&mut kb, dmm, &at, &sqh);
         let store = st(&mut kb, mp, &at, &sqh, Expr::Var(mv));
-        let t = set(tt, &i, &j, mul(dm, Expr::Var(mv)));
+        let t = tile_set(tt, &i, &j, mul(dm, Expr::Var(mv)));
         kb.body
             .push(each(&[cr, ct], &[q / 2, q + 1], vec![decl, store, t]));
         let (cr, ct) = (kb.counter(), kb.counter());
@@ -892,9 +890,9 @@ impl Lowering<'_> {
             };
             let lp = for_(&mut kb, len, |_, l| {
                 let term = if by_row {
-                    mul(tl(tt, &k, &l), tl(td, &l, &zero))
+                    mul(tile_ld(tt, &k, &l), tile_ld(td, &l, &zero))
                 } else {
-                    tl(tt, &l.clone().add(k.clone()), &k)
+                    tile_ld(tt, &l.clone().add(k.clone()), &k)
                 };
                 vec![Stmt::Set {
                     var: sum,
