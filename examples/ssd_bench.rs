@@ -151,6 +151,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             let lower = LowerOptions {
                 bf16_activations: bf16,
                 ssd_tiles: tiles,
+                tiled_carries: tiles,
                 ..LowerOptions::default()
             };
             let gpu = GpuGraph::compile_exactly(&g, &lower, codegen::nvptx::Target::Sm90, 0)?;

@@ -363,7 +363,8 @@ fn the_schedule_rebuilt_from_the_manifest_matches_the_compilers() {
         } else {
             g
         };
-        let want = passes::lower(&g, &passes::LowerOptions::default()).unwrap();
+        let opts = passes::LowerOptions::default().on_gpu();
+        let want = passes::lower(&g, &opts).unwrap();
         let bind = |s: &str| match s {
             "B" => Some(2),
             "L" => Some(16),
@@ -395,9 +396,18 @@ fn the_schedule_rebuilt_from_the_manifest_matches_the_compilers() {
                         .product();
                     let tpp = i64::from(ir::lanes::threads_per_point(k));
                     let per = i64::from(ir::lanes::points_per_thread(k));
+                    // A tiled kernel stays one (a block per point); others are flat grids
+                    // of the threads to launch.
+                    let tiled = ir::tile::is_tiled(k);
+                    assert_eq!(ir::tile::is_tiled(&l.kernels[*kernel]), tiled);
+                    let launch = if tiled {
+                        points
+                    } else {
+                        (points + per - 1) / per * tpp
+                    };
                     assert_eq!(
                         l.kernels[*kernel].grid,
-                        vec![ir::kernel::IExpr::Const((points + per - 1) / per * tpp)]
+                        vec![ir::kernel::IExpr::Const(launch)]
                     );
                     assert_eq!(l.kernels[*kernel].name, a.manifest.kernels[*wk].entry);
                     assert_eq!(l.kernels[*kernel].bufs, k.bufs);

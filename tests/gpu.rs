@@ -520,7 +520,7 @@ fn ssd_matmul_form_matches_the_cpu() {
 /// The tiled SSD (`LowerOptions::ssd_tiles`: the forward's `mma.sync` on bf16 tiles in
 /// shared memory, the gradient's f32 tile of `T = dM ⊙ M` and its row and column sums)
 /// against the CPU running the same tiled kernels as loops: the same bf16 operands, sums in
-/// another order. Grouped heads, partial last chunks, mamba2-2.7b's head and state sizes.
+/// another order; the GPU's carries across chunks are tiled kernels, the CPU's not. Grouped heads, partial last chunks, mamba2-2.7b's head and state sizes.
 /// Normwise within 1e-3: an operand whose f32 value differs in its last bit (the running
 /// sums of `dt·A` are products, summed in another order) may round to the neighbouring
 /// bf16, which moves a few outputs by one bf16 step of one term (the bf16 rounding itself is
@@ -537,8 +537,17 @@ fn tiled_ssd_matches_the_cpu() {
         let Some(dev) = gpu_with(&what, &g, &tiled) else {
             return;
         };
-        let tiles = dev.lowered.kernels.iter().filter(|k| ir::tile::is_tiled(k));
-        assert_eq!(tiles.count(), 2, "{what}: the forward's and the gradient's");
+        let tiled_named = |carry: bool| {
+            let tiled = dev.lowered.kernels.iter().filter(|k| ir::tile::is_tiled(k));
+            tiled.filter(|k| k.name.contains("_carry") == carry).count()
+        };
+        assert_eq!(
+            tiled_named(false),
+            2,
+            "{what}: the forward's and the gradient's"
+        );
+        // The GPU's carries are tiled too (`on_gpu`); the CPU's walk the chunks.
+        assert_eq!(tiled_named(true), 3, "{what}: the carries");
         let c = case(&g, &g, b as usize, l, 1, 31);
         for (out, cpu, gpu) in &both_with(&what, &dev, &g, &c, &tiled) {
             let r = assert_normwise(&format!("{what} {out}"), gpu, cpu, 1e-3);

@@ -617,6 +617,52 @@ fn tiled_ssd_gradient_matches_the_interpreter() {
     }
 }
 
+/// The SSD's carries as tiled kernels (`LowerOptions::tiled_carries`: a block per up to 256
+/// state elements, rounds of 32 chunks in shared memory) against the interpreter: the
+/// forward (its final state) and the gradient (its carries in both directions), with
+/// partial rounds, blocks of 32 to 256 elements and several blocks per head; a `P·N` that
+/// is no multiple of 32 keeps the per-element carry.
+#[test]
+fn tiled_carries_match_the_interpreter() {
+    let opts = LowerOptions {
+        tiled_carries: true,
+        ..LowerOptions::default()
+    };
+    let tiled_carries = |g: &Graph| {
+        let cpu = CpuGraph::compile(g, &opts).expect("compiles");
+        cpu.lowered
+            .kernels
+            .iter()
+            .filter(|k| k.name.contains("_carry") && ir::tile::is_tiled(k))
+            .count()
+    };
+    for (h, groups, p, n, chunk, l) in [
+        (2, 1, 8, 4, 2, 75),
+        (3, 3, 4, 16, 4, 45),
+        (2, 1, 16, 32, 2, 129),
+        (2, 1, 3, 4, 2, 9),
+    ] {
+        let mut g = G::new();
+        let ops = ssd_operands(&mut g, h, groups, (p, n));
+        let s =
+            g.g.add(Op::SsdScan { chunk }, &ops, Span::default(), None)
+                .unwrap();
+        g.g.add_output("y", Value::new(s, 0));
+        g.g.add_output("s1", Value::new(s, 1));
+        let fits = (p * n) % 32 == 0;
+        assert_eq!(tiled_carries(&g.g), usize::from(fits), "forward {p} x {n}");
+        compare_lowered(&g.g, &[("B", 2), ("L", l)], 7, REDUCTION, &[], 1, &opts);
+
+        let g = ssd_grad_graph(h, groups, (p, n), chunk);
+        assert_eq!(
+            tiled_carries(&g),
+            2 * usize::from(fits),
+            "gradient {p} x {n}"
+        );
+        compare_lowered(&g, &[("B", 2), ("L", l)], 5, REDUCTION, &[], 1, &opts);
+    }
+}
+
 #[test]
 fn long_sequence_scan() {
     // A long sequence: errors of the recurrence must not grow with length.

@@ -121,8 +121,8 @@ fn mamba2_130m_compiles_to_ptx() {
 }
 
 /// With bf16 activations the GPU runs the SSD forward's output as a tiled kernel per layer
-/// (`LowerOptions::on_gpu`): tensor-core products from shared memory; ptxas takes it for
-/// both targets.
+/// (`LowerOptions::on_gpu`): tensor-core products from shared memory; its carry across
+/// chunks is tiled too (with any activations); ptxas takes them for both targets.
 #[test]
 fn mamba2_tiled_ssd_forward_assembles() {
     let graph = common::compile_name("mamba2-130m").graph;
@@ -132,8 +132,15 @@ fn mamba2_tiled_ssd_forward_assembles() {
     }
     .on_gpu();
     let l = passes::lower(&graph, &opts).expect("lowers");
-    let tiled = l.kernels.iter().filter(|k| ir::tile::is_tiled(k)).count();
-    assert_eq!(tiled, 24, "one tiled SSD kernel per layer");
+    let tiled = |suffix: &str| {
+        l.kernels
+            .iter()
+            .filter(|k| ir::tile::is_tiled(k) && k.name.ends_with(suffix))
+            .count()
+    };
+    let all = l.kernels.iter().filter(|k| ir::tile::is_tiled(k)).count();
+    assert_eq!(tiled("_carry"), 24, "one tiled carry per layer");
+    assert_eq!(all, 48, "and one tiled output per layer");
     for target in [Target::Sm90, Target::Sm80] {
         let what = format!("mamba2-130m bf16 forward {}", target.arch());
         let ptx = compile_graph_with(&what, &graph, target, &opts);

@@ -414,6 +414,16 @@ fn build_kernel<'ctx>(
     for (i, kb) in k.bufs.iter().enumerate() {
         let at = inkwell::attributes::AttributeLoc::Param(i as u32);
         f.add_attribute(at, attr("noalias"));
+        // Buffers start `BUF_ALIGN`-aligned (arena offsets, whole allocations; the runtime
+        // checks at bind): LLVM may then merge a thread's neighbouring accesses into vector
+        // ones (`ld.global.v4`).
+        f.add_attribute(
+            at,
+            ctx.create_enum_attribute(
+                inkwell::attributes::Attribute::get_named_enum_kind_id("align"),
+                ir::kernel::BUF_ALIGN,
+            ),
+        );
         if !kb.writable {
             f.add_attribute(at, attr("readonly"));
         }

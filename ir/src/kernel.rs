@@ -28,6 +28,11 @@ pub struct KBuf {
     pub writable: bool,
 }
 
+/// The alignment in bytes of every buffer a kernel takes: backends may assume it (the NVPTX
+/// one declares it, so that neighbouring accesses become vector ones), runtimes check it
+/// when they bind buffers (arena offsets are multiples of 64, allocations of 256).
+pub const BUF_ALIGN: u64 = 16;
+
 /// An i64 index expression.
 #[derive(Clone, Debug, PartialEq)]
 pub enum IExpr {

@@ -71,6 +71,11 @@ pub struct LowerOptions {
     /// activations ([`LowerOptions::on_gpu`]). The CPU runs tile products as scalar loops,
     /// slower than its GEMMs, so it keeps the products.
     pub ssd_tiles: bool,
+    /// The SSD's carries across chunks as tiled kernels (a block per 32 state elements loads
+    /// 128 chunks to shared memory at once and scans them in parallel parts), where `P·N` is
+    /// a multiple of 32: what the GPU runs ([`LowerOptions::on_gpu`]). The per-element carry
+    /// has a few loads in flight per thread; on the CPU it is the cheaper form.
+    pub tiled_carries: bool,
 }
 
 impl LowerOptions {
@@ -89,6 +94,7 @@ impl LowerOptions {
     pub fn on_gpu(&self) -> LowerOptions {
         LowerOptions {
             ssd_tiles: self.ssd_tiles || self.bf16_activations,
+            tiled_carries: true,
             ..self.clone()
         }
     }
@@ -174,6 +180,7 @@ pub fn lower(g: &Graph, opts: &LowerOptions) -> Result<Lowered, LowerError> {
         sequential_scans: opts.sequential_scans,
         ssd_scans: opts.ssd_scans,
         ssd_tiles: opts.ssd_tiles,
+        tiled_carries: opts.tiled_carries,
     };
     l.decide(opts);
     if !opts.no_fusion {
@@ -211,6 +218,8 @@ struct Lowering<'g> {
     ssd_scans: bool,
     /// [`LowerOptions::ssd_tiles`].
     ssd_tiles: bool,
+    /// [`LowerOptions::tiled_carries`].
+    tiled_carries: bool,
     syms: Vec<String>,
     buf_of: HashMap<Value, BufId>,
     out: Lowered,

@@ -711,6 +711,16 @@ impl CudaExecutor {
                 }
             };
         }
+        // Kernels assume it (vector accesses); every address above is an allocation's or a
+        // 64-byte aligned arena offset.
+        if let Some(i) = ptrs.iter().position(|p| p % ir::kernel::BUF_ALIGN != 0) {
+            return Err(ExecError::Plan(format!(
+                "buffer {i} at {:#x} is not {}-byte aligned",
+                ptrs[i],
+                ir::kernel::BUF_ALIGN
+            ))
+            .into());
+        }
         // Matrix products whose weights have bf16 copies, and the largest converted input.
         let bind_sym = |s: &str| l.syms.iter().position(|x| x == s).map(|i| sizes[i] as u64);
         let mut half_rhs = vec![None; l.steps.len()];

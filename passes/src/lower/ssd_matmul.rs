@@ -44,6 +44,33 @@ pub const MAX_SSD_MATMUL_CHUNK: u64 = 128;
 /// at `Q = 128`, `P = 64` the forward takes 90 KB, the gradient 70 KB.
 const MAX_TILE_BYTES: usize = 112 * 1024;
 
+/// The most state elements a block of the tiled carry ([`Lowering::ssd_carry_tiled`]) takes,
+/// a thread each: a chunk's row of them is one 1 KB run of memory. Rows of 128 bytes (32
+/// elements) made the carry at H = 80, L = 65536 take 1.7 ms, 512 bytes 1.2 ms, 1 KB 1.1 ms
+/// (on the H200; 2.0 ms per element).
+const CARRY_COLS: usize = ir::tile::TILE_THREADS as usize;
+/// Chunks a block of the tiled carry loads at once (a round): 32 KB at 1 KB rows (16 and
+/// 64 chunks were slower, 64 by 0.2 ms).
+const CARRY_ROWS: usize = 32;
+
+/// The tiled carry's block width for states of `pn` elements: the largest power of two up
+/// to [`CARRY_COLS`] that divides `pn`, if at least a warp's 32.
+fn carry_cols(pn: i64) -> Option<usize> {
+    let cols = (CARRY_COLS as i64).min(1 << pn.trailing_zeros().min(20));
+    (cols >= 32).then_some(cols as usize)
+}
+
+/// The tiled carry's tiles for blocks of `cols` elements: a round's values (f32
+/// `[CARRY_ROWS, cols]`) and decays (`[CARRY_ROWS, 1]`), and the value carried from round
+/// to round (`[1, cols]`).
+fn carry_tiles(cols: usize) -> [TileDecl; 3] {
+    [
+        (0, F32, CARRY_ROWS, cols),
+        (1, F32, CARRY_ROWS, 1),
+        (2, F32, 1, cols),
+    ]
+}
+
 /// A tile a kernel declares: its number (`TileId`), dtype, rows and columns.
 type TileDecl = (u32, DType, usize, usize);
 
@@ -663,6 +690,15 @@ impl Lowering<'_> {
         (init, reverse): (Value, bool),
         out: Option<BufId>,
     ) -> Result<(), LowerError> {
+        if self.tiled_carries {
+            let width = self.dim(&s.p).mul(self.dim(&s.n));
+            if let IExpr::Const(pn) = width
+                && let Some(cols) = carry_cols(pn)
+            {
+                let fit = (pn, cols);
+                return self.ssd_carry_tiled(node, s, name, (slot, ea), (init, reverse), out, fit);
+            }
+        }
         let (ps, sts) = (s.per_step(), s.states());
         let mut kb = KB::new(self, name);
         let (b, h, p, nn) = (grid(0), grid(1), grid(2), grid(3));
@@ -696,6 +732,143 @@ impl Lowering<'_> {
             kb.l.dim(&s.n),
         ];
         kb.finish(grid_s, node);
+        Ok(())
+    }
+
+    /// [`Self::ssd_carry`] as a tiled kernel, a block per (batch, head, `cols` consecutive
+    /// state elements) and a thread per element, in rounds of [`CARRY_ROWS`] chunks:
+    ///
+    /// ```text
+    /// V[i, e] = slot(chunk i, e), d[i] = exp(a_last(chunk i))   every load in flight at once
+    /// V[i, e] = the value entering chunk i, v = d[i] v + own    in shared memory, in order
+    /// slot(chunk i, e) = V[i, e]
+    /// ```
+    ///
+    /// The per-element carry walks the chunks with a few loads in flight per thread, each a
+    /// 128-byte run per warp and chunk (2.0 ms, 1 TB/s at H = 80, L = 65536 on the H200); a
+    /// round here reads and writes 1 KB runs, all of its loads issued before it waits.
+    #[allow(clippy::too_many_arguments)]
+    fn ssd_carry_tiled(
+        &mut self,
+        node: NodeId,
+        s: &Ssd,
+        name: &str,
+        (slot, ea): (BufId, BufId),
+        (init, reverse): (Value, bool),
+        out: Option<BufId>,
+        (pn, cols): (i64, usize),
+    ) -> Result<(), LowerError> {
+        let (ps, sts) = (s.per_step(), s.states());
+        let (w, rows) = (cols as i64, CARRY_ROWS as i64);
+        let mut kb = KB::new(self, name);
+        let (b, h, blk) = (grid(0), grid(1), grid(2));
+        let [tv, td, ts] = [0, 1, 2].map(TileId);
+        declare_tiles(&mut kb, &carry_tiles(cols));
+        let nd = kb.l.dim(&s.n);
+        // The state index `[p, n]` of the block's element `e`.
+        let elem = |e: &IExpr| {
+            let k = blk.clone().mul(IExpr::c(w)).add(e.clone());
+            (k.clone().div(nd.clone()), k.rem(nd.clone()))
+        };
+        let count = s.ch.count.clone();
+        // The chunk at position `pos` of the carry's order.
+        let chunk = |pos: IExpr| {
+            if reverse {
+                count.clone().sub(IExpr::c(1)).sub(pos)
+            } else {
+                pos
+            }
+        };
+        let zero = IExpr::c(0);
+        let state = |kb: &mut KB, pos: IExpr, e: &IExpr| {
+            let (p, n) = elem(e);
+            let at = [b.clone(), chunk(pos), h.clone(), p, n];
+            (kb.l.linear(&at, &sts), kb.buf(slot, true))
+        };
+
+        // The value entering the first chunk, a tile row carried from round to round.
+        let ce = kb.counter();
+        let e = IExpr::Loop(ce);
+        let (p, n) = elem(&e);
+        let iv = kb.value(init, &[b.clone(), h.clone(), p, n])?;
+        kb.body
+            .push(each(&[ce], &[cols], vec![tile_set(ts, &zero, &e, iv)]));
+
+        let cr = kb.counter();
+        let first = IExpr::Loop(cr).mul(IExpr::c(rows));
+        let len = IExpr::c(rows).min(count.clone().sub(first.clone()));
+        let mut round = Vec::new();
+        // The round's own values and decays.
+        let (ci, ce) = (kb.counter(), kb.counter());
+        let (i, e) = (IExpr::Loop(ci), IExpr::Loop(ce));
+        let (index, buf) = state(&mut kb, first.clone().add(i.clone()), &e);
+        round.push(Stmt::Each {
+            counters: vec![ci, ce],
+            extents: vec![len.clone(), IExpr::c(w)],
+            body: vec![tile_set(tv, &i, &e, Expr::Load { buf, index })],
+        });
+        let ci = kb.counter();
+        let i = IExpr::Loop(ci);
+        let at = [
+            b.clone(),
+            chunk(first.clone().add(i.clone())),
+            h.clone(),
+            IExpr::c(s.q - 1),
+        ];
+        let decay = ld(&mut kb, ea, &at, &ps);
+        round.push(Stmt::Each {
+            counters: vec![ci],
+            extents: vec![len.clone()],
+            body: vec![tile_set(td, &i, &zero, decay)],
+        });
+
+        // The recurrence over the round, each own value replaced by the value entering.
+        let ce = kb.counter();
+        let e = IExpr::Loop(ce);
+        let (v, dv) = var(&mut kb, tile_ld(ts, &zero, &e));
+        let scan = for_(&mut kb, len.clone(), |kb, i| {
+            let (o, dox) = var(kb, tile_ld(tv, &i, &e));
+            vec![
+                dox,
+                tile_set(tv, &i, &e, Expr::Var(v)),
+                Stmt::Set {
+                    var: v,
+                    value: add(mul(tile_ld(td, &i, &zero), Expr::Var(v)), Expr::Var(o)),
+                },
+            ]
+        });
+        let keep = tile_set(ts, &zero, &e, Expr::Var(v));
+        round.push(each(&[ce], &[cols], vec![dv, scan, keep]));
+
+        let (ci, ce) = (kb.counter(), kb.counter());
+        let (i, e) = (IExpr::Loop(ci), IExpr::Loop(ce));
+        let (index, buf) = state(&mut kb, first.add(i.clone()), &e);
+        round.push(Stmt::Each {
+            counters: vec![ci, ce],
+            extents: vec![len, IExpr::c(w)],
+            body: vec![Stmt::Store {
+                buf,
+                index,
+                value: tile_ld(tv, &i, &e),
+            }],
+        });
+        kb.body.push(Stmt::For {
+            counter: cr,
+            extent: count.add(IExpr::c(rows - 1)).div(IExpr::c(rows)),
+            body: round,
+        });
+
+        if let Some(out) = out {
+            let ce = kb.counter();
+            let e = IExpr::Loop(ce);
+            let (p, n) = elem(&e);
+            let shape = kb.l.shape(init);
+            let value = tile_ld(ts, &zero, &e);
+            let store = st(&mut kb, out, &[b.clone(), h.clone(), p, n], &shape, value);
+            kb.body.push(each(&[ce], &[cols], vec![store]));
+        }
+        let grid_c = vec![kb.l.dim(&s.b), kb.l.dim(&s.h), IExpr::c(pn / w)];
+        kb.finish(grid_c, node);
         Ok(())
     }
 
