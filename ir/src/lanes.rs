@@ -68,14 +68,25 @@ pub fn threads_per_point(k: &Kernel) -> u32 {
 
 /// Grid points one GPU thread runs in turn: consecutive along the last grid axis.
 pub const POINTS_PER_THREAD: u32 = 4;
+/// Points per thread where every buffer a kernel writes is 2 bytes wide (bf16): a thread's
+/// stores along the last axis are then 16 bytes, as they are in f32 with four.
+pub const POINTS_PER_THREAD_NARROW: u32 = 8;
 
-/// Grid points per GPU thread of kernel `k`: [`POINTS_PER_THREAD`] for a straight-line body
-/// (no loop, no local array; a point is one thread) whose last grid extent is a constant
-/// multiple of it, else 1. Elementwise kernels over the SSD's `[B, chunks, H, Q, Q]` grids
-/// spend more on working out a point's coordinates (divisions by runtime extents) than on
-/// its few loads and stores; four neighbours share that work.
+/// Grid points per GPU thread of kernel `k`: [`POINTS_PER_THREAD`] (or
+/// [`POINTS_PER_THREAD_NARROW`]) for a straight-line body (no loop, no local array; a point
+/// is one thread) whose last grid extent is a constant multiple of it, else 1. Elementwise
+/// kernels over the SSD's `[B, chunks, H, Q, Q]` grids spend more on working out a point's
+/// coordinates (divisions by runtime extents) than on its few loads and stores; neighbours
+/// share that work, and their accesses become vector ones.
 pub fn points_per_thread(k: &Kernel) -> u32 {
-    let n = i64::from(POINTS_PER_THREAD);
+    let mut written = k.bufs.iter().filter(|b| b.writable).peekable();
+    let narrow = written.peek().is_some() && written.all(|b| b.dtype.size() == 2);
+    let per = if narrow {
+        POINTS_PER_THREAD_NARROW
+    } else {
+        POINTS_PER_THREAD
+    };
+    let n = i64::from(per);
     let straight = k.body.iter().all(|s| {
         !matches!(
             s,
@@ -88,7 +99,11 @@ pub fn points_per_thread(k: &Kernel) -> u32 {
         )
     });
     match k.grid.last() {
-        Some(IExpr::Const(e)) if straight && *e >= n && e % n == 0 && k.grid.len() > 1 => {
+        Some(IExpr::Const(e)) if straight && *e >= n && e % n == 0 && k.grid.len() > 1 => per,
+        // A last extent that only the narrow count fails to divide keeps four.
+        Some(IExpr::Const(e))
+            if straight && narrow && *e >= 4 && e % 4 == 0 && k.grid.len() > 1 =>
+        {
             POINTS_PER_THREAD
         }
         _ => 1,
