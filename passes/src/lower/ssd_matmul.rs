@@ -176,15 +176,17 @@ impl Ssd {
         q % 16 == 0 && p % 8 == 0 && fits(&self.forward_tiles())
     }
 
-    /// The forward's tiles: `M` (bf16 `[Q, Q]`), `Xᵀ` (bf16 `[P, Q]`), `Y` (f32 `[Q, P]`) and
-    /// `exp(a)` (f32 `[Q, 1]`).
-    fn forward_tiles(&self) -> [TileDecl; 4] {
+    /// The forward's tiles: `M` (bf16 `[Q, Q]`), `Xᵀ` (bf16 `[P, Q]`), `Y` (f32 `[Q, P]`),
+    /// and `exp(a)`, `a` and `dt` (f32 `[Q, 1]` each).
+    fn forward_tiles(&self) -> [TileDecl; 6] {
         let (q, p) = (self.q as usize, self.pw as usize);
         [
             (0, BF16, q, q),
             (1, BF16, p, q),
             (2, F32, q, p),
             (3, F32, q, 1),
+            (4, F32, q, 1),
+            (5, F32, q, 1),
         ]
     }
 
@@ -194,10 +196,10 @@ impl Ssd {
         self.q % 2 == 0 && fits(&self.grad_tiles())
     }
 
-    /// The gradient's tiles: `T'` (f32 `[Q, Q]`) and `dt` (f32 `[Q, 1]`).
-    fn grad_tiles(&self) -> [TileDecl; 2] {
+    /// The gradient's tiles: `T'` (f32 `[Q, Q]`), `dt` and `a` (f32 `[Q, 1]` each).
+    fn grad_tiles(&self) -> [TileDecl; 3] {
         let q = self.q as usize;
-        [(0, F32, q, q), (1, F32, q, 1)]
+        [(0, F32, q, q), (1, F32, q, 1), (2, F32, q, 1)]
     }
 
     fn shape(&self, dims: &[&Dim]) -> Shape {
@@ -319,7 +321,9 @@ fn grid(i: usize) -> IExpr {
 /// `CB_ij exp(a_i - a_j) [j <= i]`, times `dt_j` when `with_dt`. Without branches:
 /// `exp(min(a_i - a_j, 0))` is finite everywhere and exact below the diagonal, and the exact
 /// 0/1 indicator `(i - j + Q) / Q` masks the rest. With `lower` the caller promises
-/// `j <= i` (see [`tri_fold`]), and the indicator is left out.
+/// `j <= i` (see [`tri_fold`]), and the indicator is left out. A tiled kernel may have
+/// staged the chunk's `a` and `dt` in `[Q, 1]` tiles (`staged`): then only `CB` is read from
+/// memory per element.
 fn mask_value(
     kb: &mut KB,
     s: &Ssd,
@@ -327,13 +331,18 @@ fn mask_value(
     [b, c, h]: [&IExpr; 3],
     (i, j): (&IExpr, &IExpr),
     (with_dt, lower): (bool, bool),
+    staged: Option<Staged>,
 ) -> Expr {
     let (ps, sqg) = (s.per_step(), s.square(&s.g));
     let step = |k: &IExpr| [b.clone(), c.clone(), h.clone(), k.clone()];
     let at = [b.clone(), c.clone(), s.group(h), i.clone(), j.clone()];
     let cbv = ld(kb, pr.cb, &at, &sqg);
-    let ai = ld(kb, pr.acs, &step(i), &ps);
-    let aj = ld(kb, pr.acs, &step(j), &ps);
+    let zero = IExpr::c(0);
+    let a = |kb: &mut KB, k: &IExpr| match staged {
+        Some(t) => tile_ld(t.a, k, &zero),
+        None => ld(kb, pr.acs, &step(k), &ps),
+    };
+    let (ai, aj) = (a(kb, i), a(kb, j));
     let decay = exp(Expr::bin(BinaryOp::Min, sub(ai, aj), Expr::Const(0.0)));
     let v = if lower {
         mul(cbv, decay)
@@ -346,11 +355,21 @@ fn mask_value(
         mul(mul(cbv, decay), Expr::FromIndex(below))
     };
     if with_dt {
-        let dtj = ld(kb, pr.dtc, &step(j), &ps);
+        let dtj = match staged {
+            Some(t) => tile_ld(t.dt, j, &zero),
+            None => ld(kb, pr.dtc, &step(j), &ps),
+        };
         mul(v, dtj)
     } else {
         v
     }
+}
+
+/// `[Q, 1]` tiles holding a chunk's running sums `a` and its `dt` ([`mask_value`]).
+#[derive(Clone, Copy)]
+struct Staged {
+    a: TileId,
+    dt: TileId,
 }
 
 /// The scratch tensors both directions compute from the operands.
@@ -888,7 +907,7 @@ impl Lowering<'_> {
         let mut kb = KB::new(self, name);
         let (b, c, h, r, o) = (grid(0), grid(1), grid(2), grid(3), grid(4));
         let (i, j) = if transposed { (&o, &r) } else { (&r, &o) };
-        let v = mask_value(&mut kb, s, pr, [&b, &c, &h], (i, j), (with_dt, false));
+        let v = mask_value(&mut kb, s, pr, [&b, &c, &h], (i, j), (with_dt, false), None);
         let store = st(&mut kb, out, &[b, c, h, r, o], &sqh, v);
         kb.body.push(store);
         let grid_m = vec![
@@ -929,19 +948,38 @@ impl Lowering<'_> {
         let (q, pw) = (s.q as usize, s.pw as usize);
         let mut kb = KB::new(self, name);
         let (b, c, h) = (grid(0), grid(1), grid(2));
-        let [tm, tx, ty, te] = [0, 1, 2, 3].map(TileId);
+        let [tm, tx, ty, te, ta, td] = [0, 1, 2, 3, 4, 5].map(TileId);
         declare_tiles(&mut kb, &s.forward_tiles());
         let step = |k: &IExpr| [b.clone(), c.clone(), h.clone(), k.clone()];
+
+        // exp(a), a and dt per step, so that building M reads only CB from memory (a
+        // thread's unrolled elements then hold one 64-bit address each, not four).
+        let ci = kb.counter();
+        let i = IExpr::Loop(ci);
+        let zero = IExpr::c(0);
+        let sets = [(te, pr.ea), (ta, pr.acs), (td, pr.dtc)].map(|(tile, buf)| {
+            let v = ld(&mut kb, buf, &step(&i), &ps);
+            tile_set(tile, &i, &zero, v)
+        });
+        kb.body.push(each(&[ci], &[q], sets.to_vec()));
 
         // M, as the mask kernel computes it.
         let (ci, cj) = (kb.counter(), kb.counter());
         let (i, j) = (IExpr::Loop(ci), IExpr::Loop(cj));
-        let m = mask_value(&mut kb, s, pr, [&b, &c, &h], (&i, &j), (true, false));
+        let staged = Some(Staged { a: ta, dt: td });
+        let m = mask_value(
+            &mut kb,
+            s,
+            pr,
+            [&b, &c, &h],
+            (&i, &j),
+            (true, false),
+            staged,
+        );
         kb.body
             .push(each(&[ci, cj], &[q, q], vec![tile_set(tm, &i, &j, m)]));
 
-        // Xᵀ, a step's row of x per `p` (consecutive threads read consecutive `p`), and
-        // exp(a_i) per step.
+        // Xᵀ, a step's row of x per `p` (consecutive threads read consecutive `p`).
         let (cj, cp) = (kb.counter(), kb.counter());
         let (j, p) = (IExpr::Loop(cj), IExpr::Loop(cp));
         let (tcl, ok) = s.clamped(&c, &j);
@@ -951,11 +989,6 @@ impl Lowering<'_> {
             &[q, pw],
             vec![tile_set(tx, &p, &j, mul(xv, ok))],
         ));
-        let ci = kb.counter();
-        let i = IExpr::Loop(ci);
-        let ea = ld(&mut kb, pr.ea, &step(&i), &ps);
-        kb.body
-            .push(each(&[ci], &[q], vec![tile_set(te, &i, &IExpr::c(0), ea)]));
         kb.body.push(Stmt::Mma {
             acc: ty,
             a: tm,
@@ -1022,21 +1055,33 @@ impl Lowering<'_> {
         let q = s.q as usize;
         let mut kb = KB::new(self, name);
         let (b, c, h) = (grid(0), grid(1), grid(2));
-        let [tt, td] = [0, 1].map(TileId);
+        let [tt, td, ta] = [0, 1, 2].map(TileId);
         declare_tiles(&mut kb, &s.grad_tiles());
         let step = |k: &IExpr| [b.clone(), c.clone(), h.clone(), k.clone()];
 
-        // dt per step; M' to memory and T' to the tile below the diagonal (the loads and
-        // exponentials, folded so that no iteration idles: [`tri_fold`]), zeros of M' above.
+        // dt and a per step; M' to memory and T' to the tile below the diagonal (the loads
+        // and exponentials, folded so that no iteration idles: [`tri_fold`]), zeros of M'
+        // above.
         let cj = kb.counter();
         let j = IExpr::Loop(cj);
-        let dtj = ld(&mut kb, pr.dtc, &step(&j), &ps);
         let zero = IExpr::c(0);
-        kb.body
-            .push(each(&[cj], &[q], vec![tile_set(td, &j, &zero, dtj)]));
+        let sets = [(td, pr.dtc), (ta, pr.acs)].map(|(tile, buf)| {
+            let v = ld(&mut kb, buf, &step(&j), &ps);
+            tile_set(tile, &j, &zero, v)
+        });
+        kb.body.push(each(&[cj], &[q], sets.to_vec()));
         let (cr, ct) = (kb.counter(), kb.counter());
         let (i, j) = tri_fold(s.q, &IExpr::Loop(cr), &IExpr::Loop(ct), false);
-        let m = mask_value(&mut kb, s, pr, [&b, &c, &h], (&i, &j), (false, true));
+        let staged = Some(Staged { a: ta, dt: td });
+        let m = mask_value(
+            &mut kb,
+            s,
+            pr,
+            [&b, &c, &h],
+            (&i, &j),
+            (false, true),
+            staged,
+        );
         let (mv, decl) = var(&mut kb, m);
         let at = [b.clone(), c.clone(), h.clone(), i.clone(), j.clone()];
         let dm = ld(&mut kb, dmm, &at, &sqh);
