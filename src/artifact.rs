@@ -16,7 +16,9 @@
 //! products, with buffer ids), the buffers with the memory plan (arena offset, bytes,
 //! lifetime; the peak), the graph outputs, and for training artifacts with a budget the
 //! layer x time checkpoint plan. Kernels that are identical but for their names (the same
-//! kernel repeated in every layer) share one PTX entry: `KernelInfo::entry` names it.
+//! kernel repeated in every layer) share one PTX entry: `KernelInfo::entry` names it. The
+//! PTX declares every buffer parameter 16-byte aligned (`ir::kernel::BUF_ALIGN`): a loader
+//! must pass aligned addresses (the manifest's arena offsets are multiples of 64).
 //!
 //! Files are written atomically (a temporary file, then a rename). Reading checks the magic,
 //! the lengths (a truncated file says so), the checksum and the manifest's internal

@@ -36,7 +36,7 @@ pub enum GpuError {
 
 impl GpuGraph {
     /// Lowers `graph` for the GPU (`opts.on_gpu()`: the tiled SSD kernels with bf16
-    /// activations), compiles its kernels to PTX for `target` and loads them on GPU
+    /// activations, tiled carries), compiles its kernels to PTX for `target` and loads them on GPU
     /// `ordinal`.
     pub fn compile(
         graph: &Graph,

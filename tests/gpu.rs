@@ -520,7 +520,10 @@ fn ssd_matmul_form_matches_the_cpu() {
 /// The tiled SSD (`LowerOptions::ssd_tiles`: the forward's `mma.sync` on bf16 tiles in
 /// shared memory, the gradient's f32 tile of `T = dM ⊙ M` and its row and column sums)
 /// against the CPU running the same tiled kernels as loops: the same bf16 operands, sums in
-/// another order; the GPU's carries across chunks are tiled kernels, the CPU's not. Grouped heads, partial last chunks, mamba2-2.7b's head and state sizes.
+/// another order. The GPU's carries across chunks are tiled kernels (`on_gpu`), the CPU's
+/// walk the chunks per element. Grouped heads, partial last chunks, mamba2-2.7b's head and
+/// state sizes, and more chunks than a round of the tiled carry with blocks of 256 and 64
+/// state elements.
 /// Normwise within 1e-3: an operand whose f32 value differs in its last bit (the running
 /// sums of `dt·A` are products, summed in another order) may round to the neighbouring
 /// bf16, which moves a few outputs by one bf16 step of one term (the bf16 rounding itself is
@@ -531,7 +534,12 @@ fn tiled_ssd_matches_the_cpu() {
         ssd_tiles: true,
         ..LowerOptions::default()
     };
-    for (dims, b, l, chunk) in [((2, 2, 16, 32), 2, 70, 32), ((2, 1, 64, 128), 1, 300, 128)] {
+    for (dims, b, l, chunk) in [
+        ((2, 2, 16, 32), 2, 70, 32),
+        ((2, 1, 64, 128), 1, 300, 128),
+        ((2, 1, 16, 16), 2, 600, 16),
+        ((1, 2, 8, 8), 1, 530, 16),
+    ] {
         let g = ssd_graph(dims, chunk);
         let what = format!("tiled ssd (hpg, G, P, N) = {dims:?} B={b} L={l} chunk {chunk}");
         let Some(dev) = gpu_with(&what, &g, &tiled) else {

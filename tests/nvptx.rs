@@ -236,8 +236,8 @@ fn row_reductions_and_state_loops_run_a_warp_per_point() {
     }
 }
 
-/// The matrix form of the Mamba-2 SSD (the default): the carries across chunks and the
-/// elementwise kernels keep a thread per point; the gradient's dot products over a head's
+/// The matrix form of the Mamba-2 SSD (the default options; the GPU's carries are tiled,
+/// `on_gpu`): the carries across chunks and the elementwise kernels keep a thread per point; the gradient's dot products over a head's
 /// `P` values and the `<dS_out, S_in>` sums over `P·N` share their loops among lanes.
 #[test]
 fn ssd_matrix_form_kernels_share_only_their_sums() {

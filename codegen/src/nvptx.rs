@@ -14,8 +14,9 @@
 //! grid-stride loop over the flattened, row-major grid (`flat = ctaid.x * ntid.x + tid.x`,
 //! step `nctaid.x * ntid.x`), splitting `flat` into coordinates: any 1-d launch computes every
 //! point exactly once, so the launch shape is only a performance choice. A straight-line
-//! kernel whose last extent is a constant multiple of 4 walks groups of 4 neighbouring
-//! points instead (`ir::lanes::points_per_thread`): one split into coordinates, four bodies.
+//! kernel whose last extent is a constant multiple of 4 (8 where it writes only bf16) walks
+//! groups of that many neighbouring points instead (`ir::lanes::points_per_thread`): one
+//! split into coordinates, a body per point.
 //!
 //! # Lanes sharing a point
 //!

@@ -28,9 +28,10 @@ pub struct KBuf {
     pub writable: bool,
 }
 
-/// The alignment in bytes of every buffer a kernel takes: backends may assume it (the NVPTX
-/// one declares it, so that neighbouring accesses become vector ones), runtimes check it
-/// when they bind buffers (arena offsets are multiples of 64, allocations of 256).
+/// The alignment in bytes of every buffer a GPU kernel takes: the NVPTX backend declares it
+/// (so that neighbouring accesses become vector ones), and the CUDA runtime checks it when it
+/// binds buffers (arena offsets are multiples of 64, allocations of 256). An artifact's
+/// PTX assumes it too. The CPU backend assumes nothing.
 pub const BUF_ALIGN: u64 = 16;
 
 /// An i64 index expression.

@@ -461,6 +461,42 @@ mod tests {
             .add(IExpr::Loop(LoopId(c)))
     }
 
+    /// Straight-line kernels over `[B, n]` run 4 neighbouring points per thread, 8 where
+    /// every buffer they write is bf16 (a thread's stores are then 16 bytes either way); a
+    /// last extent that 8 does not divide keeps 4, one that 4 does not divide keeps 1, and
+    /// a body with a loop keeps 1.
+    #[test]
+    fn points_per_thread_by_width_and_extent() {
+        let copy = |out: DType, last: i64, body: Vec<Stmt>| {
+            let mut k = kernel(body);
+            k.bufs[1].dtype = out;
+            k.grid = vec![IExpr::Size(0), IExpr::c(last)];
+            points_per_thread(&k)
+        };
+        let store = vec![Stmt::Store {
+            buf: 1,
+            index: IExpr::Grid(1),
+            value: Expr::Load {
+                buf: 0,
+                index: IExpr::Grid(1),
+            },
+        }];
+        assert_eq!(copy(DType::F32, 64, store.clone()), POINTS_PER_THREAD);
+        assert_eq!(
+            copy(DType::BF16, 64, store.clone()),
+            POINTS_PER_THREAD_NARROW
+        );
+        assert_eq!(copy(DType::BF16, 12, store.clone()), POINTS_PER_THREAD);
+        assert_eq!(copy(DType::BF16, 6, store.clone()), 1);
+        assert_eq!(copy(DType::F32, 6, store.clone()), 1);
+        let looped = vec![Stmt::For {
+            counter: LoopId(0),
+            extent: IExpr::c(2),
+            body: store,
+        }];
+        assert_eq!(copy(DType::BF16, 64, looped), 1);
+    }
+
     /// A row norm: a sum-of-squares loop (a reduction) and a scaling loop (a map) split; the
     /// scalar between them stays in every lane.
     #[test]

@@ -71,10 +71,11 @@ pub struct LowerOptions {
     /// activations ([`LowerOptions::on_gpu`]). The CPU runs tile products as scalar loops,
     /// slower than its GEMMs, so it keeps the products.
     pub ssd_tiles: bool,
-    /// The SSD's carries across chunks as tiled kernels (a block per 32 state elements loads
-    /// 128 chunks to shared memory at once and scans them in parallel parts), where `P·N` is
-    /// a multiple of 32: what the GPU runs ([`LowerOptions::on_gpu`]). The per-element carry
-    /// has a few loads in flight per thread; on the CPU it is the cheaper form.
+    /// The SSD's carries across chunks as tiled kernels (a block per up to 256 state
+    /// elements loads 32 chunks of them to shared memory per round and walks them there),
+    /// where `P·N` is a multiple of 32: what the GPU runs ([`LowerOptions::on_gpu`]). The
+    /// per-element carry has a few loads in flight per thread; on the CPU it is the cheaper
+    /// form.
     pub tiled_carries: bool,
 }
 
@@ -90,7 +91,7 @@ impl LowerOptions {
 
     /// What the GPU runs: these options with the tiled SSD kernels (`ssd_tiles`) where
     /// activations are bf16 (the forward's tile products take bf16 operands; f32
-    /// activations keep f32 or TF32 products).
+    /// activations keep f32 or TF32 products), and tiled carries (`tiled_carries`) always.
     pub fn on_gpu(&self) -> LowerOptions {
         LowerOptions {
             ssd_tiles: self.ssd_tiles || self.bf16_activations,
@@ -2913,6 +2914,16 @@ impl Chunks {
     }
 }
 
+/// The chunk at position `pos` of a carry over `count` chunks: in order, or from the last
+/// when `reverse`.
+fn carry_chunk(count: &IExpr, pos: IExpr, reverse: bool) -> IExpr {
+    if reverse {
+        count.clone().sub(IExpr::c(1)).sub(pos)
+    } else {
+        pos
+    }
+}
+
 /// The carry of a chunked linear recurrence `v <- decay v + input` across its chunks, for one
 /// element: from `init`, over `count` chunks in order (from the last when `reverse`), each
 /// chunk's slot element `at(c)` holds the chunk's own result (from a zero value) and is
@@ -2935,14 +2946,7 @@ fn carry(
     let (v, group, load, upd) = (kb.var(), kb.counter(), kb.counter(), kb.counter());
     let (own, dec) = (kb.arr(), kb.arr());
     let first = IExpr::Loop(group).mul(IExpr::c(k));
-    // The chunk of position `p` (in the carry's order).
-    let chunk = |p: IExpr| {
-        if reverse {
-            count.clone().sub(IExpr::c(1)).sub(p)
-        } else {
-            p
-        }
-    };
+    let chunk = |p: IExpr| carry_chunk(count, p, reverse);
     // Loads past the last chunk read the last chunk again (never used).
     let lc = chunk(
         first

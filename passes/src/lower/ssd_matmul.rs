@@ -26,7 +26,7 @@
 //! same way and derives everything else from ten more products (nine with the tiled
 //! kernel, [`super::LowerOptions::ssd_tiles`]); its derivation is at the function.
 
-use super::{Chunks, KB, LowerError, Lowering, carry};
+use super::{Chunks, KB, LowerError, Lowering, carry, carry_chunk};
 use ir::DType::{self, BF16, F32};
 use ir::kernel::{Expr, IExpr, Stmt, TileId, VarId};
 use ir::schedule::{BufId, BufKind, Product, Step};
@@ -41,7 +41,7 @@ use BinaryOp::{Add, Mul, Sub};
 pub const MAX_SSD_MATMUL_CHUNK: u64 = 128;
 
 /// Shared memory a tiled kernel may use per block: two blocks fit an H100/H200 SM (228 KB);
-/// at `Q = 128`, `P = 64` the forward takes 90 KB, the gradient 70 KB.
+/// at `Q = 128`, `P = 64` the forward takes 90 KB, the gradient 71 KB.
 const MAX_TILE_BYTES: usize = 112 * 1024;
 
 /// The most state elements a block of the tiled carry ([`Lowering::ssd_carry_tiled`]) takes,
@@ -173,7 +173,9 @@ impl Ssd {
     /// shared memory.
     fn tiles_fit(&self) -> bool {
         let (q, p) = (self.q, self.pw);
-        q % 16 == 0 && p % 8 == 0 && fits(&self.forward_tiles())
+        // `a` and `dt` are dead before `Xᵀ` is written: `ir::tile::layout` gives them bytes
+        // of `Xᵀ` and `Y` (together they are smaller), so the first four tiles are the size.
+        q % 16 == 0 && p % 8 == 0 && fits(&self.forward_tiles()[..4])
     }
 
     /// The forward's tiles: `M` (bf16 `[Q, Q]`), `Xᵀ` (bf16 `[P, Q]`), `Y` (f32 `[Q, P]`),
@@ -363,6 +365,23 @@ fn mask_value(
     } else {
         v
     }
+}
+
+/// An `Each` over the chunk's `Q` steps that copies per-step values (`[B, nc, H, Q]`
+/// buffers) of head `h` in chunk `c` of batch `b` into `[Q, 1]` tiles.
+fn stage_steps(kb: &mut KB, s: &Ssd, [b, c, h]: [&IExpr; 3], tiles: &[(TileId, BufId)]) -> Stmt {
+    let ps = s.per_step();
+    let ci = kb.counter();
+    let i = IExpr::Loop(ci);
+    let at = [b.clone(), c.clone(), h.clone(), i.clone()];
+    let sets = tiles
+        .iter()
+        .map(|&(tile, buf)| {
+            let v = ld(kb, buf, &at, &ps);
+            tile_set(tile, &i, &IExpr::c(0), v)
+        })
+        .collect();
+    each(&[ci], &[s.q as usize], sets)
 }
 
 /// `[Q, 1]` tiles holding a chunk's running sums `a` and its `dt` ([`mask_value`]).
@@ -758,14 +777,15 @@ impl Lowering<'_> {
     /// state elements) and a thread per element, in rounds of [`CARRY_ROWS`] chunks:
     ///
     /// ```text
-    /// V[i, e] = slot(chunk i, e), d[i] = exp(a_last(chunk i))   every load in flight at once
+    /// V[i, e] = slot(chunk i, e), d[i] = exp(a_last(chunk i))   independent loads
     /// V[i, e] = the value entering chunk i, v = d[i] v + own    in shared memory, in order
     /// slot(chunk i, e) = V[i, e]
     /// ```
     ///
-    /// The per-element carry walks the chunks with a few loads in flight per thread, each a
-    /// 128-byte run per warp and chunk (2.0 ms, 1 TB/s at H = 80, L = 65536 on the H200); a
-    /// round here reads and writes 1 KB runs, all of its loads issued before it waits.
+    /// The per-element carry walks the chunks with about two loads in flight per thread,
+    /// each a 128-byte run per warp and chunk (2.0 ms, 1 TB/s at H = 80, L = 65536 on the
+    /// H200); a round here reads and writes 1 KB runs, and each thread has as many loads in
+    /// flight as an `Each` unrolls (8 on the GPU).
     #[allow(clippy::too_many_arguments)]
     fn ssd_carry_tiled(
         &mut self,
@@ -790,14 +810,7 @@ impl Lowering<'_> {
             (k.clone().div(nd.clone()), k.rem(nd.clone()))
         };
         let count = s.ch.count.clone();
-        // The chunk at position `pos` of the carry's order.
-        let chunk = |pos: IExpr| {
-            if reverse {
-                count.clone().sub(IExpr::c(1)).sub(pos)
-            } else {
-                pos
-            }
-        };
+        let chunk = |pos: IExpr| carry_chunk(&count, pos, reverse);
         let zero = IExpr::c(0);
         let state = |kb: &mut KB, pos: IExpr, e: &IExpr| {
             let (p, n) = elem(e);
@@ -943,25 +956,23 @@ impl Lowering<'_> {
         y: BufId,
     ) -> Result<(), LowerError> {
         let x = self.g.operands(node)[0];
-        let (ps, gh) = (s.per_step(), s.group_heads());
+        let gh = s.group_heads();
         let yo = self.ssd_c_sin(node, s, pr);
         let (q, pw) = (s.q as usize, s.pw as usize);
         let mut kb = KB::new(self, name);
         let (b, c, h) = (grid(0), grid(1), grid(2));
         let [tm, tx, ty, te, ta, td] = [0, 1, 2, 3, 4, 5].map(TileId);
         declare_tiles(&mut kb, &s.forward_tiles());
-        let step = |k: &IExpr| [b.clone(), c.clone(), h.clone(), k.clone()];
 
         // exp(a), a and dt per step, so that building M reads only CB from memory (a
         // thread's unrolled elements then hold one 64-bit address each, not four).
-        let ci = kb.counter();
-        let i = IExpr::Loop(ci);
-        let zero = IExpr::c(0);
-        let sets = [(te, pr.ea), (ta, pr.acs), (td, pr.dtc)].map(|(tile, buf)| {
-            let v = ld(&mut kb, buf, &step(&i), &ps);
-            tile_set(tile, &i, &zero, v)
-        });
-        kb.body.push(each(&[ci], &[q], sets.to_vec()));
+        let stage = stage_steps(
+            &mut kb,
+            s,
+            [&b, &c, &h],
+            &[(te, pr.ea), (ta, pr.acs), (td, pr.dtc)],
+        );
+        kb.body.push(stage);
 
         // M, as the mask kernel computes it.
         let (ci, cj) = (kb.counter(), kb.counter());
@@ -1062,14 +1073,9 @@ impl Lowering<'_> {
         // dt and a per step; M' to memory and T' to the tile below the diagonal (the loads
         // and exponentials, folded so that no iteration idles: [`tri_fold`]), zeros of M'
         // above.
-        let cj = kb.counter();
-        let j = IExpr::Loop(cj);
+        let stage = stage_steps(&mut kb, s, [&b, &c, &h], &[(td, pr.dtc), (ta, pr.acs)]);
+        kb.body.push(stage);
         let zero = IExpr::c(0);
-        let sets = [(td, pr.dtc), (ta, pr.acs)].map(|(tile, buf)| {
-            let v = ld(&mut kb, buf, &step(&j), &ps);
-            tile_set(tile, &j, &zero, v)
-        });
-        kb.body.push(each(&[cj], &[q], sets.to_vec()));
         let (cr, ct) = (kb.counter(), kb.counter());
         let (i, j) = tri_fold(s.q, &IExpr::Loop(cr), &IExpr::Loop(ct), false);
         let staged = Some(Staged { a: ta, dt: td });
