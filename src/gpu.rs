@@ -36,8 +36,8 @@ pub enum GpuError {
 
 impl GpuGraph {
     /// Lowers `graph` for the GPU (`opts.on_gpu()`: the tiled SSD kernels with bf16
-    /// activations, tiled carries), compiles its kernels to PTX for `target` and loads them on GPU
-    /// `ordinal`.
+    /// activations, tiled carries), compiles its kernels to PTX for `target` and loads them
+    /// on GPU `ordinal`.
     pub fn compile(
         graph: &Graph,
         opts: &LowerOptions,

@@ -81,12 +81,6 @@ pub const POINTS_PER_THREAD_NARROW: u32 = 8;
 pub fn points_per_thread(k: &Kernel) -> u32 {
     let mut written = k.bufs.iter().filter(|b| b.writable).peekable();
     let narrow = written.peek().is_some() && written.all(|b| b.dtype.size() == 2);
-    let per = if narrow {
-        POINTS_PER_THREAD_NARROW
-    } else {
-        POINTS_PER_THREAD
-    };
-    let n = i64::from(per);
     let straight = k.body.iter().all(|s| {
         !matches!(
             s,
@@ -98,14 +92,15 @@ pub fn points_per_thread(k: &Kernel) -> u32 {
                 | Stmt::Mma { .. }
         )
     });
-    match k.grid.last() {
-        Some(IExpr::Const(e)) if straight && *e >= n && e % n == 0 && k.grid.len() > 1 => per,
-        // A last extent that only the narrow count fails to divide keeps four.
-        Some(IExpr::Const(e))
-            if straight && narrow && *e >= 4 && e % 4 == 0 && k.grid.len() > 1 =>
-        {
-            POINTS_PER_THREAD
-        }
+    // The largest count that divides a constant last extent (8 only for narrow kernels).
+    let divides = |n: u32| match k.grid.last() {
+        Some(IExpr::Const(e)) => *e >= i64::from(n) && e % i64::from(n) == 0,
+        _ => false,
+    };
+    let wide = [POINTS_PER_THREAD_NARROW, POINTS_PER_THREAD];
+    let counts = if narrow { &wide[..] } else { &wide[1..] };
+    match counts.iter().find(|&&n| divides(n)) {
+        Some(&n) if straight && k.grid.len() > 1 => n,
         _ => 1,
     }
 }
