@@ -557,9 +557,14 @@ fn tiled_ssd_matches_the_cpu() {
         // The GPU's carries are tiled too (`on_gpu`); the CPU's walk the chunks.
         assert_eq!(tiled_named(true), 3, "{what}: the carries");
         let c = case(&g, &g, b as usize, l, 1, 31);
-        for (out, cpu, gpu) in &both_with(&what, &dev, &g, &c, &tiled) {
-            let r = assert_normwise(&format!("{what} {out}"), gpu, cpu, 1e-3);
-            eprintln!("{what} {out}: normwise {r:.2e}");
+        // Both entries of every kernel: 32-bit index math (what these sizes launch) and i64.
+        for index32 in [true, false] {
+            dev.exec().set_index32(index32);
+            let what = format!("{what} index32 {index32}");
+            for (out, cpu, gpu) in &both_with(&what, &dev, &g, &c, &tiled) {
+                let r = assert_normwise(&format!("{what} {out}"), gpu, cpu, 1e-3);
+                eprintln!("{what} {out}: normwise {r:.2e}");
+            }
         }
     }
 }

@@ -82,6 +82,14 @@ fn compile_graph_with(what: &str, graph: &ir::Graph, target: Target, opts: &Lowe
             "{what}: kernel `{}` is not an .entry `{name}`",
             k.name
         );
+        // The tiled kernels and those with lanes per point also have a 32-bit entry.
+        let narrow = format!(".entry {}(", ir::kernel::index32_entry(name));
+        assert_eq!(
+            ptx.text.contains(&narrow),
+            codegen::nvptx::index32_pays(k),
+            "{what}: kernel `{}` and its 32-bit entry",
+            k.name
+        );
     }
     assert!(
         !ptx.text.contains(".func"),
@@ -148,6 +156,11 @@ fn mamba2_tiled_ssd_forward_assembles() {
             ptx.text
                 .contains("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32")
         );
+        // Launch bounds: 256 threads everywhere; the tiled forward's 90 KB of shared memory
+        // let two blocks share an SM, and ptxas is asked to keep registers for both.
+        let entries = ptx.text.matches(".entry ").count();
+        assert_eq!(ptx.text.matches(".maxntid 256, 1, 1").count(), entries);
+        assert!(ptx.text.contains(".minnctapersm 2"));
         assemble(&what, &ptx);
     }
 }

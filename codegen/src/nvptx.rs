@@ -2,8 +2,9 @@
 //!
 //! # The generated kernels
 //!
-//! Every kernel of the IR becomes one `.entry` (the PTX kernel calling convention) of one
-//! module, named by [`entry_names`]:
+//! Every kernel of the IR becomes an `.entry` (the PTX kernel calling convention) of one
+//! module, named by [`entry_names`], and where [`index32_pays`] a second one with 32-bit
+//! index math, named by [`ir::kernel::index32_entry`] of that name:
 //!
 //! ```text
 //! .entry name(.param .u64 buf0, ..., .param .u64 buf{n-1}, .param .u64 size0, ...)
@@ -46,9 +47,15 @@
 //! - Storage: bf16 loads shift into the top half of an f32; bf16 stores round to nearest even
 //!   with the CPU's integer trick (NaNs stay quiet NaNs): bit-identical. f16 converts with
 //!   `cvt` (round to nearest even, as `half`). f64 loads round to f32, stores widen.
-//! - Index math is i64; `Div`/`Rem` are floor division/remainder as in the CPU backend
+//! - Index math is i64 in a kernel's entry and i32 in its second entry where it has one
+//!   (the runtime launches it where [`ir::kernel::INDEX32_LIMIT`] bounds every index);
+//!   `Div`/`Rem` are floor division/remainder as in the CPU backend
 //!   (shifts and masks for power-of-two constants, `sdiv` plus a fix-up otherwise). A divisor
 //!   that is not positive is undefined behaviour.
+//!
+//! Index arithmetic carries `nsw` (no index wraps: in the 32-bit entry the runtime's bound
+//! guarantees it), so that LLVM may widen `i + 1` after a sign extension and merge a
+//! thread's neighbouring accesses into vector ones as it does with i64.
 //!
 //! Scalars, loop counters and local arrays are allocas in the entry block; `default<O3>`
 //! (with the NVPTX target machine, so address-space inference runs) promotes them to
@@ -178,6 +185,10 @@ pub fn entry_names(kernels: &[Kernel]) -> Vec<String> {
             if s.is_empty() || s.starts_with(|c: char| c.is_ascii_digit()) {
                 s.insert(0, 'k');
             }
+            // Keeps `index32_entry` names apart from every entry name.
+            if s.ends_with(ir::kernel::INDEX32_SUFFIX) {
+                s.push('_');
+            }
             if !seen.insert(s.clone()) {
                 s = format!("{s}_{i}");
                 seen.insert(s.clone());
@@ -296,24 +307,29 @@ fn generate(
     module.set_triple(&tm.get_triple());
     module.set_data_layout(&tm.get_target_data().get_data_layout());
     let names = entry_names(kernels);
-    let mut fns = Vec::with_capacity(kernels.len());
+    let mut fns = Vec::with_capacity(2 * kernels.len());
     for (k, name) in kernels.iter().zip(&names) {
-        let f = build_kernel(&ctx, &module, k, name).map_err(|e| match e {
-            GenErr::Unsupported(message) => PtxError::Unsupported {
-                kernel: k.name.clone(),
-                message,
-            },
-            GenErr::Llvm(message) => PtxError::Llvm {
-                kernel: k.name.clone(),
-                message,
-            },
-        })?;
-        fns.push(f);
+        let mut entries = vec![(name.clone(), false)];
+        if index32_pays(k) {
+            entries.push((ir::kernel::index32_entry(name), true));
+        }
+        for (entry, index32) in entries {
+            let f = build_kernel(&ctx, &module, k, &entry, index32).map_err(|e| match e {
+                GenErr::Unsupported(message) => PtxError::Unsupported {
+                    kernel: k.name.clone(),
+                    message,
+                },
+                GenErr::Llvm(message) => PtxError::Llvm {
+                    kernel: k.name.clone(),
+                    message,
+                },
+            })?;
+            fns.push((k, f));
+        }
     }
     if let Err(e) = module.verify() {
-        let kernel = kernels
+        let kernel = fns
             .iter()
-            .zip(&fns)
             .find(|(_, f)| !f.verify(false))
             .map(|(k, _)| k.name.clone())
             .unwrap_or_default();
@@ -337,6 +353,28 @@ fn generate(
     Ok((text, names))
 }
 
+/// Whether a kernel gets a second entry with 32-bit index math: the tiled kernels, and
+/// those whose lanes share a point and whose loops do not nest. Measured at H = 80,
+/// L = 65536 on the H200 (i64 -> i32): the tiled forward 3.70 -> 3.27 ms, the gradient's
+/// 2.28 -> 1.88, the carries 1.27-1.62 -> 0.94, `grad_dots` (a loop across lanes)
+/// 1.69 -> 1.32. Others lost: elementwise kernels merged fewer neighbouring accesses into
+/// vector ones after the sign extensions (`grad_x` 0.91 -> 1.70 ms), and `grad_dcb`, whose
+/// lanes each walk an inner loop over heads, lost its strength-reduced addresses there
+/// (1.37 -> 2.32 ms).
+pub fn index32_pays(k: &Kernel) -> bool {
+    fn depth(body: &[Stmt]) -> usize {
+        body.iter()
+            .map(|s| match s {
+                Stmt::For { body, .. } => 1 + depth(body),
+                Stmt::Each { body, .. } => depth(body),
+                _ => 0,
+            })
+            .max()
+            .unwrap_or(0)
+    }
+    ir::tile::is_tiled(k) || (ir::lanes::threads_per_point(k) > 1 && depth(&k.body) <= 1)
+}
+
 struct Types<'ctx> {
     f32: FloatType<'ctx>,
     f64: FloatType<'ctx>,
@@ -344,6 +382,8 @@ struct Types<'ctx> {
     i64: IntType<'ctx>,
     i32: IntType<'ctx>,
     i16: IntType<'ctx>,
+    /// Index math's type: i64, or i32 in a kernel's 32-bit entry ([`ir::kernel::index32_entry`]).
+    ix: IntType<'ctx>,
 }
 
 struct Gen<'a, 'ctx> {
@@ -378,6 +418,7 @@ fn build_kernel<'ctx>(
     module: &Module<'ctx>,
     k: &Kernel,
     name: &str,
+    index32: bool,
 ) -> G<FunctionValue<'ctx>> {
     let t = Types {
         f32: ctx.f32_type(),
@@ -386,6 +427,11 @@ fn build_kernel<'ctx>(
         i64: ctx.i64_type(),
         i32: ctx.i32_type(),
         i16: ctx.i16_type(),
+        ix: if index32 {
+            ctx.i32_type()
+        } else {
+            ctx.i64_type()
+        },
     };
     let gptr = ctx.ptr_type(global());
     let mut params: Vec<inkwell::types::BasicMetadataTypeEnum> = Vec::new();
@@ -447,7 +493,8 @@ fn build_kernel<'ctx>(
         let p = f
             .get_nth_param((k.bufs.len() + i) as u32)
             .ok_or_else(|| GenErr::Llvm("missing parameter".into()))?;
-        sizes.push(p.into_int_value());
+        // The sizes stay i64 parameters in both entries (one launch code path).
+        sizes.push(ab.build_int_truncate_or_bit_cast(p.into_int_value(), t.ix, "")?);
     }
     let mut g = Gen {
         ctx,
@@ -471,7 +518,41 @@ fn build_kernel<'ctx>(
     };
     g.function()?;
     g.ab.build_unconditional_branch(start)?;
+    annotate(ctx, module, f, k);
     Ok(f)
+}
+
+/// Shared memory per SM that blocks of a tiled kernel may take on the targets (H100/H200:
+/// 228 KB, less 1 KB per block the system reserves, counted in [`annotate`]).
+const SM_SHARED_BYTES: usize = 228 * 1024;
+
+/// The most blocks per SM a tiled kernel asks for: 4 blocks of 256 threads leave 64
+/// registers a thread. Asking for 6 (what the tiled carries' 32 KB would allow) capped
+/// them at 40 registers, and they spilled.
+const MAX_TILED_BLOCKS: usize = 4;
+
+/// Launch bounds for ptxas (`nvvm.annotations`): every launch has [`ir::lanes::BLOCK`]
+/// threads (`.maxntid`), and a tiled kernel asks for as many blocks per SM as its shared
+/// memory allows (`.minnctapersm`), so that ptxas keeps its registers within what those
+/// blocks leave: at 129 registers (the tiled forward's 32-bit entry once) one block fit an
+/// SM where shared memory allowed two, and the kernel took 5.5 ms where it had taken 3.6.
+fn annotate<'ctx>(ctx: &'ctx Context, module: &Module<'ctx>, f: FunctionValue<'ctx>, k: &Kernel) {
+    let i32t = ctx.i32_type();
+    let add = |key: &str, v: u32| {
+        let md = ctx.metadata_node(&[
+            f.as_global_value().as_pointer_value().into(),
+            ctx.metadata_string(key).into(),
+            i32t.const_int(u64::from(v), false).into(),
+        ]);
+        // Fails only for a name that is not a named metadata's.
+        let _ = module.add_global_metadata("nvvm.annotations", &md);
+    };
+    add("maxntidx", ir::lanes::BLOCK);
+    if ir::tile::is_tiled(k) {
+        let per_block = ir::tile::shared_bytes(k) + 1024;
+        let blocks = (SM_SHARED_BYTES / per_block).clamp(1, MAX_TILED_BLOCKS);
+        add("minctasm", blocks as u32);
+    }
 }
 
 impl<'ctx> Gen<'_, 'ctx> {
@@ -479,8 +560,8 @@ impl<'ctx> Gen<'_, 'ctx> {
         Err(GenErr::Unsupported(m))
     }
 
-    fn i64c(&self, v: i64) -> IntValue<'ctx> {
-        self.t.i64.const_int(v as u64, true)
+    fn ixc(&self, v: i64) -> IntValue<'ctx> {
+        self.t.ix.const_int(v as u64, true)
     }
 
     fn f32c(&self, v: f32) -> FloatValue<'ctx> {
@@ -520,7 +601,7 @@ impl<'ctx> Gen<'_, 'ctx> {
             &[],
         );
         let v = self.call(f, &[])?.into_int_value();
-        Ok(self.b.build_int_z_extend(v, self.t.i64, name)?)
+        Ok(self.b.build_int_z_extend_or_bit_cast(v, self.t.ix, name)?)
     }
 
     fn alloca<T: BasicType<'ctx>>(&self, ty: T, name: &str) -> G<PointerValue<'ctx>> {
@@ -533,22 +614,22 @@ impl<'ctx> Gen<'_, 'ctx> {
         for g in &k.grid {
             extents.push(self.iexpr(g)?);
         }
-        let mut total = self.i64c(1);
+        let mut total = self.ixc(1);
         for e in &extents {
-            total = self.b.build_int_mul(total, *e, "total")?;
+            total = self.b.build_int_nsw_mul(total, *e, "total")?;
         }
         let ctaid = self.sreg("ctaid.x")?;
         let ntid = self.sreg("ntid.x")?;
         let tid = self.sreg("tid.x")?;
         let nctaid = self.sreg("nctaid.x")?;
-        let first = self.b.build_int_mul(ctaid, ntid, "")?;
-        let mut first = self.b.build_int_add(first, tid, "first")?;
-        let mut stride = self.b.build_int_mul(nctaid, ntid, "stride")?;
+        let first = self.b.build_int_nsw_mul(ctaid, ntid, "")?;
+        let mut first = self.b.build_int_nsw_add(first, tid, "first")?;
+        let mut stride = self.b.build_int_nsw_mul(nctaid, ntid, "stride")?;
         let threads = self.split.threads_per_point();
         if threads > 1 {
             // `threads` lanes per grid point (launch blocks are multiples of it, so a point's
             // lanes share a warp or are the whole block and take every branch together).
-            let lanes = self.i64c(i64::from(threads));
+            let lanes = self.ixc(i64::from(threads));
             self.lane = Some(self.b.build_int_unsigned_rem(first, lanes, "lane")?);
             first = self.b.build_int_unsigned_div(first, lanes, "")?;
             stride = self.b.build_int_unsigned_div(stride, lanes, "")?;
@@ -588,9 +669,9 @@ impl<'ctx> Gen<'_, 'ctx> {
         if per > 1 {
             total = self
                 .b
-                .build_int_unsigned_div(total, self.i64c(i64::from(per)), "groups")?;
+                .build_int_unsigned_div(total, self.ixc(i64::from(per)), "groups")?;
         }
-        let flat = self.alloca(self.t.i64, "flat")?;
+        let flat = self.alloca(self.t.ix, "flat")?;
         self.b.build_store(flat, first)?;
         let head = self.ctx.append_basic_block(self.f, "points");
         let body = self.ctx.append_basic_block(self.f, "point");
@@ -598,7 +679,7 @@ impl<'ctx> Gen<'_, 'ctx> {
         self.b.build_unconditional_branch(head)?;
 
         self.b.position_at_end(head);
-        let p = self.b.build_load(self.t.i64, flat, "p")?.into_int_value();
+        let p = self.b.build_load(self.t.ix, flat, "p")?.into_int_value();
         let more = self
             .b
             .build_int_compare(IntPredicate::SLT, p, total, "more")?;
@@ -606,9 +687,9 @@ impl<'ctx> Gen<'_, 'ctx> {
 
         self.b.position_at_end(body);
         let dims = extents.len();
-        let mut coords = vec![self.i64c(0); dims];
+        let mut coords = vec![self.ixc(0); dims];
         let mut rest = if per > 1 {
-            self.b.build_int_mul(p, self.i64c(i64::from(per)), "")?
+            self.b.build_int_nsw_mul(p, self.ixc(i64::from(per)), "")?
         } else {
             p
         };
@@ -627,12 +708,12 @@ impl<'ctx> Gen<'_, 'ctx> {
                 let last = dims - 1;
                 at[last] = self
                     .b
-                    .build_int_add(coords[last], self.i64c(i64::from(u)), "")?;
+                    .build_int_nsw_add(coords[last], self.ixc(i64::from(u)), "")?;
             }
             self.grid = at;
             self.block(&k.body)?;
         }
-        let p1 = self.b.build_int_add(p, stride, "")?;
+        let p1 = self.b.build_int_nsw_add(p, stride, "")?;
         self.b.build_store(flat, p1)?;
         self.b.build_unconditional_branch(head)?;
 
@@ -678,25 +759,25 @@ impl<'ctx> Gen<'_, 'ctx> {
                     let v = self.f32c(*init as f32);
                     if *len <= 32 {
                         for i in 0..*len {
-                            let a = self.arr_elem(p, self.i64c(i as i64))?;
+                            let a = self.arr_elem(p, self.ixc(i as i64))?;
                             self.b.build_store(a, v)?;
                         }
                     } else {
-                        let c = self.alloca(self.t.i64, "fill")?;
-                        self.b.build_store(c, self.i64c(0))?;
+                        let c = self.alloca(self.t.ix, "fill")?;
+                        self.b.build_store(c, self.ixc(0))?;
                         let lp = self.ctx.append_basic_block(self.f, "fill");
                         let done = self.ctx.append_basic_block(self.f, "filled");
                         self.b.build_unconditional_branch(lp)?;
                         self.b.position_at_end(lp);
-                        let i = self.b.build_load(self.t.i64, c, "")?.into_int_value();
+                        let i = self.b.build_load(self.t.ix, c, "")?.into_int_value();
                         let a = self.arr_elem(p, i)?;
                         self.b.build_store(a, v)?;
-                        let i1 = self.b.build_int_add(i, self.i64c(1), "")?;
+                        let i1 = self.b.build_int_nsw_add(i, self.ixc(1), "")?;
                         self.b.build_store(c, i1)?;
                         let more = self.b.build_int_compare(
                             IntPredicate::SLT,
                             i1,
-                            self.i64c(*len as i64),
+                            self.ixc(*len as i64),
                             "",
                         )?;
                         self.b.build_conditional_branch(more, lp, done)?;
@@ -721,13 +802,13 @@ impl<'ctx> Gen<'_, 'ctx> {
                     body,
                 } => {
                     let n = self.iexpr(extent)?;
-                    let c = self.alloca(self.t.i64, &format!("i{}", counter.0))?;
-                    self.b.build_store(c, self.i64c(0))?;
+                    let c = self.alloca(self.t.ix, &format!("i{}", counter.0))?;
+                    self.b.build_store(c, self.ixc(0))?;
                     let lp = self.ctx.append_basic_block(self.f, "loop");
                     let done = self.ctx.append_basic_block(self.f, "done");
                     let any = self
                         .b
-                        .build_int_compare(IntPredicate::SGT, n, self.i64c(0), "")?;
+                        .build_int_compare(IntPredicate::SGT, n, self.ixc(0), "")?;
                     self.b.build_conditional_branch(any, lp, done)?;
                     self.b.position_at_end(lp);
                     let outer = self.loops.insert(*counter, c);
@@ -736,8 +817,8 @@ impl<'ctx> Gen<'_, 'ctx> {
                         Some(o) => self.loops.insert(*counter, o),
                         None => self.loops.remove(counter),
                     };
-                    let i = self.b.build_load(self.t.i64, c, "")?.into_int_value();
-                    let i1 = self.b.build_int_add(i, self.i64c(1), "")?;
+                    let i = self.b.build_load(self.t.ix, c, "")?.into_int_value();
+                    let i1 = self.b.build_int_nsw_add(i, self.ixc(1), "")?;
                     self.b.build_store(c, i1)?;
                     let more = self.b.build_int_compare(IntPredicate::SLT, i1, n, "")?;
                     self.b.build_conditional_branch(more, lp, done)?;
@@ -800,15 +881,15 @@ impl<'ctx> Gen<'_, 'ctx> {
         let Some(smem) = self.smem else {
             return self.unsupported("a tile in a kernel without shared memory".into());
         };
-        let elem = self.i64c(s.dtype.size() as i64);
+        let elem = self.ixc(s.dtype.size() as i64);
         let i = self
             .b
-            .build_int_mul(r, self.i64c(s.row_stride as i64), "")?;
-        let i = self.b.build_int_add(i, c, "")?;
-        let bytes = self.b.build_int_mul(i, elem, "")?;
+            .build_int_nsw_mul(r, self.ixc(s.row_stride as i64), "")?;
+        let i = self.b.build_int_nsw_add(i, c, "")?;
+        let bytes = self.b.build_int_nsw_mul(i, elem, "")?;
         let bytes = self
             .b
-            .build_int_add(bytes, self.i64c(s.offset as i64), "")?;
+            .build_int_nsw_add(bytes, self.ixc(s.offset as i64), "")?;
         // SAFETY: an address inside the kernel's dynamic shared memory (indices in bounds
         // are the kernel IR's contract; the launch gives `ir::tile::shared_bytes`).
         Ok(unsafe {
@@ -844,15 +925,15 @@ impl<'ctx> Gen<'_, 'ctx> {
         for e in extents {
             ext.push(self.iexpr(e)?);
         }
-        let mut total = self.i64c(1);
+        let mut total = self.ixc(1);
         for e in &ext {
-            total = self.b.build_int_mul(total, *e, "")?;
+            total = self.b.build_int_nsw_mul(total, *e, "")?;
         }
-        let flat = self.alloca(self.t.i64, "each")?;
+        let flat = self.alloca(self.t.ix, "each")?;
         self.b.build_store(flat, lane)?;
         let slots: Vec<PointerValue<'ctx>> = counters
             .iter()
-            .map(|c| self.alloca(self.t.i64, &format!("i{}", c.0)))
+            .map(|c| self.alloca(self.t.ix, &format!("i{}", c.0)))
             .collect::<G<_>>()?;
         let outer: Vec<_> = counters
             .iter()
@@ -865,17 +946,17 @@ impl<'ctx> Gen<'_, 'ctx> {
             let done = self.ctx.append_basic_block(self.f, "each_done");
             self.b.build_unconditional_branch(head)?;
             self.b.position_at_end(head);
-            let f = self.b.build_load(self.t.i64, flat, "")?.into_int_value();
+            let f = self.b.build_load(self.t.ix, flat, "")?.into_int_value();
             let last = self
                 .b
-                .build_int_add(f, self.i64c((unroll - 1) * threads), "")?;
+                .build_int_nsw_add(f, self.ixc((unroll - 1) * threads), "")?;
             let more = self
                 .b
                 .build_int_compare(IntPredicate::SLT, last, total, "")?;
             self.b.build_conditional_branch(more, next, done)?;
             self.b.position_at_end(next);
             for u in 0..unroll {
-                let mut rest = self.b.build_int_add(f, self.i64c(u * threads), "")?;
+                let mut rest = self.b.build_int_nsw_add(f, self.ixc(u * threads), "")?;
                 for d in (0..ext.len()).rev() {
                     let v = if d > 0 {
                         let v = self.b.build_int_unsigned_rem(rest, ext[d], "")?;
@@ -888,7 +969,9 @@ impl<'ctx> Gen<'_, 'ctx> {
                 }
                 self.block(body)?;
             }
-            let f1 = self.b.build_int_add(f, self.i64c(unroll * threads), "")?;
+            let f1 = self
+                .b
+                .build_int_nsw_add(f, self.ixc(unroll * threads), "")?;
             self.b.build_store(flat, f1)?;
             self.b.build_unconditional_branch(head)?;
             self.b.position_at_end(done);
@@ -924,12 +1007,12 @@ impl<'ctx> Gen<'_, 'ctx> {
         let tiles_n = n / (8 * nt);
         let blocks = (m / (16 * mt)) * tiles_n;
         let warps = i64::from(ir::tile::TILE_THREADS / WARP);
-        let c = |v: i64| self.i64c(v);
+        let c = |v: i64| self.ixc(v);
         let b = &self.b;
         let warp = b.build_int_unsigned_div(lane, c(i64::from(WARP)), "warp")?;
         let l = b.build_int_unsigned_rem(lane, c(i64::from(WARP)), "")?;
         let g = b.build_int_unsigned_div(l, c(4), "g")?;
-        let t2 = b.build_int_mul(b.build_int_unsigned_rem(l, c(4), "")?, c(2), "t2")?;
+        let t2 = b.build_int_nsw_mul(b.build_int_unsigned_rem(l, c(4), "")?, c(2), "t2")?;
 
         let f32t = self.t.f32;
         let i32t = self.t.i32;
@@ -945,31 +1028,31 @@ impl<'ctx> Gen<'_, 'ctx> {
             .collect::<G<_>>()?;
 
         // for (bi = warp; bi < blocks; bi += warps)
-        let bi = self.alloca(self.t.i64, "mma_block")?;
+        let bi = self.alloca(self.t.ix, "mma_block")?;
         self.b.build_store(bi, warp)?;
         let head = self.ctx.append_basic_block(self.f, "mma");
         let body = self.ctx.append_basic_block(self.f, "mma_block");
         let done = self.ctx.append_basic_block(self.f, "mma_done");
         self.b.build_unconditional_branch(head)?;
         self.b.position_at_end(head);
-        let blk = self.b.build_load(self.t.i64, bi, "")?.into_int_value();
+        let blk = self.b.build_load(self.t.ix, bi, "")?.into_int_value();
         let more = self
             .b
             .build_int_compare(IntPredicate::SLT, blk, c(blocks), "")?;
         self.b.build_conditional_branch(more, body, done)?;
         self.b.position_at_end(body);
         let row0 = self.b.build_int_unsigned_div(blk, c(tiles_n), "")?;
-        let row0 = self.b.build_int_mul(row0, c(16 * mt), "row0")?;
+        let row0 = self.b.build_int_nsw_mul(row0, c(16 * mt), "row0")?;
         let col0 = self.b.build_int_unsigned_rem(blk, c(tiles_n), "")?;
-        let col0 = self.b.build_int_mul(col0, c(8 * nt), "col0")?;
+        let col0 = self.b.build_int_nsw_mul(col0, c(8 * nt), "col0")?;
         // The accumulator registers: acc[(mi * nt + ni) * 4 + r].
         let at = |i: i64, j: i64| -> G<(IntValue<'ctx>, IntValue<'ctx>)> {
             let r = self
                 .b
-                .build_int_add(row0, self.b.build_int_add(g, c(i), "")?, "")?;
+                .build_int_nsw_add(row0, self.b.build_int_nsw_add(g, c(i), "")?, "")?;
             let cc = self
                 .b
-                .build_int_add(col0, self.b.build_int_add(t2, c(j), "")?, "")?;
+                .build_int_nsw_add(col0, self.b.build_int_nsw_add(t2, c(j), "")?, "")?;
             Ok((r, cc))
         };
         for mi in 0..mt {
@@ -988,26 +1071,26 @@ impl<'ctx> Gen<'_, 'ctx> {
             }
         }
         // for (k0 = 0; k0 < depth; k0 += 16)
-        let kc = self.alloca(self.t.i64, "mma_k")?;
+        let kc = self.alloca(self.t.ix, "mma_k")?;
         self.b.build_store(kc, c(0))?;
         let kloop = self.ctx.append_basic_block(self.f, "mma_k");
         let kdone = self.ctx.append_basic_block(self.f, "mma_k_done");
         self.b.build_unconditional_branch(kloop)?;
         self.b.position_at_end(kloop);
-        let k0 = self.b.build_load(self.t.i64, kc, "")?.into_int_value();
+        let k0 = self.b.build_load(self.t.ix, kc, "")?.into_int_value();
         let word = |s: TileSlot, r: IntValue<'ctx>, kk: i64| -> G<IntValue<'ctx>> {
             let col = self
                 .b
-                .build_int_add(k0, self.b.build_int_add(t2, c(kk), "")?, "")?;
+                .build_int_nsw_add(k0, self.b.build_int_nsw_add(t2, c(kk), "")?, "")?;
             let p = self.tile_elem(s, r, col)?;
             Ok(self.b.build_load(i32t, p, "")?.into_int_value())
         };
         let mut afr = Vec::new();
         for mi in 0..mt {
-            let r0 = self
-                .b
-                .build_int_add(row0, self.b.build_int_add(g, c(16 * mi), "")?, "")?;
-            let r8 = self.b.build_int_add(r0, c(8), "")?;
+            let r0 =
+                self.b
+                    .build_int_nsw_add(row0, self.b.build_int_nsw_add(g, c(16 * mi), "")?, "")?;
+            let r8 = self.b.build_int_nsw_add(r0, c(8), "")?;
             afr.push([
                 word(as_, r0, 0)?,
                 word(as_, r8, 0)?,
@@ -1017,9 +1100,9 @@ impl<'ctx> Gen<'_, 'ctx> {
         }
         let mut bfr = Vec::new();
         for ni in 0..nt {
-            let col = self
-                .b
-                .build_int_add(col0, self.b.build_int_add(g, c(8 * ni), "")?, "")?;
+            let col =
+                self.b
+                    .build_int_nsw_add(col0, self.b.build_int_nsw_add(g, c(8 * ni), "")?, "")?;
             bfr.push([word(bs, col, 0)?, word(bs, col, 8)?]);
         }
         for mi in 0..mt {
@@ -1047,7 +1130,7 @@ impl<'ctx> Gen<'_, 'ctx> {
                 }
             }
         }
-        let k1 = self.b.build_int_add(k0, c(16), "")?;
+        let k1 = self.b.build_int_nsw_add(k0, c(16), "")?;
         self.b.build_store(kc, k1)?;
         let kmore = self
             .b
@@ -1066,7 +1149,7 @@ impl<'ctx> Gen<'_, 'ctx> {
                 }
             }
         }
-        let blk1 = self.b.build_int_add(blk, c(warps), "")?;
+        let blk1 = self.b.build_int_nsw_add(blk, c(warps), "")?;
         self.b.build_store(bi, blk1)?;
         self.b.build_unconditional_branch(head)?;
         self.b.position_at_end(done);
@@ -1105,7 +1188,7 @@ impl<'ctx> Gen<'_, 'ctx> {
         }
         let n = self.iexpr(extent)?;
         let step = i64::from(threads);
-        let c = self.alloca(self.t.i64, &format!("i{}", counter.0))?;
+        let c = self.alloca(self.t.ix, &format!("i{}", counter.0))?;
         self.b.build_store(c, lane)?;
         let outer = self.loops.insert(counter, c);
         // Unrolled by SPLIT_UNROLL (same order of iterations in a lane): the copies' loads
@@ -1117,31 +1200,31 @@ impl<'ctx> Gen<'_, 'ctx> {
         let done = self.ctx.append_basic_block(self.f, "lanes_done");
         self.b.build_unconditional_branch(main)?;
         self.b.position_at_end(main);
-        let i = self.b.build_load(self.t.i64, c, "")?.into_int_value();
+        let i = self.b.build_load(self.t.ix, c, "")?.into_int_value();
         let last = self
             .b
-            .build_int_add(i, self.i64c((SPLIT_UNROLL - 1) * step), "")?;
+            .build_int_nsw_add(i, self.ixc((SPLIT_UNROLL - 1) * step), "")?;
         let fits = self.b.build_int_compare(IntPredicate::SLT, last, n, "")?;
         self.b.build_conditional_branch(fits, main_body, rest)?;
         self.b.position_at_end(main_body);
         for u in 0..SPLIT_UNROLL {
-            let iu = self.b.build_int_add(i, self.i64c(u * step), "")?;
+            let iu = self.b.build_int_nsw_add(i, self.ixc(u * step), "")?;
             self.b.build_store(c, iu)?;
             self.block(body)?;
         }
         let next = self
             .b
-            .build_int_add(i, self.i64c(SPLIT_UNROLL * step), "")?;
+            .build_int_nsw_add(i, self.ixc(SPLIT_UNROLL * step), "")?;
         self.b.build_store(c, next)?;
         self.b.build_unconditional_branch(main)?;
         self.b.position_at_end(rest);
-        let i = self.b.build_load(self.t.i64, c, "")?.into_int_value();
+        let i = self.b.build_load(self.t.ix, c, "")?.into_int_value();
         let more = self.b.build_int_compare(IntPredicate::SLT, i, n, "")?;
         self.b.build_conditional_branch(more, rest_body, done)?;
         self.b.position_at_end(rest_body);
         self.block(body)?;
-        let i = self.b.build_load(self.t.i64, c, "")?.into_int_value();
-        let i1 = self.b.build_int_add(i, self.i64c(step), "")?;
+        let i = self.b.build_load(self.t.ix, c, "")?.into_int_value();
+        let i1 = self.b.build_int_nsw_add(i, self.ixc(step), "")?;
         self.b.build_store(c, i1)?;
         self.b.build_unconditional_branch(rest)?;
         self.b.position_at_end(done);
@@ -1206,12 +1289,12 @@ impl<'ctx> Gen<'_, 'ctx> {
         let Some(partials) = self.partials else {
             return self.unsupported("no shared memory for a block reduction".into());
         };
-        let warp = self.i64c(i64::from(WARP));
+        let warp = self.ixc(i64::from(WARP));
         let w = self.b.build_int_unsigned_div(lane, warp, "warp")?;
         let l = self.b.build_int_unsigned_rem(lane, warp, "")?;
         let first = self
             .b
-            .build_int_compare(IntPredicate::EQ, l, self.i64c(0), "")?;
+            .build_int_compare(IntPredicate::EQ, l, self.ixc(0), "")?;
         let write = self.ctx.append_basic_block(self.f, "partial");
         let written = self.ctx.append_basic_block(self.f, "partial_done");
         self.b.build_conditional_branch(first, write, written)?;
@@ -1221,10 +1304,10 @@ impl<'ctx> Gen<'_, 'ctx> {
         self.b.build_unconditional_branch(written)?;
         self.b.position_at_end(written);
         self.barrier()?;
-        let a = self.shared_elem(partials, threads, self.i64c(0))?;
+        let a = self.shared_elem(partials, threads, self.ixc(0))?;
         let mut acc = self.b.build_load(self.t.f32, a, "")?.into_float_value();
         for i in 1..threads / WARP {
-            let a = self.shared_elem(partials, threads, self.i64c(i64::from(i)))?;
+            let a = self.shared_elem(partials, threads, self.ixc(i64::from(i)))?;
             let y = self.b.build_load(self.t.f32, a, "")?.into_float_value();
             acc = self.binary(op, acc, y)?;
         }
@@ -1240,7 +1323,7 @@ impl<'ctx> Gen<'_, 'ctx> {
     ) -> G<PointerValue<'ctx>> {
         let ty = self.t.f32.array_type(threads / WARP);
         // SAFETY: `i` < threads / WARP, inside the array.
-        Ok(unsafe { self.b.build_in_bounds_gep(ty, p, &[self.i64c(0), i], "")? })
+        Ok(unsafe { self.b.build_in_bounds_gep(ty, p, &[self.ixc(0), i], "")? })
     }
 
     /// `bar.sync 0`: every thread of the block, with memory ordering among them.
@@ -1305,7 +1388,7 @@ impl<'ctx> Gen<'_, 'ctx> {
         let mut i = self.iexpr(index)?;
         if self.split.distributed.contains(&arr) {
             // Element `i` is slot `i / T` of lane `i % T`.
-            let t = self.i64c(i64::from(self.split.threads_per_point()));
+            let t = self.ixc(i64::from(self.split.threads_per_point()));
             i = self.b.build_int_unsigned_div(i, t, "slot")?;
         }
         self.arr_elem(p, i)
@@ -1562,7 +1645,7 @@ impl<'ctx> Gen<'_, 'ctx> {
 
     fn iexpr(&mut self, e: &IExpr) -> G<IntValue<'ctx>> {
         Ok(match e {
-            IExpr::Const(n) => self.i64c(*n),
+            IExpr::Const(n) => self.ixc(*n),
             IExpr::Size(i) => match self.sizes.get(*i) {
                 Some(v) => *v,
                 None => return self.unsupported(format!("unknown size {i}")),
@@ -1575,19 +1658,19 @@ impl<'ctx> Gen<'_, 'ctx> {
                 let Some(p) = self.loops.get(l).copied() else {
                     return self.unsupported(format!("i{} outside its loop", l.0));
                 };
-                self.b.build_load(self.t.i64, p, "")?.into_int_value()
+                self.b.build_load(self.t.ix, p, "")?.into_int_value()
             }
             IExpr::Add(a, c) => {
                 let (x, y) = (self.iexpr(a)?, self.iexpr(c)?);
-                self.b.build_int_add(x, y, "")?
+                self.b.build_int_nsw_add(x, y, "")?
             }
             IExpr::Sub(a, c) => {
                 let (x, y) = (self.iexpr(a)?, self.iexpr(c)?);
-                self.b.build_int_sub(x, y, "")?
+                self.b.build_int_nsw_sub(x, y, "")?
             }
             IExpr::Mul(a, c) => {
                 let (x, y) = (self.iexpr(a)?, self.iexpr(c)?);
-                self.b.build_int_mul(x, y, "")?
+                self.b.build_int_nsw_mul(x, y, "")?
             }
             IExpr::Div(a, c) => self.divrem(a, c, false)?,
             IExpr::Rem(a, c) => self.divrem(a, c, true)?,
@@ -1602,9 +1685,12 @@ impl<'ctx> Gen<'_, 'ctx> {
                 match dtype {
                     DType::I32 => {
                         let v = self.b.build_load(self.t.i32, a, "")?.into_int_value();
-                        self.b.build_int_s_extend(v, self.t.i64, "")?
+                        self.b.build_int_s_extend_or_bit_cast(v, self.t.ix, "")?
                     }
-                    DType::I64 => self.b.build_load(self.t.i64, a, "")?.into_int_value(),
+                    DType::I64 => {
+                        let v = self.b.build_load(self.t.i64, a, "")?.into_int_value();
+                        self.b.build_int_truncate_or_bit_cast(v, self.t.ix, "")?
+                    }
                     other => {
                         return self.unsupported(format!("index load from an {other} buffer"));
                     }
@@ -1624,24 +1710,24 @@ impl<'ctx> Gen<'_, 'ctx> {
             if c.count_ones() == 1 {
                 let k = u64::from(c.trailing_zeros());
                 return Ok(if rem {
-                    self.b.build_and(x, self.i64c(c - 1), "")?
+                    self.b.build_and(x, self.ixc(c - 1), "")?
                 } else {
                     self.b
-                        .build_right_shift(x, self.t.i64.const_int(k, false), true, "")?
+                        .build_right_shift(x, self.t.ix.const_int(k, false), true, "")?
                 });
             }
         }
         let y = self.iexpr(d)?;
         let b = &self.b;
         let q = b.build_int_signed_div(x, y, "")?;
-        let qy = b.build_int_mul(q, y, "")?;
-        let r = b.build_int_sub(x, qy, "")?;
-        let neg = b.build_int_compare(IntPredicate::SLT, r, self.i64c(0), "")?;
+        let qy = b.build_int_nsw_mul(q, y, "")?;
+        let r = b.build_int_nsw_sub(x, qy, "")?;
+        let neg = b.build_int_compare(IntPredicate::SLT, r, self.ixc(0), "")?;
         Ok(if rem {
-            let r1 = b.build_int_add(r, y, "")?;
+            let r1 = b.build_int_nsw_add(r, y, "")?;
             b.build_select(neg, r1, r, "")?.into_int_value()
         } else {
-            let q1 = b.build_int_sub(q, self.i64c(1), "")?;
+            let q1 = b.build_int_nsw_sub(q, self.ixc(1), "")?;
             b.build_select(neg, q1, q, "")?.into_int_value()
         })
     }

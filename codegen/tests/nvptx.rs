@@ -197,8 +197,13 @@ fn entry_names_are_identifiers_and_unique() {
     b.name = "x-y".into();
     let mut c = everything();
     c.name = "x_y".into();
-    let names = entry_names(&[a, b, c]);
-    assert_eq!(names, vec!["k7up", "x_y", "x_y_2"]);
+    // A name that ends like a 32-bit entry's is moved off it (`index32_entry(x_y)` stays
+    // free for `x_y`'s own).
+    let mut d = everything();
+    d.name = "x_y_idx32".into();
+    let names = entry_names(&[a, b, c, d]);
+    assert_eq!(names, vec!["k7up", "x_y", "x_y_2", "x_y_idx32_"]);
+    assert_eq!(ir::kernel::index32_entry(&names[1]), "x_y_idx32");
 }
 
 /// Equal kernel sets share one compiled module; another set or target compiles anew, and

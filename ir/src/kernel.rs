@@ -34,6 +34,26 @@ pub struct KBuf {
 /// PTX assumes it too. The CPU backend assumes nothing.
 pub const BUF_ALIGN: u64 = 16;
 
+/// The suffix of a GPU kernel's second entry (where the NVPTX backend gives it one), which
+/// does its index math in 32 bits: i64
+/// multiplies, divisions and shifts are several instructions each on the GPU, and index
+/// math was most of the instructions of the tiled SSD kernels. The runtime launches it
+/// where every value an index can reach is below [`INDEX32_LIMIT`]. No kernel's own entry
+/// name ends with it (`codegen::nvptx::entry_names`), so the two never collide.
+pub const INDEX32_SUFFIX: &str = "_idx32";
+
+/// The bound below which a launch may use the 32-bit entry: every buffer it binds has fewer
+/// elements, its grid fewer points, every runtime size is smaller. A kernel's indices are
+/// in-bounds element indices, grid coordinates and loop counters (or their partial sums),
+/// so they stay below it; the factor 2 to `i32::MAX` leaves room for a grid-stride step or
+/// an unrolled iteration past the end, which are compared before use.
+pub const INDEX32_LIMIT: u64 = 1 << 30;
+
+/// The 32-bit entry of the kernel whose entry is `entry`.
+pub fn index32_entry(entry: &str) -> String {
+    format!("{entry}{INDEX32_SUFFIX}")
+}
+
 /// An i64 index expression.
 #[derive(Clone, Debug, PartialEq)]
 pub enum IExpr {

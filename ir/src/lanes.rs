@@ -33,7 +33,7 @@ use std::collections::{HashMap, HashSet};
 pub const WARP: u32 = 32;
 
 /// Lanes of a block: a point whose split loops are long gets a whole block. Launches must
-/// use blocks of exactly this many threads (or a multiple of it).
+/// use blocks of exactly this many threads (the NVPTX backend declares it as `.maxntid`).
 pub const BLOCK: u32 = 256;
 
 /// Loops with a constant extent below this stay sequential: most lanes would idle.

@@ -109,6 +109,11 @@ pub struct CudaExecutor {
     _queue: Arc<Queue>,
     _module: Arc<CudaModule>,
     funcs: Vec<CudaFunction>,
+    /// Each kernel's entry with 32-bit index math, where the module has one
+    /// ([`ir::kernel::index32_entry`]); launched where the sizes allow ([`fits_index32`]).
+    funcs32: Vec<Option<CudaFunction>>,
+    /// Whether launches may use `funcs32` ([`CudaExecutor::set_index32`]).
+    index32: std::sync::atomic::AtomicBool,
     /// `Kernel::convert(f32 -> bf16)`, for matrix products with bf16 weights.
     to_bf16: Option<CudaFunction>,
     /// f32 matrix products on tensor cores with TF32 inputs ([`CudaExecutor::set_tf32`]).
@@ -403,11 +408,26 @@ impl CudaExecutor {
         let queue = queue_for(&ctx, ordinal)?;
         let module = module_for(&ctx, ordinal, ptx)?;
         let mut funcs = Vec::with_capacity(entries.len());
+        let mut funcs32 = Vec::with_capacity(entries.len());
+        // Only kernels the backend gave a 32-bit entry have one (looking up a missing name
+        // is an API error, which compute-sanitizer reports).
+        let defined: std::collections::HashSet<&str> = ptx_entries(ptx).collect();
+
         for e in entries {
             let f = module
                 .load_function(e)
                 .map_err(|err| CudaError::Module(format!("entry `{e}`: {err}")))?;
             funcs.push(f);
+            // Optional: PTX from elsewhere (an older artifact) may have only the i64 entries.
+            let e32 = ir::kernel::index32_entry(e);
+            funcs32.push(match defined.contains(e32.as_str()) {
+                true => Some(
+                    module
+                        .load_function(&e32)
+                        .map_err(|err| CudaError::Module(format!("entry `{e32}`: {err}")))?,
+                ),
+                false => None,
+            });
         }
         let to_bf16 = match to_bf16 {
             Some(e) => Some(
@@ -424,6 +444,11 @@ impl CudaExecutor {
             _queue: queue,
             _module: module,
             funcs,
+            funcs32,
+            // MA2MBA_INDEX64=1: only the i64 entries (to compare, or to rule the others out).
+            index32: std::sync::atomic::AtomicBool::new(
+                std::env::var("MA2MBA_INDEX64").map_or(true, |v| v != "1"),
+            ),
             to_bf16,
             tf32: std::sync::atomic::AtomicBool::new(
                 TF32_DEFAULT.load(std::sync::atomic::Ordering::Relaxed),
@@ -465,10 +490,24 @@ impl CudaExecutor {
                 .funcs
                 .get(i)
                 .ok_or_else(|| fail("no entry for this kernel in the module".into()))?;
-            f.set_attribute(MAX_SHARED, la.shared as i32)
-                .map_err(|e| fail(format!("{} bytes of shared memory: {e}", la.shared)))?;
+            let f32 = self.funcs32.get(i).and_then(Option::as_ref);
+            for f in std::iter::once(f).chain(f32) {
+                f.set_attribute(MAX_SHARED, la.shared as i32)
+                    .map_err(|e| fail(format!("{} bytes of shared memory: {e}", la.shared)))?;
+            }
         }
         Ok(lanes)
+    }
+
+    /// Whether kernels launch their entries with 32-bit index math where the sizes allow
+    /// ([`ir::kernel::INDEX32_LIMIT`]; on by default, off with `MA2MBA_INDEX64=1`). Off,
+    /// every launch runs the i64 entry.
+    pub fn set_index32(&self, on: bool) {
+        self.index32.store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn index32(&self) -> bool {
+        self.index32.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Whether f32 matrix products run on tensor cores with their inputs rounded to TF32
@@ -1064,7 +1103,7 @@ impl CudaExecutor {
         b: &Bound,
         node: &ir::NodeId,
     ) -> Result<(), CudaError> {
-        let (k, func) = (&l.kernels[kernel], &self.funcs[kernel]);
+        let k = &l.kernels[kernel];
         let (ptrs, sizes) = (&b.ptrs, &b.sizes);
         let Launch {
             threads: lanes,
@@ -1085,7 +1124,12 @@ impl CudaExecutor {
                 k.sizes.len()
             )));
         }
-        let total = match grid_points(&k.grid, sizes) {
+        let points = grid_points(&k.grid, sizes);
+        let func = match &self.funcs32[kernel] {
+            Some(f) if self.index32() && fits_index32(&points, bufs, k, b) => f,
+            _ => &self.funcs[kernel],
+        };
+        let total = match points {
             Ok(Some(0)) => return Ok(()),
             Ok(Some(n)) => n.div_ceil(u64::from(per)).saturating_mul(u64::from(lanes)),
             // Extents read from device buffers: the kernel loops over its grid.
@@ -1841,6 +1885,35 @@ fn check_len(name: &str, got: usize, want: usize) -> Result<(), ExecError> {
 }
 
 /// The number of grid points, or `None` if an extent reads a device buffer.
+/// The names of the `.entry`s defined in PTX text.
+fn ptx_entries(ptx: &str) -> impl Iterator<Item = &str> {
+    ptx.lines().filter_map(|line| {
+        let rest = line.trim_start().strip_prefix(".visible .entry ")?;
+        rest.split('(').next().map(str::trim)
+    })
+}
+
+/// Whether a launch of kernel `k` over `points` grid points with buffers `bufs` of binding
+/// `b` may run the kernel's 32-bit entry: the grid, every buffer's element count and every
+/// size are below [`ir::kernel::INDEX32_LIMIT`] (a grid sized by device values is not).
+fn fits_index32(
+    points: &Result<Option<u64>, String>,
+    bufs: &[usize],
+    k: &ir::kernel::Kernel,
+    b: &Bound,
+) -> bool {
+    let limit = ir::kernel::INDEX32_LIMIT;
+    let grid = matches!(points, Ok(Some(n)) if *n < limit);
+    let elems = bufs.iter().zip(&k.bufs).all(|(&i, kb)| {
+        b.plan
+            .bytes
+            .get(i)
+            .is_some_and(|&n| n / kb.dtype.size().max(1) < limit)
+    });
+    let sizes = b.sizes.iter().all(|&s| (0..limit as i64).contains(&s));
+    grid && elems && sizes
+}
+
 fn grid_points(grid: &[IExpr], sizes: &[i64]) -> Result<Option<u64>, String> {
     let ev = ir::kernel::eval::extent;
     let mut total: u64 = 1;
@@ -1854,4 +1927,14 @@ fn grid_points(grid: &[IExpr], sizes: &[i64]) -> Result<Option<u64>, String> {
             .ok_or_else(|| "grid point count overflows".to_string())?;
     }
     Ok(Some(total))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn ptx_entries_lists_the_defined_entries() {
+        let ptx = "// comment .visible .entry nope(\n.visible .entry a_1(\n\t.param .u64 a_1_param_0\n)\n{\n}\n.visible .entry a_1_idx32(\n.func f(\n";
+        let names: Vec<&str> = super::ptx_entries(ptx).collect();
+        assert_eq!(names, ["a_1", "a_1_idx32"]);
+    }
 }
