@@ -974,21 +974,22 @@ impl Lowering<'_> {
         );
         kb.body.push(stage);
 
-        // M, as the mask kernel computes it.
-        let (ci, cj) = (kb.counter(), kb.counter());
-        let (i, j) = (IExpr::Loop(ci), IExpr::Loop(cj));
+        // M, as the mask kernel computes it: its lower triangle folded into a rectangle
+        // ([`tri_fold`]: the loads of CB and the exponentials only where they count), then
+        // zeros above the diagonal.
+        let (cr, ct) = (kb.counter(), kb.counter());
+        let (i, j) = tri_fold(s.q, &IExpr::Loop(cr), &IExpr::Loop(ct), false);
         let staged = Some(Staged { a: ta, dt: td });
-        let m = mask_value(
-            &mut kb,
-            s,
-            pr,
-            [&b, &c, &h],
-            (&i, &j),
-            (true, false),
-            staged,
-        );
-        kb.body
-            .push(each(&[ci, cj], &[q, q], vec![tile_set(tm, &i, &j, m)]));
+        let m = mask_value(&mut kb, s, pr, [&b, &c, &h], (&i, &j), (true, true), staged);
+        kb.body.push(each(
+            &[cr, ct],
+            &[q / 2, q + 1],
+            vec![tile_set(tm, &i, &j, m)],
+        ));
+        let (cr, ct) = (kb.counter(), kb.counter());
+        let (i, j) = tri_fold(s.q, &IExpr::Loop(cr), &IExpr::Loop(ct), true);
+        let zero = tile_set(tm, &i, &j, Expr::Const(0.0));
+        kb.body.push(each(&[cr, ct], &[q / 2, q - 1], vec![zero]));
 
         // Xᵀ, a step's row of x per `p` (consecutive threads read consecutive `p`).
         let (cj, cp) = (kb.counter(), kb.counter());
