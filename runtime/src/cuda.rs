@@ -1894,24 +1894,31 @@ fn ptx_entries(ptx: &str) -> impl Iterator<Item = &str> {
 }
 
 /// Whether a launch of kernel `k` over `points` grid points with buffers `bufs` of binding
-/// `b` may run the kernel's 32-bit entry: the grid, every buffer's element count and every
-/// size are below [`ir::kernel::INDEX32_LIMIT`] (a grid sized by device values is not).
+/// `b` may run the kernel's 32-bit entry ([`index32_fits`]).
 fn fits_index32(
     points: &Result<Option<u64>, String>,
     bufs: &[usize],
     k: &ir::kernel::Kernel,
     b: &Bound,
 ) -> bool {
-    let limit = ir::kernel::INDEX32_LIMIT;
-    let grid = matches!(points, Ok(Some(n)) if *n < limit);
-    let elems = bufs.iter().zip(&k.bufs).all(|(&i, kb)| {
+    let points = points.as_ref().ok().copied().flatten();
+    // A buffer the plan does not size counts as too large.
+    let elems = bufs.iter().zip(&k.bufs).map(|(&i, kb)| {
         b.plan
             .bytes
             .get(i)
-            .is_some_and(|&n| n / kb.dtype.size().max(1) < limit)
+            .map_or(u64::MAX, |&n| n / kb.dtype.size().max(1))
     });
-    let sizes = b.sizes.iter().all(|&s| (0..limit as i64).contains(&s));
-    grid && elems && sizes
+    index32_fits(points, elems, &b.sizes)
+}
+
+/// Whether the grid (`None`: sized by device values), every buffer's element count and
+/// every size are below [`ir::kernel::INDEX32_LIMIT`].
+fn index32_fits(points: Option<u64>, mut elems: impl Iterator<Item = u64>, sizes: &[i64]) -> bool {
+    let limit = ir::kernel::INDEX32_LIMIT;
+    points.is_some_and(|n| n < limit)
+        && elems.all(|n| n < limit)
+        && sizes.iter().all(|&s| (0..limit as i64).contains(&s))
 }
 
 fn grid_points(grid: &[IExpr], sizes: &[i64]) -> Result<Option<u64>, String> {
@@ -1936,5 +1943,23 @@ mod tests {
         let ptx = "// comment .visible .entry nope(\n.visible .entry a_1(\n\t.param .u64 a_1_param_0\n)\n{\n}\n.visible .entry a_1_idx32(\n.func f(\n";
         let names: Vec<&str> = super::ptx_entries(ptx).collect();
         assert_eq!(names, ["a_1", "a_1_idx32"]);
+    }
+
+    #[test]
+    fn the_32_bit_entry_runs_only_below_the_limit() {
+        use super::index32_fits as fits;
+        let lim = ir::kernel::INDEX32_LIMIT;
+        let under = [1u64, lim - 1];
+        assert!(fits(
+            Some(lim - 1),
+            under.into_iter(),
+            &[1, (lim - 1) as i64]
+        ));
+        // The grid, any buffer or any size at the limit, or a grid sized on the device.
+        assert!(!fits(Some(lim), under.into_iter(), &[1]));
+        assert!(!fits(Some(8), [1, lim].into_iter(), &[1]));
+        assert!(!fits(Some(8), under.into_iter(), &[lim as i64]));
+        assert!(!fits(Some(8), under.into_iter(), &[-1]));
+        assert!(!fits(None, under.into_iter(), &[1]));
     }
 }
