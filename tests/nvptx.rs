@@ -321,3 +321,31 @@ fn the_adamw_kernel_assembles() {
         assemble(&format!("adamw {target:?}"), &ptx);
     }
 }
+
+/// The cross-entropy kernels (a row's classes split across a block's lanes) get a 32-bit
+/// entry, unless an index constant does not fit one: an ignore index beyond 2^30 keeps
+/// them on i64 (the lowering clamps it to 2^40, where `target - ignore` cannot overflow).
+#[test]
+fn a_large_ignore_index_keeps_cross_entropy_on_i64() {
+    let graph = common::compile_name("tiny-mamba2").graph;
+    for (ignore, narrow) in [(-100, true), (1 << 35, false), (i64::MIN, false)] {
+        let tg = passes::training_graph(&graph, "logits", ignore).expect("training graph");
+        let l = passes::lower(&tg.graph, &LowerOptions::default()).expect("lowers");
+        let ce: Vec<_> = l
+            .kernels
+            .iter()
+            .filter(|k| k.name.starts_with("cross_entropy"))
+            .collect();
+        assert_eq!(ce.len(), 2, "the loss and its gradient");
+        for k in ce {
+            assert_eq!(
+                codegen::nvptx::index32_pays(k),
+                narrow,
+                "ignore {ignore}: `{}`",
+                k.name
+            );
+            let most = k.max_index_const();
+            assert!(most <= 1 << 40, "ignore {ignore}: constant {most}");
+        }
+    }
+}

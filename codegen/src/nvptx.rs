@@ -372,7 +372,9 @@ pub fn index32_pays(k: &Kernel) -> bool {
             .max()
             .unwrap_or(0)
     }
-    ir::tile::is_tiled(k) || (ir::lanes::threads_per_point(k) > 1 && depth(&k.body) <= 1)
+    // A constant that i32 cannot hold (a large `ignore_index`) keeps a kernel on i64.
+    let fits = k.max_index_const() < ir::kernel::INDEX32_LIMIT;
+    fits && (ir::tile::is_tiled(k) || (ir::lanes::threads_per_point(k) > 1 && depth(&k.body) <= 1))
 }
 
 struct Types<'ctx> {

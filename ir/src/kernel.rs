@@ -43,7 +43,8 @@ pub const BUF_ALIGN: u64 = 16;
 pub const INDEX32_SUFFIX: &str = "_idx32";
 
 /// The bound below which a launch may use the 32-bit entry: every buffer it binds has fewer
-/// elements, its grid fewer points, every runtime size is smaller. A kernel's indices are
+/// elements, its grid fewer points, every runtime size is smaller (and the backend gives
+/// the entry only to kernels whose index constants are smaller too). A kernel's indices are
 /// in-bounds element indices, grid coordinates and loop counters (or their partial sums),
 /// so they stay below it; the factor 2 to `i32::MAX` leaves room for a grid-stride step or
 /// an unrolled iteration past the end, which are compared before use.
@@ -235,6 +236,13 @@ impl Expr {
             | Expr::TileLoad { .. } => {}
         }
     }
+}
+
+/// An expression [`Kernel::visit`] reaches.
+#[derive(Clone, Copy, Debug)]
+pub enum Node<'a> {
+    Index(&'a IExpr),
+    Value(&'a Expr),
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -725,7 +733,37 @@ impl Kernel {
     /// Per buffer slot: whether the body loads from it (as a value or an index). A writable
     /// buffer that is never loaded is only written.
     pub fn loaded(&self) -> Vec<bool> {
-        fn iexpr(e: &IExpr, out: &mut [bool]) {
+        let mut out = vec![false; self.bufs.len()];
+        self.visit(&mut |n| {
+            let buf = match n {
+                Node::Index(IExpr::LoadIndex { buf, .. }) | Node::Value(Expr::Load { buf, .. }) => {
+                    *buf
+                }
+                _ => return,
+            };
+            if let Some(o) = out.get_mut(buf) {
+                *o = true;
+            }
+        });
+        out
+    }
+
+    /// The largest magnitude of an index constant in the kernel (0 without any).
+    pub fn max_index_const(&self) -> u64 {
+        let mut most = 0;
+        self.visit(&mut |n| {
+            if let Node::Index(IExpr::Const(c)) = n {
+                most = most.max(c.unsigned_abs());
+            }
+        });
+        most
+    }
+
+    /// Calls `f` on every index and value expression of the grid and the body, each
+    /// subexpression included.
+    pub fn visit(&self, f: &mut dyn FnMut(Node)) {
+        fn iexpr(e: &IExpr, f: &mut dyn FnMut(Node)) {
+            f(Node::Index(e));
             match e {
                 IExpr::Const(_) | IExpr::Size(_) | IExpr::Grid(_) | IExpr::Loop(_) => {}
                 IExpr::Add(a, b)
@@ -734,74 +772,63 @@ impl Kernel {
                 | IExpr::Div(a, b)
                 | IExpr::Rem(a, b)
                 | IExpr::Min(a, b) => {
-                    iexpr(a, out);
-                    iexpr(b, out);
+                    iexpr(a, f);
+                    iexpr(b, f);
                 }
-                IExpr::LoadIndex { buf, index } => {
-                    if let Some(o) = out.get_mut(*buf) {
-                        *o = true;
-                    }
-                    iexpr(index, out);
-                }
+                IExpr::LoadIndex { index, .. } => iexpr(index, f),
             }
         }
-        fn expr(e: &Expr, out: &mut [bool]) {
+        fn expr(e: &Expr, f: &mut dyn FnMut(Node)) {
+            f(Node::Value(e));
             match e {
                 Expr::Const(_) | Expr::Var(_) => {}
-                Expr::Load { buf, index } => {
-                    if let Some(o) = out.get_mut(*buf) {
-                        *o = true;
-                    }
-                    iexpr(index, out);
+                Expr::Load { index, .. } | Expr::ArrLoad { index, .. } | Expr::FromIndex(index) => {
+                    iexpr(index, f)
                 }
-                Expr::ArrLoad { index, .. } | Expr::FromIndex(index) => iexpr(index, out),
                 Expr::TileLoad { row, col, .. } => {
-                    iexpr(row, out);
-                    iexpr(col, out);
+                    iexpr(row, f);
+                    iexpr(col, f);
                 }
-                Expr::Unary(_, a) => expr(a, out),
+                Expr::Unary(_, a) => expr(a, f),
                 Expr::Binary(_, a, b) => {
-                    expr(a, out);
-                    expr(b, out);
+                    expr(a, f);
+                    expr(b, f);
                 }
             }
         }
-        fn stmts(body: &[Stmt], out: &mut [bool]) {
+        fn stmts(body: &[Stmt], f: &mut dyn FnMut(Node)) {
             for s in body {
                 match s {
-                    Stmt::Var { init: value, .. } | Stmt::Set { value, .. } => expr(value, out),
-                    Stmt::Array { .. } => {}
+                    Stmt::Var { init: value, .. } | Stmt::Set { value, .. } => expr(value, f),
+                    Stmt::Array { .. } | Stmt::Tile { .. } | Stmt::Mma { .. } => {}
                     Stmt::ArrSet { index, value, .. } | Stmt::Store { index, value, .. } => {
-                        iexpr(index, out);
-                        expr(value, out);
+                        iexpr(index, f);
+                        expr(value, f);
                     }
                     Stmt::For { extent, body, .. } => {
-                        iexpr(extent, out);
-                        stmts(body, out);
+                        iexpr(extent, f);
+                        stmts(body, f);
                     }
-                    Stmt::Tile { .. } | Stmt::Mma { .. } => {}
                     Stmt::Each { extents, body, .. } => {
                         for e in extents {
-                            iexpr(e, out);
+                            iexpr(e, f);
                         }
-                        stmts(body, out);
+                        stmts(body, f);
                     }
                     Stmt::TileSet {
                         row, col, value, ..
                     } => {
-                        iexpr(row, out);
-                        iexpr(col, out);
-                        expr(value, out);
+                        iexpr(row, f);
+                        iexpr(col, f);
+                        expr(value, f);
                     }
                 }
             }
         }
-        let mut out = vec![false; self.bufs.len()];
         for g in &self.grid {
-            iexpr(g, &mut out);
+            iexpr(g, f);
         }
-        stmts(&self.body, &mut out);
-        out
+        stmts(&self.body, f);
     }
 
     /// `dst[i] = src[i]` for `i < n` (the one size), converting between storage dtypes: what

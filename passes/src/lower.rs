@@ -1860,6 +1860,9 @@ impl<'g> Lowering<'g> {
     /// kernel needs no branch and never loads at the ignore index.
     fn cross_entropy(&mut self, n: NodeId, grad: bool, ignore: i64) -> Result<(), LowerError> {
         use BinaryOp::{Add, Max, Mul, Sub};
+        // No class index reaches 2^40, so a larger ignore index matches the same targets
+        // (none) clamped, and `target - ignore` cannot overflow (index math may assume so).
+        let ignore = ignore.clamp(-(1 << 40), 1 << 40);
         let g = self.g;
         let ops = g.operands(n);
         let (logits, targets) = (ops[0], ops[1]);

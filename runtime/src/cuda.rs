@@ -501,7 +501,8 @@ impl CudaExecutor {
 
     /// Whether kernels launch their entries with 32-bit index math where the sizes allow
     /// ([`ir::kernel::INDEX32_LIMIT`]; on by default, off with `MA2MBA_INDEX64=1`). Off,
-    /// every launch runs the i64 entry.
+    /// every launch from now on runs the i64 entry; a `Bound` already captured as a CUDA
+    /// graph replays the entries it captured.
     pub fn set_index32(&self, on: bool) {
         self.index32.store(on, std::sync::atomic::Ordering::Relaxed);
     }
@@ -1884,7 +1885,6 @@ fn check_len(name: &str, got: usize, want: usize) -> Result<(), ExecError> {
     }
 }
 
-/// The number of grid points, or `None` if an extent reads a device buffer.
 /// The names of the `.entry`s defined in PTX text.
 fn ptx_entries(ptx: &str) -> impl Iterator<Item = &str> {
     ptx.lines().filter_map(|line| {
@@ -1921,6 +1921,7 @@ fn index32_fits(points: Option<u64>, mut elems: impl Iterator<Item = u64>, sizes
         && sizes.iter().all(|&s| (0..limit as i64).contains(&s))
 }
 
+/// The number of grid points, or `None` if an extent reads a device buffer.
 fn grid_points(grid: &[IExpr], sizes: &[i64]) -> Result<Option<u64>, String> {
     let ev = ir::kernel::eval::extent;
     let mut total: u64 = 1;
