@@ -120,6 +120,15 @@ impl Target {
         }
     }
 
+    /// Shared memory an SM gives its blocks (H100/H200: 228 KB, A100: 164 KB), of which the
+    /// system reserves 1 KB per block.
+    pub fn sm_shared_bytes(self) -> usize {
+        match self {
+            Target::Sm90 => 228 * 1024,
+            Target::Sm80 => 164 * 1024,
+        }
+    }
+
     /// `sm_90` or `sm_80`.
     pub fn from_arch(s: &str) -> Option<Target> {
         match s {
@@ -324,6 +333,7 @@ fn generate(
                     message,
                 },
             })?;
+            annotate(&ctx, &module, (f, k), target);
             fns.push((k, f));
         }
     }
@@ -520,13 +530,8 @@ fn build_kernel<'ctx>(
     };
     g.function()?;
     g.ab.build_unconditional_branch(start)?;
-    annotate(ctx, module, f, k);
     Ok(f)
 }
-
-/// Shared memory per SM that blocks of a tiled kernel may take on the targets (H100/H200:
-/// 228 KB, less 1 KB per block the system reserves, counted in [`annotate`]).
-const SM_SHARED_BYTES: usize = 228 * 1024;
 
 /// The most blocks per SM a tiled kernel asks for: 4 blocks of 256 threads leave 64
 /// registers a thread. Asking for 6 (what the tiled carries' 32 KB would allow) capped
@@ -538,7 +543,12 @@ const MAX_TILED_BLOCKS: usize = 4;
 /// memory allows (`.minnctapersm`), so that ptxas keeps its registers within what those
 /// blocks leave: at 129 registers (the tiled forward's 32-bit entry once) one block fit an
 /// SM where shared memory allowed two, and the kernel took 5.5 ms where it had taken 3.6.
-fn annotate<'ctx>(ctx: &'ctx Context, module: &Module<'ctx>, f: FunctionValue<'ctx>, k: &Kernel) {
+fn annotate<'ctx>(
+    ctx: &'ctx Context,
+    module: &Module<'ctx>,
+    (f, k): (FunctionValue<'ctx>, &Kernel),
+    target: Target,
+) {
     let i32t = ctx.i32_type();
     let add = |key: &str, v: u32| {
         let md = ctx.metadata_node(&[
@@ -552,7 +562,7 @@ fn annotate<'ctx>(ctx: &'ctx Context, module: &Module<'ctx>, f: FunctionValue<'c
     add("maxntidx", ir::lanes::BLOCK);
     if ir::tile::is_tiled(k) {
         let per_block = ir::tile::shared_bytes(k) + 1024;
-        let blocks = (SM_SHARED_BYTES / per_block).clamp(1, MAX_TILED_BLOCKS);
+        let blocks = (target.sm_shared_bytes() / per_block).clamp(1, MAX_TILED_BLOCKS);
         add("minctasm", blocks as u32);
     }
 }
