@@ -977,19 +977,15 @@ impl Lowering<'_> {
         // M, as the mask kernel computes it: its lower triangle folded into a rectangle
         // ([`tri_fold`]: the loads of CB and the exponentials only where they count), then
         // zeros above the diagonal.
-        let (cr, ct) = (kb.counter(), kb.counter());
-        let (i, j) = tri_fold(s.q, &IExpr::Loop(cr), &IExpr::Loop(ct), false);
         let staged = Some(Staged { a: ta, dt: td });
-        let m = mask_value(&mut kb, s, pr, [&b, &c, &h], (&i, &j), (true, true), staged);
-        kb.body.push(each(
-            &[cr, ct],
-            &[q / 2, q + 1],
-            vec![tile_set(tm, &i, &j, m)],
-        ));
-        let (cr, ct) = (kb.counter(), kb.counter());
-        let (i, j) = tri_fold(s.q, &IExpr::Loop(cr), &IExpr::Loop(ct), true);
-        let zero = tile_set(tm, &i, &j, Expr::Const(0.0));
-        kb.body.push(each(&[cr, ct], &[q / 2, q - 1], vec![zero]));
+        let lower = tri_each(&mut kb, s.q, false, |kb, i, j| {
+            let m = mask_value(kb, s, pr, [&b, &c, &h], (i, j), (true, true), staged);
+            vec![tile_set(tm, i, j, m)]
+        });
+        let upper = tri_each(&mut kb, s.q, true, |_, i, j| {
+            vec![tile_set(tm, i, j, Expr::Const(0.0))]
+        });
+        kb.body.extend([lower, upper]);
 
         // Xᵀ, a step's row of x per `p` (consecutive threads read consecutive `p`).
         let (cj, cp) = (kb.counter(), kb.counter());
@@ -1077,30 +1073,20 @@ impl Lowering<'_> {
         let stage = stage_steps(&mut kb, s, [&b, &c, &h], &[(td, pr.dtc), (ta, pr.acs)]);
         kb.body.push(stage);
         let zero = IExpr::c(0);
-        let (cr, ct) = (kb.counter(), kb.counter());
-        let (i, j) = tri_fold(s.q, &IExpr::Loop(cr), &IExpr::Loop(ct), false);
         let staged = Some(Staged { a: ta, dt: td });
-        let m = mask_value(
-            &mut kb,
-            s,
-            pr,
-            [&b, &c, &h],
-            (&i, &j),
-            (false, true),
-            staged,
-        );
-        let (mv, decl) = var(&mut kb, m);
-        let at = [b.clone(), c.clone(), h.clone(), i.clone(), j.clone()];
-        let dm = ld(&mut kb, dmm, &at, &sqh);
-        let store = st(&mut kb, mp, &at, &sqh, Expr::Var(mv));
-        let t = tile_set(tt, &i, &j, mul(dm, Expr::Var(mv)));
-        kb.body
-            .push(each(&[cr, ct], &[q / 2, q + 1], vec![decl, store, t]));
-        let (cr, ct) = (kb.counter(), kb.counter());
-        let (i, j) = tri_fold(s.q, &IExpr::Loop(cr), &IExpr::Loop(ct), true);
-        let at = [b.clone(), c.clone(), h.clone(), i, j];
-        let store = st(&mut kb, mp, &at, &sqh, Expr::Const(0.0));
-        kb.body.push(each(&[cr, ct], &[q / 2, q - 1], vec![store]));
+        let lower = tri_each(&mut kb, s.q, false, |kb, i, j| {
+            let m = mask_value(kb, s, pr, [&b, &c, &h], (i, j), (false, true), staged);
+            let (mv, decl) = var(kb, m);
+            let at = [b.clone(), c.clone(), h.clone(), i.clone(), j.clone()];
+            let dm = ld(kb, dmm, &at, &sqh);
+            let store = st(kb, mp, &at, &sqh, Expr::Var(mv));
+            vec![decl, store, tile_set(tt, i, j, mul(dm, Expr::Var(mv)))]
+        });
+        let upper = tri_each(&mut kb, s.q, true, |kb, i, j| {
+            let at = [b.clone(), c.clone(), h.clone(), i.clone(), j.clone()];
+            vec![st(kb, mp, &at, &sqh, Expr::Const(0.0))]
+        });
+        kb.body.extend([lower, upper]);
 
         // The sums over the triangle, a row (column) per iteration.
         for (out, by_row) in [(rowt, true), (colt, false)] {
@@ -1164,6 +1150,21 @@ fn tri_fold(q: i64, r: &IExpr, t: &IExpr, upper: bool) -> (IExpr, IExpr) {
 }
 
 /// `Each` over constant extents.
+/// An `Each` over the lower triangle of a `Q x Q` tile (with `upper`, the strict upper one)
+/// folded into a rectangle by [`tri_fold`]; `body` gets each element's `(i, j)`.
+fn tri_each(
+    kb: &mut KB,
+    q: i64,
+    upper: bool,
+    body: impl FnOnce(&mut KB, &IExpr, &IExpr) -> Vec<Stmt>,
+) -> Stmt {
+    let (cr, ct) = (kb.counter(), kb.counter());
+    let (i, j) = tri_fold(q, &IExpr::Loop(cr), &IExpr::Loop(ct), upper);
+    let body = body(kb, &i, &j);
+    let cols = if upper { q - 1 } else { q + 1 };
+    each(&[cr, ct], &[q as usize / 2, cols as usize], body)
+}
+
 fn each(counters: &[ir::kernel::LoopId], extents: &[usize], body: Vec<Stmt>) -> Stmt {
     Stmt::Each {
         counters: counters.to_vec(),
