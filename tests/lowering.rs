@@ -402,3 +402,110 @@ fn transposed_product_operands_are_not_copied() {
         );
     }
 }
+
+/// With bf16 activations the SSD's product results that kernels read only at bf16 precision
+/// (`C S_inᵀ`; with the tiled gradient also `M'ᵀ dY`; `B dS_outᵀ`) are bf16, chunk states
+/// that a carry rewrites in place stay f32, the forward's carry reads the f32 own states
+/// and writes the entering states, which only a product reads, as bf16, and the gradient's
+/// chunk copies of `x` and `dy` are bf16 only.
+#[test]
+fn ssd_results_read_at_bf16_precision_are_bf16() {
+    use ir::DType;
+    use passes::{BufKind, Step};
+    let bf16 = LowerOptions {
+        bf16_activations: true,
+        ..LowerOptions::default()
+    };
+    let g = common::compile_name("tiny-mamba2").graph;
+    let tg = passes::training_graph(&g, "logits", -100)
+        .expect("training graph")
+        .graph;
+    // Results of the forward (C S_inᵀ), of the gradient (C S_inᵀ, B dS_outᵀ, and M'ᵀ dY
+    // when tiled, an exact product otherwise), for each of the two layers.
+    for (opts, want, tiled) in [(bf16.clone(), 2 * 3, false), (bf16.on_gpu(), 2 * 4, true)] {
+        let l = lower(&tg, &opts).expect("lowers");
+        let mut kernel_written = vec![false; l.buffers.len()];
+        for step in &l.steps {
+            if let Step::Kernel { kernel, bufs, .. } = step {
+                for (kb, &b) in l.kernels[*kernel].bufs.iter().zip(bufs) {
+                    kernel_written[b] |= kb.writable;
+                }
+            }
+        }
+        let mut narrow_results = 0;
+        for step in &l.steps {
+            let Step::MatMul { out, exact, .. } = step else {
+                continue;
+            };
+            let b = &l.buffers[*out];
+            if b.kind != BufKind::Scratch {
+                continue;
+            }
+            if kernel_written[*out] || *exact {
+                assert_eq!(b.dtype, DType::F32, "a carried or exact result narrowed");
+            } else if b.dtype == DType::BF16 {
+                narrow_results += 1;
+            }
+        }
+        assert_eq!(narrow_results, want, "bf16 product results");
+        let mut carries = 0;
+        for step in &l.steps {
+            let Step::Kernel { kernel, bufs, .. } = step else {
+                continue;
+            };
+            let k = &l.kernels[*kernel];
+            if !(k.name.starts_with("ssd_scan_") && k.name.ends_with("_carry"))
+                || k.name.contains("grad")
+            {
+                continue;
+            }
+            carries += 1;
+            let dtypes = |writable: bool| -> Vec<DType> {
+                k.bufs
+                    .iter()
+                    .zip(bufs)
+                    .filter(|(kb, b)| {
+                        kb.writable == writable && l.buffers[**b].kind == BufKind::Scratch
+                    })
+                    .map(|(kb, _)| kb.dtype)
+                    .collect()
+            };
+            assert!(
+                dtypes(false).contains(&DType::F32),
+                "{}: own states",
+                k.name
+            );
+            assert_eq!(
+                dtypes(true),
+                vec![DType::BF16],
+                "{}: entering states",
+                k.name
+            );
+        }
+        assert_eq!(carries, 2, "one forward carry per layer");
+        // The gradient's chunk copies of x and dy (bf16 activations already) are bf16 only:
+        // no f32 copy beside them (without tiles, `dt ⊙ x` feeds an exact product: f32).
+        if !tiled {
+            continue;
+        }
+        let mut copies = 0;
+        for step in &l.steps {
+            let Step::Kernel { kernel, bufs, .. } = step else {
+                continue;
+            };
+            let k = &l.kernels[*kernel];
+            if !(k.name.starts_with("ssd_scan_grad_")
+                && (k.name.ends_with("_x") || k.name.ends_with("_dy")))
+            {
+                continue;
+            }
+            copies += 1;
+            for (kb, b) in k.bufs.iter().zip(bufs) {
+                if kb.writable {
+                    assert_eq!(l.buffers[*b].dtype, DType::BF16, "{}: a copy", k.name);
+                }
+            }
+        }
+        assert_eq!(copies, 4, "the x and dy copies of each layer's gradient");
+    }
+}

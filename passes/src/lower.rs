@@ -66,9 +66,9 @@ pub struct LowerOptions {
     /// ([`bf16`] says which values stay f32: parameters, states, gradients, the loss).
     pub bf16_activations: bool,
     /// The SSD forward's output as one tiled kernel (tensor-core tile products on bf16
-    /// operands in shared memory, [`ir::tile`]), and the gradient's masked decay matrix with
-    /// the sums of `dM ⊙ M` as another, where the sizes allow: what the GPU runs with bf16
-    /// activations ([`LowerOptions::on_gpu`]). The CPU runs tile products as scalar loops,
+    /// operands in shared memory, [`ir::tile`]), and most of the gradient (`dY Xᵀ`, the
+    /// sums of `dM ⊙ M`, `M'ᵀ dY` and `dx`) as another, where the sizes allow: what the GPU
+    /// runs with bf16 activations ([`LowerOptions::on_gpu`]). The CPU runs tile products as scalar loops,
     /// slower than its GEMMs, so it keeps the products.
     pub ssd_tiles: bool,
     /// The SSD's carries across chunks as tiled kernels (a block per up to 256 state
@@ -182,6 +182,8 @@ pub fn lower(g: &Graph, opts: &LowerOptions) -> Result<Lowered, LowerError> {
         ssd_scans: opts.ssd_scans,
         ssd_tiles: opts.ssd_tiles,
         tiled_carries: opts.tiled_carries,
+        bf16_activations: opts.bf16_activations,
+        bf16_marked: Vec::new(),
     };
     l.decide(opts);
     if !opts.no_fusion {
@@ -206,7 +208,7 @@ pub fn lower(g: &Graph, opts: &LowerOptions) -> Result<Lowered, LowerError> {
     l.out.syms = l.syms.clone();
     let mut out = l.out;
     if opts.bf16_activations {
-        bf16::store_bf16(&mut out, g);
+        bf16::store_bf16(&mut out, g, &l.bf16_marked);
     }
     Ok(out)
 }
@@ -221,6 +223,11 @@ struct Lowering<'g> {
     ssd_tiles: bool,
     /// [`LowerOptions::tiled_carries`].
     tiled_carries: bool,
+    /// [`LowerOptions::bf16_activations`].
+    bf16_activations: bool,
+    /// Scratch whose values are bf16 already or whose readers need them only at bf16
+    /// precision: bf16 with [`LowerOptions::bf16_activations`] ([`bf16::store_bf16`]).
+    bf16_marked: Vec<BufId>,
     syms: Vec<String>,
     buf_of: HashMap<Value, BufId>,
     out: Lowered,
@@ -1373,7 +1380,7 @@ impl<'g> Lowering<'g> {
             buf: d_slot,
             index: at(kb, c),
         };
-        let (stmts, hv) = carry(&mut kb, h0v, (&ch.count, false), h_slot, &at, &decay);
+        let (stmts, hv) = carry_in_place(&mut kb, h0v, (&ch.count, false), h_slot, &at, &decay);
         kb.body.extend(stmts);
         let none = kb.counter();
         kb.body.push(Stmt::For {
@@ -1630,7 +1637,7 @@ impl<'g> Lowering<'g> {
             buf: d_slot,
             index: kb.l.linear(&[b.clone(), c.clone(), hh.clone()], &d_shape),
         };
-        let (stmts, sv) = carry(&mut kb, s0v, (&ch.count, false), s_slot, &at, &decay);
+        let (stmts, sv) = carry_in_place(&mut kb, s0v, (&ch.count, false), s_slot, &at, &decay);
         kb.body.extend(stmts);
         let none = kb.counter();
         kb.body.push(Stmt::For {
@@ -1851,6 +1858,16 @@ impl<'g> Lowering<'g> {
             value: Value::new(n, 0),
         });
         self.out.buffers.len() - 1
+    }
+
+    /// [`Self::scratch`] for values that are bf16 already (a bf16 activation's copy) or that
+    /// every reader needs only at bf16 precision (a product's result that is rounded into a
+    /// bf16 value or summed with others): bf16 with bf16 activations, half the bytes to write
+    /// and read. Not for values a kernel accumulates into (the chunk states of a carry).
+    fn bf16_scratch(&mut self, n: NodeId, shape: Shape) -> BufId {
+        let b = self.scratch(n, shape);
+        self.bf16_marked.push(b);
+        b
     }
 
     /// `CrossEntropy` (`grad` false: loss and valid per row) or `CrossEntropyGrad` (`grad`
@@ -2104,10 +2121,10 @@ impl<'g> Lowering<'g> {
         };
         let ben = [b.clone(), e.clone(), nn.clone()];
         let h0v = kb.value(h0, &ben)?;
-        let (stmts, _) = carry(&mut kb, h0v, (&ch.count, false), h_slot, &at, &decay);
+        let (stmts, _) = carry_in_place(&mut kb, h0v, (&ch.count, false), h_slot, &at, &decay);
         kb.body.extend(stmts);
         let dh1v = kb.value(dh1, &ben)?;
-        let (stmts, gv) = carry(&mut kb, dh1v, (&ch.count, true), g_slot, &at, &decay);
+        let (stmts, gv) = carry_in_place(&mut kb, dh1v, (&ch.count, true), g_slot, &at, &decay);
         kb.body.extend(stmts);
         let dh0s = kb.buf(outs[5], true);
         kb.body.push(Stmt::Store {
@@ -2460,10 +2477,10 @@ impl<'g> Lowering<'g> {
         };
         let bhpn = [b.clone(), hh.clone(), p.clone(), nn.clone()];
         let s0v = kb.value(s0, &bhpn)?;
-        let (stmts, _) = carry(&mut kb, s0v, (&ch.count, false), s_slot, &at, &decay);
+        let (stmts, _) = carry_in_place(&mut kb, s0v, (&ch.count, false), s_slot, &at, &decay);
         kb.body.extend(stmts);
         let ds1v = kb.value(ds1, &bhpn)?;
-        let (stmts, gv) = carry(&mut kb, ds1v, (&ch.count, true), g_slot, &at, &decay);
+        let (stmts, gv) = carry_in_place(&mut kb, ds1v, (&ch.count, true), g_slot, &at, &decay);
         kb.body.extend(stmts);
         let ds0s = kb.buf(outs[5], true);
         kb.body.push(Stmt::Store {
@@ -2927,17 +2944,29 @@ fn carry_chunk(count: &IExpr, pos: IExpr, reverse: bool) -> IExpr {
     }
 }
 
+/// [`carry`] in place: each chunk's own result is replaced by the value entering it.
+fn carry_in_place(
+    kb: &mut KB,
+    init: Expr,
+    count: (&IExpr, bool),
+    slot: usize,
+    at: &dyn Fn(&KB, &IExpr) -> IExpr,
+    decay: &dyn Fn(&KB, &IExpr) -> Expr,
+) -> (Vec<Stmt>, VarId) {
+    carry(kb, init, count, (slot, slot), at, decay)
+}
+
 /// The carry of a chunked linear recurrence `v <- decay v + input` across its chunks, for one
 /// element: from `init`, over `count` chunks in order (from the last when `reverse`), each
-/// chunk's slot element `at(c)` holds the chunk's own result (from a zero value) and is
-/// replaced by the value entering the chunk, and the value becomes
-/// `decay(c) * value + own`. Returns the statements and the variable holding the value
-/// after the last chunk.
+/// chunk's element `at(c)` of slot `src` holds the chunk's own result (from a zero value),
+/// the value entering the chunk is stored at `at(c)` of slot `dst` (`src` itself for a carry
+/// in place), and the value becomes `decay(c) * value + own`. Returns the statements and the
+/// variable holding the value after the last chunk.
 fn carry(
     kb: &mut KB,
     init: Expr,
     (count, reverse): (&IExpr, bool),
-    slot: usize,
+    (src, dst): (usize, usize),
     at: &dyn Fn(&KB, &IExpr) -> IExpr,
     decay: &dyn Fn(&KB, &IExpr) -> Expr,
 ) -> (Vec<Stmt>, VarId) {
@@ -2967,7 +2996,7 @@ fn carry(
             arr: own,
             index: IExpr::Loop(load),
             value: Expr::Load {
-                buf: slot,
+                buf: src,
                 index: at(kb, &lc),
             },
         },
@@ -2979,7 +3008,7 @@ fn carry(
     ];
     let updates = vec![
         Stmt::Store {
-            buf: slot,
+            buf: dst,
             index: at(kb, &uc),
             value: Expr::Var(v),
         },

@@ -8,8 +8,12 @@
 //!   that kernels read (scan carries, chunk states), and the operands and results of `exact`
 //!   products (the running sums that are the exponents of every decay).
 //! - **Become bf16:** every other float intermediate and activation input (boundary values,
-//!   saved values and their cotangents between checkpointed stages), and scratch that only
-//!   matrix products read (the SSD's chunk copies and masked decay matrices).
+//!   saved values and their cotangents between checkpointed stages), scratch that only
+//!   matrix products read (the SSD's chunk copies, masked decay matrices and, apart from
+//!   the carry's own states, the forward's entering states), and scratch that the lowering
+//!   marks as bf16 already or read at bf16 precision (the SSD gradient's chunk copies of `x`
+//!   and `dy`, and the results `C S_inᵀ`, `M'ᵀ dY` and `B dS_outᵀ`, each rounded into a
+//!   bf16 value or summed with others).
 //! - Kernels compute in f32 as before: loads widen, stores round to nearest even.
 //! - A product whose operand is not in its dtype (an f32 parameter or state into a bf16
 //!   product, a bf16 activation into an `exact` one) reads a converted copy, made by a
@@ -88,7 +92,9 @@ pub fn keeps_f32(l: &Lowered, graph: &Graph, buf: BufId, f32_names: &[String]) -
 }
 
 /// Stores `l`'s activations as bf16 (the module doc says which).
-pub(super) fn store_bf16(l: &mut Lowered, graph: &Graph) {
+/// `marked`: scratch that the lowering marked as fit for bf16
+/// ([`super::Lowering::bf16_scratch`]).
+pub(super) fn store_bf16(l: &mut Lowered, graph: &Graph, marked: &[BufId]) {
     let n = l.buffers.len();
     // What the steps do with each buffer.
     let mut product_in = vec![false; n];
@@ -126,7 +132,10 @@ pub(super) fn store_bf16(l: &mut Lowered, graph: &Graph) {
             continue;
         }
         let narrow = match &l.buffers[b].kind {
-            BufKind::Scratch => product_in[b] && !product_out[b] && !kernel_reads[b],
+            // Read only by products, or marked by the lowering.
+            BufKind::Scratch => {
+                (product_in[b] && !product_out[b] && !kernel_reads[b]) || marked.contains(&b)
+            }
             BufKind::Temp | BufKind::Input(_) => !keeps_f32(l, graph, b, &names),
             BufKind::State(_) | BufKind::Param(_) => false,
         };

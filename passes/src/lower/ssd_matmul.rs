@@ -463,14 +463,15 @@ impl Lowering<'_> {
 
     /// The prep kernels, `CB`, the chunks' own end states and the carry that turns them into
     /// the states entering each chunk; returns the final state's variable-free kernel output
-    /// through `s1` when given.
+    /// through `s1` when given. `states_apart`: the carry writes the entering states to a
+    /// buffer of their own instead of over the own states.
     fn ssd_prep(
         &mut self,
         node: NodeId,
         s: &Ssd,
         name: &str,
         s1: Option<BufId>,
-        (with_rows, with_xdt): (bool, bool),
+        (with_rows, with_xdt, states_apart): (bool, bool, bool),
     ) -> Result<Prep, LowerError> {
         let g = self.g;
         let ops = g.operands(node);
@@ -478,7 +479,8 @@ impl Lowering<'_> {
         let (ps, hr, gh, gr) = (s.per_step(), s.head_rows(), s.group_heads(), s.group_rows());
         let dtc = self.scratch(node, ps.clone());
         let acs = self.scratch(node, ps.clone());
-        let xc = with_rows.then(|| self.scratch(node, hr.clone()));
+        // Chunk copies of activations: bf16 already where activations are.
+        let xc = with_rows.then(|| self.bf16_scratch(node, hr.clone()));
         let xs = self.scratch(node, gh.clone());
         let xdt = with_xdt.then(|| self.scratch(node, hr.clone()));
         let bc = self.scratch(node, gr.clone());
@@ -604,9 +606,16 @@ impl Lowering<'_> {
             (&s.qd, &s.n, &s.qd),
             (false, true),
         );
+        // Apart, the own states stay f32 for the carry while the entering ones may be
+        // narrowed to bf16 where only products read them ([`super::bf16`]).
+        let own = if states_apart {
+            self.scratch(node, s.states())
+        } else {
+            sin
+        };
         self.gemm(
             node,
-            (xs, bc, sin),
+            (xs, bc, own),
             s.batch(&s.g),
             (&s.hp, &s.qd, &s.n),
             (true, false),
@@ -617,7 +626,7 @@ impl Lowering<'_> {
             node,
             s,
             &format!("{name}_carry"),
-            (sin, ea),
+            (own, sin, ea),
             (s0, false),
             s1,
         )?;
@@ -645,10 +654,12 @@ impl Lowering<'_> {
         let y = self.new_buf(Value::new(node, 0), BufKind::Temp);
         let s1 = self.new_buf(Value::new(node, 1), BufKind::Temp);
         if self.ssd_tiles && s.tiles_fit() {
-            let pr = self.ssd_prep(node, &s, &name, Some(s1), (false, false))?;
+            let apart = self.bf16_activations;
+            let pr = self.ssd_prep(node, &s, &name, Some(s1), (false, false, apart))?;
             return self.ssd_tiled_output(node, &s, &name, &pr, y);
         }
-        let pr = self.ssd_prep(node, &s, &name, Some(s1), (true, false))?;
+        let apart = self.bf16_activations;
+        let pr = self.ssd_prep(node, &s, &name, Some(s1), (true, false, apart))?;
         let xc = pr.xc.ok_or_else(|| internal(node, "no x rows"))?;
         let (ps, hr) = (s.per_step(), s.head_rows());
         let sq = s.square(&s.h);
@@ -702,7 +713,7 @@ impl Lowering<'_> {
     /// `C S_inᵀ` per chunk, a group's heads at once (`[B, nc, G, Q, hpg·P]`): the part of
     /// `y` that the states entering the chunks give, before the factor `exp(a_i)`.
     fn ssd_c_sin(&mut self, node: NodeId, s: &Ssd, pr: &Prep) -> BufId {
-        let yo = self.scratch(node, s.group_heads());
+        let yo = self.bf16_scratch(node, s.group_heads());
         self.gemm(
             node,
             (pr.cc, pr.sin, yo),
@@ -713,18 +724,18 @@ impl Lowering<'_> {
         yo
     }
 
-    /// The carry of per-chunk states `slot` (`[B, nc, H, P, N]`, each chunk's own part) across
+    /// The carry of per-chunk states `src` (`[B, nc, H, P, N]`, each chunk's own part) across
     /// the chunks, per (batch, head, p, n): from `init` (`[B, H, P, N]`), in order or from the
     /// last chunk (`reverse`), with each chunk's decay `exp(a_last)`, read from `ea` (`exp(a)`
     /// per step: one load per chunk, where an `exp` per state element was half the carry's
-    /// instructions); every slot becomes the value entering its chunk, and the value after
-    /// the last one is stored in `out`.
+    /// instructions); `dst` (`src` itself for a carry in place) gets the value entering each
+    /// chunk, and the value after the last one is stored in `out`.
     fn ssd_carry(
         &mut self,
         node: NodeId,
         s: &Ssd,
         name: &str,
-        (slot, ea): (BufId, BufId),
+        (src, dst, ea): (BufId, BufId, BufId),
         (init, reverse): (Value, bool),
         out: Option<BufId>,
     ) -> Result<(), LowerError> {
@@ -734,7 +745,8 @@ impl Lowering<'_> {
                 && let Some(cols) = carry_cols(pn)
             {
                 let fit = (pn, cols);
-                return self.ssd_carry_tiled(node, s, name, (slot, ea), (init, reverse), out, fit);
+                let bufs = (src, dst, ea);
+                return self.ssd_carry_tiled(node, s, name, bufs, (init, reverse), out, fit);
             }
         }
         let (ps, sts) = (s.per_step(), s.states());
@@ -742,7 +754,7 @@ impl Lowering<'_> {
         let (b, h, p, nn) = (grid(0), grid(1), grid(2), grid(3));
         let sidx = [b.clone(), h.clone(), p.clone(), nn.clone()];
         let init_v = kb.value(init, &sidx)?;
-        let slot = kb.buf(slot, true);
+        let slots = (kb.buf(src, false), kb.buf(dst, true));
         let ea_slot = kb.buf(ea, false);
         let at = |kb: &KB, c: &IExpr| {
             kb.l.linear(
@@ -756,7 +768,7 @@ impl Lowering<'_> {
                 .l
                 .linear(&[b.clone(), c.clone(), h.clone(), IExpr::c(s.q - 1)], &ps),
         };
-        let (stmts, v) = carry(&mut kb, init_v, (&s.ch.count, reverse), slot, &at, &decay);
+        let (stmts, v) = carry(&mut kb, init_v, (&s.ch.count, reverse), slots, &at, &decay);
         kb.body.extend(stmts);
         if let Some(out) = out {
             let shape = kb.l.shape(init);
@@ -792,7 +804,7 @@ impl Lowering<'_> {
         node: NodeId,
         s: &Ssd,
         name: &str,
-        (slot, ea): (BufId, BufId),
+        (src, dst, ea): (BufId, BufId, BufId),
         (init, reverse): (Value, bool),
         out: Option<BufId>,
         (pn, cols): (i64, usize),
@@ -812,10 +824,10 @@ impl Lowering<'_> {
         let count = s.ch.count.clone();
         let chunk = |pos: IExpr| carry_chunk(&count, pos, reverse);
         let zero = IExpr::c(0);
-        let state = |kb: &mut KB, pos: IExpr, e: &IExpr| {
+        let state = |kb: &mut KB, pos: IExpr, e: &IExpr, buf: BufId| {
             let (p, n) = elem(e);
             let at = [b.clone(), chunk(pos), h.clone(), p, n];
-            (kb.l.linear(&at, &sts), kb.buf(slot, true))
+            (kb.l.linear(&at, &sts), kb.buf(buf, buf == dst))
         };
 
         // The value entering the first chunk, a tile row carried from round to round.
@@ -833,7 +845,7 @@ impl Lowering<'_> {
         // The round's own values and decays.
         let (ci, ce) = (kb.counter(), kb.counter());
         let (i, e) = (IExpr::Loop(ci), IExpr::Loop(ce));
-        let (index, buf) = state(&mut kb, first.clone().add(i.clone()), &e);
+        let (index, buf) = state(&mut kb, first.clone().add(i.clone()), &e, src);
         round.push(Stmt::Each {
             counters: vec![ci, ce],
             extents: vec![len.clone(), IExpr::c(w)],
@@ -874,7 +886,7 @@ impl Lowering<'_> {
 
         let (ci, ce) = (kb.counter(), kb.counter());
         let (i, e) = (IExpr::Loop(ci), IExpr::Loop(ce));
-        let (index, buf) = state(&mut kb, first.add(i.clone()), &e);
+        let (index, buf) = state(&mut kb, first.add(i.clone()), &e, dst);
         round.push(Stmt::Each {
             counters: vec![ci, ce],
             extents: vec![len, IExpr::c(w)],
@@ -1209,7 +1221,7 @@ impl Lowering<'_> {
         // With tiles, the sums of T come from a tiled kernel ([`Self::ssd_grad_mask_tiled`])
         // and `dt ⊙ x` is not needed.
         let tiled = self.ssd_tiles && s.grad_tiles_fit();
-        let pr = self.ssd_prep(node, &s, &name, None, (true, !tiled))?;
+        let pr = self.ssd_prep(node, &s, &name, None, (true, !tiled, false))?;
         let xc = pr.xc.ok_or_else(|| internal(node, "no x rows"))?;
         let (ps, pc, hr, gr, gh, sts) = (
             s.per_step(),
@@ -1220,7 +1232,7 @@ impl Lowering<'_> {
             s.states(),
         );
         let (sqh, sqg) = (s.square(&s.h), s.square(&s.g));
-        let dyc = self.scratch(node, hr.clone());
+        let dyc = self.bf16_scratch(node, hr.clone());
         let dye = self.scratch(node, gh.clone());
         let dst = self.scratch(node, sts.clone());
         let ch = &s.ch;
@@ -1266,7 +1278,7 @@ impl Lowering<'_> {
             node,
             &s,
             &format!("{name}_carry_back"),
-            (dst, pr.ea),
+            (dst, dst, pr.ea),
             (ds1, true),
             carry_out,
         )?;
@@ -1280,7 +1292,8 @@ impl Lowering<'_> {
             (&s.qd, &s.p, &s.qd),
             (false, true),
         );
-        let dxd = self.scratch(node, hr.clone());
+        // bf16 where rounded into dx; the exact product of the form without tiles keeps f32.
+        let dxd = self.bf16_scratch(node, hr.clone());
         let sq = (&s.qd, &s.qd, &s.p);
         // M' = M without its dt_j column factor: D' = M'ᵀ dY. The column and row sums of T
         // (`colt_j = Σ_i dM_ij M'_ij`, `rowt_i = Σ_j T_ij`) come from a tiled kernel that
@@ -1317,7 +1330,7 @@ impl Lowering<'_> {
             );
             Some(ydg)
         };
-        let dxsu = self.scratch(node, gh.clone());
+        let dxsu = self.bf16_scratch(node, gh.clone());
         self.gemm(
             node,
             (pr.bc, dst, dxsu),
@@ -1326,68 +1339,37 @@ impl Lowering<'_> {
             (false, true),
         );
 
-        // dCB and its transpose, per (batch, chunk, group, i), summed over the group's heads.
+        // dCB per (batch, chunk, group, i), summed over the group's heads, zero above the
+        // diagonal: a row's `j` loop has the constant extent `Q`, so a warp shares it (lanes
+        // read consecutive `j`) and each lane walks the heads; a row of unknown length took
+        // a block of 256 lanes, of which at most `Q` had work.
         let dcb = self.scratch(node, sqg.clone());
-        let dcbt = self.scratch(node, sqg.clone());
         let mut kb = KB::new(self, &format!("{name}_dcb"));
         let (b, c, gg, i) = (grid(0), grid(1), grid(2), grid(3));
-        let below = for_(&mut kb, i.clone().add(IExpr::c(1)), |kb, j| {
+        let row = for_(&mut kb, qc.clone(), |kb, j| {
             let (sum, decl) = var(kb, Expr::Const(0.0));
-            let heads = for_(kb, IExpr::c(s.hpg), |kb, hl| {
+            let below = i.clone().sub(j.clone()).add(qc.clone()).div(qc.clone());
+            let heads = for_(kb, below.mul(IExpr::c(s.hpg)), |kb, hl| {
                 let h = gg.clone().mul(IExpr::c(s.hpg)).add(hl);
-                let ai = ld(
-                    kb,
-                    pr.acs,
-                    &[b.clone(), c.clone(), h.clone(), i.clone()],
-                    &ps,
+                let step = |kb: &mut KB, buf: BufId, k: &IExpr| {
+                    ld(kb, buf, &[b.clone(), c.clone(), h.clone(), k.clone()], &ps)
+                };
+                let (ai, aj, dtj) = (
+                    step(kb, pr.acs, &i),
+                    step(kb, pr.acs, &j),
+                    step(kb, pr.dtc, &j),
                 );
-                let aj = ld(
-                    kb,
-                    pr.acs,
-                    &[b.clone(), c.clone(), h.clone(), j.clone()],
-                    &ps,
-                );
-                let dtj = ld(
-                    kb,
-                    pr.dtc,
-                    &[b.clone(), c.clone(), h.clone(), j.clone()],
-                    &ps,
-                );
-                let dm = ld(
-                    kb,
-                    dmm,
-                    &[b.clone(), c.clone(), h, i.clone(), j.clone()],
-                    &sqh,
-                );
+                let at = [b.clone(), c.clone(), h.clone(), i.clone(), j.clone()];
+                let dm = ld(kb, dmm, &at, &sqh);
                 vec![Stmt::Set {
                     var: sum,
                     value: add(Expr::Var(sum), mul(mul(dm, exp(sub(ai, aj))), dtj)),
                 }]
             });
-            let ij = [b.clone(), c.clone(), gg.clone(), i.clone(), j.clone()];
-            let ji = [b.clone(), c.clone(), gg.clone(), j, i.clone()];
-            vec![
-                decl,
-                heads,
-                st(kb, dcb, &ij, &sqg, Expr::Var(sum)),
-                st(kb, dcbt, &ji, &sqg, Expr::Var(sum)),
-            ]
+            let ij = [b.clone(), c.clone(), gg.clone(), i.clone(), j];
+            vec![decl, heads, st(kb, dcb, &ij, &sqg, Expr::Var(sum))]
         });
-        kb.body.push(below);
-        let above = for_(
-            &mut kb,
-            qc.clone().sub(i.clone()).sub(IExpr::c(1)),
-            |kb, k| {
-                let j = i.clone().add(IExpr::c(1)).add(k);
-                let ij = [b.clone(), c.clone(), gg.clone(), i.clone(), j.clone()];
-                let ji = [b.clone(), c.clone(), gg.clone(), j, i.clone()];
-                vec![
-                    st(kb, dcb, &ij, &sqg, Expr::Const(0.0)),
-                    st(kb, dcbt, &ji, &sqg, Expr::Const(0.0)),
-                ]
-            },
-        );
-        kb.body.push(above);
+        kb.body.push(row);
         let grid_q = |kb: &KB, by: &Dim| {
             vec![
                 kb.l.dim(&s.b),
@@ -1418,10 +1400,10 @@ impl Lowering<'_> {
         );
         self.gemm(
             node,
-            (dcbt, pr.cc, dbd),
+            (dcb, pr.cc, dbd),
             s.batch(&s.g),
             (&s.qd, &s.qd, &s.n),
-            (false, false),
+            (true, false),
         );
         self.gemm(
             node,
