@@ -66,9 +66,9 @@ pub struct LowerOptions {
     /// ([`bf16`] says which values stay f32: parameters, states, gradients, the loss).
     pub bf16_activations: bool,
     /// The SSD forward's output as one tiled kernel (tensor-core tile products on bf16
-    /// operands in shared memory, [`ir::tile`]), and most of the gradient (`dY Xᵀ`, the
-    /// sums of `dM ⊙ M`, `M'ᵀ dY` and `dx`) as another, where the sizes allow: what the GPU
-    /// runs with bf16 activations ([`LowerOptions::on_gpu`]). The CPU runs tile products as scalar loops,
+    /// operands in shared memory, [`ir::tile`]), and the gradient's masked decay matrix with
+    /// the sums of `dM ⊙ M` as another, where the sizes allow: what the GPU runs with bf16
+    /// activations ([`LowerOptions::on_gpu`]). The CPU runs tile products as scalar loops,
     /// slower than its GEMMs, so it keeps the products.
     pub ssd_tiles: bool,
     /// The SSD's carries across chunks as tiled kernels (a block per up to 256 state

@@ -5,15 +5,16 @@
 //! - **Stay f32:** parameters (the master weights), recurrent states (inputs, final states,
 //!   their cotangents and gradients), parameter gradients, the loss, values that do not grow
 //!   with the sequence (sums over tokens) ([`keeps_f32`]), scratch
-//!   that kernels read (scan carries, chunk states), and the operands and results of `exact`
-//!   products (the running sums that are the exponents of every decay).
+//!   that kernels read (scan carries, the SSD's own chunk states that its carries sum), and
+//!   the operands and results of `exact` products (the running sums that are the exponents
+//!   of every decay), whatever else holds.
 //! - **Become bf16:** every other float intermediate and activation input (boundary values,
 //!   saved values and their cotangents between checkpointed stages), scratch that only
-//!   matrix products read (the SSD's chunk copies, masked decay matrices and, apart from
-//!   the carry's own states, the forward's entering states), and scratch that the lowering
-//!   marks as bf16 already or read at bf16 precision (the SSD gradient's chunk copies of `x`
-//!   and `dy`, and the results `C S_inᵀ`, `M'ᵀ dY` and `B dS_outᵀ`, each rounded into a
-//!   bf16 value or summed with others).
+//!   matrix products read (the SSD's chunk copies and masked decay matrices), and scratch
+//!   that the lowering marks as bf16 already or read at bf16 precision
+//!   ([`super::Lowering::bf16_scratch`]: the SSD's chunk copies of `x` and `dy`, the states
+//!   and state cotangents its carries write apart from the own ones, and the results
+//!   `C S_inᵀ`, `M'ᵀ dY` and `B dS_outᵀ`, each rounded into a bf16 value or summed).
 //! - Kernels compute in f32 as before: loads widen, stores round to nearest even.
 //! - A product whose operand is not in its dtype (an f32 parameter or state into a bf16
 //!   product, a bf16 activation into an `exact` one) reads a converted copy, made by a
@@ -21,7 +22,8 @@
 //!   written again; a weight's is made at each use (2 bytes per parameter while its product
 //!   runs, not for the whole step). Where the kernel that last wrote the source can, it
 //!   stores the copy as it stores the source ([`fused_copy`]): a write instead of a
-//!   conversion's read and write (the SSD's chunk states and chunk copies).
+//!   conversion's read and write (the SSD's chunk copies where an exact product keeps them
+//!   f32).
 
 use super::{BufId, BufInfo, BufKind, Lowered, Step, dim_index};
 use ir::kernel::{Expr, IExpr, KBuf, Kernel, Stmt};
@@ -163,7 +165,7 @@ pub(super) fn store_bf16(l: &mut Lowered, graph: &Graph, marked: &[BufId]) {
         }
     }
     // Products read operands in their dtype: bf16, or f32 when exact. A copy serves every
-    // product until its source is written again (the SSD's chunk states feed two products),
+    // product until its source is written again (an SSD chunk copy feeds two products),
     // except a parameter's, made at each use so that no bf16 weight outlives its product.
     let steps = std::mem::take(&mut l.steps);
     let mut copies: HashMap<BufId, BufId> = HashMap::new();

@@ -464,7 +464,8 @@ impl Lowering<'_> {
     /// The prep kernels, `CB`, the chunks' own end states and the carry that turns them into
     /// the states entering each chunk; returns the final state's variable-free kernel output
     /// through `s1` when given. `states_apart`: the carry writes the entering states to a
-    /// buffer of their own instead of over the own states.
+    /// buffer of their own, fit for bf16 ([`Lowering::bf16_scratch`]), instead of over the
+    /// f32 own states.
     fn ssd_prep(
         &mut self,
         node: NodeId,
@@ -479,14 +480,28 @@ impl Lowering<'_> {
         let (ps, hr, gh, gr) = (s.per_step(), s.head_rows(), s.group_heads(), s.group_rows());
         let dtc = self.scratch(node, ps.clone());
         let acs = self.scratch(node, ps.clone());
-        // Chunk copies of activations: bf16 already where activations are.
-        let xc = with_rows.then(|| self.bf16_scratch(node, hr.clone()));
+        // A chunk copy of `x`: fit for bf16 (bf16 already where activations are, and the
+        // products round it), but f32 where `dt ⊙ x` feeds the exact sums of the gradient
+        // without tiles, which pair with sums over this copy.
+        let xc = with_rows.then(|| {
+            if with_xdt {
+                self.scratch(node, hr.clone())
+            } else {
+                self.bf16_scratch(node, hr.clone())
+            }
+        });
         let xs = self.scratch(node, gh.clone());
         let xdt = with_xdt.then(|| self.scratch(node, hr.clone()));
         let bc = self.scratch(node, gr.clone());
         let cc = self.scratch(node, gr.clone());
         let cb = self.scratch(node, s.square(&s.g));
-        let sin = self.scratch(node, s.states());
+        // Apart, the entering states are read at bf16 precision only (by products, and by the
+        // gradient's `<dS_out, S_in>`, a sum), as the reference keeps them.
+        let sin = if states_apart {
+            self.bf16_scratch(node, s.states())
+        } else {
+            self.scratch(node, s.states())
+        };
         let ch = &s.ch;
         let qc = IExpr::c(s.q);
 
@@ -606,8 +621,8 @@ impl Lowering<'_> {
             (&s.qd, &s.n, &s.qd),
             (false, true),
         );
-        // Apart, the own states stay f32 for the carry while the entering ones may be
-        // narrowed to bf16 where only products read them ([`super::bf16`]).
+        // Apart, the own states stay f32 for the carry while the entering ones are bf16 with
+        // bf16 activations (see `sin`).
         let own = if states_apart {
             self.scratch(node, s.states())
         } else {
@@ -789,9 +804,9 @@ impl Lowering<'_> {
     /// state elements) and a thread per element, in rounds of [`CARRY_ROWS`] chunks:
     ///
     /// ```text
-    /// V[i, e] = slot(chunk i, e), d[i] = exp(a_last(chunk i))   independent loads
+    /// V[i, e] = src(chunk i, e), d[i] = exp(a_last(chunk i))    independent loads
     /// V[i, e] = the value entering chunk i, v = d[i] v + own    in shared memory, in order
-    /// slot(chunk i, e) = V[i, e]
+    /// dst(chunk i, e) = V[i, e]
     /// ```
     ///
     /// The per-element carry walks the chunks with about two loads in flight per thread,
@@ -1221,7 +1236,8 @@ impl Lowering<'_> {
         // With tiles, the sums of T come from a tiled kernel ([`Self::ssd_grad_mask_tiled`])
         // and `dt ⊙ x` is not needed.
         let tiled = self.ssd_tiles && s.grad_tiles_fit();
-        let pr = self.ssd_prep(node, &s, &name, None, (true, !tiled, false))?;
+        let apart = self.bf16_activations;
+        let pr = self.ssd_prep(node, &s, &name, None, (true, !tiled, apart))?;
         let xc = pr.xc.ok_or_else(|| internal(node, "no x rows"))?;
         let (ps, pc, hr, gr, gh, sts) = (
             s.per_step(),
@@ -1232,9 +1248,22 @@ impl Lowering<'_> {
             s.states(),
         );
         let (sqh, sqg) = (s.square(&s.h), s.square(&s.g));
-        let dyc = self.bf16_scratch(node, hr.clone());
+        // A chunk copy of `dy`: as `x`'s ([`Self::ssd_prep`]), f32 where an exact product
+        // reads it.
+        let dyc = if tiled {
+            self.bf16_scratch(node, hr.clone())
+        } else {
+            self.scratch(node, hr.clone())
+        };
         let dye = self.scratch(node, gh.clone());
-        let dst = self.scratch(node, sts.clone());
+        // With bf16 activations the own parts stay f32 for the carry, the carried dS_out (read
+        // by products and summed in `<dS_out, S_in>`) is bf16, as the states are.
+        let dst_own = self.scratch(node, sts.clone());
+        let dst = if apart {
+            self.bf16_scratch(node, sts.clone())
+        } else {
+            dst_own
+        };
         let ch = &s.ch;
         let qc = IExpr::c(s.q);
 
@@ -1268,7 +1297,7 @@ impl Lowering<'_> {
         // dS_in's own part Σ_i exp(a_i) dy_iᵀ C_i, then carried from the last chunk.
         self.gemm(
             node,
-            (dye, pr.cc, dst),
+            (dye, pr.cc, dst_own),
             s.batch(&s.g),
             (&s.hp, &s.qd, &s.n),
             (true, false),
@@ -1278,7 +1307,7 @@ impl Lowering<'_> {
             node,
             &s,
             &format!("{name}_carry_back"),
-            (dst, dst, pr.ea),
+            (dst_own, dst, pr.ea),
             (ds1, true),
             carry_out,
         )?;
@@ -1340,9 +1369,10 @@ impl Lowering<'_> {
         );
 
         // dCB per (batch, chunk, group, i), summed over the group's heads, zero above the
-        // diagonal: a row's `j` loop has the constant extent `Q`, so a warp shares it (lanes
-        // read consecutive `j`) and each lane walks the heads; a row of unknown length took
-        // a block of 256 lanes, of which at most `Q` had work.
+        // diagonal: a row's `j` loop has the constant extent `Q`, so for `Q >= 64`
+        // ([`ir::lanes::MIN_SPLIT_EXTENT`]) a warp shares it (lanes read consecutive `j`) and
+        // each lane walks the heads; a row of unknown length took a block of 256 lanes, of
+        // which at most `Q` had work.
         let dcb = self.scratch(node, sqg.clone());
         let mut kb = KB::new(self, &format!("{name}_dcb"));
         let (b, c, gg, i) = (grid(0), grid(1), grid(2), grid(3));
