@@ -452,38 +452,43 @@ fn ssd_results_read_at_bf16_precision_are_bf16() {
             }
         }
         assert_eq!(narrow_results, want, "bf16 product results");
-        let mut carries = 0;
-        for step in &l.steps {
-            let Step::Kernel { kernel, bufs, .. } = step else {
-                continue;
-            };
-            let k = &l.kernels[*kernel];
-            if !(k.name.starts_with("ssd_scan_")
-                && (k.name.ends_with("_carry") || k.name.ends_with("_carry_back")))
-            {
-                continue;
-            }
-            carries += 1;
+        // The kernel steps whose kernel name `pick` accepts, with their buffers, and the
+        // dtypes of the buffers of one such step that `keep` accepts.
+        let named = |pick: &dyn Fn(&str) -> bool| -> Vec<(&ir::kernel::Kernel, &Vec<usize>)> {
+            l.steps
+                .iter()
+                .filter_map(|step| match step {
+                    Step::Kernel { kernel, bufs, .. } => Some((&l.kernels[*kernel], bufs)),
+                    Step::MatMul { .. } => None,
+                })
+                .filter(|(k, _)| pick(&k.name))
+                .collect()
+        };
+        let dtypes = |k: &ir::kernel::Kernel,
+                      bufs: &[usize],
+                      keep: &dyn Fn(&ir::kernel::KBuf, usize) -> bool|
+         -> Vec<DType> {
+            k.bufs
+                .iter()
+                .zip(bufs)
+                .filter(|(kb, b)| keep(kb, **b))
+                .map(|(kb, _)| kb.dtype)
+                .collect()
+        };
+        let carries = named(&|n| {
+            n.starts_with("ssd_scan_") && (n.ends_with("_carry") || n.ends_with("_carry_back"))
+        });
+        for &(k, bufs) in &carries {
             // Read: the own parts, which a product wrote (the decays `exp(a)` are a kernel's).
-            let own: Vec<DType> = k
-                .bufs
-                .iter()
-                .zip(bufs)
-                .filter(|(kb, b)| !kb.writable && product_written[**b])
-                .map(|(kb, _)| kb.dtype)
-                .collect();
+            let own = dtypes(k, bufs, &|kb, b| !kb.writable && product_written[b]);
             assert_eq!(own, vec![DType::F32], "{}: own states", k.name);
-            let written: Vec<DType> = k
-                .bufs
-                .iter()
-                .zip(bufs)
-                .filter(|(kb, b)| kb.writable && l.buffers[**b].kind == BufKind::Scratch)
-                .map(|(kb, _)| kb.dtype)
-                .collect();
+            let written = dtypes(k, bufs, &|kb, b| {
+                kb.writable && l.buffers[b].kind == BufKind::Scratch
+            });
             assert_eq!(written, vec![DType::BF16], "{}: carried states", k.name);
         }
         assert_eq!(
-            carries,
+            carries.len(),
             2 * 3,
             "per layer the forward's carry and the gradient's two"
         );
@@ -492,24 +497,20 @@ fn ssd_results_read_at_bf16_precision_are_bf16() {
         if !tiled {
             continue;
         }
-        let mut copies = 0;
-        for step in &l.steps {
-            let Step::Kernel { kernel, bufs, .. } = step else {
-                continue;
-            };
-            let k = &l.kernels[*kernel];
-            if !(k.name.starts_with("ssd_scan_grad_")
-                && (k.name.ends_with("_x") || k.name.ends_with("_dy")))
-            {
-                continue;
-            }
-            copies += 1;
+        let copies = named(&|n| {
+            n.starts_with("ssd_scan_grad_") && (n.ends_with("_x") || n.ends_with("_dy"))
+        });
+        for &(k, bufs) in &copies {
             for (kb, b) in k.bufs.iter().zip(bufs) {
                 if kb.writable {
                     assert_eq!(l.buffers[*b].dtype, DType::BF16, "{}: a copy", k.name);
                 }
             }
         }
-        assert_eq!(copies, 4, "the x and dy copies of each layer's gradient");
+        assert_eq!(
+            copies.len(),
+            4,
+            "the x and dy copies of each layer's gradient"
+        );
     }
 }

@@ -129,6 +129,10 @@ pub(super) fn store_bf16(l: &mut Lowered, graph: &Graph, marked: &[BufId]) {
         }
     }
     let names = f32_names(graph);
+    let mut is_marked = vec![false; n];
+    for &b in marked {
+        is_marked[b] = true;
+    }
     for b in 0..n {
         if l.buffers[b].dtype != DType::F32 || exact[b] {
             continue;
@@ -136,7 +140,7 @@ pub(super) fn store_bf16(l: &mut Lowered, graph: &Graph, marked: &[BufId]) {
         let narrow = match &l.buffers[b].kind {
             // Read only by products, or marked by the lowering.
             BufKind::Scratch => {
-                (product_in[b] && !product_out[b] && !kernel_reads[b]) || marked.contains(&b)
+                (product_in[b] && !product_out[b] && !kernel_reads[b]) || is_marked[b]
             }
             BufKind::Temp | BufKind::Input(_) => !keeps_f32(l, graph, b, &names),
             BufKind::State(_) | BufKind::Param(_) => false,

@@ -463,8 +463,8 @@ impl Lowering<'_> {
 
     /// The prep kernels, `CB`, the chunks' own end states and the carry that turns them into
     /// the states entering each chunk; returns the final state's variable-free kernel output
-    /// through `s1` when given. `states_apart`: the carry writes the entering states to a
-    /// buffer of their own, fit for bf16 ([`Lowering::bf16_scratch`]), instead of over the
+    /// through `s1` when given. With bf16 activations the carry writes the entering states to
+    /// a buffer of their own, fit for bf16 ([`Lowering::bf16_scratch`]), instead of over the
     /// f32 own states.
     fn ssd_prep(
         &mut self,
@@ -472,8 +472,9 @@ impl Lowering<'_> {
         s: &Ssd,
         name: &str,
         s1: Option<BufId>,
-        (with_rows, with_xdt, states_apart): (bool, bool, bool),
+        (with_rows, with_xdt): (bool, bool),
     ) -> Result<Prep, LowerError> {
+        let states_apart = self.bf16_activations;
         let g = self.g;
         let ops = g.operands(node);
         let (x, dt, a, bm, cm, s0) = (ops[0], ops[1], ops[2], ops[3], ops[4], ops[5]);
@@ -669,12 +670,10 @@ impl Lowering<'_> {
         let y = self.new_buf(Value::new(node, 0), BufKind::Temp);
         let s1 = self.new_buf(Value::new(node, 1), BufKind::Temp);
         if self.ssd_tiles && s.tiles_fit() {
-            let apart = self.bf16_activations;
-            let pr = self.ssd_prep(node, &s, &name, Some(s1), (false, false, apart))?;
+            let pr = self.ssd_prep(node, &s, &name, Some(s1), (false, false))?;
             return self.ssd_tiled_output(node, &s, &name, &pr, y);
         }
-        let apart = self.bf16_activations;
-        let pr = self.ssd_prep(node, &s, &name, Some(s1), (true, false, apart))?;
+        let pr = self.ssd_prep(node, &s, &name, Some(s1), (true, false))?;
         let xc = pr.xc.ok_or_else(|| internal(node, "no x rows"))?;
         let (ps, hr) = (s.per_step(), s.head_rows());
         let sq = s.square(&s.h);
@@ -1236,8 +1235,7 @@ impl Lowering<'_> {
         // With tiles, the sums of T come from a tiled kernel ([`Self::ssd_grad_mask_tiled`])
         // and `dt ⊙ x` is not needed.
         let tiled = self.ssd_tiles && s.grad_tiles_fit();
-        let apart = self.bf16_activations;
-        let pr = self.ssd_prep(node, &s, &name, None, (true, !tiled, apart))?;
+        let pr = self.ssd_prep(node, &s, &name, None, (true, !tiled))?;
         let xc = pr.xc.ok_or_else(|| internal(node, "no x rows"))?;
         let (ps, pc, hr, gr, gh, sts) = (
             s.per_step(),
@@ -1259,7 +1257,7 @@ impl Lowering<'_> {
         // With bf16 activations the own parts stay f32 for the carry, the carried dS_out (read
         // by products and summed in `<dS_out, S_in>`) is bf16, as the states are.
         let dst_own = self.scratch(node, sts.clone());
-        let dst = if apart {
+        let dst = if self.bf16_activations {
             self.bf16_scratch(node, sts.clone())
         } else {
             dst_own
