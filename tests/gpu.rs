@@ -443,58 +443,12 @@ fn tiny_mamba2_matches_the_cpu() {
     training("tiny-mamba2", 3, 37, 61, false);
 }
 
-/// `ssd_scan{chunk}` and its gradient alone (`hpg` heads per group): every output of the
-/// GPU's matrix form against the CPU's scans.
-fn ssd_graph((hpg, groups, p, n): (u64, u64, u64, u64), chunk: u64) -> Graph {
-    let h = hpg * groups;
-    let mut g = Graph::new("ssd");
-    let (bd, ld, k) = (Dim::sym("B"), Dim::sym("L"), Dim::known);
-    let input = |g: &mut Graph, name: &str, kind: InputKind, shape: Vec<Dim>| {
-        let ty = TensorType::new(DType::F32, shape);
-        add(
-            g,
-            Op::Input {
-                name: name.into(),
-                kind,
-                ty,
-            },
-            &[],
-        )
-    };
-    let data = InputKind::Data;
-    let xsh = vec![bd.clone(), ld.clone(), k(h), k(p)];
-    let x = input(&mut g, "x", data, xsh.clone());
-    let dt_raw = input(&mut g, "dt", data, vec![bd.clone(), ld.clone(), k(h)]);
-    let dt = add(&mut g, Op::Unary(UnaryOp::Softplus), &[dt_raw]);
-    let a_log = input(&mut g, "A_log", data, vec![k(h)]);
-    let a = add(&mut g, Op::Unary(UnaryOp::Exp), &[a_log]);
-    let a = add(&mut g, Op::Unary(UnaryOp::Neg), &[a]);
-    let bsh = vec![bd.clone(), ld.clone(), k(groups), k(n)];
-    let bm = input(&mut g, "Bm", data, bsh.clone());
-    let cm = input(&mut g, "Cm", data, bsh);
-    let ssh = vec![bd, k(h), k(p), k(n)];
-    let s0 = input(&mut g, "s0", InputKind::State, ssh.clone());
-    let dy = input(&mut g, "dy", data, xsh);
-    let ds1 = input(&mut g, "ds1", data, ssh);
-    let ops = [x, dt, a, bm, cm, s0];
-    let y = add(&mut g, Op::SsdScan { chunk }, &ops);
-    g.add_output("y", y);
-    g.add_output("s1", Value::new(y.node, 1));
-    let mut gops = ops.to_vec();
-    gops.extend([dy, ds1]);
-    let gr = add(&mut g, Op::SsdScanGrad { chunk }, &gops);
-    for (i, name) in ["dx", "ddt", "dA", "dB", "dC", "ds0"].iter().enumerate() {
-        g.add_output(*name, Value::new(gr.node, i as u16));
-    }
-    g
-}
-
 #[test]
 fn ssd_matmul_form_matches_the_cpu() {
     // Grouped heads at awkward sizes over three chunks (the last partial), then
     // mamba2-2.7b's head and state sizes over a chunk and one step.
     for (dims, b, l, chunk) in [((3, 2, 5, 7), 2, 300, 256), ((2, 1, 64, 128), 1, 129, 128)] {
-        let g = ssd_graph(dims, chunk);
+        let g = common::ssd_graph(dims, chunk);
         let what = format!("ssd (hpg, G, P, N) = {dims:?} B={b} L={l} chunk {chunk}");
         let Some(dev) = gpu(&what, &g) else {
             return;
@@ -540,7 +494,7 @@ fn tiled_ssd_matches_the_cpu() {
         ((2, 1, 16, 16), 2, 600, 16),
         ((1, 2, 8, 8), 1, 530, 16),
     ] {
-        let g = ssd_graph(dims, chunk);
+        let g = common::ssd_graph(dims, chunk);
         let what = format!("tiled ssd (hpg, G, P, N) = {dims:?} B={b} L={l} chunk {chunk}");
         let Some(dev) = gpu_with(&what, &g, &tiled) else {
             return;

@@ -416,7 +416,7 @@ fn ssd_results_read_at_bf16_precision_are_bf16() {
         bf16_activations: true,
         ..LowerOptions::default()
     };
-    let g = common::compile_name("tiny-mamba2").graph;
+    let g = common::tiny_mamba2_chunk16().graph;
     let tg = passes::training_graph(&g, "logits", -100)
         .expect("training graph")
         .graph;

@@ -171,11 +171,11 @@ fn mamba2_tiled_ssd_forward_assembles() {
 }
 
 /// The training graph with bf16 activations on the GPU: the gradient's tiled kernel per
-/// layer (`M'` and the sums of `dM ⊙ M` in an f32 tile) beside the forward's; ptxas takes
-/// both for both targets.
+/// layer (`dM = dY Xᵀ` on the tensor cores, `M'`, the `dCB` terms and the sums of `dM ⊙ M`
+/// in an f32 tile) beside the forward's; ptxas takes both for both targets.
 #[test]
 fn tiled_ssd_gradient_assembles() {
-    let graph = common::compile_name("tiny-mamba2").graph;
+    let graph = common::tiny_mamba2_chunk16().graph;
     let tg = passes::training_graph(&graph, "logits", -100).expect("training graph");
     let opts = LowerOptions {
         bf16_activations: true,
@@ -196,6 +196,14 @@ fn tiled_ssd_gradient_assembles() {
         let ptx = compile_graph_with(&what, &tg.graph, target, &opts);
         assemble(&what, &ptx);
     }
+    // The SSD alone at mamba2-2.7b's sizes (80 heads, P = 64, N = 128, chunks of 128): the
+    // tiles of the real shapes fit, and ptxas takes them.
+    let ssd = common::ssd_graph((80, 1, 64, 128), 256);
+    let what = "ssd 2.7b bf16 sm_90";
+    let ptx = compile_graph_with(what, &ssd, Target::Sm90, &opts);
+    let grad = ptx.text.matches(".entry ssd_scan_grad_").count();
+    assert!(grad > 0 && ptx.text.contains("mma.sync"), "{what}");
+    assemble(what, &ptx);
 }
 
 #[test]

@@ -37,16 +37,20 @@
 //!   which ptxas does not fuse either). Division is IEEE `div.rn.f32`, `sqrt` is `sqrt.rn.f32`,
 //!   subnormals are kept (no flush to zero).
 //! - `exp`, `sigmoid`, `silu`: the CPU backend's inline Cephes `expf` (about 1 ulp) and its
-//!   stable sigmoid, the same operations in the same order: bit-identical results.
+//!   stable sigmoid, the same operations in the same order: bit-identical results. Tiled
+//!   kernels are the exception: their `exp` is the hardware's `ex2.approx` (a few ulps);
+//!   their tile products sum in another order than the CPU's anyway, and the SSD's masks,
+//!   which are most of their instructions, round to bf16.
 //! - `rsqrt`: `1 / sqrt` in f64, rounded once (as the CPU).
 //! - `log`, `softplus`: the CPU calls Rust's f64 `ln`/`exp`/`ln_1p` and rounds once; NVPTX
 //!   has no libm, so these run [`crate::math`]'s f64 algorithms (a few f64 ulps, tested
 //!   against `std`), then round once: the same f32 except in rare near-midpoint cases (an
 //!   f32 ulp at most).
 //! - `max`/`min`: `f32::max`/`f32::min` semantics (a NaN operand yields the other), as the CPU.
-//! - Storage: bf16 loads shift into the top half of an f32; bf16 stores round to nearest even
-//!   with the CPU's integer trick (NaNs stay quiet NaNs): bit-identical. f16 converts with
-//!   `cvt` (round to nearest even, as `half`). f64 loads round to f32, stores widen.
+//! - Storage: bf16 loads shift into the top half of an f32; bf16 stores are `cvt.rn.bf16.f32`
+//!   (round to nearest even, as the CPU's integer trick: bit-identical but for a NaN's
+//!   payload, which becomes the canonical NaN). f16 converts with `cvt` (round to nearest
+//!   even, as `half`). f64 loads round to f32, stores widen.
 //! - Index math is i64 in a kernel's entry and i32 in its second entry where it has one
 //!   (the runtime launches it where [`ir::kernel::INDEX32_LIMIT`] bounds every index);
 //!   `Div`/`Rem` are floor division/remainder as in the CPU backend
@@ -56,6 +60,10 @@
 //! Index arithmetic carries `nsw` (no index wraps: in the 32-bit entry the runtime's bound
 //! guarantees it), so that LLVM may widen `i + 1` after a sign extension and merge a
 //! thread's neighbouring accesses into vector ones as it does with i64.
+//!
+//! Inside an `Each` (tiled kernels), a `For` of constant extent up to 8 is emitted unrolled:
+//! the lowering writes a thread's run of neighbouring tile elements that way (a row segment),
+//! so its loads and stores have constant offsets and merge into 16-byte ones.
 //!
 //! Scalars, loop counters and local arrays are allocas in the entry block; `default<O3>`
 //! (with the NVPTX target machine, so address-space inference runs) promotes them to
@@ -93,6 +101,59 @@ const SPLIT_UNROLL: i64 = 4;
 
 /// Iterations per thread and trip of an `Each`'s main loop (`Gen::each`).
 const EACH_UNROLL: i64 = 8;
+
+/// The size (`body_cost`) of the copies of an `Each` body with unrolled runs (`For`s of
+/// constant extent up to `UNROLL_FOR_MAX`) that one trip of its main loop may take: a tile
+/// fill (a load and a store per element) gets four runs of 8 per trip, its loads all in
+/// flight; the SSD's mask (exponentials, three values per element) one, which fits 128
+/// registers (two or four copies spilled).
+const EACH_RUN_BUDGET: i64 = 340;
+
+/// The largest extent of an `Each` body's top-level unrolled `For`s, 1 without any.
+fn unrolled_weight(body: &[Stmt]) -> i64 {
+    body.iter()
+        .filter_map(|s| match s {
+            Stmt::For {
+                extent: IExpr::Const(n),
+                ..
+            } if (1..=UNROLL_FOR_MAX).contains(n) => Some(*n),
+            _ => None,
+        })
+        .max()
+        .unwrap_or(1)
+}
+
+/// Value nodes and statements of `body`, a `For` of constant extent counted that many times.
+fn body_cost(body: &[Stmt]) -> i64 {
+    let expr = |e: &Expr| {
+        let mut n = 0;
+        e.walk(&mut |_| n += 1);
+        n
+    };
+    body.iter()
+        .map(|s| match s {
+            Stmt::For { extent, body, .. } => {
+                let times = match extent {
+                    IExpr::Const(n) => *n,
+                    _ => 1,
+                };
+                times * body_cost(body)
+            }
+            Stmt::Var { init: e, .. }
+            | Stmt::Set { value: e, .. }
+            | Stmt::ArrSet { value: e, .. }
+            | Stmt::Store { value: e, .. }
+            | Stmt::TileSet { value: e, .. } => 1 + expr(e),
+            _ => 1,
+        })
+        .sum()
+}
+
+/// A `For` inside an `Each` whose extent is a constant up to this is emitted unrolled: a
+/// thread's run of neighbouring elements (a row segment of a tile) then has constant
+/// offsets, local arrays indexed by the counter become registers, and LLVM merges the
+/// neighbours' accesses into vector ones.
+const UNROLL_FOR_MAX: i64 = 8;
 
 /// The PTX kernel calling convention (LLVM's `ptx_kernel`): functions with it are `.entry`.
 const PTX_KERNEL_CC: u32 = 71;
@@ -423,6 +484,8 @@ struct Gen<'a, 'ctx> {
     /// A tiled kernel's tiles in its dynamic shared memory (`smem`).
     tiles: HashMap<TileId, TileSlot>,
     smem: Option<PointerValue<'ctx>>,
+    /// Emitting an `Each`'s body (small constant `For`s are unrolled there).
+    in_each: bool,
 }
 
 fn build_kernel<'ctx>(
@@ -527,6 +590,7 @@ fn build_kernel<'ctx>(
         partials: None,
         tiles: HashMap::new(),
         smem: None,
+        in_each: false,
     };
     g.function()?;
     g.ab.build_unconditional_branch(start)?;
@@ -810,6 +874,22 @@ impl<'ctx> Gen<'_, 'ctx> {
                 }
                 Stmt::For {
                     counter,
+                    extent: IExpr::Const(n),
+                    body,
+                } if self.in_each && (0..=UNROLL_FOR_MAX).contains(n) => {
+                    let c = self.alloca(self.t.ix, &format!("i{}", counter.0))?;
+                    let outer = self.loops.insert(*counter, c);
+                    for i in 0..*n {
+                        self.b.build_store(c, self.ixc(i))?;
+                        self.block(body)?;
+                    }
+                    match outer {
+                        Some(o) => self.loops.insert(*counter, o),
+                        None => self.loops.remove(counter),
+                    };
+                }
+                Stmt::For {
+                    counter,
                     extent,
                     body,
                 } => {
@@ -952,7 +1032,24 @@ impl<'ctx> Gen<'_, 'ctx> {
             .zip(&slots)
             .map(|(c, p)| self.loops.insert(*c, *p))
             .collect();
-        for unroll in [EACH_UNROLL, 1] {
+        // A body with unrolled runs of elements (`UNROLL_FOR_MAX`) is that much larger: fewer
+        // copies of it per trip (`EACH_RUN_ELEMENTS` elements) keep the loads of a tile fill
+        // in flight together without spilling.
+        let main = if unrolled_weight(body) > 1 {
+            // At most the trips there are, else the main loop never runs.
+            let trips = match extents.iter().try_fold(1i64, |n, e| match e {
+                IExpr::Const(c) => Some(n * c),
+                _ => None,
+            }) {
+                Some(total) => total / threads,
+                None => EACH_UNROLL,
+            };
+            (EACH_RUN_BUDGET / body_cost(body)).clamp(1, trips.clamp(1, EACH_UNROLL))
+        } else {
+            EACH_UNROLL
+        };
+        let trips: &[i64] = if main > 1 { &[main, 1] } else { &[1] };
+        for &unroll in trips {
             let head = self.ctx.append_basic_block(self.f, "each");
             let next = self.ctx.append_basic_block(self.f, "each_body");
             let done = self.ctx.append_basic_block(self.f, "each_done");
@@ -979,7 +1076,9 @@ impl<'ctx> Gen<'_, 'ctx> {
                     };
                     self.b.build_store(slots[d], v)?;
                 }
+                let outer = std::mem::replace(&mut self.in_each, true);
                 self.block(body)?;
+                self.in_each = outer;
             }
             let f1 = self
                 .b
@@ -1440,21 +1539,11 @@ impl<'ctx> Gen<'_, 'ctx> {
                 b.build_store(a, x)?;
             }
             DType::BF16 => {
-                // Round to nearest even; NaNs become quiet NaNs (as the CPU backend).
-                let i32t = self.t.i32;
-                let c = |n: u64| i32t.const_int(n, false);
-                let bits = b.build_bit_cast(v, i32t, "")?.into_int_value();
-                let lsb = b.build_right_shift(bits, c(16), false, "")?;
-                let lsb = b.build_and(lsb, c(1), "")?;
-                let r = b.build_int_add(bits, c(0x7FFF), "")?;
-                let r = b.build_int_add(r, lsb, "")?;
-                let r = b.build_right_shift(r, c(16), false, "")?;
-                let q = b.build_right_shift(bits, c(16), false, "")?;
-                let q = b.build_or(q, c(0x40), "")?;
-                let nan = b.build_float_compare(FloatPredicate::UNO, v, v, "")?;
-                let out = b.build_select(nan, q, r, "")?.into_int_value();
-                let out = b.build_int_truncate(out, self.t.i16, "")?;
-                b.build_store(a, out)?;
+                // `cvt.rn.bf16.f32` (sm_80 and later): round to nearest even, as the CPU
+                // backend's integer rounding, in one instruction where that took nine; a
+                // NaN becomes the canonical bf16 NaN (the CPU keeps its payload, quieted).
+                let x = b.build_float_trunc(v, self.ctx.bf16_type(), "")?;
+                b.build_store(a, x)?;
             }
             DType::I32 | DType::I64 => {
                 return self.unsupported("store to an integer buffer".into());
@@ -1536,6 +1625,10 @@ impl<'ctx> Gen<'_, 'ctx> {
         let b = &self.b;
         Ok(match op {
             UnaryOp::Neg => b.build_float_neg(x, "")?,
+            // Tiled kernels take the hardware's `ex2.approx` (2 ulp; their tile products
+            // differ from the CPU's in summation order anyway): the inline `exp` was a third
+            // of the SSD gradient kernel's instructions.
+            UnaryOp::Exp if self.smem.is_some() => self.exp_fast(x)?,
             UnaryOp::Exp => self.exp_inline(x)?,
             UnaryOp::Log => self.via_f64(x, |o, v| math::log(o, v))?,
             UnaryOp::Softplus => self.via_f64(x, |o, v| math::softplus(o, v))?,
@@ -1553,6 +1646,18 @@ impl<'ctx> Gen<'_, 'ctx> {
             }
             UnaryOp::Sigmoid => self.sigmoid_inline(x)?,
         })
+    }
+
+    /// `exp(x)` as `2^(x log2 e)` with `ex2.approx.ftz.f32`: relative error about 2^-22 where
+    /// `|x log2 e|` is small, growing with the rounding of `x log2 e` (a few ulps at
+    /// `|x| ~ 80`); results below 2^-126 flush to zero.
+    fn exp_fast(&self, x: FloatValue<'ctx>) -> G<FloatValue<'ctx>> {
+        let t = self
+            .b
+            .build_float_mul(x, self.f32c(std::f32::consts::LOG2_E), "")?;
+        let f32t = self.t.f32;
+        let ex2 = self.intrinsic("llvm.nvvm.ex2.approx.ftz.f", f32t.into(), &[f32t.into()]);
+        Ok(self.call(ex2, &[t.into()])?.into_float_value())
     }
 
     /// The CPU backend's inline `exp` (Cephes `expf`), operation for operation.

@@ -23,12 +23,13 @@
 //! one strided-batched GEMM over `B·ceil(L/Q)·(H or G)` matrices.
 //!
 //! The gradient ([`Lowering::ssd_matmul_grad`]) recomputes `CB`, `S_own` and `S_in` the
-//! same way and derives everything else from ten more products (nine with the tiled
-//! kernel, [`super::LowerOptions::ssd_tiles`]); its derivation is at the function.
+//! same way and derives everything else from ten more products (eight with the tiled
+//! kernel, [`super::LowerOptions::ssd_tiles`], which forms `dY Xᵀ` itself); its derivation
+//! is at the function.
 
 use super::{Chunks, KB, LowerError, Lowering, carry, carry_chunk};
 use ir::DType::{self, BF16, F32};
-use ir::kernel::{Expr, IExpr, Stmt, TileId, VarId};
+use ir::kernel::{ArrId, Expr, IExpr, Stmt, TileId, VarId};
 use ir::schedule::{BufId, BufKind, Product, Step};
 use ir::{BinaryOp, Dim, NodeId, Shape, UnaryOp, Value};
 
@@ -169,39 +170,65 @@ impl Ssd {
     }
 
     /// Whether the tiled forward ([`Lowering::ssd_tiled_output`]) can run this op: its tile
-    /// product needs `Q` in multiples of 16 and `P` of 8, and its tiles must fit a block's
-    /// shared memory.
+    /// product needs `Q` in multiples of 16 and `P` of 8, its row segments ([`seg_fold`])
+    /// the same, and its tiles must fit a block's shared memory.
     fn tiles_fit(&self) -> bool {
         let (q, p) = (self.q, self.pw);
         // `a` and `dt` are dead before `Xᵀ` is written: `ir::tile::layout` gives them bytes
         // of `Xᵀ` and `Y` (together they are smaller), so the first four tiles are the size.
-        q % 16 == 0 && p % 8 == 0 && fits(&self.forward_tiles()[..4])
+        q % (2 * SEG) == 0 && p % SEG == 0 && fits(&self.forward_tiles()[..4])
     }
 
     /// The forward's tiles: `M` (bf16 `[Q, Q]`), `Xᵀ` (bf16 `[P, Q]`), `Y` (f32 `[Q, P]`),
-    /// and `exp(a)`, `a` and `dt` (f32 `[Q, 1]` each).
+    /// and `exp(a)`, `a` and `dt` (f32 `[1, Q]` each).
     fn forward_tiles(&self) -> [TileDecl; 6] {
         let (q, p) = (self.q as usize, self.pw as usize);
         [
             (0, BF16, q, q),
             (1, BF16, p, q),
             (2, F32, q, p),
-            (3, F32, q, 1),
-            (4, F32, q, 1),
-            (5, F32, q, 1),
+            (3, F32, 1, q),
+            (4, F32, 1, q),
+            (5, F32, 1, q),
         ]
     }
 
     /// Whether the gradient's tiled kernel ([`Lowering::ssd_grad_mask_tiled`]) can run this
-    /// op: its tiles must fit, and its triangles fold ([`tri_fold`]) for even `Q`.
+    /// op: its row segments ([`seg_fold`]) and its tile product need `Q` in multiples of 16,
+    /// and its tiles must fit.
     fn grad_tiles_fit(&self) -> bool {
-        self.q % 2 == 0 && fits(&self.grad_tiles())
+        let tiles = self.grad_tiles();
+        // The dots' parts take `dM`'s bytes ([`ir::tile::layout`]).
+        let parts: usize = tiles[5..]
+            .iter()
+            .map(|&(_, d, r, c)| ir::tile::tile_bytes(d, r, c))
+            .sum();
+        let dm = ir::tile::tile_bytes(tiles[0].1, tiles[0].2, tiles[0].3);
+        self.q % (2 * SEG) == 0 && parts <= dm && fits(&tiles[..5])
     }
 
-    /// The gradient's tiles: `T'` (f32 `[Q, Q]`), `dt` and `a` (f32 `[Q, 1]` each).
-    fn grad_tiles(&self) -> [TileDecl; 3] {
-        let q = self.q as usize;
-        [(0, F32, q, q), (1, F32, q, 1), (2, F32, q, 1)]
+    /// `P` rounded up to the tile product's depth (16): the columns of the gradient's `dY`
+    /// and `X` tiles, zero past `P`.
+    fn p_tile(&self) -> i64 {
+        (self.pw + 15) / 16 * 16
+    }
+
+    /// The gradient's tiles: `dM`, then `T'` in place (f32 `[Q, Q]`), `dt` and `a` (f32
+    /// `[1, Q]` each), `dY` and `X` (bf16 `[Q, P]`, `P` rounded up to 16), and the parts of
+    /// two dots per row segment (f32 `[Q, P/8]` each; dead before `dM` is written, so they
+    /// take its bytes).
+    fn grad_tiles(&self) -> [TileDecl; 7] {
+        let (q, pk) = (self.q as usize, self.p_tile() as usize);
+        let segs = pk / SEG as usize;
+        [
+            (0, F32, q, q),
+            (1, F32, 1, q),
+            (2, F32, 1, q),
+            (3, BF16, q, pk),
+            (4, BF16, q, pk),
+            (5, F32, q, segs),
+            (6, F32, q, segs),
+        ]
     }
 
     fn shape(&self, dims: &[&Dim]) -> Shape {
@@ -322,53 +349,37 @@ fn grid(i: usize) -> IExpr {
 /// Element `(i, j)` of the masked decay matrix of head `h` in chunk `c` of batch `b`:
 /// `CB_ij exp(a_i - a_j) [j <= i]`, times `dt_j` when `with_dt`. Without branches:
 /// `exp(min(a_i - a_j, 0))` is finite everywhere and exact below the diagonal, and the exact
-/// 0/1 indicator `(i - j + Q) / Q` masks the rest. With `lower` the caller promises
-/// `j <= i` (see [`tri_fold`]), and the indicator is left out. A tiled kernel may have
-/// staged the chunk's `a` and `dt` in `[Q, 1]` tiles (`staged`): then only `CB` is read from
-/// memory per element.
+/// 0/1 indicator `(i - j + Q) / Q` masks the rest.
 fn mask_value(
     kb: &mut KB,
     s: &Ssd,
     pr: &Prep,
     [b, c, h]: [&IExpr; 3],
     (i, j): (&IExpr, &IExpr),
-    (with_dt, lower): (bool, bool),
-    staged: Option<Staged>,
+    with_dt: bool,
 ) -> Expr {
     let (ps, sqg) = (s.per_step(), s.square(&s.g));
     let step = |k: &IExpr| [b.clone(), c.clone(), h.clone(), k.clone()];
     let at = [b.clone(), c.clone(), s.group(h), i.clone(), j.clone()];
     let cbv = ld(kb, pr.cb, &at, &sqg);
-    let zero = IExpr::c(0);
-    let a = |kb: &mut KB, k: &IExpr| match staged {
-        Some(t) => tile_ld(t.a, k, &zero),
-        None => ld(kb, pr.acs, &step(k), &ps),
-    };
-    let (ai, aj) = (a(kb, i), a(kb, j));
+    let (ai, aj) = (ld(kb, pr.acs, &step(i), &ps), ld(kb, pr.acs, &step(j), &ps));
     let decay = exp(Expr::bin(BinaryOp::Min, sub(ai, aj), Expr::Const(0.0)));
-    let v = if lower {
-        mul(cbv, decay)
-    } else {
-        let below = i
-            .clone()
-            .sub(j.clone())
-            .add(IExpr::c(s.q))
-            .div(IExpr::c(s.q));
-        mul(mul(cbv, decay), Expr::FromIndex(below))
-    };
+    let below = i
+        .clone()
+        .sub(j.clone())
+        .add(IExpr::c(s.q))
+        .div(IExpr::c(s.q));
+    let v = mul(mul(cbv, decay), Expr::FromIndex(below));
     if with_dt {
-        let dtj = match staged {
-            Some(t) => tile_ld(t.dt, j, &zero),
-            None => ld(kb, pr.dtc, &step(j), &ps),
-        };
-        mul(v, dtj)
+        mul(v, ld(kb, pr.dtc, &step(j), &ps))
     } else {
         v
     }
 }
 
 /// An `Each` over the chunk's `Q` steps that copies per-step values (`[B, nc, H, Q]`
-/// buffers) of head `h` in chunk `c` of batch `b` into `[Q, 1]` tiles.
+/// buffers) of head `h` in chunk `c` of batch `b` into `[1, Q]` tiles: a row segment's
+/// neighbouring steps are then neighbouring words.
 fn stage_steps(kb: &mut KB, s: &Ssd, [b, c, h]: [&IExpr; 3], tiles: &[(TileId, BufId)]) -> Stmt {
     let ps = s.per_step();
     let ci = kb.counter();
@@ -378,17 +389,27 @@ fn stage_steps(kb: &mut KB, s: &Ssd, [b, c, h]: [&IExpr; 3], tiles: &[(TileId, B
         .iter()
         .map(|&(tile, buf)| {
             let v = ld(kb, buf, &at, &ps);
-            tile_set(tile, &i, &IExpr::c(0), v)
+            tile_set(tile, &IExpr::c(0), &i, v)
         })
         .collect();
     each(&[ci], &[s.q as usize], sets)
 }
 
-/// `[Q, 1]` tiles holding a chunk's running sums `a` and its `dt` ([`mask_value`]).
+/// The per-step sums the gradient's tiled kernel stores: the row and column sums of `T'`
+/// (`rowt`, `colt`) and the dots `u_j = x_j · (dS_out B_j)` and `dy_j · (C_j S_inᵀ)` (`yod`).
+struct GradSums {
+    colt: BufId,
+    rowt: BufId,
+    u: BufId,
+    yod: BufId,
+}
+
+/// Where the gradient's `dCB` finds each head's terms `dM_ij exp(a_i - a_j) dt_j`: written by
+/// the tiled kernel, or to be formed from `dM` (a product's result).
 #[derive(Clone, Copy)]
-struct Staged {
-    a: TileId,
-    dt: TileId,
+enum DcbTerms {
+    Tiled(BufId),
+    FromDm(BufId),
 }
 
 /// The scratch tensors both directions compute from the operands.
@@ -506,9 +527,8 @@ impl Lowering<'_> {
         let ch = &s.ch;
         let qc = IExpr::c(s.q);
 
-        // dt and dt·A per (batch, chunk, head, step); their running sums inside each chunk
-        // as one product with the lower-triangular ones (exact: they are the exponents of
-        // every decay).
+        // dt and dt·A per (batch, chunk, head, step): the op's `dt` prologue (a softplus in
+        // f64) parallel over the steps.
         let dta = self.scratch(node, ps.clone());
         let mut kb = KB::new(self, &format!("{name}_decay"));
         let (b, c, h, i) = (grid(0), grid(1), grid(2), grid(3));
@@ -522,46 +542,48 @@ impl Lowering<'_> {
         kb.body.extend([decl, dt_store, dta_store]);
         let grid_d = vec![kb.l.dim(&s.b), ch.count.clone(), kb.l.dim(&s.h), qc.clone()];
         kb.finish(grid_d, node);
-        let sq = vec![s.qd.clone(), s.qd.clone()];
-        let tri = self.scratch(node, sq.clone());
-        let mut kb = KB::new(self, &format!("{name}_tri"));
-        let (i, j) = (grid(0), grid(1));
-        let below = i.clone().sub(j.clone()).add(qc.clone()).div(qc.clone());
-        let store = st(&mut kb, tri, &[i, j], &sq, Expr::FromIndex(below));
-        kb.body.push(store);
-        kb.finish(vec![qc.clone(), qc.clone()], node);
-        let one = Dim::known(1);
-        self.out.steps.push(Step::MatMul {
-            lhs: dta,
-            rhs: tri,
-            out: acs,
-            batch: s.batch(&s.h),
-            m: one,
-            k: s.qd.clone(),
-            n: s.qd.clone(),
-            lhs_t: false,
-            rhs_t: true,
-            rhs_batched: false,
-            exact: true,
-            node,
-        });
 
-        // exp(a_i) and exp(a_last - a_i) per (batch, chunk, head, step).
+        // Per (batch, chunk, head), over the chunk's steps in order: the running sum `a` of
+        // dt·A (the exponent of every decay), then exp(a_i) and exp(a_last - a_i). This
+        // replaced a product with the lower-triangular ones, which cuBLAS ran at 1 TFLOP/s
+        // (1.4 ms at H = 80, L = 65536, where this takes a few hundredths).
         let (ea, el) = (
             self.scratch(node, ps.clone()),
             self.scratch(node, ps.clone()),
         );
-        let mut kb = KB::new(self, &format!("{name}_exps"));
-        let (b, c, h, i) = (grid(0), grid(1), grid(2), grid(3));
-        let at = [b.clone(), c.clone(), h.clone(), i];
-        let ai = ld(&mut kb, acs, &at, &ps);
-        let (aiv, decl) = var(&mut kb, ai);
-        let last = ld(&mut kb, acs, &[b, c, h, IExpr::c(s.q - 1)], &ps);
-        let e1 = st(&mut kb, ea, &at, &ps, exp(Expr::Var(aiv)));
-        let e2 = st(&mut kb, el, &at, &ps, exp(sub(last, Expr::Var(aiv))));
-        kb.body.extend([decl, e1, e2]);
-        let grid_e = vec![kb.l.dim(&s.b), ch.count.clone(), kb.l.dim(&s.h), qc.clone()];
-        kb.finish(grid_e, node);
+        let mut kb = KB::new(self, &format!("{name}_sums"));
+        let (b, c, h) = (grid(0), grid(1), grid(2));
+        let (run, dr) = var(&mut kb, Expr::Const(0.0));
+        kb.body.push(dr);
+        let step = |i: &IExpr| [b.clone(), c.clone(), h.clone(), i.clone()];
+        let sums = for_(&mut kb, qc.clone(), |kb, i| {
+            let v = ld(kb, dta, &step(&i), &ps);
+            vec![
+                Stmt::Set {
+                    var: run,
+                    value: add(Expr::Var(run), v),
+                },
+                st(kb, acs, &step(&i), &ps, Expr::Var(run)),
+            ]
+        });
+        let exps = for_(&mut kb, qc.clone(), |kb, i| {
+            let ai = ld(kb, acs, &step(&i), &ps);
+            let (aiv, decl) = var(kb, ai);
+            vec![
+                decl,
+                st(kb, ea, &step(&i), &ps, exp(Expr::Var(aiv))),
+                st(
+                    kb,
+                    el,
+                    &step(&i),
+                    &ps,
+                    exp(sub(Expr::Var(run), Expr::Var(aiv))),
+                ),
+            ]
+        });
+        kb.body.extend([sums, exps]);
+        let grid_s = vec![kb.l.dim(&s.b), ch.count.clone(), kb.l.dim(&s.h)];
+        kb.finish(grid_s, node);
 
         // x as rows, and w ⊙ x as group rows, per (batch, chunk, head, step, p).
         let mut kb = KB::new(self, &format!("{name}_x"));
@@ -661,9 +683,9 @@ impl Lowering<'_> {
         })
     }
 
-    /// `SsdScan` in the matrix form (module doc): eight kernels and five products (the
-    /// running sums of `dt·A` are one too), or with tiles four products and the tiled
-    /// output kernel in place of the mask, `M X` and the output kernel.
+    /// `SsdScan` in the matrix form (module doc): six kernels and four products, or with
+    /// tiles three products and the tiled output kernel in place of the mask, `M X` and the
+    /// output kernel.
     pub(super) fn ssd_matmul(&mut self, node: NodeId, chunk: u64) -> Result<(), LowerError> {
         let s = Ssd::new(self, node, chunk)?;
         let name = format!("ssd_scan_{}", node.index());
@@ -946,7 +968,7 @@ impl Lowering<'_> {
         let mut kb = KB::new(self, name);
         let (b, c, h, r, o) = (grid(0), grid(1), grid(2), grid(3), grid(4));
         let (i, j) = if transposed { (&o, &r) } else { (&r, &o) };
-        let v = mask_value(&mut kb, s, pr, [&b, &c, &h], (i, j), (with_dt, false), None);
+        let v = mask_value(&mut kb, s, pr, [&b, &c, &h], (i, j), with_dt);
         let store = st(&mut kb, out, &[b, c, h, r, o], &sqh, v);
         kb.body.push(store);
         let grid_m = vec![
@@ -990,8 +1012,7 @@ impl Lowering<'_> {
         let [tm, tx, ty, te, ta, td] = [0, 1, 2, 3, 4, 5].map(TileId);
         declare_tiles(&mut kb, &s.forward_tiles());
 
-        // exp(a), a and dt per step, so that building M reads only CB from memory (a
-        // thread's unrolled elements then hold one 64-bit address each, not four).
+        // exp(a), a and dt per step, so that building M reads only CB from memory.
         let stage = stage_steps(
             &mut kb,
             s,
@@ -1000,29 +1021,62 @@ impl Lowering<'_> {
         );
         kb.body.push(stage);
 
-        // M, as the mask kernel computes it: its lower triangle folded into a rectangle
-        // ([`tri_fold`]: the loads of CB and the exponentials only where they count), then
-        // zeros above the diagonal.
-        let staged = Some(Staged { a: ta, dt: td });
-        let lower = tri_each(&mut kb, s.q, false, |kb, i, j| {
-            let m = mask_value(kb, s, pr, [&b, &c, &h], (i, j), (true, true), staged);
-            vec![tile_set(tm, i, j, m)]
+        // M, as the mask kernel computes it, by row segments: those holding its lower
+        // triangle ([`seg_fold`]: the loads of CB and the exponentials only where they count),
+        // then zeros in the rest.
+        let zero = IExpr::c(0);
+        let sqg = s.square(&s.g);
+        let mut fail = None;
+        let lower = seg_each(&mut kb, s.q, false, |kb, i, j0| {
+            let (ai, decl) = var(kb, tile_ld(ta, &zero, i));
+            let cu = kb.counter();
+            let j = j0.clone().add(IExpr::Loop(cu));
+            let at = [b.clone(), c.clone(), s.group(&h), i.clone(), j.clone()];
+            let cbv = ld(kb, pr.cb, &at, &sqg);
+            let decay = seg_decay(s.q, ta, Expr::Var(ai), (i, &j));
+            let m = mul(mul(cbv, decay), tile_ld(td, &zero, &j));
+            let run = seg_run(kb, cu, (vec![], vec![m]), |_, u, v| {
+                Ok(vec![tile_set(
+                    tm,
+                    i,
+                    &j0.clone().add(u.clone()),
+                    v[0].clone(),
+                )])
+            });
+            let mut body = vec![decl];
+            match run {
+                Ok(r) => body.extend(r),
+                Err(e) => fail = Some(e),
+            }
+            body
         });
-        let upper = tri_each(&mut kb, s.q, true, |_, i, j| {
-            vec![tile_set(tm, i, j, Expr::Const(0.0))]
+        if let Some(e) = fail {
+            return Err(e);
+        }
+        let upper = seg_each(&mut kb, s.q, true, |_, i, j0| {
+            (0..SEG)
+                .map(|u| tile_set(tm, i, &j0.clone().add(IExpr::c(u)), Expr::Const(0.0)))
+                .collect()
         });
         kb.body.extend([lower, upper]);
 
-        // Xᵀ, a step's row of x per `p` (consecutive threads read consecutive `p`).
-        let (cj, cp) = (kb.counter(), kb.counter());
-        let (j, p) = (IExpr::Loop(cj), IExpr::Loop(cp));
+        // Xᵀ: a thread reads a segment of a step's row of x (16 bytes) and writes it down a
+        // column of the tile; neighbouring threads take neighbouring steps, so the stores of a
+        // warp fall into distinct banks.
+        let (cs, cj, cu) = (kb.counter(), kb.counter(), kb.counter());
+        let (j, p0) = (IExpr::Loop(cj), IExpr::Loop(cs).mul(IExpr::c(SEG)));
         let (tcl, ok) = s.clamped(&c, &j);
-        let xv = kb.value(x, &[b.clone(), tcl, h.clone(), p.clone()])?;
-        kb.body.push(each(
-            &[cj, cp],
-            &[q, pw],
-            vec![tile_set(tx, &p, &j, mul(xv, ok))],
-        ));
+        let p = p0.clone().add(IExpr::Loop(cu));
+        let xv = kb.value(x, &[b.clone(), tcl, h.clone(), p])?;
+        let fill = seg_run(&mut kb, cu, (vec![], vec![mul(xv, ok)]), |_, u, v| {
+            Ok(vec![tile_set(
+                tx,
+                &p0.clone().add(u.clone()),
+                &j,
+                v[0].clone(),
+            )])
+        })?;
+        kb.body.push(each(&[cs, cj], &[pw / SEG as usize, q], fill));
         kb.body.push(Stmt::Mma {
             acc: ty,
             a: tm,
@@ -1030,10 +1084,11 @@ impl Lowering<'_> {
             accumulate: false,
         });
 
-        // y for the chunk's steps.
-        let (ci, cp) = (kb.counter(), kb.counter());
-        let (i, p) = (IExpr::Loop(ci), IExpr::Loop(cp));
-        let tl = |tile, col: &IExpr| tile_ld(tile, &i, col);
+        // y for the chunk's steps, a row segment per thread.
+        let (ci, cs, cu) = (kb.counter(), kb.counter(), kb.counter());
+        let (i, p0) = (IExpr::Loop(ci), IExpr::Loop(cs).mul(IExpr::c(SEG)));
+        let p = p0.clone().add(IExpr::Loop(cu));
+        let (ea, decl) = var(&mut kb, tile_ld(te, &zero, &i));
         let o = ld(
             &mut kb,
             yo,
@@ -1046,15 +1101,20 @@ impl Lowering<'_> {
             ],
             &gh,
         );
-        let v = add(tl(ty, &p), mul(tl(te, &IExpr::c(0)), o));
-        let (yv, decl) = var(&mut kb, v);
+        let v = add(tile_ld(ty, &i, &p), mul(Expr::Var(ea), o));
         let t = s.ch.start(&c).add(i);
         let mut body = vec![decl];
-        body.extend(kb.store_with_epilogues(Value::new(node, 0), y, &[b, t, h, p], yv)?);
+        body.extend(seg_run(&mut kb, cu, (vec![], vec![v]), |kb, u, v| {
+            let (yv, decl) = var(kb, v[0].clone());
+            let mut out = vec![decl];
+            let at = [b.clone(), t, h.clone(), p0.clone().add(u.clone())];
+            out.extend(kb.store_with_epilogues(Value::new(node, 0), y, &at, yv)?);
+            Ok(out)
+        })?);
         let len = s.ch.len(&grid(1));
         kb.body.push(Stmt::Each {
-            counters: vec![ci, cp],
-            extents: vec![len, IExpr::c(s.pw)],
+            counters: vec![ci, cs],
+            extents: vec![len, IExpr::c(s.pw / SEG)],
             body,
         });
         let grid_t = vec![kb.l.dim(&s.b), s.ch.count.clone(), kb.l.dim(&s.h)];
@@ -1064,53 +1124,181 @@ impl Lowering<'_> {
 }
 
 impl Lowering<'_> {
-    /// The gradient's `M'` (`M` without its factor `dt_j`, `[i, j]` per head, for the
-    /// product `D' = M'ᵀ dY`) and the sums of `T = dM ⊙ M` that `da` takes the difference
-    /// of, in one tiled kernel per (batch, chunk, head):
+    /// The gradient's `dM = dY Xᵀ` on the tensor cores, and from it `M'` (the mask without
+    /// its factor `dt_j`, for the product `D' = M'ᵀ dY`), each head's terms of `dCB` and the
+    /// sums of `T = dM ⊙ M` that `da` takes the difference of, in one tiled kernel per
+    /// (batch, chunk, head):
     ///
     /// ```text
-    /// M'_ij  = CB_ij exp(a_i - a_j) [j <= i]          to memory
-    /// T'_ij  = dM_ij M'_ij                             f32 tile (T_ij = T'_ij dt_j)
+    /// dM     = dY Xᵀ                                  f32 tile, from x and dy themselves
+    /// e_ij   = exp(a_i - a_j) [j <= i]
+    /// M'_ij  = CB_ij e_ij                             to memory (zero above the diagonal)
+    /// E_ij   = dM_ij e_ij dt_j                        to memory (dCB = Σ_heads E; j <= i only)
+    /// T'_ij  = dM_ij M'_ij                            in place of dM (T_ij = T'_ij dt_j)
     /// colt_j = Σ_i T'_ij   (= x_j · D'_j)              rowt_i = Σ_j T'_ij dt_j
     /// ```
     ///
+    /// `[Q, Q]` per head reaches memory twice (`M'` and `E`, bf16 with bf16 activations),
+    /// where `dM` was written in f32 by a product and read by this kernel and by `dCB`'s.
     /// Both sums come from the same f32 tile, so their difference is as exact as its
     /// elements; the matrix form gets them from two f32 products instead.
+    #[allow(clippy::too_many_arguments)]
     fn ssd_grad_mask_tiled(
         &mut self,
         node: NodeId,
         s: &Ssd,
         name: &str,
         pr: &Prep,
-        (dmm, mp): (BufId, BufId),
-        (colt, rowt): (BufId, BufId),
+        (mp, dce): (BufId, BufId),
+        (dxsu, yo): (BufId, BufId),
+        sums: GradSums,
     ) -> Result<(), LowerError> {
-        let (ps, sqh) = (s.per_step(), s.square(&s.h));
-        let q = s.q as usize;
+        let GradSums { colt, rowt, u, yod } = sums;
+        let ops = self.g.operands(node);
+        let (x, dy) = (ops[0], ops[6]);
+        let (ps, sqh, sqg) = (s.per_step(), s.square(&s.h), s.square(&s.g));
+        let (q, pk) = (s.q as usize, s.p_tile());
         let mut kb = KB::new(self, name);
         let (b, c, h) = (grid(0), grid(1), grid(2));
-        let [tt, td, ta] = [0, 1, 2].map(TileId);
+        let [tt, td, ta, tdy, tx, tpu, tpy] = [0, 1, 2, 3, 4, 5, 6].map(TileId);
         declare_tiles(&mut kb, &s.grad_tiles());
         let step = |k: &IExpr| [b.clone(), c.clone(), h.clone(), k.clone()];
+        let zero = IExpr::c(0);
 
-        // dt and a per step; M' to memory and T' to the tile below the diagonal (the loads
-        // and exponentials, folded so that no iteration idles: [`tri_fold`]), zeros of M'
-        // above.
+        // dt and a per step; the chunk's rows of dy and x (a row segment of 16 bytes per
+        // thread, zero past the sequence's end and past `P`), and with them the segment's
+        // parts of `u_j = x_j · (dS_out B_j)` and `dy_j · (C_j S_inᵀ)` (the dots of a row,
+        // summed over its segments in order below); then dM = dY Xᵀ.
         let stage = stage_steps(&mut kb, s, [&b, &c, &h], &[(td, pr.dtc), (ta, pr.acs)]);
         kb.body.push(stage);
-        let zero = IExpr::c(0);
-        let staged = Some(Staged { a: ta, dt: td });
-        let lower = tri_each(&mut kb, s.q, false, |kb, i, j| {
-            let m = mask_value(kb, s, pr, [&b, &c, &h], (i, j), (false, true), staged);
-            let (mv, decl) = var(kb, m);
-            let at = [b.clone(), c.clone(), h.clone(), i.clone(), j.clone()];
-            let dm = ld(kb, dmm, &at, &sqh);
-            let store = st(kb, mp, &at, &sqh, Expr::Var(mv));
-            vec![decl, store, tile_set(tt, i, j, mul(dm, Expr::Var(mv)))]
+        let (ci, cs, cu) = (kb.counter(), kb.counter(), kb.counter());
+        let (i, sg) = (IExpr::Loop(ci), IExpr::Loop(cs));
+        let p0 = sg.clone().mul(IExpr::c(SEG));
+        let (tcl, ok) = s.clamped(&c, &i);
+        let p = p0.clone().add(IExpr::Loop(cu));
+        let (pc, ok) = if pk == s.pw {
+            (p, ok)
+        } else {
+            let inside = IExpr::c(s.pw - 1 + pk).sub(p.clone()).div(IExpr::c(pk));
+            (p.min(IExpr::c(s.pw - 1)), mul(ok, Expr::FromIndex(inside)))
+        };
+        let at = [b.clone(), tcl, h.clone(), pc.clone()];
+        let (dyv, xv) = (kb.value(dy, &at)?, kb.value(x, &at)?);
+        let (dv, d1) = var(&mut kb, mul(dyv, ok.clone()));
+        let (xv, d2) = var(&mut kb, mul(xv, ok));
+        let (gh, grow) = (
+            s.group_heads(),
+            [
+                b.clone(),
+                c.clone(),
+                s.group(&h),
+                i.clone(),
+                s.in_group(&h, pc),
+            ],
+        );
+        let (su, oy) = (ld(&mut kb, dxsu, &grow, &gh), ld(&mut kb, yo, &grow, &gh));
+        let (pu, d3) = var(&mut kb, Expr::Const(0.0));
+        let (py, d4) = var(&mut kb, Expr::Const(0.0));
+        let pre = vec![
+            d1,
+            d2,
+            Stmt::Set {
+                var: pu,
+                value: add(Expr::Var(pu), mul(Expr::Var(xv), su)),
+            },
+            Stmt::Set {
+                var: py,
+                value: add(Expr::Var(py), mul(Expr::Var(dv), oy)),
+            },
+        ];
+        let vals = vec![Expr::Var(dv), Expr::Var(xv)];
+        let fill = seg_run(&mut kb, cu, (pre, vals), |_, u, v| {
+            let col = p0.clone().add(u.clone());
+            Ok(vec![
+                tile_set(tdy, &i, &col, v[0].clone()),
+                tile_set(tx, &i, &col, v[1].clone()),
+            ])
+        })?;
+        let mut body = vec![d3, d4];
+        body.extend(fill);
+        body.extend([
+            tile_set(tpu, &i, &sg, Expr::Var(pu)),
+            tile_set(tpy, &i, &sg, Expr::Var(py)),
+        ]);
+        kb.body
+            .push(each(&[ci, cs], &[q, pk as usize / SEG as usize], body));
+        let cj = kb.counter();
+        let j = IExpr::Loop(cj);
+        let mut body = Vec::new();
+        for (tile, out) in [(tpu, u), (tpy, yod)] {
+            let (sum, decl) = var(&mut kb, Expr::Const(0.0));
+            let parts = for_(&mut kb, IExpr::c(pk / SEG), |_, sg| {
+                vec![Stmt::Set {
+                    var: sum,
+                    value: add(Expr::Var(sum), tile_ld(tile, &j, &sg)),
+                }]
+            });
+            let store = st(&mut kb, out, &step(&j), &ps, Expr::Var(sum));
+            body.extend([decl, parts, store]);
+        }
+        kb.body.push(each(&[cj], &[q], body));
+        kb.body.push(Stmt::Mma {
+            acc: tt,
+            a: tdy,
+            b: tx,
+            accumulate: false,
         });
-        let upper = tri_each(&mut kb, s.q, true, |kb, i, j| {
-            let at = [b.clone(), c.clone(), h.clone(), i.clone(), j.clone()];
-            vec![st(kb, mp, &at, &sqh, Expr::Const(0.0))]
+
+        // M', E and T' by row segments of the lower triangle ([`seg_fold`]), zeros of M'
+        // above it.
+        let mut fail = None;
+        let lower = seg_each(&mut kb, s.q, false, |kb, i, j0| {
+            let (ai, decl) = var(kb, tile_ld(ta, &zero, i));
+            let cu = kb.counter();
+            let j = j0.clone().add(IExpr::Loop(cu));
+            let (e, de) = var(kb, seg_decay(s.q, ta, Expr::Var(ai), (i, &j)));
+            let (dm, dd) = var(kb, tile_ld(tt, i, &j));
+            let gat = [b.clone(), c.clone(), s.group(&h), i.clone(), j.clone()];
+            let cbv = ld(kb, pr.cb, &gat, &sqg);
+            let (mv, dmv) = var(kb, mul(cbv, Expr::Var(e)));
+            let dtj = tile_ld(td, &zero, &j);
+            let vals = vec![
+                mul(Expr::Var(dm), Expr::Var(mv)),
+                Expr::Var(mv),
+                mul(mul(Expr::Var(dm), Expr::Var(e)), dtj),
+            ];
+            let run = seg_run(kb, cu, (vec![de, dd, dmv], vals), |kb, u, v| {
+                let col = j0.clone().add(u.clone());
+                let at = [b.clone(), c.clone(), h.clone(), i.clone(), col.clone()];
+                Ok(vec![
+                    tile_set(tt, i, &col, v[0].clone()),
+                    st(kb, mp, &at, &sqh, v[1].clone()),
+                    st(kb, dce, &at, &sqh, v[2].clone()),
+                ])
+            });
+            let mut body = vec![decl];
+            match run {
+                Ok(r) => body.extend(r),
+                Err(e) => fail = Some(e),
+            }
+            body
+        });
+        if let Some(e) = fail {
+            return Err(e);
+        }
+        let upper = seg_each(&mut kb, s.q, true, |kb, i, j0| {
+            (0..SEG)
+                .map(|u| {
+                    let at = [
+                        b.clone(),
+                        c.clone(),
+                        h.clone(),
+                        i.clone(),
+                        j0.clone().add(IExpr::c(u)),
+                    ];
+                    st(kb, mp, &at, &sqh, Expr::Const(0.0))
+                })
+                .collect()
         });
         kb.body.extend([lower, upper]);
 
@@ -1127,7 +1315,7 @@ impl Lowering<'_> {
             };
             let lp = for_(&mut kb, len, |_, l| {
                 let term = if by_row {
-                    mul(tile_ld(tt, &k, &l), tile_ld(td, &l, &zero))
+                    mul(tile_ld(tt, &k, &l), tile_ld(td, &zero, &l))
                 } else {
                     tile_ld(tt, &l.clone().add(k.clone()), &k)
                 };
@@ -1145,50 +1333,121 @@ impl Lowering<'_> {
     }
 }
 
-/// The elements of a `Q x Q` matrix's lower triangle (`j <= i`; with `upper`, the strict
-/// upper one, `j > i`) as the points `(r, t)` of a rectangle, `Q` even: row `r < Q/2` and row
-/// `Q - 1 - r` together have `Q + 1` of them (`Q - 1` above the diagonal), so the rectangle
-/// is `Q/2 x (Q + 1)` (`Q/2 x (Q - 1)`) and covers each element once. Returns `(i, j)`.
-fn tri_fold(q: i64, r: &IExpr, t: &IExpr, upper: bool) -> (IExpr, IExpr) {
-    // 1 where `t` has passed row `r`'s elements, so that (r, t) lies in row Q - 1 - r.
+/// Neighbouring elements of a tile row that one thread of a tiled kernel builds together
+/// (16 bytes of bf16): the NVPTX backend unrolls the `For` over them, and LLVM merges their
+/// loads and stores into vector accesses ([`seg_run`]).
+const SEG: i64 = 8;
+
+/// The row segments of `SEG` elements of a `Q x Q` matrix (`Q` a multiple of `2·SEG`) that
+/// hold its lower triangle (an element `j <= i`; with `upper`, the segments wholly above the
+/// diagonal) as the points `(r, t)` of a rectangle: row `r < Q/2` and row `Q-1-r` together
+/// have `Q/SEG + 1` such segments (`Q/SEG - 1` above), so the rectangle is
+/// `Q/2 x (Q/SEG + 1)` (`Q/2 x (Q/SEG - 1)`), covers each segment once, and no iteration of
+/// an `Each` over it idles. Returns the segment's row `i` and first column `j0`.
+fn seg_fold(q: i64, r: &IExpr, t: &IExpr, upper: bool) -> (IExpr, IExpr) {
+    let n = q / SEG;
+    let rs = r.clone().div(IExpr::c(SEG));
+    // 1 where (r, t) lies in row Q - 1 - r: past row r's `rs + 1` segments (its `n - 1 - rs`
+    // segments above).
     let second = if upper {
-        t.clone().add(r.clone()).add(IExpr::c(1)).div(IExpr::c(q))
+        t.clone().add(rs.clone()).add(IExpr::c(1)).div(IExpr::c(n))
     } else {
         t.clone()
-            .add(IExpr::c(q - 1))
-            .sub(r.clone())
-            .div(IExpr::c(q))
+            .add(IExpr::c(n))
+            .sub(rs.clone())
+            .div(IExpr::c(n + 1))
     };
     let i = r.clone().add(
         second
             .clone()
             .mul(IExpr::c(q - 1).sub(r.clone().mul(IExpr::c(2)))),
     );
-    let j = if upper {
-        r.clone()
+    let seg = if upper {
+        t.clone()
             .add(IExpr::c(1))
-            .add(t.clone())
-            .sub(second.mul(r.clone()))
+            .add(rs.clone())
+            .sub(second.mul(rs))
     } else {
-        t.clone().sub(second.mul(r.clone().add(IExpr::c(1))))
+        t.clone().sub(second.mul(rs.add(IExpr::c(1))))
     };
-    (i, j)
+    (i, seg.mul(IExpr::c(SEG)))
 }
 
-/// `Each` over constant extents.
-/// An `Each` over the lower triangle of a `Q x Q` tile (with `upper`, the strict upper one)
-/// folded into a rectangle by [`tri_fold`]; `body` gets each element's `(i, j)`.
-fn tri_each(
+/// An `Each` over the row segments of a `Q x Q` tile's lower triangle (with `upper`, those
+/// wholly above it), folded by [`seg_fold`]; `body` gets each segment's row and first column.
+fn seg_each(
     kb: &mut KB,
     q: i64,
     upper: bool,
     body: impl FnOnce(&mut KB, &IExpr, &IExpr) -> Vec<Stmt>,
 ) -> Stmt {
     let (cr, ct) = (kb.counter(), kb.counter());
-    let (i, j) = tri_fold(q, &IExpr::Loop(cr), &IExpr::Loop(ct), upper);
-    let body = body(kb, &i, &j);
-    let cols = if upper { q - 1 } else { q + 1 };
+    let (i, j0) = seg_fold(q, &IExpr::Loop(cr), &IExpr::Loop(ct), upper);
+    let body = body(kb, &i, &j0);
+    let n = q / SEG;
+    let cols = if upper { n - 1 } else { n + 1 };
     each(&[cr, ct], &[q as usize / 2, cols as usize], body)
+}
+
+/// A thread's `SEG` neighbouring elements: `pre` and `values` (in the counter `u`,
+/// `0..SEG`) into local arrays (one per value) for every `u`, then `put(u, values)` for every
+/// `u`, so that all of a segment's loads come before its stores (LLVM may then merge both;
+/// the arrays become registers).
+fn seg_run(
+    kb: &mut KB,
+    u: ir::kernel::LoopId,
+    (pre, values): (Vec<Stmt>, Vec<Expr>),
+    put: impl FnOnce(&mut KB, &IExpr, Vec<Expr>) -> Result<Vec<Stmt>, LowerError>,
+) -> Result<Vec<Stmt>, LowerError> {
+    let arrs: Vec<ArrId> = values.iter().map(|_| kb.arr()).collect();
+    let mut out: Vec<Stmt> = arrs
+        .iter()
+        .map(|&arr| Stmt::Array {
+            arr,
+            len: SEG as usize,
+            init: 0.0,
+        })
+        .collect();
+    let mut sets = pre;
+    sets.extend(arrs.iter().zip(values).map(|(&arr, value)| Stmt::ArrSet {
+        arr,
+        index: IExpr::Loop(u),
+        value,
+    }));
+    out.push(Stmt::For {
+        counter: u,
+        extent: IExpr::c(SEG),
+        body: sets,
+    });
+    let cv = kb.counter();
+    let v = IExpr::Loop(cv);
+    let loads = arrs
+        .iter()
+        .map(|&arr| Expr::ArrLoad {
+            arr,
+            index: v.clone(),
+        })
+        .collect();
+    let body = put(kb, &v, loads)?;
+    out.push(Stmt::For {
+        counter: cv,
+        extent: IExpr::c(SEG),
+        body,
+    });
+    Ok(out)
+}
+
+/// `exp(a_i - a_j) [j <= i]` in a tiled kernel: `ai` is row `i`'s running sum, `a_j` comes
+/// from the staged `[1, Q]` tile `ta` ([`stage_steps`]). As in [`mask_value`], the exponent
+/// is capped at 0 so that it stays finite above the diagonal, where the exact 0/1 indicator
+/// zeroes it (only the diagonal segment has such elements).
+fn seg_decay(q: i64, ta: TileId, ai: Expr, (i, j): (&IExpr, &IExpr)) -> Expr {
+    let aj = tile_ld(ta, &IExpr::c(0), j);
+    let below = i.clone().sub(j.clone()).add(IExpr::c(q)).div(IExpr::c(q));
+    mul(
+        exp(Expr::bin(BinaryOp::Min, sub(ai, aj), Expr::Const(0.0))),
+        Expr::FromIndex(below),
+    )
 }
 
 fn each(counters: &[ir::kernel::LoopId], extents: &[usize], body: Vec<Stmt>) -> Stmt {
@@ -1221,8 +1480,9 @@ impl Lowering<'_> {
     /// `x_j · D'_j` is also `ddt`'s first term; both products are exact (f32), since `da`
     /// takes the difference of sums that nearly cancel. With tiles
     /// ([`Self::ssd_grad_mask_tiled`]) the sums come from `T` itself and `D'` is an ordinary
-    /// product. Ten products (nine) and ten kernels after the prep's six kernels and three
-    /// products; sums over heads, steps and chunks run in kernels in a fixed order.
+    /// product, and `dM = dY Xᵀ` is a tile product inside it. Ten products (eight with tiles)
+    /// and ten kernels after the prep's four kernels and two products; sums over heads, steps
+    /// and chunks run in kernels in a fixed order.
     pub(super) fn ssd_matmul_grad(&mut self, node: NodeId, chunk: u64) -> Result<(), LowerError> {
         let s = Ssd::new(self, node, chunk)?;
         let g = self.g;
@@ -1235,8 +1495,8 @@ impl Lowering<'_> {
         // With tiles, the sums of T come from a tiled kernel ([`Self::ssd_grad_mask_tiled`])
         // and `dt ⊙ x` is not needed.
         let tiled = self.ssd_tiles && s.grad_tiles_fit();
-        let pr = self.ssd_prep(node, &s, &name, None, (true, !tiled))?;
-        let xc = pr.xc.ok_or_else(|| internal(node, "no x rows"))?;
+        // With tiles, no product reads `x` as rows: the tiled kernel and the dots read `x`.
+        let pr = self.ssd_prep(node, &s, &name, None, (!tiled, !tiled))?;
         let (ps, pc, hr, gr, gh, sts) = (
             s.per_step(),
             s.per_chunk(),
@@ -1310,29 +1570,50 @@ impl Lowering<'_> {
             carry_out,
         )?;
 
-        // dY Xᵀ, Mᵀ dY, dS_out B.
-        let dmm = self.scratch(node, sqh.clone());
-        self.gemm(
-            node,
-            (dyc, xc, dmm),
-            s.batch(&s.h),
-            (&s.qd, &s.p, &s.qd),
-            (false, true),
-        );
+        // dY Xᵀ (in the tiled kernel with tiles), Mᵀ dY, dS_out B.
         // bf16 where rounded into dx; the exact product of the form without tiles keeps f32.
         let dxd = self.bf16_scratch(node, hr.clone());
         let sq = (&s.qd, &s.qd, &s.p);
         // M' = M without its dt_j column factor: D' = M'ᵀ dY. The column and row sums of T
         // (`colt_j = Σ_i dM_ij M'_ij`, `rowt_i = Σ_j T_ij`) come from a tiled kernel that
-        // forms T itself, or from the dots kernel below and one more product, Y_diag.
+        // forms T itself, or from the dots kernel below and one more product, Y_diag. `dCB`
+        // sums each head's terms `E = dM ⊙ exp(a_i - a_j) dt_j` that the tiled kernel wrote
+        // (bf16 with bf16 activations: every head's term is rounded as dM's operands were),
+        // or forms them from `dM`.
         let [colt, rowt] = [0; 2].map(|_| self.scratch(node, ps.clone()));
-        let ydg = if tiled {
-            let mp = self.scratch(node, sqh.clone());
+        // `B dS_outᵀ` and `C S_inᵀ` again, for `dx` and for `u_j = x_j · (dS_out B_j)` and
+        // `dy_j · (C_j S_inᵀ)`, which the tiled kernel sums as it loads `x` and `dy` (else the
+        // dots kernel below).
+        let dxsu = self.bf16_scratch(node, gh.clone());
+        self.gemm(
+            node,
+            (pr.bc, dst, dxsu),
+            s.batch(&s.g),
+            (&s.qd, &s.n, &s.hp),
+            (false, true),
+        );
+        let yo = self.ssd_c_sin(node, &s, &pr);
+        let [u, yod] = [0; 2].map(|_| self.scratch(node, ps.clone()));
+        let (ydg, dcb_terms) = if tiled {
+            let (mp, dce) = (
+                self.scratch(node, sqh.clone()),
+                self.bf16_scratch(node, sqh.clone()),
+            );
             let mask = format!("{name}_mask_tiled");
-            self.ssd_grad_mask_tiled(node, &s, &mask, &pr, (dmm, mp), (colt, rowt))?;
+            let sums = GradSums { colt, rowt, u, yod };
+            self.ssd_grad_mask_tiled(node, &s, &mask, &pr, (mp, dce), (dxsu, yo), sums)?;
             self.gemm(node, (mp, dyc, dxd), s.batch(&s.h), sq, (true, false));
-            None
+            (None, DcbTerms::Tiled(dce))
         } else {
+            let xc = pr.xc.ok_or_else(|| internal(node, "no x rows"))?;
+            let dmm = self.scratch(node, sqh.clone());
+            self.gemm(
+                node,
+                (dyc, xc, dmm),
+                s.batch(&s.h),
+                (&s.qd, &s.p, &s.qd),
+                (false, true),
+            );
             // M' transposed; both products feed row and column sums of T whose difference
             // (in da) cancels: exact.
             let mmt = self.scratch(node, sqh.clone());
@@ -1355,17 +1636,8 @@ impl Lowering<'_> {
                 (true, false),
                 true,
             );
-            Some(ydg)
+            (Some((ydg, xc)), DcbTerms::FromDm(dmm))
         };
-        let dxsu = self.bf16_scratch(node, gh.clone());
-        self.gemm(
-            node,
-            (pr.bc, dst, dxsu),
-            s.batch(&s.g),
-            (&s.qd, &s.n, &s.hp),
-            (false, true),
-        );
-
         // dCB per (batch, chunk, group, i), summed over the group's heads, zero above the
         // diagonal: a row's `j` loop has the constant extent `Q`, so for `Q >= 64`
         // ([`ir::lanes::MIN_SPLIT_EXTENT`]) a warp shares it (lanes read consecutive `j`) and
@@ -1379,19 +1651,25 @@ impl Lowering<'_> {
             let below = i.clone().sub(j.clone()).add(qc.clone()).div(qc.clone());
             let heads = for_(kb, below.mul(IExpr::c(s.hpg)), |kb, hl| {
                 let h = gg.clone().mul(IExpr::c(s.hpg)).add(hl);
-                let step = |kb: &mut KB, buf: BufId, k: &IExpr| {
-                    ld(kb, buf, &[b.clone(), c.clone(), h.clone(), k.clone()], &ps)
-                };
-                let (ai, aj, dtj) = (
-                    step(kb, pr.acs, &i),
-                    step(kb, pr.acs, &j),
-                    step(kb, pr.dtc, &j),
-                );
                 let at = [b.clone(), c.clone(), h.clone(), i.clone(), j.clone()];
-                let dm = ld(kb, dmm, &at, &sqh);
+                let term = match dcb_terms {
+                    DcbTerms::Tiled(dce) => ld(kb, dce, &at, &sqh),
+                    DcbTerms::FromDm(dmm) => {
+                        let step = |kb: &mut KB, buf: BufId, k: &IExpr| {
+                            ld(kb, buf, &[b.clone(), c.clone(), h.clone(), k.clone()], &ps)
+                        };
+                        let (ai, aj, dtj) = (
+                            step(kb, pr.acs, &i),
+                            step(kb, pr.acs, &j),
+                            step(kb, pr.dtc, &j),
+                        );
+                        let dm = ld(kb, dmm, &at, &sqh);
+                        mul(mul(dm, exp(sub(ai, aj))), dtj)
+                    }
+                };
                 vec![Stmt::Set {
                     var: sum,
-                    value: add(Expr::Var(sum), mul(mul(dm, exp(sub(ai, aj))), dtj)),
+                    value: add(Expr::Var(sum), term),
                 }]
             });
             let ij = [b.clone(), c.clone(), gg.clone(), i.clone(), j];
@@ -1409,8 +1687,7 @@ impl Lowering<'_> {
         let gq = grid_q(&kb, &s.g);
         kb.finish(gq, node);
 
-        // C S_inᵀ again; dC's and dB's two parts each.
-        let yo = self.ssd_c_sin(node, &s, &pr);
+        // dC's and dB's two parts each.
         let [dcd, dco, dbd, dbs] = [0; 4].map(|_| self.scratch(node, gr.clone()));
         self.gemm(
             node,
@@ -1473,77 +1750,51 @@ impl Lowering<'_> {
         let grid_x = xsh.iter().map(|d| kb.l.dim(d)).collect();
         kb.finish(grid_x, node);
 
-        // Per (batch, chunk, head, j): u_j = x_j · (dS_out B_j), dy_j · (C_j S_inᵀ), and
-        // unless the tiled kernel summed them, colt_j = x_j · D'_j (so
-        // Σ_i T_ij = dt_j x_j · D'_j) and rowt_j = dy_j · Y_diag,j.
-        let [u, yod] = [0; 2].map(|_| self.scratch(node, ps.clone()));
-        let mut kb = KB::new(self, &format!("{name}_dots"));
-        let (b, c, h, j) = (grid(0), grid(1), grid(2), grid(3));
-        let (uv, d1) = var(&mut kb, Expr::Const(0.0));
-        let (yv, d2) = var(&mut kb, Expr::Const(0.0));
-        kb.body.extend([d1, d2]);
-        let sums = ydg.map(|ydg| {
-            let (cv, d3) = var(&mut kb, Expr::Const(0.0));
-            let (rv, d4) = var(&mut kb, Expr::Const(0.0));
-            kb.body.extend([d3, d4]);
-            (ydg, cv, rv)
-        });
-        let dots = for_(&mut kb, IExpr::c(s.pw), |kb, p| {
-            let rows = [b.clone(), c.clone(), h.clone(), j.clone(), p.clone()];
-            let grow = [
-                b.clone(),
-                c.clone(),
-                s.group(&h),
-                j.clone(),
-                s.in_group(&h, p),
-            ];
-            let xe = ld(kb, xc, &rows, &hr);
-            let (xv, d1) = var(kb, xe);
-            let dsu = ld(kb, dxsu, &grow, &gh);
-            let de = ld(kb, dyc, &rows, &hr);
-            let (dv, d2) = var(kb, de);
-            let ov = ld(kb, yo, &grow, &gh);
-            let (xv, dv) = (Expr::Var(xv), Expr::Var(dv));
-            let mut body = vec![
-                d1,
-                d2,
-                Stmt::Set {
-                    var: uv,
-                    value: add(Expr::Var(uv), mul(xv.clone(), dsu)),
-                },
-                Stmt::Set {
-                    var: yv,
-                    value: add(Expr::Var(yv), mul(dv.clone(), ov)),
-                },
-            ];
-            if let Some((ydg, cv, rv)) = sums {
-                let dd = ld(kb, dxd, &rows, &hr);
-                let yd = ld(kb, ydg, &rows, &hr);
-                body.extend([
-                    Stmt::Set {
-                        var: cv,
-                        value: add(Expr::Var(cv), mul(xv, dd)),
-                    },
-                    Stmt::Set {
-                        var: rv,
-                        value: add(Expr::Var(rv), mul(dv, yd)),
-                    },
-                ]);
+        // Without tiles, per (batch, chunk, head, j): u_j = x_j · (dS_out B_j),
+        // dy_j · (C_j S_inᵀ), colt_j = x_j · D'_j (so Σ_i T_ij = dt_j x_j · D'_j) and
+        // rowt_j = dy_j · Y_diag,j.
+        if let Some((ydg, xc)) = ydg {
+            let mut kb = KB::new(self, &format!("{name}_dots"));
+            let (b, c, h, j) = (grid(0), grid(1), grid(2), grid(3));
+            let vars: Vec<(VarId, Stmt)> = (0..4).map(|_| var(&mut kb, Expr::Const(0.0))).collect();
+            let [uv, yv, cv, rv] = [0, 1, 2, 3].map(|k| vars[k].0);
+            kb.body.extend(vars.into_iter().map(|(_, d)| d));
+            let dots = for_(&mut kb, IExpr::c(s.pw), |kb, p| {
+                let rows = [b.clone(), c.clone(), h.clone(), j.clone(), p.clone()];
+                let grow = [
+                    b.clone(),
+                    c.clone(),
+                    s.group(&h),
+                    j.clone(),
+                    s.in_group(&h, p),
+                ];
+                let xe = ld(kb, xc, &rows, &hr);
+                let (xv, d1) = var(kb, xe);
+                let de = ld(kb, dyc, &rows, &hr);
+                let (dv, d2) = var(kb, de);
+                let (xv, dv) = (Expr::Var(xv), Expr::Var(dv));
+                let terms = [
+                    (uv, xv.clone(), ld(kb, dxsu, &grow, &gh)),
+                    (yv, dv.clone(), ld(kb, yo, &grow, &gh)),
+                    (cv, xv, ld(kb, dxd, &rows, &hr)),
+                    (rv, dv, ld(kb, ydg, &rows, &hr)),
+                ];
+                let mut body = vec![d1, d2];
+                body.extend(terms.into_iter().map(|(v, a, b)| Stmt::Set {
+                    var: v,
+                    value: add(Expr::Var(v), mul(a, b)),
+                }));
+                body
+            });
+            kb.body.push(dots);
+            let at = [b, c, h, j];
+            for (buf, v) in [(u, uv), (yod, yv), (colt, cv), (rowt, rv)] {
+                let store = st(&mut kb, buf, &at, &ps, Expr::Var(v));
+                kb.body.push(store);
             }
-            body
-        });
-        kb.body.push(dots);
-        let at = [b, c, h, j];
-        let mut results = vec![(u, uv), (yod, yv)];
-        if let Some((_, cv, rv)) = sums {
-            results.extend([(colt, cv), (rowt, rv)]);
+            let gq = grid_q(&kb, &s.h);
+            kb.finish(gq, node);
         }
-        for (buf, v) in results {
-            let store = st(&mut kb, buf, &at, &ps, Expr::Var(v));
-            kb.body.push(store);
-        }
-        let gq = grid_q(&kb, &s.h);
-        kb.finish(gq, node);
 
         // <dS_out, S_in> per (batch, chunk, head).
         let dl = self.scratch(node, pc.clone());
@@ -1709,34 +1960,32 @@ fn ssd_weight_at(kb: &mut KB, s: &Ssd, (dtc, el): (BufId, BufId), at: &[IExpr; 4
 
 #[cfg(test)]
 mod tests {
-    use super::tri_fold;
+    use super::{SEG, seg_fold};
     use ir::kernel::IExpr;
     use ir::kernel::eval::extent;
 
-    /// The folded rectangles cover each element of their triangle exactly once.
+    /// The folded rectangles cover each segment of their triangle exactly once: the lower
+    /// one every segment holding an element `j <= i`, the upper one the rest.
     #[test]
-    fn tri_fold_covers_each_element_once() {
-        for q in [2i64, 4, 16, 64, 128] {
+    fn seg_fold_covers_each_segment_once() {
+        for q in [16i64, 32, 64, 128] {
+            let n = q / SEG;
+            let mut seen = vec![0u32; (q * n) as usize];
             for upper in [false, true] {
-                let (i, j) = tri_fold(q, &IExpr::Size(0), &IExpr::Size(1), upper);
-                let cols = if upper { q - 1 } else { q + 1 };
-                let mut seen = vec![0u32; (q * q) as usize];
+                let (i, j0) = seg_fold(q, &IExpr::Size(0), &IExpr::Size(1), upper);
+                let cols = if upper { n - 1 } else { n + 1 };
                 for r in 0..q / 2 {
                     for t in 0..cols {
                         let at = |e: &IExpr| extent(e, &[r, t]).unwrap().unwrap();
-                        let (i, j) = (at(&i), at(&j));
-                        assert!((0..q).contains(&i) && (0..q).contains(&j), "{q} {r} {t}");
-                        assert_eq!(j > i, upper, "q {q}, (r, t) = ({r}, {t}) -> ({i}, {j})");
-                        seen[(i * q + j) as usize] += 1;
-                    }
-                }
-                for i in 0..q {
-                    for j in 0..q {
-                        let want = u32::from((j > i) == upper);
-                        assert_eq!(seen[(i * q + j) as usize], want, "q {q} ({i}, {j})");
+                        let (i, j0) = (at(&i), at(&j0));
+                        assert!((0..q).contains(&i), "{q} {r} {t}");
+                        assert!((0..q).contains(&j0) && j0 % SEG == 0, "{q} {r} {t}");
+                        assert_eq!(j0 > i, upper, "q {q}, (r, t) = ({r}, {t}) -> ({i}, {j0})");
+                        seen[(i * n + j0 / SEG) as usize] += 1;
                     }
                 }
             }
+            assert!(seen.iter().all(|&c| c == 1), "q {q}: {seen:?}");
         }
     }
 }
