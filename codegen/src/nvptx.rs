@@ -486,6 +486,118 @@ struct Gen<'a, 'ctx> {
     smem: Option<PointerValue<'ctx>>,
     /// Emitting an `Each`'s body (small constant `For`s are unrolled there).
     in_each: bool,
+    /// A tiled kernel's shared and global accesses since its last barrier ([`Accesses`]).
+    pending: Accesses,
+    /// Emitting the body of a loop that is one statement to the syncing (`Gen::block`).
+    nested: bool,
+}
+
+/// Whether `s` is a loop holding `Each`s or tile products: in a tiled kernel its statements
+/// sync one by one.
+fn synchronizes(s: &Stmt) -> bool {
+    match s {
+        Stmt::For { body, .. } => body
+            .iter()
+            .any(|b| matches!(b, Stmt::Each { .. } | Stmt::Mma { .. }) || synchronizes(b)),
+        _ => false,
+    }
+}
+
+/// What a tiled kernel's statements read and write: shared-memory byte ranges of tiles (by
+/// `ir::tile::layout`, so tiles that share bytes conflict) and buffer slots. The threads of
+/// a block wait at a barrier only before a statement that reads what the statements since
+/// the last barrier wrote, or writes what they read or wrote: independent `Each`s (a tile
+/// fill beside the staging of `a` and `dt`) run without one, and a block's warps overlap
+/// their loads.
+#[derive(Default)]
+struct Accesses {
+    tiles_read: Vec<(usize, usize)>,
+    tiles_written: Vec<(usize, usize)>,
+    bufs_read: Vec<usize>,
+    bufs_written: Vec<usize>,
+}
+
+impl Accesses {
+    fn of(stmts: &[Stmt], tiles: &HashMap<TileId, TileSlot>) -> Accesses {
+        let mut a = Accesses::default();
+        a.add_block(stmts, tiles);
+        a
+    }
+
+    fn add_block(&mut self, stmts: &[Stmt], tiles: &HashMap<TileId, TileSlot>) {
+        let range = |t: &TileId| {
+            tiles.get(t).map(|s| {
+                let bytes = ir::tile::tile_bytes(s.dtype, s.rows, s.cols);
+                (s.offset, s.offset + bytes)
+            })
+        };
+        for st in stmts {
+            let mut exprs: Vec<&Expr> = Vec::new();
+            match st {
+                Stmt::Var { init: e, .. } | Stmt::Set { value: e, .. } => exprs.push(e),
+                Stmt::ArrSet {
+                    index: _, value, ..
+                } => exprs.push(value),
+                Stmt::Store { buf, value, .. } => {
+                    self.bufs_written.push(*buf);
+                    exprs.push(value);
+                }
+                Stmt::TileSet { tile, value, .. } => {
+                    self.tiles_written.extend(range(tile));
+                    exprs.push(value);
+                }
+                Stmt::Mma {
+                    acc,
+                    a,
+                    b,
+                    accumulate,
+                } => {
+                    self.tiles_read.extend(range(a).into_iter().chain(range(b)));
+                    if *accumulate {
+                        self.tiles_read.extend(range(acc));
+                    }
+                    self.tiles_written.extend(range(acc));
+                }
+                Stmt::For { body, .. } | Stmt::Each { body, .. } => self.add_block(body, tiles),
+                Stmt::Array { .. } | Stmt::Tile { .. } => {}
+            }
+            for e in exprs {
+                e.walk(&mut |x| match x {
+                    Expr::Load { buf, .. } => self.bufs_read.push(*buf),
+                    Expr::TileLoad { tile, .. } => self.tiles_read.extend(range(tile)),
+                    _ => {}
+                });
+            }
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.tiles_read.is_empty()
+            && self.tiles_written.is_empty()
+            && self.bufs_read.is_empty()
+            && self.bufs_written.is_empty()
+    }
+
+    /// Whether `next` reads what `self` wrote or writes what `self` read or wrote.
+    fn conflicts(&self, next: &Accesses) -> bool {
+        let overlap = |a: &[(usize, usize)], b: &[(usize, usize)]| {
+            a.iter().any(|x| b.iter().any(|y| x.0 < y.1 && y.0 < x.1))
+        };
+        let shared = |a: &[usize], b: &[usize]| a.iter().any(|x| b.contains(x));
+        overlap(&self.tiles_written, &next.tiles_read)
+            || overlap(&self.tiles_written, &next.tiles_written)
+            || overlap(&self.tiles_read, &next.tiles_written)
+            || shared(&self.bufs_written, &next.bufs_read)
+            || shared(&self.bufs_written, &next.bufs_written)
+            || shared(&self.bufs_read, &next.bufs_written)
+    }
+
+    fn extend(&mut self, other: Accesses) {
+        self.tiles_read.extend(other.tiles_read);
+        self.tiles_written.extend(other.tiles_written);
+        self.bufs_read.extend(other.bufs_read);
+        self.bufs_written.extend(other.bufs_written);
+    }
 }
 
 fn build_kernel<'ctx>(
@@ -591,6 +703,8 @@ fn build_kernel<'ctx>(
         tiles: HashMap::new(),
         smem: None,
         in_each: false,
+        pending: Accesses::default(),
+        nested: false,
     };
     g.function()?;
     g.ab.build_unconditional_branch(start)?;
@@ -789,6 +903,8 @@ impl<'ctx> Gen<'_, 'ctx> {
             self.grid = at;
             self.block(&k.body)?;
         }
+        // The next point's statements may touch what this one's still do.
+        self.sync_pending()?;
         let p1 = self.b.build_int_nsw_add(p, stride, "")?;
         self.b.build_store(flat, p1)?;
         self.b.build_unconditional_branch(head)?;
@@ -798,8 +914,43 @@ impl<'ctx> Gen<'_, 'ctx> {
         Ok(())
     }
 
+    /// In a tiled kernel, at the top level: a barrier first if `s` conflicts with what ran
+    /// since the last one ([`Accesses`]); `s`'s accesses are then pending.
+    fn sync_before(&mut self, s: &Stmt) -> G<()> {
+        let next = Accesses::of(std::slice::from_ref(s), &self.tiles);
+        if self.pending.conflicts(&next) {
+            self.sync()?;
+        }
+        self.pending.extend(next);
+        Ok(())
+    }
+
+    /// A barrier if anything is pending (a tiled kernel's loop back-edge, its next point).
+    fn sync_pending(&mut self) -> G<()> {
+        if self.smem.is_some() && !self.pending.is_empty() {
+            self.sync()?;
+        }
+        Ok(())
+    }
+
+    fn sync(&mut self) -> G<()> {
+        self.pending = Accesses::default();
+        self.barrier()
+    }
+
     fn block(&mut self, stmts: &[Stmt]) -> G<()> {
+        let top = self.smem.is_some() && !self.in_each && !self.nested;
         for s in stmts {
+            if top && synchronizes(s) {
+                // A loop of `Each`s: its statements sync one by one (below), and it starts
+                // after a barrier if any of them conflicts with what is pending.
+                let next = Accesses::of(std::slice::from_ref(s), &self.tiles);
+                if self.pending.conflicts(&next) {
+                    self.sync()?;
+                }
+            } else if top {
+                self.sync_before(s)?;
+            }
             match s {
                 Stmt::Var { var, init } => {
                     let v = self.expr(init)?;
@@ -904,7 +1055,16 @@ impl<'ctx> Gen<'_, 'ctx> {
                     self.b.build_conditional_branch(any, lp, done)?;
                     self.b.position_at_end(lp);
                     let outer = self.loops.insert(*counter, c);
+                    // A tiled kernel's loop of `Each`s syncs statement by statement, and at
+                    // its back-edge; any other loop is one statement to the syncing.
+                    let loop_syncs = top && synchronizes(s);
+                    let inner = !loop_syncs || self.nested;
+                    let nested = std::mem::replace(&mut self.nested, inner);
                     self.block(body)?;
+                    self.nested = nested;
+                    if loop_syncs {
+                        self.sync_pending()?;
+                    }
                     match outer {
                         Some(o) => self.loops.insert(*counter, o),
                         None => self.loops.remove(counter),
@@ -1004,7 +1164,7 @@ impl<'ctx> Gen<'_, 'ctx> {
 
     /// `Each`: the block's threads take the flattened iterations in turn (thread `l` runs
     /// `l, l + 256, ...`, the last counter fastest, so neighbouring threads touch
-    /// neighbouring elements), then wait at a barrier. A main loop runs [`EACH_UNROLL`]
+    /// neighbouring elements); a barrier follows where a later statement needs it. A main loop runs [`EACH_UNROLL`]
     /// iterations per trip while all of them exist, so that each thread has that many
     /// independent loads in flight (a block per point leaves few warps per SM to hide
     /// latency); a remainder loop runs the rest one by one.
@@ -1093,7 +1253,9 @@ impl<'ctx> Gen<'_, 'ctx> {
                 None => self.loops.remove(c),
             };
         }
-        self.barrier()
+        // What it wrote is pending: the next statement that touches it waits at a barrier
+        // (`Gen::sync_before`).
+        Ok(())
     }
 
     /// `acc (+)= a bᵀ` on the tensor cores (`mma.sync.m16n8k16`, bf16 in, f32 accumulate).
@@ -1264,7 +1426,8 @@ impl<'ctx> Gen<'_, 'ctx> {
         self.b.build_store(bi, blk1)?;
         self.b.build_unconditional_branch(head)?;
         self.b.position_at_end(done);
-        self.barrier()
+        // `acc` is pending, as after an `Each`.
+        Ok(())
     }
 
     /// A loop the `T` lanes of a point share (a warp or a block): lane `l` runs iterations

@@ -1021,48 +1021,10 @@ impl Lowering<'_> {
         );
         kb.body.push(stage);
 
-        // M, as the mask kernel computes it, by row segments: those holding its lower
-        // triangle ([`seg_fold`]: the loads of CB and the exponentials only where they count),
-        // then zeros in the rest.
-        let zero = IExpr::c(0);
-        let sqg = s.square(&s.g);
-        let mut fail = None;
-        let lower = seg_each(&mut kb, s.q, false, |kb, i, j0| {
-            let (ai, decl) = var(kb, tile_ld(ta, &zero, i));
-            let cu = kb.counter();
-            let j = j0.clone().add(IExpr::Loop(cu));
-            let at = [b.clone(), c.clone(), s.group(&h), i.clone(), j.clone()];
-            let cbv = ld(kb, pr.cb, &at, &sqg);
-            let decay = seg_decay(s.q, ta, Expr::Var(ai), (i, &j));
-            let m = mul(mul(cbv, decay), tile_ld(td, &zero, &j));
-            let run = seg_run(kb, cu, (vec![], vec![m]), |_, u, v| {
-                Ok(vec![tile_set(
-                    tm,
-                    i,
-                    &j0.clone().add(u.clone()),
-                    v[0].clone(),
-                )])
-            });
-            let mut body = vec![decl];
-            match run {
-                Ok(r) => body.extend(r),
-                Err(e) => fail = Some(e),
-            }
-            body
-        });
-        if let Some(e) = fail {
-            return Err(e);
-        }
-        let upper = seg_each(&mut kb, s.q, true, |_, i, j0| {
-            (0..SEG)
-                .map(|u| tile_set(tm, i, &j0.clone().add(IExpr::c(u)), Expr::Const(0.0)))
-                .collect()
-        });
-        kb.body.extend([lower, upper]);
-
-        // Xᵀ: a thread reads a segment of a step's row of x (16 bytes) and writes it down a
-        // column of the tile; neighbouring threads take neighbouring steps, so the stores of a
-        // warp fall into distinct banks.
+        // Xᵀ first (it needs none of the staged steps, so its loads overlap theirs without a
+        // barrier between): a thread reads a segment of a step's row of x (16 bytes) and
+        // writes it down a column of the tile; neighbouring threads take neighbouring steps,
+        // so the stores of a warp fall into distinct banks.
         let (cs, cj, cu) = (kb.counter(), kb.counter(), kb.counter());
         let (j, p0) = (IExpr::Loop(cj), IExpr::Loop(cs).mul(IExpr::c(SEG)));
         let (tcl, ok) = s.clamped(&c, &j);
@@ -1077,6 +1039,50 @@ impl Lowering<'_> {
             )])
         })?;
         kb.body.push(each(&[cs, cj], &[pw / SEG as usize, q], fill));
+        // M, as the mask kernel computes it, by row segments: those holding its lower
+        // triangle ([`seg_fold`]: the loads of CB and the exponentials only where they count),
+        // and zeros in the rest.
+        let zero = IExpr::c(0);
+        let sqg = s.square(&s.g);
+        let mut fail = None;
+        let zeros = |_: &mut KB, i: &IExpr, j0: &IExpr| {
+            (0..SEG)
+                .map(|u| tile_set(tm, i, &j0.clone().add(IExpr::c(u)), Expr::Const(0.0)))
+                .collect()
+        };
+        let mask = seg_each(
+            &mut kb,
+            s.q,
+            |kb, i, j0| {
+                let (ai, decl) = var(kb, tile_ld(ta, &zero, i));
+                let cu = kb.counter();
+                let j = j0.clone().add(IExpr::Loop(cu));
+                let at = [b.clone(), c.clone(), s.group(&h), i.clone(), j.clone()];
+                let cbv = ld(kb, pr.cb, &at, &sqg);
+                let decay = seg_decay(s.q, ta, Expr::Var(ai), (i, &j));
+                let m = mul(mul(cbv, decay), tile_ld(td, &zero, &j));
+                let run = seg_run(kb, cu, (vec![], vec![m]), |_, u, v| {
+                    Ok(vec![tile_set(
+                        tm,
+                        i,
+                        &j0.clone().add(u.clone()),
+                        v[0].clone(),
+                    )])
+                });
+                let mut body = vec![decl];
+                match run {
+                    Ok(r) => body.extend(r),
+                    Err(e) => fail = Some(e),
+                }
+                body
+            },
+            zeros,
+        );
+        if let Some(e) = fail {
+            return Err(e);
+        }
+        kb.body.push(mask);
+
         kb.body.push(Stmt::Mma {
             acc: ty,
             a: tm,
@@ -1252,41 +1258,7 @@ impl Lowering<'_> {
         // M', E and T' by row segments of the lower triangle ([`seg_fold`]), zeros of M'
         // above it.
         let mut fail = None;
-        let lower = seg_each(&mut kb, s.q, false, |kb, i, j0| {
-            let (ai, decl) = var(kb, tile_ld(ta, &zero, i));
-            let cu = kb.counter();
-            let j = j0.clone().add(IExpr::Loop(cu));
-            let (e, de) = var(kb, seg_decay(s.q, ta, Expr::Var(ai), (i, &j)));
-            let (dm, dd) = var(kb, tile_ld(tt, i, &j));
-            let gat = [b.clone(), c.clone(), s.group(&h), i.clone(), j.clone()];
-            let cbv = ld(kb, pr.cb, &gat, &sqg);
-            let (mv, dmv) = var(kb, mul(cbv, Expr::Var(e)));
-            let dtj = tile_ld(td, &zero, &j);
-            let vals = vec![
-                mul(Expr::Var(dm), Expr::Var(mv)),
-                Expr::Var(mv),
-                mul(mul(Expr::Var(dm), Expr::Var(e)), dtj),
-            ];
-            let run = seg_run(kb, cu, (vec![de, dd, dmv], vals), |kb, u, v| {
-                let col = j0.clone().add(u.clone());
-                let at = [b.clone(), c.clone(), h.clone(), i.clone(), col.clone()];
-                Ok(vec![
-                    tile_set(tt, i, &col, v[0].clone()),
-                    st(kb, mp, &at, &sqh, v[1].clone()),
-                    st(kb, dce, &at, &sqh, v[2].clone()),
-                ])
-            });
-            let mut body = vec![decl];
-            match run {
-                Ok(r) => body.extend(r),
-                Err(e) => fail = Some(e),
-            }
-            body
-        });
-        if let Some(e) = fail {
-            return Err(e);
-        }
-        let upper = seg_each(&mut kb, s.q, true, |kb, i, j0| {
+        let zeros = |kb: &mut KB, i: &IExpr, j0: &IExpr| {
             (0..SEG)
                 .map(|u| {
                     let at = [
@@ -1299,8 +1271,47 @@ impl Lowering<'_> {
                     st(kb, mp, &at, &sqh, Expr::Const(0.0))
                 })
                 .collect()
-        });
-        kb.body.extend([lower, upper]);
+        };
+        let mask = seg_each(
+            &mut kb,
+            s.q,
+            |kb, i, j0| {
+                let (ai, decl) = var(kb, tile_ld(ta, &zero, i));
+                let cu = kb.counter();
+                let j = j0.clone().add(IExpr::Loop(cu));
+                let (e, de) = var(kb, seg_decay(s.q, ta, Expr::Var(ai), (i, &j)));
+                let (dm, dd) = var(kb, tile_ld(tt, i, &j));
+                let gat = [b.clone(), c.clone(), s.group(&h), i.clone(), j.clone()];
+                let cbv = ld(kb, pr.cb, &gat, &sqg);
+                let (mv, dmv) = var(kb, mul(cbv, Expr::Var(e)));
+                let dtj = tile_ld(td, &zero, &j);
+                let vals = vec![
+                    mul(Expr::Var(dm), Expr::Var(mv)),
+                    Expr::Var(mv),
+                    mul(mul(Expr::Var(dm), Expr::Var(e)), dtj),
+                ];
+                let run = seg_run(kb, cu, (vec![de, dd, dmv], vals), |kb, u, v| {
+                    let col = j0.clone().add(u.clone());
+                    let at = [b.clone(), c.clone(), h.clone(), i.clone(), col.clone()];
+                    Ok(vec![
+                        tile_set(tt, i, &col, v[0].clone()),
+                        st(kb, mp, &at, &sqh, v[1].clone()),
+                        st(kb, dce, &at, &sqh, v[2].clone()),
+                    ])
+                });
+                let mut body = vec![decl];
+                match run {
+                    Ok(r) => body.extend(r),
+                    Err(e) => fail = Some(e),
+                }
+                body
+            },
+            zeros,
+        );
+        if let Some(e) = fail {
+            return Err(e);
+        }
+        kb.body.push(mask);
 
         // The sums over the triangle, a row (column) per iteration.
         for (out, by_row) in [(rowt, true), (colt, false)] {
@@ -1373,20 +1384,26 @@ fn seg_fold(q: i64, r: &IExpr, t: &IExpr, upper: bool) -> (IExpr, IExpr) {
     (i, seg.mul(IExpr::c(SEG)))
 }
 
-/// An `Each` over the row segments of a `Q x Q` tile's lower triangle (with `upper`, those
-/// wholly above it), folded by [`seg_fold`]; `body` gets each segment's row and first column.
+/// One `Each` over the row segments of a `Q x Q` tile: those holding its lower triangle
+/// (`lower` gets each one's row and first column), and those wholly above it (`upper`), both
+/// folded by [`seg_fold`]; the upper rectangle is two columns narrower, so iteration
+/// `(r, t)` takes upper segment `(r, t)` too where `t < Q/SEG - 1`.
 fn seg_each(
     kb: &mut KB,
     q: i64,
-    upper: bool,
-    body: impl FnOnce(&mut KB, &IExpr, &IExpr) -> Vec<Stmt>,
+    lower: impl FnOnce(&mut KB, &IExpr, &IExpr) -> Vec<Stmt>,
+    upper: impl FnOnce(&mut KB, &IExpr, &IExpr) -> Vec<Stmt>,
 ) -> Stmt {
     let (cr, ct) = (kb.counter(), kb.counter());
-    let (i, j0) = seg_fold(q, &IExpr::Loop(cr), &IExpr::Loop(ct), upper);
-    let body = body(kb, &i, &j0);
+    let (r, t) = (IExpr::Loop(cr), IExpr::Loop(ct));
+    let (i, j0) = seg_fold(q, &r, &t, false);
+    let mut body = lower(kb, &i, &j0);
     let n = q / SEG;
-    let cols = if upper { n - 1 } else { n + 1 };
-    each(&[cr, ct], &[q as usize / 2, cols as usize], body)
+    // 1 where t < n - 1 (t <= n).
+    let has_upper = IExpr::c(2 * n - 2).sub(t.clone()).div(IExpr::c(n));
+    let (iu, ju) = seg_fold(q, &r, &t, true);
+    body.push(for_(kb, has_upper, |kb, _| upper(kb, &iu, &ju)));
+    each(&[cr, ct], &[q as usize / 2, (n + 1) as usize], body)
 }
 
 /// A thread's `SEG` neighbouring elements: `pre` and `values` (in the counter `u`,
