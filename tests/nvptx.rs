@@ -198,7 +198,7 @@ fn tiled_ssd_gradient_assembles() {
     }
     // The SSD alone at mamba2-2.7b's sizes (80 heads, P = 64, N = 128, chunks of 128): the
     // tiles of the real shapes fit, and ptxas takes them.
-    let ssd = common::ssd_graph((80, 1, 64, 128), 256);
+    let ssd = common::ssd_graph((80, 1, 64, 128), 128);
     let what = "ssd 2.7b bf16 sm_90";
     let ptx = compile_graph_with(what, &ssd, Target::Sm90, &opts);
     let grad = ptx.text.matches(".entry ssd_scan_grad_").count();

@@ -103,10 +103,11 @@ const SPLIT_UNROLL: i64 = 4;
 const EACH_UNROLL: i64 = 8;
 
 /// The size (`body_cost`) of the copies of an `Each` body with unrolled runs (`For`s of
-/// constant extent up to `UNROLL_FOR_MAX`) that one trip of its main loop may take: a tile
-/// fill (a load and a store per element) gets four runs of 8 per trip, its loads all in
-/// flight; the SSD's mask (exponentials, three values per element) one, which fits 128
-/// registers (two or four copies spilled).
+/// constant extent up to `UNROLL_FOR_MAX`) that one trip of its main loop may take, also
+/// capped by the full trips there are. At `Q = 128`, `P = 64`: the forward's `Xᵀ` fill
+/// (cost 49) and output (83) run their 4 trips as one, its mask (139) 2 runs per trip; the
+/// gradient's fill with its dots (234) and its mask 1. Larger budgets made the forward
+/// spill at 128 registers.
 const EACH_RUN_BUDGET: i64 = 340;
 
 /// The largest extent of an `Each` body's top-level unrolled `For`s, 1 without any.
@@ -493,12 +494,12 @@ struct Gen<'a, 'ctx> {
 }
 
 /// Whether `s` is a loop holding `Each`s or tile products: in a tiled kernel its statements
-/// sync one by one.
-fn synchronizes(s: &Stmt) -> bool {
+/// sync one by one (`Gen::block`), not as one statement.
+fn syncs_inside(s: &Stmt) -> bool {
     match s {
         Stmt::For { body, .. } => body
             .iter()
-            .any(|b| matches!(b, Stmt::Each { .. } | Stmt::Mma { .. }) || synchronizes(b)),
+            .any(|b| matches!(b, Stmt::Each { .. } | Stmt::Mma { .. }) || syncs_inside(b)),
         _ => false,
     }
 }
@@ -524,6 +525,8 @@ impl Accesses {
         a
     }
 
+    /// Index expressions are left out: the only buffers they read (`IExpr::LoadIndex`) are
+    /// integer ones, which no kernel writes (`Kernel::check`).
     fn add_block(&mut self, stmts: &[Stmt], tiles: &HashMap<TileId, TileSlot>) {
         let range = |t: &TileId| {
             tiles.get(t).map(|s| {
@@ -941,177 +944,188 @@ impl<'ctx> Gen<'_, 'ctx> {
     fn block(&mut self, stmts: &[Stmt]) -> G<()> {
         let top = self.smem.is_some() && !self.in_each && !self.nested;
         for s in stmts {
-            if top && synchronizes(s) {
-                // A loop of `Each`s: its statements sync one by one (below), and it starts
-                // after a barrier if any of them conflicts with what is pending.
+            // What was pending before a loop of `Each`s, put back after it: the loop may run
+            // no trips (after one or more, nothing is pending at its back-edge).
+            let mut before_loop = None;
+            if top && syncs_inside(s) {
+                // Its statements sync one by one (below), and it starts after a barrier if
+                // any of them conflicts with what is pending.
                 let next = Accesses::of(std::slice::from_ref(s), &self.tiles);
                 if self.pending.conflicts(&next) {
                     self.sync()?;
                 }
+                before_loop = Some(std::mem::take(&mut self.pending));
             } else if top {
                 self.sync_before(s)?;
             }
-            match s {
-                Stmt::Var { var, init } => {
-                    let v = self.expr(init)?;
-                    let slot = match self.vars.get(var) {
-                        Some(p) => *p,
-                        None => {
-                            let p = self.alloca(self.t.f32, &format!("v{}", var.0))?;
-                            self.vars.insert(*var, p);
-                            p
-                        }
-                    };
-                    self.b.build_store(slot, v)?;
-                }
-                Stmt::Set { var, value } => {
-                    let v = self.expr(value)?;
-                    let Some(slot) = self.vars.get(var).copied() else {
-                        return self.unsupported(format!("v{} undeclared", var.0));
-                    };
-                    self.b.build_store(slot, v)?;
-                }
-                Stmt::Array { arr, len, init } => {
-                    // A distributed array keeps only this lane's elements.
-                    let len = &if self.split.distributed.contains(arr) {
-                        len.div_ceil(self.split.threads_per_point() as usize)
-                    } else {
-                        *len
-                    };
-                    let n = u32::try_from(*len)
-                        .map_err(|_| GenErr::Unsupported(format!("local array of {len}")))?;
-                    let ty = self.t.f32.array_type(n);
-                    let p = self.alloca(ty, &format!("a{}", arr.0))?;
-                    self.arrs.insert(*arr, (p, *len));
-                    let v = self.f32c(*init as f32);
-                    if *len <= 32 {
-                        for i in 0..*len {
-                            let a = self.arr_elem(p, self.ixc(i as i64))?;
-                            self.b.build_store(a, v)?;
-                        }
-                    } else {
-                        let c = self.alloca(self.t.ix, "fill")?;
-                        self.b.build_store(c, self.ixc(0))?;
-                        let lp = self.ctx.append_basic_block(self.f, "fill");
-                        let done = self.ctx.append_basic_block(self.f, "filled");
-                        self.b.build_unconditional_branch(lp)?;
-                        self.b.position_at_end(lp);
-                        let i = self.b.build_load(self.t.ix, c, "")?.into_int_value();
-                        let a = self.arr_elem(p, i)?;
+            self.stmt(s, top)?;
+            if let Some(p) = before_loop {
+                self.pending.extend(p);
+            }
+        }
+        Ok(())
+    }
+
+    /// One statement of a block; `top` as in [`Gen::block`] (at a tiled kernel's top level,
+    /// where barriers go).
+    fn stmt(&mut self, s: &Stmt, top: bool) -> G<()> {
+        match s {
+            Stmt::Var { var, init } => {
+                let v = self.expr(init)?;
+                let slot = match self.vars.get(var) {
+                    Some(p) => *p,
+                    None => {
+                        let p = self.alloca(self.t.f32, &format!("v{}", var.0))?;
+                        self.vars.insert(*var, p);
+                        p
+                    }
+                };
+                self.b.build_store(slot, v)?;
+            }
+            Stmt::Set { var, value } => {
+                let v = self.expr(value)?;
+                let Some(slot) = self.vars.get(var).copied() else {
+                    return self.unsupported(format!("v{} undeclared", var.0));
+                };
+                self.b.build_store(slot, v)?;
+            }
+            Stmt::Array { arr, len, init } => {
+                // A distributed array keeps only this lane's elements.
+                let len = &if self.split.distributed.contains(arr) {
+                    len.div_ceil(self.split.threads_per_point() as usize)
+                } else {
+                    *len
+                };
+                let n = u32::try_from(*len)
+                    .map_err(|_| GenErr::Unsupported(format!("local array of {len}")))?;
+                let ty = self.t.f32.array_type(n);
+                let p = self.alloca(ty, &format!("a{}", arr.0))?;
+                self.arrs.insert(*arr, (p, *len));
+                let v = self.f32c(*init as f32);
+                if *len <= 32 {
+                    for i in 0..*len {
+                        let a = self.arr_elem(p, self.ixc(i as i64))?;
                         self.b.build_store(a, v)?;
-                        let i1 = self.b.build_int_nsw_add(i, self.ixc(1), "")?;
-                        self.b.build_store(c, i1)?;
-                        let more = self.b.build_int_compare(
-                            IntPredicate::SLT,
-                            i1,
-                            self.ixc(*len as i64),
-                            "",
-                        )?;
-                        self.b.build_conditional_branch(more, lp, done)?;
-                        self.b.position_at_end(done);
                     }
-                }
-                Stmt::ArrSet { arr, index, value } => {
-                    let a = self.arr_addr(*arr, index)?;
-                    let v = self.expr(value)?;
-                    self.b.build_store(a, v)?;
-                }
-                Stmt::For {
-                    counter,
-                    extent,
-                    body,
-                } if self.split.loops.contains(counter) => {
-                    self.split_for(*counter, extent, body)?
-                }
-                Stmt::For {
-                    counter,
-                    extent: IExpr::Const(n),
-                    body,
-                } if self.in_each && (0..=UNROLL_FOR_MAX).contains(n) => {
-                    let c = self.alloca(self.t.ix, &format!("i{}", counter.0))?;
-                    let outer = self.loops.insert(*counter, c);
-                    for i in 0..*n {
-                        self.b.build_store(c, self.ixc(i))?;
-                        self.block(body)?;
-                    }
-                    match outer {
-                        Some(o) => self.loops.insert(*counter, o),
-                        None => self.loops.remove(counter),
-                    };
-                }
-                Stmt::For {
-                    counter,
-                    extent,
-                    body,
-                } => {
-                    let n = self.iexpr(extent)?;
-                    let c = self.alloca(self.t.ix, &format!("i{}", counter.0))?;
+                } else {
+                    let c = self.alloca(self.t.ix, "fill")?;
                     self.b.build_store(c, self.ixc(0))?;
-                    let lp = self.ctx.append_basic_block(self.f, "loop");
-                    let done = self.ctx.append_basic_block(self.f, "done");
-                    let any = self
-                        .b
-                        .build_int_compare(IntPredicate::SGT, n, self.ixc(0), "")?;
-                    self.b.build_conditional_branch(any, lp, done)?;
+                    let lp = self.ctx.append_basic_block(self.f, "fill");
+                    let done = self.ctx.append_basic_block(self.f, "filled");
+                    self.b.build_unconditional_branch(lp)?;
                     self.b.position_at_end(lp);
-                    let outer = self.loops.insert(*counter, c);
-                    // A tiled kernel's loop of `Each`s syncs statement by statement, and at
-                    // its back-edge; any other loop is one statement to the syncing.
-                    let loop_syncs = top && synchronizes(s);
-                    let inner = !loop_syncs || self.nested;
-                    let nested = std::mem::replace(&mut self.nested, inner);
-                    self.block(body)?;
-                    self.nested = nested;
-                    if loop_syncs {
-                        self.sync_pending()?;
-                    }
-                    match outer {
-                        Some(o) => self.loops.insert(*counter, o),
-                        None => self.loops.remove(counter),
-                    };
                     let i = self.b.build_load(self.t.ix, c, "")?.into_int_value();
+                    let a = self.arr_elem(p, i)?;
+                    self.b.build_store(a, v)?;
                     let i1 = self.b.build_int_nsw_add(i, self.ixc(1), "")?;
                     self.b.build_store(c, i1)?;
-                    let more = self.b.build_int_compare(IntPredicate::SLT, i1, n, "")?;
+                    let more = self.b.build_int_compare(
+                        IntPredicate::SLT,
+                        i1,
+                        self.ixc(*len as i64),
+                        "",
+                    )?;
                     self.b.build_conditional_branch(more, lp, done)?;
                     self.b.position_at_end(done);
                 }
-                Stmt::Store { buf, index, value } => {
-                    let dtype = self.dtype(*buf)?;
-                    if !dtype.is_float() {
-                        return self.unsupported(format!(
-                            "store to the integer buffer `{}`",
-                            self.k.bufs[*buf].name
-                        ));
-                    }
-                    let a = self.buf_addr(*buf, index)?;
-                    let v = self.expr(value)?;
-                    self.store(dtype, v, a)?;
-                }
-                // Laid out once for the whole kernel (`function`).
-                Stmt::Tile { .. } => {}
-                Stmt::Each {
-                    counters,
-                    extents,
-                    body,
-                } => self.each(counters, extents, body)?,
-                Stmt::TileSet {
-                    tile,
-                    row,
-                    col,
-                    value,
-                } => {
-                    let (a, dtype) = self.tile_addr(*tile, row, col)?;
-                    let v = self.expr(value)?;
-                    self.store(dtype, v, a)?;
-                }
-                Stmt::Mma {
-                    acc,
-                    a,
-                    b,
-                    accumulate,
-                } => self.mma((*acc, *a, *b), *accumulate)?,
             }
+            Stmt::ArrSet { arr, index, value } => {
+                let a = self.arr_addr(*arr, index)?;
+                let v = self.expr(value)?;
+                self.b.build_store(a, v)?;
+            }
+            Stmt::For {
+                counter,
+                extent,
+                body,
+            } if self.split.loops.contains(counter) => self.split_for(*counter, extent, body)?,
+            Stmt::For {
+                counter,
+                extent: IExpr::Const(n),
+                body,
+            } if self.in_each && (0..=UNROLL_FOR_MAX).contains(n) => {
+                let c = self.alloca(self.t.ix, &format!("i{}", counter.0))?;
+                let outer = self.loops.insert(*counter, c);
+                for i in 0..*n {
+                    self.b.build_store(c, self.ixc(i))?;
+                    self.block(body)?;
+                }
+                match outer {
+                    Some(o) => self.loops.insert(*counter, o),
+                    None => self.loops.remove(counter),
+                };
+            }
+            Stmt::For {
+                counter,
+                extent,
+                body,
+            } => {
+                let n = self.iexpr(extent)?;
+                let c = self.alloca(self.t.ix, &format!("i{}", counter.0))?;
+                self.b.build_store(c, self.ixc(0))?;
+                let lp = self.ctx.append_basic_block(self.f, "loop");
+                let done = self.ctx.append_basic_block(self.f, "done");
+                let any = self
+                    .b
+                    .build_int_compare(IntPredicate::SGT, n, self.ixc(0), "")?;
+                self.b.build_conditional_branch(any, lp, done)?;
+                self.b.position_at_end(lp);
+                let outer = self.loops.insert(*counter, c);
+                // A tiled kernel's loop of `Each`s syncs statement by statement, and at
+                // its back-edge; any other loop is one statement to the syncing.
+                let loop_syncs = top && syncs_inside(s);
+                let nested = std::mem::replace(&mut self.nested, !loop_syncs);
+                self.block(body)?;
+                self.nested = nested;
+                if loop_syncs {
+                    self.sync_pending()?;
+                }
+                match outer {
+                    Some(o) => self.loops.insert(*counter, o),
+                    None => self.loops.remove(counter),
+                };
+                let i = self.b.build_load(self.t.ix, c, "")?.into_int_value();
+                let i1 = self.b.build_int_nsw_add(i, self.ixc(1), "")?;
+                self.b.build_store(c, i1)?;
+                let more = self.b.build_int_compare(IntPredicate::SLT, i1, n, "")?;
+                self.b.build_conditional_branch(more, lp, done)?;
+                self.b.position_at_end(done);
+            }
+            Stmt::Store { buf, index, value } => {
+                let dtype = self.dtype(*buf)?;
+                if !dtype.is_float() {
+                    return self.unsupported(format!(
+                        "store to the integer buffer `{}`",
+                        self.k.bufs[*buf].name
+                    ));
+                }
+                let a = self.buf_addr(*buf, index)?;
+                let v = self.expr(value)?;
+                self.store(dtype, v, a)?;
+            }
+            // Laid out once for the whole kernel (`function`).
+            Stmt::Tile { .. } => {}
+            Stmt::Each {
+                counters,
+                extents,
+                body,
+            } => self.each(counters, extents, body)?,
+            Stmt::TileSet {
+                tile,
+                row,
+                col,
+                value,
+            } => {
+                let (a, dtype) = self.tile_addr(*tile, row, col)?;
+                let v = self.expr(value)?;
+                self.store(dtype, v, a)?;
+            }
+            Stmt::Mma {
+                acc,
+                a,
+                b,
+                accumulate,
+            } => self.mma((*acc, *a, *b), *accumulate)?,
         }
         Ok(())
     }
@@ -1164,10 +1178,11 @@ impl<'ctx> Gen<'_, 'ctx> {
 
     /// `Each`: the block's threads take the flattened iterations in turn (thread `l` runs
     /// `l, l + 256, ...`, the last counter fastest, so neighbouring threads touch
-    /// neighbouring elements); a barrier follows where a later statement needs it. A main loop runs [`EACH_UNROLL`]
-    /// iterations per trip while all of them exist, so that each thread has that many
-    /// independent loads in flight (a block per point leaves few warps per SM to hide
-    /// latency); a remainder loop runs the rest one by one.
+    /// neighbouring elements); a barrier follows where a later statement needs it
+    /// (`Gen::sync_before`). A main loop runs several iterations per trip while all of them
+    /// exist ([`EACH_UNROLL`], fewer for a body with unrolled runs: [`EACH_RUN_BUDGET`]), so
+    /// that each thread has that many independent loads in flight (a block per point leaves
+    /// few warps per SM to hide latency); a remainder loop runs the rest one by one.
     fn each(&mut self, counters: &[LoopId], extents: &[IExpr], body: &[Stmt]) -> G<()> {
         let Some(lane) = self.lane else {
             return self.unsupported("an Each outside a tiled kernel".into());
@@ -1193,23 +1208,23 @@ impl<'ctx> Gen<'_, 'ctx> {
             .map(|(c, p)| self.loops.insert(*c, *p))
             .collect();
         // A body with unrolled runs of elements (`UNROLL_FOR_MAX`) is that much larger: fewer
-        // copies of it per trip (`EACH_RUN_ELEMENTS` elements) keep the loads of a tile fill
-        // in flight together without spilling.
-        let main = if unrolled_weight(body) > 1 {
-            // At most the trips there are, else the main loop never runs.
-            let trips = match extents.iter().try_fold(1i64, |n, e| match e {
-                IExpr::Const(c) => Some(n * c),
+        // copies of it per trip (`EACH_RUN_BUDGET`) keep the loads of a tile fill in flight
+        // together without spilling.
+        let copies = if unrolled_weight(body) > 1 {
+            // At most the full trips there are, else the main loop never runs.
+            let full_trips = match extents.iter().try_fold(1i64, |n, e| match e {
+                IExpr::Const(c) => n.checked_mul(*c),
                 _ => None,
             }) {
                 Some(total) => total / threads,
                 None => EACH_UNROLL,
             };
-            (EACH_RUN_BUDGET / body_cost(body)).clamp(1, trips.clamp(1, EACH_UNROLL))
+            (EACH_RUN_BUDGET / body_cost(body).max(1)).clamp(1, full_trips.clamp(1, EACH_UNROLL))
         } else {
             EACH_UNROLL
         };
-        let trips: &[i64] = if main > 1 { &[main, 1] } else { &[1] };
-        for &unroll in trips {
+        let loops: &[i64] = if copies > 1 { &[copies, 1] } else { &[1] };
+        for &unroll in loops {
             let head = self.ctx.append_basic_block(self.f, "each");
             let next = self.ctx.append_basic_block(self.f, "each_body");
             let done = self.ctx.append_basic_block(self.f, "each_done");

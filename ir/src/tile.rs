@@ -3,9 +3,10 @@
 //! A kernel whose body declares tiles ([`Stmt::Tile`]) is *tiled*. On the GPU each of its grid
 //! points runs on a whole block of [`TILE_THREADS`] threads: tiles live in shared memory at
 //! the offsets of [`layout`], an [`Stmt::Each`] deals its iterations out over the block's
-//! threads and ends with a barrier, and an [`Stmt::Mma`] runs on the tensor cores (each warp
-//! takes some 16 x 8 output tiles; bf16 operands, f32 accumulation). Everything else in the
-//! body runs in every thread alike. On the CPU a point is one thread: an `Each` is the loop
+//! threads, and an [`Stmt::Mma`] runs on the tensor cores (each warp takes some 16 x 8
+//! output tiles; bf16 operands, f32 accumulation). What one of them writes is visible to
+//! the statements after it: the backend puts a barrier before a statement that touches it.
+//! Everything else in the body runs in every thread alike. On the CPU a point is one thread: an `Each` is the loop
 //! nest of [`each_as_loops`] and a tile product the loops of [`mma_as_loops`].
 //!
 //! What this buys is fusion: the Mamba-2 SSD's masked `[Q, Q]` decay matrix is built in a

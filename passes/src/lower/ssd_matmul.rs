@@ -42,7 +42,7 @@ use BinaryOp::{Add, Mul, Sub};
 pub const MAX_SSD_MATMUL_CHUNK: u64 = 128;
 
 /// Shared memory a tiled kernel may use per block: two blocks fit an H100/H200 SM (228 KB);
-/// at `Q = 128`, `P = 64` the forward takes 90 KB, the gradient 71 KB.
+/// at `Q = 128`, `P = 64` the forward takes 86 KB, the gradient 103 KB.
 const MAX_TILE_BYTES: usize = 112 * 1024;
 
 /// The most state elements a block of the tiled carry ([`Lowering::ssd_carry_tiled`]) takes,
@@ -174,8 +174,8 @@ impl Ssd {
     /// the same, and its tiles must fit a block's shared memory.
     fn tiles_fit(&self) -> bool {
         let (q, p) = (self.q, self.pw);
-        // `a` and `dt` are dead before `Xᵀ` is written: `ir::tile::layout` gives them bytes
-        // of `Xᵀ` and `Y` (together they are smaller), so the first four tiles are the size.
+        // `a` and `dt` are dead before `Y` is written: `ir::tile::layout` gives them bytes of
+        // `Y` (together they are smaller), so the first four tiles are the size.
         q % (2 * SEG) == 0 && p % SEG == 0 && fits(&self.forward_tiles()[..4])
     }
 
@@ -683,7 +683,7 @@ impl Lowering<'_> {
         })
     }
 
-    /// `SsdScan` in the matrix form (module doc): six kernels and four products, or with
+    /// `SsdScan` in the matrix form (module doc): seven kernels and four products, or with
     /// tiles three products and the tiled output kernel in place of the mask, `M X` and the
     /// output kernel.
     pub(super) fn ssd_matmul(&mut self, node: NodeId, chunk: u64) -> Result<(), LowerError> {
@@ -1044,7 +1044,6 @@ impl Lowering<'_> {
         // and zeros in the rest.
         let zero = IExpr::c(0);
         let sqg = s.square(&s.g);
-        let mut fail = None;
         let zeros = |_: &mut KB, i: &IExpr, j0: &IExpr| {
             (0..SEG)
                 .map(|u| tile_set(tm, i, &j0.clone().add(IExpr::c(u)), Expr::Const(0.0)))
@@ -1070,17 +1069,11 @@ impl Lowering<'_> {
                     )])
                 });
                 let mut body = vec![decl];
-                match run {
-                    Ok(r) => body.extend(r),
-                    Err(e) => fail = Some(e),
-                }
-                body
+                body.extend(run?);
+                Ok(body)
             },
             zeros,
-        );
-        if let Some(e) = fail {
-            return Err(e);
-        }
+        )?;
         kb.body.push(mask);
 
         kb.body.push(Stmt::Mma {
@@ -1257,7 +1250,6 @@ impl Lowering<'_> {
 
         // M', E and T' by row segments of the lower triangle ([`seg_fold`]), zeros of M'
         // above it.
-        let mut fail = None;
         let zeros = |kb: &mut KB, i: &IExpr, j0: &IExpr| {
             (0..SEG)
                 .map(|u| {
@@ -1300,17 +1292,11 @@ impl Lowering<'_> {
                     ])
                 });
                 let mut body = vec![decl];
-                match run {
-                    Ok(r) => body.extend(r),
-                    Err(e) => fail = Some(e),
-                }
-                body
+                body.extend(run?);
+                Ok(body)
             },
             zeros,
-        );
-        if let Some(e) = fail {
-            return Err(e);
-        }
+        )?;
         kb.body.push(mask);
 
         // The sums over the triangle, a row (column) per iteration.
@@ -1391,19 +1377,19 @@ fn seg_fold(q: i64, r: &IExpr, t: &IExpr, upper: bool) -> (IExpr, IExpr) {
 fn seg_each(
     kb: &mut KB,
     q: i64,
-    lower: impl FnOnce(&mut KB, &IExpr, &IExpr) -> Vec<Stmt>,
+    lower: impl FnOnce(&mut KB, &IExpr, &IExpr) -> Result<Vec<Stmt>, LowerError>,
     upper: impl FnOnce(&mut KB, &IExpr, &IExpr) -> Vec<Stmt>,
-) -> Stmt {
+) -> Result<Stmt, LowerError> {
     let (cr, ct) = (kb.counter(), kb.counter());
     let (r, t) = (IExpr::Loop(cr), IExpr::Loop(ct));
     let (i, j0) = seg_fold(q, &r, &t, false);
-    let mut body = lower(kb, &i, &j0);
+    let mut body = lower(kb, &i, &j0)?;
     let n = q / SEG;
     // 1 where t < n - 1 (t <= n).
     let has_upper = IExpr::c(2 * n - 2).sub(t.clone()).div(IExpr::c(n));
     let (iu, ju) = seg_fold(q, &r, &t, true);
     body.push(for_(kb, has_upper, |kb, _| upper(kb, &iu, &ju)));
-    each(&[cr, ct], &[q as usize / 2, (n + 1) as usize], body)
+    Ok(each(&[cr, ct], &[q as usize / 2, (n + 1) as usize], body))
 }
 
 /// A thread's `SEG` neighbouring elements: `pre` and `values` (in the counter `u`,
@@ -1497,9 +1483,9 @@ impl Lowering<'_> {
     /// `x_j · D'_j` is also `ddt`'s first term; both products are exact (f32), since `da`
     /// takes the difference of sums that nearly cancel. With tiles
     /// ([`Self::ssd_grad_mask_tiled`]) the sums come from `T` itself and `D'` is an ordinary
-    /// product, and `dM = dY Xᵀ` is a tile product inside it. Ten products (eight with tiles)
-    /// and ten kernels after the prep's four kernels and two products; sums over heads, steps
-    /// and chunks run in kernels in a fixed order.
+    /// product, and `dM = dY Xᵀ` is a tile product inside it. Ten products and ten kernels
+    /// (eight and nine with tiles) after the prep's five kernels and two products; sums over
+    /// heads, steps and chunks run in kernels in a fixed order.
     pub(super) fn ssd_matmul_grad(&mut self, node: NodeId, chunk: u64) -> Result<(), LowerError> {
         let s = Ssd::new(self, node, chunk)?;
         let g = self.g;
