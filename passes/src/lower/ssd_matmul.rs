@@ -75,13 +75,17 @@ fn carry_tiles(cols: usize) -> [TileDecl; 3] {
 /// A tile a kernel declares: its number (`TileId`), dtype, rows and columns.
 type TileDecl = (u32, DType, usize, usize);
 
-/// Whether `tiles` fit [`MAX_TILE_BYTES`] even where none share bytes.
-fn fits(tiles: &[TileDecl]) -> bool {
-    let bytes: usize = tiles
+/// The shared-memory bytes of `tiles` where none share bytes.
+fn tiles_bytes(tiles: &[TileDecl]) -> usize {
+    tiles
         .iter()
         .map(|&(_, dtype, rows, cols)| ir::tile::tile_bytes(dtype, rows, cols))
-        .sum();
-    bytes <= MAX_TILE_BYTES
+        .sum()
+}
+
+/// Whether `tiles` fit [`MAX_TILE_BYTES`] even where none share bytes.
+fn fits(tiles: &[TileDecl]) -> bool {
+    tiles_bytes(tiles) <= MAX_TILE_BYTES
 }
 
 /// Declares `tiles` at the top of the kernel being built.
@@ -199,12 +203,8 @@ impl Ssd {
     fn grad_tiles_fit(&self) -> bool {
         let tiles = self.grad_tiles();
         // The dots' parts take `dM`'s bytes ([`ir::tile::layout`]).
-        let parts: usize = tiles[5..]
-            .iter()
-            .map(|&(_, d, r, c)| ir::tile::tile_bytes(d, r, c))
-            .sum();
-        let dm = ir::tile::tile_bytes(tiles[0].1, tiles[0].2, tiles[0].3);
-        self.q % (2 * SEG) == 0 && parts <= dm && fits(&tiles[..5])
+        let parts_fit = tiles_bytes(&tiles[5..]) <= tiles_bytes(&tiles[..1]);
+        self.q % (2 * SEG) == 0 && parts_fit && fits(&tiles[..5])
     }
 
     /// `P` rounded up to the tile product's depth (16): the columns of the gradient's `dY`
@@ -346,6 +346,17 @@ fn grid(i: usize) -> IExpr {
     IExpr::Grid(i)
 }
 
+/// `exp(min(a_i - a_j, 0))`: finite everywhere, exact on and below the diagonal (`a` does not
+/// grow along a chunk).
+fn capped_exp(ai: Expr, aj: Expr) -> Expr {
+    exp(Expr::bin(BinaryOp::Min, sub(ai, aj), Expr::Const(0.0)))
+}
+
+/// The exact 0/1 indicator `[j <= i]` of a `Q x Q` matrix's lower triangle: `(i - j + Q) / Q`.
+fn on_or_below(q: i64, i: &IExpr, j: &IExpr) -> IExpr {
+    i.clone().sub(j.clone()).add(IExpr::c(q)).div(IExpr::c(q))
+}
+
 /// Element `(i, j)` of the masked decay matrix of head `h` in chunk `c` of batch `b`:
 /// `CB_ij exp(a_i - a_j) [j <= i]`, times `dt_j` when `with_dt`. Without branches:
 /// `exp(min(a_i - a_j, 0))` is finite everywhere and exact below the diagonal, and the exact
@@ -363,13 +374,8 @@ fn mask_value(
     let at = [b.clone(), c.clone(), s.group(h), i.clone(), j.clone()];
     let cbv = ld(kb, pr.cb, &at, &sqg);
     let (ai, aj) = (ld(kb, pr.acs, &step(i), &ps), ld(kb, pr.acs, &step(j), &ps));
-    let decay = exp(Expr::bin(BinaryOp::Min, sub(ai, aj), Expr::Const(0.0)));
-    let below = i
-        .clone()
-        .sub(j.clone())
-        .add(IExpr::c(s.q))
-        .div(IExpr::c(s.q));
-    let v = mul(mul(cbv, decay), Expr::FromIndex(below));
+    let below = on_or_below(s.q, i, j);
+    let v = mul(mul(cbv, capped_exp(ai, aj)), Expr::FromIndex(below));
     if with_dt {
         mul(v, ld(kb, pr.dtc, &step(j), &ps))
     } else {
@@ -1043,7 +1049,6 @@ impl Lowering<'_> {
         // triangle ([`seg_fold`]: the loads of CB and the exponentials only where they count),
         // and zeros in the rest.
         let zero = IExpr::c(0);
-        let sqg = s.square(&s.g);
         let zeros = |_: &mut KB, i: &IExpr, j0: &IExpr| {
             (0..SEG)
                 .map(|u| tile_set(tm, i, &j0.clone().add(IExpr::c(u)), Expr::Const(0.0)))
@@ -1053,24 +1058,17 @@ impl Lowering<'_> {
             &mut kb,
             s.q,
             |kb, i, j0| {
-                let (ai, decl) = var(kb, tile_ld(ta, &zero, i));
-                let cu = kb.counter();
-                let j = j0.clone().add(IExpr::Loop(cu));
-                let at = [b.clone(), c.clone(), s.group(&h), i.clone(), j.clone()];
-                let cbv = ld(kb, pr.cb, &at, &sqg);
-                let decay = seg_decay(s.q, ta, Expr::Var(ai), (i, &j));
-                let m = mul(mul(cbv, decay), tile_ld(td, &zero, &j));
-                let run = seg_run(kb, cu, (vec![], vec![m]), |_, u, v| {
+                let r = mask_run(kb, s, pr, [&b, &c, &h], (ta, i, j0));
+                let m = mul(mul(r.cb, r.decay), tile_ld(td, &zero, &r.j));
+                let run = seg_run(kb, r.u, (vec![], vec![m]), |_, u, v| {
                     Ok(vec![tile_set(
                         tm,
                         i,
                         &j0.clone().add(u.clone()),
                         v[0].clone(),
                     )])
-                });
-                let mut body = vec![decl];
-                body.extend(run?);
-                Ok(body)
+                })?;
+                Ok([vec![r.decl], run].concat())
             },
             zeros,
         )?;
@@ -1155,7 +1153,7 @@ impl Lowering<'_> {
         let GradSums { colt, rowt, u, yod } = sums;
         let ops = self.g.operands(node);
         let (x, dy) = (ops[0], ops[6]);
-        let (ps, sqh, sqg) = (s.per_step(), s.square(&s.h), s.square(&s.g));
+        let (ps, sqh) = (s.per_step(), s.square(&s.h));
         let (q, pk) = (s.q as usize, s.p_tile());
         let mut kb = KB::new(self, name);
         let (b, c, h) = (grid(0), grid(1), grid(2));
@@ -1268,21 +1266,17 @@ impl Lowering<'_> {
             &mut kb,
             s.q,
             |kb, i, j0| {
-                let (ai, decl) = var(kb, tile_ld(ta, &zero, i));
-                let cu = kb.counter();
-                let j = j0.clone().add(IExpr::Loop(cu));
-                let (e, de) = var(kb, seg_decay(s.q, ta, Expr::Var(ai), (i, &j)));
-                let (dm, dd) = var(kb, tile_ld(tt, i, &j));
-                let gat = [b.clone(), c.clone(), s.group(&h), i.clone(), j.clone()];
-                let cbv = ld(kb, pr.cb, &gat, &sqg);
-                let (mv, dmv) = var(kb, mul(cbv, Expr::Var(e)));
-                let dtj = tile_ld(td, &zero, &j);
+                let r = mask_run(kb, s, pr, [&b, &c, &h], (ta, i, j0));
+                let (e, de) = var(kb, r.decay);
+                let (dm, dd) = var(kb, tile_ld(tt, i, &r.j));
+                let (mv, dmv) = var(kb, mul(r.cb, Expr::Var(e)));
+                let dtj = tile_ld(td, &zero, &r.j);
                 let vals = vec![
                     mul(Expr::Var(dm), Expr::Var(mv)),
                     Expr::Var(mv),
                     mul(mul(Expr::Var(dm), Expr::Var(e)), dtj),
                 ];
-                let run = seg_run(kb, cu, (vec![de, dd, dmv], vals), |kb, u, v| {
+                let run = seg_run(kb, r.u, (vec![de, dd, dmv], vals), |kb, u, v| {
                     let col = j0.clone().add(u.clone());
                     let at = [b.clone(), c.clone(), h.clone(), i.clone(), col.clone()];
                     Ok(vec![
@@ -1291,9 +1285,7 @@ impl Lowering<'_> {
                         st(kb, dce, &at, &sqh, v[2].clone()),
                     ])
                 });
-                let mut body = vec![decl];
-                body.extend(run?);
-                Ok(body)
+                Ok([vec![r.decl], run?].concat())
             },
             zeros,
         )?;
@@ -1440,17 +1432,46 @@ fn seg_run(
     Ok(out)
 }
 
+/// The start of a mask row segment in a tiled kernel ([`seg_each`]) of head `h` in chunk `c`
+/// of batch `b`: row `i`'s staged running sum `a_i` (`decl` declares it), the run's counter
+/// `u` and column `j = j0 + u`, `CB_ij` and `exp(a_i - a_j) [j <= i]` ([`seg_decay`]).
+struct MaskRun {
+    decl: Stmt,
+    u: ir::kernel::LoopId,
+    j: IExpr,
+    cb: Expr,
+    decay: Expr,
+}
+
+fn mask_run(
+    kb: &mut KB,
+    s: &Ssd,
+    pr: &Prep,
+    [b, c, h]: [&IExpr; 3],
+    (ta, i, j0): (TileId, &IExpr, &IExpr),
+) -> MaskRun {
+    let (ai, decl) = var(kb, tile_ld(ta, &IExpr::c(0), i));
+    let u = kb.counter();
+    let j = j0.clone().add(IExpr::Loop(u));
+    let at = [b.clone(), c.clone(), s.group(h), i.clone(), j.clone()];
+    let cb = ld(kb, pr.cb, &at, &s.square(&s.g));
+    let decay = seg_decay(s.q, ta, Expr::Var(ai), (i, &j));
+    MaskRun {
+        decl,
+        u,
+        j,
+        cb,
+        decay,
+    }
+}
+
 /// `exp(a_i - a_j) [j <= i]` in a tiled kernel: `ai` is row `i`'s running sum, `a_j` comes
 /// from the staged `[1, Q]` tile `ta` ([`stage_steps`]). As in [`mask_value`], the exponent
 /// is capped at 0 so that it stays finite above the diagonal, where the exact 0/1 indicator
 /// zeroes it (only the diagonal segment has such elements).
 fn seg_decay(q: i64, ta: TileId, ai: Expr, (i, j): (&IExpr, &IExpr)) -> Expr {
     let aj = tile_ld(ta, &IExpr::c(0), j);
-    let below = i.clone().sub(j.clone()).add(IExpr::c(q)).div(IExpr::c(q));
-    mul(
-        exp(Expr::bin(BinaryOp::Min, sub(ai, aj), Expr::Const(0.0))),
-        Expr::FromIndex(below),
-    )
+    mul(capped_exp(ai, aj), Expr::FromIndex(on_or_below(q, i, j)))
 }
 
 fn each(counters: &[ir::kernel::LoopId], extents: &[usize], body: Vec<Stmt>) -> Stmt {
@@ -1651,7 +1672,7 @@ impl Lowering<'_> {
         let (b, c, gg, i) = (grid(0), grid(1), grid(2), grid(3));
         let row = for_(&mut kb, qc.clone(), |kb, j| {
             let (sum, decl) = var(kb, Expr::Const(0.0));
-            let below = i.clone().sub(j.clone()).add(qc.clone()).div(qc.clone());
+            let below = on_or_below(s.q, &i, &j);
             let heads = for_(kb, below.mul(IExpr::c(s.hpg)), |kb, hl| {
                 let h = gg.clone().mul(IExpr::c(s.hpg)).add(hl);
                 let at = [b.clone(), c.clone(), h.clone(), i.clone(), j.clone()];
