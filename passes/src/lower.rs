@@ -184,6 +184,7 @@ pub fn lower(g: &Graph, opts: &LowerOptions) -> Result<Lowered, LowerError> {
         tiled_carries: opts.tiled_carries,
         bf16_activations: opts.bf16_activations,
         bf16_marked: Vec::new(),
+        ssd_last_prep: None,
     };
     l.decide(opts);
     if !opts.no_fusion {
@@ -228,6 +229,10 @@ struct Lowering<'g> {
     /// Scratch whose values are bf16 already or whose readers need them only at bf16
     /// precision: bf16 with [`LowerOptions::bf16_activations`] ([`bf16::store_bf16`]).
     bf16_marked: Vec<BufId>,
+    /// The scratch of the last SSD node lowered when it was a forward in the matrix form:
+    /// its gradient, lowered next, reads it instead of computing it again
+    /// ([`ssd_matmul::LastPrep`]).
+    ssd_last_prep: Option<ssd_matmul::LastPrep>,
     syms: Vec<String>,
     buf_of: HashMap<Value, BufId>,
     out: Lowered,
@@ -1576,6 +1581,8 @@ impl<'g> Lowering<'g> {
         let xs = self.shape(x);
         let q = chunk.clamp(1, MAX_SSD_SCAN_CHUNK);
         let (ch, count) = self.chunks(n, &xs[1], q)?;
+        // Only the matrix form leaves its scratch for the gradient.
+        self.ssd_last_prep = None;
         if count.as_known().is_some_and(|c| c <= 1) {
             return self.ssd_scan_sequential(n);
         }
@@ -2408,6 +2415,7 @@ impl<'g> Lowering<'g> {
         if !self.ssd_scans {
             return self.ssd_matmul_grad(n, chunk);
         }
+        self.ssd_last_prep = None;
         let g = self.g;
         let ops = g.operands(n);
         let (x, dt, a, bm, cm, s0, dy, ds1) = (

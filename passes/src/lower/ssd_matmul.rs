@@ -23,7 +23,8 @@
 //! one strided-batched GEMM over `B·ceil(L/Q)·(H or G)` matrices.
 //!
 //! The gradient ([`Lowering::ssd_matmul_grad`]) recomputes `CB`, `S_own` and `S_in` the
-//! same way and derives everything else from ten more products (eight with the tiled
+//! same way (or reads its forward's, when that was lowered just before it: [`LastPrep`])
+//! and derives everything else from ten more products (eight with the tiled
 //! kernel, [`super::LowerOptions::ssd_tiles`], which forms `dY Xᵀ` itself); its derivation
 //! is at the function.
 
@@ -418,7 +419,20 @@ enum DcbTerms {
     FromDm(BufId),
 }
 
+/// A forward's [`Prep`] and what it was computed from: the op's six operands, the chunk and
+/// the prep's flags (`with_rows`, `with_xdt`). A gradient with the same key, lowered right
+/// after it (no other SSD node between), reads these buffers instead of running the prep's
+/// kernels and products again (at H = 80, L = 65536: about 1.5 ms, most of it the own
+/// states and their carry). The buffers then live from the forward to the gradient, which
+/// the memory plan sees (their lifetimes are the steps that touch them); the rule keeps
+/// that to one op's scratch at a time.
+pub(super) struct LastPrep {
+    key: (Vec<Value>, i64, (bool, bool)),
+    prep: Prep,
+}
+
 /// The scratch tensors both directions compute from the operands.
+#[derive(Clone, Copy)]
 struct Prep {
     /// `dt` and the running sum `a` of `dt·A` (`[B, nc, H, Q]`).
     dtc: BufId,
@@ -699,9 +713,11 @@ impl Lowering<'_> {
         let s1 = self.new_buf(Value::new(node, 1), BufKind::Temp);
         if self.ssd_tiles && s.tiles_fit() {
             let pr = self.ssd_prep(node, &s, &name, Some(s1), (false, false))?;
+            self.keep_prep(node, &s, (false, false), pr);
             return self.ssd_tiled_output(node, &s, &name, &pr, y);
         }
         let pr = self.ssd_prep(node, &s, &name, Some(s1), (true, false))?;
+        self.keep_prep(node, &s, (true, false), pr);
         let xc = pr.xc.ok_or_else(|| internal(node, "no x rows"))?;
         let (ps, hr) = (s.per_step(), s.head_rows());
         let sq = s.square(&s.h);
@@ -750,6 +766,23 @@ impl Lowering<'_> {
         let grid_y = xs.iter().map(|d| kb.l.dim(d)).collect();
         kb.finish(grid_y, node);
         Ok(())
+    }
+
+    /// Keeps the forward `node`'s prep for its gradient ([`LastPrep`]).
+    fn keep_prep(&mut self, node: NodeId, s: &Ssd, flags: (bool, bool), prep: Prep) {
+        let operands = self.g.operands(node)[..6].to_vec();
+        self.ssd_last_prep = Some(LastPrep {
+            key: (operands, s.q, flags),
+            prep,
+        });
+    }
+
+    /// The prep the forward lowered just before the gradient `node` kept, if it was computed
+    /// from the same operands with the same chunk and flags; forgets it either way.
+    fn kept_prep(&mut self, node: NodeId, s: &Ssd, flags: (bool, bool)) -> Option<Prep> {
+        let kept = self.ssd_last_prep.take()?;
+        let ops = self.g.operands(node);
+        (ops.len() >= 6 && kept.key == (ops[..6].to_vec(), s.q, flags)).then_some(kept.prep)
     }
 
     /// `C S_inᵀ` per chunk, a group's heads at once (`[B, nc, G, Q, hpg·P]`): the part of
@@ -1505,8 +1538,9 @@ impl Lowering<'_> {
     /// takes the difference of sums that nearly cancel. With tiles
     /// ([`Self::ssd_grad_mask_tiled`]) the sums come from `T` itself and `D'` is an ordinary
     /// product, and `dM = dY Xᵀ` is a tile product inside it. Ten products and ten kernels
-    /// (eight and nine with tiles) after the prep's five kernels and two products; sums over
-    /// heads, steps and chunks run in kernels in a fixed order.
+    /// (eight and nine with tiles) after the prep's five kernels and two products (none with
+    /// the forward's prep: [`LastPrep`]); sums over heads, steps and chunks run in kernels in
+    /// a fixed order.
     pub(super) fn ssd_matmul_grad(&mut self, node: NodeId, chunk: u64) -> Result<(), LowerError> {
         let s = Ssd::new(self, node, chunk)?;
         let g = self.g;
@@ -1520,7 +1554,11 @@ impl Lowering<'_> {
         // and `dt ⊙ x` is not needed.
         let tiled = self.ssd_tiles && s.grad_tiles_fit();
         // With tiles, no product reads `x` as rows: the tiled kernel and the dots read `x`.
-        let pr = self.ssd_prep(node, &s, &name, None, (!tiled, !tiled))?;
+        let flags = (!tiled, !tiled);
+        let pr = match self.kept_prep(node, &s, flags) {
+            Some(pr) => pr,
+            None => self.ssd_prep(node, &s, &name, None, flags)?,
+        };
         let (ps, pc, hr, gr, gh, sts) = (
             s.per_step(),
             s.per_chunk(),
