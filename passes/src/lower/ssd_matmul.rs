@@ -453,6 +453,8 @@ struct Prep {
     /// per element of the kernels that scale by them. `exp(a_last)` is each chunk's decay.
     ea: BufId,
     el: BufId,
+    /// `C S_inᵀ` per chunk, a group's heads at once (`[B, nc, G, Q, hpg·P]`).
+    yo: BufId,
 }
 
 impl Lowering<'_> {
@@ -502,8 +504,8 @@ impl Lowering<'_> {
         });
     }
 
-    /// The prep kernels, `CB`, the chunks' own end states and the carry that turns them into
-    /// the states entering each chunk; returns the final state's variable-free kernel output
+    /// The prep kernels, `CB`, the chunks' own end states, the carry that turns them into
+    /// the states entering each chunk and `C S_inᵀ`; returns the final state's variable-free kernel output
     /// through `s1` when given. With bf16 activations the carry writes the entering states to
     /// a buffer of their own, fit for bf16 ([`Lowering::bf16_scratch`]), instead of over the
     /// f32 own states.
@@ -688,6 +690,17 @@ impl Lowering<'_> {
             (s0, false),
             s1,
         )?;
+        // `C S_inᵀ` per chunk, a group's heads at once (`[B, nc, G, Q, hpg·P]`): the part of
+        // `y` that the states entering the chunks give, before the factor `exp(a_i)`; the
+        // gradient's dots read it too.
+        let yo = self.bf16_scratch(node, s.group_heads());
+        self.gemm(
+            node,
+            (cc, sin, yo),
+            s.batch(&s.g),
+            (&s.qd, &s.n, &s.hp),
+            (false, true),
+        );
         Ok(Prep {
             dtc,
             acs,
@@ -700,6 +713,7 @@ impl Lowering<'_> {
             sin,
             ea,
             el,
+            yo,
         })
     }
 
@@ -734,7 +748,7 @@ impl Lowering<'_> {
             (&s.qd, &s.qd, &s.p),
             (false, false),
         );
-        let yo = self.ssd_c_sin(node, &s, &pr);
+        let yo = pr.yo;
 
         // y = Y_diag + exp(a) C S_inᵀ, per (batch, step, head, p).
         let mut kb = KB::new(self, &name);
@@ -783,20 +797,6 @@ impl Lowering<'_> {
         let kept = self.ssd_last_prep.take()?;
         let ops = self.g.operands(node);
         (ops.len() >= 6 && kept.key == (ops[..6].to_vec(), s.q, flags)).then_some(kept.prep)
-    }
-
-    /// `C S_inᵀ` per chunk, a group's heads at once (`[B, nc, G, Q, hpg·P]`): the part of
-    /// `y` that the states entering the chunks give, before the factor `exp(a_i)`.
-    fn ssd_c_sin(&mut self, node: NodeId, s: &Ssd, pr: &Prep) -> BufId {
-        let yo = self.bf16_scratch(node, s.group_heads());
-        self.gemm(
-            node,
-            (pr.cc, pr.sin, yo),
-            s.batch(&s.g),
-            (&s.qd, &s.n, &s.hp),
-            (false, true),
-        );
-        yo
     }
 
     /// The carry of per-chunk states `src` (`[B, nc, H, P, N]`, each chunk's own part) across
@@ -1044,7 +1044,7 @@ impl Lowering<'_> {
     ) -> Result<(), LowerError> {
         let x = self.g.operands(node)[0];
         let gh = s.group_heads();
-        let yo = self.ssd_c_sin(node, s, pr);
+        let yo = pr.yo;
         let (q, pw) = (s.q as usize, s.pw as usize);
         let mut kb = KB::new(self, name);
         let (b, c, h) = (grid(0), grid(1), grid(2));
@@ -1537,8 +1537,8 @@ impl Lowering<'_> {
     /// `x_j · D'_j` is also `ddt`'s first term; both products are exact (f32), since `da`
     /// takes the difference of sums that nearly cancel. With tiles
     /// ([`Self::ssd_grad_mask_tiled`]) the sums come from `T` itself and `D'` is an ordinary
-    /// product, and `dM = dY Xᵀ` is a tile product inside it. Ten products and ten kernels
-    /// (eight and nine with tiles) after the prep's five kernels and two products (none with
+    /// product, and `dM = dY Xᵀ` is a tile product inside it. Nine products and ten kernels
+    /// (seven and nine with tiles) after the prep's five kernels and three products (none with
     /// the forward's prep: [`LastPrep`]); sums over heads, steps and chunks run in kernels in
     /// a fixed order.
     pub(super) fn ssd_matmul_grad(&mut self, node: NodeId, chunk: u64) -> Result<(), LowerError> {
@@ -1654,7 +1654,7 @@ impl Lowering<'_> {
             (&s.qd, &s.n, &s.hp),
             (false, true),
         );
-        let yo = self.ssd_c_sin(node, &s, &pr);
+        let yo = pr.yo;
         let [u, yod] = [0; 2].map(|_| self.scratch(node, ps.clone()));
         let (ydg, dcb_terms) = if tiled {
             let (mp, dce) = (
