@@ -54,7 +54,17 @@ pub fn cli(args: &[&str]) -> ma2mba::cli::Outcome {
 
 /// `ssd_scan{chunk}` and its gradient alone (`hpg` heads per group): every output of the
 /// GPU's matrix form against the CPU's scans.
-pub fn ssd_graph((hpg, groups, p, n): (u64, u64, u64, u64), chunk: u64) -> Graph {
+pub fn ssd_graph(dims: (u64, u64, u64, u64), chunk: u64) -> Graph {
+    ssd_graph_with(dims, chunk, true)
+}
+
+/// [`ssd_graph`], or without the forward (`forward` false): the gradient then computes the
+/// chunk states itself instead of reading its forward's.
+pub fn ssd_graph_with(
+    (hpg, groups, p, n): (u64, u64, u64, u64),
+    chunk: u64,
+    forward: bool,
+) -> Graph {
     let h = hpg * groups;
     let mut g = Graph::new("ssd");
     let (bd, ld, k) = (Dim::sym("B"), Dim::sym("L"), Dim::known);
@@ -86,9 +96,11 @@ pub fn ssd_graph((hpg, groups, p, n): (u64, u64, u64, u64), chunk: u64) -> Graph
     let dy = input(&mut g, "dy", data, xsh);
     let ds1 = input(&mut g, "ds1", data, ssh);
     let ops = [x, dt, a, bm, cm, s0];
-    let y = graph_add(&mut g, Op::SsdScan { chunk }, &ops);
-    g.add_output("y", y);
-    g.add_output("s1", Value::new(y.node, 1));
+    if forward {
+        let y = graph_add(&mut g, Op::SsdScan { chunk }, &ops);
+        g.add_output("y", y);
+        g.add_output("s1", Value::new(y.node, 1));
+    }
     let mut gops = ops.to_vec();
     gops.extend([dy, ds1]);
     let gr = graph_add(&mut g, Op::SsdScanGrad { chunk }, &gops);

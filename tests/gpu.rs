@@ -477,7 +477,7 @@ fn ssd_matmul_form_matches_the_cpu() {
 /// another order. The GPU's carries across chunks are tiled kernels (`on_gpu`), the CPU's
 /// walk the chunks per element. Grouped heads, partial last chunks, mamba2-2.7b's head and
 /// state sizes, and more chunks than a round of the tiled carry with blocks of 256 and 64
-/// state elements.
+/// state elements; the gradient after its forward (reading its chunk states) and alone.
 /// Normwise within 1e-3: an operand whose f32 value differs in its last bit (the running
 /// sums of `dt·A` are products, summed in another order) may round to the neighbouring
 /// bf16, which moves a few outputs by one bf16 step of one term (the bf16 rounding itself is
@@ -488,14 +488,17 @@ fn tiled_ssd_matches_the_cpu() {
         ssd_tiles: true,
         ..LowerOptions::default()
     };
-    for (dims, b, l, chunk) in [
-        ((2, 2, 16, 32), 2, 70, 32),
-        ((2, 1, 64, 128), 1, 300, 128),
-        ((2, 1, 16, 16), 2, 600, 16),
-        ((1, 2, 8, 8), 1, 530, 16),
+    for (dims, b, l, chunk, forward) in [
+        ((2, 2, 16, 32), 2, 70, 32, true),
+        ((2, 2, 16, 32), 2, 70, 32, false),
+        ((2, 1, 64, 128), 1, 300, 128, true),
+        ((2, 1, 16, 16), 2, 600, 16, true),
+        ((1, 2, 8, 8), 1, 530, 16, true),
     ] {
-        let g = common::ssd_graph(dims, chunk);
-        let what = format!("tiled ssd (hpg, G, P, N) = {dims:?} B={b} L={l} chunk {chunk}");
+        let g = common::ssd_graph_with(dims, chunk, forward);
+        let what = format!(
+            "tiled ssd (hpg, G, P, N) = {dims:?} B={b} L={l} chunk {chunk} forward {forward}"
+        );
         let Some(dev) = gpu_with(&what, &g, &tiled) else {
             return;
         };
@@ -505,11 +508,13 @@ fn tiled_ssd_matches_the_cpu() {
         };
         assert_eq!(
             tiled_named(false),
-            2,
+            1 + usize::from(forward),
             "{what}: the forward's and the gradient's"
         );
-        // The GPU's carries are tiled too (`on_gpu`); the CPU's walk the chunks.
-        assert_eq!(tiled_named(true), 3, "{what}: the carries");
+        // The GPU's carries are tiled too (`on_gpu`); the CPU's walk the chunks. With its
+        // forward just before it, the gradient reads the forward's entering states: the
+        // forward's carry and the gradient's backward one. Without, the gradient's two.
+        assert_eq!(tiled_named(true), 2, "{what}: the carries");
         let c = case(&g, &g, b as usize, l, 1, 31);
         // Both entries of every kernel: 32-bit index math (what these sizes launch) and i64.
         for index32 in [true, false] {

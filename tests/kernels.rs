@@ -1,6 +1,8 @@
 //! Every kernel kind, compiled by Cranelift, against the f64 reference interpreter on random
 //! shapes (1, primes, odd sizes, longer sequences), with the f32 tolerances of RELIABILITY.md.
 
+mod common;
+
 use ir::{
     BinaryOp, DType, Dim, Graph, Init, InputKind, Op, ReduceOp, Span, TensorType, UnaryOp, Value,
 };
@@ -610,32 +612,65 @@ fn tiled_ssd_gradient_matches_the_interpreter() {
         (2, 1, 3, 4, 5, 12),
     ] {
         let g = ssd_grad_graph(h, groups, (p, n), chunk);
-        let cpu = CpuGraph::compile(&g, &tiled).expect("compiles");
-        let fits = chunk % 16 == 0;
-        assert_eq!(
-            cpu.lowered.kernels.iter().any(ir::tile::is_tiled),
-            fits,
-            "the tiled gradient kernel (chunk {chunk})"
-        );
-        let syms = [("B", 2), ("L", l)];
-        if !fits {
-            compare_lowered(&g, &syms, 5, REDUCTION, &[], 1, &tiled);
-            continue;
-        }
-        let (b, data, params, states) = random_values(&g, &syms, 5, &[], 1);
-        let want = interp::run(&g, &b).expect("interpreter");
-        let (got, _) = cpu.run(&syms, &data, &params, &states).expect("runs");
-        for ((name, a), (_, e)) in got.iter().zip(&want.values) {
-            let diff: f64 = a
-                .iter()
-                .zip(&e.data)
-                .map(|(x, y)| (*x as f64 - y).powi(2))
-                .sum();
-            let norm: f64 = e.data.iter().map(|y| y.powi(2)).sum();
-            let rel = (diff / norm.max(f64::MIN_POSITIVE)).sqrt();
-            eprintln!("{name} (H {h}, P {p}, chunk {chunk}, L {l}): normwise {rel:.3e}");
-            assert!(rel <= 1e-2, "{name}: normwise {rel:.3e}");
-        }
+        compare_tiled_ssd(&g, (h, p, chunk, l), &tiled);
+    }
+}
+
+/// `g`'s outputs with `tiled` options against the interpreter: normwise within 1e-2 where
+/// the tiled gradient runs (a chunk in multiples of 16), else to f32 reductions.
+fn compare_tiled_ssd(g: &Graph, (h, p, chunk, l): (usize, usize, u64, i64), tiled: &LowerOptions) {
+    let cpu = CpuGraph::compile(g, tiled).expect("compiles");
+    let fits = chunk % 16 == 0;
+    assert_eq!(
+        cpu.lowered.kernels.iter().any(ir::tile::is_tiled),
+        fits,
+        "the tiled gradient kernel (chunk {chunk})"
+    );
+    let syms = [("B", 2), ("L", l)];
+    if !fits {
+        compare_lowered(g, &syms, 5, REDUCTION, &[], 1, tiled);
+        return;
+    }
+    let (b, data, params, states) = random_values(g, &syms, 5, &[], 1);
+    let want = interp::run(g, &b).expect("interpreter");
+    let (got, _) = cpu.run(&syms, &data, &params, &states).expect("runs");
+    for ((name, a), (_, e)) in got.iter().zip(&want.values) {
+        let diff: f64 = a
+            .iter()
+            .zip(&e.data)
+            .map(|(x, y)| (*x as f64 - y).powi(2))
+            .sum();
+        let norm: f64 = e.data.iter().map(|y| y.powi(2)).sum();
+        let rel = (diff / norm.max(f64::MIN_POSITIVE)).sqrt();
+        eprintln!("{name} (H {h}, P {p}, chunk {chunk}, L {l}): normwise {rel:.3e}");
+        assert!(rel <= 1e-2, "{name}: normwise {rel:.3e}");
+    }
+}
+
+/// The SSD's gradient lowered right after its forward reads the forward's chunk states,
+/// copies and `C S_inᵀ` (`LastPrep`) instead of computing them again: the gradient has no
+/// prep kernels of its own (one carry, its backward one), and every output, the forward's
+/// and the gradient's, matches the interpreter as in the gradient alone.
+#[test]
+fn ssd_gradient_after_its_forward_matches_the_interpreter() {
+    let tiled = LowerOptions {
+        ssd_tiles: true,
+        ..LowerOptions::default()
+    };
+    for (hpg, groups, p, n, chunk, l) in [(2, 2, 8, 16, 16, 37), (3, 1, 16, 8, 32, 64)] {
+        let g = common::ssd_graph((hpg, groups, p, n), chunk);
+        let l_cpu = CpuGraph::compile(&g, &tiled).expect("compiles").lowered;
+        let named = |end: &str| {
+            let names = l_cpu.kernels.iter().map(|k| k.name.as_str());
+            names
+                .filter(|n| n.starts_with("ssd_scan_grad_") && n.ends_with(end))
+                .count()
+        };
+        assert_eq!(named("_carry"), 0, "the gradient's prep carry");
+        assert_eq!(named("_carry_back"), 1, "the gradient's backward carry");
+        assert_eq!(named("_x"), 0, "the gradient's copy of x");
+        let h = (hpg * groups) as usize;
+        compare_tiled_ssd(&g, (h, p as usize, chunk, l), &tiled);
     }
 }
 
