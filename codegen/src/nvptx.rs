@@ -1275,8 +1275,9 @@ impl<'ctx> Gen<'_, 'ctx> {
 
     /// `acc (+)= a bᵀ` on the tensor cores (`mma.sync.m16n8k16`, bf16 in, f32 accumulate).
     /// Each warp takes output blocks of `16·mt x 8·nt` in turn and keeps them in registers
-    /// over the whole depth; operand fragments are 32-bit shared loads of two neighbouring
-    /// `k` elements (both tiles are `k`-contiguous, as the instruction's `row.col` wants).
+    /// over the whole depth; operand fragments come from `ldmatrix` (four 8x8 matrices per
+    /// instruction, where a tile's rows start on 16 bytes; else 32-bit shared loads of two
+    /// neighbouring `k` elements; both tiles are `k`-contiguous, as `row.col` wants).
     /// Fragment layout (PTX ISA, `m16n8k16` bf16): lane `l`, `g = l / 4`, `t = l % 4`; A
     /// registers hold rows `g`, `g + 8` at columns `2t`, `2t + 8` (pairs); B registers hold
     /// columns `2t`, `2t + 8` (pairs along `k`) of output column `g`; C/D hold row `g`
@@ -1301,6 +1302,23 @@ impl<'ctx> Gen<'_, 'ctx> {
         let l = b.build_int_unsigned_rem(lane, c(i64::from(WARP)), "")?;
         let g = b.build_int_unsigned_div(l, c(4), "g")?;
         let t2 = b.build_int_nsw_mul(b.build_int_unsigned_rem(l, c(4), "")?, c(2), "t2")?;
+        // `ldmatrix.x4`: lanes 8q..8q+7 give the rows of 8x8 matrix q, and register q of lane
+        // `l` gets row `l / 4`, columns `2(l % 4)`, `+1` of it: an A fragment is matrices
+        // (rows 0-7 | 8-15) x (k 0-7 | 8-15) in the order a0..a3; two B fragments (output
+        // columns 0-7 and 8-15) are (columns) x (k 0-7 | 8-15). Rows must start on 16 bytes.
+        let q = b.build_int_unsigned_div(l, c(8), "q")?;
+        let r8 = b.build_int_unsigned_rem(l, c(8), "r8")?;
+        let q_lo = b.build_int_nsw_mul(b.build_int_unsigned_rem(q, c(2), "")?, c(8), "")?;
+        let q_hi = b.build_int_nsw_mul(b.build_int_unsigned_div(q, c(2), "")?, c(8), "")?;
+        let (a_row, a_col) = (b.build_int_nsw_add(r8, q_lo, "a_row")?, q_hi);
+        let (b_col, b_k) = (b.build_int_nsw_add(r8, q_hi, "b_col")?, q_lo);
+        let aligned = |s: &TileSlot| {
+            s.dtype == DType::BF16
+                && (s.row_stride * 2).is_multiple_of(16)
+                && s.offset.is_multiple_of(16)
+        };
+        let ldm_a = aligned(&as_);
+        let ldm_b = aligned(&bs) && nt % 2 == 0;
 
         let f32t = self.t.f32;
         let i32t = self.t.i32;
@@ -1310,6 +1328,13 @@ impl<'ctx> Gen<'_, 'ctx> {
         let mut args: Vec<BasicTypeEnum> = vec![i32t.into(); 6];
         args.extend([BasicTypeEnum::from(f32t); 4]);
         let intr = self.intrinsic("llvm.nvvm.mma.m16n8k16.row.col.bf16", ret.into(), &args);
+        let ret4 = self.ctx.struct_type(&[i32t.into(); 4], false);
+        let shared = self.ctx.ptr_type(AddressSpace::from(3u16));
+        let ldmatrix = self.intrinsic(
+            "llvm.nvvm.ldmatrix.sync.aligned.m8n8.x4.b16.p3",
+            ret4.into(),
+            &[shared.into()],
+        );
         let regs = (mt * nt * 4) as usize;
         let accs: Vec<PointerValue<'ctx>> = (0..regs)
             .map(|i| self.alloca(f32t, &format!("acc{i}")))
@@ -1373,11 +1398,28 @@ impl<'ctx> Gen<'_, 'ctx> {
             let p = self.tile_elem(s, r, col)?;
             Ok(self.b.build_load(i32t, p, "")?.into_int_value())
         };
+        let ldm = |s: TileSlot, r: IntValue<'ctx>, col: IntValue<'ctx>| -> G<[IntValue<'ctx>; 4]> {
+            let col = self.b.build_int_nsw_add(k0, col, "")?;
+            let p = self.tile_elem(s, r, col)?;
+            let v = self.call(ldmatrix, &[p.into()])?.into_struct_value();
+            let mut out = [i32t.const_zero(); 4];
+            for (i, o) in out.iter_mut().enumerate() {
+                *o = self
+                    .b
+                    .build_extract_value(v, i as u32, "")?
+                    .into_int_value();
+            }
+            Ok(out)
+        };
         let mut afr = Vec::new();
         for mi in 0..mt {
-            let r0 =
-                self.b
-                    .build_int_nsw_add(row0, self.b.build_int_nsw_add(g, c(16 * mi), "")?, "")?;
+            let base = self.b.build_int_nsw_add(row0, c(16 * mi), "")?;
+            if ldm_a {
+                let r = self.b.build_int_nsw_add(base, a_row, "")?;
+                afr.push(ldm(as_, r, a_col)?);
+                continue;
+            }
+            let r0 = self.b.build_int_nsw_add(base, g, "")?;
             let r8 = self.b.build_int_nsw_add(r0, c(8), "")?;
             afr.push([
                 word(as_, r0, 0)?,
@@ -1387,11 +1429,22 @@ impl<'ctx> Gen<'_, 'ctx> {
             ]);
         }
         let mut bfr = Vec::new();
-        for ni in 0..nt {
-            let col =
-                self.b
-                    .build_int_nsw_add(col0, self.b.build_int_nsw_add(g, c(8 * ni), "")?, "")?;
-            bfr.push([word(bs, col, 0)?, word(bs, col, 8)?]);
+        if ldm_b {
+            for pair in 0..nt / 2 {
+                let base = self.b.build_int_nsw_add(col0, c(16 * pair), "")?;
+                let col = self.b.build_int_nsw_add(base, b_col, "")?;
+                let [b0, b1, b2, b3] = ldm(bs, col, b_k)?;
+                bfr.extend([[b0, b1], [b2, b3]]);
+            }
+        } else {
+            for ni in 0..nt {
+                let col = self.b.build_int_nsw_add(
+                    col0,
+                    self.b.build_int_nsw_add(g, c(8 * ni), "")?,
+                    "",
+                )?;
+                bfr.push([word(bs, col, 0)?, word(bs, col, 8)?]);
+            }
         }
         for mi in 0..mt {
             for ni in 0..nt {
