@@ -1888,7 +1888,7 @@ impl Lowering<'_> {
 
         // Per step, what needs no sum over steps: da_i without the last step's extra terms,
         // and ddt_i's own part colt_i + exp(a_last - a_i) u_i. Parallel over the steps, so
-        // the backward walk below loads three values per step, not seven (the walk runs in
+        // the backward walk below loads one value per step, not seven (the walk runs in
         // every lane of its warp, one step after another: 0.38 ms at H = 80, L = 65536).
         let [das, dto] = [0; 2].map(|_| self.scratch(node, ps.clone()));
         let mut kb = KB::new(self, &format!("{name}_ddt_terms"));
@@ -1921,22 +1921,20 @@ impl Lowering<'_> {
         let gq = grid_q(&kb, &s.h);
         kb.finish(gq, node);
 
-        // ddt and each chunk's part of dA, per (batch, chunk, head), backwards over the steps:
-        // R_i = exp(a_last) <dS_out, S_in> + Σ_j w_j u_j + Σ_{k >= i} da_k, ddt_i = own_i + A R_i,
-        // the part of dA Σ_i dt_i R_i.
-        let dap = self.scratch(node, pc.clone());
-        let mut kb = KB::new(self, &format!("{name}_ddt"));
+        // R_i = exp(a_last) <dS_out, S_in> + Σ_j w_j u_j + Σ_{k >= i} da_k per (batch, chunk,
+        // head), backwards over the steps: one load and one store per step, since the walk
+        // runs in every lane of its warp, one step after another.
+        let rs = self.scratch(node, ps.clone());
+        let mut kb = KB::new(self, &format!("{name}_ddt_sums"));
         let (b, c, h) = (grid(0), grid(1), grid(2));
         let at = [b.clone(), c.clone(), h.clone()];
-        let av = kb.value(a, std::slice::from_ref(&h))?;
         let step = |kb: &mut KB, buf: BufId, i: &IExpr| {
             ld(kb, buf, &[b.clone(), c.clone(), h.clone(), i.clone()], &ps)
         };
         let decay = step(&mut kb, pr.ea, &IExpr::c(s.q - 1));
         let dlv = ld(&mut kb, dl, &at, &pc);
         let (rv, d2) = var(&mut kb, mul(decay, dlv));
-        let (dav, d3) = var(&mut kb, Expr::Const(0.0));
-        kb.body.extend([d2, d3]);
+        kb.body.push(d2);
         let ext = for_(&mut kb, qc.clone(), |kb, j| {
             let w = ssd_weight(kb, &s, &pr, &at, &j);
             let uj = step(kb, u, &j);
@@ -1946,20 +1944,49 @@ impl Lowering<'_> {
             }]
         });
         kb.body.push(ext);
-        let dts = kb.l.shape(ops[1]);
         let back = for_(&mut kb, qc.clone(), |kb, k| {
             let i = IExpr::c(s.q - 1).sub(k);
-            let (dai, owni, dti) = (step(kb, das, &i), step(kb, dto, &i), step(kb, pr.dtc, &i));
+            let dai = step(kb, das, &i);
+            vec![
+                Stmt::Set {
+                    var: rv,
+                    value: add(Expr::Var(rv), dai),
+                },
+                st(
+                    kb,
+                    rs,
+                    &[b.clone(), c.clone(), h.clone(), i],
+                    &ps,
+                    Expr::Var(rv),
+                ),
+            ]
+        });
+        kb.body.push(back);
+        kb.finish(grid_c.clone(), node);
+
+        // ddt_i = own_i + A R_i and each chunk's part of dA, Σ_i dt_i R_i, per (batch, chunk,
+        // head): the steps are independent (a warp shares them).
+        let dap = self.scratch(node, pc.clone());
+        let mut kb = KB::new(self, &format!("{name}_ddt"));
+        let (b, c, h) = (grid(0), grid(1), grid(2));
+        let at = [b.clone(), c.clone(), h.clone()];
+        let av = kb.value(a, std::slice::from_ref(&h))?;
+        let step = |kb: &mut KB, buf: BufId, i: &IExpr| {
+            ld(kb, buf, &[b.clone(), c.clone(), h.clone(), i.clone()], &ps)
+        };
+        let (dav, d3) = var(&mut kb, Expr::Const(0.0));
+        kb.body.push(d3);
+        let dts = kb.l.shape(ops[1]);
+        let terms = for_(&mut kb, qc.clone(), |kb, i| {
+            let (ri, owni, dti) = (step(kb, rs, &i), step(kb, dto, &i), step(kb, pr.dtc, &i));
+            let (rv, d1) = var(kb, ri);
             let ddt = add(owni, mul(av.clone(), Expr::Var(rv)));
             let t = ch.start(&c).add(i.clone());
             let store = for_(kb, s.valid(&c, &i), |kb, _| {
                 vec![st(kb, outs[1], &[b.clone(), t, h.clone()], &dts, ddt)]
             });
             vec![
-                Stmt::Set {
-                    var: rv,
-                    value: add(Expr::Var(rv), dai),
-                },
+                d1,
                 store,
                 Stmt::Set {
                     var: dav,
@@ -1967,7 +1994,7 @@ impl Lowering<'_> {
                 },
             ]
         });
-        kb.body.push(back);
+        kb.body.push(terms);
         let store = st(&mut kb, dap, &at, &pc, Expr::Var(dav));
         kb.body.push(store);
         kb.finish(grid_c, node);
