@@ -650,7 +650,8 @@ fn compare_tiled_ssd(g: &Graph, (h, p, chunk, l): (usize, usize, u64, i64), tile
 /// The SSD's gradient lowered right after its forward reads the forward's chunk states,
 /// copies and `C S_inᵀ` (`LastPrep`) instead of computing them again: the gradient has no
 /// prep kernels of its own (one carry, its backward one), and every output, the forward's
-/// and the gradient's, matches the interpreter as in the gradient alone.
+/// and the gradient's, matches the interpreter as in the gradient alone; with tiles and
+/// without.
 #[test]
 fn ssd_gradient_after_its_forward_matches_the_interpreter() {
     let tiled = LowerOptions {
@@ -671,6 +672,23 @@ fn ssd_gradient_after_its_forward_matches_the_interpreter() {
         assert_eq!(named("_x"), 0, "the gradient's copy of x");
         let h = (hpg * groups) as usize;
         compare_tiled_ssd(&g, (h, p as usize, chunk, l), &tiled);
+        // Without tiles (the CPU's default) and f32 activations the gradient reads the
+        // forward's f32 copy of x and forms only `dt ⊙ x` itself.
+        let plain = LowerOptions::default();
+        let l_plain = CpuGraph::compile(&g, &plain).expect("compiles").lowered;
+        let grad_kernels = |end: &str| {
+            let names = l_plain.kernels.iter().map(|k| k.name.as_str());
+            names
+                .filter(|n| n.starts_with("ssd_scan_grad_") && n.ends_with(end))
+                .count()
+        };
+        assert_eq!(
+            grad_kernels("_carry"),
+            0,
+            "the gradient's prep carry (no tiles)"
+        );
+        assert_eq!(grad_kernels("_xdt"), 1, "the gradient's dt ⊙ x (no tiles)");
+        compare_lowered(&g, &[("B", 2), ("L", l)], 5, REDUCTION, &[], 1, &plain);
     }
 }
 

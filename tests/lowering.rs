@@ -494,7 +494,8 @@ fn ssd_results_read_at_bf16_precision_are_bf16() {
         // Per layer the forward's carry and the gradient's two, but for the last layer, whose
         // gradient follows its forward with no SSD between: with tiles both prep the same
         // way, and the gradient reads the forward's entering states instead of carrying
-        // them again (without tiles the gradient's prep differs: it copies `x` in f32).
+        // them again (without tiles the gradient's prep differs with bf16 activations: it
+        // copies `x` in f32 where the forward's copy is bf16).
         let reuses = usize::from(tiled);
         assert_eq!(carries.len(), 2 * 3 - reuses, "carries");
         let grad_preps = named(&|n| n.starts_with("ssd_scan_grad_") && n.ends_with("_carry"));

@@ -420,8 +420,9 @@ enum DcbTerms {
 }
 
 /// A forward's [`Prep`] and what it was computed from: the op's six operands, the chunk and
-/// the prep's flags (`with_rows`, `with_xdt`). A gradient with the same key, lowered right
-/// after it (no other SSD node between), reads these buffers instead of running the prep's
+/// the prep's flags (`with_rows`, `with_xdt`). A gradient with the same key (or one that
+/// needs only `dt ⊙ x` more: [`Lowering::kept_prep`]), lowered right after it (no other SSD
+/// node between), reads these buffers instead of running the prep's
 /// kernels and products again (at H = 80, L = 65536: about 1.5 ms, most of it the own
 /// states and their carry). The buffers then live from the forward to the gradient, which
 /// the memory plan sees (their lifetimes are the steps that touch them); the rule keeps
@@ -792,11 +793,50 @@ impl Lowering<'_> {
     }
 
     /// The prep the forward lowered just before the gradient `node` kept, if it was computed
-    /// from the same operands with the same chunk and flags; forgets it either way.
+    /// from the same operands with the same chunk and flags; forgets it either way. Without
+    /// tiles the gradient also wants `dt ⊙ x` (`with_xdt`), which the forward has no use for,
+    /// and an f32 copy of `x`: with f32 activations the forward's copy is f32, and the
+    /// gradient forms `dt ⊙ x` from it ([`Self::ssd_xdt`]).
     fn kept_prep(&mut self, node: NodeId, s: &Ssd, flags: (bool, bool)) -> Option<Prep> {
         let kept = self.ssd_last_prep.take()?;
         let ops = self.g.operands(node);
-        (ops.len() >= 6 && kept.key == (ops[..6].to_vec(), s.q, flags)).then_some(kept.prep)
+        let (operands, q, kept_flags) = &kept.key;
+        if ops.len() < 6 || operands[..] != ops[..6] || *q != s.q {
+            return None;
+        }
+        let wants_xdt = *kept_flags == (true, false) && flags == (true, true);
+        (*kept_flags == flags || (wants_xdt && !self.bf16_activations)).then_some(kept.prep)
+    }
+
+    /// `dt ⊙ x` as rows (`[B, nc, H, Q, P]`, f32) from the prep's chunk copy of `x` and `dt`,
+    /// for a gradient that reads its forward's prep ([`Self::kept_prep`]): the products its
+    /// own prep's `x` kernel would have formed.
+    fn ssd_xdt(
+        &mut self,
+        node: NodeId,
+        s: &Ssd,
+        name: &str,
+        pr: &Prep,
+    ) -> Result<BufId, LowerError> {
+        let xc = pr.xc.ok_or_else(|| internal(node, "no x rows"))?;
+        let (ps, hr) = (s.per_step(), s.head_rows());
+        let xdt = self.scratch(node, hr.clone());
+        let mut kb = KB::new(self, &format!("{name}_xdt"));
+        let (b, c, h, i, p) = (grid(0), grid(1), grid(2), grid(3), grid(4));
+        let rows = [b.clone(), c.clone(), h.clone(), i.clone(), p];
+        let xv = ld(&mut kb, xc, &rows, &hr);
+        let dtv = ld(&mut kb, pr.dtc, &[b, c, h, i], &ps);
+        let store = st(&mut kb, xdt, &rows, &hr, mul(xv, dtv));
+        kb.body.push(store);
+        let grid_x = vec![
+            kb.l.dim(&s.b),
+            s.ch.count.clone(),
+            kb.l.dim(&s.h),
+            IExpr::c(s.q),
+            kb.l.dim(&s.p),
+        ];
+        kb.finish(grid_x, node);
+        Ok(xdt)
     }
 
     /// The carry of per-chunk states `src` (`[B, nc, H, P, N]`, each chunk's own part) across
@@ -1555,10 +1595,13 @@ impl Lowering<'_> {
         let tiled = self.ssd_tiles && s.grad_tiles_fit();
         // With tiles, no product reads `x` as rows: the tiled kernel and the dots read `x`.
         let flags = (!tiled, !tiled);
-        let pr = match self.kept_prep(node, &s, flags) {
+        let mut pr = match self.kept_prep(node, &s, flags) {
             Some(pr) => pr,
             None => self.ssd_prep(node, &s, &name, None, flags)?,
         };
+        if flags.1 && pr.xdt.is_none() {
+            pr.xdt = Some(self.ssd_xdt(node, &s, &name, &pr)?);
+        }
         let (ps, pc, hr, gr, gh, sts) = (
             s.per_step(),
             s.per_chunk(),
