@@ -652,6 +652,14 @@ fn compare_tiled_ssd(g: &Graph, (h, p, chunk, l): (usize, usize, u64, i64), tile
 /// prep kernels of its own (one carry, its backward one), and every output, the forward's
 /// and the gradient's, matches the interpreter as in the gradient alone; with tiles and
 /// without.
+/// The SSD gradient's kernels in `l` whose names end with `end`.
+fn grad_kernels(l: &passes::Lowered, end: &str) -> usize {
+    let names = l.kernels.iter().map(|k| k.name.as_str());
+    names
+        .filter(|n| n.starts_with("ssd_scan_grad_") && n.ends_with(end))
+        .count()
+}
+
 #[test]
 fn ssd_gradient_after_its_forward_matches_the_interpreter() {
     let tiled = LowerOptions {
@@ -661,33 +669,33 @@ fn ssd_gradient_after_its_forward_matches_the_interpreter() {
     for (hpg, groups, p, n, chunk, l) in [(2, 2, 8, 16, 16, 37), (3, 1, 16, 8, 32, 64)] {
         let g = common::ssd_graph((hpg, groups, p, n), chunk);
         let l_cpu = CpuGraph::compile(&g, &tiled).expect("compiles").lowered;
-        let named = |end: &str| {
-            let names = l_cpu.kernels.iter().map(|k| k.name.as_str());
-            names
-                .filter(|n| n.starts_with("ssd_scan_grad_") && n.ends_with(end))
-                .count()
-        };
-        assert_eq!(named("_carry"), 0, "the gradient's prep carry");
-        assert_eq!(named("_carry_back"), 1, "the gradient's backward carry");
-        assert_eq!(named("_x"), 0, "the gradient's copy of x");
+        assert_eq!(
+            grad_kernels(&l_cpu, "_carry"),
+            0,
+            "the gradient's prep carry"
+        );
+        assert_eq!(
+            grad_kernels(&l_cpu, "_carry_back"),
+            1,
+            "the gradient's backward carry"
+        );
+        assert_eq!(grad_kernels(&l_cpu, "_x"), 0, "the gradient's copy of x");
         let h = (hpg * groups) as usize;
         compare_tiled_ssd(&g, (h, p as usize, chunk, l), &tiled);
         // Without tiles (the CPU's default) and f32 activations the gradient reads the
         // forward's f32 copy of x and forms only `dt ⊙ x` itself.
         let plain = LowerOptions::default();
         let l_plain = CpuGraph::compile(&g, &plain).expect("compiles").lowered;
-        let grad_kernels = |end: &str| {
-            let names = l_plain.kernels.iter().map(|k| k.name.as_str());
-            names
-                .filter(|n| n.starts_with("ssd_scan_grad_") && n.ends_with(end))
-                .count()
-        };
         assert_eq!(
-            grad_kernels("_carry"),
+            grad_kernels(&l_plain, "_carry"),
             0,
             "the gradient's prep carry (no tiles)"
         );
-        assert_eq!(grad_kernels("_xdt"), 1, "the gradient's dt ⊙ x (no tiles)");
+        assert_eq!(
+            grad_kernels(&l_plain, "_xdt"),
+            1,
+            "the gradient's dt ⊙ x (no tiles)"
+        );
         compare_lowered(&g, &[("B", 2), ("L", l)], 5, REDUCTION, &[], 1, &plain);
     }
 }
