@@ -24,9 +24,9 @@
 //!
 //! The gradient ([`Lowering::ssd_matmul_grad`]) recomputes `CB`, `S_own` and `S_in` the
 //! same way (or reads its forward's, when that was lowered just before it: [`LastPrep`])
-//! and derives everything else from ten more products (eight with the tiled
-//! kernel, [`super::LowerOptions::ssd_tiles`], which forms `dY Xᵀ` itself); its derivation
-//! is at the function.
+//! and derives everything else from nine more products (seven with the tiled kernel,
+//! [`super::LowerOptions::ssd_tiles`], which forms `dY Xᵀ` itself); its derivation is at
+//! the function.
 
 use super::{Chunks, KB, LowerError, Lowering, carry, carry_chunk};
 use ir::DType::{self, BF16, F32};
@@ -506,8 +506,8 @@ impl Lowering<'_> {
     }
 
     /// The prep kernels, `CB`, the chunks' own end states, the carry that turns them into
-    /// the states entering each chunk and `C S_inᵀ`; returns the final state's variable-free kernel output
-    /// through `s1` when given. With bf16 activations the carry writes the entering states to
+    /// the states entering each chunk and `C S_inᵀ`; returns the final state's variable-free
+    /// kernel output through `s1` when given. With bf16 activations the carry writes the entering states to
     /// a buffer of their own, fit for bf16 ([`Lowering::bf16_scratch`]), instead of over the
     /// f32 own states.
     fn ssd_prep(
@@ -1577,10 +1577,10 @@ impl Lowering<'_> {
     /// `x_j · D'_j` is also `ddt`'s first term; both products are exact (f32), since `da`
     /// takes the difference of sums that nearly cancel. With tiles
     /// ([`Self::ssd_grad_mask_tiled`]) the sums come from `T` itself and `D'` is an ordinary
-    /// product, and `dM = dY Xᵀ` is a tile product inside it. Nine products and ten kernels
-    /// (seven and nine with tiles) after the prep's five kernels and three products (none with
-    /// the forward's prep: [`LastPrep`]); sums over heads, steps and chunks run in kernels in
-    /// a fixed order.
+    /// product, and `dM = dY Xᵀ` is a tile product inside it. Nine products and twelve kernels
+    /// (seven and eleven with tiles) after the prep's five kernels and three products (none
+    /// with the forward's prep, [`LastPrep`], but a `dt ⊙ x` kernel without tiles); sums over
+    /// heads, steps and chunks run in kernels in a fixed order.
     pub(super) fn ssd_matmul_grad(&mut self, node: NodeId, chunk: u64) -> Result<(), LowerError> {
         let s = Ssd::new(self, node, chunk)?;
         let g = self.g;
